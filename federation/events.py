@@ -1,0 +1,66 @@
+"""Upstream events: re-sync on list_changed and publish changes to connected hosts.
+
+Host-facing transports subscribe to these channel-layer groups and turn the events into
+`notifications/*/list_changed` and `notifications/resources/updated` in each host's terms.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+
+from federation.models import CatalogKind, Peer
+from federation.upstream.base import JsonDict, PeerConfig
+
+logger = logging.getLogger(__name__)
+
+CATALOG_GROUP = "fedmcp.catalog"
+RESOURCES_GROUP = "fedmcp.resources"
+
+LIST_CHANGED_KINDS = {
+    "notifications/tools/list_changed": [CatalogKind.TOOL],
+    "notifications/prompts/list_changed": [CatalogKind.PROMPT],
+    "notifications/resources/list_changed": [CatalogKind.RESOURCE, CatalogKind.RESOURCE_TEMPLATE],
+}
+
+
+async def publish_catalog_changed(peer_name: str, kinds: list[str]) -> None:
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.group_send(CATALOG_GROUP, {"type": "catalog.changed", "peer": peer_name, "kinds": list(kinds)})
+
+
+async def publish_resource_updated(peer_name: str, uri: str) -> None:
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.group_send(RESOURCES_GROUP, {"type": "resource.updated", "peer": peer_name, "uri": uri})
+
+
+@database_sync_to_async
+def _load_peer(peer_id: int) -> Peer | None:
+    return Peer.objects.filter(pk=peer_id).first()
+
+
+async def on_upstream_event(peer: PeerConfig, message: JsonDict) -> None:
+    """Handle a notification an upstream sent outside any request."""
+    from federation.pool import pool
+    from federation.services import peer_sync_catalog
+
+    method = message.get("method")
+    params: Any = message.get("params") or {}
+    if method in LIST_CHANGED_KINDS:
+        row = await _load_peer(peer.id)
+        if row is None:
+            return
+        connection = await pool.get(peer, prefer="modern")
+        report = await peer_sync_catalog(peer=row, connection=connection)
+        if report.errors:
+            logger.warning("peer %s: re-sync after %s incomplete: %s", peer.name, method, report.errors)
+        await publish_catalog_changed(peer.name, LIST_CHANGED_KINDS[method])
+    elif method == "notifications/resources/updated" and isinstance(params.get("uri"), str):
+        await publish_resource_updated(peer.name, params["uri"])
+    else:
+        logger.debug("peer %s: ignoring unrelated %s", peer.name, method)

@@ -1,0 +1,112 @@
+"""`manage.py peer add|list|refresh|remove`: manage upstream MCP servers from the shell."""
+
+from __future__ import annotations
+
+import asyncio
+from argparse import ArgumentParser
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from federation.models import Peer, Transport
+from federation.services import PeerConfigError, SyncReport, peer_add, peer_remove, peer_sync_catalog
+
+
+class Command(BaseCommand):
+    help = "Manage peers: upstream MCP servers (HTTP, SSE, WebSocket or stdio) behind this gateway."
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        sub = parser.add_subparsers(dest="action", required=True, metavar="{add,list,refresh,remove}")
+        add = sub.add_parser("add", help="Register a peer and discover its catalog.")
+        add.add_argument("name")
+        target = add.add_mutually_exclusive_group(required=True)
+        target.add_argument("--url", help="URL of an HTTP, SSE or WebSocket MCP server.")
+        target.add_argument("--command", dest="stdio_command", help='Command line of a stdio server, e.g. "mcp-server-time".')
+        add.add_argument(
+            "--transport",
+            choices=[Transport.STREAMABLE_HTTP, Transport.SSE, Transport.WEBSOCKET],
+            default=Transport.STREAMABLE_HTTP,
+            help="Transport for --url (default: streamable-http).",
+        )
+        add.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="Environment for stdio peers.")
+        add.add_argument("--connect-timeout", type=float, default=10.0)
+        add.add_argument("--call-timeout", type=float, default=60.0)
+        add.add_argument("--no-sync", action="store_true", help="Do not contact the peer now.")
+        sub.add_parser("list", help="List peers and their catalog sizes.")
+        refresh = sub.add_parser("refresh", help="Re-discover a peer's catalog.")
+        refresh.add_argument("name")
+        remove = sub.add_parser("remove", help="Remove a peer and its catalog.")
+        remove.add_argument("name")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        getattr(self, f"_{options['action']}")(options)
+
+    def _get(self, name: str) -> Peer:
+        try:
+            return Peer.objects.get(name=name)
+        except Peer.DoesNotExist as exc:
+            raise CommandError(f"no peer named {name!r}; see `manage.py peer list`") from exc
+
+    def _add(self, options: dict[str, Any]) -> None:
+        env: dict[str, str] = {}
+        for pair in options["env"]:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise CommandError(f"--env takes KEY=VALUE, got {pair!r}")
+            env[key] = value
+        transport = Transport.STDIO if options["stdio_command"] else options["transport"]
+        try:
+            peer = peer_add(
+                name=options["name"],
+                transport=transport,
+                url=options["url"] or "",
+                command=options["stdio_command"] or "",
+                env=env,
+                connect_timeout=options["connect_timeout"],
+                call_timeout=options["call_timeout"],
+            )
+        except PeerConfigError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(f"Added peer {peer.name} ({peer.transport} {peer.target()})")
+        if options["no_sync"]:
+            return
+        report = asyncio.run(peer_sync_catalog(peer=peer))
+        self._print_report(report)
+        if "connect" in report.errors:
+            self.stderr.write(f"Peer kept; run `manage.py peer refresh {peer.name}` once it is reachable.")
+
+    def _list(self, options: dict[str, Any]) -> None:
+        peers = list(Peer.objects.all())
+        if not peers:
+            self.stdout.write("No peers. Add one with `manage.py peer add NAME --url URL` or `--command CMD`.")
+            return
+        for peer in peers:
+            counts = {k: peer.catalog.filter(kind=k).count() for k in ("tool", "resource", "resource_template", "prompt")}
+            state = "enabled" if peer.enabled else "disabled"
+            self.stdout.write(
+                f"{peer.name:<20} {peer.transport:<16} {state:<9} {peer.protocol_version or '-':<11} "
+                f"tools={counts['tool']} resources={counts['resource']} templates={counts['resource_template']} "
+                f"prompts={counts['prompt']}  {peer.target()}"
+                + (f"  last error: {peer.last_error}" if peer.last_error else "")
+            )
+
+    def _refresh(self, options: dict[str, Any]) -> None:
+        peer = self._get(options["name"])
+        report = asyncio.run(peer_sync_catalog(peer=peer))
+        self._print_report(report)
+        if "connect" in report.errors:
+            raise CommandError(f"could not refresh {peer.name}: {report.errors['connect']}")
+
+    def _remove(self, options: dict[str, Any]) -> None:
+        peer = self._get(options["name"])
+        peer_remove(peer=peer)
+        self.stdout.write(f"Removed peer {options['name']}")
+
+    def _print_report(self, report: SyncReport) -> None:
+        if "connect" in report.errors:
+            self.stderr.write(f"Could not reach {report.peer}: {report.errors['connect']}")
+            return
+        counts = ", ".join(f"{n} {k.replace('_', ' ')}s" for k, n in report.counts.items())
+        self.stdout.write(f"Synced {report.peer} (protocol {report.protocol_version}): {counts}")
+        for kind, error in report.errors.items():
+            self.stderr.write(f"  {kind}: {error} (previous entries kept)")

@@ -1,0 +1,283 @@
+"""The contract every upstream connection kind fulfils.
+
+An upstream connection is one warm MCP client session to one peer, shared by every host
+session that calls that peer from this worker. It speaks one protocol era, chosen when it
+starts. Messages are plain JSON-RPC dicts: the gateway passes upstream JSON through verbatim
+and only rewrites what it must (ids, progress tokens, names).
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, LATEST_MODERN_VERSION
+
+logger = logging.getLogger(__name__)
+
+Era = Literal["legacy", "modern"]
+JsonDict = dict[str, Any]
+
+OnMessage = Callable[[JsonDict], Awaitable[JsonDict | None]]
+"""Receives what the upstream sends in the context of one request.
+
+Notifications (progress, log messages) return None. Server->client requests (sampling,
+elicitation, roots) return the JSON-RPC reply body to send back: ``{"result": ...}`` or
+``{"error": {...}}``.
+"""
+
+OnEvent = Callable[[JsonDict], Awaitable[None]]
+"""Receives notifications that belong to no request (list_changed, resources/updated)."""
+
+GATEWAY_CLIENT_INFO: JsonDict = {"name": "fedmcp", "version": "0.1.0"}
+
+# Capabilities the gateway declares upstream in the handshake era. The connection is shared by
+# many hosts, so it declares everything a host might answer; a request for something the
+# calling host did not declare is refused back to the upstream.
+LEGACY_CLIENT_CAPABILITIES: JsonDict = {
+    "roots": {"listChanged": True},
+    "sampling": {},
+    "elicitation": {"form": {}, "url": {}},
+}
+
+
+class UpstreamError(Exception):
+    """An upstream could not be used; the message is safe to show to hosts."""
+
+
+class UpstreamUnavailableError(UpstreamError):
+    """The upstream cannot be reached, its process died, or its session broke."""
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """The upstream did not answer within the peer's timeout."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream answered with something that is not valid MCP."""
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """A snapshot of the peer fields a connection needs (no ORM objects in long-lived tasks)."""
+
+    id: int
+    name: str
+    transport: str
+    url: str = ""
+    command: str = ""
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    connect_timeout: float = 10.0
+    call_timeout: float = 60.0
+
+    @classmethod
+    def from_peer(cls, peer: Any) -> PeerConfig:
+        return cls(
+            id=peer.id,
+            name=peer.name,
+            transport=peer.transport,
+            url=peer.url,
+            command=peer.command,
+            args=tuple(str(a) for a in peer.args or ()),
+            env=tuple(sorted((str(k), str(v)) for k, v in (peer.env or {}).items())),
+            connect_timeout=peer.connect_timeout,
+            call_timeout=peer.call_timeout,
+        )
+
+
+@dataclass
+class ServerDescription:
+    """What the upstream told us about itself during the handshake or discovery."""
+
+    protocol_version: str = ""
+    capabilities: JsonDict = field(default_factory=dict)
+    server_info: JsonDict = field(default_factory=dict)
+    instructions: str | None = None
+    supported_versions: tuple[str, ...] = ()
+
+    @property
+    def supports_legacy(self) -> bool:
+        return any(v in HANDSHAKE_PROTOCOL_VERSIONS for v in self.supported_versions)
+
+
+def modern_meta(client_capabilities: JsonDict | None = None, extra: JsonDict | None = None) -> JsonDict:
+    """Return the per-request `_meta` envelope of the 2026-07-28 era."""
+    meta: JsonDict = dict(extra or {})
+    meta["io.modelcontextprotocol/protocolVersion"] = LATEST_MODERN_VERSION
+    meta.setdefault("io.modelcontextprotocol/clientCapabilities", client_capabilities or {})
+    meta.setdefault("io.modelcontextprotocol/clientInfo", GATEWAY_CLIENT_INFO)
+    return meta
+
+
+def initialize_params() -> JsonDict:
+    return {
+        "protocolVersion": LATEST_HANDSHAKE_VERSION,
+        "capabilities": LEGACY_CLIENT_CAPABILITIES,
+        "clientInfo": GATEWAY_CLIENT_INFO,
+    }
+
+
+def describe_initialize(result: JsonDict) -> ServerDescription:
+    """Turn an InitializeResult into a ServerDescription.
+
+    Raises:
+        UpstreamProtocolError: the result is not an InitializeResult we can use.
+    """
+    version = result.get("protocolVersion")
+    if version not in HANDSHAKE_PROTOCOL_VERSIONS:
+        raise UpstreamProtocolError(f"upstream offered unsupported protocol version {version!r}")
+    return ServerDescription(
+        protocol_version=version,
+        capabilities=result.get("capabilities") or {},
+        server_info=result.get("serverInfo") or {},
+        instructions=result.get("instructions"),
+        supported_versions=(version,),
+    )
+
+
+def describe_discover(result: JsonDict) -> ServerDescription | None:
+    """Turn a DiscoverResult into a ServerDescription, or None if it offers no modern version."""
+    supported = result.get("supportedVersions")
+    if not isinstance(supported, list) or LATEST_MODERN_VERSION not in supported:
+        return None
+    meta = result.get("_meta") or {}
+    return ServerDescription(
+        protocol_version=LATEST_MODERN_VERSION,
+        capabilities=result.get("capabilities") or {},
+        server_info=meta.get("io.modelcontextprotocol/serverInfo") or result.get("serverInfo") or {},
+        instructions=result.get("instructions"),
+        supported_versions=tuple(v for v in supported if isinstance(v, str)),
+    )
+
+
+class UpstreamConnection(abc.ABC):
+    """One warm session to one peer in one era.
+
+    Subclasses implement `_open`, `_send_request`, `_send_notification` and `_close`. The base
+    class keeps the bookkeeping every kind shares: the era, the description, progress-token
+    rewriting and the unrelated-event callback.
+    """
+
+    transport: ClassVar[str]
+
+    def __init__(self, peer: PeerConfig, *, era: Era | None = None, on_event: OnEvent | None = None) -> None:
+        self.peer = peer
+        self.requested_era = era
+        self.on_event = on_event
+        self.description = ServerDescription()
+        self.era: Era = era or "legacy"
+        self._ids = itertools.count(1)
+        self._progress: dict[str, tuple[Any, OnMessage]] = {}
+        self.closed = False
+
+    @property
+    def protocol_version(self) -> str:
+        return self.description.protocol_version
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    async def start(self) -> None:
+        """Connect and handshake (or discover).
+
+        Raises:
+            UpstreamError: the upstream cannot be used.
+        """
+        await self._open()
+
+    async def request(
+        self,
+        method: str,
+        params: JsonDict | None,
+        *,
+        on_message: OnMessage | None = None,
+        timeout: float | None = None,
+    ) -> JsonDict:
+        """Send one request and return the upstream's JSON-RPC response message.
+
+        The returned dict has either "result" or "error". Cancelling the awaiting task cancels
+        the request upstream.
+
+        Raises:
+            UpstreamError: transport failure, timeout or a malformed answer.
+        """
+        if self.closed:
+            raise UpstreamUnavailableError(f"connection to peer '{self.peer.name}' is closed")
+        token = None
+        meta = (params or {}).get("_meta")
+        if isinstance(meta, dict) and "progressToken" in meta and on_message is not None:
+            # Hosts choose their own progress tokens, and many hosts share this connection:
+            # give the upstream a token unique to it and map progress back to the caller.
+            token = f"fedmcp-{self.next_id()}"
+            self._progress[token] = (meta["progressToken"], on_message)
+            params = {**(params or {}), "_meta": {**meta, "progressToken": token}}
+            on_message = self._restore_progress(on_message)
+        try:
+            return await self._send_request(method, params, on_message, timeout or self.peer.call_timeout)
+        finally:
+            if token is not None:
+                self._progress.pop(token, None)
+
+    def _restore_progress(self, on_message: OnMessage) -> OnMessage:
+        async def restore(message: JsonDict) -> JsonDict | None:
+            if message.get("method") == "notifications/progress":
+                entry = self._progress.get((message.get("params") or {}).get("progressToken"))
+                if entry is None:
+                    return None
+                message = {**message, "params": {**message["params"], "progressToken": entry[0]}}
+            return await on_message(message)
+
+        return restore
+
+    async def _route_unrelated(self, message: JsonDict) -> None:
+        """Deliver a notification that arrived outside any request's stream."""
+        if message.get("method") == "notifications/progress":
+            token = (message.get("params") or {}).get("progressToken")
+            entry = self._progress.get(token) if isinstance(token, str) else None
+            if entry is not None:
+                await entry[1]({**message, "params": {**message["params"], "progressToken": entry[0]}})
+            return
+        await self._dispatch_event(message)
+
+    async def notify(self, method: str, params: JsonDict | None = None) -> None:
+        if not self.closed:
+            await self._send_notification(method, params)
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self._close()
+
+    async def _dispatch_event(self, message: JsonDict) -> None:
+        if self.on_event is not None:
+            try:
+                await self.on_event(message)
+            except Exception:
+                logger.exception("event handler failed for peer %s", self.peer.name)
+
+    def is_healthy(self) -> bool:
+        return not self.closed
+
+    @abc.abstractmethod
+    async def _open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _send_request(
+        self, method: str, params: JsonDict | None, on_message: OnMessage | None, timeout: float
+    ) -> JsonDict: ...
+
+    @abc.abstractmethod
+    async def _send_notification(self, method: str, params: JsonDict | None) -> None: ...
+
+    @abc.abstractmethod
+    async def _close(self) -> None: ...
+
+
+def error_reply(code: int, message: str) -> JsonDict:
+    """Return a JSON-RPC reply body carrying an error (for answering upstream requests)."""
+    return {"error": {"code": code, "message": message}}

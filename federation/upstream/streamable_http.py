@@ -1,0 +1,325 @@
+"""Upstream connections over Streamable HTTP, in either protocol era.
+
+Era negotiation follows the spec's fallback rule: probe with `server/discover`; a server that
+answers it with 2026-07-28 among its supported versions is modern; anything else gets the
+`initialize` handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+import httpx
+from mcp.shared.inbound import encode_header_value
+from mcp_types.version import LATEST_MODERN_VERSION
+
+from federation.client import OutboundAddressError, check_url_allowed, outbound_client
+from federation.upstream.base import (
+    JsonDict,
+    OnMessage,
+    ServerDescription,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+    describe_discover,
+    describe_initialize,
+    error_reply,
+    initialize_params,
+    modern_meta,
+)
+from federation.upstream.sse_parser import iter_sse
+
+logger = logging.getLogger(__name__)
+
+ACCEPT = "application/json, text/event-stream"
+NAME_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+
+class SessionExpiredError(UpstreamError):
+    """The upstream forgot our session (404); the request was not processed."""
+
+
+class StreamableHttpConnection(UpstreamConnection):
+    transport = "streamable-http"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._client: httpx.AsyncClient | None = None
+        self._session_id: str | None = None
+        self._get_stream: asyncio.Task[None] | None = None
+        self._reopen_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        try:
+            await check_url_allowed(self.peer.url)
+        except OutboundAddressError as exc:
+            raise UpstreamUnavailableError(f"peer '{self.peer.name}': {exc}") from exc
+        self._client = outbound_client(connect_timeout=self.peer.connect_timeout, read_timeout=self.peer.call_timeout)
+        try:
+            async with asyncio.timeout(self.peer.connect_timeout):
+                if self.requested_era in (None, "modern"):
+                    description = await self._discover()
+                    if description is not None:
+                        self.era, self.description = "modern", description
+                        return
+                    if self.requested_era == "modern":
+                        raise UpstreamProtocolError(
+                            f"peer '{self.peer.name}' does not speak protocol {LATEST_MODERN_VERSION}"
+                        )
+                self.era = "legacy"
+                await self._initialize()
+        except TimeoutError as exc:
+            await self._close()
+            raise UpstreamTimeoutError(
+                f"peer '{self.peer.name}' did not complete the handshake within {self.peer.connect_timeout:g}s"
+            ) from exc
+        except BaseException:
+            await self._close()
+            raise
+
+    async def _discover(self) -> ServerDescription | None:
+        body = {"jsonrpc": "2.0", "id": self.next_id(), "method": "server/discover", "params": {"_meta": modern_meta()}}
+        headers = {"MCP-Protocol-Version": LATEST_MODERN_VERSION, "Mcp-Method": "server/discover"}
+        try:
+            reply = await self._post_and_collect(body, headers, None)
+        except (UpstreamProtocolError, SessionExpiredError):
+            return None
+        except UpstreamUnavailableError as exc:
+            # A legacy server may answer the probe with 4xx; only connection failures are fatal.
+            if "HTTP 4" in str(exc):
+                return None
+            raise
+        result = reply.get("result")
+        return describe_discover(result) if isinstance(result, dict) else None
+
+    async def _initialize(self) -> None:
+        self._session_id = None
+        body = {"jsonrpc": "2.0", "id": self.next_id(), "method": "initialize", "params": initialize_params()}
+        reply = await self._post_and_collect(body, {}, None, capture_session=True)
+        if "error" in reply:
+            raise UpstreamProtocolError(
+                f"peer '{self.peer.name}' refused initialize: {reply['error'].get('message', 'error')}"
+            )
+        self.description = describe_initialize(reply.get("result") or {})
+        await self._post_notification("notifications/initialized", None)
+        if self._get_stream is None or self._get_stream.done():
+            self._get_stream = asyncio.create_task(self._listen_get_stream())
+
+    async def _close(self) -> None:
+        for task in [self._get_stream, *self._background]:
+            if task is not None:
+                task.cancel()
+        if self._client is not None:
+            if self._session_id:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._client.delete(self.peer.url, headers=self._headers()), 2)
+            await self._client.aclose()
+            self._client = None
+
+    # --- requests --------------------------------------------------------------------------
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"Accept": ACCEPT, "Content-Type": "application/json"}
+        if self.era == "legacy":
+            if self._session_id:
+                headers["Mcp-Session-Id"] = self._session_id
+            if self.description.protocol_version:
+                headers["MCP-Protocol-Version"] = self.description.protocol_version
+        else:
+            headers["MCP-Protocol-Version"] = LATEST_MODERN_VERSION
+        if extra:
+            headers.update(extra)
+        return headers
+
+    async def _send_request(
+        self, method: str, params: JsonDict | None, on_message: OnMessage | None, timeout: float
+    ) -> JsonDict:
+        body: JsonDict = {"jsonrpc": "2.0", "id": self.next_id(), "method": method}
+        if params is not None:
+            body["params"] = params
+        extra: dict[str, str] = {}
+        if self.era == "modern":
+            extra["Mcp-Method"] = method
+            name_key = NAME_PARAM.get(method)
+            if name_key and isinstance((params or {}).get(name_key), str):
+                extra["Mcp-Name"] = encode_header_value(params[name_key])  # type: ignore[index]
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    return await self._post_and_collect(body, extra, on_message)
+                except SessionExpiredError:
+                    # The upstream dropped our session; it never saw this request, so a fresh
+                    # handshake and one resend are safe even for tools/call.
+                    await self._reinitialize()
+                    body["id"] = self.next_id()
+                    return await self._post_and_collect(body, extra, on_message)
+        except TimeoutError as exc:
+            raise UpstreamTimeoutError(f"peer '{self.peer.name}' did not answer {method} within {timeout:g}s") from exc
+        except asyncio.CancelledError:
+            if self.era == "legacy":
+                self._spawn(self._post_notification("notifications/cancelled", {"requestId": body["id"], "reason": "cancelled by host"}))
+            raise
+
+    async def _reinitialize(self) -> None:
+        stale = self._session_id
+        async with self._reopen_lock:
+            if self._session_id == stale:
+                logger.info("peer %s: upstream session expired, re-initializing", self.peer.name)
+                await self._initialize()
+
+    async def _send_notification(self, method: str, params: JsonDict | None) -> None:
+        await self._post_notification(method, params)
+
+    async def _post_notification(self, method: str, params: JsonDict | None) -> None:
+        body: JsonDict = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            body["params"] = params
+        extra = {"Mcp-Method": method} if self.era == "modern" else {}
+        await self._post_raw(body, extra)
+
+    async def _post_raw(self, body: JsonDict, extra: dict[str, str]) -> None:
+        assert self._client is not None
+        try:
+            response = await self._client.post(self.peer.url, content=json.dumps(body), headers=self._headers(extra))
+        except httpx.HTTPError as exc:
+            logger.warning("peer %s: posting %s failed: %s", self.peer.name, body.get("method", "reply"), exc)
+            return
+        await response.aclose()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _post_and_collect(
+        self,
+        body: JsonDict,
+        extra: dict[str, str],
+        on_message: OnMessage | None,
+        *,
+        capture_session: bool = False,
+    ) -> JsonDict:
+        if self._client is None:
+            raise UpstreamUnavailableError(f"connection to peer '{self.peer.name}' is closed")
+        request = self._client.build_request("POST", self.peer.url, content=json.dumps(body), headers=self._headers(extra))
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError(f"peer '{self.peer.name}' timed out") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailableError(f"cannot reach peer '{self.peer.name}': {type(exc).__name__}") from exc
+        try:
+            if response.status_code == 404 and self.era == "legacy" and self._session_id and not capture_session:
+                raise SessionExpiredError(f"peer '{self.peer.name}' session expired")
+            if capture_session:
+                self._session_id = response.headers.get("mcp-session-id")
+            content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type == "text/event-stream" and response.status_code == 200:
+                return await self._collect_stream(response, body["id"], on_message)
+            raw = await self._read_limited(response)
+            if content_type == "application/json" and raw:
+                message = _loads(raw, self.peer.name)
+                if isinstance(message, dict) and ("result" in message or "error" in message):
+                    return message
+            raise UpstreamUnavailableError(f"peer '{self.peer.name}' answered HTTP {response.status_code}")
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError(f"peer '{self.peer.name}' timed out") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailableError(f"peer '{self.peer.name}' broke the connection: {type(exc).__name__}") from exc
+        finally:
+            await response.aclose()
+
+    async def _read_limited(self, response: httpx.Response) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise UpstreamProtocolError(f"peer '{self.peer.name}' sent a response larger than {MAX_RESPONSE_BYTES} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _collect_stream(self, response: httpx.Response, request_id: Any, on_message: OnMessage | None) -> JsonDict:
+        try:
+            async for event in iter_sse(response.aiter_lines(), max_event_bytes=MAX_RESPONSE_BYTES):
+                if event.event != "message" or not event.data:
+                    continue
+                message = _loads(event.data, self.peer.name)
+                if not isinstance(message, dict):
+                    continue
+                if "method" not in message and message.get("id") == request_id:
+                    return message
+                await self._handle_incoming(message, on_message)
+        except ValueError as exc:
+            raise UpstreamProtocolError(f"peer '{self.peer.name}' sent an oversized event") from exc
+        raise UpstreamUnavailableError(f"peer '{self.peer.name}' closed the stream before answering")
+
+    async def _handle_incoming(self, message: JsonDict, on_message: OnMessage | None) -> None:
+        """Route a message the upstream sent on a request's stream or the GET stream."""
+        if "method" not in message:
+            return
+        if "id" not in message:
+            if on_message is not None:
+                await on_message(message)
+            else:
+                await self._route_unrelated(message)
+            return
+        # A server->client request: answer it without blocking the stream it arrived on.
+        self._spawn(self._answer(message, on_message))
+
+    async def _answer(self, request: JsonDict, on_message: OnMessage | None) -> None:
+        if request.get("method") == "ping":
+            reply: JsonDict | None = {"result": {}}
+        elif on_message is None:
+            reply = error_reply(-32601, "the gateway cannot route a request that belongs to no host call")
+        else:
+            try:
+                reply = await on_message(request)
+            except Exception:
+                logger.exception("peer %s: relaying %s failed", self.peer.name, request.get("method"))
+                reply = error_reply(-32603, "the gateway could not relay this request to the host")
+        if reply is None:
+            reply = error_reply(-32603, "no answer from the host")
+        await self._post_raw({"jsonrpc": "2.0", "id": request["id"], **reply}, {})
+
+    async def _listen_get_stream(self) -> None:
+        """Read the upstream's standalone GET stream for notifications outside any request."""
+        assert self._client is not None
+        headers = self._headers()
+        headers["Accept"] = "text/event-stream"
+        backoff = 1.0
+        while not self.closed and self._client is not None:
+            try:
+                async with self._client.stream("GET", self.peer.url, headers=headers, timeout=httpx.Timeout(10, read=None)) as response:
+                    if response.status_code != 200:
+                        return  # 405: the server offers no GET stream.
+                    backoff = 1.0
+                    async for event in iter_sse(response.aiter_lines()):
+                        if event.event == "message" and event.data:
+                            message = _loads(event.data, self.peer.name)
+                            if isinstance(message, dict):
+                                await self._handle_incoming(message, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.debug("peer %s: GET stream ended: %s", self.peer.name, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+            headers = self._headers({"Accept": "text/event-stream"})
+
+
+def _loads(raw: str | bytes, peer: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise UpstreamProtocolError(f"peer '{peer}' sent malformed JSON") from exc

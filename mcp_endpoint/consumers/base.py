@@ -1,0 +1,150 @@
+"""Shared machinery of the HTTP transports.
+
+`AsyncHttpConsumer` buffers the whole body without limit and runs `handle` inside its message
+loop, so it cannot notice a disconnect while a long call runs. `McpHttpConsumer` caps the body
+(413), checks Host and Origin, and runs `handle` as a task: a client that goes away cancels
+its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from channels.exceptions import StopConsumer
+from channels.generic.http import AsyncHttpConsumer
+from django.conf import settings
+
+from mcp_endpoint import jsonrpc, security
+
+logger = logging.getLogger(__name__)
+JsonDict = dict[str, Any]
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def sse_event(message: JsonDict | None = None, *, event: str = "message", data: str | None = None) -> bytes:
+    payload = data if data is not None else jsonrpc.dumps(message)
+    return f"event: {event}\ndata: {payload}\n\n".encode()
+
+
+class McpHttpConsumer(AsyncHttpConsumer):
+    """Base for MCP HTTP consumers: size cap, edge checks, cancellable handling."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._size = 0
+        self._refused = False
+        self._task: asyncio.Task[None] | None = None
+        self.response_started = False
+        self.finished = False
+
+    # --- helpers for subclasses --------------------------------------------------------------
+
+    def header(self, name: str) -> str | None:
+        return security.header(self.scope, name.lower().encode())
+
+    def headers_dict(self) -> dict[str, str]:
+        return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.scope.get("headers", [])}
+
+    async def send_headers(self, *, status: int = 200, headers: Any = None) -> None:
+        self.response_started = True
+        await super().send_headers(status=status, headers=headers)
+
+    async def send_body(self, body: bytes, *, more_body: bool = False) -> None:
+        if not more_body:
+            self.finished = True
+        await super().send_body(body, more_body=more_body)
+
+    async def send_json(self, status: int, message: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        body = jsonrpc.dumps(message).encode()
+        await self.send_response(status, body, headers=[(b"content-type", b"application/json"), *(headers or [])])
+
+    async def send_error(self, status: int, code: int, message: str, request_id: Any = None, data: Any = None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        error: JsonDict = {"code": code, "message": message}
+        if data is not None:
+            error["data"] = data
+        await self.send_json(status, jsonrpc.error_response(request_id, error), headers)
+
+    async def send_plain(self, status: int, text: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        await self.send_response(status, text.encode(), headers=[(b"content-type", b"text/plain; charset=utf-8"), *(headers or [])])
+
+    def accepts(self, media_type: str) -> bool:
+        accept = (self.header("accept") or "").lower()
+        return media_type in accept or "*/*" in accept
+
+    def parse_body(self, body: bytes) -> Any:
+        """Decode a JSON body.
+
+        Raises:
+            ParseError: not UTF-8 JSON (or nested too deeply to decode safely).
+        """
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise jsonrpc.ParseError() from exc
+
+    # --- the message loop --------------------------------------------------------------------
+
+    async def http_request(self, message: JsonDict) -> None:
+        if self._refused or self._task is not None:
+            return
+        if self._size == 0:
+            declared = self.header("content-length")
+            if declared and declared.isdigit() and int(declared) > settings.MCP_MAX_BODY_BYTES:
+                await self._refuse_too_large()
+                return
+        chunk = message.get("body", b"")
+        self._size += len(chunk)
+        if self._size > settings.MCP_MAX_BODY_BYTES:
+            await self._refuse_too_large()
+            return
+        self.body.append(chunk)
+        if not message.get("more_body"):
+            self._task = asyncio.create_task(self._run(b"".join(self.body)))
+            self.body = []
+
+    async def _refuse_too_large(self) -> None:
+        self._refused = True
+        self.body = []
+        await self.send_error(
+            413, jsonrpc.INVALID_REQUEST, f"Request body too large: the limit is {settings.MCP_MAX_BODY_BYTES} bytes"
+        )
+
+    async def _run(self, body: bytes) -> None:
+        try:
+            refusal = security.check_request(self.scope)
+            if refusal is not None:
+                await self.send_plain(*refusal)
+                return
+            await self.handle(body)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("MCP HTTP handler failed")
+            if not self.response_started:
+                await self.send_error(500, jsonrpc.INTERNAL_ERROR, "Internal server error")
+            elif not self.finished:
+                await self.send_body(b"", more_body=False)
+        finally:
+            if self.response_started and not self.finished:
+                try:
+                    await self.send_body(b"", more_body=False)
+                except Exception:
+                    logger.debug("could not close the response", exc_info=True)
+
+    async def http_disconnect(self, message: JsonDict) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.disconnect()
+        raise StopConsumer()

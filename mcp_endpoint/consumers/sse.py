@@ -1,0 +1,100 @@
+"""Legacy HTTP+SSE (protocol 2024-11-05) at /sse and /peers/<name>/sse.
+
+GET opens the stream and announces where to POST (`event: endpoint`); each POST to
+/messages/?session_id=… is acknowledged with 202 and its reply travels on the stream. Replies
+go through the session's channel-layer group, so the POST and the stream may be served by
+different workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+from urllib.parse import parse_qs
+
+from django.conf import settings
+
+from mcp_endpoint import dispatcher, jsonrpc, sessions
+from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, sse_event
+from mcp_endpoint.context import HostContext
+from mcp_endpoint.streams import SessionEvents, SessionGroupOutbound, send_to_session
+
+logger = logging.getLogger(__name__)
+JsonDict = dict[str, Any]
+
+# Replies to POSTed messages outlive the POST (it is answered 202 at once); keep their tasks.
+_background: set[asyncio.Task[Any]] = set()
+
+
+class McpSseConsumer(McpHttpConsumer):
+    """GET /sse: the event stream of one session."""
+
+    async def handle(self, body: bytes) -> None:
+        if self.scope["method"] != "GET":
+            await self.send_plain(405, "Method Not Allowed: GET the stream, POST to the endpoint it names", [(b"allow", b"GET")])
+            return
+        scope = self.scope["url_route"]["kwargs"].get("peer", "")
+        session = await sessions.session_create(transport="sse", scope=scope)
+        prefix = f"/peers/{scope}" if scope else ""
+        try:
+            async with SessionEvents(session.id, scope, keepalive=settings.MCP_SSE_KEEPALIVE) as events:
+                await self.send_headers(status=200, headers=SSE_HEADERS)
+                await self.send_body(sse_event(event="endpoint", data=f"{prefix}/messages/?session_id={session.id}"), more_body=True)
+                async for message in events:
+                    await self.send_body(sse_event(message) if message is not None else b": keepalive\n\n", more_body=True)
+        finally:
+            await asyncio.shield(sessions.session_close(session_id=session.id))
+
+
+class McpSseMessageConsumer(McpHttpConsumer):
+    """POST /messages/?session_id=…: one message for a session's stream."""
+
+    async def handle(self, body: bytes) -> None:
+        if self.scope["method"] != "POST":
+            await self.send_plain(405, "Method Not Allowed: POST JSON-RPC messages here", [(b"allow", b"POST")])
+            return
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        session_id = (query.get("session_id") or [""])[0]
+        scope = self.scope["url_route"]["kwargs"].get("peer", "")
+        session = await sessions.session_load(session_id) if session_id else None
+        if session is None or session.transport != "sse" or session.scope != scope:
+            await self.send_error(404, jsonrpc.INVALID_REQUEST, "Session not found: open the SSE stream again")
+            return
+        try:
+            payload = self.parse_body(body)
+        except jsonrpc.ParseError as exc:
+            await self.send_error(400, exc.code, exc.message)
+            return
+        messages = payload if isinstance(payload, list) else [payload]
+        if isinstance(payload, list) and (session.protocol_version != "2025-03-26" or not messages):
+            await self.send_error(400, jsonrpc.INVALID_REQUEST, "Bad Request: JSON-RPC batches are only accepted in protocol version 2025-03-26")
+            return
+        await self.send_response(202, b"Accepted", headers=[(b"content-type", b"text/plain")])
+        for message in messages:
+            ctx = HostContext(
+                era="legacy",
+                protocol_version=session.protocol_version,
+                transport="sse",
+                scope=scope,
+                outbound=SessionGroupOutbound(session.id),
+                session=session,
+                client_capabilities=session.client_capabilities,
+                client_info=session.client_info,
+                log_level=session.log_level,
+            )
+            task = asyncio.create_task(self._answer(ctx, message))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+
+    @staticmethod
+    async def _answer(ctx: HostContext, message: Any) -> None:
+        try:
+            if dispatcher.classify(message) == "request":
+                reply = await dispatcher.run_tracked(ctx, message)
+            else:
+                reply = await dispatcher.handle_message(ctx, message)
+            if reply is not None:
+                await send_to_session(ctx.session.id, reply)  # type: ignore[union-attr]
+        except Exception:
+            logger.exception("answering an SSE message failed")

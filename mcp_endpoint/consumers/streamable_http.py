@@ -1,0 +1,265 @@
+"""Streamable HTTP at /mcp and /peers/<name>/mcp, both protocol eras on one endpoint.
+
+This consumer only turns HTTP into JSON-RPC and back; it never looks at what a method means.
+Era detection: a 2026-07-28 `MCP-Protocol-Version` header (or a body `_meta` envelope without
+a session) selects the stateless era; `initialize` or an `Mcp-Session-Id` selects the
+handshake era.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from django.conf import settings
+from mcp.shared.inbound import (
+    InboundLadderRejection,
+    classify_inbound_request,
+    find_duplicated_routing_header,
+    unsupported_protocol_version_rejection,
+)
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+
+from mcp_endpoint import dispatcher, jsonrpc, sessions
+from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, sse_event
+from mcp_endpoint.context import HostContext
+from mcp_endpoint.models import McpSession
+from mcp_endpoint.streams import SessionEvents, close_session_streams
+
+logger = logging.getLogger(__name__)
+JsonDict = dict[str, Any]
+SESSION_HEADER = b"mcp-session-id"
+ALLOW = [(b"allow", b"GET, POST, DELETE")]
+
+
+class PostStream:
+    """The reply channel of one POST: JSON, or SSE from the first related message on."""
+
+    def __init__(self, consumer: McpHttpConsumer, *, sse_allowed: bool, can_request: bool, headers: list[tuple[bytes, bytes]]) -> None:
+        self.consumer = consumer
+        self.sse_allowed = sse_allowed
+        self.can_request = can_request and sse_allowed
+        self.headers = headers
+        self.streaming = False
+        self._lock = asyncio.Lock()
+
+    async def _start(self) -> None:
+        if not self.streaming:
+            self.streaming = True
+            await self.consumer.send_headers(status=200, headers=[*SSE_HEADERS, *self.headers])
+
+    async def send(self, message: JsonDict) -> None:
+        if not self.sse_allowed:
+            logger.debug("dropping %s: the client does not accept text/event-stream", message.get("method"))
+            return
+        async with self._lock:
+            await self._start()
+            await self.consumer.send_body(sse_event(message), more_body=True)
+
+    async def finish(self, replies: list[JsonDict], *, status: int = 200, batch: bool = False) -> None:
+        async with self._lock:
+            if self.streaming:
+                body = b"".join(sse_event(r) for r in replies)
+                await self.consumer.send_body(body, more_body=False)
+            elif not replies:
+                await self.consumer.send_response(202, b"", headers=self.headers)
+            else:
+                payload: Any = replies if batch else replies[0]
+                await self.consumer.send_json(status, payload, self.headers)
+
+
+class McpStreamableHttpConsumer(McpHttpConsumer):
+    @property
+    def endpoint_scope(self) -> str:
+        return self.scope["url_route"]["kwargs"].get("peer", "")
+
+    async def handle(self, body: bytes) -> None:
+        method = self.scope["method"]
+        if method == "POST":
+            await self.post(body)
+        elif method == "GET":
+            await self.get_stream()
+        elif method == "DELETE":
+            await self.delete()
+        else:
+            await self.send_plain(405, "Method Not Allowed: use POST, GET or DELETE", ALLOW)
+
+    # --- POST ----------------------------------------------------------------------------------
+
+    async def post(self, body: bytes) -> None:
+        if not self.accepts("application/json"):
+            await self.send_error(406, jsonrpc.INVALID_REQUEST, "Not Acceptable: Accept must list application/json and text/event-stream")
+            return
+        content_type = (self.header("content-type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            await self.send_error(415, jsonrpc.INVALID_REQUEST, "Unsupported Media Type: send application/json")
+            return
+        try:
+            payload = self.parse_body(body)
+        except jsonrpc.ParseError as exc:
+            await self.send_error(400, exc.code, exc.message)
+            return
+        version = self.header("mcp-protocol-version")
+        session_id = self.header("mcp-session-id")
+        if version in MODERN_PROTOCOL_VERSIONS:
+            await self.post_modern(payload)
+        elif version is not None and version not in KNOWN_PROTOCOL_VERSIONS:
+            rejection = unsupported_protocol_version_rejection(version)
+            assert rejection is not None
+            await self.send_error(400, rejection.code, rejection.message, data=rejection.data)
+        elif isinstance(payload, dict) and payload.get("method") == "initialize":
+            await self.post_initialize(payload)
+        elif session_id:
+            await self.post_legacy(payload, session_id, version)
+        elif isinstance(payload, dict) and isinstance((payload.get("params") or {}).get("_meta"), dict) and "io.modelcontextprotocol/protocolVersion" in payload["params"]["_meta"]:
+            await self.post_modern(payload)
+        else:
+            await self.send_error(
+                400, jsonrpc.INVALID_REQUEST,
+                "Bad Request: no Mcp-Session-Id header. Send initialize first (handshake era) "
+                "or use MCP-Protocol-Version: 2026-07-28 with a _meta envelope (stateless era).",
+                request_id=payload.get("id") if isinstance(payload, dict) and jsonrpc.is_valid_id(payload.get("id")) else None,
+            )
+
+    def _legacy_context(self, session: McpSession, stream: PostStream) -> HostContext:
+        return HostContext(
+            era="legacy",
+            protocol_version=session.protocol_version,
+            transport="streamable-http",
+            scope=self.endpoint_scope,
+            outbound=stream,
+            session=session,
+            client_capabilities=session.client_capabilities,
+            client_info=session.client_info,
+            log_level=session.log_level,
+            headers=self.headers_dict(),
+        )
+
+    async def post_initialize(self, payload: JsonDict) -> None:
+        session = await sessions.session_create(transport="streamable-http", scope=self.endpoint_scope)
+        headers = [(SESSION_HEADER, session.id.encode())]
+        stream = PostStream(self, sse_allowed=self.accepts("text/event-stream"), can_request=False, headers=headers)
+        reply = await dispatcher.handle_request(self._legacy_context(session, stream), payload)
+        if "error" in reply:
+            await sessions.session_close(session_id=session.id)
+            stream.headers = []
+        await stream.finish([reply])
+
+    async def post_legacy(self, payload: Any, session_id: str, version: str | None) -> None:
+        session = await sessions.session_load(session_id)
+        if session is None or session.scope != self.endpoint_scope:
+            await self.send_error(404, jsonrpc.INVALID_REQUEST, "Session not found: it expired or was closed; send initialize again")
+            return
+        if version is not None and session.protocol_version and version != session.protocol_version:
+            await self.send_error(
+                400, jsonrpc.INVALID_REQUEST,
+                f"Bad Request: MCP-Protocol-Version {version} does not match the session's {session.protocol_version}",
+            )
+            return
+        batch = isinstance(payload, list)
+        messages = payload if batch else [payload]
+        if batch and (session.protocol_version != "2025-03-26" or not messages):
+            await self.send_error(400, jsonrpc.INVALID_REQUEST, f"Bad Request: JSON-RPC batches are only accepted in protocol version 2025-03-26 (non-empty)")
+            return
+        stream = PostStream(self, sse_allowed=self.accepts("text/event-stream"), can_request=True, headers=[])
+        kinds = [dispatcher.classify(m) for m in messages]
+        if "request" not in kinds and "invalid" not in kinds:
+            for message in messages:
+                await dispatcher.handle_message(self._legacy_context(session, stream), message)
+            await stream.finish([])
+            return
+
+        async def one(message: Any, kind: str) -> JsonDict | None:
+            ctx = self._legacy_context(session, stream)
+            if kind == "request":
+                return await dispatcher.run_tracked(ctx, message)
+            return await dispatcher.handle_message(ctx, message)
+
+        results = await asyncio.gather(*(one(m, k) for m, k in zip(messages, kinds, strict=True)))
+        replies = [r for r in results if r is not None]
+        await stream.finish(replies, status=400 if kinds == ["invalid"] else 200, batch=batch)
+
+    async def post_modern(self, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            await self.send_error(400, jsonrpc.INVALID_REQUEST, "Invalid request: batches are not part of protocol 2026-07-28")
+            return
+        kind = dispatcher.classify(payload)
+        request_id = payload.get("id") if jsonrpc.is_valid_id(payload.get("id")) else None
+        if kind == "notification":
+            # A 2026-07-28 host cancels by closing its stream; posted notifications are acknowledged.
+            await self.send_response(202, b"")
+            return
+        if kind != "request" or request_id is None:
+            await self.send_error(400, jsonrpc.INVALID_REQUEST, "Invalid request: POST one JSON-RPC request (clients do not post responses in 2026-07-28)", request_id)
+            return
+        duplicated = find_duplicated_routing_header([(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.scope.get("headers", [])])
+        verdict = (
+            InboundLadderRejection(code=jsonrpc.HEADER_MISMATCH, message=f"{duplicated} header appears more than once")
+            if duplicated
+            else classify_inbound_request(payload, headers=self.headers_dict())
+        )
+        if isinstance(verdict, InboundLadderRejection):
+            status = jsonrpc.http_status_for({"error": {"code": verdict.code}})
+            await self.send_error(status, verdict.code, verdict.message, request_id, verdict.data)
+            return
+        if payload["method"] == "subscriptions/listen" and not self.accepts("text/event-stream"):
+            await self.send_error(406, jsonrpc.INVALID_REQUEST, "Not Acceptable: subscriptions/listen needs Accept: text/event-stream", request_id)
+            return
+        meta = payload["params"]["_meta"]
+        stream = PostStream(self, sse_allowed=self.accepts("text/event-stream"), can_request=False, headers=[])
+        ctx = HostContext(
+            era="modern",
+            protocol_version=verdict.protocol_version,
+            transport="streamable-http",
+            scope=self.endpoint_scope,
+            outbound=stream,
+            client_capabilities=verdict.client_capabilities if isinstance(verdict.client_capabilities, dict) else {},
+            client_info=verdict.client_info if isinstance(verdict.client_info, dict) else {},
+            log_level=meta.get("io.modelcontextprotocol/logLevel") or "",
+            headers=self.headers_dict(),
+        )
+        reply = await dispatcher.handle_request(ctx, payload)
+        await stream.finish([reply], status=jsonrpc.http_status_for(reply))
+
+    # --- GET and DELETE (handshake era) ---------------------------------------------------------
+
+    async def get_stream(self) -> None:
+        if self.header("mcp-protocol-version") in MODERN_PROTOCOL_VERSIONS:
+            await self.send_plain(405, "Method Not Allowed: protocol 2026-07-28 uses subscriptions/listen", [(b"allow", b"POST")])
+            return
+        if not self.accepts("text/event-stream"):
+            await self.send_plain(406, "Not Acceptable: the GET stream is text/event-stream")
+            return
+        session = await self._session_from_header()
+        if session is None:
+            return
+        async with SessionEvents(session.id, self.endpoint_scope, keepalive=settings.MCP_SSE_KEEPALIVE) as events:
+            await self.send_headers(status=200, headers=SSE_HEADERS)
+            await self.send_body(b": stream open\n\n", more_body=True)
+            async for message in events:
+                await self.send_body(sse_event(message) if message is not None else b": keepalive\n\n", more_body=True)
+        await self.send_body(b"", more_body=False)
+
+    async def delete(self) -> None:
+        session = await self._session_from_header()
+        if session is None:
+            return
+        await sessions.session_close(session_id=session.id)
+        await close_session_streams(session.id)
+        await self.send_response(200, b"")
+
+    async def _session_from_header(self) -> McpSession | None:
+        session_id = self.header("mcp-session-id")
+        if not session_id:
+            await self.send_error(400, jsonrpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header required")
+            return None
+        session = await sessions.session_load(session_id)
+        if session is None or session.scope != self.endpoint_scope:
+            await self.send_error(404, jsonrpc.INVALID_REQUEST, "Session not found: it expired or was closed; send initialize again")
+            return None
+        return session
+
+
+# Silence "imported but unused" for the constant kept for readers of this module.
+_ = HANDSHAKE_PROTOCOL_VERSIONS

@@ -1,0 +1,134 @@
+"""In-flight correlation that works across workers.
+
+Two things must find their way to the worker that holds the waiting task:
+
+* a host's answer to a server->client request (sampling, elicitation, roots), and
+* a host's `notifications/cancelled` for a request it sent earlier.
+
+The answer or the cancellation may arrive at any worker. Each worker first looks in its own
+table of waiting tasks (the common, single-process case, no round trip); if the task is not
+there it broadcasts on the channel layer, and the worker that has it acts. Each worker
+listens on one channel joined to `WORKERS_GROUP`, so a request in flight costs nothing on the
+channel layer until something has to cross workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+from channels.layers import get_channel_layer
+
+logger = logging.getLogger(__name__)
+
+WORKERS_GROUP = "fedmcp.workers"
+JsonDict = dict[str, Any]
+
+
+class _Correlator:
+    def __init__(self) -> None:
+        self._waiting: dict[str, asyncio.Future[JsonDict]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Task[Any]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._listener_loop: asyncio.AbstractEventLoop | None = None
+        self._joined = asyncio.Event()
+
+    async def _ensure_listener(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._listener is not None and self._listener_loop is loop and not self._listener.done():
+            await self._joined.wait()
+            return
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        self._joined = asyncio.Event()
+        self._listener_loop = loop
+        self._listener = asyncio.create_task(self._listen(layer))
+        await self._joined.wait()
+
+    async def _listen(self, layer: Any) -> None:
+        channel = await layer.new_channel("fedmcp.worker.")
+        await layer.group_add(WORKERS_GROUP, channel)
+        self._joined.set()
+        rejoin = loop_time = asyncio.get_running_loop().time()
+        while True:
+            try:
+                message = await layer.receive(channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("worker correlation channel failed; retrying")
+                await asyncio.sleep(1)
+                continue
+            kind = message.get("type")
+            if kind == "correlation.reply":
+                self._resolve_local(message["key"], message["message"])
+            elif kind == "correlation.cancel":
+                self._cancel_local(message["session"], message["request"])
+            loop_time = asyncio.get_running_loop().time()
+            if loop_time - rejoin > 600:
+                # Group membership expires on Redis; renew it while the worker lives.
+                await layer.group_add(WORKERS_GROUP, channel)
+                rejoin = loop_time
+
+    async def _broadcast(self, message: JsonDict) -> None:
+        layer = get_channel_layer()
+        if layer is not None:
+            await layer.group_send(WORKERS_GROUP, message)
+
+    # --- server->client requests -------------------------------------------------------------
+
+    def new_request_id(self) -> str:
+        return f"fedmcp-{uuid.uuid4().hex}"
+
+    async def expect_reply(self, key: str) -> asyncio.Future[JsonDict]:
+        """Register interest in the host's reply to request `key`; await the returned future."""
+        await self._ensure_listener()
+        future: asyncio.Future[JsonDict] = asyncio.get_running_loop().create_future()
+        self._waiting[key] = future
+        return future
+
+    def forget_reply(self, key: str) -> None:
+        self._waiting.pop(key, None)
+
+    def _resolve_local(self, key: str, message: JsonDict) -> bool:
+        future = self._waiting.pop(key, None)
+        if future is None or future.done():
+            return False
+        future.set_result(message)
+        return True
+
+    async def deliver_reply(self, message: JsonDict) -> None:
+        """Hand a host's JSON-RPC response to whichever worker asked the question."""
+        key = message.get("id")
+        if not isinstance(key, str) or not key.startswith("fedmcp-"):
+            logger.debug("dropping a response to an unknown request id %r", key)
+            return
+        if not self._resolve_local(key, message):
+            await self._broadcast({"type": "correlation.reply", "key": key, "message": message})
+
+    # --- cancellation ------------------------------------------------------------------------
+
+    async def track(self, session_id: str, request_id: Any, task: asyncio.Task[Any]) -> None:
+        """Remember a host request in flight so a later notifications/cancelled can stop it."""
+        await self._ensure_listener()
+        key = (session_id, repr(request_id))
+        self._inflight[key] = task
+        task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+
+    def _cancel_local(self, session_id: str, request_repr: str) -> bool:
+        task = self._inflight.pop((session_id, request_repr), None)
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
+    async def cancel(self, session_id: str, request_id: Any) -> None:
+        """Cancel the host request `request_id` of `session_id`, wherever it runs."""
+        if not self._cancel_local(session_id, repr(request_id)):
+            await self._broadcast({"type": "correlation.cancel", "session": session_id, "request": repr(request_id)})
+
+
+correlator = _Correlator()

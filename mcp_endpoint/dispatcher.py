@@ -1,0 +1,153 @@
+"""The one dispatcher every transport hands decoded JSON-RPC messages to.
+
+Order of checks (as the SDK's runner): envelope (-32600), method lookup in the caller's era
+(-32601), session initialised (-32600), params validated with the official `mcp-types`
+models (-32602), then the handler. Any unexpected exception is logged and answered as
+-32603 without its text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from mcp_types.methods import validate_client_request
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
+from pydantic import ValidationError
+
+from mcp_endpoint import jsonrpc, sessions
+from mcp_endpoint.context import HostContext
+from mcp_endpoint.correlation import correlator
+from mcp_endpoint.methods import METHODS
+
+logger = logging.getLogger(__name__)
+JsonDict = dict[str, Any]
+
+
+def classify(message: Any) -> str:
+    """Return "request", "notification", "response" or "invalid" for one decoded message."""
+    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+        return "invalid"
+    if "method" in message:
+        if not isinstance(message["method"], str):
+            return "invalid"
+        return "request" if "id" in message else "notification"
+    if "id" in message and ("result" in message or "error" in message):
+        return "response"
+    return "invalid"
+
+
+def _validation_details(exc: ValidationError) -> list[JsonDict]:
+    return [
+        {"field": ".".join(str(p) for p in err["loc"] if p not in ("params",)), "problem": err["msg"]}
+        for err in exc.errors(include_url=False, include_input=False)[:20]
+    ]
+
+
+def validate_params(method: str, version: str, params: JsonDict) -> None:
+    """Check params against the official wire model for `method` at `version`.
+
+    Raises:
+        InvalidParamsError: the params do not match the model.
+    """
+    if version not in HANDSHAKE_PROTOCOL_VERSIONS and method == "initialize":
+        version = LATEST_HANDSHAKE_VERSION
+    try:
+        validate_client_request(method, version or LATEST_HANDSHAKE_VERSION, params)
+    except KeyError as exc:
+        raise jsonrpc.MethodNotFoundError(f"Method not found: {method}", {"method": method}) from exc
+    except ValidationError as exc:
+        raise jsonrpc.InvalidParamsError(f"Invalid params for {method}", _validation_details(exc)) from exc
+    except (ValueError, RecursionError) as exc:
+        raise jsonrpc.InvalidParamsError(f"Invalid params for {method}") from exc
+
+
+async def call(ctx: HostContext, method: str, params: JsonDict) -> JsonDict:
+    """Run one request through the method table.
+
+    Raises:
+        JsonRpcError: any error to answer to the host.
+    """
+    spec = METHODS.get(method)
+    if spec is None or ctx.era not in spec.eras:
+        raise jsonrpc.MethodNotFoundError(f"Method not found: {method}", {"method": method})
+    if ctx.era == "legacy" and method not in ("initialize", "ping"):
+        if ctx.session is None or not ctx.session.protocol_version:
+            raise jsonrpc.InvalidRequestError("Session not initialized: send initialize first")
+    validate_params(method, ctx.protocol_version, params)
+    return await spec.handler(ctx, params)
+
+
+async def handle_request(ctx: HostContext, message: JsonDict) -> JsonDict:
+    """Answer one request message with a response message (never raises, but for cancellation)."""
+    request_id = message.get("id")
+    if not jsonrpc.is_valid_id(request_id):
+        return jsonrpc.error_response(None, jsonrpc.InvalidRequestError("Invalid request: id must be a string or an integer").to_error())
+    params = message.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        return jsonrpc.error_response(request_id, jsonrpc.InvalidParamsError("Invalid params: params must be an object").to_error())
+    ctx.request_id = request_id
+    meta = params.get("_meta")
+    ctx.meta = meta if isinstance(meta, dict) else {}
+    try:
+        result = await call(ctx, message["method"], params)
+    except jsonrpc.JsonRpcError as exc:
+        return jsonrpc.error_response(request_id, exc.to_error())
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("internal error answering %s", message.get("method"))
+        return jsonrpc.error_response(request_id, jsonrpc.JsonRpcError().to_error())
+    return jsonrpc.response(request_id, result)
+
+
+async def handle_notification(ctx: HostContext, message: JsonDict) -> None:
+    method = message["method"]
+    params = message.get("params") if isinstance(message.get("params"), dict) else {}
+    if method == "notifications/initialized" and ctx.session is not None:
+        await sessions.session_mark_initialized(session=ctx.session)
+    elif method == "notifications/cancelled" and ctx.session is not None:
+        request_id = params.get("requestId")  # type: ignore[union-attr]
+        if jsonrpc.is_valid_id(request_id):
+            await correlator.cancel(ctx.session.id, request_id)
+    else:
+        logger.debug("ignoring notification %s", method)
+
+
+async def handle_message(ctx: HostContext, message: Any) -> JsonDict | None:
+    """Answer one decoded message: a response for requests, None for anything else."""
+    kind = classify(message)
+    if kind == "request":
+        return await handle_request(ctx, message)
+    if kind == "notification":
+        await handle_notification(ctx, message)
+        return None
+    if kind == "response":
+        await correlator.deliver_reply(message)
+        return None
+    request_id = message.get("id") if isinstance(message, dict) and jsonrpc.is_valid_id(message.get("id")) else None
+    return jsonrpc.error_response(request_id, jsonrpc.InvalidRequestError("Invalid request: not a JSON-RPC 2.0 message").to_error())
+
+
+async def run_tracked(ctx: HostContext, message: JsonDict) -> JsonDict | None:
+    """Handle a request in its own task, registered so notifications/cancelled can stop it.
+
+    Returns None when the host cancelled the request: the spec says no response is sent.
+    """
+    task = asyncio.ensure_future(handle_request(ctx, message))
+    if ctx.session is not None and jsonrpc.is_valid_id(message.get("id")):
+        await correlator.track(ctx.session.id, message["id"], task)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if task.cancelled() and not _current_task_cancelling():
+            return None
+        raise
+
+
+def _current_task_cancelling() -> bool:
+    current = asyncio.current_task()
+    return bool(current and current.cancelling())

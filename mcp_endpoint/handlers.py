@@ -1,0 +1,310 @@
+"""One async function per MCP method. Each takes the host context and validated params."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from typing import Any
+
+from channels.layers import get_channel_layer
+from django.conf import settings
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
+
+from federation import catalog, naming
+from federation.events import CATALOG_GROUP, RESOURCES_GROUP
+from federation.models import CatalogKind
+from federation.pool import pool
+from federation.router import NotRoutableError, Route, peer_for_scope, resolve
+from federation.upstream.base import UpstreamError
+from mcp_endpoint import jsonrpc, sessions
+from mcp_endpoint.context import HostContext
+from mcp_endpoint.forwarding import forward
+
+JsonDict = dict[str, Any]
+GATEWAY_VERSION = "0.1.0"
+
+LIST_KINDS = {
+    "tools/list": (CatalogKind.TOOL, "tools"),
+    "resources/list": (CatalogKind.RESOURCE, "resources"),
+    "resources/templates/list": (CatalogKind.RESOURCE_TEMPLATE, "resourceTemplates"),
+    "prompts/list": (CatalogKind.PROMPT, "prompts"),
+}
+LIST_CHANGED_METHOD = {
+    CatalogKind.TOOL: "notifications/tools/list_changed",
+    CatalogKind.PROMPT: "notifications/prompts/list_changed",
+    CatalogKind.RESOURCE: "notifications/resources/list_changed",
+    CatalogKind.RESOURCE_TEMPLATE: "notifications/resources/list_changed",
+}
+
+
+# --- capabilities and lifecycle --------------------------------------------------------------
+
+
+async def server_capabilities(ctx: HostContext) -> JsonDict:
+    """Return what this endpoint offers: everything on /mcp, what the peer has per peer."""
+    full: JsonDict = {
+        "tools": {"listChanged": True},
+        "resources": {"subscribe": True, "listChanged": True},
+        "prompts": {"listChanged": True},
+        "completions": {},
+    }
+    if ctx.era == "legacy":
+        full["logging"] = {}
+    if not ctx.scope:
+        return full
+    upstream = await catalog.peer_capabilities(ctx.scope) or {}
+    offered = {key: value for key, value in full.items() if key in upstream or key == "logging"}
+    return offered
+
+
+async def server_info(ctx: HostContext) -> JsonDict:
+    name = settings.FEDMCP_GATEWAY_NAME + (f"/{ctx.scope}" if ctx.scope else "")
+    return {"name": name, "title": "fedmcp gateway", "version": GATEWAY_VERSION}
+
+
+async def instructions(ctx: HostContext) -> str:
+    if ctx.scope:
+        return await catalog.peer_instructions(ctx.scope)
+    return "fedmcp federates several MCP servers. Tools and prompts are named <peer>__<name>; resources fedmcp://<peer>/<uri>."
+
+
+async def initialize(ctx: HostContext, params: JsonDict) -> JsonDict:
+    requested = params.get("protocolVersion")
+    version = requested if requested in HANDSHAKE_PROTOCOL_VERSIONS else LATEST_HANDSHAKE_VERSION
+    ctx.protocol_version = version
+    ctx.client_capabilities = params.get("capabilities") or {}
+    ctx.client_info = params.get("clientInfo") or {}
+    if ctx.session is not None:
+        await sessions.session_initialize(
+            session=ctx.session, protocol_version=version, client_capabilities=ctx.client_capabilities, client_info=ctx.client_info
+        )
+    result: JsonDict = {
+        "protocolVersion": version,
+        "capabilities": await server_capabilities(ctx),
+        "serverInfo": await server_info(ctx),
+    }
+    if text := await instructions(ctx):
+        result["instructions"] = text
+    return result
+
+
+async def discover(ctx: HostContext, params: JsonDict) -> JsonDict:
+    result: JsonDict = {
+        "supportedVersions": list(KNOWN_PROTOCOL_VERSIONS),
+        "capabilities": await server_capabilities(ctx),
+        "_meta": {"io.modelcontextprotocol/serverInfo": await server_info(ctx)},
+        "ttlMs": settings.MCP_LIST_TTL_MS,
+        "cacheScope": "private",
+    }
+    if text := await instructions(ctx):
+        result["instructions"] = text
+    return result
+
+
+async def ping(ctx: HostContext, params: JsonDict) -> JsonDict:
+    return {}
+
+
+async def set_level(ctx: HostContext, params: JsonDict) -> JsonDict:
+    ctx.log_level = params["level"]
+    if ctx.session is not None:
+        await sessions.session_set_log_level(session=ctx.session, level=params["level"])
+    return {}
+
+
+# --- lists -----------------------------------------------------------------------------------
+
+
+def _decode_cursor(cursor: Any) -> int:
+    if cursor is None:
+        return 0
+    try:
+        offset = int(base64.urlsafe_b64decode(str(cursor).encode()).decode().removeprefix("o:"))
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise jsonrpc.InvalidParamsError("invalid cursor: pass back a nextCursor from an earlier page") from exc
+    if offset < 0:
+        raise jsonrpc.InvalidParamsError("invalid cursor: pass back a nextCursor from an earlier page")
+    return offset
+
+
+def _encode_cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+
+
+async def list_catalog(ctx: HostContext, params: JsonDict, method: str) -> JsonDict:
+    kind, key = LIST_KINDS[method]
+    if ctx.scope and await peer_for_scope(ctx.scope) is None:
+        raise jsonrpc.UpstreamFailedError(f"peer '{ctx.scope}' is not available")
+    items = await catalog.list_items(ctx.scope, kind)
+    offset = _decode_cursor(params.get("cursor"))
+    page_size = settings.MCP_PAGE_SIZE
+    result: JsonDict = {key: items[offset : offset + page_size]}
+    if offset + page_size < len(items):
+        result["nextCursor"] = _encode_cursor(offset + page_size)
+    if ctx.era == "modern":
+        result.update(resultType="complete", ttlMs=settings.MCP_LIST_TTL_MS, cacheScope="private")
+    return result
+
+
+async def tools_list(ctx: HostContext, params: JsonDict) -> JsonDict:
+    return await list_catalog(ctx, params, "tools/list")
+
+
+async def resources_list(ctx: HostContext, params: JsonDict) -> JsonDict:
+    return await list_catalog(ctx, params, "resources/list")
+
+
+async def resource_templates_list(ctx: HostContext, params: JsonDict) -> JsonDict:
+    return await list_catalog(ctx, params, "resources/templates/list")
+
+
+async def prompts_list(ctx: HostContext, params: JsonDict) -> JsonDict:
+    return await list_catalog(ctx, params, "prompts/list")
+
+
+# --- routed calls ----------------------------------------------------------------------------
+
+
+async def _route(ctx: HostContext, kind: str, name: str) -> Route:
+    try:
+        return await resolve(ctx.scope, kind, name)
+    except NotRoutableError as exc:
+        if kind == CatalogKind.RESOURCE:
+            code = jsonrpc.INVALID_PARAMS if ctx.era == "modern" else jsonrpc.RESOURCE_NOT_FOUND_LEGACY
+            raise jsonrpc.JsonRpcError(f"Resource not found: {name}", {"uri": name}, code=code) from exc
+        raise jsonrpc.InvalidParamsError(str(exc)) from exc
+
+
+async def tools_call(ctx: HostContext, params: JsonDict) -> JsonDict:
+    route = await _route(ctx, CatalogKind.TOOL, params["name"])
+    return await forward(ctx, route, "tools/call", {**params, "name": route.upstream_name})
+
+
+async def prompts_get(ctx: HostContext, params: JsonDict) -> JsonDict:
+    route = await _route(ctx, CatalogKind.PROMPT, params["name"])
+    return await forward(ctx, route, "prompts/get", {**params, "name": route.upstream_name})
+
+
+def _rewrite_contents(ctx: HostContext, route: Route, result: JsonDict) -> JsonDict:
+    if ctx.scope:
+        return result
+    contents = result.get("contents")
+    if isinstance(contents, list):
+        result["contents"] = [
+            {**c, "uri": naming.qualify_uri(route.peer.name, c["uri"])} if isinstance(c, dict) and isinstance(c.get("uri"), str) else c
+            for c in contents
+        ]
+    return result
+
+
+async def resources_read(ctx: HostContext, params: JsonDict) -> JsonDict:
+    route = await _route(ctx, CatalogKind.RESOURCE, params["uri"])
+    result = await forward(ctx, route, "resources/read", {**params, "uri": route.upstream_name})
+    return _rewrite_contents(ctx, route, result)
+
+
+async def complete(ctx: HostContext, params: JsonDict) -> JsonDict:
+    ref = dict(params["ref"])
+    if ref.get("type") == "ref/prompt":
+        route = await _route(ctx, CatalogKind.PROMPT, ref.get("name", ""))
+        ref["name"] = route.upstream_name
+    elif ref.get("type") == "ref/resource":
+        try:
+            route = await resolve(ctx.scope, CatalogKind.RESOURCE, ref.get("uri", ""))
+        except NotRoutableError as exc:
+            raise jsonrpc.InvalidParamsError(str(exc)) from exc
+        ref["uri"] = route.upstream_name
+    else:
+        raise jsonrpc.InvalidParamsError("ref.type must be 'ref/prompt' or 'ref/resource'")
+    return await forward(ctx, route, "completion/complete", {**params, "ref": ref})
+
+
+async def resources_subscribe(ctx: HostContext, params: JsonDict) -> JsonDict:
+    uri = params["uri"]
+    route = await _route(ctx, CatalogKind.RESOURCE, uri)
+    assert ctx.session is not None
+    first = await sessions.subscription_add(session=ctx.session, uri=uri, peer_name=route.peer.name, upstream_uri=route.upstream_name)
+    if first:
+        await _upstream_subscription(ctx, route, "resources/subscribe")
+    return {}
+
+
+async def resources_unsubscribe(ctx: HostContext, params: JsonDict) -> JsonDict:
+    assert ctx.session is not None
+    removed = await sessions.subscription_remove(session=ctx.session, uri=params["uri"])
+    if removed is not None and removed[2]:
+        route = await _route(ctx, CatalogKind.RESOURCE, params["uri"])
+        await _upstream_subscription(ctx, route, "resources/unsubscribe")
+    return {}
+
+
+async def _upstream_subscription(ctx: HostContext, route: Route, method: str) -> None:
+    """Subscribe or unsubscribe upstream, where the upstream supports it in the handshake era."""
+    try:
+        connection = await pool.get(route.peer, prefer="legacy")
+    except UpstreamError as exc:
+        raise jsonrpc.UpstreamFailedError(str(exc)) from exc
+    resources = connection.description.capabilities.get("resources") or {}
+    if connection.era != "legacy" or not resources.get("subscribe"):
+        return
+    reply = await connection.request(method, {"uri": route.upstream_name})
+    if "error" in reply:
+        raise jsonrpc.UpstreamFailedError(f"peer '{route.peer.name}' refused {method}: {reply['error'].get('message', 'error')}")
+
+
+# --- 2026-07-28 subscriptions ----------------------------------------------------------------
+
+
+async def subscriptions_listen(ctx: HostContext, params: JsonDict) -> JsonDict:
+    """Stream list_changed and resources/updated notifications until the host disconnects."""
+    wanted = params.get("notifications") or {}
+    honoured: JsonDict = {}
+    for key in ("toolsListChanged", "promptsListChanged", "resourcesListChanged"):
+        if wanted.get(key):
+            honoured[key] = True
+    uris = [u for u in wanted.get("resourceSubscriptions") or [] if isinstance(u, str)]
+    routes: dict[tuple[str, str], str] = {}
+    for uri in uris:
+        try:
+            route = await resolve(ctx.scope, CatalogKind.RESOURCE, uri)
+        except NotRoutableError:
+            continue
+        routes[(route.peer.name, route.upstream_name)] = uri
+    if routes:
+        honoured["resourceSubscriptions"] = list(routes.values())
+    layer = get_channel_layer()
+    channel = await layer.new_channel("fedmcp.listen.")
+    await layer.group_add(CATALOG_GROUP, channel)
+    await layer.group_add(RESOURCES_GROUP, channel)
+    try:
+        await ctx.outbound.send(jsonrpc.notification("notifications/subscriptions/acknowledged", {"notifications": honoured}))
+        flags = {CatalogKind.TOOL: "toolsListChanged", CatalogKind.PROMPT: "promptsListChanged",
+                 CatalogKind.RESOURCE: "resourcesListChanged", CatalogKind.RESOURCE_TEMPLATE: "resourcesListChanged"}
+        while True:
+            event = await layer.receive(channel)
+            for note in host_notifications_for(ctx.scope, event):
+                method = note["method"]
+                if method == "notifications/resources/updated":
+                    uri = routes.get((event["peer"], event["uri"]))
+                    if uri is not None:
+                        await ctx.outbound.send(jsonrpc.notification(method, {"uri": uri}))
+                elif any(honoured.get(flags[k]) and LIST_CHANGED_METHOD[k] == method for k in flags):
+                    await ctx.outbound.send(note)
+    finally:
+        await asyncio.shield(layer.group_discard(CATALOG_GROUP, channel))
+        await asyncio.shield(layer.group_discard(RESOURCES_GROUP, channel))
+
+
+def host_notifications_for(scope: str, event: JsonDict) -> list[JsonDict]:
+    """Turn a catalog/resource event into the notifications a host on `scope` should get."""
+    peer = event.get("peer")
+    if scope and peer != scope:
+        return []
+    if event.get("type") == "catalog.changed":
+        methods = dict.fromkeys(LIST_CHANGED_METHOD[k] for k in event.get("kinds", []) if k in LIST_CHANGED_METHOD)
+        return [jsonrpc.notification(m) for m in methods]
+    if event.get("type") == "resource.updated":
+        uri = event["uri"] if scope else naming.qualify_uri(peer, event["uri"])  # type: ignore[arg-type]
+        return [jsonrpc.notification("notifications/resources/updated", {"uri": uri})]
+    return []

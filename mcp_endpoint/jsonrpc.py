@@ -1,0 +1,116 @@
+"""JSON-RPC envelopes, error codes and the errors handlers raise."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from mcp.shared.inbound import ERROR_CODE_HTTP_STATUS
+from mcp_types import jsonrpc as codes
+
+PARSE_ERROR = codes.PARSE_ERROR
+"""Invalid JSON was received (-32700)."""
+INVALID_REQUEST = codes.INVALID_REQUEST
+"""The JSON is not a valid request object (-32600)."""
+METHOD_NOT_FOUND = codes.METHOD_NOT_FOUND
+"""The method does not exist or is not available in this era (-32601)."""
+INVALID_PARAMS = codes.INVALID_PARAMS
+"""Invalid method parameters; also "resource not found" in 2026-07-28 (-32602)."""
+INTERNAL_ERROR = codes.INTERNAL_ERROR
+"""An error inside the gateway; details are logged, never sent (-32603)."""
+RESOURCE_NOT_FOUND_LEGACY = -32002
+"""Resource not found in the handshake era."""
+UPSTREAM_ERROR = -32010
+"""Implementation-defined: the upstream server is unavailable, timed out or misbehaved."""
+REQUEST_CANCELLED = -32011
+"""Implementation-defined: the request was cancelled before it finished."""
+HEADER_MISMATCH = codes.HEADER_MISMATCH
+"""An HTTP routing header disagrees with the body (-32020)."""
+MISSING_REQUIRED_CLIENT_CAPABILITY = codes.MISSING_REQUIRED_CLIENT_CAPABILITY
+"""The request needs a client capability the client did not declare (-32021)."""
+UNSUPPORTED_PROTOCOL_VERSION = codes.UNSUPPORTED_PROTOCOL_VERSION
+"""The protocol version is not one this gateway speaks (-32022)."""
+
+JsonDict = dict[str, Any]
+
+
+class JsonRpcError(Exception):
+    """An error answered to the client as a JSON-RPC error object."""
+
+    code: ClassVar[int] = INTERNAL_ERROR
+    default_message: ClassVar[str] = "Internal server error"
+
+    def __init__(self, message: str | None = None, data: Any = None, *, code: int | None = None) -> None:
+        self.message = message or self.default_message
+        self.data = data
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+        super().__init__(self.message)
+
+    def to_error(self) -> JsonDict:
+        error: JsonDict = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return error
+
+
+class ParseError(JsonRpcError):
+    code = PARSE_ERROR
+    default_message = "Parse error: the body is not valid JSON"
+
+
+class InvalidRequestError(JsonRpcError):
+    code = INVALID_REQUEST
+    default_message = "Invalid request"
+
+
+class MethodNotFoundError(JsonRpcError):
+    code = METHOD_NOT_FOUND
+    default_message = "Method not found"
+
+
+class InvalidParamsError(JsonRpcError):
+    code = INVALID_PARAMS
+    default_message = "Invalid params"
+
+
+class UpstreamFailedError(JsonRpcError):
+    code = UPSTREAM_ERROR
+    default_message = "Upstream server error"
+
+
+class CancelledError(JsonRpcError):
+    code = REQUEST_CANCELLED
+    default_message = "Request cancelled"
+
+
+def response(request_id: Any, result: JsonDict) -> JsonDict:
+    return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+def error_response(request_id: Any, error: JsonDict) -> JsonDict:
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+def notification(method: str, params: JsonDict | None = None) -> JsonDict:
+    message: JsonDict = {"jsonrpc": "2.0", "method": method}
+    if params is not None:
+        message["params"] = params
+    return message
+
+
+def dumps(message: Any) -> str:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def http_status_for(message: JsonDict) -> int:
+    """Return the HTTP status for a 2026-07-28 reply (the SDK's table; 200 for results)."""
+    error = message.get("error")
+    if isinstance(error, dict):
+        return ERROR_CODE_HTTP_STATUS.get(error.get("code"), 200)  # type: ignore[arg-type]
+    return 200
+
+
+def is_valid_id(value: Any) -> bool:
+    """JSON-RPC ids are strings or integers (MCP forbids null ids on requests)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))

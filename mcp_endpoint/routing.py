@@ -1,0 +1,25 @@
+"""URL routes of the MCP transports."""
+
+from __future__ import annotations
+
+from django.urls import path, re_path
+
+from mcp_endpoint.consumers.sse import McpSseConsumer, McpSseMessageConsumer
+from mcp_endpoint.consumers.streamable_http import McpStreamableHttpConsumer
+from mcp_endpoint.consumers.websocket import McpWebSocketConsumer
+
+PEER = r"(?P<peer>[a-z0-9]+(?:-[a-z0-9]+)*)"
+
+http_urlpatterns = [
+    re_path(r"^mcp/?$", McpStreamableHttpConsumer.as_asgi()),
+    re_path(r"^sse/?$", McpSseConsumer.as_asgi()),
+    path("messages/", McpSseMessageConsumer.as_asgi()),
+    re_path(rf"^peers/{PEER}/mcp/?$", McpStreamableHttpConsumer.as_asgi()),
+    re_path(rf"^peers/{PEER}/sse/?$", McpSseConsumer.as_asgi()),
+    re_path(rf"^peers/{PEER}/messages/$", McpSseMessageConsumer.as_asgi()),
+]
+
+websocket_urlpatterns = [
+    re_path(r"^ws/?$", McpWebSocketConsumer.as_asgi()),
+    re_path(rf"^peers/{PEER}/ws/?$", McpWebSocketConsumer.as_asgi()),
+]

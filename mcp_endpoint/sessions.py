@@ -1,0 +1,96 @@
+"""Handshake-era host sessions: create, load, update and close, from async code."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.utils import timezone
+
+from mcp_endpoint.models import McpSession, ResourceSubscription
+
+TOUCH_INTERVAL = timedelta(seconds=60)
+
+
+def session_group(session_id: str) -> str:
+    """Channel-layer group of everything addressed to one host session."""
+    return f"fedmcp.session.{session_id}"
+
+
+@database_sync_to_async
+def session_create(*, transport: str, scope: str, protocol_version: str = "", client_capabilities: Any = None, client_info: Any = None) -> McpSession:
+    return McpSession.objects.create(
+        transport=transport,
+        scope=scope,
+        protocol_version=protocol_version,
+        client_capabilities=client_capabilities or {},
+        client_info=client_info or {},
+    )
+
+
+@database_sync_to_async
+def session_load(session_id: str) -> McpSession | None:
+    """Return the open session with this id, refreshing its last-seen time now and then."""
+    session = McpSession.objects.filter(pk=session_id, closed_at__isnull=True).first()
+    if session is not None and timezone.now() - session.last_seen_at > TOUCH_INTERVAL:
+        session.last_seen_at = timezone.now()
+        McpSession.objects.filter(pk=session.pk).update(last_seen_at=session.last_seen_at)
+    return session
+
+
+@database_sync_to_async
+def session_initialize(*, session: McpSession, protocol_version: str, client_capabilities: Any, client_info: Any) -> None:
+    session.protocol_version = protocol_version
+    session.client_capabilities = client_capabilities or {}
+    session.client_info = client_info or {}
+    session.save(update_fields=["protocol_version", "client_capabilities", "client_info"])
+
+
+@database_sync_to_async
+def session_mark_initialized(*, session: McpSession) -> None:
+    session.initialized = True
+    McpSession.objects.filter(pk=session.pk).update(initialized=True)
+
+
+@database_sync_to_async
+def session_set_log_level(*, session: McpSession, level: str) -> None:
+    session.log_level = level
+    McpSession.objects.filter(pk=session.pk).update(log_level=level)
+
+
+@database_sync_to_async
+def session_close(*, session_id: str) -> bool:
+    """Close a session; returns False if it was not open."""
+    return bool(McpSession.objects.filter(pk=session_id, closed_at__isnull=True).update(closed_at=timezone.now()))
+
+
+@database_sync_to_async
+def subscription_add(*, session: McpSession, uri: str, peer_name: str, upstream_uri: str) -> bool:
+    """Record a subscription; returns True if it is the first for that upstream resource."""
+    first = not ResourceSubscription.objects.filter(
+        session__closed_at__isnull=True, peer_name=peer_name, upstream_uri=upstream_uri
+    ).exists()
+    ResourceSubscription.objects.get_or_create(session=session, uri=uri, defaults={"peer_name": peer_name, "upstream_uri": upstream_uri})
+    return first
+
+
+@database_sync_to_async
+def subscription_remove(*, session: McpSession, uri: str) -> tuple[str, str, bool] | None:
+    """Drop a subscription; returns (peer, upstream uri, was it the last one) or None."""
+    sub = ResourceSubscription.objects.filter(session=session, uri=uri).first()
+    if sub is None:
+        return None
+    sub.delete()
+    last = not ResourceSubscription.objects.filter(
+        session__closed_at__isnull=True, peer_name=sub.peer_name, upstream_uri=sub.upstream_uri
+    ).exists()
+    return sub.peer_name, sub.upstream_uri, last
+
+
+@database_sync_to_async
+def subscribed_uris(*, session_id: str, peer_name: str, upstream_uri: str) -> list[str]:
+    """Return the URIs under which a session subscribed to an upstream resource."""
+    return list(
+        ResourceSubscription.objects.filter(session_id=session_id, peer_name=peer_name, upstream_uri=upstream_uri).values_list("uri", flat=True)
+    )
