@@ -273,12 +273,18 @@ async def subscriptions_listen(ctx: HostContext, params: JsonDict) -> JsonDict:
         routes[(route.peer.name, route.upstream_name)] = uri
     if routes:
         honoured["resourceSubscriptions"] = list(routes.values())
+    tag = {"io.modelcontextprotocol/subscriptionId": ctx.request_id}
+
+    async def send(method: str, params: JsonDict | None = None) -> None:
+        # Every notification on a listen stream names the subscription it belongs to.
+        await ctx.outbound.send(jsonrpc.notification(method, {**(params or {}), "_meta": tag}))
+
     layer = get_channel_layer()
     channel = await layer.new_channel("fedmcp.listen.")
     await layer.group_add(CATALOG_GROUP, channel)
     await layer.group_add(RESOURCES_GROUP, channel)
     try:
-        await ctx.outbound.send(jsonrpc.notification("notifications/subscriptions/acknowledged", {"notifications": honoured}))
+        await send("notifications/subscriptions/acknowledged", {"notifications": honoured})
         flags = {CatalogKind.TOOL: "toolsListChanged", CatalogKind.PROMPT: "promptsListChanged",
                  CatalogKind.RESOURCE: "resourcesListChanged", CatalogKind.RESOURCE_TEMPLATE: "resourcesListChanged"}
         while True:
@@ -288,9 +294,9 @@ async def subscriptions_listen(ctx: HostContext, params: JsonDict) -> JsonDict:
                 if method == "notifications/resources/updated":
                     uri = routes.get((event["peer"], event["uri"]))
                     if uri is not None:
-                        await ctx.outbound.send(jsonrpc.notification(method, {"uri": uri}))
+                        await send(method, {"uri": uri})
                 elif any(honoured.get(flags[k]) and LIST_CHANGED_METHOD[k] == method for k in flags):
-                    await ctx.outbound.send(note)
+                    await send(method)
     finally:
         await asyncio.shield(layer.group_discard(CATALOG_GROUP, channel))
         await asyncio.shield(layer.group_discard(RESOURCES_GROUP, channel))

@@ -114,6 +114,15 @@ def modern_meta(client_capabilities: JsonDict | None = None, extra: JsonDict | N
     return meta
 
 
+def listen_filter(capabilities: JsonDict) -> JsonDict:
+    """Return the subscriptions/listen filter for what an upstream says can change."""
+    wanted: JsonDict = {}
+    for key, flag in (("tools", "toolsListChanged"), ("prompts", "promptsListChanged"), ("resources", "resourcesListChanged")):
+        if isinstance(capabilities.get(key), dict) and capabilities[key].get("listChanged"):
+            wanted[flag] = True
+    return wanted
+
+
 def initialize_params() -> JsonDict:
     return {
         "protocolVersion": LATEST_HANDSHAKE_VERSION,

@@ -31,6 +31,7 @@ from federation.upstream.base import (
     describe_initialize,
     error_reply,
     initialize_params,
+    listen_filter,
     modern_meta,
 )
 from federation.upstream.sse_parser import iter_sse
@@ -71,6 +72,8 @@ class StreamableHttpConnection(UpstreamConnection):
                     description = await self._discover()
                     if description is not None:
                         self.era, self.description = "modern", description
+                        if listen_filter(description.capabilities):
+                            self._get_stream = asyncio.create_task(self._listen_modern())
                         return
                     if self.requested_era == "modern":
                         raise UpstreamProtocolError(
@@ -316,6 +319,37 @@ class StreamableHttpConnection(UpstreamConnection):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
             headers = self._headers({"Accept": "text/event-stream"})
+
+
+    async def _listen_modern(self) -> None:
+        """Keep a subscriptions/listen stream open for the upstream's list_changed notifications."""
+        assert self._client is not None
+        backoff = 1.0
+        while not self.closed and self._client is not None:
+            body = {
+                "jsonrpc": "2.0",
+                "id": self.next_id(),
+                "method": "subscriptions/listen",
+                "params": {"_meta": modern_meta(), "notifications": listen_filter(self.description.capabilities)},
+            }
+            try:
+                async with self._client.stream(
+                    "POST", self.peer.url, content=json.dumps(body),
+                    headers=self._headers({"Mcp-Method": "subscriptions/listen"}), timeout=httpx.Timeout(10, read=None),
+                ) as response:
+                    if response.status_code != 200:
+                        return  # The upstream offers no listen stream.
+                    backoff = 1.0
+                    async for event in iter_sse(response.aiter_lines()):
+                        message = _loads(event.data, self.peer.name) if event.data else None
+                        if isinstance(message, dict) and message.get("method", "").startswith("notifications/") and message["method"] != "notifications/subscriptions/acknowledged":
+                            await self._route_unrelated(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.debug("peer %s: listen stream ended: %s", self.peer.name, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
 
 
 def _loads(raw: str | bytes, peer: str) -> Any:

@@ -107,7 +107,8 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
         elif version is not None and version not in KNOWN_PROTOCOL_VERSIONS:
             rejection = unsupported_protocol_version_rejection(version)
             assert rejection is not None
-            await self.send_error(400, rejection.code, rejection.message, data=rejection.data)
+            request_id = payload.get("id") if isinstance(payload, dict) and jsonrpc.is_valid_id(payload.get("id")) else None
+            await self.send_error(400, rejection.code, rejection.message, request_id, rejection.data)
         elif isinstance(payload, dict) and payload.get("method") == "initialize":
             await self.post_initialize(payload)
         elif session_id:
