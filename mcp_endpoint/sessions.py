@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 from channels.db import database_sync_to_async
+from django.conf import settings
 from django.utils import timezone
 
 from mcp_endpoint.models import McpSession, ResourceSubscription
@@ -33,7 +34,13 @@ def session_create(*, transport: str, scope: str, protocol_version: str = "", cl
 def session_load(session_id: str) -> McpSession | None:
     """Return the open session with this id, refreshing its last-seen time now and then."""
     session = McpSession.objects.filter(pk=session_id, closed_at__isnull=True).first()
-    if session is not None and timezone.now() - session.last_seen_at > TOUCH_INTERVAL:
+    if session is None:
+        return None
+    idle = timezone.now() - session.last_seen_at
+    if idle > timedelta(seconds=settings.MCP_SESSION_IDLE_TIMEOUT):
+        McpSession.objects.filter(pk=session.pk).update(closed_at=timezone.now())
+        return None
+    if idle > TOUCH_INTERVAL:
         session.last_seen_at = timezone.now()
         McpSession.objects.filter(pk=session.pk).update(last_seen_at=session.last_seen_at)
     return session

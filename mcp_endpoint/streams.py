@@ -1,7 +1,7 @@
 """Messages addressed to a host session outside any request, from any worker.
 
 Every transport that keeps a stream open for a session (the Streamable HTTP GET stream, a
-WebSocket, a legacy SSE stream) reads `session_events`: messages sent to the session's group
+WebSocket, a legacy SSE stream) reads `SessionEvents`: messages sent to the session's group
 by whichever worker produced them, plus catalog and resource events turned into notifications
 for that session.
 """
