@@ -30,6 +30,7 @@ tools: $(TOOLS)/.installed
 
 migrate: venv
 	$(PY) manage.py migrate --noinput
+	$(PY) manage.py collectstatic --noinput --verbosity 0
 
 run: migrate
 	@$(PY) manage.py bootstrap --host $(HOST) --port $(PORT)
