@@ -36,7 +36,12 @@ def manage(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PY, "manage.py", *args], cwd=ROOT, text=True, capture_output=True)
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -62,8 +67,8 @@ def main() -> None:
         try:
             gateway.wait()
         except KeyboardInterrupt:
-            gateway.send_signal(signal.SIGINT)
-            gateway.wait()
+            gateway.terminate()
+            gateway.wait(timeout=15)
     finally:
         fixture.terminate()
         fixture.wait(timeout=10)

@@ -1,0 +1,49 @@
+"""`make demo`: the gateway starts with the fixture (HTTP) and mcp-server-time (stdio) registered."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.harness import PY, ROOT, free_port, wait_http
+
+pytestmark = pytest.mark.e2e
+
+HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json", "MCP-Protocol-Version": "2026-07-28"}
+META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+def test_demo_starts_the_gateway_with_two_upstreams() -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="fedmcp-demo-"))
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}", "FEDMCP_SECRET_KEY": "demo-test"}
+    env.pop("REDIS_URL", None)
+    subprocess.run([PY, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True)
+    port = free_port()
+    log = open(workdir / "demo.log", "wb")  # noqa: SIM115
+    demo = subprocess.Popen([PY, "scripts/demo.py", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60, process=demo)
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": META}}
+        reply = httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers={**HEADERS, "Mcp-Method": "tools/list"}, timeout=30).json()
+        names = {tool["name"] for tool in reply["result"]["tools"]}
+        assert "fixture__add" in names
+        assert "time__get_current_time" in names
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "time__get_current_time", "arguments": {"timezone": "UTC"}, "_meta": META}}
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/mcp", json=call,
+            headers={**HEADERS, "Mcp-Method": "tools/call", "Mcp-Name": "time__get_current_time"}, timeout=30,
+        ).json()
+        assert json.loads(reply["result"]["content"][0]["text"])["timezone"] == "UTC"
+    finally:
+        os.killpg(demo.pid, signal.SIGTERM)
+        demo.wait(timeout=30)
+        log.close()
+    output = (workdir / "demo.log").read_text()
+    assert f"http://127.0.0.1:{port}/mcp" in output, output[-3000:]
