@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from django.core.validators import RegexValidator
+from django.core.validators import RegexValidator, URLValidator
 from django.db import models
 
 PEER_NAME_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
@@ -38,7 +38,13 @@ class Peer(models.Model):
 
     name = models.CharField(max_length=48, unique=True, validators=[peer_name_validator])
     transport = models.CharField(max_length=20, choices=Transport.choices)
-    url = models.URLField(max_length=2000, blank=True, help_text="For HTTP, SSE and WebSocket peers.")
+    # A CharField, not a URLField: URLField always adds a validator that refuses ws:// and wss://.
+    url = models.CharField(
+        max_length=2000,
+        blank=True,
+        validators=[URLValidator(schemes=["http", "https", "ws", "wss"])],
+        help_text="For HTTP, SSE and WebSocket peers.",
+    )
     command = models.CharField(max_length=1000, blank=True, help_text="Executable, for stdio peers.")
     args = models.JSONField(default=list, blank=True, help_text="Arguments, for stdio peers.")
     env = models.JSONField(default=dict, blank=True, help_text="Extra environment, for stdio peers.")
