@@ -54,9 +54,10 @@ def upstream_params(ctx: HostContext, connection: UpstreamConnection, params: Js
     meta: JsonDict = dict(host_meta) if isinstance(host_meta, dict) else {}
     if connection.era == "modern":
         if ctx.era == "legacy":
-            # Bridged: the envelope speaks for the host, from what its session declared.
-            if ctx.log_level:
-                meta[f"{MODERN_META_PREFIX}logLevel"] = ctx.log_level
+            # Bridged: the envelope speaks for the host, from what its session declared. A
+            # handshake-era host gets log messages until it raises the threshold with
+            # logging/setLevel (see HostContext.wants_log), so opt in at the lowest level.
+            meta[f"{MODERN_META_PREFIX}logLevel"] = ctx.log_level or "debug"
             meta = modern_meta(ctx.client_capabilities, meta)
         else:
             meta = modern_meta(ctx.client_capabilities, meta)

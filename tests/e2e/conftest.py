@@ -1,0 +1,105 @@
+"""Shared fixtures for the end-to-end tests: one real gateway with two real upstream peers.
+
+The `gateway` fixture is session-scoped: a single daphne worker on loopback, its own temp dir
+and SQLite database, and two peers running the fixture server (tests/fixtures/README.md):
+
+* `web`: the fixture over Streamable HTTP (its own process, a free loopback port);
+* `local`: the fixture over stdio, spawned and supervised by the gateway itself.
+
+So on the aggregated endpoints (`/mcp`, `/sse`, `/ws`) every fixture tool exists twice, as
+`web__<tool>` and `local__<tool>`, resources as `fedmcp://web/<uri>` and `fedmcp://local/<uri>`,
+and `whoami` tells the two apart. The per-peer endpoints are `/peers/web/...` and
+`/peers/local/...`, with the upstream's own names.
+
+Tests must not change what this shared gateway serves (add or remove peers, restart the
+worker). A test that needs another topology (several workers, Redis, PostgreSQL, other
+peers) builds its own `harness.Gateway`, and may reuse `register_fixture_peers()`.
+
+Every test under tests/e2e is marked `e2e` here, so `-m "not e2e"` skips them all.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import harness
+
+WEB_PEER = "web"
+"""The fixture served over Streamable HTTP; `whoami` answers "web"."""
+LOCAL_PEER = "local"
+"""The fixture run by the gateway over stdio; `whoami` answers "local"."""
+PEERS = (WEB_PEER, LOCAL_PEER)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+def stdio_fixture_command(name: str) -> str:
+    """Return the `peer add --command` string that runs the fixture over stdio as `name`."""
+    return shlex.join(harness.fixture_command(stdio=True, name=name))
+
+
+def register_fixture_peers(gateway: harness.Gateway, *, web_url: str) -> None:
+    """Register the `web` (Streamable HTTP at `web_url`) and `local` (stdio) fixture peers.
+
+    Stdio children get only a short allow-list of the gateway's environment
+    (federation/upstream/stdio.py INHERITED_ENV) and run in the gateway's working directory;
+    PYTHONPATH makes `-m tests.fixtures.everything_server` importable whatever that is.
+    """
+    gateway.manage("peer", "add", WEB_PEER, "--url", web_url)
+    gateway.manage(
+        "peer",
+        "add",
+        LOCAL_PEER,
+        "--command",
+        stdio_fixture_command(LOCAL_PEER),
+        "--env",
+        f"PYTHONPATH={harness.ROOT}",
+    )
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Run `@pytest.mark.anyio` tests on asyncio only (daphne and the SDK are tested on it)."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def web_upstream_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Return the /mcp URL of the fixture server behind the `web` peer."""
+    with harness.fixture_server(name=WEB_PEER, log_dir=tmp_path_factory.mktemp("fixture-web")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def gateway(request: pytest.FixtureRequest, web_upstream_url: str) -> Iterator[harness.Gateway]:
+    """Return a running gateway (one worker) with the `web` and `local` fixture peers.
+
+    Use `gateway.url("/mcp")`, `gateway.url("/peers/web/mcp")`, `gateway.ws_url("/ws")`.
+    The worker logs are written to stderr at the end of a session that had failures.
+    """
+    gw = harness.Gateway(name="e2e")
+    try:
+        gw.migrate()
+        register_fixture_peers(gw, web_url=web_upstream_url)
+        gw.start_worker()
+        yield gw
+    finally:
+        if request.session.testsfailed:
+            sys.stderr.write(gw.logs())
+        gw.cleanup()
+
+
+@pytest.fixture(scope="session")
+def gateway_origin(gateway: harness.Gateway) -> str:
+    """Return the gateway's own origin (`http://127.0.0.1:<port>`), as a browser would send it."""
+    return gateway.url("")
