@@ -243,6 +243,10 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
         await self.send_body(b"", more_body=False)
 
     async def delete(self) -> None:
+        if self.header("mcp-protocol-version") in MODERN_PROTOCOL_VERSIONS:
+            # 2026-07-28 has no sessions to end: like GET, DELETE is not part of that era.
+            await self.send_plain(405, "Method Not Allowed: protocol 2026-07-28 uses POST only", [(b"allow", b"POST")])
+            return
         session = await self._session_from_header()
         if session is None:
             return

@@ -1,0 +1,22 @@
+"""Fixtures shared by every test folder. Helpers and test case classes live in tests/base.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.harness import fixture_server
+
+
+@pytest.fixture(scope="session")
+def everything_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Run the fixture MCP server on loopback once per session; yield its /mcp URL."""
+    with fixture_server("everything", log_dir=tmp_path_factory.mktemp("fixture-everything")) as url:
+        yield url
+
+
+@pytest.fixture(scope="class")
+def everything_on_class(request: pytest.FixtureRequest, everything_url: str) -> None:
+    """Give a test case class the fixture server's URL as `everything_url`."""
+    request.cls.everything_url = everything_url
