@@ -6,41 +6,41 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 
-from federation import naming
 from federation.models import CatalogEntry, CatalogKind, Peer
 
 JsonDict = dict[str, Any]
 
-# The field of each kind that carries its name, and how to namespace it.
+# The field of each kind that carries its name.
 NAME_FIELDS = {
-    CatalogKind.TOOL: ("name", naming.qualify_name),
-    CatalogKind.PROMPT: ("name", naming.qualify_name),
-    CatalogKind.RESOURCE: ("uri", naming.qualify_uri),
-    CatalogKind.RESOURCE_TEMPLATE: ("uriTemplate", naming.qualify_uri),
+    CatalogKind.TOOL: "name",
+    CatalogKind.PROMPT: "name",
+    CatalogKind.RESOURCE: "uri",
+    CatalogKind.RESOURCE_TEMPLATE: "uriTemplate",
 }
 
 
-def host_item(entry_peer: str, kind: str, payload: JsonDict, scope: str) -> JsonDict:
-    """Return the item as a host on `scope` sees it."""
+def _entries(scope: str, kind: str, skip_peers: frozenset[int]) -> list[JsonDict]:
+    rows = CatalogEntry.objects.visible().filter(kind=kind).exclude(peer_id__in=skip_peers)
     if scope:
-        return payload
-    field, qualify = NAME_FIELDS[kind]  # type: ignore[index]
-    item = dict(payload)
-    item[field] = qualify(entry_peer, payload[field])
-    return item
+        rows = rows.filter(peer__name=scope).order_by("position")
+        return [payload for payload in rows.values_list("payload", flat=True)]
+    field = NAME_FIELDS[kind]  # type: ignore[index]
+    items: list[JsonDict] = []
+    seen: set[str] = set()
+    for name, payload in rows.order_by("peer__name", "position").values_list("name", "payload"):
+        # The same thing may be listed by two peer gateways; hosts see it once.
+        if name not in seen:
+            seen.add(name)
+            items.append({**payload, field: name})
+    return items
 
 
-def _entries(scope: str, kind: str) -> list[JsonDict]:
-    rows = CatalogEntry.objects.visible().filter(kind=kind)
-    if scope:
-        rows = rows.filter(peer__name=scope)
-    rows = rows.order_by("peer__name", "position").values_list("peer__name", "payload")
-    return [host_item(peer_name, kind, payload, scope) for peer_name, payload in rows]
+async def list_items(scope: str, kind: str, *, skip_peers: frozenset[int] = frozenset()) -> list[JsonDict]:
+    """Return every visible item of `kind` for the endpoint `scope`, in a stable order.
 
-
-async def list_items(scope: str, kind: str) -> list[JsonDict]:
-    """Return every visible item of `kind` for the endpoint `scope`, in a stable order."""
-    return await database_sync_to_async(_entries)(scope, kind)
+    `skip_peers` leaves out peers known to be down, so hosts get the partial list that works.
+    """
+    return await database_sync_to_async(_entries)(scope, kind, skip_peers)
 
 
 def _capabilities(scope: str) -> JsonDict | None:

@@ -8,7 +8,8 @@ from typing import Any
 from django.core.validators import RegexValidator, URLValidator
 from django.db import models
 
-PEER_NAME_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
+PEER_NAME_WORD = r"[a-z0-9]+(?:-[a-z0-9]+)*"
+PEER_NAME_PATTERN = rf"^{PEER_NAME_WORD}\Z"
 """Peer names are lowercase words joined by single hyphens.
 
 They never contain "__" or "/", so a namespaced name (`peer__tool`) or URI
@@ -49,6 +50,10 @@ class Peer(models.Model):
     args = models.JSONField(default=list, blank=True, help_text="Arguments, for stdio peers.")
     env = models.JSONField(default=dict, blank=True, help_text="Extra environment, for stdio peers.")
     enabled = models.BooleanField(default=True)
+    is_gateway = models.BooleanField(
+        default=False, help_text="Another fedmcp gateway: its catalog is imported with stable, hop-free names."
+    )
+    remote_gateway = models.CharField(max_length=48, blank=True, help_text="The peer gateway's own name, learned on sync.")
     connect_timeout = models.FloatField(default=10.0, help_text="Seconds to connect and handshake.")
     call_timeout = models.FloatField(default=60.0, help_text="Seconds one call may take.")
 
@@ -70,6 +75,11 @@ class Peer(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def is_reachable(self) -> bool | None:
+        """Whether the last health check succeeded (None before the first one)."""
+        last = self.health_checks.first()
+        return None if last is None else last.ok
 
     def target(self) -> str:
         """Return where the peer lives: its URL, or its command line for stdio."""
@@ -103,6 +113,8 @@ class CatalogEntry(models.Model):
     upstream_name = models.CharField(
         max_length=2000, help_text="Name (tools, prompts), URI (resources) or URI template."
     )
+    name = models.CharField(max_length=2200, db_index=True, default="", help_text="The name hosts see on the aggregated endpoints.")
+    home = models.CharField(max_length=100, db_index=True, default="", help_text="Where it lives: 'peer' here, 'gateway.peer' elsewhere.")
     position = models.PositiveIntegerField(default=0, help_text="Order in the upstream's list.")
     payload = models.JSONField(default=dict)
     enabled = models.BooleanField(default=True)
@@ -115,10 +127,26 @@ class CatalogEntry(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["peer", "kind", "upstream_name"], name="catalog_unique_item")
         ]
-        indexes = [models.Index(fields=["kind", "upstream_name"])]
+        indexes = [models.Index(fields=["kind", "name"])]
 
     def __str__(self) -> str:
         return f"{self.peer.name}:{self.kind}:{self.upstream_name}"
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.payload)
+
+
+class PeerHealthCheck(models.Model):
+    """One health probe of a peer: ping (handshake era) or server/discover (2026-07-28)."""
+
+    peer = models.ForeignKey(Peer, on_delete=models.CASCADE, related_name="health_checks")
+    ok = models.BooleanField()
+    latency_ms = models.FloatField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    checked_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-checked_at"]
+
+    def __str__(self) -> str:
+        return f"{self.peer.name} {'ok' if self.ok else 'failed'} at {self.checked_at:%Y-%m-%d %H:%M:%S}"

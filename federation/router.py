@@ -41,31 +41,34 @@ def template_regex(template: str) -> re.Pattern[str]:
     return re.compile(pattern + r"\Z")
 
 
-def _peer_for(scope: str, qualified: str, split: object) -> tuple[str, str] | None:
-    if scope:
-        return scope, qualified
-    return split(qualified)  # type: ignore[operator]
+def _upstream_uri(entry: CatalogEntry, uri: str) -> str:
+    """Translate an aggregated URI that matched `entry`'s template into the peer's own form."""
+    rest = uri[len(naming.qualify_uri(entry.home, "")) :]
+    if entry.peer.is_gateway:
+        upstream_home = (naming.split_uri(entry.upstream_name) or (entry.home, ""))[0]
+        return naming.qualify_uri(upstream_home, rest)
+    return rest
 
 
 def _lookup(scope: str, kind: str, qualified: str) -> Route:
-    splitter = naming.split_uri if kind == CatalogKind.RESOURCE else naming.split_name
-    parts = _peer_for(scope, qualified, splitter)
     noun = {"tool": "tool", "prompt": "prompt", "resource": "resource"}[kind]
-    if parts is None:
-        raise NotRoutableError(f"unknown {noun} {qualified!r}")
-    peer_name, upstream = parts
-    try:
-        peer = Peer.objects.get(name=peer_name, enabled=True)
-    except Peer.DoesNotExist as exc:
-        raise NotRoutableError(f"unknown {noun} {qualified!r}") from exc
-    entry = CatalogEntry.objects.filter(peer=peer, kind=kind, upstream_name=upstream, enabled=True).first()
+    entries = CatalogEntry.objects.visible().select_related("peer").order_by("id")
+    if scope:
+        entry = entries.filter(peer__name=scope, kind=kind, upstream_name=qualified).first()
+    else:
+        entry = entries.filter(kind=kind, name=qualified).first()
     if entry is not None:
-        return Route(PeerConfig.from_peer(peer), upstream, entry.payload)
+        return Route(PeerConfig.from_peer(entry.peer), entry.upstream_name, entry.payload)
     if kind == CatalogKind.RESOURCE:
-        templates = CatalogEntry.objects.filter(peer=peer, kind=CatalogKind.RESOURCE_TEMPLATE, enabled=True)
-        for template in templates.values_list("upstream_name", flat=True):
-            if template_regex(template).match(upstream):
-                return Route(PeerConfig.from_peer(peer), upstream)
+        templates = entries.filter(kind=CatalogKind.RESOURCE_TEMPLATE)
+        if scope:
+            for template in templates.filter(peer__name=scope):
+                if template_regex(template.upstream_name).match(qualified):
+                    return Route(PeerConfig.from_peer(template.peer), qualified)
+        elif (parts := naming.split_uri(qualified)) is not None:
+            for template in templates.filter(home=parts[0]):
+                if template_regex(template.name).match(qualified):
+                    return Route(PeerConfig.from_peer(template.peer), _upstream_uri(template, qualified))
     raise NotRoutableError(f"unknown {noun} {qualified!r}")
 
 

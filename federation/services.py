@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from channels.db import database_sync_to_async
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from federation import naming
 from federation.models import CatalogEntry, CatalogKind, Peer, Transport
 from federation.upstream import CONNECTION_KINDS
 from federation.upstream.base import JsonDict, PeerConfig, UpstreamConnection, UpstreamError, modern_meta
@@ -26,6 +28,8 @@ LISTINGS: tuple[tuple[str, str, str, str, str], ...] = (
     (CatalogKind.PROMPT, "prompts/list", "prompts", "name", "prompts"),
 )
 MAX_PAGES = 100
+GATEWAY_CAPABILITY = "io.fedmcp/gateway"
+"""Key under `capabilities.experimental` where a fedmcp gateway names itself (and its scope)."""
 
 
 class PeerConfigError(Exception):
@@ -38,6 +42,8 @@ class SyncReport:
     protocol_version: str = ""
     counts: dict[str, int] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    changed: list[str] = field(default_factory=list)
+    """Catalog kinds whose stored items changed in this sync."""
 
     @property
     def ok(self) -> bool:
@@ -53,6 +59,7 @@ def peer_add(
     env: dict[str, str] | None = None,
     connect_timeout: float = 10.0,
     call_timeout: float = 60.0,
+    is_gateway: bool = False,
 ) -> Peer:
     """Create a peer after validating it.
 
@@ -82,6 +89,7 @@ def peer_add(
         env=env or {},
         connect_timeout=connect_timeout,
         call_timeout=call_timeout,
+        is_gateway=is_gateway,
     )
     try:
         peer.full_clean()
@@ -134,26 +142,71 @@ async def fetch_catalog(connection: UpstreamConnection) -> tuple[dict[str, list[
     return found, errors
 
 
+def gateway_identity(capabilities: JsonDict) -> JsonDict | None:
+    """Return what a fedmcp gateway says about itself in its capabilities, if it is one."""
+    experimental = capabilities.get("experimental")
+    identity = experimental.get(GATEWAY_CAPABILITY) if isinstance(experimental, dict) else None
+    if isinstance(identity, dict) and isinstance(identity.get("name"), str):
+        return identity
+    return None
+
+
+def host_naming(peer: Peer, kind: str, upstream_name: str) -> tuple[str, str] | None:
+    """Return (aggregated name, home) for one catalog item, or None to leave it out.
+
+    Items of a peer gateway keep the home of the gateway that owns them; items whose owner is
+    this gateway itself (listed back to us by a peer) are left out, which stops catalog loops.
+    """
+    is_uri = kind in (CatalogKind.RESOURCE, CatalogKind.RESOURCE_TEMPLATE)
+    qualify = naming.qualify_uri if is_uri else naming.qualify_name
+    if peer.is_gateway and peer.remote_gateway:
+        parts = (naming.split_uri if is_uri else naming.split_name)(upstream_name)
+        if parts is not None:
+            home = naming.import_home(peer.remote_gateway, parts[0])
+            if naming.home_gateway(home) == settings.FEDMCP_GATEWAY_NAME:
+                return None
+            return qualify(home, parts[1]), home
+    return qualify(peer.name, upstream_name), peer.name
+
+
 @transaction.atomic
-def _store_catalog(peer: Peer, description: Any, found: dict[str, list[JsonDict]], errors: dict[str, str]) -> None:
-    """Replace the catalog kinds that were listed successfully; keep the others as they were."""
+def _store_catalog(peer: Peer, description: Any, found: dict[str, list[JsonDict]], errors: dict[str, str]) -> list[str]:
+    """Replace the catalog kinds that were listed successfully; keep the others as they were.
+
+    Returns the kinds whose items changed.
+    """
+    changed: list[str] = []
+    identity = gateway_identity(description.capabilities)
+    if identity is not None and not identity.get("scope"):
+        # An aggregated endpoint of another fedmcp: import its catalog under owners' homes.
+        peer.is_gateway, peer.remote_gateway = True, identity["name"]
     for kind, _, _, name_field, _ in LISTINGS:
         if kind not in found:
             continue
         existing = {e.upstream_name: e for e in peer.catalog.filter(kind=kind)}
         seen: set[str] = set()
         for position, item in enumerate(found[kind]):
-            name = item.get(name_field)
-            if not isinstance(name, str) or not name or name in seen:
+            upstream_name = item.get(name_field)
+            if not isinstance(upstream_name, str) or not upstream_name or upstream_name in seen:
                 continue
-            seen.add(name)
-            entry = existing.get(name)
+            naming_ = host_naming(peer, kind, upstream_name)
+            if naming_ is None:
+                continue
+            seen.add(upstream_name)
+            name, home = naming_
+            entry = existing.get(upstream_name)
             if entry is None:
-                CatalogEntry.objects.create(peer=peer, kind=kind, upstream_name=name, position=position, payload=item)
-            elif entry.payload != item or entry.position != position:
-                entry.payload, entry.position = item, position
-                entry.save(update_fields=["payload", "position", "updated_at"])
-        peer.catalog.filter(kind=kind).exclude(upstream_name__in=seen).delete()
+                CatalogEntry.objects.create(
+                    peer=peer, kind=kind, upstream_name=upstream_name, name=name, home=home, position=position, payload=item
+                )
+                changed.append(kind)
+            elif (entry.payload, entry.position, entry.name, entry.home) != (item, position, name, home):
+                entry.payload, entry.position, entry.name, entry.home = item, position, name, home
+                entry.save(update_fields=["payload", "position", "name", "home", "updated_at"])
+                changed.append(kind)
+        deleted, _ = peer.catalog.filter(kind=kind).exclude(upstream_name__in=seen).delete()
+        if deleted:
+            changed.append(kind)
     peer.protocol_version = description.protocol_version
     peer.server_info = description.server_info
     peer.capabilities = description.capabilities
@@ -161,6 +214,7 @@ def _store_catalog(peer: Peer, description: Any, found: dict[str, list[JsonDict]
     peer.last_synced_at = timezone.now()
     peer.last_error = "; ".join(f"{k}: {v}" for k, v in errors.items())
     peer.save()
+    return sorted(set(changed))
 
 
 @database_sync_to_async
@@ -195,7 +249,11 @@ async def peer_sync_catalog(*, peer: Peer, connection: UpstreamConnection | None
     finally:
         if owned:
             await connection.close()
-    await database_sync_to_async(_store_catalog)(peer, connection.description, found, report.errors)
+    if peer.is_gateway and gateway_identity(connection.description.capabilities) is None:
+        report.errors["connect"] = f"peer '{peer.name}' was added as a gateway but does not identify as a fedmcp gateway"
+        await _record_error(peer, report.errors["connect"])
+        return report
+    report.changed = await database_sync_to_async(_store_catalog)(peer, connection.description, found, report.errors)
     report.protocol_version = connection.description.protocol_version
     report.counts = {kind: len(items) for kind, items in found.items()}
     return report

@@ -8,6 +8,7 @@ setup where several workers share state.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -211,8 +212,20 @@ FEDERATION_ALLOW_PRIVATE_IPS = env_bool("FEDERATION_ALLOW_PRIVATE_IPS", False)
 # Default per-peer timeouts (seconds); each peer can override them.
 FEDERATION_CONNECT_TIMEOUT = env_float("FEDERATION_CONNECT_TIMEOUT", 10.0)
 FEDERATION_CALL_TIMEOUT = env_float("FEDERATION_CALL_TIMEOUT", 60.0)
-# Name this gateway gives itself in serverInfo and in hop records.
+# Name this gateway gives itself in serverInfo, in hop records and in the homes of its peers'
+# catalog items on other gateways (docs/NAMING.md). Peered gateways must have distinct names.
 FEDMCP_GATEWAY_NAME = os.environ.get("FEDMCP_GATEWAY_NAME", "fedmcp")
+if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", FEDMCP_GATEWAY_NAME):
+    raise ImproperlyConfigured("FEDMCP_GATEWAY_NAME must be lowercase letters, digits and single hyphens")
+# A request that has passed through this many gateways is refused (loops are refused anyway).
+FEDERATION_MAX_HOPS = env_int("FEDERATION_MAX_HOPS", 8)
+# Circuit breaker per peer and worker: open after N consecutive transport failures, probe again after the cooldown.
+FEDERATION_BREAKER_FAILURES = env_int("FEDERATION_BREAKER_FAILURES", 5)
+FEDERATION_BREAKER_COOLDOWN = env_float("FEDERATION_BREAKER_COOLDOWN", 30.0)
+# Health checks and catalog refreshes that each worker runs in the background (seconds; 0 = off).
+FEDERATION_HEALTH_INTERVAL = env_float("FEDERATION_HEALTH_INTERVAL", 30.0)
+FEDERATION_REFRESH_INTERVAL = env_float("FEDERATION_REFRESH_INTERVAL", 300.0)
+FEDERATION_HEALTH_HISTORY = env_int("FEDERATION_HEALTH_HISTORY", 200)
 
 LOGGING = {
     "version": 1,

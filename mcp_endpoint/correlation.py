@@ -49,7 +49,7 @@ class _Correlator:
         await self._joined.wait()
 
     async def _listen(self, layer: Any) -> None:
-        channel = await layer.new_channel("fedmcp.worker.")
+        channel = await layer.new_channel()  # default prefix: see streams.SessionEvents.__aenter__
         await layer.group_add(WORKERS_GROUP, channel)
         self._joined.set()
         rejoin = loop_time = asyncio.get_running_loop().time()

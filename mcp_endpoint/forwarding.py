@@ -20,13 +20,15 @@ from typing import Any
 
 from django.conf import settings
 
+from federation.health import CircuitOpenError, breakers
 from federation.pool import pool
 from federation.router import Route
 from federation.upstream.base import (
     JsonDict,
     UpstreamConnection,
     UpstreamError,
-    UpstreamTimeoutError,
+    UpstreamProtocolError,
+    UpstreamUnavailableError,
     error_reply,
     modern_meta,
 )
@@ -37,6 +39,9 @@ from mcp_endpoint.correlation import correlator
 logger = logging.getLogger(__name__)
 
 MODERN_META_PREFIX = "io.modelcontextprotocol/"
+FEDMCP_META_PREFIX = "io.fedmcp/"
+HOPS_META_KEY = "io.fedmcp/hops"
+"""The gateways a request has passed through, oldest first; carried only between gateways."""
 MAX_INPUT_ROUNDS = 10
 # Which client capability a server->client request needs from the host.
 REQUEST_CAPABILITY = {
@@ -44,14 +49,42 @@ REQUEST_CAPABILITY = {
     "elicitation/create": ("elicitation",),
     "roots/list": ("roots",),
 }
+SAFE_TO_RETRY = frozenset({"resources/read", "prompts/get", "completion/complete"})
+"""Methods without side effects: a broken connection may be retried once."""
 CACHEABLE_METHODS = ("resources/read", "tools/list", "resources/list", "resources/templates/list", "prompts/list")
 
 
-def upstream_params(ctx: HostContext, connection: UpstreamConnection, params: JsonDict) -> JsonDict:
-    """Return the params to send upstream: the host's, with `_meta` fitted to the upstream's era."""
+def incoming_hops(ctx: HostContext) -> list[str]:
+    """Return the hop record the caller sent (empty from hosts), refusing loops and long chains.
+
+    Raises:
+        FederationLoopError: this gateway is already on the path, or the path is too long.
+    """
+    hops = ctx.meta.get(HOPS_META_KEY, [])
+    if not isinstance(hops, list) or not all(isinstance(h, str) for h in hops):
+        raise jsonrpc.InvalidParamsError(f"_meta[{HOPS_META_KEY!r}] must be a list of gateway names")
+    own = settings.FEDMCP_GATEWAY_NAME
+    if own in hops:
+        path = " -> ".join([*hops, own])
+        raise jsonrpc.FederationLoopError(f"Federation loop detected: {path}; the request was refused", {"hops": [*hops, own]})
+    if len(hops) >= settings.FEDERATION_MAX_HOPS:
+        raise jsonrpc.FederationLoopError(
+            f"Federation path too long ({len(hops)} gateways, limit {settings.FEDERATION_MAX_HOPS})", {"hops": hops}
+        )
+    return hops
+
+
+def upstream_params(ctx: HostContext, connection: UpstreamConnection, params: JsonDict, hops: list[str] | None = None) -> JsonDict:
+    """Return the params to send upstream: the host's, with `_meta` fitted to the upstream's era.
+
+    `hops` (the record extended with this gateway) is added only for peer gateways; other
+    upstreams never see fedmcp's own keys.
+    """
     params = dict(params)
     host_meta = params.pop("_meta", None)
-    meta: JsonDict = dict(host_meta) if isinstance(host_meta, dict) else {}
+    meta: JsonDict = {k: v for k, v in host_meta.items() if not k.startswith(FEDMCP_META_PREFIX)} if isinstance(host_meta, dict) else {}
+    if hops is not None:
+        meta[HOPS_META_KEY] = hops
     if connection.era == "modern":
         if ctx.era == "legacy":
             # Bridged: the envelope speaks for the host, from what its session declared. A
@@ -165,26 +198,54 @@ async def _bridge_input_required(
     raise jsonrpc.UpstreamFailedError("the upstream kept asking for input; giving up")
 
 
+async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDict, hops: list[str]) -> JsonDict:
+    """One attempt: send the request on a warm connection and return its result."""
+    connection = await pool.get(route.peer, prefer=ctx.era)
+    sent = upstream_params(ctx, connection, params, [*hops, settings.FEDMCP_GATEWAY_NAME] if route.peer.is_gateway else None)
+    relay = relay_to(ctx)
+    reply = await connection.request(method, sent, on_message=relay)
+    if "error" in reply:
+        _raise_upstream_error(ctx, method, reply["error"])
+    result = reply.get("result")
+    if not isinstance(result, dict):
+        raise UpstreamProtocolError(f"peer '{route.peer.name}' answered {method} without a result")
+    if ctx.era == "legacy" and connection.era == "modern":
+        result = await _bridge_input_required(ctx, connection, method, sent, result, relay)
+    return result
+
+
 async def forward(ctx: HostContext, route: Route, method: str, params: JsonDict) -> JsonDict:
     """Send `method` to the route's peer and return the result shaped for the host's era.
+
+    Transport failures count against the peer's circuit breaker. Methods without side effects
+    are retried once on a broken connection; tools/call never is, because the upstream may
+    have run it.
 
     Raises:
         JsonRpcError: the upstream answered an error, or could not be used.
     """
-    try:
-        connection = await pool.get(route.peer, prefer=ctx.era)
-        sent = upstream_params(ctx, connection, params)
-        relay = relay_to(ctx)
-        reply = await connection.request(method, sent, on_message=relay)
-        if "error" in reply:
-            _raise_upstream_error(ctx, method, reply["error"])
-        result = reply.get("result")
-        if not isinstance(result, dict):
-            raise jsonrpc.UpstreamFailedError(f"peer '{route.peer.name}' answered {method} without a result")
-        if ctx.era == "legacy" and connection.era == "modern":
-            result = await _bridge_input_required(ctx, connection, method, sent, result, relay)
-    except UpstreamTimeoutError as exc:
-        raise jsonrpc.UpstreamFailedError(str(exc)) from exc
-    except UpstreamError as exc:
-        raise jsonrpc.UpstreamFailedError(str(exc)) from exc
-    return _shape_result(ctx, method, result)
+    hops = incoming_hops(ctx)
+    breaker = breakers.for_peer(route.peer)
+    attempts = 2 if method in SAFE_TO_RETRY else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            breaker.before_call(route.peer.name)
+        except CircuitOpenError as exc:
+            raise jsonrpc.UpstreamFailedError(str(exc)) from exc
+        try:
+            result = await _exchange(ctx, route, method, params, hops)
+        except jsonrpc.JsonRpcError:
+            breaker.record_success()  # the upstream answered: its transport is healthy
+            raise
+        except UpstreamUnavailableError as exc:
+            breaker.record_failure()
+            if attempt < attempts:
+                logger.info("peer %s: retrying %s after: %s", route.peer.name, method, exc)
+                continue
+            raise jsonrpc.UpstreamFailedError(str(exc)) from exc
+        except UpstreamError as exc:
+            breaker.record_failure()
+            raise jsonrpc.UpstreamFailedError(str(exc)) from exc
+        breaker.record_success()
+        return _shape_result(ctx, method, result)
+    raise AssertionError("unreachable")  # pragma: no cover

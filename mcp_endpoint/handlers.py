@@ -13,9 +13,11 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIO
 
 from federation import catalog, naming
 from federation.events import CATALOG_GROUP, RESOURCES_GROUP
+from federation.health import breakers
 from federation.models import CatalogKind
 from federation.pool import pool
 from federation.router import NotRoutableError, Route, peer_for_scope, resolve
+from federation.services import GATEWAY_CAPABILITY
 from federation.upstream.base import UpstreamError
 from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.context import HostContext
@@ -51,11 +53,13 @@ async def server_capabilities(ctx: HostContext) -> JsonDict:
     }
     if ctx.era == "legacy":
         full["logging"] = {}
+    # Other fedmcp gateways recognise us by this and import our catalog under stable names.
+    identity = {GATEWAY_CAPABILITY: {"name": settings.FEDMCP_GATEWAY_NAME, "scope": ctx.scope or None}}
     if not ctx.scope:
-        return full
+        return {**full, "experimental": identity}
     upstream = await catalog.peer_capabilities(ctx.scope) or {}
     offered = {key: value for key, value in full.items() if key in upstream or key == "logging"}
-    return offered
+    return {**offered, "experimental": identity}
 
 
 async def server_info(ctx: HostContext) -> JsonDict:
@@ -136,7 +140,7 @@ async def list_catalog(ctx: HostContext, params: JsonDict, method: str) -> JsonD
     kind, key = LIST_KINDS[method]
     if ctx.scope and await peer_for_scope(ctx.scope) is None:
         raise jsonrpc.UpstreamFailedError(f"peer '{ctx.scope}' is not available")
-    items = await catalog.list_items(ctx.scope, kind)
+    items = await catalog.list_items(ctx.scope, kind, skip_peers=breakers.open_peers())
     offset = _decode_cursor(params.get("cursor"))
     page_size = settings.MCP_PAGE_SIZE
     result: JsonDict = {key: items[offset : offset + page_size]}
@@ -192,7 +196,9 @@ def _rewrite_contents(ctx: HostContext, route: Route, result: JsonDict) -> JsonD
     contents = result.get("contents")
     if isinstance(contents, list):
         result["contents"] = [
-            {**c, "uri": naming.qualify_uri(route.peer.name, c["uri"])} if isinstance(c, dict) and isinstance(c.get("uri"), str) else c
+            {**c, "uri": naming.host_uri(route.peer.name, route.peer.remote_gateway if route.peer.is_gateway else "", c["uri"])}
+            if isinstance(c, dict) and isinstance(c.get("uri"), str)
+            else c
             for c in contents
         ]
     return result
@@ -280,7 +286,7 @@ async def subscriptions_listen(ctx: HostContext, params: JsonDict) -> JsonDict:
         await ctx.outbound.send(jsonrpc.notification(method, {**(params or {}), "_meta": tag}))
 
     layer = get_channel_layer()
-    channel = await layer.new_channel("fedmcp.listen.")
+    channel = await layer.new_channel()  # default prefix: see SessionEvents.__aenter__
     await layer.group_add(CATALOG_GROUP, channel)
     await layer.group_add(RESOURCES_GROUP, channel)
     try:

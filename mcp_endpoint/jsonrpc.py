@@ -24,6 +24,8 @@ UPSTREAM_ERROR = -32010
 """Implementation-defined: the upstream server is unavailable, timed out or misbehaved."""
 REQUEST_CANCELLED = -32011
 """Implementation-defined: the request was cancelled before it finished."""
+FEDERATION_LOOP = -32012
+"""Implementation-defined: the request already passed through this gateway (a loop between gateways)."""
 HEADER_MISMATCH = codes.HEADER_MISMATCH
 """An HTTP routing header disagrees with the body (-32020)."""
 MISSING_REQUIRED_CLIENT_CAPABILITY = codes.MISSING_REQUIRED_CLIENT_CAPABILITY
@@ -77,6 +79,11 @@ class InvalidParamsError(JsonRpcError):
 class UpstreamFailedError(JsonRpcError):
     code = UPSTREAM_ERROR
     default_message = "Upstream server error"
+
+
+class FederationLoopError(JsonRpcError):
+    code = FEDERATION_LOOP
+    default_message = "Federation loop detected"
 
 
 class CancelledError(JsonRpcError):

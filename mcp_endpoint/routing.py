@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
+from federation.models import PEER_NAME_WORD
+
 from mcp_endpoint.consumers.sse import McpSseConsumer, McpSseMessageConsumer
 from mcp_endpoint.consumers.streamable_http import McpStreamableHttpConsumer
 from mcp_endpoint.consumers.websocket import McpWebSocketConsumer
 
-PEER = r"(?P<peer>[a-z0-9]+(?:-[a-z0-9]+)*)"
+PEER = rf"(?P<peer>{PEER_NAME_WORD})"
 
 http_urlpatterns = [
     re_path(r"^mcp/?$", McpStreamableHttpConsumer.as_asgi()),

@@ -60,7 +60,10 @@ class SessionEvents:
         self.channel = ""
 
     async def __aenter__(self) -> SessionEvents:
-        self.channel = await self.layer.new_channel("fedmcp.stream.")
+        # The default prefix on purpose: channels-redis reads all of a process's channels from
+        # one Redis key per prefix under one lock, so a custom prefix waits (up to its 5 s
+        # BZPOPMIN timeout, again and again) while another channel of the process holds the lock.
+        self.channel = await self.layer.new_channel()
         for group in self.groups:
             await self.layer.group_add(group, self.channel)
         return self

@@ -74,6 +74,8 @@ class PeerConfig:
     env: tuple[tuple[str, str], ...] = ()
     connect_timeout: float = 10.0
     call_timeout: float = 60.0
+    is_gateway: bool = False
+    remote_gateway: str = ""
 
     @classmethod
     def from_peer(cls, peer: Any) -> PeerConfig:
@@ -87,6 +89,8 @@ class PeerConfig:
             env=tuple(sorted((str(k), str(v)) for k, v in (peer.env or {}).items())),
             connect_timeout=peer.connect_timeout,
             call_timeout=peer.call_timeout,
+            is_gateway=peer.is_gateway,
+            remote_gateway=peer.remote_gateway,
         )
 
 

@@ -17,6 +17,7 @@ from channels.exceptions import StopConsumer
 from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
 
+from federation.health import ensure_background_tasks
 from mcp_endpoint import jsonrpc, security
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class McpHttpConsumer(AsyncHttpConsumer):
         )
 
     async def _run(self, body: bytes) -> None:
+        ensure_background_tasks()
         try:
             refusal = security.check_request(self.scope)
             if refusal is not None:

@@ -15,6 +15,7 @@ from typing import Any
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from federation.health import ensure_background_tasks
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.models import McpSession
@@ -52,6 +53,7 @@ class McpWebSocketConsumer(AsyncWebsocketConsumer):
         return self.scope["url_route"]["kwargs"].get("peer", "")
 
     async def connect(self) -> None:
+        ensure_background_tasks()
         if SUBPROTOCOL not in self.scope.get("subprotocols", []):
             # Refuse at the handshake (HTTP 403): without the subprotocol this is not an MCP client.
             await self.close()

@@ -28,6 +28,11 @@ class Command(BaseCommand):
             default=Transport.STREAMABLE_HTTP,
             help="Transport for --url (default: streamable-http).",
         )
+        add.add_argument(
+            "--gateway", action="store_true",
+            help="The URL is another fedmcp gateway's /mcp: import its catalog under stable, hop-free names "
+            "(detected automatically; this flag makes it an error if the peer is not a gateway).",
+        )
         add.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="Environment for stdio peers.")
         add.add_argument("--connect-timeout", type=float, default=10.0)
         add.add_argument("--call-timeout", type=float, default=60.0)
@@ -64,6 +69,7 @@ class Command(BaseCommand):
                 env=env,
                 connect_timeout=options["connect_timeout"],
                 call_timeout=options["call_timeout"],
+                is_gateway=options["gateway"],
             )
         except PeerConfigError as exc:
             raise CommandError(str(exc)) from exc
