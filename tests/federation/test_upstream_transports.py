@@ -5,7 +5,8 @@ loopback: the fixture server (tests/fixtures/README.md) over Streamable HTTP in 
 legacy HTTP+SSE and over stdio, and a real daphne gateway with the fixture behind it as the
 WebSocket upstream. The other tests drive the two single-stream kinds (SSE, WebSocket) against
 a scripted in-process upstream: SSE through the outbound HTTP seam (`httpx.MockTransport`),
-WebSocket through a `websockets` server on loopback.
+WebSocket through a `websockets` server on loopback. Stdio is scripted by a small child process
+(`STDIO_UPSTREAM`).
 
 Async code runs under `asyncio.run()` inside plain tests, each bounded by `run()`'s timeout.
 """
@@ -17,6 +18,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +45,7 @@ from federation.upstream.base import (
 from federation.upstream.sse import SseConnection, resolve_endpoint
 from federation.upstream.websocket import WebSocketConnection
 from tests.e2e import harness
+from tests.fixtures.everything_server import TOOLS as FIXTURE_TOOLS
 
 TIMEOUT = 20.0
 """Bound on each test's async part (seconds)."""
@@ -211,7 +214,7 @@ def test_peer_add_syncs_a_catalog(request: pytest.FixtureRequest, gateway: harne
     result = gateway.manage("peer", "add", f"via-{transport}", "--url", url, "--transport", transport, check=False)
 
     assert result.returncode == 0, result.stderr
-    assert f"Synced via-{transport} (protocol {LATEST_HANDSHAKE_VERSION}): 28 tools" in result.stdout
+    assert f"Synced via-{transport} (protocol {LATEST_HANDSHAKE_VERSION}): {len(FIXTURE_TOOLS)} tools" in result.stdout
 
 
 # --- scripted upstreams for the single-stream kinds ---------------------------------------------
@@ -440,6 +443,106 @@ def test_a_dropped_stream_fails_pending_calls_and_the_pool_reconnects(kind: str)
             await pool.close()
 
     scripted(kind, body)
+
+
+@pytest.mark.parametrize("kind", SCRIPTED)
+def test_a_list_changed_during_a_call_reaches_on_event_which_can_call_back_in(kind: str) -> None:
+    relayed: list[JsonDict] = []
+
+    async def on_message(message: JsonDict) -> JsonDict | None:
+        relayed.append(message)
+        return None
+
+    async def body(upstream: ScriptedUpstream, peer: PeerConfig) -> tuple[list[JsonDict], JsonDict]:
+        events: list[JsonDict] = []
+        called_back: asyncio.Future[JsonDict] = asyncio.get_running_loop().create_future()
+
+        async def on_event(message: JsonDict) -> None:
+            events.append(message)
+            # As a catalog re-sync does: a request whose answer arrives on the same stream.
+            called_back.set_result(await connection.request("tools/call", {"name": "add", "arguments": {"a": 2, "b": 3}}))
+
+        connection = CONNECTION_KINDS[peer.transport](peer, on_event=on_event)
+        await connection.start()
+        try:
+            hanging = asyncio.create_task(connection.request("tools/call", {"name": "hang"}, on_message=on_message))
+            await upstream.wait_for(is_call("hang"))
+            await upstream.outbox.put({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+            added = await called_back
+            hanging.cancel()
+        finally:
+            await connection.close()
+        return events, added
+
+    events, added = scripted(kind, body)
+
+    assert [m["method"] for m in events] == ["notifications/tools/list_changed"]
+    assert added["result"]["content"][0]["text"] == "5"
+    assert relayed == []
+
+
+STDIO_UPSTREAM = r"""
+import json, sys
+
+def send(message):
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+while line := sys.stdin.readline():
+    message = json.loads(line)
+    method, request_id = message.get("method"), message.get("id")
+    if method is None or request_id is None:
+        continue
+    if method == "initialize":
+        info = {"name": "scripted", "version": "1"}
+        result = {"protocolVersion": sys.argv[1], "capabilities": {"tools": {"listChanged": True}}, "serverInfo": info}
+        send({"jsonrpc": "2.0", "id": request_id, "result": result})
+    elif method == "tools/call":
+        send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        send({"jsonrpc": "2.0", "id": request_id, "result": {"content": [{"type": "text", "text": "changed"}]}})
+    elif method == "tools/list":
+        tools = [{"name": "added", "inputSchema": {"type": "object"}}]
+        send({"jsonrpc": "2.0", "id": request_id, "result": {"tools": tools}})
+    else:
+        send({"jsonrpc": "2.0", "id": request_id, "error": {"code": -32601, "message": "Method not found"}})
+"""
+"""A handshake-era stdio server: every tools/call announces a tools list change, then answers."""
+
+
+def test_stdio_event_handlers_can_call_back_into_the_connection() -> None:
+    peer = PeerConfig(
+        id=12,
+        name="scripted",
+        transport="stdio",
+        command=sys.executable,
+        args=("-c", STDIO_UPSTREAM, LATEST_HANDSHAKE_VERSION),
+        connect_timeout=5,
+        call_timeout=5,
+    )
+
+    async def main() -> tuple[JsonDict, JsonDict]:
+        listed: asyncio.Future[JsonDict] = asyncio.get_running_loop().create_future()
+
+        async def on_event(message: JsonDict) -> None:
+            # As a catalog re-sync does: its answer arrives on the stdout the event came from.
+            try:
+                listed.set_result(await connection.request("tools/list", {}))
+            except Exception as exc:
+                listed.set_exception(exc)
+
+        connection = CONNECTION_KINDS["stdio"](peer, on_event=on_event)
+        await connection.start()
+        try:
+            changed = await connection.request("tools/call", {"name": "change", "arguments": {}})
+            tools = await listed
+        finally:
+            await connection.close()
+        return changed, tools
+
+    changed, tools = run(main())
+
+    assert changed["result"]["content"][0]["text"] == "changed"
+    assert [tool["name"] for tool in tools["result"]["tools"]] == ["added"]
 
 
 @pytest.mark.parametrize("kind", SCRIPTED)
