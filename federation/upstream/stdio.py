@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import json
 import logging
 import os
+import signal
+import sys
 from typing import Any
 
 from federation.upstream.base import (
@@ -31,6 +34,18 @@ MAX_LINE_BYTES = 64 * 1024 * 1024
 # Environment passed to children: enough to run, nothing of the gateway's own secrets.
 INHERITED_ENV = ("HOME", "LANG", "LC_ALL", "LOGNAME", "PATH", "SHELL", "TERM", "TZ", "USER", "VIRTUAL_ENV")
 MAX_BACKOFF = 30.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux for SIGTERM when the gateway process dies, however it dies.
+
+    Children run in their own session (so a Ctrl-C aimed at the gateway does not hit them
+    mid-call); this keeps a killed gateway from leaving them behind.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class StdioConnection(SingleStreamConnection):
@@ -67,6 +82,7 @@ class StdioConnection(SingleStreamConnection):
                 env=env,
                 limit=MAX_LINE_BYTES,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             raise UpstreamUnavailableError(f"peer '{self.peer.name}': cannot start {self.peer.command!r}: {exc.strerror}") from exc
