@@ -1,0 +1,202 @@
+"""The official MCP conformance suite, directly against the fixture server and through the gateway.
+
+For each requirement set (`2025-11-25`, `2026-07-28`) the suite runs twice: against the fixture
+server itself (the baseline: the fixture must be conformant for the gateway result to mean
+anything) and through the gateway's per-peer endpoint `/peers/fixture/mcp`. Every scored
+scenario must pass. Results land in `build/conformance/<target>-<requirements>/` (one folder
+per scenario with its `checks.json`, plus the suite's console output and, for the gateway, the
+worker log).
+
+A run passes only if the suite exits 0 *and* no scored scenario has a failing check in its
+`checks.json` *and* every scenario the requirement set scores actually ran. Which scenarios are
+scored comes from the suite itself (`conformance list --requirements R --server`); extension and
+pending scenarios (tasks-*, json-schema-2020-12, ...) are reported but not scored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import CONFORMANCE_JS, NODE, ROOT, Gateway, fixture_server
+
+pytestmark = pytest.mark.e2e
+
+REQUIREMENTS = ("2025-11-25", "2026-07-28")
+TARGETS = ("fixture", "gateway")
+PEER = "fixture"
+RESULTS_ROOT = ROOT / "build" / "conformance"
+SUITE_TIMEOUT = 600
+# Scenario result folders are named server-<scenario>-<ISO timestamp with dashes>Z.
+RESULT_DIR = re.compile(r"^server-(?P<scenario>.+)-\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}-\d{3}Z$")
+
+
+@dataclass
+class SuiteReport:
+    """What one suite run proved, from its checks.json files."""
+
+    ran: dict[str, list[dict]] = field(default_factory=dict)
+    """Scenario name -> its checks, for every scenario that wrote results."""
+    scored: frozenset[str] = frozenset()
+
+    @property
+    def failures(self) -> list[str]:
+        """Return "scenario: check-id (message)" for each failing check of a scored scenario."""
+        lines = []
+        for scenario in sorted(self.ran):
+            if scenario not in self.scored:
+                continue
+            for check in self.ran[scenario]:
+                if check.get("status") == "FAILURE":
+                    message = str(check.get("errorMessage") or "")[:300]
+                    lines.append(f"{scenario}: {check.get('id')} ({message})")
+        return lines
+
+    @property
+    def missing(self) -> list[str]:
+        """Return the scored scenarios that wrote no results."""
+        return sorted(self.scored - set(self.ran))
+
+    def counts(self, *, scored: bool) -> tuple[int, int]:
+        """Return (passed, failed) checks over the scored or the unscored scenarios."""
+        checks = [c for s, cs in self.ran.items() if (s in self.scored) == scored for c in cs]
+        return (
+            sum(c.get("status") == "SUCCESS" for c in checks),
+            sum(c.get("status") == "FAILURE" for c in checks),
+        )
+
+
+def require_suite() -> None:
+    if not NODE.exists() or not CONFORMANCE_JS.exists():
+        pytest.fail(f"the conformance suite is not installed ({NODE}, {CONFORMANCE_JS}); run `make tools`")
+
+
+def scored_scenarios(requirements: str) -> frozenset[str]:
+    """Ask the suite which server scenarios the requirement set scores."""
+    listing = subprocess.run(
+        [str(NODE), str(CONFORMANCE_JS), "list", "--requirements", requirements, "--server"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    scenarios: set[str] = set()
+    in_section = False
+    for line in listing.splitlines():
+        if line.startswith("Server scenarios"):
+            in_section = True
+        elif in_section and line.strip().startswith("- "):
+            scenarios.add(line.strip()[2:].strip())
+        elif in_section and line.strip():
+            break
+    assert scenarios, f"could not read the scored scenarios of {requirements} from:\n{listing}"
+    return frozenset(scenarios)
+
+
+def read_results(output_dir: Path, scored: frozenset[str]) -> SuiteReport:
+    """Collect every scenario's checks.json under `output_dir`."""
+    report = SuiteReport(scored=scored)
+    for checks_file in sorted(output_dir.glob("*/checks.json")):
+        match = RESULT_DIR.match(checks_file.parent.name)
+        scenario = match["scenario"] if match else checks_file.parent.name
+        checks = json.loads(checks_file.read_text())
+        report.ran.setdefault(scenario, []).extend(c for c in checks if isinstance(c, dict))
+    return report
+
+
+def run_suite(url: str, requirements: str, output_dir: Path) -> tuple[int, str]:
+    """Run the suite's server scenarios of one requirement set; return (exit code, output)."""
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True)
+    result = subprocess.run(
+        [str(NODE), str(CONFORMANCE_JS), "server", "--url", url, "--requirements", requirements, "-o", str(output_dir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=SUITE_TIMEOUT,
+    )
+    output = f"{result.stdout}\n--- stderr\n{result.stderr}"
+    (output_dir / "suite-output.txt").write_text(output)
+    return result.returncode, output
+
+
+def verdict(target: str, requirements: str, exit_code: int, output: str, report: SuiteReport, output_dir: Path) -> str:
+    """Return "" if the run is conformant, else a message naming what failed."""
+    problems = []
+    if report.failures:
+        problems.append("failing checks in scored scenarios:\n  " + "\n  ".join(report.failures))
+    if report.missing:
+        problems.append("scored scenarios that wrote no results: " + ", ".join(report.missing))
+    if exit_code != 0:
+        problems.append(f"the suite exited with {exit_code}")
+        if not report.failures and not report.missing:
+            problems.append("suite output (tail):\n" + output[-3000:])
+    if not problems:
+        return ""
+    return f"conformance {target} --requirements {requirements} (results in {output_dir}):\n" + "\n".join(problems)
+
+
+@pytest.fixture(scope="module")
+def fixture_url() -> Iterator[str]:
+    with fixture_server(PEER) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def conformance_gateway(fixture_url: str) -> Iterator[Gateway]:
+    """A gateway of its own (one worker, SQLite) with the fixture as its only peer."""
+    gateway = Gateway(name="conformance")
+    try:
+        gateway.migrate()
+        gateway.manage("peer", "add", PEER, "--url", fixture_url)
+        gateway.start_worker()
+        yield gateway
+    finally:
+        gateway.cleanup()
+
+
+@pytest.mark.parametrize("requirements", REQUIREMENTS)
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_scored_scenario_passes(target: str, requirements: str, request: pytest.FixtureRequest) -> None:
+    require_suite()
+    gateway: Gateway | None = None
+    if target == "gateway":
+        gateway = request.getfixturevalue("conformance_gateway")
+        url = gateway.url(f"/peers/{PEER}/mcp")
+    else:
+        url = request.getfixturevalue("fixture_url")
+    output_dir = RESULTS_ROOT / f"{target}-{requirements}"
+
+    exit_code, output = run_suite(url, requirements, output_dir)
+    if gateway is not None:
+        (output_dir / "gateway-logs.txt").write_text(gateway.logs())
+    report = read_results(output_dir, scored_scenarios(requirements))
+
+    passed, failed = report.counts(scored=True)
+    (output_dir / "summary.json").write_text(json.dumps({
+        "target": target, "requirements": requirements, "exit_code": exit_code,
+        "scored_scenarios": len(report.scored), "scored_checks_passed": passed, "scored_checks_failed": failed,
+        "unscored_checks": dict(zip(("passed", "failed"), report.counts(scored=False), strict=True)),
+        "failures": report.failures, "missing": report.missing,
+    }, indent=2))
+    problem = verdict(target, requirements, exit_code, output, report, output_dir)
+    assert not problem, problem
+
+
+def test_a_failing_scored_check_fails_the_verdict(tmp_path: Path) -> None:
+    """The verdict names failing scored checks and missing scenarios, and ignores unscored ones."""
+    for scenario, status in (("tools-list", "FAILURE"), ("tasks-lifecycle", "FAILURE"), ("ping", "SUCCESS")):
+        folder = tmp_path / f"server-{scenario}-2026-11-24T05-02-12-380Z"
+        folder.mkdir()
+        (folder / "checks.json").write_text(json.dumps([{"id": f"{scenario}-check", "status": status, "errorMessage": "x"}]))
+    report = read_results(tmp_path, frozenset({"tools-list", "ping", "caching"}))
+
+    problem = verdict("gateway", "2026-07-28", 0, "", report, tmp_path)
+
+    assert report.failures == ["tools-list: tools-list-check (x)"]
+    assert report.missing == ["caching"]
+    assert "tools-list: tools-list-check" in problem
+    assert "tasks-lifecycle" not in problem
+    assert verdict("fixture", "2026-07-28", 1, "boom", read_results(tmp_path / "none", frozenset()), tmp_path)
