@@ -14,11 +14,11 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
 from mcp_endpoint.routing import http_urlpatterns, websocket_urlpatterns  # noqa: E402
-from mcp_endpoint.security import websocket_origin_validator  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": URLRouter([*http_urlpatterns, re_path(r"", django_asgi_app)]),
-        "websocket": websocket_origin_validator(URLRouter(websocket_urlpatterns)),
+        # Host, Origin and the bearer token are checked per route (mcp_endpoint.auth).
+        "websocket": URLRouter(websocket_urlpatterns),
     }
 )

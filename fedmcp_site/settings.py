@@ -204,6 +204,37 @@ MCP_SSE_KEEPALIVE = env_float("FEDMCP_SSE_KEEPALIVE", 15.0)
 # Idle handshake-era sessions older than this are expired (seconds).
 MCP_SESSION_IDLE_TIMEOUT = env_int("FEDMCP_SESSION_IDLE_TIMEOUT", 24 * 3600)
 
+# --- Identity -------------------------------------------------------------------------------
+# This gateway's public origin (e.g. https://mcp.example.org). Tokens must name it as their
+# audience (RFC 8707 resource). Unset: derived from each request's scheme and Host.
+FEDMCP_PUBLIC_URL = os.environ.get("FEDMCP_PUBLIC_URL", "")
+# TODO(lead): transitional test switch while the test suite moves to real tokens; removed before landing.
+FEDMCP_TRANSITIONAL_ANONYMOUS = env_bool("FEDMCP_TRANSITIONAL_ANONYMOUS", False)
+
+OAUTH2_PROVIDER = {
+    "SCOPES": {
+        "mcp:tools": "List and call tools",
+        "mcp:resources": "List, read and subscribe to resources",
+        "mcp:prompts": "List and get prompts",
+        "admin": "Administer the gateway (REST API)",
+        "gateway": "Act as a peer gateway on behalf of your own users",
+    },
+    "DEFAULT_SCOPES": ["mcp:tools", "mcp:resources", "mcp:prompts"],
+    "PKCE_REQUIRED": True,
+    "ROTATE_REFRESH_TOKEN": True,
+    "REFRESH_TOKEN_REUSE_PROTECTION": True,
+    "ACCESS_TOKEN_EXPIRE_SECONDS": env_int("FEDMCP_ACCESS_TOKEN_SECONDS", 3600),
+    # RFC 9700 (OAuth security BCP): S256 only, no implicit or password grants, `iss` in
+    # authorization responses, exact redirect URIs, and only token checksums stored.
+    "COMPLIANT_BCP_RFC9700_PKCE_METHOD": True,
+    "COMPLIANT_BCP_RFC9700_IMPLICIT_GRANT": True,
+    "COMPLIANT_BCP_RFC9700_PASSWORD_GRANT": True,
+    "COMPLIANT_BCP_RFC9700_AUTHZ_RESPONSE_ISS": True,
+    "COMPLIANT_BCP_RFC9700_REDIRECT_URI_MATCHING": True,
+    "COMPLIANT_BCP_RFC9700_TOKEN_STORAGE": True,
+    "COMPLIANT_BCP_RFC9700_REFRESH_TOKEN": True,
+}
+
 # --- Federation -----------------------------------------------------------------------------
 # Outbound calls to private and loopback addresses are refused unless allowed. The embedded
 # default allows loopback so local upstream servers work out of the box.

@@ -16,6 +16,7 @@ from mcp_types.methods import validate_client_request
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 from pydantic import ValidationError
 
+from identity.scopes import required_scope
 from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
@@ -76,6 +77,9 @@ async def call(ctx: HostContext, method: str, params: JsonDict) -> JsonDict:
         if ctx.session is None or not ctx.session.protocol_version:
             raise jsonrpc.InvalidRequestError("Session not initialized: send initialize first")
     validate_params(method, ctx.protocol_version, params)
+    needed = required_scope(method, params)
+    if needed is not None and (ctx.identity is None or not ctx.identity.has_scope(needed)):
+        raise jsonrpc.InsufficientScopeError(f"Insufficient scope: {method} needs the '{needed}' scope", {"requiredScope": needed})
     return await spec.handler(ctx, params)
 
 

@@ -26,6 +26,10 @@ REQUEST_CANCELLED = -32011
 """Implementation-defined: the request was cancelled before it finished."""
 FEDERATION_LOOP = -32012
 """Implementation-defined: the request already passed through this gateway (a loop between gateways)."""
+INSUFFICIENT_SCOPE = -32013
+"""Implementation-defined: the token lacks the scope this method needs (HTTP 403 on Streamable HTTP)."""
+TOKEN_REVOKED = -32014
+"""Implementation-defined: the token was revoked or expired while the connection stayed open."""
 HEADER_MISMATCH = codes.HEADER_MISMATCH
 """An HTTP routing header disagrees with the body (-32020)."""
 MISSING_REQUIRED_CLIENT_CAPABILITY = codes.MISSING_REQUIRED_CLIENT_CAPABILITY
@@ -84,6 +88,11 @@ class UpstreamFailedError(JsonRpcError):
 class FederationLoopError(JsonRpcError):
     code = FEDERATION_LOOP
     default_message = "Federation loop detected"
+
+
+class InsufficientScopeError(JsonRpcError):
+    code = INSUFFICIENT_SCOPE
+    default_message = "Insufficient scope"
 
 
 class CancelledError(JsonRpcError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
@@ -30,6 +31,9 @@ class McpSession(models.Model):
     id = models.CharField(primary_key=True, max_length=64, default=new_session_id, editable=False)
     transport = models.CharField(max_length=20, choices=TRANSPORTS)
     scope = models.CharField(max_length=48, blank=True, help_text="Peer name for a per-peer endpoint; blank for /mcp.")
+    # The session belongs to the token's user and client: other credentials cannot use it.
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="mcp_sessions")
+    client_id = models.CharField(max_length=255, blank=True)
     protocol_version = models.CharField(max_length=20, blank=True)
     client_capabilities = models.JSONField(default=dict, blank=True)
     client_info = models.JSONField(default=dict, blank=True)
@@ -49,6 +53,9 @@ class McpSession(models.Model):
 
     def is_open(self) -> bool:
         return self.closed_at is None
+
+    def belongs_to(self, user_id: int | None, client_id: str) -> bool:
+        return self.user_id == user_id and self.client_id == client_id
 
 
 class ResourceSubscription(models.Model):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-from urllib.parse import ParseResult, urlsplit
+from urllib.parse import urlsplit
 
-from channels.security.websocket import OriginValidator
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
@@ -45,20 +43,3 @@ def check_request(scope: dict) -> tuple[int, str] | None:
     if not origin_allowed(header(scope, b"origin")):
         return 403, "Forbidden: Origin not allowed"
     return None
-
-
-class WebSocketOriginValidator(OriginValidator):
-    """Channels' `AllowedHostsOriginValidator`, except that a missing Origin is fine.
-
-    Same rule as `origin_allowed` on the HTTP transports: browsers always send Origin on a
-    WebSocket handshake, while non-browser MCP clients (the SDK 1.x `websocket_client`, CLIs)
-    send none, and refusing them protects nothing.
-    """
-
-    def valid_origin(self, parsed_origin: ParseResult | None) -> bool:
-        return parsed_origin is None or bool(super().valid_origin(parsed_origin))
-
-
-def websocket_origin_validator(application: Any) -> WebSocketOriginValidator:
-    """Wrap a WebSocket application so that only our own (or absent) Origins reach it."""
-    return WebSocketOriginValidator(application, settings.ALLOWED_HOSTS)

@@ -9,6 +9,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
+from identity.tokens import Identity
 from mcp_endpoint.models import McpSession, ResourceSubscription
 
 TOUCH_INTERVAL = timedelta(seconds=60)
@@ -20,10 +21,14 @@ def session_group(session_id: str) -> str:
 
 
 @database_sync_to_async
-def session_create(*, transport: str, scope: str, protocol_version: str = "", client_capabilities: Any = None, client_info: Any = None) -> McpSession:
+def session_create(
+    *, transport: str, scope: str, identity: Identity, protocol_version: str = "", client_capabilities: Any = None, client_info: Any = None
+) -> McpSession:
     return McpSession.objects.create(
         transport=transport,
         scope=scope,
+        user_id=identity.user_id,
+        client_id=identity.client_id,
         protocol_version=protocol_version,
         client_capabilities=client_capabilities or {},
         client_info=client_info or {},
@@ -31,10 +36,13 @@ def session_create(*, transport: str, scope: str, protocol_version: str = "", cl
 
 
 @database_sync_to_async
-def session_load(session_id: str) -> McpSession | None:
-    """Return the open session with this id, refreshing its last-seen time now and then."""
+def session_load(session_id: str, identity: Identity) -> McpSession | None:
+    """Return the open session with this id if `identity` owns it; refresh its last-seen time now and then.
+
+    A session of another user or client is reported as absent, so its existence leaks nothing.
+    """
     session = McpSession.objects.filter(pk=session_id, closed_at__isnull=True).first()
-    if session is None:
+    if session is None or not session.belongs_to(identity.user_id, identity.client_id):
         return None
     idle = timezone.now() - session.last_seen_at
     if idle > timedelta(seconds=settings.MCP_SESSION_IDLE_TIMEOUT):

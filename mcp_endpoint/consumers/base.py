@@ -18,6 +18,7 @@ from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
 
 from federation.health import ensure_background_tasks
+from identity.tokens import Identity
 from mcp_endpoint import jsonrpc, security
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ class McpHttpConsumer(AsyncHttpConsumer):
         if not more_body:
             self.finished = True
         await super().send_body(body, more_body=more_body)
+
+    @property
+    def identity(self) -> Identity:
+        return self.scope["fedmcp.identity"]
 
     async def send_json(self, status: int, message: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         body = jsonrpc.dumps(message).encode()
@@ -121,10 +126,7 @@ class McpHttpConsumer(AsyncHttpConsumer):
     async def _run(self, body: bytes) -> None:
         ensure_background_tasks()
         try:
-            refusal = security.check_request(self.scope)
-            if refusal is not None:
-                await self.send_plain(*refusal)
-                return
+            # Host, Origin and the bearer token were checked by mcp_endpoint.auth.
             await self.handle(body)
         except asyncio.CancelledError:
             raise

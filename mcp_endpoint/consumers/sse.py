@@ -35,7 +35,7 @@ class McpSseConsumer(McpHttpConsumer):
             await self.send_plain(405, "Method Not Allowed: GET the stream, POST to the endpoint it names", [(b"allow", b"GET")])
             return
         scope = self.scope["url_route"]["kwargs"].get("peer", "")
-        session = await sessions.session_create(transport="sse", scope=scope)
+        session = await sessions.session_create(transport="sse", scope=scope, identity=self.identity)
         prefix = f"/peers/{scope}" if scope else ""
         try:
             async with SessionEvents(session.id, scope, keepalive=settings.MCP_SSE_KEEPALIVE) as events:
@@ -57,7 +57,7 @@ class McpSseMessageConsumer(McpHttpConsumer):
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         session_id = (query.get("session_id") or [""])[0]
         scope = self.scope["url_route"]["kwargs"].get("peer", "")
-        session = await sessions.session_load(session_id) if session_id else None
+        session = await sessions.session_load(session_id, self.identity) if session_id else None
         if session is None or session.transport != "sse" or session.scope != scope:
             await self.send_error(404, jsonrpc.INVALID_REQUEST, "Session not found: open the SSE stream again")
             return
@@ -82,6 +82,7 @@ class McpSseMessageConsumer(McpHttpConsumer):
                 client_capabilities=session.client_capabilities,
                 client_info=session.client_info,
                 log_level=session.log_level,
+                identity=self.identity,
             )
             task = asyncio.create_task(self._answer(ctx, message))
             _background.add(task)

@@ -22,6 +22,7 @@ from mcp.shared.inbound import (
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
 from mcp_endpoint import dispatcher, jsonrpc, sessions
+from mcp_endpoint.auth import challenge
 from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, sse_event
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.models import McpSession
@@ -66,7 +67,20 @@ class PostStream:
                 await self.consumer.send_response(202, b"", headers=self.headers)
             else:
                 payload: Any = replies if batch else replies[0]
-                await self.consumer.send_json(status, payload, self.headers)
+                headers = self.headers
+                needed = _insufficient_scope(replies)
+                if needed is not None and not batch:
+                    # RFC 6750 step-up: 403 with the scope the method needs.
+                    status = 403
+                    headers = [*headers, (b"www-authenticate", challenge(self.consumer.scope, error="insufficient_scope", scope_needed=needed).encode())]
+                await self.consumer.send_json(status, payload, headers)
+
+
+def _insufficient_scope(replies: list[JsonDict]) -> str | None:
+    error = replies[0].get("error") if len(replies) == 1 else None
+    if isinstance(error, dict) and error.get("code") == jsonrpc.INSUFFICIENT_SCOPE:
+        return (error.get("data") or {}).get("requiredScope")
+    return None
 
 
 class McpStreamableHttpConsumer(McpHttpConsumer):
@@ -135,10 +149,11 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
             client_info=session.client_info,
             log_level=session.log_level,
             headers=self.headers_dict(),
+            identity=self.identity,
         )
 
     async def post_initialize(self, payload: JsonDict) -> None:
-        session = await sessions.session_create(transport="streamable-http", scope=self.endpoint_scope)
+        session = await sessions.session_create(transport="streamable-http", scope=self.endpoint_scope, identity=self.identity)
         headers = [(SESSION_HEADER, session.id.encode())]
         stream = PostStream(self, sse_allowed=self.accepts("text/event-stream"), can_request=False, headers=headers)
         reply = await dispatcher.handle_request(self._legacy_context(session, stream), payload)
@@ -148,7 +163,7 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
         await stream.finish([reply])
 
     async def post_legacy(self, payload: Any, session_id: str, version: str | None) -> None:
-        session = await sessions.session_load(session_id)
+        session = await sessions.session_load(session_id, self.identity)
         if session is None or session.scope != self.endpoint_scope:
             await self.send_error(404, jsonrpc.INVALID_REQUEST, "Session not found: it expired or was closed; send initialize again")
             return
@@ -219,6 +234,7 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
             client_info=verdict.client_info if isinstance(verdict.client_info, dict) else {},
             log_level=meta.get("io.modelcontextprotocol/logLevel") or "",
             headers=self.headers_dict(),
+            identity=self.identity,
         )
         reply = await dispatcher.handle_request(ctx, payload)
         await stream.finish([reply], status=jsonrpc.http_status_for(reply))
@@ -259,7 +275,7 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
         if not session_id:
             await self.send_error(400, jsonrpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header required")
             return None
-        session = await sessions.session_load(session_id)
+        session = await sessions.session_load(session_id, self.identity)
         if session is None or session.scope != self.endpoint_scope:
             await self.send_error(404, jsonrpc.INVALID_REQUEST, "Session not found: it expired or was closed; send initialize again")
             return None

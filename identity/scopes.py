@@ -1,0 +1,33 @@
+"""OAuth scopes of the gateway and which MCP methods need which."""
+
+from __future__ import annotations
+
+TOOLS = "mcp:tools"
+RESOURCES = "mcp:resources"
+PROMPTS = "mcp:prompts"
+ADMIN = "admin"
+GATEWAY = "gateway"
+
+SCOPES: dict[str, str] = {
+    TOOLS: "List and call tools",
+    RESOURCES: "List, read and subscribe to resources",
+    PROMPTS: "List and get prompts",
+    ADMIN: "Administer the gateway (REST API)",
+    GATEWAY: "Act as a peer gateway: forward calls on behalf of your own users",
+}
+MCP_SCOPES = (TOOLS, RESOURCES, PROMPTS)
+"""What an MCP host asks for by default (advertised in WWW-Authenticate)."""
+
+_BY_PREFIX = (("tools/", TOOLS), ("resources/", RESOURCES), ("prompts/", PROMPTS))
+
+
+def required_scope(method: str, params: object = None) -> str | None:
+    """Return the scope an MCP method needs, or None if any valid token may call it."""
+    for prefix, scope in _BY_PREFIX:
+        if method.startswith(prefix):
+            return scope
+    if method == "completion/complete":
+        ref = params.get("ref") if isinstance(params, dict) else None
+        kind = ref.get("type") if isinstance(ref, dict) else None
+        return RESOURCES if kind == "ref/resource" else PROMPTS
+    return None

@@ -1,0 +1,147 @@
+"""Bearer tokens as the MCP transports see them: look-up, audience, scopes, and minting."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from urllib.parse import urlsplit
+
+from channels.db import database_sync_to_async
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.utils import timezone
+from datetime import timezone as dt_timezone
+from oauth2_provider.models import AccessToken, Application
+
+from identity import scopes as scope_names
+
+OPERATOR_APPLICATION = "fedmcp operator tokens"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling: the token's user and client, and what it may do."""
+
+    token_id: int
+    user_id: int | None
+    username: str
+    application_id: int | None
+    client_id: str
+    scopes: frozenset[str]
+    expires: datetime
+    federated_issuer: str = ""
+    """Set when a peer gateway asserted the acting user: that user's home gateway."""
+    federated_subject: str = ""
+    via: tuple[str, ...] = field(default=())
+    """Gateways the call came through, oldest first."""
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+ANONYMOUS = Identity(
+    token_id=0, user_id=None, username="", application_id=None, client_id="", scopes=frozenset(scope_names.MCP_SCOPES),
+    expires=datetime.max.replace(tzinfo=dt_timezone.utc),
+)
+
+
+class TokenError(Exception):
+    """The bearer token cannot be used; `error` is the RFC 6750 error code."""
+
+    def __init__(self, description: str, error: str = "invalid_token") -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+
+
+def same_origin(uri: str, base: str) -> bool:
+    """Whether two absolute URIs share scheme, host and port (the audience of this gateway)."""
+    a, b = urlsplit(uri), urlsplit(base)
+    if not a.scheme or not a.hostname or a.username or a.password:
+        return False
+    default = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+    def port(parts: object) -> int | None:
+        return parts.port or default.get(parts.scheme)  # type: ignore[attr-defined]
+
+    return (a.scheme, a.hostname, port(a)) == (b.scheme, b.hostname, port(b))
+
+
+def _authenticate(raw: str, base_url: str) -> Identity:
+    checksum = hashlib.sha256(raw.encode()).hexdigest()
+    token = AccessToken.objects.select_related("user", "application").filter(token_checksum=checksum).first()
+    if token is None:
+        raise TokenError("The access token is unknown or was revoked")
+    if token.is_expired():
+        raise TokenError("The access token expired")
+    audiences = list(token.resource or [])
+    if not audiences:
+        raise TokenError("The access token names no audience; request it with resource=<this gateway's URL>")
+    if not any(same_origin(aud, base_url) for aud in audiences):
+        raise TokenError("The access token was issued for another audience")
+    return Identity(
+        token_id=token.pk,
+        user_id=token.user_id,
+        username=token.user.get_username() if token.user else "",
+        application_id=token.application_id,
+        client_id=token.application.client_id if token.application else "",
+        scopes=frozenset(token.scope.split()),
+        expires=token.expires,
+    )
+
+
+async def authenticate(raw: str, base_url: str) -> Identity:
+    """Return the identity behind a bearer token presented to this gateway at `base_url`.
+
+    Raises:
+        TokenError: unknown, revoked, expired, or for another audience.
+    """
+    return await database_sync_to_async(_authenticate)(raw, base_url)
+
+
+@database_sync_to_async
+def still_valid(identity: Identity) -> bool:
+    """Whether the token behind `identity` still exists and has not expired (revocation check)."""
+    if identity.token_id == 0:
+        return True
+    return AccessToken.objects.filter(pk=identity.token_id, expires__gt=timezone.now()).exists()
+
+
+def operator_application() -> Application:
+    """The application operator tokens (`manage.py token`) belong to."""
+    app, _ = Application.objects.get_or_create(
+        name=OPERATOR_APPLICATION,
+        defaults={
+            "client_type": Application.CLIENT_CONFIDENTIAL,
+            "authorization_grant_type": Application.GRANT_CLIENT_CREDENTIALS,
+            "skip_authorization": True,
+        },
+    )
+    return app
+
+
+def token_create(*, user: AbstractBaseUser, scope: str, expires_in: timedelta, resource: str, application: Application | None = None) -> str:
+    """Mint an access token for `user` with `scope`, valid for `resource`; return the raw token."""
+    unknown = set(scope.split()) - set(scope_names.SCOPES)
+    if unknown:
+        raise ValueError(f"unknown scope(s): {', '.join(sorted(unknown))}; known: {', '.join(scope_names.SCOPES)}")
+    raw = secrets.token_urlsafe(32)
+    AccessToken.objects.create(
+        user=user,
+        application=application or operator_application(),
+        token=raw,
+        expires=timezone.now() + expires_in,
+        scope=scope,
+        resource=[resource],
+    )
+    return raw
+
+
+def user_for_token_command(username: str, *, create: bool) -> AbstractBaseUser:
+    User = get_user_model()
+    if create:
+        user, _ = User.objects.get_or_create(username=username)
+        return user
+    return User.objects.get(username=username)

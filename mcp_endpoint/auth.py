@@ -1,0 +1,119 @@
+"""The edge of every MCP transport: Host/Origin checks, then the bearer token.
+
+Wraps each MCP consumer. Order matters: a request with a foreign Host (421) or Origin (403) is
+refused before anything about tokens is said, so DNS-rebinding probes learn nothing. Then the
+`Authorization: Bearer` token is checked (RFC 6750, RFC 9728): a missing or bad token gets 401
+with `WWW-Authenticate: Bearer resource_metadata="…", scope="…"`. Tokens in the query string are
+refused, as the MCP spec requires. The identity is put in `scope["fedmcp.identity"]`.
+
+WebSocket handshakes cannot carry a 401 through daphne; they are refused (HTTP 403) instead.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qs
+
+from django.conf import settings
+
+from identity import scopes
+from identity.tokens import ANONYMOUS, TokenError, authenticate
+from mcp_endpoint import security
+
+ASGIApp = Any
+
+
+def public_base_url(scope: dict[str, Any]) -> str:
+    """This gateway's origin as hosts address it: FEDMCP_PUBLIC_URL, else from the request."""
+    if settings.FEDMCP_PUBLIC_URL:
+        return settings.FEDMCP_PUBLIC_URL.rstrip("/")
+    scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
+    host = security.header(scope, b"host") or "127.0.0.1"
+    return f"{scheme}://{host}"
+
+
+def resource_metadata_url(scope: dict[str, Any]) -> str:
+    """RFC 9728 path-inserted metadata URL for the endpoint being called."""
+    path = scope.get("path", "/").rstrip("/")
+    return f"{public_base_url(scope)}/.well-known/oauth-protected-resource{path}"
+
+
+def challenge(scope: dict[str, Any], *, error: str | None = None, description: str | None = None, scope_needed: str | None = None) -> str:
+    """Return a `WWW-Authenticate: Bearer` value for this endpoint."""
+    parts = [f'resource_metadata="{resource_metadata_url(scope)}"', f'scope="{scope_needed or " ".join(scopes.MCP_SCOPES)}"']
+    if error:
+        parts.insert(0, f'error="{error}"')
+    if description:
+        parts.append('error_description="{}"'.format(description.replace('"', "'")))
+    return "Bearer " + ", ".join(parts)
+
+
+async def _send_http(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _drain(receive: Any) -> None:
+    """Consume the request body we are refusing, so the server can finish the exchange."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+
+
+class McpEdgeMiddleware:
+    """Host/Origin validation and bearer authentication in front of one MCP consumer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        refusal = security.check_request(scope)
+        if refusal is not None:
+            await self._refuse(scope, receive, send, refusal[0], {"error": "forbidden", "error_description": refusal[1]})
+            return
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if "access_token" in query:
+            await self._refuse(
+                scope, receive, send, 400,
+                {"error": "invalid_request", "error_description": "Tokens in the query string are refused; use the Authorization header"},
+            )
+            return
+        authorization = security.header(scope, b"authorization") or ""
+        kind, _, raw = authorization.partition(" ")
+        if not authorization and settings.FEDMCP_TRANSITIONAL_ANONYMOUS:
+            # TODO(lead): transitional, removed once every test sends a token.
+            await self.app({**scope, "fedmcp.identity": ANONYMOUS}, receive, send)
+            return
+        if kind.lower() != "bearer" or not raw.strip():
+            await self._refuse(
+                scope, receive, send, 401,
+                {"error": "invalid_token", "error_description": "Authentication required: send Authorization: Bearer <token>"},
+                [(b"www-authenticate", challenge(scope).encode())],
+            )
+            return
+        try:
+            identity = await authenticate(raw.strip(), public_base_url(scope))
+        except TokenError as exc:
+            await self._refuse(
+                scope, receive, send, 401,
+                {"error": exc.error, "error_description": exc.description},
+                [(b"www-authenticate", challenge(scope, error=exc.error, description=exc.description).encode())],
+            )
+            return
+        await self.app({**scope, "fedmcp.identity": identity}, receive, send)
+
+    async def _refuse(self, scope: dict[str, Any], receive: Any, send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        if scope["type"] == "websocket":
+            message = await receive()
+            if message["type"] == "websocket.connect":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        await _drain(receive)
+        await _send_http(send, status, body, headers or [])
+
+
+def authenticated(app: ASGIApp) -> McpEdgeMiddleware:
+    return McpEdgeMiddleware(app)
