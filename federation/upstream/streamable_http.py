@@ -234,7 +234,11 @@ class StreamableHttpConnection(UpstreamConnection):
                 message = _loads(raw, self.peer.name)
                 if isinstance(message, dict) and ("result" in message or "error" in message):
                     return message
-            raise UpstreamUnavailableError(f"peer '{self.peer.name}' answered HTTP {response.status_code}")
+            # Say what came instead: "answered HTTP 200" alone reads like success to a host.
+            raise UpstreamUnavailableError(
+                f"peer '{self.peer.name}' answered HTTP {response.status_code} with {content_type or 'no content type'}"
+                " instead of a JSON-RPC response"
+            )
         except httpx.TimeoutException as exc:
             raise UpstreamTimeoutError(f"peer '{self.peer.name}' timed out") from exc
         except httpx.HTTPError as exc:
