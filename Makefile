@@ -27,6 +27,8 @@ $(TOOLS)/.installed: Makefile
 	@touch $@
 
 tools: $(TOOLS)/.installed
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
 
 migrate: venv
 	$(PY) manage.py migrate --noinput

@@ -4,6 +4,10 @@ Every outbound HTTP connection of the gateway goes through `outbound_client()`: 
 timeouts, no redirects, and a guard that refuses private, link-local and loopback addresses
 unless the operator allowed them (`FEDERATION_ALLOW_PRIVATE_IPS`, `FEDERATION_ALLOW_LOOPBACK`).
 Tests replace upstreams at this seam.
+
+Credentials a peer needs (a peer gateway's client-credentials token) come from an
+`AuthProvider` handed to `outbound_client`: its headers go on every request, and a 401 makes it
+refresh and the request is sent once more.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import AsyncGenerator
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -19,6 +25,36 @@ from django.conf import settings
 
 class OutboundAddressError(Exception):
     """The target address is not allowed for outbound calls."""
+
+
+class AuthProvider(Protocol):
+    """Supplies the credentials of one upstream (e.g. `Authorization: Bearer …`)."""
+
+    async def headers(self) -> dict[str, str]:
+        """Return the headers to add to each request.
+
+        Raises:
+            UpstreamError: no credentials can be obtained (e.g. the token endpoint refused).
+        """
+
+    async def refresh(self, rejected: dict[str, str]) -> None:
+        """Forget credentials the upstream refused (`rejected` are the headers it got)."""
+
+
+class ProviderAuth(httpx.Auth):
+    """Adapts an `AuthProvider` to httpx: add its headers; on 401 refresh and retry once."""
+
+    def __init__(self, provider: AuthProvider) -> None:
+        self.provider = provider
+
+    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        sent = await self.provider.headers()
+        request.headers.update(sent)
+        response = yield request
+        if response.status_code == 401:
+            await self.provider.refresh(sent)
+            request.headers.update(await self.provider.headers())
+            yield request
 
 
 def _address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -59,10 +95,11 @@ async def check_url_allowed(url: str) -> None:
             )
 
 
-def outbound_client(*, connect_timeout: float, read_timeout: float) -> httpx.AsyncClient:
+def outbound_client(*, connect_timeout: float, read_timeout: float, auth: AuthProvider | None = None) -> httpx.AsyncClient:
     """Return a new AsyncClient for one upstream; the caller closes it (use `async with`)."""
     timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=connect_timeout, pool=connect_timeout)
     return httpx.AsyncClient(
+        auth=ProviderAuth(auth) if auth is not None else None,
         timeout=timeout,
         follow_redirects=False,
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),

@@ -5,8 +5,12 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from django.core.validators import RegexValidator, URLValidator
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator, RegexValidator, URLValidator
 from django.db import models
+
+from identity.crypto import EncryptedJSONField, EncryptedTextField
 
 PEER_NAME_WORD = r"[a-z0-9]+(?:-[a-z0-9]+)*"
 PEER_NAME_PATTERN = rf"^{PEER_NAME_WORD}\Z"
@@ -48,12 +52,29 @@ class Peer(models.Model):
     )
     command = models.CharField(max_length=1000, blank=True, help_text="Executable, for stdio peers.")
     args = models.JSONField(default=list, blank=True, help_text="Arguments, for stdio peers.")
-    env = models.JSONField(default=dict, blank=True, help_text="Extra environment, for stdio peers.")
+    # Encrypted at rest: stdio servers often take their API keys from the environment.
+    env = EncryptedJSONField(default=dict, blank=True, help_text="Extra environment, for stdio peers.")
     enabled = models.BooleanField(default=True)
     is_gateway = models.BooleanField(
         default=False, help_text="Another fedmcp gateway: its catalog is imported with stable, hop-free names."
     )
     remote_gateway = models.CharField(max_length=48, blank=True, help_text="The peer gateway's own name, learned on sync.")
+    # What this gateway authenticates with at a peer gateway (client credentials, RFC 6749 §4.4).
+    client_id = models.CharField(max_length=255, blank=True, help_text="Client id this gateway has at the peer gateway.")
+    client_secret = EncryptedTextField(blank=True, help_text="Encrypted at rest; never shown.")
+    token_url = models.CharField(
+        max_length=2000,
+        blank=True,
+        validators=[URLValidator(schemes=["http", "https"])],
+        help_text="The peer's token endpoint; discovered from its metadata when blank.",
+    )
+    per_identity = models.BooleanField(
+        default=False,
+        help_text="stdio peers: one process per user (for servers that hold a user's state or credentials) instead of one shared.",
+    )
+    max_processes = models.PositiveIntegerField(
+        default=8, help_text="With per_identity: most processes per worker; the least recently used is stopped beyond it."
+    )
     connect_timeout = models.FloatField(default=10.0, help_text="Seconds to connect and handshake.")
     call_timeout = models.FloatField(default=60.0, help_text="Seconds one call may take.")
 
@@ -80,6 +101,9 @@ class Peer(models.Model):
         """Whether the last health check succeeded (None before the first one)."""
         last = self.health_checks.first()
         return None if last is None else last.ok
+
+    def has_credentials(self) -> bool:
+        return bool(self.client_id)
 
     def target(self) -> str:
         """Return where the peer lives: its URL, or its command line for stdio."""
@@ -150,3 +174,91 @@ class PeerHealthCheck(models.Model):
 
     def __str__(self) -> str:
         return f"{self.peer.name} {'ok' if self.ok else 'failed'} at {self.checked_at:%Y-%m-%d %H:%M:%S}"
+
+
+class RateLimitScope(models.TextChoices):
+    IDENTITY = "identity", "Per identity (each user and client pair has its own bucket)"
+    PEER = "peer", "Per peer (all callers of the peer share one bucket)"
+
+
+class RateLimitQuerySet(models.QuerySet["RateLimit"]):
+    def identity_rules(self) -> RateLimitQuerySet:
+        return self.filter(scope=RateLimitScope.IDENTITY)
+
+    def peer_rules(self) -> RateLimitQuerySet:
+        return self.filter(scope=RateLimitScope.PEER)
+
+
+class RateLimit(models.Model):
+    """A token-bucket limit on the calls this gateway forwards to upstreams.
+
+    Identity rules: a bucket per caller (the token's user and OAuth client). A row naming a
+    user, a client or both sets the rate for matching callers; the most specific row wins
+    (user and client, then user, then client); a row naming neither is the default for
+    everyone else. Peer rules: one bucket per peer, shared by all callers, to protect the
+    upstream; a row without a peer is the default for every peer. No matching row: no limit.
+    """
+
+    scope = models.CharField(max_length=10, choices=RateLimitScope.choices)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="+",
+        help_text="Identity rules: this user only (blank: any user).",
+    )
+    client_id = models.CharField(
+        max_length=255, blank=True, help_text="Identity rules: this OAuth client only (blank: any client)."
+    )
+    peer = models.ForeignKey(
+        Peer, null=True, blank=True, on_delete=models.CASCADE, related_name="rate_limits",
+        help_text="Peer rules: this peer only (blank: the default for every peer).",
+    )
+    rate_per_minute = models.PositiveIntegerField(
+        validators=[MinValueValidator(1)], help_text="Sustained calls per minute (the bucket refills at this rate)."
+    )
+    burst = models.PositiveIntegerField(
+        validators=[MinValueValidator(1)], help_text="Calls allowed at once after a quiet period (the bucket size)."
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = RateLimitQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["scope", "peer__name", "user__username", "client_id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(scope=RateLimitScope.IDENTITY, peer__isnull=True)
+                | models.Q(scope=RateLimitScope.PEER, user__isnull=True, client_id=""),
+                name="ratelimit_target_matches_scope",
+            ),
+            models.UniqueConstraint(
+                fields=["scope"], condition=models.Q(user__isnull=True, client_id="", peer__isnull=True),
+                name="ratelimit_one_default_per_scope",
+            ),
+            models.UniqueConstraint(
+                fields=["user", "client_id"], condition=models.Q(user__isnull=False), name="ratelimit_one_per_user_client"
+            ),
+            models.UniqueConstraint(
+                fields=["client_id"], condition=models.Q(user__isnull=True) & ~models.Q(client_id=""),
+                name="ratelimit_one_per_client",
+            ),
+            models.UniqueConstraint(fields=["peer"], condition=models.Q(peer__isnull=False), name="ratelimit_one_per_peer"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.target()}: {self.rate_per_minute}/min, burst {self.burst}"
+
+    def target(self) -> str:
+        """Say whom the rule applies to, e.g. "user alice, client app" or "every peer"."""
+        if self.scope == RateLimitScope.PEER:
+            return f"peer {self.peer.name}" if self.peer_id else "every peer"
+        parts = []
+        if self.user_id:
+            parts.append(f"user {self.user}")
+        if self.client_id:
+            parts.append(f"client {self.client_id}")
+        return ", ".join(parts) or "every identity"
+
+    def clean(self) -> None:
+        if self.scope == RateLimitScope.IDENTITY and self.peer_id:
+            raise ValidationError({"peer": "Identity rules apply to callers; leave the peer blank."})
+        if self.scope == RateLimitScope.PEER and (self.user_id or self.client_id):
+            raise ValidationError("Peer rules apply to every caller; leave the user and client blank.")

@@ -14,6 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from federation import naming
+from federation.credentials import auth_for, discover_token_url
 from federation.models import CatalogEntry, CatalogKind, Peer, Transport
 from federation.upstream import CONNECTION_KINDS
 from federation.upstream.base import JsonDict, PeerConfig, UpstreamConnection, UpstreamError, modern_meta
@@ -60,10 +61,17 @@ def peer_add(
     connect_timeout: float = 10.0,
     call_timeout: float = 60.0,
     is_gateway: bool = False,
+    per_identity: bool = False,
+    max_processes: int = 8,
+    client_id: str = "",
+    client_secret: str = "",
+    token_url: str = "",
 ) -> Peer:
     """Create a peer after validating it.
 
     `command` is a shell-style command line for stdio peers ("uvx mcp-server-time --x").
+    `client_id`/`client_secret` are this gateway's client credentials at a peer gateway
+    (the secret is stored encrypted); `token_url` is its token endpoint, discovered when blank.
 
     Raises:
         PeerConfigError: a field is invalid or the name is taken.
@@ -80,6 +88,14 @@ def peer_add(
         url = ""
     elif not url:
         raise PeerConfigError(f"a {transport} peer needs --url")
+    if per_identity and transport != Transport.STDIO:
+        raise PeerConfigError("--per-identity applies to stdio peers only")
+    if max_processes < 1:
+        raise PeerConfigError("--max-processes must be at least 1")
+    if bool(client_id) != bool(client_secret):
+        raise PeerConfigError("client credentials need both a client id and a client secret")
+    if client_id and transport == Transport.STDIO:
+        raise PeerConfigError("client credentials are for HTTP, SSE and WebSocket peers")
     peer = Peer(
         name=name,
         transport=transport,
@@ -90,6 +106,11 @@ def peer_add(
         connect_timeout=connect_timeout,
         call_timeout=call_timeout,
         is_gateway=is_gateway,
+        per_identity=per_identity,
+        max_processes=max_processes,
+        client_id=client_id,
+        client_secret=client_secret,
+        token_url=token_url,
     )
     try:
         peer.full_clean()
@@ -101,6 +122,40 @@ def peer_add(
 
 def peer_remove(*, peer: Peer) -> None:
     peer.delete()
+
+
+def peer_set_credentials(*, peer: Peer, client_id: str, client_secret: str, token_url: str = "") -> Peer:
+    """Replace (or, with empty values, remove) the client credentials this gateway has at a peer.
+
+    Workers pick them up with the peer's next configuration snapshot: the pool retires
+    connections made with the old one.
+
+    Raises:
+        PeerConfigError: only one of id and secret given, or the peer is a stdio process.
+    """
+    if bool(client_id) != bool(client_secret):
+        raise PeerConfigError("client credentials need both a client id and a client secret")
+    if client_id and peer.transport == Transport.STDIO:
+        raise PeerConfigError("client credentials are for HTTP, SSE and WebSocket peers")
+    peer.client_id, peer.client_secret, peer.token_url = client_id, client_secret, token_url
+    try:
+        peer.full_clean()
+    except ValidationError as exc:
+        raise PeerConfigError("; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())) from exc
+    peer.save(update_fields=["client_id", "client_secret", "token_url", "updated_at"])
+    return peer
+
+
+async def peer_discover_token_url(*, peer: Peer) -> str:
+    """Discover the token endpoint of a peer with client credentials and store it.
+
+    Raises:
+        PeerCredentialsError: the peer's RFC 9728 / RFC 8414 metadata does not lead to one.
+    """
+    token_url = await discover_token_url(peer.url)
+    peer.token_url = token_url
+    await Peer.objects.filter(pk=peer.pk).aupdate(token_url=token_url)
+    return token_url
 
 
 async def _list_all(connection: UpstreamConnection, method: str, key: str) -> list[JsonDict]:
@@ -237,7 +292,8 @@ async def peer_sync_catalog(*, peer: Peer, connection: UpstreamConnection | None
             report.errors["connect"] = f"transport {peer.transport!r} is not supported yet"
             await _record_error(peer, report.errors["connect"])
             return report
-        connection = kind(PeerConfig.from_peer(peer))
+        config = PeerConfig.from_peer(peer)
+        connection = kind(config, auth=auth_for(config))
     try:
         if owned:
             await connection.start()

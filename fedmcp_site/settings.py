@@ -7,10 +7,12 @@ setup where several workers share state.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -141,13 +143,24 @@ _default_sqlite = f"sqlite:///{BASE_DIR / 'var' / 'fedmcp.sqlite3'}"
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL") or _default_sqlite,
-        conn_max_age=env_int("FEDMCP_DB_CONN_MAX_AGE", 0),
+        # Keep connections: without, every database_sync_to_async call reconnects (a PostgreSQL
+        # connection costs ~6 ms; SQLite re-registers its functions), several times per MCP call.
+        conn_max_age=env_int("FEDMCP_DB_CONN_MAX_AGE", 60),
+        conn_health_checks=True,
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     (BASE_DIR / "var").mkdir(exist_ok=True)
     # Several workers may touch one SQLite file in tests; wait for locks instead of failing.
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+    # Every forwarded call commits (the audit row). In the default rollback-journal mode each
+    # commit waits for fsyncs (~15 ms on a VM disk, measured by `make bench`); WAL with
+    # synchronous=NORMAL commits without an fsync, stays consistent after a crash, and lets
+    # readers run beside the writer. IMMEDIATE transactions take the write lock at BEGIN, so a
+    # transaction that reads and then writes waits for another writer instead of failing with
+    # "database is locked" (Django's advice for SQLite under concurrency).
+    DATABASES["default"]["OPTIONS"]["init_command"] = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL"
+    DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer --------------------------------------------------------------------------
@@ -208,8 +221,6 @@ MCP_SESSION_IDLE_TIMEOUT = env_int("FEDMCP_SESSION_IDLE_TIMEOUT", 24 * 3600)
 # This gateway's public origin (e.g. https://mcp.example.org). Tokens must name it as their
 # audience (RFC 8707 resource). Unset: derived from each request's scheme and Host.
 FEDMCP_PUBLIC_URL = os.environ.get("FEDMCP_PUBLIC_URL", "")
-# TODO(lead): transitional test switch while the test suite moves to real tokens; removed before landing.
-FEDMCP_TRANSITIONAL_ANONYMOUS = env_bool("FEDMCP_TRANSITIONAL_ANONYMOUS", False)
 
 OAUTH2_PROVIDER = {
     "SCOPES": {
@@ -233,7 +244,44 @@ OAUTH2_PROVIDER = {
     "COMPLIANT_BCP_RFC9700_REDIRECT_URI_MATCHING": True,
     "COMPLIANT_BCP_RFC9700_TOKEN_STORAGE": True,
     "COMPLIANT_BCP_RFC9700_REFRESH_TOKEN": True,
+    "COMPLIANT_BCP_RFC9700_ACCESS_TOKEN_TRANSPORT": True,
+    # Redirect URIs match exactly and are https or loopback http; tokens are only minted for
+    # this gateway's origin (the default audience when a client names none).
+    "OAUTH2_VALIDATOR_CLASS": "identity.oauth_validators.GatewayOAuth2Validator",
+    # Refresh tokens rotate on every use; an unused one lapses after this long.
+    "REFRESH_TOKEN_EXPIRE_SECONDS": env_int("FEDMCP_REFRESH_TOKEN_SECONDS", 30 * 86400),
+    # The issuer: FEDMCP_PUBLIC_URL when set, else the origin each request came to.
+    "OIDC_ISS_ENDPOINT": FEDMCP_PUBLIC_URL.rstrip("/"),
+    # Clients register themselves: Client ID Metadata Documents (an https client_id that is
+    # the URL of its metadata) and, for older clients, open RFC 7591 registration.
+    "CIMD_ENABLED": True,
+    "DCR_ENABLED": True,
+    "DCR_REGISTRATION_PERMISSION_CLASSES": ("oauth2_provider.dcr.AllowAllDCRPermission",),
+    # What RFC 8414 metadata advertises: only what is served.
+    "OAUTH2_RESPONSE_TYPES_SUPPORTED": ["code"],
+    "OAUTH2_GRANT_TYPES_SUPPORTED": ["authorization_code", "refresh_token", "client_credentials"],
+    "OAUTH2_TOKEN_ENDPOINT_AUTH_METHODS_SUPPORTED": ["none", "client_secret_basic", "client_secret_post"],
 }
+# People sign in on the gateway's own page (the consent page needs a signed-in user).
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "index"
+LOGOUT_REDIRECT_URL = "login"
+
+# --- Gateway trust and secrets at rest ------------------------------------------------------
+# Fernet keys that encrypt peer secrets in the database, comma-separated; the first encrypts,
+# all decrypt. Rotate: put a new key first, run `manage.py rotate_secrets`, drop the old one.
+# Unset: a key generated on first use into var/secrets_key (never committed).
+FEDMCP_SECRETS_KEYS = env_secret("FEDMCP_SECRETS_KEYS") or ""
+# Ed25519 private key (PEM) that signs the identity assertions this gateway sends to peer
+# gateways; its public half is served at /.well-known/jwks.json. Unset: var/signing_key.pem.
+FEDMCP_SIGNING_KEY = env_secret("FEDMCP_SIGNING_KEY") or ""
+# The `iss` of those assertions; peer gateways trust it by this exact value.
+FEDMCP_ISSUER = (os.environ.get("FEDMCP_ISSUER") or FEDMCP_PUBLIC_URL).rstrip("/")
+# Lifetime of one assertion (seconds, at most 60) and how long peers' JWKS are cached.
+FEDMCP_ASSERTION_LIFETIME = min(env_int("FEDMCP_ASSERTION_LIFETIME", 60), 60)
+FEDMCP_JWKS_CACHE_SECONDS = env_int("FEDMCP_JWKS_CACHE_SECONDS", 300)
+# DOT's default, named so migrations of models that point at OAuth applications can refer to it.
+OAUTH2_PROVIDER_APPLICATION_MODEL = "oauth2_provider.Application"
 
 # --- Federation -----------------------------------------------------------------------------
 # Outbound calls to private and loopback addresses are refused unless allowed. The embedded
@@ -258,11 +306,56 @@ FEDERATION_HEALTH_INTERVAL = env_float("FEDERATION_HEALTH_INTERVAL", 30.0)
 FEDERATION_REFRESH_INTERVAL = env_float("FEDERATION_REFRESH_INTERVAL", 300.0)
 FEDERATION_HEALTH_HISTORY = env_int("FEDERATION_HEALTH_HISTORY", 200)
 
+# --- Rate limits ----------------------------------------------------------------------------
+# Token buckets on forwarded calls, per identity and per peer; the rules are RateLimit rows in
+# the admin (no row: no limit). Buckets live in Redis when REDIS_URL is set, else in memory.
+FEDMCP_RATE_LIMITS_ENABLED = env_bool("FEDMCP_RATE_LIMITS_ENABLED", True)
+# How long each worker keeps the rules before reading them again (seconds).
+FEDMCP_RATE_LIMIT_CACHE_SECONDS = env_float("FEDMCP_RATE_LIMIT_CACHE_SECONDS", 10.0)
+# Redis key prefix of the buckets.
+FEDMCP_RATE_LIMIT_PREFIX = os.environ.get("FEDMCP_RATE_LIMIT_PREFIX") or f"{os.environ.get('FEDMCP_REDIS_PREFIX', 'fedmcp')}:ratelimit"
+
+# --- Operations: metrics, readiness, shutdown, logs ---------------------------------------------
+# Who may read /metrics: client addresses in these networks (daphne's peer address; see
+# docs/DEPLOYMENT.md before enabling --proxy-headers). Each worker serves its own.
+FEDMCP_METRICS_ALLOWED_NETWORKS = env_list("FEDMCP_METRICS_ALLOWED_NETWORKS", ["127.0.0.0/8", "::1/128"])
+for _network in FEDMCP_METRICS_ALLOWED_NETWORKS:
+    try:
+        ipaddress.ip_network(_network, strict=False)
+    except ValueError as _exc:
+        raise ImproperlyConfigured(f"FEDMCP_METRICS_ALLOWED_NETWORKS: {_network!r} is not a network") from _exc
+# Bound on each /readyz check (seconds).
+FEDMCP_READYZ_TIMEOUT = env_float("FEDMCP_READYZ_TIMEOUT", 2.0)
+# On SIGTERM a worker stops accepting connections and gives requests in progress this long to
+# finish (seconds) before cancelling them; keep the orchestrator's kill timeout above it.
+FEDMCP_SHUTDOWN_GRACE = env_float("FEDMCP_SHUTDOWN_GRACE", 25.0)
+# Behind a TLS-terminating load balancer (docs/DEPLOYMENT.md): the public origin is trusted for
+# CSRF (admin, sign-in and consent forms), cookies are Secure when it is https, and, only when
+# the balancer overwrites X-Forwarded-Proto, Django may believe it for request.is_secure().
+if FEDMCP_PUBLIC_URL:
+    _public = urlsplit(FEDMCP_PUBLIC_URL)
+    CSRF_TRUSTED_ORIGINS = [f"{_public.scheme}://{_public.netloc}"]
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = _public.scheme == "https"
+if env_bool("FEDMCP_TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# One log line per forwarded call (logger fedmcp.calls, level INFO).
+FEDMCP_CALL_LOG = env_bool("FEDMCP_CALL_LOG", True)
+# "plain" (human-readable) or "json" (one object per line, for log shippers).
+FEDMCP_LOG_FORMAT = os.environ.get("FEDMCP_LOG_FORMAT") or "plain"
+if FEDMCP_LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"FEDMCP_LOG_FORMAT must be 'plain' or 'json', got {FEDMCP_LOG_FORMAT!r}")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_context": {"()": "fedmcp_site.observability.ContextFilter"}},
+    "formatters": {
+        "plain": {"()": "fedmcp_site.observability.PlainFormatter"},
+        "json": {"()": "fedmcp_site.observability.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": FEDMCP_LOG_FORMAT, "filters": ["request_context"]},
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("FEDMCP_LOG_LEVEL", "INFO")},
     "loggers": {
         "daphne": {"level": "WARNING"},

@@ -1,12 +1,16 @@
-"""Django URLs: the admin and the health endpoints (MCP transports are routed in asgi.py)."""
+"""Django URLs: the admin, OAuth (identity.urls) and the health endpoints (MCP transports are routed in asgi.py)."""
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 from fedmcp_site import views
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
+    path("metrics", views.metrics_view, name="metrics"),
+    path("", include("identity.urls")),
+    path("", include("identity.jwks_urls")),
     path("", views.index, name="index"),
 ]

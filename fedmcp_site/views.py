@@ -1,16 +1,41 @@
-"""Small site-wide views: the landing page and the liveness probe."""
+"""Small site-wide views: the landing page, the liveness and readiness probes, the metrics."""
 
 from __future__ import annotations
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from federation.models import Peer
+from fedmcp_site import lifecycle, metrics
 
 
 def healthz(request: HttpRequest) -> HttpResponse:
     """Liveness: the process answers and the database is reachable."""
     return JsonResponse({"status": "ok", "peers": Peer.objects.count()})
+
+
+@never_cache
+@require_GET
+async def readyz(request: HttpRequest) -> HttpResponse:
+    """Readiness: database, migrations and channel layer answer, and the worker is not draining.
+
+    200 when this worker should get traffic, 503 otherwise; the JSON body says which check
+    failed.
+    """
+    ready, report = await lifecycle.readiness()
+    return JsonResponse(report, status=200 if ready else 503)
+
+
+@never_cache
+@require_GET
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """This worker's Prometheus metrics, for clients in FEDMCP_METRICS_ALLOWED_NETWORKS only."""
+    if not metrics.scrape_allowed(request.META.get("REMOTE_ADDR")):
+        return HttpResponse("Forbidden: /metrics is served to the monitoring network only\n", status=403, content_type="text/plain")
+    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
 
 
 def index(request: HttpRequest) -> HttpResponse:

@@ -12,8 +12,7 @@ from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.utils import timezone
-from datetime import timezone as dt_timezone
-from oauth2_provider.models import AccessToken, Application
+from oauth2_provider.models import AccessToken, Application, set_token_value
 
 from identity import scopes as scope_names
 
@@ -39,12 +38,6 @@ class Identity:
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
-
-
-ANONYMOUS = Identity(
-    token_id=0, user_id=None, username="", application_id=None, client_id="", scopes=frozenset(scope_names.MCP_SCOPES),
-    expires=datetime.max.replace(tzinfo=dt_timezone.utc),
-)
 
 
 class TokenError(Exception):
@@ -104,8 +97,6 @@ async def authenticate(raw: str, base_url: str) -> Identity:
 @database_sync_to_async
 def still_valid(identity: Identity) -> bool:
     """Whether the token behind `identity` still exists and has not expired (revocation check)."""
-    if identity.token_id == 0:
-        return True
     return AccessToken.objects.filter(pk=identity.token_id, expires__gt=timezone.now()).exists()
 
 
@@ -128,14 +119,16 @@ def token_create(*, user: AbstractBaseUser, scope: str, expires_in: timedelta, r
     if unknown:
         raise ValueError(f"unknown scope(s): {', '.join(sorted(unknown))}; known: {', '.join(scope_names.SCOPES)}")
     raw = secrets.token_urlsafe(32)
-    AccessToken.objects.create(
+    token = AccessToken(
         user=user,
         application=application or operator_application(),
-        token=raw,
         expires=timezone.now() + expires_in,
         scope=scope,
         resource=[resource],
     )
+    # As DOT does when it issues a token: only the checksum is stored (RFC 9700 token storage).
+    set_token_value(token, raw)
+    token.save()
     return raw
 
 

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs
 from django.conf import settings
 
 from identity import scopes
-from identity.tokens import ANONYMOUS, TokenError, authenticate
+from identity.tokens import TokenError, authenticate
 from mcp_endpoint import security
 
 ASGIApp = Any
@@ -83,10 +83,6 @@ class McpEdgeMiddleware:
             return
         authorization = security.header(scope, b"authorization") or ""
         kind, _, raw = authorization.partition(" ")
-        if not authorization and settings.FEDMCP_TRANSITIONAL_ANONYMOUS:
-            # TODO(lead): transitional, removed once every test sends a token.
-            await self.app({**scope, "fedmcp.identity": ANONYMOUS}, receive, send)
-            return
         if kind.lower() != "bearer" or not raw.strip():
             await self._refuse(
                 scope, receive, send, 401,

@@ -16,10 +16,14 @@ from mcp_types.methods import validate_client_request
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 from pydantic import ValidationError
 
+from fedmcp_site import observability
+from identity import trust
 from identity.scopes import required_scope
+from identity.tokens import Identity
 from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
+from mcp_endpoint.forwarding import HOPS_META_KEY
 from mcp_endpoint.methods import METHODS
 
 logger = logging.getLogger(__name__)
@@ -77,10 +81,23 @@ async def call(ctx: HostContext, method: str, params: JsonDict) -> JsonDict:
         if ctx.session is None or not ctx.session.protocol_version:
             raise jsonrpc.InvalidRequestError("Session not initialized: send initialize first")
     validate_params(method, ctx.protocol_version, params)
+    ctx.identity = await _acting_identity(ctx, method)
     needed = required_scope(method, params)
     if needed is not None and (ctx.identity is None or not ctx.identity.has_scope(needed)):
         raise jsonrpc.InsufficientScopeError(f"Insufficient scope: {method} needs the '{needed}' scope", {"requiredScope": needed})
     return await spec.handler(ctx, params)
+
+
+async def _acting_identity(ctx: HostContext, method: str) -> Identity | None:
+    """Return who acts: the caller, or the user a trusted peer gateway asserts (identity/trust.py).
+
+    Raises:
+        InvalidAssertionError: a peer gateway's assertion is missing or not acceptable.
+    """
+    try:
+        return await trust.identity_for_call(caller=ctx.identity, method=method, meta=ctx.meta, hops=ctx.meta.get(HOPS_META_KEY))
+    except trust.AssertionRejectedError as exc:
+        raise jsonrpc.InvalidAssertionError(f"Invalid identity assertion: {exc.description}", {"reason": exc.reason}) from exc
 
 
 async def handle_request(ctx: HostContext, message: JsonDict) -> JsonDict:
@@ -96,15 +113,17 @@ async def handle_request(ctx: HostContext, message: JsonDict) -> JsonDict:
     ctx.request_id = request_id
     meta = params.get("_meta")
     ctx.meta = meta if isinstance(meta, dict) else {}
-    try:
-        result = await call(ctx, message["method"], params)
-    except jsonrpc.JsonRpcError as exc:
-        return jsonrpc.error_response(request_id, exc.to_error())
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        logger.exception("internal error answering %s", message.get("method"))
-        return jsonrpc.error_response(request_id, jsonrpc.JsonRpcError().to_error())
+    # Logs while this runs carry the request id (and it travels on to peer gateways).
+    with observability.request_scope(ctx, message["method"]):
+        try:
+            result = await call(ctx, message["method"], params)
+        except jsonrpc.JsonRpcError as exc:
+            return jsonrpc.error_response(request_id, exc.to_error())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("internal error answering %s", message.get("method"))
+            return jsonrpc.error_response(request_id, jsonrpc.JsonRpcError().to_error())
     return jsonrpc.response(request_id, result)
 
 

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from django.conf import settings
 
+from federation import ratelimit
+from federation.credentials import peer_audience
 from federation.health import CircuitOpenError, breakers
 from federation.pool import pool
 from federation.router import Route
 from federation.upstream.base import (
     JsonDict,
+    PeerConfig,
     UpstreamConnection,
     UpstreamError,
     UpstreamProtocolError,
@@ -32,6 +36,10 @@ from federation.upstream.base import (
     error_reply,
     modern_meta,
 )
+from fedmcp_site import metrics, observability
+from identity.audit import audit_record
+from identity.signing import AssertionConfigError, assertion_create
+from identity.trust import ASSERTION_META_KEY, assertion_subject
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
@@ -74,17 +82,45 @@ def incoming_hops(ctx: HostContext) -> list[str]:
     return hops
 
 
-def upstream_params(ctx: HostContext, connection: UpstreamConnection, params: JsonDict, hops: list[str] | None = None) -> JsonDict:
+def gateway_meta(ctx: HostContext, peer: PeerConfig, hops: list[str]) -> JsonDict:
+    """Return fedmcp's own `_meta` keys for a request to a peer gateway.
+
+    The hop record extended with this gateway, and, when this gateway holds credentials at
+    the peer, a fresh signed assertion of the acting user (identity/signing.py): the peer
+    learns who acts from it, never from the host's token, which stays here.
+
+    Raises:
+        UpstreamFailedError: the acting user cannot be asserted (nobody to name, or no issuer).
+    """
+    via = [*hops, settings.FEDMCP_GATEWAY_NAME]
+    meta: JsonDict = {HOPS_META_KEY: via}
+    if peer.client_id:
+        subject = assertion_subject(ctx.identity) if ctx.identity is not None else ""
+        if not subject:
+            raise jsonrpc.UpstreamFailedError(f"peer '{peer.name}' needs to know the acting user, and this call has none")
+        try:
+            meta[ASSERTION_META_KEY] = assertion_create(
+                subject=subject, audience=peer_audience(peer.url), client_id=ctx.identity.client_id, via=via
+            )
+        except AssertionConfigError as exc:
+            raise jsonrpc.UpstreamFailedError(str(exc)) from exc
+    return meta
+
+
+def upstream_params(ctx: HostContext, connection: UpstreamConnection, params: JsonDict, fedmcp_meta: JsonDict | None = None) -> JsonDict:
     """Return the params to send upstream: the host's, with `_meta` fitted to the upstream's era.
 
-    `hops` (the record extended with this gateway) is added only for peer gateways; other
-    upstreams never see fedmcp's own keys.
+    `fedmcp_meta` (`gateway_meta`) is added only for peer gateways; other upstreams never see
+    fedmcp's own keys, and whatever a host put under them is dropped.
     """
     params = dict(params)
     host_meta = params.pop("_meta", None)
     meta: JsonDict = {k: v for k, v in host_meta.items() if not k.startswith(FEDMCP_META_PREFIX)} if isinstance(host_meta, dict) else {}
-    if hops is not None:
-        meta[HOPS_META_KEY] = hops
+    if fedmcp_meta:
+        meta.update(fedmcp_meta)
+        if request_id := observability.current_request_id():
+            # The far gateway logs this request under the same id.
+            meta[observability.REQUEST_ID_META_KEY] = request_id
     if connection.era == "modern":
         if ctx.era == "legacy":
             # Bridged: the envelope speaks for the host, from what its session declared. A
@@ -187,7 +223,7 @@ async def _bridge_input_required(
             if "error" in reply:
                 _raise_upstream_error(ctx, method, reply["error"])
             responses[key] = reply["result"]
-        retry = dict(params)
+        retry = _with_fresh_assertion(ctx, connection.peer, params)
         retry["inputResponses"] = responses
         if "requestState" in result:
             retry["requestState"] = result["requestState"]
@@ -198,10 +234,30 @@ async def _bridge_input_required(
     raise jsonrpc.UpstreamFailedError("the upstream kept asking for input; giving up")
 
 
+def _with_fresh_assertion(ctx: HostContext, peer: PeerConfig, params: JsonDict) -> JsonDict:
+    """Copy `params` for a resend; an assertion is single-use, so a resend gets a new one."""
+    params = dict(params)
+    meta = params.get("_meta")
+    if isinstance(meta, dict) and ASSERTION_META_KEY in meta:
+        hops = meta.get(HOPS_META_KEY) or []
+        params["_meta"] = {**meta, **gateway_meta(ctx, peer, hops[:-1])}
+    return params
+
+
+def identity_key(ctx: HostContext) -> str:
+    """A stable key for the acting user (for peers that run one process per identity)."""
+    identity = ctx.identity
+    if identity is None:
+        return ""
+    if identity.federated_issuer:
+        return f"{identity.federated_issuer}#{identity.federated_subject}"
+    return f"user:{identity.user_id}" if identity.user_id is not None else f"client:{identity.client_id}"
+
+
 async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDict, hops: list[str]) -> JsonDict:
     """One attempt: send the request on a warm connection and return its result."""
-    connection = await pool.get(route.peer, prefer=ctx.era)
-    sent = upstream_params(ctx, connection, params, [*hops, settings.FEDMCP_GATEWAY_NAME] if route.peer.is_gateway else None)
+    connection = await pool.get(route.peer, prefer=ctx.era, identity_key=identity_key(ctx))
+    sent = upstream_params(ctx, connection, params, gateway_meta(ctx, route.peer, hops) if route.peer.is_gateway else None)
     relay = relay_to(ctx)
     reply = await connection.request(method, sent, on_message=relay)
     if "error" in reply:
@@ -214,7 +270,48 @@ async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDic
     return result
 
 
+@metrics.instrument_forward
 async def forward(ctx: HostContext, route: Route, method: str, params: JsonDict) -> JsonDict:
+    """Send `method` to the route's peer (`_forward`) and record the call in the audit trail.
+
+    Raises:
+        JsonRpcError: the upstream answered an error, or could not be used.
+    """
+    started = time.monotonic()
+    error_code: int | None = None
+    try:
+        return await _forward(ctx, route, method, params)
+    except jsonrpc.JsonRpcError as exc:
+        error_code = exc.code
+        raise
+    except asyncio.CancelledError:
+        error_code = jsonrpc.REQUEST_CANCELLED
+        raise
+    except BaseException:
+        error_code = jsonrpc.INTERNAL_ERROR
+        raise
+    finally:
+        audit_record(
+            identity=ctx.identity,
+            peer=route.peer.name,
+            method=method,
+            name=_audited_name(method, params),
+            error_code=error_code,
+            latency_ms=(time.monotonic() - started) * 1000,
+        )
+
+
+def _audited_name(method: str, params: JsonDict) -> str:
+    """The tool, prompt or resource a call is about, as the peer knows it."""
+    if method == "completion/complete":
+        ref = params.get("ref") if isinstance(params.get("ref"), dict) else {}
+        value = ref.get("name") or ref.get("uri")
+    else:
+        value = params.get("uri") if method == "resources/read" else params.get("name")
+    return value if isinstance(value, str) else ""
+
+
+async def _forward(ctx: HostContext, route: Route, method: str, params: JsonDict) -> JsonDict:
     """Send `method` to the route's peer and return the result shaped for the host's era.
 
     Transport failures count against the peer's circuit breaker. Methods without side effects
@@ -225,6 +322,13 @@ async def forward(ctx: HostContext, route: Route, method: str, params: JsonDict)
         JsonRpcError: the upstream answered an error, or could not be used.
     """
     hops = incoming_hops(ctx)
+    try:
+        await ratelimit.check_call(identity=ctx.identity, peer=route.peer)
+    except ratelimit.RateLimitExceededError as exc:
+        raise jsonrpc.RateLimitedError(
+            f"Rate limit exceeded ({exc.scope}): retry in {exc.retry_after_ms} ms",
+            {"retryAfterMs": exc.retry_after_ms, "scope": exc.scope},
+        ) from exc
     breaker = breakers.for_peer(route.peer)
     attempts = 2 if method in SAFE_TO_RETRY else 1
     for attempt in range(1, attempts + 1):

@@ -21,7 +21,7 @@ from federation.services import GATEWAY_CAPABILITY
 from federation.upstream.base import UpstreamError
 from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.context import HostContext
-from mcp_endpoint.forwarding import forward
+from mcp_endpoint.forwarding import forward, gateway_meta, incoming_hops
 
 JsonDict = dict[str, Any]
 GATEWAY_VERSION = "0.1.0"
@@ -254,7 +254,11 @@ async def _upstream_subscription(ctx: HostContext, route: Route, method: str) ->
     resources = connection.description.capabilities.get("resources") or {}
     if connection.era != "legacy" or not resources.get("subscribe"):
         return
-    reply = await connection.request(method, {"uri": route.upstream_name})
+    params: JsonDict = {"uri": route.upstream_name}
+    if route.peer.is_gateway:
+        # A peer gateway subscribes on behalf of a user, like any call it takes.
+        params["_meta"] = gateway_meta(ctx, route.peer, incoming_hops(ctx))
+    reply = await connection.request(method, params)
     if "error" in reply:
         raise jsonrpc.UpstreamFailedError(f"peer '{route.peer.name}' refused {method}: {reply['error'].get('message', 'error')}")
 

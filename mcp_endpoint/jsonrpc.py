@@ -30,6 +30,10 @@ INSUFFICIENT_SCOPE = -32013
 """Implementation-defined: the token lacks the scope this method needs (HTTP 403 on Streamable HTTP)."""
 TOKEN_REVOKED = -32014
 """Implementation-defined: the token was revoked or expired while the connection stayed open."""
+INVALID_ASSERTION = -32015
+"""Implementation-defined: a peer gateway's identity assertion is missing or not acceptable; `data.reason` says why."""
+RATE_LIMITED = -32016
+"""Implementation-defined: a rate limit refused the call; `data.retryAfterMs` says when to retry (HTTP 429 on Streamable HTTP)."""
 HEADER_MISMATCH = codes.HEADER_MISMATCH
 """An HTTP routing header disagrees with the body (-32020)."""
 MISSING_REQUIRED_CLIENT_CAPABILITY = codes.MISSING_REQUIRED_CLIENT_CAPABILITY
@@ -93,6 +97,16 @@ class FederationLoopError(JsonRpcError):
 class InsufficientScopeError(JsonRpcError):
     code = INSUFFICIENT_SCOPE
     default_message = "Insufficient scope"
+
+
+class RateLimitedError(JsonRpcError):
+    code = RATE_LIMITED
+    default_message = "Rate limit exceeded"
+
+
+class InvalidAssertionError(JsonRpcError):
+    code = INVALID_ASSERTION
+    default_message = "Invalid identity assertion"
 
 
 class CancelledError(JsonRpcError):

@@ -7,6 +7,12 @@ from consumers subclass `AsgiTestCase`: consumers reach the ORM through
 the per-process upstream pool and flushes the channel layer at the end of every async test,
 inside that test's loop, so no stdio child, HTTP client or channel outlives its test.
 
+Every MCP transport requires a bearer token. `AsgiTestCase.setUp` creates alice and mints her
+a token with all MCP scopes; the helpers here (`http`, `HttpExchange` via `McpClient.headers`,
+`McpClient`, `SseClient`, `ws_communicator`) send it unless told otherwise: pass `token=` for
+another one, or the header `{"authorization": None}` to send none. Mint more with
+`mint_token` (audience: the origin the in-process app sees, `AUDIENCE`).
+
 Don't use `self.subTest` in async tests: a failing subtest is reported from the event loop's
 thread, where pytest-timeout's signal timer cannot be cancelled and the report crashes. Make
 one test per row instead (see tests/mcp_endpoint/test_bad_inputs.py), or collect the
@@ -16,24 +22,34 @@ mismatches and assert once.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import ApplicationCommunicator, WebsocketCommunicator
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
 from django.test import TransactionTestCase
 from mcp_types.version import LATEST_HANDSHAKE_VERSION, LATEST_MODERN_VERSION
+from oauth2_provider.models import AccessToken, Application
 
 from federation import naming
 from federation.models import CatalogEntry, CatalogKind, Peer, Transport
 from federation.pool import pool
 from federation.services import peer_add, peer_sync_catalog
 from fedmcp_site.asgi import application
+from identity import scopes
+from identity.tokens import token_create
+from mcp_endpoint.auth import public_base_url
 
 HOST = "127.0.0.1"
 ORIGIN = f"http://{HOST}"
@@ -46,6 +62,66 @@ TIMEOUT = 5.0
 JsonDict = dict[str, Any]
 Headers = dict[str, str | None]
 """Request headers by name; a None value removes a default header."""
+
+
+# --- personas and tokens -------------------------------------------------------------------------
+
+ALICE = "alice"
+"""The host user every helper acts as by default."""
+BOB = "bob"
+"""Another host user: owns nothing of alice's."""
+MCP_SCOPE = " ".join(scopes.MCP_SCOPES)
+
+_default_token: str | None = None
+"""Alice's token for the running test (set by `AsgiTestCase.setUp`); helpers send it by default."""
+
+
+def audience() -> str:
+    """The origin the in-process app answers as (RFC 8707 audience of its tokens)."""
+    return public_base_url(http_scope("POST", "/mcp", {"host": HOST}))
+
+
+def persona(username: str) -> AbstractBaseUser:
+    user, _ = get_user_model().objects.get_or_create(username=username)
+    return user
+
+
+def mint_token(
+    username: str = ALICE,
+    *,
+    scope: str = MCP_SCOPE,
+    expires_in: timedelta = timedelta(hours=1),
+    resource: str | None = None,
+    application: Application | None = None,
+) -> str:
+    """Mint an access token for `username` (created if needed); return the raw token.
+
+    The audience is this app's origin unless `resource` names another; a negative `expires_in`
+    gives an expired token. Sync ORM: call it from `setUp`, or through `amint_token`.
+    """
+    return token_create(
+        user=persona(username),
+        scope=scope,
+        expires_in=expires_in,
+        resource=resource or audience(),
+        application=application,
+    )
+
+
+amint_token = database_sync_to_async(mint_token)
+
+
+@database_sync_to_async
+def revoke_token(raw: str) -> None:
+    """Revoke an access token as DOT does (the row is deleted)."""
+    checksum = hashlib.sha256(raw.encode()).hexdigest()
+    AccessToken.objects.get(token_checksum=checksum).revoke()
+
+
+def bearer(token: str | None = None) -> Headers:
+    """The `Authorization` header for `token` (default: the running test's alice token)."""
+    token = token or _default_token
+    return {"authorization": f"Bearer {token}" if token else None}
 
 
 # --- raw ASGI HTTP -------------------------------------------------------------------------------
@@ -90,15 +166,17 @@ def _header_list(headers: Headers) -> list[tuple[bytes, bytes]]:
 
 
 def http_scope(method: str, path: str, headers: Headers) -> JsonDict:
+    """An ASGI HTTP scope; `path` may carry a query string."""
+    parts = urlsplit(path)
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
         "method": method,
         "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
+        "path": parts.path,
+        "raw_path": parts.path.encode(),
+        "query_string": parts.query.encode("latin-1"),
         "headers": _header_list(headers),
         "client": ("127.0.0.1", 50000),
         "server": (HOST, 80),
@@ -164,15 +242,27 @@ class HttpExchange:
             body += await self.chunk(timeout)
         return Reply(self.status, self.headers, body)
 
+    async def next_sse(self, timeout: float = TIMEOUT) -> tuple[str, str] | None:
+        """Return the next SSE event as (event name, data), or None when the response ends.
+
+        Blocks without data (keep-alive comments) are skipped.
+        """
+        while True:
+            while "\n\n" not in self._buffer:
+                if self.finished:
+                    return None
+                self._buffer += (await self.chunk(timeout)).decode()
+            block, self._buffer = self._buffer.split("\n\n", 1)
+            lines = block.split("\n")
+            data = [line[5:].lstrip(" ") for line in lines if line.startswith("data:")]
+            if data:
+                names = [line[6:].strip() for line in lines if line.startswith("event:")]
+                return (names[0] if names else "message"), "\n".join(data)
+
     async def next_event(self, timeout: float = TIMEOUT) -> JsonDict | None:
         """Return the next JSON-RPC message on an SSE response, or None when it ends."""
-        while "\n\n" not in self._buffer:
-            if self.finished:
-                return None
-            self._buffer += (await self.chunk(timeout)).decode()
-        block, self._buffer = self._buffer.split("\n\n", 1)
-        data = _sse_data(block + "\n\n")
-        return json.loads(data[0]) if data else await self.next_event(timeout)
+        event = await self.next_sse(timeout)
+        return json.loads(event[1]) if event is not None else None
 
 
 async def http(
@@ -184,8 +274,11 @@ async def http(
     chunks: list[bytes] | None = None,
     timeout: float = TIMEOUT,
 ) -> Reply:
-    """Send one HTTP request through the ASGI app and return the whole response."""
-    async with HttpExchange(method, path, {"host": HOST, **(headers or {})}, body, chunks=chunks) as exchange:
+    """Send one HTTP request through the ASGI app and return the whole response.
+
+    Host and alice's `Authorization` are sent unless `headers` replace them (None removes one).
+    """
+    async with HttpExchange(method, path, {"host": HOST, **bearer(), **(headers or {})}, body, chunks=chunks) as exchange:
         return await exchange.read_all(timeout)
 
 
@@ -208,10 +301,14 @@ def modern_meta(capabilities: JsonDict | None = None) -> JsonDict:
 
 
 class McpClient:
-    """A host speaking Streamable HTTP to the in-process app, in either protocol era."""
+    """A host speaking Streamable HTTP to the in-process app, in either protocol era.
 
-    def __init__(self, path: str = "/mcp") -> None:
+    It sends `token` (default: the running test's alice token) on every request.
+    """
+
+    def __init__(self, path: str = "/mcp", *, token: str | None = None) -> None:
         self.path = path
+        self.token = token
         self.session_id: str | None = None
         self.protocol_version: str | None = None
         self._ids = 0
@@ -221,7 +318,7 @@ class McpClient:
         return self._ids
 
     def headers(self, extra: Headers | None = None) -> Headers:
-        headers: Headers = {"host": HOST, "accept": ACCEPT, "content-type": "application/json"}
+        headers: Headers = {"host": HOST, "accept": ACCEPT, "content-type": "application/json", **bearer(self.token)}
         if self.session_id:
             headers["mcp-session-id"] = self.session_id
         if self.protocol_version:
@@ -275,12 +372,86 @@ class McpClient:
 
 
 def ws_communicator(
-    path: str = "/ws", *, subprotocols: tuple[str, ...] = ("mcp",), origin: str | None = ORIGIN
+    path: str = "/ws",
+    *,
+    subprotocols: tuple[str, ...] = ("mcp",),
+    origin: str | None = ORIGIN,
+    token: str | None = None,
+    headers: Headers | None = None,
 ) -> WebsocketCommunicator:
-    headers = [(b"host", HOST.encode())]
-    if origin is not None:
-        headers.append((b"origin", origin.encode()))
-    return WebsocketCommunicator(application, path, headers=headers, subprotocols=list(subprotocols))
+    """A WebSocket client of the app; the upgrade request carries `token` (default: alice's).
+
+    `headers` are applied last; a None value removes one (e.g. `{"authorization": None}`).
+    """
+    merged: Headers = {"host": HOST, "origin": origin, **bearer(token), **(headers or {})}
+    return WebsocketCommunicator(application, path, headers=_header_list(merged), subprotocols=list(subprotocols))
+
+
+# --- MCP over legacy HTTP+SSE --------------------------------------------------------------------
+
+
+class SseClient:
+    """A 2024-11-05 host: GET /sse for the stream, POST each message to the endpoint it names.
+
+    Use `async with SseClient() as client`: it opens the stream (with `token`, default alice's)
+    and reads the `endpoint` event; leaving the block closes the stream.
+    """
+
+    def __init__(self, path: str = "/sse", *, token: str | None = None) -> None:
+        self.path = path
+        self.token = token
+        self.endpoint = ""
+        self._ids = 0
+        self._exchange: HttpExchange | None = None
+
+    def headers(self, extra: Headers | None = None) -> Headers:
+        return {"host": HOST, "accept": "text/event-stream", **bearer(self.token), **(extra or {})}
+
+    async def __aenter__(self) -> SseClient:
+        self._exchange = HttpExchange("GET", self.path, self.headers())
+        await self._exchange.__aenter__()
+        try:
+            status = await self._exchange.start()
+            assert status == 200, status
+            event = await self._exchange.next_sse()
+            assert event is not None and event[0] == "endpoint", event
+        except BaseException:
+            await self._exchange.__aexit__()
+            raise
+        self.endpoint = event[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._exchange is not None
+        await self._exchange.__aexit__(*exc)
+
+    def next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    async def post(self, message: JsonDict, headers: Headers | None = None, *, query: str = "") -> Reply:
+        """POST one message to the endpoint (`query` is appended to its query string)."""
+        extra: Headers = {"accept": None, "content-type": "application/json", **(headers or {})}
+        return await http("POST", self.endpoint + query, json.dumps(message).encode(), self.headers(extra))
+
+    async def reply_to(self, request_id: int | str, timeout: float = TIMEOUT) -> JsonDict:
+        """Return the message on the stream that answers `request_id` (others are skipped)."""
+        assert self._exchange is not None
+        while True:
+            message = await self._exchange.next_event(timeout)
+            assert message is not None, "the stream ended"
+            if message.get("id") == request_id and "method" not in message:
+                return message
+
+    async def initialize(self) -> JsonDict:
+        params = {"protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "fedmcp-tests", "version": "0"}}
+        request_id = self.next_id()
+        posted = await self.post(request("initialize", params, request_id))
+        assert posted.status == 202, posted
+        answer = await self.reply_to(request_id)
+        acknowledged = await self.post({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        assert acknowledged.status == 202, acknowledged
+        return answer["result"]
 
 
 # --- test case classes ---------------------------------------------------------------------------
@@ -306,7 +477,25 @@ def _releasing(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[
 
 
 class AsgiTestCase(TransactionTestCase):
-    """Base for tests that drive the ASGI app or upstream connections with a database."""
+    """Base for tests that drive the ASGI app or upstream connections with a database.
+
+    `self.alice` and her token `self.token` (all MCP scopes) exist in every test; the helpers
+    send that token unless given another.
+    """
+
+    alice: AbstractBaseUser
+    token: str
+
+    def setUp(self) -> None:
+        global _default_token
+        super().setUp()
+        self.alice = persona(ALICE)
+        self.token = _default_token = mint_token(ALICE)
+
+    def tearDown(self) -> None:
+        global _default_token
+        _default_token = None
+        super().tearDown()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -20,9 +20,3 @@ def everything_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def everything_on_class(request: pytest.FixtureRequest, everything_url: str) -> None:
     """Give a test case class the fixture server's URL as `everything_url`."""
     request.cls.everything_url = everything_url
-
-
-@pytest.fixture(autouse=True)
-def _transitional_anonymous(settings: object) -> None:
-    """TODO(lead): remove once every in-process test sends a real token."""
-    settings.FEDMCP_TRANSITIONAL_ANONYMOUS = True  # type: ignore[attr-defined]

@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Literal
 
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, LATEST_MODERN_VERSION
 
+from federation.client import AuthProvider
+
 logger = logging.getLogger(__name__)
 
 Era = Literal["legacy", "modern"]
@@ -71,11 +73,17 @@ class PeerConfig:
     url: str = ""
     command: str = ""
     args: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
+    env: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # often API keys
     connect_timeout: float = 10.0
     call_timeout: float = 60.0
     is_gateway: bool = False
     remote_gateway: str = ""
+    per_identity: bool = False
+    max_processes: int = 8
+    client_id: str = ""
+    """Client-credentials identity this gateway has at the peer (peer gateways); "" for none."""
+    client_secret: str = field(default="", repr=False)
+    token_url: str = ""
 
     @classmethod
     def from_peer(cls, peer: Any) -> PeerConfig:
@@ -91,6 +99,11 @@ class PeerConfig:
             call_timeout=peer.call_timeout,
             is_gateway=peer.is_gateway,
             remote_gateway=peer.remote_gateway,
+            per_identity=peer.per_identity,
+            max_processes=peer.max_processes,
+            client_id=peer.client_id,
+            client_secret=peer.client_secret,
+            token_url=peer.token_url,
         )
 
 
@@ -173,13 +186,17 @@ class UpstreamConnection(abc.ABC):
 
     Subclasses implement `_open`, `_send_request`, `_send_notification` and `_close`. The base
     class keeps the bookkeeping every kind shares: the era, the description, progress-token
-    rewriting and the unrelated-event callback.
+    rewriting and the unrelated-event callback. `auth`, when given, supplies the credentials
+    every request to the upstream carries (federation/client.py `AuthProvider`).
     """
 
     transport: ClassVar[str]
 
-    def __init__(self, peer: PeerConfig, *, era: Era | None = None, on_event: OnEvent | None = None) -> None:
+    def __init__(
+        self, peer: PeerConfig, *, era: Era | None = None, on_event: OnEvent | None = None, auth: AuthProvider | None = None
+    ) -> None:
         self.peer = peer
+        self.auth = auth
         self.requested_era = era
         self.on_event = on_event
         self.description = ServerDescription()
@@ -191,6 +208,10 @@ class UpstreamConnection(abc.ABC):
     @property
     def protocol_version(self) -> str:
         return self.description.protocol_version
+
+    def auth_option(self) -> dict[str, Any]:
+        """`outbound_client` keyword arguments for this connection's credentials (none without)."""
+        return {"auth": self.auth} if self.auth is not None else {}
 
     def next_id(self) -> int:
         return next(self._ids)

@@ -73,7 +73,9 @@ class SseConnection(SingleStreamConnection):
 
     async def _open(self) -> None:
         await self._check_remote("HTTP+SSE")
-        self._client = outbound_client(connect_timeout=self.peer.connect_timeout, read_timeout=self.peer.call_timeout)
+        self._client = outbound_client(
+            connect_timeout=self.peer.connect_timeout, read_timeout=self.peer.call_timeout, **self.auth_option()
+        )
         endpoint: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._alive = True
         self._reader = asyncio.create_task(self._read_stream(endpoint))

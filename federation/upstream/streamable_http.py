@@ -65,7 +65,9 @@ class StreamableHttpConnection(UpstreamConnection):
             await check_url_allowed(self.peer.url)
         except OutboundAddressError as exc:
             raise UpstreamUnavailableError(f"peer '{self.peer.name}': {exc}") from exc
-        self._client = outbound_client(connect_timeout=self.peer.connect_timeout, read_timeout=self.peer.call_timeout)
+        self._client = outbound_client(
+            connect_timeout=self.peer.connect_timeout, read_timeout=self.peer.call_timeout, **self.auth_option()
+        )
         try:
             async with asyncio.timeout(self.peer.connect_timeout):
                 if self.requested_era in (None, "modern"):

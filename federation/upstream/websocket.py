@@ -40,14 +40,7 @@ class WebSocketConnection(SingleStreamConnection):
         await self._check_remote("WebSocket")
         try:
             async with self._handshaking(self._shutdown):
-                self._socket = await connect(
-                    self.peer.url,
-                    subprotocols=[SUBPROTOCOL],
-                    user_agent_header=USER_AGENT,
-                    max_size=MAX_MESSAGE_BYTES,
-                    open_timeout=self.peer.connect_timeout,
-                    close_timeout=self.peer.connect_timeout,
-                )
+                self._socket = await self._connect()
                 if self._socket.subprotocol != SUBPROTOCOL:
                     raise UpstreamProtocolError(f"peer '{self.peer.name}' did not accept the WebSocket subprotocol 'mcp'")
                 self._alive = True
@@ -56,6 +49,28 @@ class WebSocketConnection(SingleStreamConnection):
         except (OSError, WebSocketException) as exc:
             detail = f"HTTP {exc.response.status_code}" if isinstance(exc, InvalidStatus) else type(exc).__name__
             raise UpstreamUnavailableError(f"cannot reach peer '{self.peer.name}': {detail}") from exc
+
+    async def _connect(self) -> ClientConnection:
+        """Open the socket with the peer's credentials; refused ones are refreshed and tried once more."""
+        for attempt in (1, 2):
+            headers = await self.auth.headers() if self.auth is not None else {}
+            try:
+                return await connect(
+                    self.peer.url,
+                    subprotocols=[SUBPROTOCOL],
+                    additional_headers=headers,
+                    user_agent_header=USER_AGENT,
+                    max_size=MAX_MESSAGE_BYTES,
+                    open_timeout=self.peer.connect_timeout,
+                    close_timeout=self.peer.connect_timeout,
+                )
+            except InvalidStatus as exc:
+                # fedmcp refuses a WebSocket handshake without a valid token with 403 (daphne
+                # cannot send 401 there); other servers answer 401.
+                if self.auth is None or attempt == 2 or exc.response.status_code not in (401, 403):
+                    raise
+                await self.auth.refresh(headers)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _release(self) -> None:
         if self._socket is not None:

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 
 from django.conf import settings
 
+from fedmcp_site.metrics import stream_open
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, sse_event
 from mcp_endpoint.context import HostContext
@@ -38,7 +39,7 @@ class McpSseConsumer(McpHttpConsumer):
         session = await sessions.session_create(transport="sse", scope=scope, identity=self.identity)
         prefix = f"/peers/{scope}" if scope else ""
         try:
-            async with SessionEvents(session.id, scope, keepalive=settings.MCP_SSE_KEEPALIVE) as events:
+            async with stream_open("sse"), SessionEvents(session.id, scope, keepalive=settings.MCP_SSE_KEEPALIVE) as events:
                 await self.send_headers(status=200, headers=SSE_HEADERS)
                 await self.send_body(sse_event(event="endpoint", data=f"{prefix}/messages/?session_id={session.id}"), more_body=True)
                 async for message in events:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 from django.conf import settings
@@ -21,6 +22,7 @@ from mcp.shared.inbound import (
 )
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
+from fedmcp_site.metrics import stream_open
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.auth import challenge
 from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, sse_event
@@ -69,11 +71,25 @@ class PostStream:
                 payload: Any = replies if batch else replies[0]
                 headers = self.headers
                 needed = _insufficient_scope(replies)
-                if needed is not None and not batch:
+                retry_after_ms = _rate_limited(replies)
+                if retry_after_ms is not None and not batch:
+                    # HTTP clients and proxies understand 429 + Retry-After (whole seconds).
+                    status = 429
+                    headers = [*headers, (b"retry-after", str(max(1, math.ceil(retry_after_ms / 1000))).encode())]
+                elif needed is not None and not batch:
                     # RFC 6750 step-up: 403 with the scope the method needs.
                     status = 403
                     headers = [*headers, (b"www-authenticate", challenge(self.consumer.scope, error="insufficient_scope", scope_needed=needed).encode())]
                 await self.consumer.send_json(status, payload, headers)
+
+
+def _rate_limited(replies: list[JsonDict]) -> int | None:
+    """The retry hint (ms) of a lone rate-limit error reply, else None."""
+    error = replies[0].get("error") if len(replies) == 1 else None
+    if isinstance(error, dict) and error.get("code") == jsonrpc.RATE_LIMITED:
+        retry = (error.get("data") or {}).get("retryAfterMs")
+        return retry if isinstance(retry, int) else 1000
+    return None
 
 
 def _insufficient_scope(replies: list[JsonDict]) -> str | None:
@@ -251,7 +267,7 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
         session = await self._session_from_header()
         if session is None:
             return
-        async with SessionEvents(session.id, self.endpoint_scope, keepalive=settings.MCP_SSE_KEEPALIVE) as events:
+        async with stream_open("streamable-http"), SessionEvents(session.id, self.endpoint_scope, keepalive=settings.MCP_SSE_KEEPALIVE) as events:
             await self.send_headers(status=200, headers=SSE_HEADERS)
             await self.send_body(b": stream open\n\n", more_body=True)
             async for message in events:

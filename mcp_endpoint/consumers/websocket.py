@@ -16,6 +16,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from federation.health import ensure_background_tasks
+from fedmcp_site.metrics import stream_open
 from identity.tokens import still_valid
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.context import HostContext
@@ -76,7 +77,7 @@ class McpWebSocketConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=jsonrpc.dumps(message))
 
     async def _relay_session_events(self, session_id: str) -> None:
-        async with SessionEvents(session_id, self.endpoint_scope, keepalive=settings.MCP_SSE_KEEPALIVE) as events:
+        async with stream_open("websocket"), SessionEvents(session_id, self.endpoint_scope, keepalive=settings.MCP_SSE_KEEPALIVE) as events:
             async for message in events:
                 if message is not None:
                     await self.send_message(message)

@@ -20,12 +20,17 @@ Every test under tests/e2e is marked `e2e` here, so `-m "not e2e"` skips them al
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx2
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from tests.e2e import harness
 
@@ -67,6 +72,21 @@ def register_fixture_peers(gateway: harness.Gateway, *, web_url: str) -> None:
     )
 
 
+@contextlib.asynccontextmanager
+async def sdk_client(url: str, *, headers: dict[str, str], mode: str = "auto", **kwargs: Any) -> AsyncIterator[Client]:
+    """Connect the official SDK client over Streamable HTTP, sending `headers` on every request.
+
+    Pass `gateway.auth_headers()` for alice's token; `kwargs` go to `Client` (callbacks, ...).
+    """
+    # The SDK's own defaults (30 s; 300 s to read a stream), plus the headers.
+    timeout = httpx2.Timeout(30.0, read=300.0)
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=timeout) as http,
+        Client(streamable_http_client(url, http_client=http), mode=mode, **kwargs) as client,
+    ):
+        yield client
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     """Run `@pytest.mark.anyio` tests on asyncio only (daphne and the SDK are tested on it)."""
@@ -84,12 +104,14 @@ def web_upstream_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def gateway(request: pytest.FixtureRequest, web_upstream_url: str) -> Iterator[harness.Gateway]:
     """Return a running gateway (one worker) with the `web` and `local` fixture peers.
 
-    Use `gateway.url("/mcp")`, `gateway.url("/peers/web/mcp")`, `gateway.ws_url("/ws")`.
+    Use `gateway.url("/mcp")`, `gateway.url("/peers/web/mcp")`, `gateway.ws_url("/ws")`, and
+    send `gateway.auth_headers()` (alice's bearer token) on every MCP request.
     The worker logs are written to stderr at the end of a session that had failures.
     """
     gw = harness.Gateway(name="e2e")
     try:
         gw.migrate()
+        gw.auth_headers()  # mint alice's token now, not inside the first test's event loop
         register_fixture_peers(gw, web_url=web_upstream_url)
         gw.start_worker()
         yield gw

@@ -138,7 +138,6 @@ class Gateway:
             "DATABASE_URL": database_url or f"sqlite:///{self.dir / 'db.sqlite3'}",
             "PYTHONUNBUFFERED": "1",
             "FEDMCP_PUBLIC_URL": f"http://127.0.0.1:{self.port}",
-            "FEDMCP_TRANSITIONAL_ANONYMOUS": "True",  # XXX-REMOVE-WHEN-CONVERTED
             **(env or {}),
         }
         if "REDIS_URL" not in (env or {}):
@@ -158,7 +157,9 @@ class Gateway:
         self.manage("migrate", "--noinput")
         return self
 
-    def token(self, user: str = DEFAULT_USER, *, scope: str | None = None, expires: str = TOKEN_LIFETIME, resource: str | None = None) -> str:
+    def token(
+        self, user: str = DEFAULT_USER, *, scope: str | None = None, expires: str = TOKEN_LIFETIME, resource: str | None = None
+    ) -> str:
         """Mint a new access token for `user` (created if needed); call after `migrate()`.
 
         The audience is this gateway's `public_url` unless `resource` names another; `scope`

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import CONFORMANCE_JS, NODE, ROOT, Gateway, fixture_server
+from tests.e2e.auth_proxy import auth_proxy
+from tests.e2e.harness import CONFORMANCE_JS, NODE, ROOT, Gateway, fixture_server, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -145,14 +146,22 @@ def fixture_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def conformance_gateway(fixture_url: str) -> Iterator[Gateway]:
-    """A gateway of its own (one worker, SQLite) with the fixture as its only peer."""
-    gateway = Gateway(name="conformance")
+def conformance_gateway(fixture_url: str) -> Iterator[tuple[Gateway, str]]:
+    """A gateway of its own (one worker, SQLite) with the fixture as its only peer.
+
+    The suite cannot send a bearer token, so it talks to a loopback proxy that adds one; the
+    proxy's origin is the gateway's public URL (the token's audience). Yields (gateway, proxy URL).
+    """
+    proxy_port = free_port()
+    proxy_url = f"http://127.0.0.1:{proxy_port}"
+    gateway = Gateway(name="conformance", env={"FEDMCP_PUBLIC_URL": proxy_url})
     try:
         gateway.migrate()
         gateway.manage("peer", "add", PEER, "--url", fixture_url)
         gateway.start_worker()
-        yield gateway
+        token = gateway.token(user="conformance", resource=proxy_url)
+        with auth_proxy(gateway.url(""), token, proxy_port) as base:
+            yield gateway, base
     finally:
         gateway.cleanup()
 
@@ -163,8 +172,8 @@ def test_every_scored_scenario_passes(target: str, requirements: str, request: p
     require_suite()
     gateway: Gateway | None = None
     if target == "gateway":
-        gateway = request.getfixturevalue("conformance_gateway")
-        url = gateway.url(f"/peers/{PEER}/mcp")
+        gateway, proxy_url = request.getfixturevalue("conformance_gateway")
+        url = f"{proxy_url}/peers/{PEER}/mcp"
     else:
         url = request.getfixturevalue("fixture_url")
     output_dir = RESULTS_ROOT / f"{target}-{requirements}"

@@ -1,4 +1,8 @@
-"""`make demo`: the gateway starts with the fixture (HTTP) and mcp-server-time (stdio) registered."""
+"""`make demo`: the gateway starts with the fixture (HTTP) and mcp-server-time (stdio) registered.
+
+The host is alice, with a token from `manage.py token` for the demo's origin (the demo sets no
+FEDMCP_PUBLIC_URL: the gateway's origin is the one hosts address it by).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.harness import PY, ROOT, free_port, wait_http
+from tests.e2e.harness import PY, ROOT, free_port, mint_token, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -24,21 +28,23 @@ def test_demo_starts_the_gateway_with_two_upstreams() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="fedmcp-demo-"))
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}", "FEDMCP_SECRET_KEY": "demo-test"}
     env.pop("REDIS_URL", None)
+    env.pop("FEDMCP_PUBLIC_URL", None)
     subprocess.run([PY, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True)
     port = free_port()
+    headers = {**HEADERS, "Authorization": f"Bearer {mint_token(env, resource=f'http://127.0.0.1:{port}')}"}
     log = open(workdir / "demo.log", "wb")  # noqa: SIM115
     demo = subprocess.Popen([PY, "scripts/demo.py", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60, process=demo)
         body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": META}}
-        reply = httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers={**HEADERS, "Mcp-Method": "tools/list"}, timeout=30).json()
+        reply = httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers={**headers, "Mcp-Method": "tools/list"}, timeout=30).json()
         names = {tool["name"] for tool in reply["result"]["tools"]}
         assert "fixture__add" in names
         assert "time__get_current_time" in names
         call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "time__get_current_time", "arguments": {"timezone": "UTC"}, "_meta": META}}
         reply = httpx.post(
             f"http://127.0.0.1:{port}/mcp", json=call,
-            headers={**HEADERS, "Mcp-Method": "tools/call", "Mcp-Name": "time__get_current_time"}, timeout=30,
+            headers={**headers, "Mcp-Method": "tools/call", "Mcp-Name": "time__get_current_time"}, timeout=30,
         ).json()
         assert json.loads(reply["result"]["content"][0]["text"])["timezone"] == "UTC"
     finally:

@@ -1,7 +1,8 @@
 """The MCP Inspector CLI (Node, installed by `make tools`) lists and calls tools through the gateway.
 
 Each run is one Inspector process against the shared gateway's /mcp, in the handshake era
-(`--protocol-era legacy`, the Inspector's default) and in 2026-07-28 (`modern`).
+(`--protocol-era legacy`, the Inspector's default) and in 2026-07-28 (`modern`), sending alice's
+token with `--header "Authorization: Bearer …"`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def inspector(gateway: Gateway, era: str, *args: str) -> Any:
         era,
         "--format",
         "json",
+        *(f"--header={name}: {value}" for name, value in gateway.auth_headers().items()),
         *args,
     ]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=WAIT)

@@ -316,7 +316,8 @@ class HandshakeHost:
 def run(cluster: Gateway, scenario: Callable[[httpx.AsyncClient], Awaitable[None]]) -> None:
     async def main() -> None:
         # read=None on the client: waits are bounded by the tests themselves (EventStream, WAIT).
-        async with httpx.AsyncClient(timeout=httpx.Timeout(WAIT, read=None)) as http:
+        # Every request carries alice's token; it names the cluster's public URL, so both workers accept it.
+        async with httpx.AsyncClient(timeout=httpx.Timeout(WAIT, read=None), headers=cluster.auth_headers()) as http:
             await scenario(http)
 
     asyncio.run(main())
@@ -570,7 +571,7 @@ def test_sdk_client_works_through_a_balancer_without_affinity(cluster: Gateway, 
     ) -> httpx2.AsyncClient:
         # The SDK's factory signature; every client it builds goes through the one balancer.
         timeout = timeout or httpx2.Timeout(WAIT, read=60)
-        return httpx2.AsyncClient(headers=headers, timeout=timeout, auth=auth, transport=balancer)
+        return httpx2.AsyncClient(headers={**(headers or {}), **cluster.auth_headers()}, timeout=timeout, auth=auth, transport=balancer)
 
     async def scenario() -> None:
         with anyio.fail_after(4 * WAIT):

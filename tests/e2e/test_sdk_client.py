@@ -9,11 +9,14 @@ into sampling/elicitation requests to the host).
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 import pytest
 from mcp import Client
@@ -23,7 +26,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
 from mcp_endpoint import jsonrpc
-from tests.e2e.conftest import PEERS
+from tests.e2e.conftest import PEERS, sdk_client
 from tests.e2e.harness import Gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
@@ -45,10 +48,16 @@ class Connection:
         # The gateway answers server/discover, so "auto" settles on 2026-07-28.
         return self.mode != "legacy"
 
-    def client(self, gateway: Gateway, path: str = "", **kwargs: Any) -> Client:
+    @contextlib.asynccontextmanager
+    async def client(self, gateway: Gateway, path: str = "", **kwargs: Any) -> AsyncIterator[Client]:
+        """Connect as alice: her bearer token goes on every request of the transport."""
+        headers = gateway.auth_headers()
         if self.transport == "sse":
-            return Client(sse_client(gateway.url(f"{path}/sse")), mode=self.mode, **kwargs)
-        return Client(gateway.url(f"{path}/mcp"), mode=self.mode, **kwargs)
+            async with Client(sse_client(gateway.url(f"{path}/sse"), headers=headers), mode=self.mode, **kwargs) as client:
+                yield client
+        else:
+            async with sdk_client(gateway.url(f"{path}/mcp"), headers=headers, mode=self.mode, **kwargs) as client:
+                yield client
 
 
 CONNECTIONS = [
@@ -266,3 +275,15 @@ async def test_the_per_peer_endpoint_serves_one_peer_under_its_own_names(
     assert texts(added) == ["42"]
     assert [str(c.uri) for c in static.contents] == ["test://static-text"]
     assert texts(prompt)
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/mcp"), ("GET", "/sse")])
+async def test_a_host_without_a_token_gets_401_with_a_challenge(gateway: Gateway, method: str, path: str) -> None:
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    async with httpx2.AsyncClient(timeout=WAIT) as http:
+        response = await http.request(method, gateway.url(path), headers=headers, json=body if method == "POST" else None)
+    assert response.status_code == 401
+    challenge = response.headers["www-authenticate"]
+    assert challenge.startswith("Bearer ")
+    assert f'resource_metadata="{gateway.public_url}/.well-known/oauth-protected-resource{path}"' in challenge

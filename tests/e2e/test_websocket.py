@@ -2,7 +2,7 @@
 
 The mcp 2.x SDK has no WebSocket client, so `McpSocket` below is a small JSON-RPC client: one
 message per text frame, handshake-era semantics, server->client requests and notifications
-interleaved on the same socket.
+interleaved on the same socket. The bearer token goes on the upgrade request.
 """
 
 from __future__ import annotations
@@ -108,7 +108,13 @@ class McpSocket:
 async def mcp_socket(
     gateway: Gateway, origin: str, *, capabilities: JsonDict | None = None, initialize: bool = True
 ) -> AsyncIterator[McpSocket]:
-    async with connect(gateway.ws_url("/ws"), subprotocols=[MCP], origin=Origin(origin), open_timeout=WAIT) as ws:
+    async with connect(
+        gateway.ws_url("/ws"),
+        subprotocols=[MCP],
+        origin=Origin(origin),
+        additional_headers=gateway.auth_headers(),
+        open_timeout=WAIT,
+    ) as ws:
         assert ws.subprotocol == MCP
         socket = McpSocket(ws)
         if initialize:
@@ -206,7 +212,9 @@ async def test_it_asks_the_host_for_sampling_on_the_socket(gateway: Gateway, gat
 
 async def test_it_refuses_a_connection_without_the_mcp_subprotocol(gateway: Gateway, gateway_origin: str) -> None:
     with pytest.raises(InvalidStatus) as refused:
-        async with connect(gateway.ws_url("/ws"), origin=Origin(gateway_origin), open_timeout=WAIT):
+        async with connect(
+            gateway.ws_url("/ws"), origin=Origin(gateway_origin), additional_headers=gateway.auth_headers(), open_timeout=WAIT
+        ):
             pass
     assert refused.value.response.status_code == 403
 
@@ -214,13 +222,27 @@ async def test_it_refuses_a_connection_without_the_mcp_subprotocol(gateway: Gate
 async def test_it_refuses_a_foreign_origin(gateway: Gateway) -> None:
     with pytest.raises(InvalidStatus) as refused:
         async with connect(
-            gateway.ws_url("/ws"), subprotocols=[MCP], origin=Origin("http://evil.example"), open_timeout=WAIT
+            gateway.ws_url("/ws"),
+            subprotocols=[MCP],
+            origin=Origin("http://evil.example"),
+            additional_headers=gateway.auth_headers(),
+            open_timeout=WAIT,
         ):
+            pass
+    assert refused.value.response.status_code == 403
+
+
+async def test_it_refuses_a_handshake_without_a_token(gateway: Gateway, gateway_origin: str) -> None:
+    # daphne cannot send a 401 for a WebSocket handshake: the refusal is a 403.
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(gateway.ws_url("/ws"), subprotocols=[MCP], origin=Origin(gateway_origin), open_timeout=WAIT):
             pass
     assert refused.value.response.status_code == 403
 
 
 async def test_it_accepts_a_non_browser_client_that_sends_no_origin(gateway: Gateway) -> None:
     # Browsers always send Origin on a WebSocket handshake; CLIs and SDK clients send none.
-    async with connect(gateway.ws_url("/ws"), subprotocols=[MCP], open_timeout=WAIT) as ws:
+    async with connect(
+        gateway.ws_url("/ws"), subprotocols=[MCP], additional_headers=gateway.auth_headers(), open_timeout=WAIT
+    ) as ws:
         assert await McpSocket(ws).result("ping") == {}

@@ -88,11 +88,25 @@ def gateway(everything_url: str) -> Iterator[harness.Gateway]:
 
 
 @dataclass(frozen=True)
+class BearerToken:
+    """A fixed bearer token as the connection's credentials (federation/client.py `AuthProvider`)."""
+
+    token: str
+
+    async def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    async def refresh(self, rejected: dict[str, str]) -> None:
+        pass
+
+
+@dataclass(frozen=True)
 class Upstream:
     peer: PeerConfig
     era: Era | None
     expected_era: Era
     protocol_version: str
+    auth: BearerToken | None = None
 
     @property
     def port(self) -> int | None:
@@ -110,8 +124,10 @@ def _upstream(request: pytest.FixtureRequest, kind: str) -> Upstream:
         peer = PeerConfig(id=2, name="legacy-sse", transport="sse", url=request.getfixturevalue("sse_url"))
         return Upstream(peer, None, "legacy", LATEST_HANDSHAKE_VERSION)
     if kind == "websocket":
-        url = request.getfixturevalue("gateway").ws_url(f"/peers/{FIXTURE_PEER}/ws")
-        return Upstream(PeerConfig(id=3, name="ws", transport="websocket", url=url), None, "legacy", LATEST_HANDSHAKE_VERSION)
+        gateway = request.getfixturevalue("gateway")
+        url = gateway.ws_url(f"/peers/{FIXTURE_PEER}/ws")
+        peer = PeerConfig(id=3, name="ws", transport="websocket", url=url)
+        return Upstream(peer, None, "legacy", LATEST_HANDSHAKE_VERSION, BearerToken(gateway.token()))
     command = harness.fixture_command(stdio=True)
     peer = PeerConfig(
         id=4, name="local", transport="stdio", command=command[0], args=tuple(command[1:]), env=(("PYTHONPATH", str(harness.ROOT)),)
@@ -162,7 +178,7 @@ TRANSPORTS = ["streamable-http-legacy", "streamable-http-2026-07-28", "sse", "we
 @pytest.mark.parametrize("kind", TRANSPORTS)
 def test_each_transport_lists_calls_relays_progress_and_closes_cleanly(request: pytest.FixtureRequest, kind: str) -> None:
     upstream = _upstream(request, kind)
-    connection = CONNECTION_KINDS[upstream.peer.transport](upstream.peer, era=upstream.era)
+    connection = CONNECTION_KINDS[upstream.peer.transport](upstream.peer, era=upstream.era, auth=upstream.auth)
     progress: list[JsonDict] = []
 
     async def on_message(message: JsonDict) -> JsonDict | None:
@@ -207,11 +223,17 @@ def test_each_transport_lists_calls_relays_progress_and_closes_cleanly(request: 
 @pytest.mark.e2e
 @pytest.mark.parametrize("transport", ["sse", "websocket"])
 def test_peer_add_syncs_a_catalog(request: pytest.FixtureRequest, gateway: harness.Gateway, transport: str) -> None:
+    credentials: list[str] = []
     if transport == "websocket":
         url = gateway.ws_url(f"/peers/{FIXTURE_PEER}/ws")
+        # The gateway itself is the upstream: it lets this client in as a trusted gateway would.
+        trusted = gateway.manage("gateway", "trust", "self", "--issuer", gateway.public_url).stdout
+        client_id, secret = (line.split(": ", 1)[1] for line in trusted.splitlines() if line.startswith(("client_id:", "client_secret:")))
+        (gateway.dir / "client-secret").write_text(secret)
+        credentials = ["--client-id", client_id, "--client-secret-file", str(gateway.dir / "client-secret")]
     else:
         url = request.getfixturevalue("sse_url")
-    result = gateway.manage("peer", "add", f"via-{transport}", "--url", url, "--transport", transport, check=False)
+    result = gateway.manage("peer", "add", f"via-{transport}", "--url", url, "--transport", transport, *credentials, check=False)
 
     assert result.returncode == 0, result.stderr
     assert f"Synced via-{transport} (protocol {LATEST_HANDSHAKE_VERSION}): {len(FIXTURE_TOOLS)} tools" in result.stdout

@@ -1,22 +1,41 @@
-"""`manage.py peer add|list|refresh|remove`: manage upstream MCP servers from the shell."""
+"""`manage.py peer add|list|refresh|remove|credentials`: manage upstream MCP servers from the shell.
+
+A peer gateway is registered with the client credentials this gateway has there (the other
+operator ran `manage.py gateway trust` and sent them):
+
+    peer add acme --url https://mcp.acme.example/mcp --gateway --client-id ID --client-secret-file PATH
+
+The secret is read from a file (never from the command line, where `ps` would show it) and
+stored encrypted; `peer list` never shows it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from argparse import ArgumentParser
+from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from federation.credentials import PeerCredentialsError
 from federation.models import Peer, Transport
-from federation.services import PeerConfigError, SyncReport, peer_add, peer_remove, peer_sync_catalog
+from federation.services import (
+    PeerConfigError,
+    SyncReport,
+    peer_add,
+    peer_discover_token_url,
+    peer_remove,
+    peer_set_credentials,
+    peer_sync_catalog,
+)
 
 
 class Command(BaseCommand):
     help = "Manage peers: upstream MCP servers (HTTP, SSE, WebSocket or stdio) behind this gateway."
 
     def add_arguments(self, parser: ArgumentParser) -> None:
-        sub = parser.add_subparsers(dest="action", required=True, metavar="{add,list,refresh,remove}")
+        sub = parser.add_subparsers(dest="action", required=True, metavar="{add,list,refresh,remove,credentials}")
         add = sub.add_parser("add", help="Register a peer and discover its catalog.")
         add.add_argument("name")
         target = add.add_mutually_exclusive_group(required=True)
@@ -33,15 +52,52 @@ class Command(BaseCommand):
             help="The URL is another fedmcp gateway's /mcp: import its catalog under stable, hop-free names "
             "(detected automatically; this flag makes it an error if the peer is not a gateway).",
         )
+        add.add_argument(
+            "--per-identity", action="store_true",
+            help="stdio only: run one process per user instead of one shared process.",
+        )
+        add.add_argument("--max-processes", type=int, default=8, help="With --per-identity: most processes per worker (default 8).")
         add.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="Environment for stdio peers.")
         add.add_argument("--connect-timeout", type=float, default=10.0)
         add.add_argument("--call-timeout", type=float, default=60.0)
+        self._credential_arguments(add)
         add.add_argument("--no-sync", action="store_true", help="Do not contact the peer now.")
         sub.add_parser("list", help="List peers and their catalog sizes.")
         refresh = sub.add_parser("refresh", help="Re-discover a peer's catalog.")
         refresh.add_argument("name")
         remove = sub.add_parser("remove", help="Remove a peer and its catalog.")
         remove.add_argument("name")
+        credentials = sub.add_parser("credentials", help="Set or replace the client credentials this gateway has at a peer gateway.")
+        credentials.add_argument("name")
+        self._credential_arguments(credentials)
+
+    def _credential_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument("--client-id", default="", help="Client id this gateway has at the peer gateway (`gateway trust` there prints it).")
+        parser.add_argument("--client-secret-file", default="", metavar="PATH", help="File holding the client secret.")
+        parser.add_argument(
+            "--token-url", default="", help="The peer's token endpoint (default: discovered from its RFC 9728 / RFC 8414 metadata)."
+        )
+
+    def _read_credentials(self, options: dict[str, Any]) -> tuple[str, str]:
+        if bool(options["client_id"]) != bool(options["client_secret_file"]):
+            raise CommandError("--client-id and --client-secret-file go together")
+        if not options["client_secret_file"]:
+            return "", ""
+        try:
+            secret = Path(options["client_secret_file"]).read_text().strip()
+        except OSError as exc:
+            raise CommandError(f"cannot read --client-secret-file: {exc.strerror}") from exc
+        if not secret:
+            raise CommandError("--client-secret-file is empty")
+        return options["client_id"], secret
+
+    def _discover_token_url(self, peer: Peer) -> None:
+        try:
+            token_url = asyncio.run(peer_discover_token_url(peer=peer))
+        except PeerCredentialsError as exc:
+            self.stderr.write(f"Could not discover the token endpoint: {exc}")
+            return
+        self.stdout.write(f"Token endpoint of {peer.name}: {token_url}")
 
     def handle(self, *args: Any, **options: Any) -> None:
         getattr(self, f"_{options['action']}")(options)
@@ -60,6 +116,7 @@ class Command(BaseCommand):
                 raise CommandError(f"--env takes KEY=VALUE, got {pair!r}")
             env[key] = value
         transport = Transport.STDIO if options["stdio_command"] else options["transport"]
+        client_id, client_secret = self._read_credentials(options)
         try:
             peer = peer_add(
                 name=options["name"],
@@ -70,12 +127,19 @@ class Command(BaseCommand):
                 connect_timeout=options["connect_timeout"],
                 call_timeout=options["call_timeout"],
                 is_gateway=options["gateway"],
+                per_identity=options["per_identity"],
+                max_processes=options["max_processes"],
+                client_id=client_id,
+                client_secret=client_secret,
+                token_url=options["token_url"],
             )
         except PeerConfigError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"Added peer {peer.name} ({peer.transport} {peer.target()})")
         if options["no_sync"]:
             return
+        if peer.client_id and not peer.token_url:
+            self._discover_token_url(peer)
         report = asyncio.run(peer_sync_catalog(peer=peer))
         self._print_report(report)
         if "connect" in report.errors:
@@ -93,6 +157,7 @@ class Command(BaseCommand):
                 f"{peer.name:<20} {peer.transport:<16} {state:<9} {peer.protocol_version or '-':<11} "
                 f"tools={counts['tool']} resources={counts['resource']} templates={counts['resource_template']} "
                 f"prompts={counts['prompt']}  {peer.target()}"
+                + (f"  client={peer.client_id}" if peer.client_id else "")
                 + (f"  last error: {peer.last_error}" if peer.last_error else "")
             )
 
@@ -107,6 +172,17 @@ class Command(BaseCommand):
         peer = self._get(options["name"])
         peer_remove(peer=peer)
         self.stdout.write(f"Removed peer {options['name']}")
+
+    def _credentials(self, options: dict[str, Any]) -> None:
+        peer = self._get(options["name"])
+        client_id, client_secret = self._read_credentials(options)
+        try:
+            peer_set_credentials(peer=peer, client_id=client_id, client_secret=client_secret, token_url=options["token_url"])
+        except PeerConfigError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(f"Credentials of {peer.name} {'replaced' if client_id else 'removed'}")
+        if peer.client_id and not peer.token_url:
+            self._discover_token_url(peer)
 
     def _print_report(self, report: SyncReport) -> None:
         if "connect" in report.errors:

@@ -42,6 +42,8 @@ class Command(BaseCommand):
                     f"  One peer, unprefixed:                {base}/peers/<name>/mcp  (…/ws, …/sse)",
                     f"  Admin:                               {base}/admin/  (user 'admin', password in {password_file})",
                     "  Add an upstream:  .venv/bin/python manage.py peer add NAME --url URL   (or --command \"CMD ARGS\")",
+                    f"  Get a token:      .venv/bin/python manage.py token --user admin --resource {base}",
+                    "  Hosts with OAuth support sign in through the browser instead (docs/IDENTITY.md).",
                     "",
                 ]
             )

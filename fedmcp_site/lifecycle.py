@@ -1,0 +1,241 @@
+"""Readiness checks and the graceful shutdown of a daphne worker.
+
+What daphne does on its own (daphne 4.2, `daphne/server.py`): Twisted's SIGTERM handler stops
+the reactor; daphne's "before shutdown" trigger `kill_all_applications` cancels every running
+application instance at once, and the reactor then drops every connection. Nothing waits for
+requests in progress; `--application-close-timeout` only bounds how long an application may
+keep running after *its client* disconnected. Worse for a gateway: cancelling a Channels
+consumer does not cancel the tasks it started (our HTTP consumers answer in a task, WebSocket
+and legacy SSE messages too), so upstream calls are cut off mid-flight when the process exits,
+without `notifications/cancelled`, and upstream sessions are never closed.
+
+`install()` (called from asgi.py) changes that when the worker runs under daphne:
+
+1. On the first SIGTERM the worker drains: /readyz answers 503, the listening sockets close
+   (a load balancer's next connection goes to another worker), and requests in progress, on
+   connections already open, get up to `FEDMCP_SHUTDOWN_GRACE` seconds to finish.
+2. Then the reactor stops as before. Before daphne's connections are dropped, the requests still
+   running are cancelled (forwarding sends the upstream its cancellation) and the upstream pool
+   is closed (upstream sessions end, stdio children exit).
+
+A second SIGTERM skips the rest of the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import signal
+import sys
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
+
+from fedmcp_site import metrics, observability
+
+logger = logging.getLogger(__name__)
+
+CANCEL_TIMEOUT = 5.0
+"""Seconds cancelled requests get to tell their upstreams before the pool is closed."""
+REPLY_SETTLE_SECONDS = 0.5
+"""Pause after the last request finished: a legacy SSE reply still travels through the channel
+layer to its stream, and response bytes still sit in socket buffers."""
+FLUSH_TIMEOUT = 2.0
+
+
+@dataclass
+class _State:
+    draining: bool = False
+    migrations_applied: bool = False
+    drain_task: asyncio.Task[None] | None = None
+
+
+state = _State()
+
+
+# --- readiness -----------------------------------------------------------------------------------
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    # The class name tells an operator where to look; the message (hosts, paths) stays in the log.
+    return {"ok": False, "error": type(exc).__name__}
+
+
+def _unapplied_migrations() -> int:
+    executor = MigrationExecutor(connection)
+    return len(executor.migration_plan(executor.loader.graph.leaf_nodes()))
+
+
+@database_sync_to_async
+def _database_checks() -> dict[str, dict[str, Any]]:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except Exception as exc:
+        logger.warning("readiness: database unreachable", exc_info=True)
+        return {"database": _failure(exc), "migrations": {"ok": False, "error": "database unreachable"}}
+    checks: dict[str, dict[str, Any]] = {"database": {"ok": True}}
+    if not state.migrations_applied:
+        # This code's migrations, once applied, stay applied: check until they are, then stop paying.
+        try:
+            unapplied = _unapplied_migrations()
+        except Exception as exc:
+            logger.warning("readiness: could not read the migration state", exc_info=True)
+            checks["migrations"] = _failure(exc)
+            return checks
+        state.migrations_applied = unapplied == 0
+        if unapplied:
+            checks["migrations"] = {"ok": False, "error": f"{unapplied} unapplied migrations"}
+            return checks
+    checks["migrations"] = {"ok": True}
+    return checks
+
+
+async def _channel_layer_check() -> dict[str, Any]:
+    """Send a message to a fresh channel of this worker and read it back (a Redis round trip)."""
+    layer = get_channel_layer()
+    backend = "redis" if "redis" in type(layer).__module__ else type(layer).__name__
+    nonce = uuid.uuid4().hex
+    try:
+        channel = await layer.new_channel()
+        await layer.send(channel, {"type": "fedmcp.readyz", "nonce": nonce})
+        message = await layer.receive(channel)
+    except Exception as exc:
+        logger.warning("readiness: channel layer unreachable", exc_info=True)
+        return {**_failure(exc), "backend": backend}
+    if message.get("nonce") != nonce:
+        return {"ok": False, "error": "wrong message", "backend": backend}
+    return {"ok": True, "backend": backend}
+
+
+async def _bounded(check: Any, timeout: float, fallback: dict[str, Any]) -> Any:
+    try:
+        return await asyncio.wait_for(check, timeout)
+    except TimeoutError:
+        return fallback
+
+
+async def readiness() -> tuple[bool, dict[str, Any]]:
+    """Return whether this worker should get traffic, and the report /readyz answers."""
+    timeout = settings.FEDMCP_READYZ_TIMEOUT
+    database, channel_layer = await asyncio.gather(
+        _bounded(_database_checks(), timeout, {"database": {"ok": False, "error": "timeout"}, "migrations": {"ok": False, "error": "timeout"}}),
+        _bounded(_channel_layer_check(), timeout, {"ok": False, "error": "timeout"}),
+    )
+    checks = {**database, "channelLayer": channel_layer}
+    ready = all(check["ok"] for check in checks.values()) and not state.draining
+    report = {"status": "ready" if ready else "unavailable", "draining": state.draining, "checks": checks}
+    return ready, report
+
+
+# --- graceful shutdown -----------------------------------------------------------------------------
+
+
+def install() -> None:
+    """Drain on SIGTERM and release upstreams on shutdown, when running under daphne."""
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is None:
+        return
+    reactor.callWhenRunning(_take_over_sigterm, reactor)
+    reactor.addSystemEventTrigger("before", "shutdown", _before_shutdown)
+
+
+def _take_over_sigterm(reactor: Any) -> None:
+    # Twisted installs its handlers as the reactor starts; replace its SIGTERM one only, and only
+    # if it is Twisted's (daphne without signal handlers, or an embedding server, keeps its own).
+    handler = signal.getsignal(signal.SIGTERM)
+    if getattr(handler, "__self__", None) is not reactor:
+        return
+    # A signal handler runs inside whatever was executing, request context included: handle it
+    # in an empty context, so the drain's log lines are not attributed to a request.
+    signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(contextvars.Context().run, _on_sigterm, reactor))
+
+
+def _on_sigterm(reactor: Any) -> None:
+    if state.draining:
+        logger.warning("second SIGTERM: stopping now")
+        _stop(reactor)
+        return
+    state.draining = True
+    metrics.DRAINING.set(1)
+    _stop_listening(reactor)
+    state.drain_task = asyncio.get_event_loop().create_task(_drain_then_stop(reactor), context=contextvars.Context())
+
+
+def _stop_listening(reactor: Any) -> None:
+    from twisted.internet.interfaces import IListeningPort
+
+    for reader in list(reactor.getReaders()):
+        if IListeningPort.providedBy(reader):
+            reader.stopListening()
+
+
+def _stop(reactor: Any) -> None:
+    if reactor.running:
+        reactor.stop()
+
+
+async def _drain_then_stop(reactor: Any) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.FEDMCP_SHUTDOWN_GRACE
+    logger.warning(
+        "SIGTERM: draining; %d requests in flight, up to %.0fs to finish",
+        len(observability.in_flight_tasks()), settings.FEDMCP_SHUTDOWN_GRACE,
+    )
+    try:
+        while pending := observability.in_flight_tasks():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                logger.warning("grace period over: cancelling %d requests in flight", len(pending))
+                break
+            await asyncio.wait(pending, timeout=remaining)
+        await asyncio.sleep(max(0.0, min(REPLY_SETTLE_SECONDS, deadline - loop.time())))
+        await _wait_for_writes(reactor, FLUSH_TIMEOUT)
+    finally:
+        _stop(reactor)
+
+
+async def _wait_for_writes(reactor: Any, timeout: float) -> None:
+    """Wait (bounded) until no connection has unsent bytes: the reactor drops them when it stops."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline and any(getattr(w, "connected", False) for w in reactor.getWriters()):
+        await asyncio.sleep(0.02)
+
+
+def _before_shutdown() -> Any:
+    from twisted.internet import defer
+
+    task = asyncio.get_event_loop().create_task(release_worker(), context=contextvars.Context())
+    return defer.Deferred.fromFuture(task)
+
+
+async def release_worker() -> None:
+    """Cancel the requests still running, then close upstream connections and Redis clients."""
+    from federation import ratelimit
+    from federation.pool import pool
+    from identity.audit import audit_flush
+
+    pending = observability.in_flight_tasks(streams=True)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=CANCEL_TIMEOUT)
+    # The audit trail is written off the response path; what the requests above recorded,
+    # cancelled ones included, is written before the process exits.
+    try:
+        await asyncio.wait_for(audit_flush(), CANCEL_TIMEOUT)
+    except TimeoutError:
+        logger.error("audit events were still being written at shutdown; some may be lost")
+    try:
+        await pool.close()
+        await ratelimit.close()
+    except Exception:
+        logger.exception("releasing upstream connections failed")

@@ -1,0 +1,239 @@
+"""Prometheus metrics of one worker, served at /metrics.
+
+Each daphne worker is its own process with its own registry and serves its own /metrics;
+Prometheus scrapes every worker (docs/DEPLOYMENT.md). prometheus-client's multiprocess mode
+is for forked workers behind one port and is not used.
+
+Per-worker series: forwarded calls, their latency and outcome, calls in flight, open host
+streams, circuit states, rate-limit hits. Cluster-wide series read from the database at scrape
+time (every worker reports the same value; aggregate with max, not sum): host sessions.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+from django.conf import settings
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from fedmcp_site import observability
+
+logger = logging.getLogger(__name__)
+call_logger = logging.getLogger("fedmcp.calls")
+
+# `*_created` series double the series count and nothing here needs them.
+disable_created_metrics()
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+"""Seconds: from a local stdio tool (milliseconds) to a long upstream call."""
+
+FORWARDED_CALLS = Counter(
+    "fedmcp_forwarded_calls",
+    "Requests forwarded to upstream peers, by outcome: ok, error (an error answered by the upstream "
+    "or the gateway), unavailable (transport failure or timeout), circuit_open, rate_limited, "
+    "cancelled, internal.",
+    ["peer", "method", "outcome"],
+)
+FORWARDED_CALL_SECONDS = Histogram(
+    "fedmcp_forwarded_call_duration_seconds",
+    "Time to answer a forwarded request, for calls that reached the upstream (not refused by a "
+    "rate limit or an open circuit).",
+    ["peer", "method"],
+    buckets=LATENCY_BUCKETS,
+)
+FORWARDED_IN_FLIGHT = Gauge("fedmcp_forwarded_calls_in_flight", "Forwarded requests running on this worker.", ["peer"])
+OPEN_STREAMS = Gauge(
+    "fedmcp_open_streams",
+    "Host streams held open by this worker: WebSocket connections, legacy SSE streams, Streamable HTTP GET streams.",
+    ["transport"],
+)
+RATE_LIMITED = Counter(
+    "fedmcp_rate_limited",
+    "Forwarded requests refused by a rate limit, by the limit that refused them (identity or peer).",
+    ["scope", "peer"],
+)
+RATE_LIMIT_BACKEND_ERRORS = Counter(
+    "fedmcp_rate_limit_backend_errors",
+    "Rate-limit checks that could not reach Redis (the call was let through).",
+)
+DRAINING = Gauge("fedmcp_draining", "1 while this worker drains in-flight requests before shutting down.")
+
+OUTCOME_UNREACHED = frozenset({"rate_limited", "circuit_open"})
+"""Outcomes of calls refused before the upstream was tried: kept out of the latency histogram."""
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _outcome(exc: BaseException) -> str:
+    from federation.health import CircuitOpenError
+    from mcp_endpoint import jsonrpc
+
+    if isinstance(exc, jsonrpc.RateLimitedError):
+        return "rate_limited"
+    if isinstance(exc, jsonrpc.CancelledError):
+        return "cancelled"
+    if isinstance(exc, jsonrpc.UpstreamFailedError):
+        return "circuit_open" if isinstance(exc.__cause__, CircuitOpenError) else "unavailable"
+    if isinstance(exc, jsonrpc.JsonRpcError):
+        return "error"
+    return "internal"
+
+
+def instrument_forward(forward: F) -> F:
+    """Count, time and log each call of `forwarding.forward(ctx, route, method, params)`."""
+
+    @functools.wraps(forward)
+    async def instrumented(ctx: Any, route: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        peer = route.peer.name
+        in_flight = FORWARDED_IN_FLIGHT.labels(peer)
+        outcome = "ok"
+        started = time.perf_counter()
+        in_flight.inc()
+        try:
+            with observability.peer_scope(peer):
+                return await forward(ctx, route, method, *args, **kwargs)
+        except BaseException as exc:
+            outcome = _outcome(exc) if isinstance(exc, Exception) else "cancelled"
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            in_flight.dec()
+            FORWARDED_CALLS.labels(peer, method, outcome).inc()
+            if outcome not in OUTCOME_UNREACHED:
+                FORWARDED_CALL_SECONDS.labels(peer, method).observe(elapsed)
+            if settings.FEDMCP_CALL_LOG:
+                with observability.peer_scope(peer):
+                    call_logger.info(
+                        "%s to %s: %s in %.1f ms", method, peer, outcome, elapsed * 1000,
+                        extra={"outcome": outcome, "duration_ms": round(elapsed * 1000, 3)},
+                    )
+
+    return instrumented  # type: ignore[return-value]
+
+
+class stream_open:  # noqa: N801 - used like a function: `async with stream_open("sse"), ...`
+    """Count a host stream as open on this worker while the block runs (`with` or `async with`)."""
+
+    def __init__(self, transport: str) -> None:
+        self._gauge = OPEN_STREAMS.labels(transport)
+
+    def __enter__(self) -> None:
+        self._gauge.inc()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._gauge.dec()
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__()
+
+
+# --- read at scrape time -------------------------------------------------------------------------
+
+PendingPrompts = Callable[[], int]
+_pending_consent_prompts: PendingPrompts | None = None
+
+
+def register_pending_consent_prompts(count: PendingPrompts | None) -> None:
+    """Export `fedmcp_consent_prompts_pending` from `count()`, called at every scrape (None: stop).
+
+    TODO(consent): the consent feature calls this once (e.g. in its AppConfig.ready) with a
+    function returning the number of prompts waiting for a user's decision. Until then the
+    metric is not exported at all, rather than reporting a made-up 0.
+    """
+    global _pending_consent_prompts
+    _pending_consent_prompts = count
+
+
+class ScrapeTimeCollector(Collector):
+    """Series computed when Prometheus scrapes: sessions, circuits, consent prompts."""
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        # Without this the registry calls collect() on registration: database queries at import.
+        return [GaugeMetricFamily(name, "") for name in ("fedmcp_host_sessions", "fedmcp_circuit_state", "fedmcp_consent_prompts_pending")]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        yield from self._guarded("host sessions", self._host_sessions)
+        yield from self._guarded("circuit states", self._circuits)
+        if _pending_consent_prompts is not None:
+            yield from self._guarded("consent prompts", self._consent_prompts)
+
+    @staticmethod
+    def _guarded(what: str, collect: Callable[[], Iterable[GaugeMetricFamily]]) -> Iterable[GaugeMetricFamily]:
+        # A scrape must not fail because the database is down: /readyz says that.
+        try:
+            yield from list(collect())
+        except Exception:
+            logger.warning("metrics: could not read %s", what, exc_info=True)
+
+    @staticmethod
+    def _host_sessions() -> Iterable[GaugeMetricFamily]:
+        from django.db.models import Count
+
+        from mcp_endpoint.models import McpSession
+
+        family = GaugeMetricFamily(
+            "fedmcp_host_sessions",
+            "Open handshake-era host sessions in the database, by transport (cluster-wide: every worker reports the same).",
+            labels=["transport"],
+        )
+        rows = McpSession.objects.live().order_by().values("transport").annotate(n=Count("id"))
+        counts = {row["transport"]: row["n"] for row in rows}
+        for transport, _label in McpSession.TRANSPORTS:
+            family.add_metric([transport], counts.get(transport, 0))
+        yield family
+
+    @staticmethod
+    def _circuits() -> Iterable[GaugeMetricFamily]:
+        from federation.health import CircuitState, breakers
+        from federation.models import Peer
+
+        family = GaugeMetricFamily(
+            "fedmcp_circuit_state",
+            "Circuit breaker of each enabled peer on this worker: 1 for its current state.",
+            labels=["peer", "state"],
+        )
+        states = breakers.states()
+        for peer_id, name in Peer.objects.enabled().values_list("id", "name"):
+            current = states.get(peer_id, CircuitState.CLOSED)
+            for state in CircuitState:
+                family.add_metric([name, state.value], 1.0 if state == current else 0.0)
+        yield family
+
+    @staticmethod
+    def _consent_prompts() -> Iterable[GaugeMetricFamily]:
+        assert _pending_consent_prompts is not None
+        yield GaugeMetricFamily(
+            "fedmcp_consent_prompts_pending",
+            "Consent prompts waiting for a user's decision.",
+            value=_pending_consent_prompts(),
+        )
+
+
+_collector = ScrapeTimeCollector()
+REGISTRY.register(_collector)
+
+
+def scrape_allowed(remote_addr: str | None) -> bool:
+    """Whether a client at `remote_addr` may read /metrics (FEDMCP_METRICS_ALLOWED_NETWORKS)."""
+    if not remote_addr:
+        return False
+    try:
+        address = ipaddress.ip_address(remote_addr)
+    except ValueError:
+        return False
+    return any(address in network for network in _allowed_networks(tuple(settings.FEDMCP_METRICS_ALLOWED_NETWORKS)))
+
+
+@functools.lru_cache(maxsize=4)
+def _allowed_networks(networks: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in networks)

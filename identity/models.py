@@ -1,0 +1,130 @@
+"""Peer-gateway trust, federated identities, used assertions and the audit trail."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.validators import RegexValidator, URLValidator
+from django.db import models
+from oauth2_provider.models import Application
+
+gateway_name_validator = RegexValidator(
+    r"^[a-z0-9]+(?:-[a-z0-9]+)*\Z", "Use lowercase letters, digits and single hyphens (e.g. 'acme-eu')."
+)
+
+
+class TrustedGatewayQuerySet(models.QuerySet["TrustedGateway"]):
+    def for_application(self, application_id: int | None) -> TrustedGateway | None:
+        """Return the enabled trusted gateway that authenticates as this OAuth application."""
+        if application_id is None:
+            return None
+        return self.filter(application_id=application_id, enabled=True).first()
+
+
+class TrustedGateway(models.Model):
+    """Another fedmcp gateway allowed to call this one on behalf of its own users.
+
+    It authenticates with the client-credentials `application` (its token has the `gateway`
+    scope) and asserts the acting user in a JWT signed with a key from its JWKS; only users of
+    its own `issuer` can be asserted.
+    """
+
+    name = models.CharField(max_length=48, unique=True, validators=[gateway_name_validator])
+    issuer = models.CharField(
+        max_length=2000, unique=True, validators=[URLValidator(schemes=["http", "https"])],
+        help_text="The `iss` of its assertions: its public URL, e.g. https://mcp.partner.example.",
+    )
+    jwks_url = models.CharField(
+        max_length=2000, blank=True, validators=[URLValidator(schemes=["http", "https"])],
+        help_text="Where its public keys are; default <issuer>/.well-known/jwks.json.",
+    )
+    jwks = models.JSONField(default=dict, blank=True, help_text="Its public keys inline (a JWK Set); used instead of fetching.")
+    application = models.OneToOneField(Application, on_delete=models.CASCADE, related_name="trusted_gateway")
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = TrustedGatewayQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.issuer})"
+
+    def keys_url(self) -> str:
+        return self.jwks_url or f"{self.issuer.rstrip('/')}/.well-known/jwks.json"
+
+
+class FederatedIdentity(models.Model):
+    """A user of a trusted gateway, as that gateway asserted them: (issuer, subject).
+
+    `user` is left empty until an administrator links the identity to a local account.
+    """
+
+    trusted_gateway = models.ForeignKey(TrustedGateway, on_delete=models.CASCADE, related_name="identities")
+    issuer = models.CharField(max_length=2000)
+    subject = models.CharField(max_length=255)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="federated_identities")
+    first_seen_at = models.DateTimeField(auto_now_add=True)
+    last_seen_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["issuer", "subject"]
+        constraints = [models.UniqueConstraint(fields=["issuer", "subject"], name="federated_identity_unique")]
+        verbose_name_plural = "federated identities"
+
+    def __str__(self) -> str:
+        return f"{self.subject} @ {self.issuer}"
+
+
+class UsedAssertion(models.Model):
+    """The `jti` of an accepted assertion, kept until it expires so it cannot be replayed."""
+
+    issuer = models.CharField(max_length=2000)
+    jti = models.CharField(max_length=255)
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["issuer", "jti"], name="used_assertion_unique")]
+
+
+class AuditEventQuerySet(models.QuerySet["AuditEvent"]):
+    def update(self, **kwargs: Any) -> int:
+        raise TypeError("audit events are append-only")
+
+
+class AuditEvent(models.Model):
+    """One forwarded call: who (user or federated identity, client, path), what, and how it went.
+
+    Append-only: saving an existing event or updating through the queryset raises.
+    """
+
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    username = models.CharField(max_length=255, blank=True)
+    federated_issuer = models.CharField(max_length=2000, blank=True)
+    federated_subject = models.CharField(max_length=255, blank=True)
+    client_id = models.CharField(max_length=255, blank=True)
+    via = models.JSONField(default=list, blank=True, help_text="Gateways the call came through, oldest first.")
+    peer = models.CharField(max_length=48)
+    method = models.CharField(max_length=64)
+    name = models.CharField(max_length=2000, blank=True, help_text="Tool or prompt name, or resource URI, as the peer knows it.")
+    outcome = models.CharField(max_length=8, choices=[("ok", "ok"), ("error", "error")])
+    error_code = models.IntegerField(null=True, blank=True)
+    latency_ms = models.FloatField()
+
+    objects = AuditEventQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-at"]
+        indexes = [models.Index(fields=["federated_issuer", "federated_subject"])]
+
+    def __str__(self) -> str:
+        who = f"{self.federated_subject}@{self.federated_issuer}" if self.federated_issuer else self.username or "-"
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {who} {self.method} {self.peer}:{self.name} {self.outcome}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise TypeError("audit events are append-only")
+        super().save(*args, **kwargs)

@@ -1,0 +1,139 @@
+"""A real daphne worker on SIGTERM: it drains in-flight calls, and cancels upstreams it gives up on.
+
+Each test starts a worker of one gateway (peer `fixture`: the fixture server) with its own
+grace period, starts a slow call through it, waits (by polling the worker's /metrics) until the
+call is in flight, then sends SIGTERM to the worker:
+
+* within the grace period the call completes normally, while new connections are refused;
+* past the grace period the call is cancelled and the upstream hears of it (its cancellation
+  counter goes up), instead of the call being cut off when the process exits.
+
+The workers log JSON (FEDMCP_LOG_FORMAT=json), so these tests also read real log lines.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.harness import Gateway, fixture_server
+from tests.observability.scrape import parse, value
+
+pytestmark = pytest.mark.e2e
+
+WAIT = 20.0
+"""Bound on every poll; a healthy run needs a fraction of it."""
+HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json", "MCP-Protocol-Version": "2026-07-28"}
+META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+def call_tool(url: str, name: str, arguments: dict[str, Any], headers: dict[str, str] | None = None, timeout: float = 60) -> dict[str, Any]:
+    """One 2026-07-28 tools/call; return the JSON-RPC response (from JSON or the SSE stream)."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": arguments, "_meta": META}}
+    response = httpx.post(url, json=body, headers={**HEADERS, "Mcp-Method": "tools/call", "Mcp-Name": name, **(headers or {})}, timeout=timeout)
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        events = [json.loads(line[5:]) for line in response.text.splitlines() if line.startswith("data:")]
+        return next(e for e in events if e.get("id") == 1)
+    return response.json()
+
+
+def cancelled_on_fixture(fixture_url: str) -> int:
+    reply = call_tool(fixture_url, "stats", {})
+    return int(json.loads(reply["result"]["content"][0]["text"])["slow_echo_cancelled"])
+
+
+def poll(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def in_flight(url: str) -> float:
+    response = httpx.get(f"{url}/metrics", timeout=5)
+    return value(parse(response.text), "fedmcp_forwarded_calls_in_flight", peer="fixture")
+
+
+def refuses_connections(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/healthz", timeout=1)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+def log_entries(gateway: Gateway, request_id: str | None) -> list[dict[str, Any]]:
+    """The JSON log lines the gateway's workers wrote for one request (None: outside requests)."""
+    entries = [json.loads(line) for line in gateway.logs().splitlines() if line.startswith("{")]
+    return [e for e in entries if e["request_id"] == request_id]
+
+
+@pytest.fixture(scope="module")
+def fixture_url() -> Iterator[str]:
+    with fixture_server(name="fixture") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def gateway(fixture_url: str) -> Iterator[Gateway]:
+    with Gateway(name="drain", env={"FEDMCP_LOG_FORMAT": "json"}) as gateway:
+        gateway.migrate()
+        gateway.manage("peer", "add", "fixture", "--url", fixture_url)
+        gateway.auth_headers()
+        yield gateway
+
+
+def start_worker(gateway: Gateway, grace: str) -> tuple[Any, str]:
+    """Start a worker with this grace period; return its process and base URL."""
+    gateway.env["FEDMCP_SHUTDOWN_GRACE"] = grace
+    port = gateway.start_worker()
+    return gateway.workers[-1][0], f"http://127.0.0.1:{port}"
+
+
+def slow_call(gateway: Gateway, url: str, pool: ThreadPoolExecutor, delay_ms: int, request_id: str) -> Future[dict[str, Any]]:
+    headers = {**gateway.auth_headers(), "X-Request-Id": request_id}
+    future = pool.submit(call_tool, f"{url}/mcp", "fixture__slow_echo", {"text": "finished", "delay_ms": delay_ms}, headers)
+    poll(lambda: in_flight(url) == 1, "the call to be in flight")
+    return future
+
+
+def test_sigterm_lets_the_call_in_flight_finish_and_refuses_new_connections(gateway: Gateway) -> None:
+    process, url = start_worker(gateway, grace="30")
+    with ThreadPoolExecutor(1) as pool:
+        future = slow_call(gateway, url, pool, delay_ms=1500, request_id="drain-test-1")
+
+        process.send_signal(signal.SIGTERM)
+        poll(lambda: refuses_connections(url), "the worker to stop listening")
+        reply = future.result(timeout=WAIT)
+
+    assert reply["result"]["content"][0]["text"] == "finished"
+    assert process.wait(WAIT) == 0
+    [call] = [e for e in log_entries(gateway, "drain-test-1") if e["logger"] == "fedmcp.calls"]
+    assert call["outcome"] == "ok"
+    assert call["peer"] == "fixture"
+    # The worker's own lines about the drain belong to no request.
+    assert any("draining" in e["message"] for e in log_entries(gateway, None))
+
+
+def test_past_the_grace_period_the_call_is_cancelled_upstream_before_exit(gateway: Gateway, fixture_url: str) -> None:
+    process, url = start_worker(gateway, grace="0.5")
+    cancelled_before = cancelled_on_fixture(fixture_url)
+    with ThreadPoolExecutor(1) as pool:
+        future = slow_call(gateway, url, pool, delay_ms=60_000, request_id="drain-test-2")
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(WAIT) == 0
+        future.exception(timeout=WAIT)  # the call ends, one way or another
+
+    poll(lambda: cancelled_on_fixture(fixture_url) == cancelled_before + 1, "the fixture to see the cancellation")
+    [call] = [e for e in log_entries(gateway, "drain-test-2") if e["logger"] == "fedmcp.calls"]
+    assert call["outcome"] == "cancelled"
