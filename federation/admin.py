@@ -1,9 +1,19 @@
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db import transaction
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html
 
-from federation.models import CatalogEntry, Peer, RateLimit
+from federation.health import breakers
+from federation.models import CatalogEntry, CatalogKind, Peer, PeerHealthCheck, RateLimit
+from federation.services import SyncReport, catalog_set_enabled, peer_set_enabled, peer_sync_catalog
+
+SYNC_FIELDS = ("transport", "url", "command", "args", "is_gateway", "client_id", "token_url")
+"""Changing any of these re-runs the connection test when a peer is saved in the admin."""
 
 
 class PeerAdminForm(forms.ModelForm):
@@ -65,28 +75,156 @@ class PeerAdminForm(forms.ModelForm):
 
 class CatalogEntryInline(admin.TabularInline):
     model = CatalogEntry
-    fields = ("kind", "upstream_name", "enabled")
-    readonly_fields = ("kind", "upstream_name")
+    fields = ("kind", "name", "upstream_name", "enabled")
+    # Read-only here: switches go through the catalog's actions, which tell hosts (list_changed).
+    readonly_fields = fields
     extra = 0
     can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class PeerHealthCheckInline(admin.TabularInline):
+    model = PeerHealthCheck
+    fields = ("checked_at", "ok", "latency_ms", "error")
+    readonly_fields = fields
+    extra = 0
+    max_num = 0
+    can_delete = False
+    verbose_name_plural = "health history (newest first)"
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+def report_sync(request: HttpRequest, peer: Peer, report: SyncReport) -> None:
+    """Tell the admin what a sync found, or why it failed, in words an operator can act on."""
+    found = ", ".join(f"{count} {kind.replace('_', ' ')}s" for kind, count in report.counts.items()) or "nothing"
+    if report.ok:
+        messages.success(request, f"Connected to '{peer.name}' ({report.protocol_version}): found {found}.")
+    elif "connect" in report.errors:
+        messages.error(request, f"Could not connect to '{peer.name}': {report.errors['connect']}")
+    else:
+        failed = "; ".join(f"{kind}: {error}" for kind, error in report.errors.items())
+        messages.warning(request, f"Connected to '{peer.name}', found {found}, but some lists failed: {failed}")
+
+
+def sync_and_report(request: HttpRequest, peer: Peer) -> SyncReport:
+    from federation.events import publish_catalog_changed
+
+    report = async_to_sync(peer_sync_catalog)(peer=peer)
+    if report.changed:
+        async_to_sync(publish_catalog_changed)(peer.name, report.changed)
+    report_sync(request, peer, report)
+    return report
 
 
 @admin.register(Peer)
 class PeerAdmin(admin.ModelAdmin):
     form = PeerAdminForm
-    list_display = ("name", "transport", "enabled", "protocol_version", "last_synced_at", "last_error")
+    list_display = ("name", "transport", "enabled", "health", "circuit", "catalog_size", "last_synced_at", "last_error")
     list_filter = ("transport", "enabled")
     search_fields = ("name", "url", "command")
-    readonly_fields = ("protocol_version", "server_info", "capabilities", "instructions", "last_synced_at", "last_error", "created_at", "updated_at")
-    inlines = [CatalogEntryInline]
+    readonly_fields = (
+        "circuit", "protocol_version", "server_info", "capabilities", "instructions", "last_synced_at",
+        "last_error", "created_at", "updated_at",
+    )
+    inlines = [CatalogEntryInline, PeerHealthCheckInline]
+    actions = ["refresh_catalog", "enable_peers", "disable_peers"]
+
+    @admin.display(description="health")
+    def health(self, peer: Peer) -> str:
+        reachable = peer.is_reachable()
+        return {None: "not checked yet", True: "ok", False: "failing"}[reachable]
+
+    @admin.display(description="circuit (this worker)")
+    def circuit(self, peer: Peer) -> str:
+        # Breakers live in each worker's memory: this is the state in the worker that served this page.
+        state = breakers.states().get(peer.pk)
+        return str(state) if state is not None else "closed (no calls yet in this worker)"
+
+    @admin.display(description="catalog")
+    def catalog_size(self, peer: Peer) -> int:
+        return peer.catalog.count()
+
+    def save_model(self, request: HttpRequest, obj: Peer, form: forms.ModelForm, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        # The connection test: a new peer, or one whose address or credentials changed, is synced
+        # right away so the operator sees what it offers (or why it cannot be reached).
+        if obj.enabled and (not change or set(SYNC_FIELDS) & set(form.changed_data) or "new_client_secret" in form.changed_data):
+            # After the admin's transaction: the sync's database_sync_to_async closes connections
+            # that are inside an atomic block, and the catalog must see the committed peer.
+            transaction.on_commit(lambda: sync_and_report(request, obj))
+
+    def delete_model(self, request: HttpRequest, obj: Peer) -> None:
+        self.delete_queryset(request, Peer.objects.filter(pk=obj.pk))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Peer]) -> None:
+        from federation.events import publish_catalog_changed
+
+        names = list(queryset.values_list("name", flat=True))
+        super().delete_queryset(request, queryset)
+        kinds = list(CatalogKind.values)
+        # Connected hosts drop the removed peers' items from their lists.
+        transaction.on_commit(lambda: [async_to_sync(publish_catalog_changed)(name, kinds) for name in names])
+
+    @admin.action(description="Refresh catalog (connect and list everything again)")
+    def refresh_catalog(self, request: HttpRequest, queryset: QuerySet[Peer]) -> None:
+        for peer in queryset:
+            sync_and_report(request, peer)
+
+    @admin.action(description="Enable selected peers")
+    def enable_peers(self, request: HttpRequest, queryset: QuerySet[Peer]) -> None:
+        names = async_to_sync(peer_set_enabled)(peer_ids=list(queryset.values_list("pk", flat=True)), enabled=True)
+        messages.success(request, f"Enabled {len(names)} peer(s): {', '.join(names) or 'none changed'}.")
+
+    @admin.action(description="Disable selected peers")
+    def disable_peers(self, request: HttpRequest, queryset: QuerySet[Peer]) -> None:
+        names = async_to_sync(peer_set_enabled)(peer_ids=list(queryset.values_list("pk", flat=True)), enabled=False)
+        messages.success(request, f"Disabled {len(names)} peer(s): {', '.join(names) or 'none changed'}.")
 
 
 @admin.register(CatalogEntry)
 class CatalogEntryAdmin(admin.ModelAdmin):
-    list_display = ("upstream_name", "kind", "peer", "enabled", "updated_at")
+    list_display = ("name", "kind", "peer", "enabled_badge", "updated_at")
     list_filter = ("kind", "enabled", "peer")
-    search_fields = ("upstream_name",)
-    readonly_fields = ("peer", "kind", "upstream_name", "position", "payload", "updated_at")
+    search_fields = ("name", "upstream_name", "payload__description")
+    readonly_fields = ("peer", "kind", "name", "home", "upstream_name", "position", "payload", "updated_at")
+    fields = ("peer", "kind", "name", "home", "upstream_name", "enabled", "position", "payload", "updated_at")
+    actions = ["enable_entries", "disable_entries"]
+    list_select_related = ("peer",)
+
+    @admin.display(description="enabled", ordering="enabled")
+    def enabled_badge(self, entry: CatalogEntry) -> str:
+        return format_html('<span class="fedmcp-{}">{}</span>', "on" if entry.enabled else "off", "yes" if entry.enabled else "no")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # items come from the peers' own lists
+
+    def save_model(self, request: HttpRequest, obj: CatalogEntry, form: forms.ModelForm, change: bool) -> None:
+        if "enabled" in form.changed_data:
+            transaction.on_commit(lambda: async_to_sync(catalog_set_enabled)(entry_ids=[obj.pk], enabled=obj.enabled))
+        else:
+            super().save_model(request, obj, form, change)
+
+    def _switch(self, request: HttpRequest, queryset: QuerySet[CatalogEntry], enabled: bool) -> None:
+        ids = list(queryset.values_list("pk", flat=True))
+        changed = async_to_sync(catalog_set_enabled)(entry_ids=ids, enabled=enabled)
+        verb = "Enabled" if enabled else "Disabled"
+        if changed:
+            peers = ", ".join(sorted(changed))
+            messages.success(request, f"{verb} {len(ids)} item(s); connected hosts of {peers} were told the lists changed.")
+        else:
+            messages.info(request, f"Nothing to do: the selected items were already {verb.lower()}.")
+
+    @admin.action(description="Enable selected items")
+    def enable_entries(self, request: HttpRequest, queryset: QuerySet[CatalogEntry]) -> None:
+        self._switch(request, queryset, True)
+
+    @admin.action(description="Disable selected items (hosts get list_changed)")
+    def disable_entries(self, request: HttpRequest, queryset: QuerySet[CatalogEntry]) -> None:
+        self._switch(request, queryset, False)
 
 
 @admin.register(RateLimit)

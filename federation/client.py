@@ -62,7 +62,9 @@ def _address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         ip = ip.ipv4_mapped
     if ip.is_loopback:
         return bool(settings.FEDERATION_ALLOW_LOOPBACK)
-    if ip.is_private or ip.is_link_local or ip.is_reserved or ip.is_multicast or ip.is_unspecified:
+    # `not is_global` also catches what `is_private` misses, e.g. 100.64.0.0/10 (shared address
+    # space, where some clouds put their metadata service: 100.100.100.200).
+    if ip.is_private or ip.is_link_local or ip.is_reserved or ip.is_multicast or ip.is_unspecified or not ip.is_global:
         return bool(settings.FEDERATION_ALLOW_PRIVATE_IPS)
     return True
 

@@ -313,3 +313,44 @@ async def peer_sync_catalog(*, peer: Peer, connection: UpstreamConnection | None
     report.protocol_version = connection.description.protocol_version
     report.counts = {kind: len(items) for kind, items in found.items()}
     return report
+
+
+async def catalog_set_enabled(*, entry_ids: list[int], enabled: bool) -> dict[str, list[str]]:
+    """Switch catalog items on or off and tell connected hosts (list_changed) what changed.
+
+    Returns the kinds that changed, per peer name.
+    """
+    changed = await database_sync_to_async(_set_entries_enabled)(entry_ids, enabled)
+    from federation.events import publish_catalog_changed
+
+    for peer_name, kinds in changed.items():
+        await publish_catalog_changed(peer_name, kinds)
+    return changed
+
+
+@transaction.atomic
+def _set_entries_enabled(entry_ids: list[int], enabled: bool) -> dict[str, list[str]]:
+    rows = CatalogEntry.objects.filter(pk__in=entry_ids).exclude(enabled=enabled).select_related("peer")
+    changed: dict[str, set[str]] = {}
+    for entry in rows:
+        changed.setdefault(entry.peer.name, set()).add(entry.kind)
+    CatalogEntry.objects.filter(pk__in=entry_ids).exclude(enabled=enabled).update(enabled=enabled)
+    return {name: sorted(kinds) for name, kinds in changed.items()}
+
+
+async def peer_set_enabled(*, peer_ids: list[int], enabled: bool) -> list[str]:
+    """Enable or disable peers; hosts get list_changed for every kind. Returns the changed names."""
+
+    @database_sync_to_async
+    def _switch() -> list[str]:
+        rows = Peer.objects.filter(pk__in=peer_ids).exclude(enabled=enabled)
+        names = list(rows.values_list("name", flat=True))
+        rows.update(enabled=enabled)
+        return names
+
+    names = await _switch()
+    from federation.events import publish_catalog_changed
+
+    for name in names:
+        await publish_catalog_changed(name, [kind for kind, *_ in LISTINGS])
+    return names

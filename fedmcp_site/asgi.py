@@ -14,13 +14,15 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
 from fedmcp_site import lifecycle  # noqa: E402
+from identity.consent_consumers import consent_websocket  # noqa: E402
 from mcp_endpoint.routing import http_urlpatterns, websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": URLRouter([*http_urlpatterns, re_path(r"", django_asgi_app)]),
         # Host, Origin and the bearer token are checked per route (mcp_endpoint.auth).
-        "websocket": URLRouter(websocket_urlpatterns),
+        # /consent/ws is the consent page's live feed: browser session + Origin, not a token.
+        "websocket": URLRouter([*websocket_urlpatterns, re_path(r"^consent/ws/?$", consent_websocket())]),
     }
 )
 # Under daphne: drain on SIGTERM, then cancel what is left and close upstream connections.

@@ -100,10 +100,13 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "oauth2_provider",
     "identity",
     "federation",
     "mcp_endpoint",
+    "console",
 ]
 
 MIDDLEWARE = [
@@ -329,6 +332,14 @@ FEDMCP_READYZ_TIMEOUT = env_float("FEDMCP_READYZ_TIMEOUT", 2.0)
 # On SIGTERM a worker stops accepting connections and gives requests in progress this long to
 # finish (seconds) before cancelling them; keep the orchestrator's kill timeout above it.
 FEDMCP_SHUTDOWN_GRACE = env_float("FEDMCP_SHUTDOWN_GRACE", 25.0)
+# Consent (docs/CONSENT.md): what happens when no policy matches a tools/call
+# (ask-new-peers | allow | ask | deny), how long a call waits for the user (seconds), and how
+# often a waiting call re-reads its prompt should a channel-layer message be lost.
+FEDMCP_CONSENT_DEFAULT = os.environ.get("FEDMCP_CONSENT_DEFAULT", "ask-new-peers")
+if FEDMCP_CONSENT_DEFAULT not in ("ask-new-peers", "allow", "ask", "deny"):
+    raise ImproperlyConfigured("FEDMCP_CONSENT_DEFAULT must be ask-new-peers, allow, ask or deny")
+FEDMCP_CONSENT_TIMEOUT = env_float("FEDMCP_CONSENT_TIMEOUT", 120.0)
+FEDMCP_CONSENT_POLL_INTERVAL = env_float("FEDMCP_CONSENT_POLL_INTERVAL", 2.0)
 # Behind a TLS-terminating load balancer (docs/DEPLOYMENT.md): the public origin is trusted for
 # CSRF (admin, sign-in and consent forms), cookies are Secure when it is https, and, only when
 # the balancer overwrites X-Forwarded-Proto, Django may believe it for request.is_secure().
@@ -360,5 +371,34 @@ LOGGING = {
     "loggers": {
         "daphne": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},
+    },
+}
+
+
+# --- REST API (/api/, console/api.py) ----------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "oauth2_provider.contrib.rest_framework.OAuth2Authentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "fedmcp admin API",
+    "DESCRIPTION": "Peers, catalog, audit log and configuration of a fedmcp gateway. Needs an OAuth token with the `admin` scope.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAdminUser"],
+    "SERVE_AUTHENTICATION": [
+        "oauth2_provider.contrib.rest_framework.OAuth2Authentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    # Swagger UI and Redoc from drf-spectacular-sidecar's static files: nothing loads from a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "CatalogKindEnum": "federation.models.CatalogKind",
+        "ConsentKindEnum": "identity.models.ConsentKind",
     },
 }

@@ -6,11 +6,13 @@ from django.urls import include, path
 from fedmcp_site import views
 
 urlpatterns = [
+    path("", include("console.urls")),
     path("admin/", admin.site.urls),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("metrics", views.metrics_view, name="metrics"),
     path("", include("identity.urls")),
     path("", include("identity.jwks_urls")),
+    path("", include("identity.consent_urls")),
     path("", views.index, name="index"),
 ]

@@ -29,6 +29,7 @@ def audit_record(
     error_code: int | None,
     latency_ms: float,
     via: list[str] | tuple[str, ...] = (),
+    decision: str = "",
 ) -> None:
     """Record one forwarded call (`error_code` None means it succeeded), without waiting."""
     event = AuditEvent(
@@ -43,6 +44,7 @@ def audit_record(
         name=name[:2000],
         outcome="ok" if error_code is None else "error",
         error_code=error_code,
+        decision=decision,
         latency_ms=round(latency_ms, 3),
     )
     task = asyncio.get_running_loop().create_task(_write(event))

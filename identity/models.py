@@ -111,6 +111,10 @@ class AuditEvent(models.Model):
     method = models.CharField(max_length=64)
     name = models.CharField(max_length=2000, blank=True, help_text="Tool or prompt name, or resource URI, as the peer knows it.")
     outcome = models.CharField(max_length=8, choices=[("ok", "ok"), ("error", "error")])
+    decision = models.CharField(
+        max_length=16, blank=True,
+        help_text="What consent decided: allow, grant (a remembered approval), approved, denied, timeout or deny (a policy).",
+    )
     error_code = models.IntegerField(null=True, blank=True)
     latency_ms = models.FloatField()
 
@@ -118,7 +122,11 @@ class AuditEvent(models.Model):
 
     class Meta:
         ordering = ["-at"]
-        indexes = [models.Index(fields=["federated_issuer", "federated_subject"])]
+        indexes = [
+            models.Index(fields=["federated_issuer", "federated_subject"]),
+            # Consent's "has this user used this peer" (identity/consent.py `_peer_used`).
+            models.Index(fields=["user", "peer", "method"], name="audit_user_peer_method"),
+        ]
 
     def __str__(self) -> str:
         who = f"{self.federated_subject}@{self.federated_issuer}" if self.federated_issuer else self.username or "-"
@@ -128,3 +136,140 @@ class AuditEvent(models.Model):
         if not self._state.adding:
             raise TypeError("audit events are append-only")
         super().save(*args, **kwargs)
+
+
+# --- consent ---------------------------------------------------------------------------------
+
+
+class ConsentDecision(models.TextChoices):
+    ALLOW = "allow", "allow"
+    ASK = "ask", "ask the user"
+    DENY = "deny", "deny"
+
+
+class ConsentKind(models.TextChoices):
+    TOOL = "tool", "tool (tools/call)"
+    RESOURCE = "resource", "resource (resources/read)"
+    PROMPT = "prompt", "prompt (prompts/get)"
+
+
+class ConsentPolicy(models.Model):
+    """An administrator's rule: calls matching every non-blank field get `decision`.
+
+    Precedence (identity/consent.py `decide`, docs/CONSENT.md): the policy matching with the
+    most specific fields wins, then the higher `priority`, then deny over ask over allow.
+    """
+
+    description = models.CharField(max_length=200, blank=True)
+    peer = models.CharField(max_length=48, blank=True, help_text="Peer name; blank = any peer.")
+    kind = models.CharField(max_length=8, choices=ConsentKind.choices, blank=True, help_text="Blank = tools, resources and prompts.")
+    name_pattern = models.CharField(
+        max_length=500, default="*", help_text="fnmatch pattern on the name the peer knows (tool/prompt name or resource URI)."
+    )
+    username = models.CharField(max_length=150, blank=True, help_text="Local user; blank = anyone.")
+    group = models.ForeignKey("auth.Group", null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    federated_issuer = models.CharField(max_length=2000, blank=True, help_text="Home gateway of a federated user; blank = any.")
+    federated_subject = models.CharField(max_length=255, blank=True)
+    client_id = models.CharField(max_length=255, blank=True, help_text="OAuth client (host application); blank = any.")
+    decision = models.CharField(max_length=8, choices=ConsentDecision.choices)
+    priority = models.IntegerField(default=0, help_text="Among equally specific policies, the higher wins.")
+    redact_fields = models.JSONField(
+        default=list, blank=True, help_text="Argument names shown as [redacted] on the consent page, e.g. [\"password\"]."
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-priority", "peer", "name_pattern"]
+        verbose_name_plural = "consent policies"
+
+    def __str__(self) -> str:
+        return f"{self.decision}: {self.peer or '*'}/{self.kind or '*'}:{self.name_pattern}"
+
+    def specificity(self) -> int:
+        """How many criteria this policy names (the first precedence key)."""
+        fields = [self.peer, self.kind, self.username, self.group_id, self.federated_issuer, self.federated_subject, self.client_id]
+        return sum(1 for f in fields if f) + (1 if self.name_pattern not in ("", "*") else 0)
+
+
+class ConsentPromptQuerySet(models.QuerySet["ConsentPrompt"]):
+    def pending_for(self, user: Any) -> ConsentPromptQuerySet:
+        from django.utils import timezone
+
+        return self.filter(user=user, status=ConsentPrompt.Status.PENDING, expires_at__gt=timezone.now())
+
+
+class ConsentPrompt(models.Model):
+    """A call waiting for its user's answer on /consent/<id>; the id is random and single-use."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        APPROVED = "approved"
+        DENIED = "denied"
+        EXPIRED = "expired"
+
+    id = models.CharField(primary_key=True, max_length=64, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="consent_prompts")
+    username = models.CharField(max_length=255, blank=True)
+    federated_issuer = models.CharField(max_length=2000, blank=True)
+    federated_subject = models.CharField(max_length=255, blank=True)
+    client_id = models.CharField(max_length=255, blank=True)
+    client_name = models.CharField(max_length=255, blank=True)
+    via = models.JSONField(default=list, blank=True)
+    peer = models.CharField(max_length=48)
+    kind = models.CharField(max_length=8, choices=ConsentKind.choices)
+    name = models.CharField(max_length=2000)
+    arguments = models.JSONField(default=dict, blank=True, help_text="The call's arguments, sensitive fields redacted.")
+    policy = models.ForeignKey(ConsentPolicy, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    decided_at = models.DateTimeField(null=True, blank=True)
+    used_at = models.DateTimeField(null=True, blank=True, help_text="When the approved call went ahead (an approval is used once).")
+
+    objects = ConsentPromptQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.username or self.federated_subject} {self.kind} {self.peer}:{self.name} {self.status}"
+
+    def is_pending(self) -> bool:
+        from django.utils import timezone
+
+        return self.status == self.Status.PENDING and self.expires_at > timezone.now()
+
+
+class ConsentGrantQuerySet(models.QuerySet["ConsentGrant"]):
+    def active(self) -> ConsentGrantQuerySet:
+        from django.utils import timezone
+
+        return self.filter(revoked_at__isnull=True, expires_at__gt=timezone.now())
+
+
+class ConsentGrant(models.Model):
+    """A remembered approval: `user` may call `name` on `peer` (from `client_id`) until `expires_at`."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="consent_grants")
+    peer = models.CharField(max_length=48)
+    kind = models.CharField(max_length=8, choices=ConsentKind.choices)
+    name = models.CharField(max_length=2000)
+    client_id = models.CharField(max_length=255, blank=True, help_text="Blank = any client application.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    prompt = models.ForeignKey(ConsentPrompt, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+
+    objects = ConsentGrantQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.user} {self.kind} {self.peer}:{self.name} until {self.expires_at:%Y-%m-%d %H:%M}"
+
+    def is_active(self) -> bool:
+        from django.utils import timezone
+
+        return self.revoked_at is None and self.expires_at > timezone.now()

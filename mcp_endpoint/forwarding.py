@@ -41,6 +41,7 @@ from identity.audit import audit_record
 from identity.signing import AssertionConfigError, assertion_create
 from identity.trust import ASSERTION_META_KEY, assertion_subject
 from mcp_endpoint import jsonrpc
+from mcp_endpoint.consent_gate import consent_gate
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
 
@@ -279,10 +280,20 @@ async def forward(ctx: HostContext, route: Route, method: str, params: JsonDict)
     """
     started = time.monotonic()
     error_code: int | None = None
+    decision = ""
     try:
-        return await _forward(ctx, route, method, params)
+        # Loops and rate limits first, then consent (mcp_endpoint/consent_gate.py): it may
+        # refuse, wait for the user, or answer a 2026-07-28 host with an input_required
+        # pointing at the consent page.
+        hops = await _admit(ctx, route)
+        gate = await consent_gate(ctx, route, method, params, _audited_name(method, params))
+        decision = gate.decision
+        if gate.result is not None:
+            return gate.result
+        return await _forward(ctx, route, method, gate.params if gate.params is not None else params, hops)
     except jsonrpc.JsonRpcError as exc:
         error_code = exc.code
+        decision = getattr(exc, "consent_decision", decision)
         raise
     except asyncio.CancelledError:
         error_code = jsonrpc.REQUEST_CANCELLED
@@ -298,6 +309,7 @@ async def forward(ctx: HostContext, route: Route, method: str, params: JsonDict)
             name=_audited_name(method, params),
             error_code=error_code,
             latency_ms=(time.monotonic() - started) * 1000,
+            decision=decision,
         )
 
 
@@ -311,7 +323,20 @@ def _audited_name(method: str, params: JsonDict) -> str:
     return value if isinstance(value, str) else ""
 
 
-async def _forward(ctx: HostContext, route: Route, method: str, params: JsonDict) -> JsonDict:
+async def _admit(ctx: HostContext, route: Route) -> list[str]:
+    """Refuse loops and over-limit callers (before consent, so neither can create prompts); return the hops."""
+    hops = incoming_hops(ctx)
+    try:
+        await ratelimit.check_call(identity=ctx.identity, peer=route.peer)
+    except ratelimit.RateLimitExceededError as exc:
+        raise jsonrpc.RateLimitedError(
+            f"Rate limit exceeded ({exc.scope}): retry in {exc.retry_after_ms} ms",
+            {"retryAfterMs": exc.retry_after_ms, "scope": exc.scope},
+        ) from exc
+    return hops
+
+
+async def _forward(ctx: HostContext, route: Route, method: str, params: JsonDict, hops: list[str]) -> JsonDict:
     """Send `method` to the route's peer and return the result shaped for the host's era.
 
     Transport failures count against the peer's circuit breaker. Methods without side effects
@@ -321,14 +346,6 @@ async def _forward(ctx: HostContext, route: Route, method: str, params: JsonDict
     Raises:
         JsonRpcError: the upstream answered an error, or could not be used.
     """
-    hops = incoming_hops(ctx)
-    try:
-        await ratelimit.check_call(identity=ctx.identity, peer=route.peer)
-    except ratelimit.RateLimitExceededError as exc:
-        raise jsonrpc.RateLimitedError(
-            f"Rate limit exceeded ({exc.scope}): retry in {exc.retry_after_ms} ms",
-            {"retryAfterMs": exc.retry_after_ms, "scope": exc.scope},
-        ) from exc
     breaker = breakers.for_peer(route.peer)
     attempts = 2 if method in SAFE_TO_RETRY else 1
     for attempt in range(1, attempts + 1):

@@ -34,6 +34,10 @@ INVALID_ASSERTION = -32015
 """Implementation-defined: a peer gateway's identity assertion is missing or not acceptable; `data.reason` says why."""
 RATE_LIMITED = -32016
 """Implementation-defined: a rate limit refused the call; `data.retryAfterMs` says when to retry (HTTP 429 on Streamable HTTP)."""
+CONSENT_DENIED = -32017
+"""Implementation-defined: the user (or a consent policy) refused the call."""
+CONSENT_TIMEOUT = -32018
+"""Implementation-defined: the user did not answer the consent prompt in time."""
 HEADER_MISMATCH = codes.HEADER_MISMATCH
 """An HTTP routing header disagrees with the body (-32020)."""
 MISSING_REQUIRED_CLIENT_CAPABILITY = codes.MISSING_REQUIRED_CLIENT_CAPABILITY
@@ -112,6 +116,16 @@ class InvalidAssertionError(JsonRpcError):
 class CancelledError(JsonRpcError):
     code = REQUEST_CANCELLED
     default_message = "Request cancelled"
+
+
+class ConsentDeniedError(JsonRpcError):
+    code = CONSENT_DENIED
+    default_message = "Consent denied"
+
+
+class ConsentTimeoutError(JsonRpcError):
+    code = CONSENT_TIMEOUT
+    default_message = "Consent timed out"
 
 
 def response(request_id: Any, result: JsonDict) -> JsonDict:

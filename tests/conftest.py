@@ -20,3 +20,16 @@ def everything_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def everything_on_class(request: pytest.FixtureRequest, everything_url: str) -> None:
     """Give a test case class the fixture server's URL as `everything_url`."""
     request.cls.everything_url = everything_url
+
+
+@pytest.fixture(autouse=True)
+def consent_allows_by_default() -> Iterator[None]:
+    """Let tool calls through unasked unless a test is about consent.
+
+    The shipped default (FEDMCP_CONSENT_DEFAULT=ask-new-peers) would make every first tool
+    call on a peer wait for a user. Consent tests override it in `setUp`, which runs later.
+    """
+    from django.test import override_settings
+
+    with override_settings(FEDMCP_CONSENT_DEFAULT="allow"):
+        yield

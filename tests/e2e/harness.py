@@ -138,6 +138,9 @@ class Gateway:
             "DATABASE_URL": database_url or f"sqlite:///{self.dir / 'db.sqlite3'}",
             "PYTHONUNBUFFERED": "1",
             "FEDMCP_PUBLIC_URL": f"http://127.0.0.1:{self.port}",
+            # Consent would ask before the first tool call on each peer; tests about consent
+            # (tests/e2e/test_consent_browser.py) pass their own FEDMCP_CONSENT_DEFAULT.
+            "FEDMCP_CONSENT_DEFAULT": "allow",
             **(env or {}),
         }
         if "REDIS_URL" not in (env or {}):

@@ -26,7 +26,8 @@ META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontex
 
 def test_demo_starts_the_gateway_with_two_upstreams() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="fedmcp-demo-"))
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}", "FEDMCP_SECRET_KEY": "demo-test"}
+    # No consent prompt in the way of the scripted host (docs/CONSENT.md).
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}", "FEDMCP_SECRET_KEY": "demo-test", "FEDMCP_CONSENT_DEFAULT": "allow"}
     env.pop("REDIS_URL", None)
     env.pop("FEDMCP_PUBLIC_URL", None)
     subprocess.run([PY, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True)

@@ -1,0 +1,14 @@
+"""URLs of the consent pages (identity/consent_views.py); the live feed is /consent/ws (asgi.py)."""
+
+from __future__ import annotations
+
+from django.urls import path
+
+from identity import consent_views
+
+urlpatterns = [
+    path("consent", consent_views.consent_list, name="consent"),
+    path("consent/grants", consent_views.grant_list, name="consent-grants"),
+    path("consent/grants/<int:grant_id>/revoke", consent_views.grant_revoke, name="consent-grant-revoke"),
+    path("consent/<str:prompt_id>", consent_views.consent_detail, name="consent-detail"),
+]

@@ -1,0 +1,104 @@
+"""The consent pages: a user's pending prompts (/consent, /consent/<id>) and grants (/consent/grants).
+
+Interface code only: answering and revoking are `identity.consent` services. Every page is
+login-required, refuses framing (X-Frame-Options DENY and CSP frame-ancestors 'none'), and
+every POST is CSRF-protected and redirects to a fixed page (no `next`, no open redirect).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.clickjacking import xframe_options_deny
+from django.views.decorators.http import require_GET, require_POST
+
+from identity import consent
+from identity.models import ConsentGrant, ConsentPrompt
+
+CSP = "default-src 'self'; connect-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+
+
+def _protected(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Login required, never framed, never cached."""
+
+    @functools.wraps(view)
+    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        response = view(request, *args, **kwargs)
+        response["Content-Security-Policy"] = CSP
+        response["Cache-Control"] = "no-store"
+        return response
+
+    return login_required(xframe_options_deny(wrapped))
+
+
+def _shown(prompt: ConsentPrompt) -> dict[str, Any]:
+    return {**consent.prompt_summary(prompt), "arguments_json": json.dumps(prompt.arguments, indent=2, ensure_ascii=False)}
+
+
+def _context(**extra: Any) -> dict[str, Any]:
+    return {"gateway_name": settings.FEDMCP_GATEWAY_NAME, "durations": consent.REMEMBER_CHOICES, **extra}
+
+
+@_protected
+@require_GET
+def consent_list(request: HttpRequest) -> HttpResponse:
+    prompts = ConsentPrompt.objects.pending_for(request.user).order_by("created_at")
+    return render(request, "consent/list.html", _context(prompts=[_shown(p) for p in prompts]))
+
+
+@_protected
+def consent_detail(request: HttpRequest, prompt_id: str) -> HttpResponse:
+    if request.method == "POST":
+        return _answer(request, prompt_id)
+    if request.method != "GET":
+        return HttpResponse(status=405, headers={"Allow": "GET, POST"})
+    prompt = get_object_or_404(ConsentPrompt, pk=prompt_id, user=request.user)
+    return render(request, "consent/detail.html", _context(prompt=_shown(prompt), pending=prompt.is_pending()))
+
+
+def _answer(request: HttpRequest, prompt_id: str) -> HttpResponse:
+    action = request.POST.get("action")
+    remember: int | None = None
+    if action == "remember":
+        try:
+            remember = int(request.POST.get("duration", ""))
+        except ValueError:
+            remember = -1
+        if remember not in dict(consent.REMEMBER_CHOICES):
+            return HttpResponse("Choose one of the offered durations.", status=400, content_type="text/plain")
+    elif action not in ("approve", "deny"):
+        return HttpResponse("Unknown action.", status=400, content_type="text/plain")
+    if not ConsentPrompt.objects.filter(pk=prompt_id, user=request.user).exists():
+        raise Http404("no such consent request")
+    try:
+        prompt = consent.consent_prompt_answer(prompt_id=prompt_id, user=request.user, approve=action != "deny", remember_seconds=remember)
+    except consent.ConsentAnswerError as exc:
+        # Single-use: a second answer (another tab, a replayed form) changes nothing.
+        return HttpResponse(str(exc), status=409, content_type="text/plain")
+    verb = {"approve": "Approved once", "remember": "Approved and remembered", "deny": "Denied"}[action]
+    messages.success(request, f"{verb}: {prompt.kind} {prompt.name} on {prompt.peer}.")
+    return redirect("consent")
+
+
+@_protected
+@require_GET
+def grant_list(request: HttpRequest) -> HttpResponse:
+    grants = ConsentGrant.objects.active().filter(user=request.user)
+    return render(request, "consent/grants.html", _context(grants=grants))
+
+
+@_protected
+@require_POST
+def grant_revoke(request: HttpRequest, grant_id: int) -> HttpResponse:
+    grant = get_object_or_404(ConsentGrant, pk=grant_id, user=request.user)
+    consent.consent_grant_revoke(grant=grant)
+    messages.success(request, f"Revoked: {grant.kind} {grant.name} on {grant.peer}.")
+    return redirect("consent-grants")

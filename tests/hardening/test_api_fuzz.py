@@ -1,0 +1,94 @@
+"""Fuzzing of the admin REST API (/api/) from its own OpenAPI schema, with schemathesis.
+
+The schema is read from /api/schema/ with an admin's token (a staff superuser with the `admin`
+scope), through Django's WSGI handler in process. Every operation the schema lists gets
+generated requests (valid and invalid bodies, path and query parameters); the checks are
+schemathesis's defaults: no 5xx, responses conform to the schema (status codes, content types,
+bodies). The no-5xx check is a hard failure; schema conformance is recorded (xfail while the
+API is being written). While /api/schema/ does not exist (the API is being written), the test skips with a
+reason; it runs unchanged once the route is there.
+
+`FEDMCP_API_FUZZ_EXAMPLES` sets the examples per operation (default 25; `make harden`: 100).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.core.handlers.wsgi import WSGIHandler
+from django.test import Client
+from hypothesis import HealthCheck, given, settings
+
+from identity.tokens import token_create
+
+schemathesis = pytest.importorskip("schemathesis")
+from schemathesis.checks import not_a_server_error  # noqa: E402
+
+HARDEN_DIR = os.environ.get("FEDMCP_HARDEN_DIR")
+SCHEMA_PATH = "/api/schema/"
+HOST = "testserver"
+EXAMPLES = int(os.environ.get("FEDMCP_API_FUZZ_EXAMPLES", "100" if os.environ.get("FEDMCP_HARDEN_DIR") else "25"))
+
+
+@pytest.fixture
+def admin_token(db: Any, django_user_model: Any) -> str:
+    admin = django_user_model.objects.create_superuser("root-fuzz", "root@example.invalid", "not-a-password-x9")
+    return token_create(user=admin, scope="admin", resource=f"http://{HOST}", expires_in=timedelta(hours=1))
+
+
+def load_schema(token: str) -> Any:
+    probe = Client(HTTP_AUTHORIZATION=f"Bearer {token}").get(SCHEMA_PATH, HTTP_ACCEPT="application/json")
+    if probe.status_code == 404:
+        pytest.skip(f"{SCHEMA_PATH} does not exist yet: the admin API is not mounted")
+    assert probe.status_code == 200, probe.status_code
+    return schemathesis.openapi.from_wsgi(SCHEMA_PATH, WSGIHandler(), headers={"Authorization": f"Bearer {token}", "Host": HOST})
+
+
+def fuzz_operations(token: str, checks: list[Any] | None) -> tuple[int, dict[str, str]]:
+    """Run every operation of the schema; return (operations, failure text by operation)."""
+    schema = load_schema(token)
+    headers = {"Authorization": f"Bearer {token}", "Host": HOST}
+    failures: dict[str, str] = {}
+    operations = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        operations += 1
+
+        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not HARDEN_DIR, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def fuzz(case: Any) -> None:
+            case.call_and_validate(headers=headers, checks=checks)
+
+        try:
+            fuzz()
+        except (Exception, BaseExceptionGroup) as error:  # every failing operation, then fail once
+            failures[operation.label] = f"{type(error).__name__}: {error}"[:1500]
+    return operations, failures
+
+
+def write_figures(name: str, operations: int, failures: dict[str, str]) -> None:
+    if HARDEN_DIR:
+        Path(HARDEN_DIR).mkdir(parents=True, exist_ok=True)
+        figures = {"operations": operations, "examples_per_operation": EXAMPLES, "failures": len(failures), "failing": failures}
+        (Path(HARDEN_DIR) / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def test_the_admin_api_never_answers_a_server_error(admin_token: str) -> None:
+    """Schemathesis's schema-derived requests, valid and invalid: no 5xx on any operation."""
+    operations, failures = fuzz_operations(admin_token, [not_a_server_error])
+    write_figures("api-no-5xx", operations, failures)
+    assert operations, "the schema lists no operation"
+    assert not failures, "\n\n".join(f"{label}\n{text}" for label, text in failures.items())
+
+
+@pytest.mark.xfail(strict=False, reason="known defect, open in the hardening issue: some API operations answer statuses (400/404) their schema does not list; details in build/harden/api-conformance.json")
+def test_the_admin_api_answers_as_its_schema_says(admin_token: str) -> None:
+    """All of schemathesis's default checks (documented statuses, content types, bodies)."""
+    operations, failures = fuzz_operations(admin_token, None)
+    write_figures("api-conformance", operations, failures)
+    assert not failures, "\n\n".join(f"{label}\n{text}" for label, text in failures.items())

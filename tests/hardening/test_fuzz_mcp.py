@@ -1,0 +1,553 @@
+"""Property-based fuzzing of the MCP surface on every transport, in process (hypothesis).
+
+Each transport gets adversarial frames: malformed JSON and raw bytes, deep nesting, huge
+strings, wrong types, unknown fields, batches with interleaved and duplicate ids,
+notifications that pose as requests, and well-formed calls that reach routing (the fixture
+server is registered as peer `everything`, so `tools/call everything__add` goes upstream).
+
+The property, per frame: no exception escapes, no 5xx, every wait is bounded (`CASE_TIMEOUT`),
+every request carrying a string or integer id is answered with that id (a result, or an
+error whose code is one of `ALLOWED_CODES`), and any JSON-RPC error anywhere has an allowed
+code. After the run the worker still answers a normal session and /healthz.
+
+Budget: `FEDMCP_FUZZ_EXAMPLES` (total over the four transports; default 480, derandomized, for
+`make test`). `make harden` sets it to 10,000 and `FEDMCP_HARDEN_DIR=build/harden`, where each
+transport writes its figures (cases, failures, seconds, histogram of HTTP statuses and
+JSON-RPC codes) to `fuzz-<transport>.json`.
+
+Not fuzzed here (long-lived by design, or they need a host answering server→client requests):
+`subscriptions/listen`, the GET stream, and fixture tools that sample, elicit or sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from mcp_endpoint import jsonrpc
+from tests.base import (
+    ACCEPT,
+    HOST,
+    MODERN,
+    FixturePeerTestCase,
+    McpClient,
+    SseClient,
+    bearer,
+    http,
+    modern_meta,
+    release_process_state,
+    request,
+    ws_communicator,
+)
+
+TOTAL_EXAMPLES = int(os.environ.get("FEDMCP_FUZZ_EXAMPLES", "480"))
+TRANSPORTS = ("streamable_http_handshake", "streamable_http_modern", "sse_messages", "websocket")
+EXAMPLES = max(1, TOTAL_EXAMPLES // len(TRANSPORTS))
+HARDEN_DIR = os.environ.get("FEDMCP_HARDEN_DIR")
+CASE_TIMEOUT = 30.0
+"""Bound on one frame and its answers (the peer's call timeout is 20 s)."""
+READ_TIMEOUT = 25.0
+HUGE = 256 * 1024 if TOTAL_EXAMPLES <= 1000 else 1024 * 1024
+"""The longest fuzzed string (the body cap is 4 MiB)."""
+
+ALLOWED_CODES = {
+    value for name, value in vars(jsonrpc).items() if name.isupper() and isinstance(value, int)
+} - {jsonrpc.INTERNAL_ERROR}
+"""Every code the gateway defines except -32603, which means an unexpected exception (a bug)."""
+ALLOWED_STATUSES = {200, 202, 400, 403, 404, 405, 406, 413, 415, 422, 429}
+
+PEER = "everything"
+SAFE_TOOLS = ("add", "whoami", "stats", "test_simple_text", "test_error_handling", "test_image_content", "test_tool_with_logging")
+METHODS = (
+    "initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe",
+    "server/discover", "tools/list", "tools/call", "resources/list", "resources/templates/list",
+    "resources/read", "prompts/list", "prompts/get", "completion/complete",
+    "notifications/initialized", "notifications/cancelled", "notifications/progress",
+    "notifications/roots/list_changed", "sampling/createMessage", "rpc.discover", "", "tools/",
+)
+
+# --- strategies ---------------------------------------------------------------------------------
+
+text = st.text(max_size=40)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False), text,
+)
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4), max_leaves=12)
+good_ids = st.one_of(st.integers(min_value=-(2**53), max_value=2**53), st.text(min_size=1, max_size=20))
+ids = st.one_of(good_ids, good_ids, good_ids, good_ids, good_ids, text, st.none(), st.booleans(), st.floats(allow_nan=False, allow_infinity=False), st.lists(scalars, max_size=2), st.dictionaries(text, scalars, max_size=2))
+known_methods = st.sampled_from(METHODS)
+methods = st.one_of(known_methods, known_methods, known_methods, known_methods, known_methods, known_methods, text, json_values)
+safe_tools = st.sampled_from([f"{PEER}__{t}" for t in SAFE_TOOLS])
+tool_names = st.one_of(safe_tools, safe_tools, safe_tools, safe_tools, text, st.just(f"{PEER}__no_such_tool"), json_values)
+resource_uris = st.one_of(st.just("fedmcp://everything/test://static-text"), st.just("fedmcp://nowhere/x"), text, json_values)
+
+
+def deep(depth: int, opener: str) -> str:
+    closer = {"[": "]", "{\"a\":": "}"}[opener]
+    return opener * depth + "1" + closer * depth
+
+
+@st.composite
+def params(draw: st.DrawFn, method: Any) -> Any:
+    if draw(st.integers(0, 9)) == 0:
+        return draw(json_values)
+    found: dict[str, Any] = {}
+    if method == "tools/call":
+        found["name"] = draw(tool_names)
+        found["arguments"] = draw(st.one_of(st.fixed_dictionaries({"a": st.integers(-100, 100), "b": st.integers(-100, 100)}), st.fixed_dictionaries({"a": st.integers(-(2**40), 2**40), "b": st.integers(-(2**40), 2**40)}), st.dictionaries(text, json_values, max_size=3), json_values))
+    elif method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
+        found["uri"] = draw(resource_uris)
+    elif method == "prompts/get":
+        found["name"] = draw(st.one_of(st.just(f"{PEER}__test_simple_prompt"), text))
+        found["arguments"] = draw(st.dictionaries(text, json_values, max_size=3))
+    elif method == "logging/setLevel":
+        found["level"] = draw(st.one_of(st.sampled_from(["debug", "info", "error", "emergency"]), json_values))
+    elif method == "initialize":
+        found.update(protocolVersion=draw(st.one_of(st.sampled_from(["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25", MODERN]), text)), capabilities=draw(json_values), clientInfo=draw(json_values))
+    elif method == "notifications/cancelled":
+        found["requestId"] = draw(ids)
+    else:
+        found.update(draw(st.dictionaries(text, json_values, max_size=3)))
+    if draw(st.integers(0, 3)):
+        found["_meta"] = modern_meta() if draw(st.integers(0, 4)) else draw(json_values)
+    return found
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> dict[str, Any]:
+    """One JSON-RPC-looking object: a request, a notification posing as one, or a response."""
+    method = draw(methods)
+    message: dict[str, Any] = {}
+    if draw(st.integers(0, 9)):
+        message["jsonrpc"] = "2.0"
+    else:
+        message["jsonrpc"] = draw(json_values)
+    shape = draw(st.sampled_from(["request", "request", "request", "notification", "response"]))
+    if shape != "notification":
+        message["id"] = draw(ids)
+    if shape == "response":
+        message[draw(st.sampled_from(["result", "error"]))] = draw(json_values)
+    else:
+        message["method"] = method
+        if draw(st.integers(0, 3)):
+            message["params"] = draw(params(method))
+    for _ in range(draw(st.sampled_from([0, 0, 0, 0, 0, 1, 2]))):  # unknown fields
+        message[draw(text)] = draw(json_values)
+    return message
+
+
+ROUTED = ("tools/call", "tools/call", "tools/call", "resources/read", "prompts/get", "completion/complete", "tools/list", "ping")
+
+
+@st.composite
+def valid_requests(draw: st.DrawFn) -> dict[str, Any]:
+    """A well-formed request that reaches routing (and the fixture upstream), fuzzed only inside."""
+    method = draw(st.sampled_from(ROUTED))
+    body = {"jsonrpc": "2.0", "id": draw(good_ids), "method": method, "params": {}}
+    if method == "tools/call":
+        body["params"] = {"name": draw(safe_tools), "arguments": draw(st.one_of(st.fixed_dictionaries({"a": st.integers(-100, 100), "b": st.integers(-100, 100)}), st.dictionaries(text, json_values, max_size=3)))}
+    elif method == "resources/read":
+        body["params"] = {"uri": draw(resource_uris)}
+    elif method == "prompts/get":
+        body["params"] = {"name": f"{PEER}__test_simple_prompt"}
+    elif method == "completion/complete":
+        body["params"] = {"ref": {"type": "ref/prompt", "name": f"{PEER}__test_prompt_with_arguments"}, "argument": {"name": "arg1", "value": draw(text)}}
+    body["params"]["_meta"] = modern_meta()
+    return body
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> bytes:
+    """The raw body of one POST (or one WebSocket text frame)."""
+    kind = draw(st.sampled_from(["valid"] * 4 + ["message"] * 6 + ["batch", "raw", "deep", "huge", "scalar"]))
+    if kind == "valid":
+        return json.dumps(draw(valid_requests())).encode()
+    if kind == "message":
+        return json.dumps(draw(messages())).encode()
+    if kind == "batch":  # interleaved and repeated ids
+        return json.dumps(draw(st.lists(messages(), max_size=5))).encode()
+    if kind == "raw":
+        return draw(st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode), st.just(b'{"jsonrpc":"2.0","id":1,"method":"ping"'), st.just(b"\xef\xbb\xbf{}")))
+    if kind == "deep":
+        depth = draw(st.integers(1, 100_000))
+        inner = deep(depth, draw(st.sampled_from(["[", "{\"a\":"])))
+        return ('{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"everything__add","arguments":%s}}' % inner).encode()
+    if kind == "huge":
+        size = draw(st.integers(0, HUGE))
+        where = draw(st.sampled_from(["method", "id", "name", "argument", "unknown"]))
+        blob = "é" * (size // 2) if draw(st.booleans()) else "x" * size
+        message = request("tools/call", {"name": f"{PEER}__add", "arguments": {"a": 1, "b": 2}}, 7)
+        if where == "method":
+            message["method"] = blob
+        elif where == "id":
+            message["id"] = blob
+        elif where == "name":
+            message["params"]["name"] = blob
+        elif where == "argument":
+            message["params"]["arguments"]["a"] = blob
+        else:
+            message[blob[:100] or "k"] = blob
+        return json.dumps(message).encode()
+    return json.dumps(draw(json_values)).encode()
+
+
+# --- checking answers ---------------------------------------------------------------------------
+
+
+def expected_ids(body: bytes) -> list[Any]:
+    """The ids the gateway must answer: string or integer ids of objects that have a method."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    items = payload if isinstance(payload, list) else [payload]
+    found = []
+    for item in items:
+        if isinstance(item, dict) and "method" in item and "result" not in item and "error" not in item:
+            ident = item.get("id")
+            if isinstance(ident, (str, int)) and not isinstance(ident, bool) and ident != "":
+                found.append(ident)
+    return found if not isinstance(payload, list) or payload else []
+
+
+def is_batch(body: bytes) -> bool:
+    return body.lstrip().startswith(b"[")
+
+
+def flatten(payload: Any) -> list[dict[str, Any]]:
+    items = payload if isinstance(payload, list) else [payload]
+    return [item for item in items if isinstance(item, dict)]
+
+
+class Figures:
+    """What one transport's run saw; written to FEDMCP_HARDEN_DIR when set."""
+
+    def __init__(self, transport: str) -> None:
+        self.transport = transport
+        self.cases = 0
+        self.failures: list[str] = []
+        self.statuses: Counter[str] = Counter()
+        self.codes: Counter[str] = Counter()
+        self.started = time.monotonic()
+
+    def write(self, *, healthy: bool) -> None:
+        if not HARDEN_DIR:
+            return
+        folder = Path(HARDEN_DIR)
+        folder.mkdir(parents=True, exist_ok=True)
+        figures = {
+            "transport": self.transport,
+            "cases": self.cases,
+            "failures": len(self.failures),
+            "failure_samples": self.failures[:5],
+            "seconds": round(time.monotonic() - self.started, 1),
+            "healthy_after": healthy,
+            "http_statuses": dict(sorted(self.statuses.items())),
+            "jsonrpc_codes": dict(sorted(self.codes.items())),
+        }
+        (folder / f"fuzz-{self.transport}.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+
+class Problem(AssertionError):
+    pass
+
+
+def check_messages(found: list[dict[str, Any]], wanted: list[Any], figures: Figures, batch: bool = False) -> None:
+    rejected_whole = any(  # a batch refused as a whole (batches exist only in 2025-03-26)
+        m.get("id") is None and isinstance(m.get("error"), dict) and m["error"].get("code") == jsonrpc.INVALID_REQUEST
+        for m in found
+    )
+    if rejected_whole and batch:
+        wanted = []
+    answered = set()
+    for message in found:
+        error = message.get("error")
+        if isinstance(error, dict):
+            code = error.get("code")
+            figures.codes[str(code)] += 1
+            if code not in ALLOWED_CODES:
+                raise Problem(f"error code {code!r} not allowed: {message!r}"[:500])
+        elif "result" in message:
+            figures.codes["result"] += 1
+        if "method" not in message and "id" in message:
+            answered.add(json.dumps(message["id"]))
+    missing = [ident for ident in wanted if json.dumps(ident) not in answered]
+    if missing:
+        raise Problem(f"ids {missing!r} were not answered; got {found!r}"[:500])
+
+
+# --- the transports -----------------------------------------------------------------------------
+
+
+async def cancel_the_rest() -> None:
+    """Cancel what the app left running in this loop (stream listeners), and wait for them."""
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class LoopThread:
+    """One event loop for a whole fuzz run, in its own thread, so hypothesis stays synchronous."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, Any], timeout: float = CASE_TIMEOUT) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise Problem(f"no answer within {timeout:g}s (hang)") from None
+
+    def close(self) -> None:
+        try:
+            self.run(release_process_state())
+            self.run(cancel_the_rest())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+def http_reply_messages(reply: Any, figures: Figures) -> list[dict[str, Any]]:
+    figures.statuses[str(reply.status)] += 1
+    if reply.status >= 500 or reply.status not in ALLOWED_STATUSES:
+        raise Problem(f"HTTP {reply.status}: {reply.body[:300]!r}")
+    content_type = reply.headers.get("content-type", "")
+    if not reply.body:
+        return []
+    if content_type.startswith("text/event-stream"):
+        return [m for event in reply.events() for m in flatten(event)]
+    if content_type.startswith("application/json"):
+        return flatten(reply.json())
+    return []
+
+
+class StreamableHandshake:
+    name = "streamable_http_handshake"
+
+    async def open(self) -> None:
+        self.client = McpClient()
+        await self.client.initialize()
+
+    async def case(self, body: bytes, figures: Figures) -> None:
+        reply = await self.client.post(body, timeout=READ_TIMEOUT)
+        found = http_reply_messages(reply, figures)
+        wanted = expected_ids(body) if reply.status == 200 else []
+        check_messages(found, wanted, figures)
+
+    async def close(self) -> None:
+        pass
+
+
+def header_safe(value: Any) -> str | None:
+    if isinstance(value, str) and value.isascii() and value.isprintable() and len(value) < 1000:
+        return value
+    return None
+
+
+class StreamableModern:
+    name = "streamable_http_modern"
+
+    async def open(self) -> None:
+        self.client = McpClient()
+
+    async def case(self, body: bytes, figures: Figures) -> None:
+        headers: dict[str, str | None] = {"mcp-protocol-version": MODERN}
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError):
+            payload = None
+        if isinstance(payload, dict):
+            headers["mcp-method"] = header_safe(payload.get("method"))
+            params = payload.get("params")
+            if isinstance(params, dict):
+                headers["mcp-name"] = header_safe(params.get("name") or params.get("uri"))
+        reply = await self.client.post(body, headers, timeout=READ_TIMEOUT)
+        found = http_reply_messages(reply, figures)
+        check_messages(found, expected_ids(body) if reply.status == 200 else [], figures)
+
+    async def close(self) -> None:
+        pass
+
+
+class Sentinel:
+    """Read a stream until a `ping` sent after the fuzzed frame, and the frame's ids, are answered."""
+
+    counter = 0
+
+    @classmethod
+    def next(cls) -> str:
+        cls.counter += 1
+        return f"sentinel-{cls.counter}"
+
+
+async def read_until(receive: Callable[[], Coroutine[Any, Any, Any]], wanted: list[Any], sentinel: str, batch: bool) -> list[dict[str, Any]]:
+    pending = {json.dumps(w) for w in wanted} | {json.dumps(sentinel)}
+    found: list[dict[str, Any]] = []
+    deadline = time.monotonic() + READ_TIMEOUT
+    while pending:
+        if time.monotonic() > deadline:
+            raise Problem(f"ids {sorted(pending)} not answered within {READ_TIMEOUT:g}s; got {found!r}"[:500])
+        for message in flatten(await receive()):
+            if message.get("id") == sentinel:
+                pending.discard(json.dumps(sentinel))
+                continue
+            found.append(message)
+            if "method" not in message and "id" in message:
+                pending.discard(json.dumps(message["id"]))
+            if message.get("id") is None and isinstance(message.get("error"), dict) and batch:
+                pending &= {json.dumps(sentinel)}  # a batch refused as a whole
+    return found
+
+
+class SseMessages:
+    name = "sse_messages"
+
+    async def open(self) -> None:
+        self.client = SseClient()
+        await self.client.__aenter__()
+        await self.client.initialize()
+
+    async def case(self, body: bytes, figures: Figures) -> None:
+        headers = self.client.headers({"accept": None, "content-type": "application/json"})
+        reply = await http("POST", self.client.endpoint, body, headers, timeout=READ_TIMEOUT)
+        found = http_reply_messages(reply, figures)
+        wanted = expected_ids(body) if reply.status == 202 else []
+        sentinel = Sentinel.next()
+        posted = await self.client.post(request("ping", None, sentinel))
+        assert posted.status == 202, posted
+        exchange = self.client._exchange
+        assert exchange is not None
+        found += await read_until(lambda: exchange.next_event(READ_TIMEOUT), wanted, sentinel, is_batch(body))
+        check_messages(found, wanted, figures, is_batch(body))
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.__aexit__(None, None, None)
+
+
+class WebSocket:
+    name = "websocket"
+
+    async def open(self) -> None:
+        self.socket = ws_communicator()
+        connected, _ = await self.socket.connect(5)
+        assert connected
+        await self.socket.send_json_to(request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "fuzz", "version": "0"}}, "init"))
+        answer = await self.socket.receive_json_from(5)
+        assert "result" in answer, answer
+        await self.socket.send_json_to({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    async def case(self, body: bytes, figures: Figures) -> None:
+        try:
+            frame = body.decode()
+        except UnicodeDecodeError:
+            frame = body.decode("latin-1")
+        await self.socket.send_input({"type": "websocket.receive", "text": frame})  # may be empty
+        sentinel = Sentinel.next()
+        await self.socket.send_json_to(request("ping", None, sentinel))
+        wanted = expected_ids(frame.encode())
+        figures.statuses["ws"] += 1
+
+        async def receive() -> Any:
+            try:
+                output = await self.socket.receive_output(READ_TIMEOUT)
+            except TimeoutError:
+                raise Problem(f"nothing received within {READ_TIMEOUT:g}s") from None
+            if output["type"] == "websocket.close":
+                raise Problem(f"the socket was closed: {output!r}")
+            return json.loads(output["text"])
+
+        check_messages(await read_until(receive, wanted, sentinel, is_batch(body)), wanted, figures, is_batch(body))
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.socket.disconnect()
+
+
+async def healthy() -> bool:
+    """A fresh session still works end to end, and /healthz answers."""
+    client = McpClient()
+    await client.initialize()
+    listed = await client.call("tools/list")
+    called = await client.call("tools/call", {"name": f"{PEER}__add", "arguments": {"a": 2, "b": 3}}, timeout=READ_TIMEOUT)
+    health = await http("GET", "/healthz", headers={"host": HOST, "accept": ACCEPT, **bearer()})
+    return (
+        listed.status == 200
+        and "result" in flatten(listed.json() if listed.body.startswith(b"{") else listed.events())[0]
+        and called.status == 200
+        and health.status == 200
+    )
+
+
+PROFILE = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize=TOTAL_EXAMPLES <= 1000,
+    phases=(Phase.explicit, Phase.generate, Phase.shrink),
+    suppress_health_check=list(HealthCheck),
+    print_blob=True,
+)
+
+
+class FuzzTests(FixturePeerTestCase):
+    """One test per transport; each runs EXAMPLES frames on one connection/session."""
+
+    def fuzz(self, transport: Any) -> None:
+        runner = LoopThread()
+        figures = Figures(transport.name)
+        ok = False
+        try:
+            runner.run(transport.open())
+
+            @PROFILE
+            @given(frames())
+            def property_holds(body: bytes) -> None:
+                figures.cases += 1
+                try:
+                    runner.run(transport.case(body, figures))
+                except Exception as error:
+                    figures.failures.append(f"{type(error).__name__}: {error} <- {body[:200]!r}"[:700])
+                    # Start the next example on a clean connection, so shrinking replays alike.
+                    runner.run(transport.close())
+                    runner.run(transport.open())
+                    raise
+
+            property_holds()
+            runner.run(transport.close())
+            ok = runner.run(healthy())
+            self.assertTrue(ok, "the worker is not healthy after fuzzing")
+        finally:
+            figures.write(healthy=ok)
+            runner.close()
+
+    def test_streamable_http_handshake_era(self) -> None:
+        self.fuzz(StreamableHandshake())
+
+    def test_streamable_http_2026_era(self) -> None:
+        self.fuzz(StreamableModern())
+
+    def test_legacy_sse_messages(self) -> None:
+        self.fuzz(SseMessages())
+
+    def test_websocket(self) -> None:
+        self.fuzz(WebSocket())
