@@ -182,7 +182,9 @@ if REDIS_URL:
         }
     }
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # Channels' in-memory layer, sweeping for expired entries once a second, not on every
+    # receive (fedmcp_site/layers.py: O(open sessions) per request otherwise).
+    CHANNEL_LAYERS = {"default": {"BACKEND": "fedmcp_site.layers.InMemoryChannelLayer"}}
 
 # --- Static files, i18n ---------------------------------------------------------------------
 STATIC_URL = "static/"
