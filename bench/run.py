@@ -400,9 +400,11 @@ def phase_profile(opts: argparse.Namespace, gw: BenchGateway, stamp: str) -> Jso
         log(f"profile: py-spy failed: {err[-500:] if err else ''}")
         return {"error": (err or "")[-500:]}
     profile = summarize_profile(raw.read_text())
-    kept = RESULTS / f"{stamp}-profile-collapsed.txt"
-    # The collapsed stacks, for flame graphs (e.g. inferno-flamegraph or speedscope).
-    kept.write_text(raw.read_text())
+    # Large (~1 MB): kept out of bench/results/, under build/ (`make clean` removes it).
+    kept = ROOT / "build" / "bench" / f"{stamp}-profile-collapsed.txt"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    # The busy stacks with short frame names, for flame graphs (inferno-flamegraph, speedscope).
+    kept.write_text(compact_stacks(raw.read_text()))
     profile["collapsed_stacks"] = str(kept.relative_to(ROOT))
     shutil.rmtree(raw.parent, ignore_errors=True)
     return profile
@@ -429,6 +431,19 @@ def _short(frame: str) -> str:
             path = path.split(marker, 1)[1]
             break
     return f"{match['func']} ({path})"
+
+
+def compact_stacks(text: str) -> str:
+    """Return py-spy's collapsed stacks without idle samples, frames shortened, merged."""
+    stacks: Counter[str] = Counter()
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        frames = [_short(f) for f in stack.split(";")]
+        if frames[-1] not in IDLE_FRAMES:
+            stacks[";".join(frames)] += int(count_text)
+    return "".join(f"{stack} {count}\n" for stack, count in sorted(stacks.items()))
 
 
 def summarize_profile(text: str) -> JsonDict:
