@@ -9,10 +9,13 @@ While the database is unreachable:
 
 * MCP calls on every HTTP path (the bearer-token check reads the database first) get HTTP 503
   with a JSON-RPC error body and `Retry-After`, quickly: no 500, no traceback, no hang;
+* a WebSocket opened before the outage gets a JSON-RPC error (-32603, "database") for each
+  request and stays open; a new WebSocket is refused at the handshake (daphne cannot send a
+  503 there), at once;
 * /readyz answers 503 and says the database check failed; /healthz answers 503 too (JSON).
 
 After the proxy is restored, the same worker process (no restart) answers /readyz 200 and
-serves calls again, and a handshake-era session opened before the outage still works. Every call
+serves calls again; a handshake-era session and a WebSocket opened before the outage still work. Every call
 that succeeded, before or after, has its audit row.
 
 Override the server with FEDMCP_E2E_POSTGRES (an admin DSN; trust auth), as in test_scale_out.py.
@@ -32,6 +35,10 @@ import httpx
 import psycopg
 import pytest
 from psycopg import sql
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
+from websockets.typing import Subprotocol
 
 from mcp_endpoint import jsonrpc
 from tests.base import modern_meta
@@ -96,6 +103,25 @@ def ok_audit_rows(gw: Gateway) -> int:
     return int(gw.manage("shell", "-c", script).stdout.strip().splitlines()[-1])
 
 
+class Socket:
+    """A minimal MCP host over one WebSocket (the sync client: its own I/O thread)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.ws: ClientConnection = ws_connect(gw.ws_url("/ws"), subprotocols=[Subprotocol("mcp")], additional_headers=gw.auth_headers(), open_timeout=HOST_BOUND)
+        self.ids = 0
+
+    def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        self.ids += 1
+        self.ws.send(json.dumps({"jsonrpc": "2.0", "id": self.ids, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=HOST_BOUND))
+            if message.get("id") == self.ids and "method" not in message:
+                return message
+
+    def add(self, a: int, b: int) -> dict[str, Any]:
+        return self.request("tools/call", {"name": "beta__add", "arguments": {"a": a, "b": b}})
+
+
 def assert_unavailable(response: httpx.Response) -> None:
     """A clear, machine-readable refusal: 503, JSON-RPC error body, Retry-After."""
     assert response.status_code == 503, (response.status_code, response.text[:500])
@@ -124,6 +150,11 @@ def test_postgresql_unreachable_then_back_needs_no_worker_restart(database: tupl
         call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "beta__add", "arguments": {"a": 2, "b": 2}}}
         assert added(handshake_post(gw, call, session)) == "4"
         succeeded += 1
+        socket = Socket(gw)
+        socket.request("initialize", {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": {"name": "ws", "version": "0"}})
+        socket.ws.send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        assert socket.add(5, 5)["result"]["content"][0]["text"] == "10"
+        succeeded += 1
         assert httpx.get(gw.url("/readyz"), timeout=HOST_BOUND).status_code == 200
 
         proxy.cut()
@@ -133,6 +164,10 @@ def test_postgresql_unreachable_then_back_needs_no_worker_restart(database: tupl
         assert_unavailable(handshake_post(gw, init, None))
         ready = httpx.get(gw.url("/readyz"), timeout=HOST_BOUND)
         assert ready.status_code == 503 and ready.json()["checks"]["database"]["ok"] is False, ready.text
+        error = socket.add(1, 1)["error"]
+        assert error["code"] == jsonrpc.INTERNAL_ERROR and "database" in error["message"].lower(), error
+        with pytest.raises(InvalidStatus):
+            Socket(gw)
         health = httpx.get(gw.url("/healthz"), timeout=HOST_BOUND)
         assert health.status_code == 503 and health.headers["content-type"].startswith("application/json"), (health.status_code, health.text[:300])
         time.sleep(max(0.0, outage_ends - time.monotonic()))
@@ -147,6 +182,9 @@ def test_postgresql_unreachable_then_back_needs_no_worker_restart(database: tupl
         # The session opened before the outage is a database row: it is still there.
         assert added(handshake_post(gw, {**call, "id": 4}, session)) == "4"
         succeeded += 1
+        assert socket.add(6, 6)["result"]["content"][0]["text"] == "12"
+        succeeded += 1
+        socket.ws.close()
         assert worker.poll() is None, "the worker exited"
         assert gw.workers[0][0] is worker
 
