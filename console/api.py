@@ -11,8 +11,10 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from django.contrib.auth.models import Group
 from django.db.models import QuerySet
+from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404
 from django.utils.dateparse import parse_datetime
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from oauth2_provider.contrib.rest_framework import OAuth2Authentication, TokenHasScope
@@ -25,7 +27,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from console.services import SECRET_FIELDS, ConfigImportError, config_export, config_import
+from console.openapi import INVALID, PAGE_PARAMETERS, AdminApiSchema
+from console.services import FORMAT, SECRET_FIELDS, ConfigImportError, config_export, config_import
 from federation.events import publish_catalog_changed
 from federation.models import CatalogEntry, CatalogKind, Peer, Transport
 from federation.services import PeerConfigError, catalog_set_enabled, peer_add, peer_remove, peer_sync_catalog
@@ -48,6 +51,13 @@ class AdminApi(APIView):
     authentication_classes = [OAuth2Authentication, SessionAuthentication]
     permission_classes = [TokenHasScope | StaffSession]
     required_scopes = [scopes.ADMIN]
+    schema = AdminApiSchema()
+
+
+@csrf_exempt
+def not_found(request: HttpRequest, **kwargs: Any) -> JsonResponse:
+    """Any /api/…/ path that no view serves: DRF's 404 body, as JSON."""
+    return JsonResponse({"detail": "Not found."}, status=status.HTTP_404_NOT_FOUND)
 
 
 class Pagination(PageNumberPagination):
@@ -153,7 +163,7 @@ class PeerListApi(AdminApi):
         peer = PeerOutput()
         sync = SyncOutput(required=False, help_text="The connection test; absent when sync was false.")
 
-    @extend_schema(operation_id="peers_list", responses=page_of(PeerOutput(many=True), "PeerPage"))
+    @extend_schema(operation_id="peers_list", parameters=PAGE_PARAMETERS, responses=page_of(PeerOutput(many=True), "PeerPage"))
     def get(self, request: Request) -> Response:
         return paginated(self, request, Peer.objects.order_by("name"), PeerOutput)
 
@@ -245,6 +255,7 @@ class CatalogListApi(AdminApi):
     @extend_schema(
         operation_id="catalog_list",
         parameters=[
+            *PAGE_PARAMETERS,
             OpenApiParameter("peer", str, description="Peer name"),
             OpenApiParameter("kind", str, enum=list(CatalogKind.values)),
             OpenApiParameter("enabled", bool),
@@ -309,6 +320,7 @@ class AuditListApi(AdminApi):
     @extend_schema(
         operation_id="audit_list",
         parameters=[
+            *PAGE_PARAMETERS,
             OpenApiParameter("user", str, description="Username (local or federated subject)"),
             OpenApiParameter("peer", str),
             OpenApiParameter("method", str),
@@ -316,7 +328,7 @@ class AuditListApi(AdminApi):
             OpenApiParameter("since", OpenApiTypes.DATETIME),
             OpenApiParameter("until", OpenApiTypes.DATETIME),
         ],
-        responses=page_of(AuditOutput(many=True), "AuditPage"),
+        responses={200: page_of(AuditOutput(many=True), "AuditPage"), 400: INVALID},
     )
     def get(self, request: Request) -> Response:
         rows = AuditEvent.objects.all()
@@ -340,7 +352,7 @@ class AuditListApi(AdminApi):
 CONFIG_SCHEMA = inline_serializer(
     "ConfigDocument",
     fields={
-        "format": serializers.CharField(),
+        "format": serializers.ChoiceField(choices=[FORMAT]),
         "secrets_omitted": serializers.ListField(child=serializers.CharField()),
         "peers": serializers.ListField(child=serializers.DictField()),
         "rate_limits": serializers.ListField(child=serializers.DictField()),
@@ -405,7 +417,7 @@ class PolicyInput(serializers.ModelSerializer):
 
 
 class PolicyListApi(AdminApi):
-    @extend_schema(operation_id="policies_list", responses=page_of(PolicyOutput(many=True), "PolicyPage"))
+    @extend_schema(operation_id="policies_list", parameters=PAGE_PARAMETERS, responses=page_of(PolicyOutput(many=True), "PolicyPage"))
     def get(self, request: Request) -> Response:
         return paginated(self, request, ConsentPolicy.objects.select_related("group").order_by("-priority", "id"), PolicyOutput)
 
@@ -447,7 +459,7 @@ class GrantOutput(serializers.ModelSerializer):
 class GrantListApi(AdminApi):
     @extend_schema(
         operation_id="grants_list",
-        parameters=[OpenApiParameter("user", str), OpenApiParameter("peer", str), OpenApiParameter("active", bool)],
+        parameters=[*PAGE_PARAMETERS, OpenApiParameter("user", str), OpenApiParameter("peer", str), OpenApiParameter("active", bool)],
         responses=page_of(GrantOutput(many=True), "GrantPage"),
     )
     def get(self, request: Request) -> Response:

@@ -112,10 +112,11 @@ def _import(document: dict[str, Any]) -> dict[str, int]:
         peer.save()
         counts["peers"] += 1
         for item in row.get("catalog") or []:
-            CatalogEntry.objects.update_or_create(
+            entry = CatalogEntry.objects.update_or_create(
                 peer=peer, kind=item["kind"], upstream_name=item["upstream_name"],
                 defaults={f: item[f] for f in CATALOG_FIELDS if f in item and f not in ("kind", "upstream_name")},
-            )
+            )[0]
+            entry.full_clean()  # e.g. an unknown kind; the whole import rolls back
             counts["catalog"] += 1
     users = get_user_model()
     for row in document.get("rate_limits") or []:
@@ -124,7 +125,7 @@ def _import(document: dict[str, Any]) -> dict[str, int]:
         RateLimit.objects.update_or_create(
             scope=row["scope"], user=user, client_id=row.get("client_id") or "", peer=peer,
             defaults={"rate_per_minute": row["rate_per_minute"], "burst": row["burst"]},
-        )
+        )[0].full_clean()
         counts["rate_limits"] += 1
     counts["policies"] = _import_policies(document.get("policies") or [])
     return counts
@@ -150,6 +151,8 @@ def _import_policies(rows: list[dict[str, Any]]) -> int:
             elif not f.is_relation:
                 values[f.name] = row[f.name]
         if not policy.objects.filter(**values).exists():
-            policy.objects.create(**values)
+            candidate = policy(**values)
+            candidate.full_clean()  # e.g. a decision that is not allow/ask/deny
+            candidate.save()
         count += 1
     return count

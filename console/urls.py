@@ -1,7 +1,7 @@
 """URLs of the console: the admin dashboard and the REST API with its OpenAPI schema and docs."""
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from console import api, dashboard
@@ -25,4 +25,8 @@ urlpatterns = [
     path("api/config/import", api.ConfigImportApi.as_view(), name="api-config-import"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    # Last: any other /api/…/ path (e.g. a negative id, which <int:> does not match) answers a JSON
+    # 404 like the views' own, not the HTML page. Only paths ending in "/", so APPEND_SLASH still
+    # redirects /api/peers to /api/peers/.
+    re_path(r"^api/.*/$", api.not_found, name="api-not-found"),
 ]

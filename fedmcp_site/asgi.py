@@ -13,7 +13,7 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
-from fedmcp_site import lifecycle  # noqa: E402
+from fedmcp_site import lifecycle, request_guard  # noqa: E402
 from identity.consent_consumers import consent_websocket  # noqa: E402
 from mcp_endpoint.routing import http_urlpatterns, websocket_urlpatterns  # noqa: E402
 
@@ -27,3 +27,5 @@ application = ProtocolTypeRouter(
 )
 # Under daphne: drain on SIGTERM, then cancel what is left and close upstream connections.
 lifecycle.install()
+# Under daphne: 408 for request heads and bodies that arrive too slowly (slowloris).
+request_guard.install()

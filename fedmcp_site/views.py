@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+from django.db import Error as DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
@@ -11,10 +14,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from federation.models import Peer
 from fedmcp_site import lifecycle, metrics
 
+logger = logging.getLogger(__name__)
+
 
 def healthz(request: HttpRequest) -> HttpResponse:
-    """Liveness: the process answers and the database is reachable."""
-    return JsonResponse({"status": "ok", "peers": Peer.objects.count()})
+    """Liveness: the process answers and the database is reachable (503 with a JSON body if not)."""
+    try:
+        peers = Peer.objects.count()
+    except DatabaseError as exc:
+        logger.warning("healthz: database unreachable", exc_info=True)
+        return JsonResponse({"status": "unavailable", "error": type(exc).__name__}, status=503)
+    return JsonResponse({"status": "ok", "peers": peers})
 
 
 @never_cache

@@ -12,16 +12,24 @@ WebSocket handshakes cannot carry a 401 through daphne; they are refused (HTTP 4
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 from urllib.parse import parse_qs
 
 from django.conf import settings
+from django.db import Error as DatabaseError
 
 from identity import scopes
 from identity.tokens import TokenError, authenticate
-from mcp_endpoint import security
+from mcp_endpoint import jsonrpc, security
 
+logger = logging.getLogger(__name__)
 ASGIApp = Any
+
+UNAVAILABLE_RETRY_AFTER = 5
+"""Seconds a host is asked to wait (Retry-After) while the gateway's database is unreachable."""
+UNAVAILABLE_MESSAGE = "Service unavailable: the gateway's database is unreachable; retry later"
+UNAVAILABLE_HEADERS = [(b"retry-after", str(UNAVAILABLE_RETRY_AFTER).encode())]
 
 
 def public_base_url(scope: dict[str, Any]) -> str:
@@ -97,6 +105,15 @@ class McpEdgeMiddleware:
                 scope, receive, send, 401,
                 {"error": exc.error, "error_description": exc.description},
                 [(b"www-authenticate", challenge(scope, error=exc.error, description=exc.description).encode())],
+            )
+            return
+        except DatabaseError:
+            # OperationalError, InterfaceError…: the database is down or the connection broke.
+            # Django drops a broken connection and reconnects on a later request by itself.
+            logger.warning("database unreachable while checking a bearer token", exc_info=True)
+            await self._refuse(
+                scope, receive, send, 503, jsonrpc.error_response(None, {"code": jsonrpc.INTERNAL_ERROR, "message": UNAVAILABLE_MESSAGE}),
+                UNAVAILABLE_HEADERS,
             )
             return
         await self.app({**scope, "fedmcp.identity": identity}, receive, send)

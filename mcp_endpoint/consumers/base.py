@@ -16,10 +16,12 @@ from typing import Any
 from channels.exceptions import StopConsumer
 from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
+from django.db import Error as DatabaseError
 
 from federation.health import ensure_background_tasks
 from identity.tokens import Identity
 from mcp_endpoint import jsonrpc, security
+from mcp_endpoint.auth import UNAVAILABLE_HEADERS, UNAVAILABLE_MESSAGE
 
 logger = logging.getLogger(__name__)
 JsonDict = dict[str, Any]
@@ -130,6 +132,11 @@ class McpHttpConsumer(AsyncHttpConsumer):
             await self.handle(body)
         except asyncio.CancelledError:
             raise
+        except DatabaseError:
+            # The database went away after the edge's token check (sessions, catalog reads).
+            logger.warning("database unreachable while answering an MCP request", exc_info=True)
+            if not self.response_started:
+                await self.send_error(503, jsonrpc.INTERNAL_ERROR, UNAVAILABLE_MESSAGE, headers=UNAVAILABLE_HEADERS)
         except Exception:
             logger.exception("MCP HTTP handler failed")
             if not self.response_started:

@@ -14,11 +14,13 @@ from typing import Any
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.db import Error as DatabaseError
 
 from federation.health import ensure_background_tasks
 from fedmcp_site.metrics import stream_open
 from identity.tokens import still_valid
 from mcp_endpoint import dispatcher, jsonrpc, sessions
+from mcp_endpoint.auth import UNAVAILABLE_MESSAGE
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.models import McpSession
 from mcp_endpoint.streams import SessionEvents
@@ -97,9 +99,16 @@ class McpWebSocketConsumer(AsyncWebsocketConsumer):
         except (ValueError, RecursionError):
             await self.send_message(jsonrpc.error_response(None, jsonrpc.ParseError().to_error()))
             return
-        if not await still_valid(self.scope["fedmcp.identity"]):
+        request_id = payload.get("id") if isinstance(payload, dict) and jsonrpc.is_valid_id(payload.get("id")) else None
+        try:
+            valid = await still_valid(self.scope["fedmcp.identity"])
+        except DatabaseError:
+            # The socket stays open: the host may retry once the database is back.
+            logger.warning("database unreachable while checking a WebSocket's token", exc_info=True)
+            await self.send_message(jsonrpc.error_response(request_id, {"code": jsonrpc.INTERNAL_ERROR, "message": UNAVAILABLE_MESSAGE}))
+            return
+        if not valid:
             # A revoked or expired token stops working at the next message, socket or not.
-            request_id = payload.get("id") if isinstance(payload, dict) and jsonrpc.is_valid_id(payload.get("id")) else None
             error = {"code": jsonrpc.TOKEN_REVOKED, "message": "The access token was revoked or expired; reconnect with a new one"}
             await self.send_message(jsonrpc.error_response(request_id, error))
             await self.close(code=WS_1008_POLICY_VIOLATION)
@@ -146,6 +155,10 @@ class McpWebSocketConsumer(AsyncWebsocketConsumer):
                 await self.send_message(reply)
         except asyncio.CancelledError:
             raise
+        except DatabaseError:
+            logger.warning("database unreachable while answering a WebSocket message", exc_info=True)
+            request_id = payload.get("id") if isinstance(payload, dict) and jsonrpc.is_valid_id(payload.get("id")) else None
+            await self.send_message(jsonrpc.error_response(request_id, {"code": jsonrpc.INTERNAL_ERROR, "message": UNAVAILABLE_MESSAGE}))
         except Exception:
             logger.exception("WebSocket message handling failed")
 

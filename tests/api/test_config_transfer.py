@@ -88,6 +88,21 @@ class ConfigTransferTest(ApiTestCase):
         for bad in ({"rate_limits": ["x"]}, {"policies": [1]}, {"peers": [{"name": "x", "transport": "stdio", "command": "c", "catalog": ["y"]}]}):
             assert self.post_json("/api/config/import", {"format": "fedmcp-config/1", **bad}).status_code == 400, bad
 
+    def test_import_refuses_rows_their_models_would_not_accept_and_stores_nothing(self) -> None:
+        # Found by schemathesis: a policy with decision "" was stored, and then every answer
+        # listing it broke the API's own schema.
+        before = snapshot()
+        bad_rows = (
+            {"policies": [{"name_pattern": "*", "decision": ""}]},
+            {"rate_limits": [{"scope": "galaxy", "rate_per_minute": 1, "burst": 1}]},
+            {"peers": [{"name": "x", "transport": "stdio", "command": "c", "catalog": [{"kind": "spell", "upstream_name": "y"}]}]},
+        )
+        for bad in bad_rows:
+            reply = self.post_json("/api/config/import", {"format": "fedmcp-config/1", **bad})
+            assert reply.status_code == 400, (bad, reply.content)
+            assert "detail" in reply.json()
+        assert snapshot() == before
+
     def test_the_management_command_round_trips_through_a_file(self) -> None:
         path = Path(self.tmp_dir()) / "config.json"
         before = snapshot()

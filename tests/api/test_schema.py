@@ -65,3 +65,25 @@ class SchemaTest(ApiTestCase):
                 problems.append(f"{method.upper()} {url}: {[e[-300:] for e in errors[:3]]}")
         assert not problems, problems
         assert len(seen) == len(operations) >= 19
+
+    def test_every_operation_documents_the_errors_it_can_answer(self) -> None:
+        document = self.schema()
+        for path, item in document["paths"].items():
+            for method, op in item.items():
+                statuses = set(op["responses"])
+                expected = {"401", "403"}
+                if "{" in path or any(p["name"] == "page" for p in op.get("parameters", [])):
+                    expected.add("404")
+                if "requestBody" in op:
+                    expected |= {"400", "415"}
+                assert expected <= statuses, (method, path, sorted(statuses))
+                for status in statuses - {"204"}:
+                    assert "application/json" in op["responses"][status].get("content", {}), (method, path, status)
+
+    def test_a_path_no_view_serves_gets_a_json_404(self) -> None:
+        for path in ("/api/peers/-1/", "/api/nothing-here/", "/api/peers/1/nothing/"):
+            reply = self.api.post(path) if path.endswith("nothing/") else self.api.get(path)
+            assert reply.status_code == 404, path
+            assert reply.json() == {"detail": "Not found."}, path
+        # Without the trailing slash, Django still redirects to the view.
+        assert self.api.get("/api/peers").status_code == 301

@@ -13,8 +13,8 @@
   clear JSON-RPC error or still succeed, never 5xx or a hang; /readyz says 503 while it is down,
   and everything works again without restarting the worker.
 
-PostgreSQL unavailability is not tested here: it would need a second cluster to stop and start
-(the shared one on 127.0.0.1:5432 serves everyone's tests); see docs/SECURITY.md.
+PostgreSQL briefly unreachable is tested in test_db_outage.py (through a proxy the test cuts; the
+shared server on 127.0.0.1:5432 is never stopped).
 
 The timeouts here are bounds (the host gives up at `HOST_BOUND`), never wall-clock assertions.
 """

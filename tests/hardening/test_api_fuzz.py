@@ -2,11 +2,14 @@
 
 The schema is read from /api/schema/ with an admin's token (a staff superuser with the `admin`
 scope), through Django's WSGI handler in process. Every operation the schema lists gets
-generated requests (valid and invalid bodies, path and query parameters); the checks are
-schemathesis's defaults: no 5xx, responses conform to the schema (status codes, content types,
-bodies). The no-5xx check is a hard failure; schema conformance is recorded (xfail while the
-API is being written). While /api/schema/ does not exist (the API is being written), the test skips with a
-reason; it runs unchanged once the route is there.
+generated requests (valid and invalid bodies, path and query parameters). Two tests: no 5xx on
+any operation, and all of schemathesis's default checks (documented statuses, content types and
+bodies, schema-valid requests accepted, schema-invalid ones refused).
+
+One allowance, the one schemathesis recommends for it: an operation with a request body may
+refuse a schema-valid body with 400 when the reason cannot be written in OpenAPI, i.e. a rule
+that needs the database or spans fields (`REJECTS_SCHEMA_VALID_BODIES` says which and why).
+Such a 400 must still be documented, which the conformance checks verify.
 
 `FEDMCP_API_FUZZ_EXAMPLES` sets the examples per operation (default 25; `make harden`: 100).
 """
@@ -28,10 +31,19 @@ from identity.tokens import token_create
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.config import SchemathesisConfig  # noqa: E402
 
 HARDEN_DIR = os.environ.get("FEDMCP_HARDEN_DIR")
 SCHEMA_PATH = "/api/schema/"
 HOST = "testserver"
+# operationId -> why a schema-valid body can still be refused with 400.
+REJECTS_SCHEMA_VALID_BODIES = {
+    "peers_create": "name taken; url needed unless stdio, command needed for stdio and must parse; client id and secret together",
+    "peers_update": "the url is checked by the model; enabling needs a reachable, valid peer",
+    "policies_create": "group names an existing group; model validation of the pattern",
+    "policies_update": "group names an existing group; model validation of the pattern",
+    "config_import": "rows name existing peers and must pass each model's validation",
+}
 EXAMPLES = int(os.environ.get("FEDMCP_API_FUZZ_EXAMPLES", "100" if os.environ.get("FEDMCP_HARDEN_DIR") else "25"))
 
 
@@ -46,7 +58,14 @@ def load_schema(token: str) -> Any:
     if probe.status_code == 404:
         pytest.skip(f"{SCHEMA_PATH} does not exist yet: the admin API is not mounted")
     assert probe.status_code == 200, probe.status_code
-    return schemathesis.openapi.from_wsgi(SCHEMA_PATH, WSGIHandler(), headers={"Authorization": f"Bearer {token}", "Host": HOST})
+    config = SchemathesisConfig.from_dict({
+        "operations": [
+            {"include-operation-id": operation_id,
+             "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "400", "401", "403", "404", "409"]}}}
+            for operation_id in REJECTS_SCHEMA_VALID_BODIES
+        ],
+    })
+    return schemathesis.openapi.from_wsgi(SCHEMA_PATH, WSGIHandler(), config=config, headers={"Authorization": f"Bearer {token}", "Host": HOST})
 
 
 def fuzz_operations(token: str, checks: list[Any] | None) -> tuple[int, dict[str, str]]:
@@ -86,7 +105,6 @@ def test_the_admin_api_never_answers_a_server_error(admin_token: str) -> None:
     assert not failures, "\n\n".join(f"{label}\n{text}" for label, text in failures.items())
 
 
-@pytest.mark.xfail(strict=False, reason="known defect, open in the hardening issue: some API operations answer statuses (400/404) their schema does not list; details in build/harden/api-conformance.json")
 def test_the_admin_api_answers_as_its_schema_says(admin_token: str) -> None:
     """All of schemathesis's default checks (documented statuses, content types, bodies)."""
     operations, failures = fuzz_operations(admin_token, None)

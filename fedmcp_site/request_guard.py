@@ -1,0 +1,127 @@
+"""Deadlines for receiving a request under daphne: slow headers and slow bodies get 408.
+
+daphne hands a request to the application only once Twisted has received all of it (headers
+and body, `daphne/http_protocol.py` `WebRequest.process`). Until then nothing of fedmcp runs,
+and Twisted's only bound is its idle timeout (60 s), which every received byte resets: a client
+that sends one byte every few seconds (slowloris) holds its connection, and its buffered body,
+for as long as it likes. Other clients are not blocked (Twisted serves every connection from one
+event loop), but each such connection costs a socket and memory, and nothing ends it.
+
+`install()` (called from asgi.py) makes daphne's HTTP/1.1 channel enforce two deadlines:
+
+* the request head (request line and headers) must arrive within
+  `FEDMCP_REQUEST_HEADER_TIMEOUT` seconds of its first byte;
+* the body must arrive within `FEDMCP_REQUEST_BODY_TIMEOUT` seconds of the end of the headers.
+
+Past either, the client gets `408 Request Timeout` with a JSON-RPC error body and the connection
+is closed. These are totals, not per-read timeouts, so dripping does not extend them. A body
+that streams far past `FEDMCP_MAX_BODY_BYTES` is cut off with 413 in the same place, so it is
+not spooled to disk before the application's own 413. Idle keep-alive connections are left to
+Twisted's idle timeout; a response being sent (SSE streams) is not affected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+from django.conf import settings
+from twisted.web.http import HTTPChannel
+
+logger = logging.getLogger(__name__)
+
+BODY_FRAMING_ALLOWANCE = 64 * 1024
+"""Raw bytes past the body cap tolerated here (chunked framing); the application enforces the exact cap."""
+
+
+def refusal(status: bytes, message: str) -> bytes:
+    """A complete HTTP/1.1 response that ends the connection, with a JSON-RPC error body."""
+    body = json.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": message}}).encode()
+    head = b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (status, len(body))
+    return head + body
+
+
+class GuardedChannel(HTTPChannel):
+    """Twisted's HTTP/1.1 channel with total deadlines for the head and the body of each request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._deadline: Any = None
+        self._body_bytes = 0
+        self._refused = False
+
+    # --- deadlines -------------------------------------------------------------------------------
+
+    def _arm(self, seconds: float, status: bytes, message: str) -> None:
+        self._disarm()
+        self._deadline = self.callLater(seconds, self._refuse, status, message)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _refuse(self, status: bytes, message: str) -> None:
+        self._deadline = None
+        if self._refused or self.transport is None:
+            return
+        self._refused = True
+        peer = self.transport.getPeer()
+        logger.warning("refusing a request from %s:%s: %s", getattr(peer, "host", "?"), getattr(peer, "port", "?"), message)
+        self.transport.write(refusal(status, message))
+        self.setTimeout(None)
+        self.loseConnection()
+        # As Twisted's own idle timeout does: a client that does not read is aborted.
+        self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+    # --- Twisted's hooks ---------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._deadline is None and not self._handlingRequest:
+            # The first byte of a request head (not of an idle keep-alive connection).
+            timeout = settings.FEDMCP_REQUEST_HEADER_TIMEOUT
+            self._arm(timeout, b"408 Request Timeout", f"Request Timeout: the request headers did not arrive within {timeout:g} s")
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        timeout = settings.FEDMCP_REQUEST_BODY_TIMEOUT
+        self._body_bytes = 0
+        self._arm(timeout, b"408 Request Timeout", f"Request Timeout: the request body did not arrive within {timeout:g} s")
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._handlingRequest and not self._refused:
+            self._body_bytes += len(data)
+            if self._body_bytes > settings.MCP_MAX_BODY_BYTES + BODY_FRAMING_ALLOWANCE:
+                self._disarm()
+                self._refuse(b"413 Content Too Large", f"Request body too large: the limit is {settings.MCP_MAX_BODY_BYTES} bytes")
+                return
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+
+def install() -> None:
+    """Make daphne build `GuardedChannel`s, when this process is a daphne server about to start."""
+    server = sys.modules.get("daphne.server")
+    if server is None:
+        return
+    from daphne.http_protocol import HTTPFactory
+
+    class GuardedHTTPFactory(HTTPFactory):
+        # HTTP/2 is not negotiated by these workers (TLS ends at the balancer), so the channel is
+        # built directly instead of Twisted's HTTP/1.1-or-2 wrapper.
+        def protocol(self) -> GuardedChannel:
+            return GuardedChannel()
+
+    server.HTTPFactory = GuardedHTTPFactory

@@ -1,0 +1,194 @@
+"""PostgreSQL briefly unreachable, for one real gateway worker: clear errors, then recovery without a restart.
+
+The gateway has a PostgreSQL database of its own on the shared server (127.0.0.1:5432), which
+it reaches through a loopback TCP proxy this test controls (tests/e2e/cuttable_proxy.py). The
+shared server is never stopped: cutting the proxy drops every connection the worker holds
+(reset) and refuses new ones, which is what the worker sees when its database goes away.
+
+While the database is unreachable:
+
+* MCP calls on every HTTP path (the bearer-token check reads the database first) get HTTP 503
+  with a JSON-RPC error body and `Retry-After`, quickly: no 500, no traceback, no hang;
+* a WebSocket opened before the outage gets a JSON-RPC error (-32603, "database") for each
+  request and stays open; a new WebSocket is refused at the handshake (daphne cannot send a
+  503 there), at once;
+* /readyz answers 503 and says the database check failed; /healthz answers 503 too (JSON).
+
+After the proxy is restored, the same worker process (no restart) answers /readyz 200 and
+serves calls again; a handshake-era session and a WebSocket opened before the outage still work. Every call
+that succeeded, before or after, has its audit row.
+
+Override the server with FEDMCP_E2E_POSTGRES (an admin DSN; trust auth), as in test_scale_out.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import psycopg
+import pytest
+from psycopg import sql
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
+from websockets.typing import Subprotocol
+
+from mcp_endpoint import jsonrpc
+from tests.base import modern_meta
+from tests.e2e.cuttable_proxy import CuttableProxy
+from tests.e2e.harness import Gateway
+from tests.e2e.test_fault_isolation import SHORT_TIMEOUTS, upstreams  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.e2e
+
+ADMIN_DSN = os.environ.get("FEDMCP_E2E_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+HOST_BOUND = 20.0
+"""How long a host waits for any answer: an outage must produce an answer well within it."""
+OUTAGE_SECONDS = 3.0
+POLL = 0.2
+MODERN = "2026-07-28"
+HANDSHAKE = "2025-11-25"
+
+
+@pytest.fixture
+def database() -> Iterator[tuple[str, int, str]]:
+    """A fresh database on the shared server: (host, port, name); dropped afterwards."""
+    name = f"fedmcp_outage_{secrets.token_hex(6)}"
+    try:
+        admin = psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is required for this test but {ADMIN_DSN} is not reachable: {exc}", pytrace=False)
+    try:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        parts = urlsplit(ADMIN_DSN)
+        yield parts.hostname or "127.0.0.1", parts.port or 5432, name
+    finally:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.close()
+
+
+def modern_call(gw: Gateway, name: str, arguments: dict[str, Any]) -> httpx.Response:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": arguments, "_meta": modern_meta()}}
+    headers = {**gw.auth_headers(), "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": name}
+    return httpx.post(gw.url("/mcp"), json=body, headers=headers, timeout=HOST_BOUND)
+
+
+def handshake_post(gw: Gateway, message: dict[str, Any], session: str | None) -> httpx.Response:
+    headers = {**gw.auth_headers(), "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": HANDSHAKE}
+    if session:
+        headers["Mcp-Session-Id"] = session
+    return httpx.post(gw.url("/mcp"), json=message, headers=headers, timeout=HOST_BOUND)
+
+
+def answer(response: httpx.Response) -> dict[str, Any]:
+    if response.headers.get("content-type", "").startswith("application/json"):
+        return response.json()
+    return json.loads([line[5:] for line in response.text.splitlines() if line.startswith("data:")][-1])
+
+
+def added(response: httpx.Response) -> str:
+    assert response.status_code == 200, (response.status_code, response.text[:500])
+    return answer(response)["result"]["content"][0]["text"]
+
+
+def ok_audit_rows(gw: Gateway) -> int:
+    script = "from identity.models import AuditEvent; print(AuditEvent.objects.filter(outcome='ok', method='tools/call').count())"
+    return int(gw.manage("shell", "-c", script).stdout.strip().splitlines()[-1])
+
+
+class Socket:
+    """A minimal MCP host over one WebSocket (the sync client: its own I/O thread)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.ws: ClientConnection = ws_connect(gw.ws_url("/ws"), subprotocols=[Subprotocol("mcp")], additional_headers=gw.auth_headers(), open_timeout=HOST_BOUND)
+        self.ids = 0
+
+    def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        self.ids += 1
+        self.ws.send(json.dumps({"jsonrpc": "2.0", "id": self.ids, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=HOST_BOUND))
+            if message.get("id") == self.ids and "method" not in message:
+                return message
+
+    def add(self, a: int, b: int) -> dict[str, Any]:
+        return self.request("tools/call", {"name": "beta__add", "arguments": {"a": a, "b": b}})
+
+
+def assert_unavailable(response: httpx.Response) -> None:
+    """A clear, machine-readable refusal: 503, JSON-RPC error body, Retry-After."""
+    assert response.status_code == 503, (response.status_code, response.text[:500])
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    assert "Traceback" not in response.text
+    error = response.json()["error"]
+    assert error["code"] == jsonrpc.INTERNAL_ERROR and "database" in error["message"].lower(), error
+    assert int(response.headers["retry-after"]) >= 1
+
+
+def test_postgresql_unreachable_then_back_needs_no_worker_restart(database: tuple[str, int, str], upstreams: Any) -> None:  # noqa: F811
+    host, port, name = database
+    beta = upstreams("beta")
+    with CuttableProxy((host, port)) as proxy, Gateway(name="db-outage", database_url=f"postgres://postgres@127.0.0.1:{proxy.port}/{name}") as gw:
+        gw.migrate()
+        gw.manage("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS)
+        gw.start_worker()
+        worker = gw.workers[0][0]
+        succeeded = 0
+
+        assert added(modern_call(gw, "beta__add", {"a": 1, "b": 2})) == "3"
+        succeeded += 1
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+        session = handshake_post(gw, init, None).headers["mcp-session-id"]
+        assert handshake_post(gw, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session).status_code == 202
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "beta__add", "arguments": {"a": 2, "b": 2}}}
+        assert added(handshake_post(gw, call, session)) == "4"
+        succeeded += 1
+        socket = Socket(gw)
+        socket.request("initialize", {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": {"name": "ws", "version": "0"}})
+        socket.ws.send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        assert socket.add(5, 5)["result"]["content"][0]["text"] == "10"
+        succeeded += 1
+        assert httpx.get(gw.url("/readyz"), timeout=HOST_BOUND).status_code == 200
+
+        proxy.cut()
+        outage_ends = time.monotonic() + OUTAGE_SECONDS
+        assert_unavailable(modern_call(gw, "beta__add", {"a": 1, "b": 1}))
+        assert_unavailable(handshake_post(gw, {**call, "id": 3}, session))
+        assert_unavailable(handshake_post(gw, init, None))
+        ready = httpx.get(gw.url("/readyz"), timeout=HOST_BOUND)
+        assert ready.status_code == 503 and ready.json()["checks"]["database"]["ok"] is False, ready.text
+        error = socket.add(1, 1)["error"]
+        assert error["code"] == jsonrpc.INTERNAL_ERROR and "database" in error["message"].lower(), error
+        with pytest.raises(InvalidStatus):
+            Socket(gw)
+        health = httpx.get(gw.url("/healthz"), timeout=HOST_BOUND)
+        assert health.status_code == 503 and health.headers["content-type"].startswith("application/json"), (health.status_code, health.text[:300])
+        time.sleep(max(0.0, outage_ends - time.monotonic()))
+        proxy.restore()
+
+        deadline = time.monotonic() + HOST_BOUND
+        while time.monotonic() < deadline and httpx.get(gw.url("/readyz"), timeout=HOST_BOUND).status_code != 200:
+            time.sleep(POLL)
+        assert httpx.get(gw.url("/readyz"), timeout=HOST_BOUND).status_code == 200
+        assert added(modern_call(gw, "beta__add", {"a": 3, "b": 4})) == "7"
+        succeeded += 1
+        # The session opened before the outage is a database row: it is still there.
+        assert added(handshake_post(gw, {**call, "id": 4}, session)) == "4"
+        succeeded += 1
+        assert socket.add(6, 6)["result"]["content"][0]["text"] == "12"
+        succeeded += 1
+        socket.ws.close()
+        assert worker.poll() is None, "the worker exited"
+        assert gw.workers[0][0] is worker
+
+        deadline = time.monotonic() + HOST_BOUND
+        while time.monotonic() < deadline and ok_audit_rows(gw) < succeeded:
+            time.sleep(POLL)
+        assert ok_audit_rows(gw) == succeeded

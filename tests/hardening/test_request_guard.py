@@ -1,0 +1,101 @@
+"""The request deadlines of fedmcp_site/request_guard.py, on a Twisted channel with a fake clock.
+
+No sockets and no real time: bytes go in through a `StringTransport`, time passes with
+`Clock.advance`. tests/e2e/test_slow_requests.py proves the same against a real daphne worker.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from django.test import override_settings
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.http import Request
+
+from fedmcp_site.request_guard import BODY_FRAMING_ALLOWANCE, GuardedChannel
+
+HEADER_TIMEOUT = 10.0
+BODY_TIMEOUT = 30.0
+HEAD = b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+
+
+class Recorded(Request):
+    """A request that only records that it was handed on (daphne's would start the application)."""
+
+    processed: list[Recorded] = []
+
+    def process(self) -> None:
+        Recorded.processed.append(self)
+
+
+@pytest.fixture
+def channel() -> Any:
+    Recorded.processed = []
+    clock = Clock()
+    with override_settings(FEDMCP_REQUEST_HEADER_TIMEOUT=HEADER_TIMEOUT, FEDMCP_REQUEST_BODY_TIMEOUT=BODY_TIMEOUT, MCP_MAX_BODY_BYTES=1000):
+        guarded = GuardedChannel()
+        guarded.requestFactory = Recorded
+        guarded.callLater = clock.callLater
+        guarded.timeOut = None  # Twisted's idle timeout: not under test
+        guarded.clock = clock
+        guarded.makeConnection(StringTransport())
+        yield guarded
+
+
+def refusal_of(channel: Any) -> tuple[int, dict[str, Any]]:
+    raw = channel.transport.value()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert channel.transport.disconnecting, "the connection was not closed"
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+def test_a_body_dripped_past_the_body_timeout_gets_408(channel: Any) -> None:
+    channel.dataReceived(HEAD)
+    for _ in range(9):  # one byte short, a byte every 3 s: each read would reset an idle timeout
+        channel.dataReceived(b"x")
+        channel.clock.advance(3)
+    assert channel.transport.value() == b""
+    channel.clock.advance(BODY_TIMEOUT - 27 + 0.1)
+    status, body = refusal_of(channel)
+    assert status == 408 and "request body" in body["error"]["message"] and body["error"]["code"] == -32600
+    assert Recorded.processed == []
+    channel.dataReceived(b"x")  # the last byte, too late: ignored
+    assert Recorded.processed == []
+
+
+def test_a_body_in_time_is_handed_on_and_the_deadline_is_cancelled(channel: Any) -> None:
+    channel.dataReceived(HEAD)
+    channel.clock.advance(BODY_TIMEOUT - 1)
+    channel.dataReceived(b"0123456789")
+    assert len(Recorded.processed) == 1
+    channel.clock.advance(BODY_TIMEOUT * 10)  # a long-running response is not a slow request
+    assert channel.transport.value() == b"" and not channel.transport.disconnecting
+
+
+@pytest.mark.parametrize("first", [b"P", b"POST /mcp HTTP/1.1\r\n", b"POST /mcp HTTP/1.1\r\nHost: x\r\n"])
+def test_a_head_dripped_past_the_header_timeout_gets_408(channel: Any, first: bytes) -> None:
+    channel.dataReceived(first)
+    channel.clock.advance(HEADER_TIMEOUT - 0.1)
+    assert channel.transport.value() == b""
+    channel.dataReceived(b"X")
+    channel.clock.advance(0.2)
+    status, body = refusal_of(channel)
+    assert status == 408 and "headers" in body["error"]["message"]
+
+
+def test_an_idle_connection_has_no_header_deadline(channel: Any) -> None:
+    channel.clock.advance(HEADER_TIMEOUT * 10)
+    assert channel.transport.value() == b"" and not channel.transport.disconnecting
+
+
+def test_a_body_streamed_far_past_the_cap_gets_413(channel: Any) -> None:
+    channel.dataReceived(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+    channel.dataReceived(b"x" * (1000 + BODY_FRAMING_ALLOWANCE))
+    assert channel.transport.value() == b""
+    channel.dataReceived(b"x")
+    status, body = refusal_of(channel)
+    assert status == 413 and "1000 bytes" in body["error"]["message"]
+    assert Recorded.processed == []
