@@ -11,6 +11,7 @@ from django.test import TestCase
 
 from identity.models import AuditEvent
 from tests.admin_ui.common import staff_client
+from tests.api.common import ApiTestCase
 
 LIST = "/admin/identity/auditevent/"
 EXPORT = LIST + "export.csv"
@@ -77,3 +78,23 @@ class AuditDecisionAdminTest(TestCase):
         self.client.logout()
         assert self.client.get(EXPORT).status_code == 302  # to the admin login
         assert AuditEvent.objects.count() == 4
+
+
+class AuditDecisionApiAndDashboardTest(ApiTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        AuditEvent.objects.create(username="alice", peer="files", method="tools/call", name="read", outcome="ok", decision="allow", latency_ms=2.0)
+        AuditEvent.objects.create(username="alice", peer="files", method="sampling/createMessage", name="read", outcome="error", error_code=-32017, decision="denied", latency_ms=60_000.0)
+
+    def test_the_api_shows_and_filters_the_decision(self) -> None:
+        results = self.api.get("/api/audit/", {"decision": "denied"}).json()["results"]
+
+        assert [(e["method"], e["decision"]) for e in results] == [("sampling/createMessage", "denied")]
+
+    def test_the_dashboard_counts_calls_not_upstream_sampling_requests(self) -> None:
+        data = staff_client().get("/admin/dashboard/data", {"minutes": 10}).json()
+
+        # ApiTestCase's two calls (one failed) and ours; the slow, refused sampling request is left out.
+        row = next(p for p in data["peers"] if p["name"] == "files")
+        assert (row["calls"], row["errors"]) == (3, 1)
+        assert row["latency_p95_ms"] < 60_000.0

@@ -8,17 +8,20 @@ Django `AsyncClient` signed in as alice. Every wait is bounded.
 
 from __future__ import annotations
 
-import asyncio
 import json
+from datetime import timedelta
 from typing import Any
 
 from channels.db import database_sync_to_async
-from django.test import AsyncClient, override_settings
+from django.contrib.auth import get_user_model
+from django.test import AsyncClient, TestCase, override_settings
+from django.utils import timezone
 
 from identity.audit import audit_flush
 from identity.models import AuditEvent, ConsentGrant, ConsentPolicy, ConsentPrompt
+from identity.upstream_requests import request_summary
 from mcp_endpoint import jsonrpc
-from tests.base import MODERN, FixturePeerTestCase, HttpExchange, McpClient, modern_meta, request
+from tests.base import HOST, MODERN, FixturePeerTestCase, HttpExchange, McpClient, modern_meta, request
 from tests.identity.test_consent_flow import CALL_TIMEOUT, final_message, wait_for_prompt
 
 TOOL = "everything__test_sampling"
@@ -278,3 +281,44 @@ class ModernHostTests(SamplingConsentTests, FixturePeerTestCase):
         headers = {"mcp-protocol-version": MODERN, "mcp-method": "tools/call", "mcp-name": "everything__test_simple_text"}
         reply = final_message(await client.post(request("tools/call", other_tool, client.next_id()), headers, timeout=CALL_TIMEOUT))
         self.assertEqual(reply["error"]["code"], jsonrpc.INVALID_PARAMS)
+
+
+class RequestPageTests(TestCase):
+    """The server-rendered pages show an upstream request's content as text, folded when long."""
+
+    def setUp(self) -> None:
+        self.alice = get_user_model().objects.create_user("alice")
+        self.client.force_login(self.alice)
+
+    def prompt(self, kind: str, method: str, params: dict[str, Any]) -> ConsentPrompt:
+        return ConsentPrompt.objects.create(
+            id=f"{kind}-prompt", user=self.alice, username="alice", peer="web", kind=kind, name="signup",
+            request=request_summary(method, params), expires_at=timezone.now() + timedelta(minutes=5),
+        )
+
+    def test_an_elicitation_shows_its_message_and_requested_fields(self) -> None:
+        schema = {"type": "object", "properties": {"password": {"type": "string", "description": "<i>yours</i>"}}}
+        prompt = self.prompt("elicitation", "elicitation/create", {"message": "Enter your <b>password</b>", "requestedSchema": schema})
+
+        page = self.client.get(f"/consent/{prompt.id}", headers={"host": HOST})
+
+        self.assertContains(page, "Elicitation request from <code>web</code> during <code>signup</code>", html=False)
+        self.assertContains(page, "Enter your &lt;b&gt;password&lt;/b&gt;")
+        self.assertContains(page, "&lt;i&gt;yours&lt;/i&gt;")
+        self.assertContains(page, "Requested fields")
+        self.assertNotContains(page, "<dt>Arguments</dt>", html=False)
+
+    def test_images_are_named_and_long_text_is_folded(self) -> None:
+        long = "x" * 1000
+        messages = [{"role": "user", "content": [{"type": "image", "mimeType": "image/png", "data": "AAAA"}, {"type": "text", "text": long}]}]
+        prompt = self.prompt("sampling", "sampling/createMessage", {"messages": messages, "systemPrompt": "Be brief", "maxTokens": 7, "modelPreferences": {"hints": [{"name": "small"}], "speedPriority": 1}})
+
+        page = self.client.get("/consent", headers={"host": HOST})
+
+        self.assertContains(page, f'data-prompt-id="{prompt.id}"')
+        self.assertContains(page, "[image (image/png, 3 bytes), not shown]")
+        self.assertContains(page, "Show all 1000 characters")
+        self.assertContains(page, long)  # in full behind the fold, once
+        self.assertContains(page, "Be brief")
+        self.assertContains(page, "hints: small; speed priority 1")
+        self.assertContains(page, '<dd class="request-max-tokens">7</dd>', html=False)
