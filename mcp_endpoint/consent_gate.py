@@ -211,6 +211,21 @@ class UpstreamCall:
     peer: str
     method: str
     name: str
+    from_gateway: bool = False
+    """The peer is another fedmcp gateway, which has gated its own upstreams' requests already."""
+
+
+def _gated_kind(call: UpstreamCall, method: str) -> str | None:
+    """The consent kind of an upstream's request, or None when it is relayed unasked.
+
+    Elicitations arriving from a peer gateway were gated there, and include that gateway's own
+    pointers to its consent page, which must reach the user; sampling spends this side's model,
+    so every gateway on the way decides for itself.
+    """
+    kind = consent.REQUEST_KIND_FOR_METHOD.get(method)
+    if kind == "elicitation" and call.from_gateway:
+        return None
+    return kind
 
 
 def _audit_request(ctx: HostContext, call: UpstreamCall, method: str, decision: str, error_code: int | None, started: float) -> None:
@@ -324,7 +339,7 @@ async def upstream_request_relay(ctx: HostContext, call: UpstreamCall, method: s
     host's, or an error (-32017 refused, -32018 unanswered) the host never sees. Each gated
     request leaves one audit event: method, the call's peer and name, decision and outcome.
     """
-    kind = consent.REQUEST_KIND_FOR_METHOD.get(method)
+    kind = _gated_kind(call, method)
     if kind is None:
         return await ask(ctx, method, params)
     started = time.monotonic()
@@ -370,9 +385,8 @@ async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: Json
     if result.get("resultType") != "input_required" or not isinstance(requests, dict):
         return result
     gated = [
-        (request, consent.REQUEST_KIND_FOR_METHOD[request["method"]])
-        for request in requests.values()
-        if isinstance(request, dict) and request.get("method") in consent.REQUEST_KIND_FOR_METHOD
+        (request, kind) for request in requests.values()
+        if isinstance(request, dict) and (kind := _gated_kind(call, str(request.get("method")))) is not None
     ]
     to_ask: list[tuple[JsonDict, str, consent.Decision]] = []
     for request, kind in gated:

@@ -291,7 +291,7 @@ async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDic
     """One attempt: send the request on a warm connection and return its result."""
     connection = await pool.get(route.peer, prefer=ctx.era, identity_key=identity_key(ctx))
     sent = upstream_params(ctx, connection, params, gateway_meta(ctx, route.peer, hops) if route.peer.is_gateway else None)
-    call = UpstreamCall(route.peer.name, method, _audited_name(method, params))
+    call = UpstreamCall(route.peer.name, method, _audited_name(method, params), route.peer.is_gateway)
     relay = relay_to(ctx, call)
     reply = await connection.request(method, sent, on_message=relay)
     if "error" in reply:

@@ -99,3 +99,15 @@ class RelayTests(TransactionTestCase):
             with self.assertRaises(jsonrpc.ConsentDeniedError):
                 await upstream_input_gate(context("modern"), CALL, result)
         self.assertEqual(await self.audited(), [("sampling/createMessage", "summarize", "deny", jsonrpc.CONSENT_DENIED)])
+
+    async def test_elicitations_from_a_peer_gateway_pass_but_its_sampling_is_gated(self) -> None:
+        # The far gateway gated its upstreams' elicitations and sends its own consent pointers.
+        from_gateway = UpstreamCall("partner", "tools/call", "partner__summarize", from_gateway=True)
+        host = Host()
+        pointer = {"mode": "url", "message": "approve at the partner", "url": "https://partner.example/consent/x", "elicitationId": "x"}
+        with override_settings(FEDMCP_CONSENT_SAMPLING_DEFAULT="deny", FEDMCP_CONSENT_ELICITATION_DEFAULT="deny"):
+            passed = await upstream_request_relay(context(), from_gateway, "elicitation/create", pointer, host)
+            refused = await upstream_request_relay(context(), from_gateway, "sampling/createMessage", SAMPLING, host)
+        self.assertIn("result", passed)
+        self.assertEqual(refused["error"]["code"], jsonrpc.CONSENT_DENIED)
+        self.assertEqual(host.asked, [("elicitation/create", pointer)])
