@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from channels.db import database_sync_to_async
 from django.test import TransactionTestCase, override_settings
 
 from identity.audit import audit_flush
@@ -16,6 +17,8 @@ from identity.tokens import Identity
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.consent_gate import UpstreamCall, upstream_input_gate, upstream_request_relay
 from mcp_endpoint.context import HostContext
+from mcp_endpoint.forwarding import ask_upstreams_request
+from tests.base import persona
 
 FEDERATED = Identity(
     token_id=3, user_id=None, username="", application_id=None, client_id="peer-gw", scopes=frozenset(),
@@ -111,3 +114,16 @@ class RelayTests(TransactionTestCase):
         self.assertIn("result", passed)
         self.assertEqual(refused["error"]["code"], jsonrpc.CONSENT_DENIED)
         self.assertEqual(host.asked, [("elicitation/create", pointer)])
+
+    async def test_nobody_is_asked_about_what_the_host_could_not_receive(self) -> None:
+        alice = await database_sync_to_async(persona)("alice")
+        local = Identity(token_id=1, user_id=alice.pk, username="alice", application_id=None, client_id="c", scopes=frozenset(), expires=FEDERATED.expires)
+        without_sampling = context(identity=local)
+        with override_settings(FEDMCP_CONSENT_SAMPLING_DEFAULT="ask"):
+            reply = await ask_upstreams_request(without_sampling, CALL, "sampling/createMessage", SAMPLING)
+            modern = context("modern", identity=local)
+            modern.client_capabilities = {"sampling": {}}
+            from_modern = await ask_upstreams_request(modern, CALL, "sampling/createMessage", SAMPLING)
+        self.assertEqual((reply["error"]["code"], from_modern["error"]["code"]), (jsonrpc.METHOD_NOT_FOUND, jsonrpc.METHOD_NOT_FOUND))
+        self.assertFalse(await ConsentPrompt.objects.aexists())
+        self.assertEqual(await self.audited(), [])
