@@ -312,7 +312,7 @@ class AuditOutput(serializers.ModelSerializer):
         model = AuditEvent
         fields = (
             "id", "at", "user", "username", "federated_issuer", "federated_subject", "client_id", "via", "peer",
-            "method", "name", "outcome", "error_code", "latency_ms",
+            "method", "name", "decision", "outcome", "error_code", "latency_ms",
         )
 
 
@@ -325,6 +325,7 @@ class AuditListApi(AdminApi):
             OpenApiParameter("peer", str),
             OpenApiParameter("method", str),
             OpenApiParameter("outcome", str, enum=["ok", "error"]),
+            OpenApiParameter("decision", str, description="Consent decision: allow, grant, ask, approved, denied, deny, timeout"),
             OpenApiParameter("since", OpenApiTypes.DATETIME),
             OpenApiParameter("until", OpenApiTypes.DATETIME),
         ],
@@ -335,7 +336,7 @@ class AuditListApi(AdminApi):
         params = request.query_params
         if params.get("user"):
             rows = rows.filter(username=params["user"]) | rows.filter(federated_subject=params["user"])
-        for key in ("peer", "method", "outcome"):
+        for key in ("peer", "method", "outcome", "decision"):
             if params.get(key):
                 rows = rows.filter(**{key: params[key]})
         for key, lookup in (("since", "at__gte"), ("until", "at__lt")):

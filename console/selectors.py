@@ -51,7 +51,13 @@ def dashboard_stats(*, minutes: int = WINDOW_MINUTES) -> dict[str, Any]:
     """Summarise the last `minutes` of forwarded calls per peer, with one bucket per minute."""
     now = timezone.now().replace(microsecond=0)
     since = now - timedelta(minutes=minutes)
-    events = AuditEvent.objects.filter(at__gte=since).values_list("peer", "at", "outcome", "latency_ms")
+    # Upstream sampling/elicitation requests have audit events of their own; they are not calls
+    # (and their latency includes the user's time to answer a consent prompt).
+    events = (
+        AuditEvent.objects.filter(at__gte=since)
+        .exclude(method__in=("sampling/createMessage", "elicitation/create"))
+        .values_list("peer", "at", "outcome", "latency_ms")
+    )
     per_peer: dict[str, dict[str, Any]] = {}
     for peer_name, at, outcome, latency in events.iterator(chunk_size=5000):
         row = per_peer.setdefault(peer_name, {"latencies": [], "errors": 0, "series": [0] * minutes, "error_series": [0] * minutes})

@@ -346,6 +346,13 @@ if FEDMCP_CONSENT_DEFAULT not in ("ask-new-peers", "allow", "ask", "deny"):
     raise ImproperlyConfigured("FEDMCP_CONSENT_DEFAULT must be ask-new-peers, allow, ask or deny")
 FEDMCP_CONSENT_TIMEOUT = env_float("FEDMCP_CONSENT_TIMEOUT", 120.0)
 FEDMCP_CONSENT_POLL_INTERVAL = env_float("FEDMCP_CONSENT_POLL_INTERVAL", 2.0)
+# What happens to sampling/createMessage and elicitation/create requests from upstreams when no
+# policy of their kind matches (allow | ask | deny).
+FEDMCP_CONSENT_SAMPLING_DEFAULT = os.environ.get("FEDMCP_CONSENT_SAMPLING_DEFAULT", "ask")
+FEDMCP_CONSENT_ELICITATION_DEFAULT = os.environ.get("FEDMCP_CONSENT_ELICITATION_DEFAULT", "ask")
+for _name in ("FEDMCP_CONSENT_SAMPLING_DEFAULT", "FEDMCP_CONSENT_ELICITATION_DEFAULT"):
+    if globals()[_name] not in ("allow", "ask", "deny"):
+        raise ImproperlyConfigured(f"{_name} must be allow, ask or deny")
 # Behind a TLS-terminating load balancer (docs/DEPLOYMENT.md): the public origin is trusted for
 # CSRF (admin, sign-in and consent forms), cookies are Secure when it is https, and, only when
 # the balancer overwrites X-Forwarded-Proto, Django may believe it for request.is_secure().

@@ -7,15 +7,28 @@ from collections.abc import Iterator
 from typing import Any
 
 from django.contrib import admin
+from django.contrib.admin.options import IncorrectLookupParameters
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.urls import URLPattern, path
 
 from identity.models import AuditEvent, FederatedIdentity, TrustedGateway
 
 CSV_COLUMNS = (
     "at", "username", "federated_issuer", "federated_subject", "client_id", "via", "peer", "method", "name",
-    "outcome", "error_code", "latency_ms",
+    "decision", "outcome", "error_code", "latency_ms",
 )
+DECISIONS = (
+    ("allow", "allow (policy or default)"),
+    ("grant", "grant (remembered approval)"),
+    ("ask", "ask (2026-07-28 first round)"),
+    ("approved", "approved by the user"),
+    ("denied", "denied by the user"),
+    ("deny", "deny (policy)"),
+    ("timeout", "timeout (nobody answered)"),
+)
+"""The words consent leaves in AuditEvent.decision (docs/CONSENT.md "Outcomes")."""
 
 
 class _Echo:
@@ -31,6 +44,30 @@ def audit_csv_rows(queryset: QuerySet[AuditEvent]) -> Iterator[str]:
     yield writer.writerow(CSV_COLUMNS)
     for row in queryset.values_list(*CSV_COLUMNS).iterator(chunk_size=2000):
         yield writer.writerow(["|".join(v) if isinstance(v, list) else ("" if v is None else v) for v in row])
+
+
+def _csv_response(queryset: QuerySet[AuditEvent]) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(audit_csv_rows(queryset.order_by("at")), content_type="text/csv")
+    response["Content-Disposition"] = 'attachment; filename="audit.csv"'
+    return response
+
+
+class DecisionListFilter(admin.SimpleListFilter):
+    """Filter the audit log by what consent decided, including "no consent step"."""
+
+    title = "consent decision"
+    parameter_name = "decision"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> tuple[tuple[str, str], ...]:
+        return (*DECISIONS, ("none", "none (not a consent-governed call)"))
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[AuditEvent]) -> QuerySet[AuditEvent]:
+        value = self.value()
+        if value == "none":
+            return queryset.filter(decision="")
+        if value in dict(DECISIONS):
+            return queryset.filter(decision=value)
+        return queryset
 
 
 @admin.register(TrustedGateway)
@@ -54,12 +91,27 @@ class FederatedIdentityAdmin(admin.ModelAdmin):
 class AuditEventAdmin(admin.ModelAdmin):
     """The audit trail: append-only, so no add, change or delete here."""
 
-    list_display = ("at", "who", "client_id", "peer", "method", "name", "outcome", "error_code", "latency_ms")
-    list_filter = ("outcome", "method", "peer", "at")
+    list_display = ("at", "who", "client_id", "peer", "method", "name", "decision", "outcome", "error_code", "latency_ms")
+    list_filter = (DecisionListFilter, "outcome", "method", "peer", ("user", admin.RelatedOnlyFieldListFilter), "client_id", "at")
     search_fields = ("username", "federated_subject", "client_id", "peer", "name")
     date_hierarchy = "at"
     actions = ["export_csv"]
     list_per_page = 100
+    change_list_template = "admin/identity/auditevent/change_list.html"
+
+    def get_urls(self) -> list[URLPattern]:
+        export = path("export.csv", self.admin_site.admin_view(self.export_filtered_view), name="identity_auditevent_export")
+        return [export, *super().get_urls()]
+
+    def export_filtered_view(self, request: HttpRequest) -> HttpResponse:
+        """Stream every event the change list shows with the same filters, search and date drill-down."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        try:
+            changelist = self.get_changelist_instance(request)
+        except IncorrectLookupParameters:
+            return HttpResponse("Unknown or invalid filter in the query string.", status=400, content_type="text/plain")
+        return _csv_response(changelist.get_queryset(request))
 
     @admin.display(description="who")
     def who(self, event: AuditEvent) -> str:
@@ -78,9 +130,7 @@ class AuditEventAdmin(admin.ModelAdmin):
 
     @admin.action(description="Export selected events as CSV", permissions=["view"])
     def export_csv(self, request: HttpRequest, queryset: QuerySet[AuditEvent]) -> StreamingHttpResponse:
-        response = StreamingHttpResponse(audit_csv_rows(queryset.order_by("at")), content_type="text/csv")
-        response["Content-Disposition"] = 'attachment; filename="audit.csv"'
-        return response
+        return _csv_response(queryset)
 
 
 # --- consent (identity/consent.py, docs/CONSENT.md) ------------------------------------------

@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 KIND_FOR_METHOD = {"tools/call": "tool", "resources/read": "resource", "prompts/get": "prompt"}
 """The calls consent governs, and the policy `kind` each one is."""
+REQUEST_KIND_FOR_METHOD = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation"}
+"""Server->client requests from upstreams that consent governs; their name is the call's."""
+REQUEST_DEFAULT_SETTING = {"sampling": "FEDMCP_CONSENT_SAMPLING_DEFAULT", "elicitation": "FEDMCP_CONSENT_ELICITATION_DEFAULT"}
 DEFAULTS = ("ask-new-peers", "allow", "ask", "deny")
 SEVERITY = {ConsentDecision.ALLOW: 0, ConsentDecision.ASK: 1, ConsentDecision.DENY: 2}
 """The last precedence key: on a tie, deny beats ask beats allow."""
@@ -71,6 +74,12 @@ def default_setting() -> str:
     return value if value in DEFAULTS else "ask-new-peers"
 
 
+def request_default_setting(kind: str) -> str:
+    """What an upstream's sampling or elicitation request gets when no policy matches."""
+    value = getattr(settings, REQUEST_DEFAULT_SETTING[kind], "ask")
+    return value if value in ("allow", "ask", "deny") else "ask"
+
+
 def timeout_setting() -> float:
     return float(getattr(settings, "FEDMCP_CONSENT_TIMEOUT", 120.0))
 
@@ -89,6 +98,10 @@ def policy_matches(policy: ConsentPolicy, identity: Identity | None, peer: str, 
     if policy.peer and policy.peer != peer:
         return False
     if policy.kind and policy.kind != kind:
+        return False
+    if not policy.kind and kind in REQUEST_KIND_FOR_METHOD.values():
+        # A blank kind means the calls only: a broad "allow peer X" written for tools must not
+        # silently let X's upstream sample the user's model.
         return False
     if policy.name_pattern and not fnmatch.fnmatchcase(name, policy.name_pattern):
         return False
@@ -122,12 +135,18 @@ def decide(
     allowed; tools follow `default` (FEDMCP_CONSENT_DEFAULT): "ask-new-peers" asks only on a
     peer the user has not called a tool on yet (`peer_used`). Sensitive fields are the union
     of the matching policies' `redact_fields`, so a broad policy can't be hidden by a narrow one.
+    Upstream sampling and elicitation requests (their `name` is the call's) follow `default`
+    or else FEDMCP_CONSENT_SAMPLING_DEFAULT / FEDMCP_CONSENT_ELICITATION_DEFAULT, and are
+    matched only by policies naming their kind.
     """
     matching = [p for p in policies if policy_matches(p, identity, peer, kind, name, groups)]
     redact = tuple(sorted({str(f) for p in matching for f in (p.redact_fields or []) if isinstance(f, str)}))
     if matching:
         best = max(matching, key=lambda p: (p.specificity(), p.priority, SEVERITY[ConsentDecision(p.decision)], -(p.pk or 0)))
         return Decision(best.decision, best.pk, f"policy #{best.pk}", redact)
+    if kind in REQUEST_KIND_FOR_METHOD.values():
+        mode = default if default in ("allow", "ask", "deny") else request_default_setting(kind)
+        return Decision(mode, None, f"default for {kind}: {mode}", redact)
     if kind != "tool":
         return Decision(ConsentDecision.ALLOW, None, "default: resources and prompts are allowed", redact)
     mode = default or default_setting()
@@ -196,7 +215,7 @@ def _policies_for(peer: str | None) -> list[ConsentPolicy]:
 def _consent_decide(identity: Identity | None, peer: str, kind: str, name: str) -> Decision:
     decision = decide(
         identity, peer, kind, name,
-        policies=_policies_for(peer), groups=_group_ids(identity), peer_used=_peer_used(identity, peer),
+        policies=_policies_for(peer), groups=_group_ids(identity), peer_used=kind == "tool" and _peer_used(identity, peer),
     )
     if decision.action == ConsentDecision.ASK:
         # A remembered approval answers "ask", never "deny": a later deny policy still wins.
@@ -264,6 +283,7 @@ def prompt_summary(prompt: ConsentPrompt) -> dict[str, Any]:
         "kind": prompt.kind,
         "name": prompt.name,
         "arguments": prompt.arguments,
+        "request": prompt.request or {},
         "created_at": prompt.created_at.isoformat() if prompt.created_at else "",
         "expires_at": prompt.expires_at.isoformat(),
         "status": prompt.status,
@@ -279,7 +299,10 @@ def _publish(group: str, event: dict[str, Any]) -> None:
             logger.exception("could not publish %s to %s", event.get("type"), group)
 
 
-def _prompt_create(identity: Identity | None, peer: str, kind: str, name: str, arguments: Any, decision: Decision, timeout: float) -> ConsentPrompt:
+def _prompt_create(
+    identity: Identity | None, peer: str, kind: str, name: str, arguments: Any, decision: Decision, timeout: float,
+    request: dict[str, Any] | None = None, held: dict[str, Any] | None = None,
+) -> ConsentPrompt:
     client_name = ""
     if identity is not None and identity.application_id is not None:
         client_name = Application.objects.filter(pk=identity.application_id).values_list("name", flat=True).first() or ""
@@ -296,16 +319,23 @@ def _prompt_create(identity: Identity | None, peer: str, kind: str, name: str, a
         kind=kind,
         name=name[:2000],
         arguments=redact(arguments if arguments is not None else {}, decision.redact_fields),
+        request=redact(request or {}, decision.redact_fields),
+        held=held,
         policy_id=decision.policy_id,
         expires_at=timezone.now() + timedelta(seconds=timeout),
     )
 
 
 async def consent_prompt_create(
-    *, identity: Identity | None, peer: str, kind: str, name: str, arguments: Any, decision: Decision, timeout: float
+    *, identity: Identity | None, peer: str, kind: str, name: str, arguments: Any, decision: Decision, timeout: float,
+    request: dict[str, Any] | None = None, held: dict[str, Any] | None = None,
 ) -> ConsentPrompt:
-    """Create a pending prompt (arguments redacted) and show it on the user's open pages."""
-    prompt = await database_sync_to_async(_prompt_create)(identity, peer, kind, name, arguments, decision, timeout)
+    """Create a pending prompt (arguments redacted) and show it on the user's open pages.
+
+    `request` is what an upstream's sampling/elicitation request shows the user
+    (identity/upstream_requests.py); `held` an input_required result kept for a 2026-07-28 host.
+    """
+    prompt = await database_sync_to_async(_prompt_create)(identity, peer, kind, name, arguments, decision, timeout, request, held)
     layer = get_channel_layer()
     if layer is not None and prompt.user_id is not None:
         await layer.group_send(user_group(prompt.user_id), {"type": "consent.prompt", "prompt": prompt_summary(prompt)})
@@ -430,6 +460,8 @@ def _announce_policy_change(policy: ConsentPolicy) -> None:
     from federation.events import publish_catalog_changed
     from federation.models import Peer
 
+    if policy.kind in REQUEST_KIND_FOR_METHOD.values():
+        return  # sampling/elicitation policies hide nothing from lists
     kinds = [policy.kind] if policy.kind else ["tool", "resource", "prompt"]
     peers = [policy.peer] if policy.peer else list(Peer.objects.values_list("name", flat=True))
     for peer in peers:

@@ -40,7 +40,27 @@ def _protected(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]
 
 
 def _shown(prompt: ConsentPrompt) -> dict[str, Any]:
-    return {**consent.prompt_summary(prompt), "arguments_json": json.dumps(prompt.arguments, indent=2, ensure_ascii=False)}
+    return {
+        **consent.prompt_summary(prompt),
+        "arguments_json": json.dumps(prompt.arguments, indent=2, ensure_ascii=False),
+        "request": _shown_request(prompt.request),
+    }
+
+
+def _shown_request(request: Any) -> dict[str, Any]:
+    """The upstream request's summary, with its loose texts shaped as blocks for _text.html."""
+    if not isinstance(request, dict) or not request.get("method"):
+        return {}
+    preferences = request.get("modelPreferences") if isinstance(request.get("modelPreferences"), dict) else {}
+    described = [f"hints: {', '.join(map(str, preferences['hints']))}"] if preferences.get("hints") else []
+    described += [f"{key.removesuffix('Priority')} priority {value}" for key, value in preferences.items() if key != "hints"]
+    return {
+        **request,
+        "systemPrompt_block": {"text": request.get("systemPrompt", "")},
+        "message_block": {"text": request.get("message", "")},
+        "schema_block": {"text": request.get("requestedSchema", "")},
+        "model_preferences_text": "; ".join(described),
+    }
 
 
 def _context(**extra: Any) -> dict[str, Any]:

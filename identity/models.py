@@ -113,7 +113,7 @@ class AuditEvent(models.Model):
     outcome = models.CharField(max_length=8, choices=[("ok", "ok"), ("error", "error")])
     decision = models.CharField(
         max_length=16, blank=True,
-        help_text="What consent decided: allow, grant (a remembered approval), approved, denied, timeout or deny (a policy).",
+        help_text="What consent decided: allow, grant (a remembered approval), ask, approved, denied, timeout or deny (a policy).",
     )
     error_code = models.IntegerField(null=True, blank=True)
     latency_ms = models.FloatField()
@@ -151,6 +151,9 @@ class ConsentKind(models.TextChoices):
     TOOL = "tool", "tool (tools/call)"
     RESOURCE = "resource", "resource (resources/read)"
     PROMPT = "prompt", "prompt (prompts/get)"
+    # Server->client requests an upstream sends during a call; the name is the call's.
+    SAMPLING = "sampling", "sampling (sampling/createMessage from an upstream)"
+    ELICITATION = "elicitation", "elicitation (elicitation/create from an upstream)"
 
 
 class ConsentPolicy(models.Model):
@@ -162,9 +165,14 @@ class ConsentPolicy(models.Model):
 
     description = models.CharField(max_length=200, blank=True)
     peer = models.CharField(max_length=48, blank=True, help_text="Peer name; blank = any peer.")
-    kind = models.CharField(max_length=8, choices=ConsentKind.choices, blank=True, help_text="Blank = tools, resources and prompts.")
+    kind = models.CharField(
+        max_length=16, choices=ConsentKind.choices, blank=True,
+        help_text="Blank = tools, resources and prompts; sampling and elicitation policies must name their kind.",
+    )
     name_pattern = models.CharField(
-        max_length=500, default="*", help_text="fnmatch pattern on the name the peer knows (tool/prompt name or resource URI)."
+        max_length=500, default="*",
+        help_text="fnmatch pattern on the name the peer knows (tool/prompt name or resource URI; for sampling and "
+        "elicitation, the tool during whose call the upstream asks).",
     )
     username = models.CharField(max_length=150, blank=True, help_text="Local user; blank = anyone.")
     group = models.ForeignKey("auth.Group", null=True, blank=True, on_delete=models.CASCADE, related_name="+")
@@ -217,9 +225,17 @@ class ConsentPrompt(models.Model):
     client_name = models.CharField(max_length=255, blank=True)
     via = models.JSONField(default=list, blank=True)
     peer = models.CharField(max_length=48)
-    kind = models.CharField(max_length=8, choices=ConsentKind.choices)
+    kind = models.CharField(max_length=16, choices=ConsentKind.choices)
     name = models.CharField(max_length=2000)
     arguments = models.JSONField(default=dict, blank=True, help_text="The call's arguments, sensitive fields redacted.")
+    request = models.JSONField(
+        default=dict, blank=True,
+        help_text="Sampling/elicitation: what the upstream asks of the host (messages, system prompt, schema), as shown.",
+    )
+    held = models.JSONField(
+        null=True, blank=True, editable=False,
+        help_text="2026-07-28 hosts: the upstream's input_required result, given to the host once approved.",
+    )
     policy = models.ForeignKey(ConsentPolicy, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -253,7 +269,7 @@ class ConsentGrant(models.Model):
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="consent_grants")
     peer = models.CharField(max_length=48)
-    kind = models.CharField(max_length=8, choices=ConsentKind.choices)
+    kind = models.CharField(max_length=16, choices=ConsentKind.choices)
     name = models.CharField(max_length=2000)
     client_id = models.CharField(max_length=255, blank=True, help_text="Blank = any client application.")
     created_at = models.DateTimeField(auto_now_add=True)

@@ -8,12 +8,17 @@ A call that must be asked creates a `ConsentPrompt` and points the host at /cons
 * 2026-07-28: the call returns an `input_required` result whose input request is a URL
   elicitation to the consent page and whose `requestState` names the prompt, signed; the
   retry carrying that state waits for (or picks up) the answer.
+
+Sampling and elicitation requests that upstreams send during a call are gated here too
+(`upstream_request_relay`, `upstream_input_gate`, `upstream_input_resume`; docs/CONSENT.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +27,14 @@ from django.core import signing
 
 from federation.router import Route
 from identity import consent
+from identity.audit import audit_record
 from identity.models import ConsentDecision, ConsentPrompt
+from identity.upstream_requests import request_summary
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
 
 JsonDict = dict[str, Any]
+HostAsker = Callable[[HostContext, str, Any], Awaitable[JsonDict]]
 
 STATE_PREFIX = "fedmcp-consent:"
 STATE_SALT = "fedmcp.consent.request-state"
@@ -182,3 +190,273 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
             with contextlib.suppress(BaseException):
                 await asking
     return Gate(decision=await _finish(prompt, status, url), params=params)
+
+
+# --- sampling and elicitation requests from upstreams ----------------------------------------
+#
+# An upstream may ask the host for sampling/createMessage or elicitation/create while serving a
+# call. Consent decides (kinds `sampling` / `elicitation`, named by the call's tool) before the
+# host sees it: allowed requests are relayed; refused ones are answered with an error the host
+# never sees; asked ones wait for the user on /consent, where the page shows what would be sent.
+# The gateway's own URL elicitation pointing at /consent (above) does not pass through here.
+
+HELD_PREFIX = "fedmcp-held:"
+HELD_SALT = "fedmcp.consent.held-input"
+
+
+@dataclass(frozen=True)
+class UpstreamCall:
+    """The call during which an upstream sends a server->client request: peer, method, name."""
+
+    peer: str
+    method: str
+    name: str
+    from_gateway: bool = False
+    """The peer is another fedmcp gateway, which has gated its own upstreams' requests already."""
+
+
+def _gated_kind(call: UpstreamCall, method: str) -> str | None:
+    """The consent kind of an upstream's request, or None when it is relayed unasked.
+
+    Elicitations arriving from a peer gateway were gated there, and include that gateway's own
+    pointers to its consent page, which must reach the user; sampling spends this side's model,
+    so every gateway on the way decides for itself.
+    """
+    kind = consent.REQUEST_KIND_FOR_METHOD.get(method)
+    if kind == "elicitation" and call.from_gateway:
+        return None
+    return kind
+
+
+def _audit_request(ctx: HostContext, call: UpstreamCall, method: str, decision: str, error_code: int | None, started: float) -> None:
+    audit_record(
+        identity=ctx.identity, peer=call.peer, method=method, name=call.name,
+        error_code=error_code, latency_ms=(time.monotonic() - started) * 1000, decision=decision,
+    )
+
+
+def _refused(kind: str, call: UpstreamCall, decision: str, why: str, data: JsonDict) -> jsonrpc.JsonRpcError:
+    exc = jsonrpc.ConsentDeniedError(f"{why} the {kind} request peer '{call.peer}' sent during '{call.name}'", data)
+    exc.consent_decision = decision  # type: ignore[attr-defined]
+    return exc
+
+
+def _request_message(prompt: ConsentPrompt, url: str) -> str:
+    return f"fedmcp needs your approval to pass a {prompt.kind} request from '{prompt.peer}' (during '{prompt.name}') to you: open {url}"
+
+
+async def _request_decide(ctx: HostContext, call: UpstreamCall, kind: str) -> consent.Decision:
+    """Return the decision for an upstream request; refuse what a policy or nobody can allow.
+
+    Raises:
+        ConsentDeniedError: a policy denies it, or it must be asked and no local user can answer.
+    """
+    decision = await consent.consent_decide(identity=ctx.identity, peer=call.peer, kind=kind, name=call.name)
+    if decision.action == ConsentDecision.DENY:
+        raise _refused(kind, call, "deny", "A consent policy refuses", {"reason": decision.reason})
+    if decision.action == ConsentDecision.ASK and (ctx.identity is None or ctx.identity.user_id is None):
+        raise _refused(kind, call, "deny", "No local user can be asked about", {"reason": "no local user to ask"})
+    return decision
+
+
+async def _request_prompt(
+    ctx: HostContext, call: UpstreamCall, kind: str, method: str, params: Any, decision: consent.Decision, held: JsonDict | None = None
+) -> ConsentPrompt:
+    return await consent.consent_prompt_create(
+        identity=ctx.identity, peer=call.peer, kind=kind, name=call.name, arguments={}, decision=decision,
+        timeout=consent.timeout_setting(), request=request_summary(method, params), held=held,
+    )
+
+
+async def _request_wait(ctx: HostContext, prompt: ConsentPrompt, url: str) -> str:
+    """Wait for the user's answer, with progress notifications if the call carried a token."""
+    token = ctx.meta.get("progressToken")
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        if token is None:
+            return
+        ticks += 1
+        await ctx.outbound.send(
+            jsonrpc.notification("notifications/progress", {"progressToken": token, "progress": ticks, "message": _request_message(prompt, url)})
+        )
+
+    return await consent.consent_prompt_wait(prompt.id, until=prompt.expires_at, on_tick=tick)
+
+
+async def _request_finish(prompt: ConsentPrompt, status: str, url: str) -> str:
+    """Turn the prompt's final status into the audit word, or the refusal.
+
+    Raises:
+        ConsentDeniedError: the user denied it.
+        ConsentTimeoutError: nobody answered in time.
+        InvalidParamsError: the approval was already spent.
+    """
+    call = UpstreamCall(prompt.peer, "", prompt.name)
+    if status == ConsentPrompt.Status.APPROVED:
+        if not await consent.consent_prompt_use(prompt_id=prompt.id):
+            raise jsonrpc.InvalidParamsError("this consent approval was already used")
+        return "approved"
+    if status == ConsentPrompt.Status.DENIED:
+        raise _refused(prompt.kind, call, "denied", "The user denied", {"consentId": prompt.id})
+    exc = jsonrpc.ConsentTimeoutError(
+        f"Nobody answered the consent request for the {prompt.kind} request from peer '{prompt.peer}' in time; see {url}",
+        {"consentId": prompt.id, "url": url},
+    )
+    exc.consent_decision = "timeout"  # type: ignore[attr-defined]
+    raise exc
+
+
+async def _request_ask_user(ctx: HostContext, call: UpstreamCall, kind: str, method: str, params: Any, decision: consent.Decision) -> str:
+    """Hold a handshake-era request until the user answers on /consent; return the audit word."""
+    prompt = await _request_prompt(ctx, call, kind, method, params, decision)
+    url = consent_url(ctx, prompt.id)
+    asking: asyncio.Task[Any] | None = None
+    if ctx.has_capability("elicitation", "url") and ctx.outbound.can_request:
+        from mcp_endpoint.forwarding import ask_host
+
+        # Point the host at the page (the gateway's own request, never gated); the page decides.
+        elicitation = {"mode": "url", "message": _request_message(prompt, url), "url": url, "elicitationId": prompt.id}
+        asking = asyncio.create_task(ask_host(ctx, "elicitation/create", elicitation))
+    try:
+        status = await _request_wait(ctx, prompt, url)
+    except asyncio.CancelledError:
+        await asyncio.shield(consent.consent_prompt_expire(prompt_id=prompt.id))
+        raise
+    finally:
+        if asking is not None and not asking.done():
+            asking.cancel()
+            with contextlib.suppress(BaseException):
+                await asking
+    return await _request_finish(prompt, status, url)
+
+
+async def upstream_request_relay(ctx: HostContext, call: UpstreamCall, method: str, params: Any, ask: HostAsker) -> JsonDict:
+    """Apply consent to a server->client request an upstream sent during `call`, then relay it.
+
+    `ask` sends it to the host (forwarding.ask_host). Returns the reply for the upstream: the
+    host's, or an error (-32017 refused, -32018 unanswered) the host never sees. Each gated
+    request leaves one audit event: method, the call's peer and name, decision and outcome.
+    """
+    kind = _gated_kind(call, method)
+    if kind is None:
+        return await ask(ctx, method, params)
+    started = time.monotonic()
+    decision_word = ""
+    error_code: int | None = None
+    try:
+        decision = await _request_decide(ctx, call, kind)
+        decision_word = decision.label
+        if decision.action == ConsentDecision.ASK:
+            decision_word = await _request_ask_user(ctx, call, kind, method, params, decision)
+        reply = await ask(ctx, method, params)
+        if "error" in reply:
+            code = reply["error"].get("code") if isinstance(reply["error"], dict) else None
+            error_code = code if isinstance(code, int) and not isinstance(code, bool) else jsonrpc.UPSTREAM_ERROR
+        return reply
+    except jsonrpc.JsonRpcError as exc:
+        error_code = exc.code
+        decision_word = getattr(exc, "consent_decision", decision_word)
+        return {"error": exc.to_error()}
+    except asyncio.CancelledError:
+        error_code = jsonrpc.REQUEST_CANCELLED
+        raise
+    except BaseException:
+        error_code = jsonrpc.INTERNAL_ERROR
+        raise
+    finally:
+        _audit_request(ctx, call, method, decision_word, error_code, started)
+
+
+async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: JsonDict) -> JsonDict:
+    """Apply consent to the sampling/elicitation requests in an upstream's input_required result.
+
+    For a 2026-07-28 host, which receives them inside the result. All allowed: the result goes
+    on unchanged. One refused: the call fails (-32017); MRTR servers keep no state, so nothing
+    upstream waits. Any to ask: the host gets the gateway's own input_required instead, URL
+    elicitations to the prompts, and the upstream's result stays in the database (never in the
+    host's hands) until its retry with the signed `requestState` finds them approved.
+
+    Raises:
+        ConsentDeniedError: a policy refuses one of the requests.
+    """
+    requests = result.get("inputRequests")
+    if result.get("resultType") != "input_required" or not isinstance(requests, dict):
+        return result
+    gated = [
+        (request, kind) for request in requests.values()
+        if isinstance(request, dict) and (kind := _gated_kind(call, str(request.get("method")))) is not None
+    ]
+    to_ask: list[tuple[JsonDict, str, consent.Decision]] = []
+    for request, kind in gated:
+        started = time.monotonic()
+        try:
+            decision = await _request_decide(ctx, call, kind)
+        except jsonrpc.JsonRpcError as exc:
+            _audit_request(ctx, call, request["method"], getattr(exc, "consent_decision", "deny"), exc.code, started)
+            raise
+        if decision.action == ConsentDecision.ASK:
+            to_ask.append((request, kind, decision))
+        else:
+            _audit_request(ctx, call, request["method"], decision.label, None, started)
+    if not to_ask:
+        return result
+    prompts: list[ConsentPrompt] = []
+    for request, kind, decision in to_ask:
+        started = time.monotonic()
+        prompts.append(await _request_prompt(ctx, call, kind, request["method"], request.get("params"), decision, None if prompts else result))
+        _audit_request(ctx, call, request["method"], "ask", None, started)
+    inputs: JsonDict = {}
+    for index, prompt in enumerate(prompts):
+        url = consent_url(ctx, prompt.id)
+        params = {"mode": "url", "message": _request_message(prompt, url), "url": url, "elicitationId": prompt.id}
+        inputs[f"{INPUT_KEY}-{index}"] = {"method": "elicitation/create", "params": params}
+    state = HELD_PREFIX + signing.dumps({"p": [p.id for p in prompts]}, salt=HELD_SALT, compress=True)
+    return {"resultType": "input_required", "inputRequests": inputs, "requestState": state}
+
+
+def _held_prompt_ids(state: str) -> list[str]:
+    try:
+        data = signing.loads(state.removeprefix(HELD_PREFIX), salt=HELD_SALT, max_age=consent.timeout_setting() + 3600)
+    except signing.BadSignature as exc:
+        raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued") from exc
+    ids = data.get("p") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued")
+    return ids
+
+
+async def upstream_input_resume(ctx: HostContext, call: UpstreamCall, params: JsonDict) -> JsonDict | None:
+    """Answer a 2026-07-28 host's retry of a call whose upstream input requests were held.
+
+    Returns None when the retry carries no such state (forward as usual); otherwise waits for
+    the prompts and returns the upstream's held input_required result once all are approved.
+
+    Raises:
+        InvalidParamsError: the state is forged, someone else's, another call's, or spent.
+        ConsentDeniedError / ConsentTimeoutError: the user denied, or nobody answered in time.
+    """
+    state = params.get("requestState")
+    if ctx.era != "modern" or not isinstance(state, str) or not state.startswith(HELD_PREFIX):
+        return None
+    prompts: list[ConsentPrompt] = []
+    for prompt_id in _held_prompt_ids(state):
+        prompt = await consent.consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity)
+        if prompt is None or prompt.peer != call.peer or prompt.name != call.name or prompt.kind not in consent.REQUEST_KIND_FOR_METHOD.values():
+            raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
+        prompts.append(prompt)
+    held = prompts[0].held
+    if not isinstance(held, dict):
+        raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
+    for prompt in prompts:
+        started = time.monotonic()
+        method = (prompt.request or {}).get("method", "")
+        url = consent_url(ctx, prompt.id)
+        try:
+            word = await _request_finish(prompt, await _request_wait(ctx, prompt, url), url)
+        except jsonrpc.JsonRpcError as exc:
+            _audit_request(ctx, call, method, getattr(exc, "consent_decision", ""), exc.code, started)
+            raise
+        _audit_request(ctx, call, method, word, None, started)
+    return dict(held)

@@ -10,6 +10,9 @@ This is where the eras meet:
 * a 2026-07-28 host and a handshake-era-only upstream: results gain `resultType` and cache
   hints; server->client requests from the upstream are refused, because a 2026-07-28 host
   cannot be asked mid-request.
+
+Sampling and elicitation requests from upstreams pass consent first, in every case
+(mcp_endpoint/consent_gate.py; a 2026-07-28 host's input_required included).
 """
 
 from __future__ import annotations
@@ -41,7 +44,13 @@ from identity.audit import audit_record
 from identity.signing import AssertionConfigError, assertion_create
 from identity.trust import ASSERTION_META_KEY, assertion_subject
 from mcp_endpoint import jsonrpc
-from mcp_endpoint.consent_gate import consent_gate
+from mcp_endpoint.consent_gate import (
+    UpstreamCall,
+    consent_gate,
+    upstream_input_gate,
+    upstream_input_resume,
+    upstream_request_relay,
+)
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
 
@@ -138,17 +147,36 @@ def upstream_params(ctx: HostContext, connection: UpstreamConnection, params: Js
     return params
 
 
+def host_refusal(ctx: HostContext, method: str) -> JsonDict | None:
+    """Return the error reply when the host cannot be sent `method` now, else None."""
+    needed = REQUEST_CAPABILITY.get(method)
+    if needed is not None and not ctx.has_capability(*needed):
+        return error_reply(jsonrpc.METHOD_NOT_FOUND, f"the host did not declare the '{needed[0]}' capability")
+    if ctx.era != "legacy" or not ctx.outbound.can_request:
+        return error_reply(jsonrpc.METHOD_NOT_FOUND, f"the host cannot receive {method} requests on this exchange")
+    return None
+
+
+async def ask_upstreams_request(ctx: HostContext, call: UpstreamCall, method: str, params: Any) -> JsonDict:
+    """Relay a server->client request an upstream sent during `call`, consent permitting.
+
+    What the host could not receive anyway is refused without asking anyone.
+    """
+    refusal = host_refusal(ctx, method)
+    if refusal is not None:
+        return refusal
+    return await upstream_request_relay(ctx, call, method, params, ask_host)
+
+
 async def ask_host(ctx: HostContext, method: str, params: Any) -> JsonDict:
     """Send a server->client request to the host and return its reply ({"result"} or {"error"}).
 
     Only possible in the handshake era on an exchange that can carry requests, and only for
     capabilities the host declared.
     """
-    needed = REQUEST_CAPABILITY.get(method)
-    if needed is not None and not ctx.has_capability(*needed):
-        return error_reply(jsonrpc.METHOD_NOT_FOUND, f"the host did not declare the '{needed[0]}' capability")
-    if ctx.era != "legacy" or not ctx.outbound.can_request:
-        return error_reply(jsonrpc.METHOD_NOT_FOUND, f"the host cannot receive {method} requests on this exchange")
+    refusal = host_refusal(ctx, method)
+    if refusal is not None:
+        return refusal
     key = correlator.new_request_id()
     future = await correlator.expect_reply(key)
     try:
@@ -166,13 +194,13 @@ async def ask_host(ctx: HostContext, method: str, params: Any) -> JsonDict:
     return {"result": reply.get("result", {})}
 
 
-def relay_to(ctx: HostContext) -> Any:
+def relay_to(ctx: HostContext, call: UpstreamCall) -> Any:
     """Return the on_message callback that relays upstream messages of one request to the host."""
 
     async def relay(message: JsonDict) -> JsonDict | None:
         method = message.get("method")
         if "id" in message:
-            return await ask_host(ctx, method, message.get("params"))  # type: ignore[arg-type]
+            return await ask_upstreams_request(ctx, call, method, message.get("params"))  # type: ignore[arg-type]
         if method == "notifications/progress":
             await ctx.outbound.send(message)
         elif method == "notifications/message":
@@ -210,9 +238,13 @@ def _raise_upstream_error(ctx: HostContext, method: str, error: Any) -> None:
 
 
 async def _bridge_input_required(
-    ctx: HostContext, connection: UpstreamConnection, method: str, params: JsonDict, result: JsonDict, relay: Any
+    ctx: HostContext, connection: UpstreamConnection, call: UpstreamCall, params: JsonDict, result: JsonDict, relay: Any
 ) -> JsonDict:
-    """Answer a 2026-07-28 upstream's input requests by asking a handshake-era host."""
+    """Answer a 2026-07-28 upstream's input requests by asking a handshake-era host.
+
+    A request consent refuses fails the call (-32017/-32018): inputResponses carry results only.
+    """
+    method = call.method
     for _ in range(MAX_INPUT_ROUNDS):
         if result.get("resultType") != "input_required":
             return result
@@ -220,7 +252,7 @@ async def _bridge_input_required(
         for key, request in (result.get("inputRequests") or {}).items():
             if not isinstance(request, dict):
                 continue
-            reply = await ask_host(ctx, request.get("method", ""), request.get("params"))
+            reply = await ask_upstreams_request(ctx, call, request.get("method", ""), request.get("params"))
             if "error" in reply:
                 _raise_upstream_error(ctx, method, reply["error"])
             responses[key] = reply["result"]
@@ -259,7 +291,8 @@ async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDic
     """One attempt: send the request on a warm connection and return its result."""
     connection = await pool.get(route.peer, prefer=ctx.era, identity_key=identity_key(ctx))
     sent = upstream_params(ctx, connection, params, gateway_meta(ctx, route.peer, hops) if route.peer.is_gateway else None)
-    relay = relay_to(ctx)
+    call = UpstreamCall(route.peer.name, method, _audited_name(method, params), route.peer.is_gateway)
+    relay = relay_to(ctx, call)
     reply = await connection.request(method, sent, on_message=relay)
     if "error" in reply:
         _raise_upstream_error(ctx, method, reply["error"])
@@ -267,7 +300,9 @@ async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDic
     if not isinstance(result, dict):
         raise UpstreamProtocolError(f"peer '{route.peer.name}' answered {method} without a result")
     if ctx.era == "legacy" and connection.era == "modern":
-        result = await _bridge_input_required(ctx, connection, method, sent, result, relay)
+        result = await _bridge_input_required(ctx, connection, call, sent, result, relay)
+    elif ctx.era == "modern":
+        result = await upstream_input_gate(ctx, call, result)
     return result
 
 
@@ -286,6 +321,10 @@ async def forward(ctx: HostContext, route: Route, method: str, params: JsonDict)
         # refuse, wait for the user, or answer a 2026-07-28 host with an input_required
         # pointing at the consent page.
         hops = await _admit(ctx, route)
+        held = await upstream_input_resume(ctx, UpstreamCall(route.peer.name, method, _audited_name(method, params)), params)
+        if held is not None:
+            # The retry of a call whose upstream's sampling/elicitation requests were held for consent.
+            return _shape_result(ctx, method, held)
         gate = await consent_gate(ctx, route, method, params, _audited_name(method, params))
         decision = gate.decision
         if gate.result is not None:

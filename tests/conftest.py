@@ -24,12 +24,14 @@ def everything_on_class(request: pytest.FixtureRequest, everything_url: str) -> 
 
 @pytest.fixture(autouse=True)
 def consent_allows_by_default() -> Iterator[None]:
-    """Let tool calls through unasked unless a test is about consent.
+    """Let tool calls and upstream sampling/elicitation through unasked unless a test is about consent.
 
-    The shipped default (FEDMCP_CONSENT_DEFAULT=ask-new-peers) would make every first tool
-    call on a peer wait for a user. Consent tests override it in `setUp`, which runs later.
+    The shipped defaults (FEDMCP_CONSENT_DEFAULT=ask-new-peers, FEDMCP_CONSENT_SAMPLING_DEFAULT
+    and FEDMCP_CONSENT_ELICITATION_DEFAULT=ask) would make calls wait for a user. Consent
+    tests override them in `setUp`, which runs later.
     """
     from django.test import override_settings
 
-    with override_settings(FEDMCP_CONSENT_DEFAULT="allow"):
+    allow = {"FEDMCP_CONSENT_DEFAULT": "allow", "FEDMCP_CONSENT_SAMPLING_DEFAULT": "allow", "FEDMCP_CONSENT_ELICITATION_DEFAULT": "allow"}
+    with override_settings(**allow):
         yield

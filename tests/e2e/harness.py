@@ -139,8 +139,10 @@ class Gateway:
             "PYTHONUNBUFFERED": "1",
             "FEDMCP_PUBLIC_URL": f"http://127.0.0.1:{self.port}",
             # Consent would ask before the first tool call on each peer; tests about consent
-            # (tests/e2e/test_consent_browser.py) pass their own FEDMCP_CONSENT_DEFAULT.
+            # (tests/e2e/test_consent_browser.py) pass their own FEDMCP_CONSENT_*DEFAULT.
             "FEDMCP_CONSENT_DEFAULT": "allow",
+            "FEDMCP_CONSENT_SAMPLING_DEFAULT": "allow",
+            "FEDMCP_CONSENT_ELICITATION_DEFAULT": "allow",
             **(env or {}),
         }
         if "REDIS_URL" not in (env or {}):

@@ -1,0 +1,234 @@
+"""Consent for an upstream's sampling request, for real: held until the user approves in Chromium.
+
+A real gateway (one daphne worker, FEDMCP_CONSENT_SAMPLING_DEFAULT=ask, tools allowed) with the
+fixture server as peer `old` over legacy HTTP+SSE (handshake era only, so the upstream sends
+sampling/createMessage mid-call). A host (plain HTTP client in a thread, declaring `sampling`
+and `elicitation.url`) calls `old__test_sampling` and records every message on the call's
+stream. Headless Chromium, signed in as alice, sits on /consent.
+
+* approve: the prompt appears live and shows the message the upstream wants sent (escaped,
+  long text folded behind "Show all"); until the user presses "Approve once" the host has
+  received only the gateway's pointer to the page, never the sampling request; afterwards it
+  gets it, answers, and the tool completes. Screenshot: build/screenshots/consent-sampling.png.
+* deny: the host never sees the request, the tool fails, and the audit log says "denied".
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.e2e import harness
+from tests.e2e.test_consent_browser import (  # noqa: F401 - the module-scoped browser fixture
+    SCREENSHOTS,
+    USERNAME,
+    WAIT,
+    browser,
+    sign_in_on_consent_page,
+)
+
+PEER = "old"
+TOOL = f"{PEER}__test_sampling"
+LONG = "Please summarise the following carefully. " * 20
+HOSTILE = '<img src=x onerror="document.body.dataset.pwned=1"> What is the capital of France?'
+SAMPLED = {"role": "assistant", "content": {"type": "text", "text": "Paris"}, "model": "e2e-model", "stopReason": "endTurn"}
+
+
+@pytest.fixture(scope="module")
+def sse_upstream_url() -> Iterator[str]:
+    """The fixture server over legacy HTTP+SSE: a handshake-era-only upstream."""
+    port = harness.free_port()
+    command = [*harness.fixture_command(name=PEER, port=port), "--transport", "sse"]
+    process = subprocess.Popen(command, cwd=harness.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        harness.wait_http(f"http://127.0.0.1:{port}/messages/", process=process)
+        yield f"http://127.0.0.1:{port}/sse"
+    finally:
+        harness.stop(process)
+
+
+@pytest.fixture(scope="module")
+def sampling_gateway(sse_upstream_url: str) -> Iterator[tuple[harness.Gateway, str]]:
+    password = secrets.token_urlsafe(16)
+    env = {
+        "FEDMCP_CONSENT_DEFAULT": "allow",
+        "FEDMCP_CONSENT_SAMPLING_DEFAULT": "ask",
+        "FEDMCP_CONSENT_TIMEOUT": str(WAIT * 2),
+        "FEDMCP_CONSENT_POLL_INTERVAL": "1",
+    }
+    with harness.Gateway(name="consent-sampling", env=env) as gateway:
+        gateway.migrate()
+        create_user = f"from django.contrib.auth import get_user_model; get_user_model().objects.create_user({USERNAME!r}, password={password!r})"
+        gateway.manage("shell", "-c", create_user)
+        gateway.manage("peer", "add", PEER, "--url", sse_upstream_url, "--transport", "sse", "--call-timeout", str(WAIT * 3))
+        gateway.auth_headers(USERNAME)
+        gateway.start_worker()
+        yield gateway, password
+
+
+class StreamingHost:
+    """A handshake-era host that reads its tools/call stream and answers sampling requests."""
+
+    def __init__(self, gateway: harness.Gateway) -> None:
+        self.url = gateway.url("/mcp")
+        self.headers = {**gateway.auth_headers(USERNAME), "Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+        self.client = httpx.Client(timeout=httpx.Timeout(WAIT * 3))
+        self.received: list[dict[str, Any]] = []
+        self.result: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    def initialize(self) -> None:
+        capabilities = {"sampling": {}, "elicitation": {"url": {}}}
+        params = {"protocolVersion": "2025-11-25", "capabilities": capabilities, "clientInfo": {"name": "sampling-e2e-host", "version": "0"}}
+        reply = self.client.post(self.url, json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}, headers=self.headers)
+        assert reply.status_code == 200, reply.text
+        self.headers["Mcp-Session-Id"] = reply.headers["mcp-session-id"]
+        self.headers["Mcp-Protocol-Version"] = "2025-11-25"
+        assert self.client.post(self.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=self.headers).status_code == 202
+
+    def methods(self) -> list[str]:
+        with self.lock:
+            return [m["method"] for m in self.received if "method" in m]
+
+    def call_in_background(self, prompt: str) -> None:
+        message = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": TOOL, "arguments": {"prompt": prompt}}}
+
+        def run() -> None:
+            try:
+                with self.client.stream("POST", self.url, json=message, headers=self.headers) as response:
+                    if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                        self.result = json.loads(response.read())
+                        return
+                    for line in response.iter_lines():
+                        if not line.startswith("data:") or not line[5:].strip():
+                            continue
+                        received = json.loads(line[5:])
+                        with self.lock:
+                            self.received.append(received)
+                        if received.get("method") == "sampling/createMessage":
+                            answer = {"jsonrpc": "2.0", "id": received["id"], "result": SAMPLED}
+                            assert self.client.post(self.url, json=answer, headers=self.headers).status_code == 202
+                        elif "method" not in received:
+                            self.result = received
+                            return
+            except BaseException as exc:  # handed to the test thread
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def wait(self) -> dict[str, Any]:
+        assert self.thread is not None
+        self.thread.join(WAIT * 2)
+        assert not self.thread.is_alive(), "the host's call did not finish"
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def audit_decisions(gateway: harness.Gateway) -> list[tuple[str, str, str, str]]:
+    script = (
+        "from identity.models import AuditEvent; import json; "
+        "print(json.dumps(list(AuditEvent.objects.filter(method='sampling/createMessage').order_by('at')"
+        ".values_list('name', 'decision', 'outcome', 'username'))))"
+    )
+    output = gateway.manage("shell", "-c", script).stdout.strip().splitlines()[-1]  # after the shell's banner
+    return [tuple(row) for row in json.loads(output)]
+
+
+def open_consent_page(browser: webdriver.Chrome, url: str, password: str) -> WebDriverWait:
+    """Open /consent (signing in the first time) and wait until its live feed is connected."""
+    if not browser.get_cookie("sessionid"):
+        return sign_in_on_consent_page(browser, url, password)
+    wait = WebDriverWait(browser, WAIT)
+    browser.get(url)
+    wait.until(lambda d: d.execute_script("return document.body.dataset.consentLive === '1'"))
+    browser.execute_script("window.__notReloaded = true;")
+    return wait
+
+
+def wait_for_prompt(browser: webdriver.Chrome, wait: Any) -> Any:
+    return wait.until(expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, "#prompts .prompt[data-kind=sampling]")))
+
+
+def test_sampling_is_held_until_approved_and_the_page_shows_the_messages(
+    sampling_gateway: tuple[harness.Gateway, str], browser: webdriver.Chrome  # noqa: F811
+) -> None:
+    gateway, password = sampling_gateway
+    wait = open_consent_page(browser, gateway.url("/consent"), password)
+    host = StreamingHost(gateway)
+    try:
+        host.initialize()
+        host.call_in_background(HOSTILE + "\n" + LONG)
+        prompt = wait_for_prompt(browser, wait)
+        assert browser.execute_script("return window.__notReloaded === true"), "the page was reloaded"
+
+        heading = prompt.find_element(By.TAG_NAME, "h2").text
+        assert "Sampling request from" in heading and PEER in heading and "test_sampling" in heading
+        message = prompt.find_element(By.CSS_SELECTOR, ".request-messages .message")
+        assert message.find_element(By.CSS_SELECTOR, ".role").text.lower() == "user"
+        preview = message.find_element(By.CSS_SELECTOR, "pre.text").text
+        assert preview.startswith(HOSTILE[:60])  # the markup is shown as text...
+        assert not prompt.find_elements(By.TAG_NAME, "img")  # ...never rendered
+        assert browser.execute_script("return document.body.dataset.pwned === undefined")
+        assert prompt.find_element(By.CSS_SELECTOR, ".request-max-tokens").text == "100"
+        full = message.find_element(By.CSS_SELECTOR, "details pre.full")
+        assert not full.is_displayed()  # the long text is folded...
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "consent-sampling.png"))
+        message.find_element(By.CSS_SELECTOR, "details summary").click()
+        wait.until(lambda _: full.is_displayed())  # ...and expands, in place of the preview
+        assert LONG.strip()[-40:] in full.text
+        assert not message.find_element(By.CSS_SELECTOR, "pre.preview").is_displayed()
+        browser.save_screenshot(str(SCREENSHOTS / "consent-sampling-expanded.png"))
+
+        # Held: so far the host has only been pointed at the consent page.
+        wait.until(lambda _: "elicitation/create" in host.methods())
+        assert "sampling/createMessage" not in host.methods()
+
+        prompt.find_element(By.CSS_SELECTOR, "button[value=approve]").click()
+        wait.until(expected_conditions.presence_of_element_located((By.ID, "consent-messages")))
+        reply = host.wait()
+    finally:
+        host.close()
+    assert host.methods() == ["elicitation/create", "sampling/createMessage"]
+    sampled = [m for m in host.received if m.get("method") == "sampling/createMessage"][0]
+    assert sampled["params"]["messages"][0]["content"]["text"] == HOSTILE + "\n" + LONG
+    assert reply["result"]["content"][0]["text"] == "LLM response: Paris"
+    assert ("test_sampling", "approved", "ok", USERNAME) in audit_decisions(gateway)
+
+
+def test_denied_sampling_never_reaches_the_host(sampling_gateway: tuple[harness.Gateway, str], browser: webdriver.Chrome) -> None:  # noqa: F811
+    gateway, password = sampling_gateway
+    wait = open_consent_page(browser, gateway.url("/consent"), password)
+    host = StreamingHost(gateway)
+    try:
+        host.initialize()
+        host.call_in_background("Tell me a secret")
+        prompt = wait_for_prompt(browser, wait)
+        assert "Tell me a secret" in prompt.text
+        prompt.find_element(By.CSS_SELECTOR, "button[value=deny]").click()
+        wait.until(expected_conditions.presence_of_element_located((By.ID, "consent-messages")))
+        reply = host.wait()
+    finally:
+        host.close()
+    assert "sampling/createMessage" not in host.methods()
+    assert "error" in reply or reply["result"].get("isError") is True, reply
+    assert ("test_sampling", "denied", "error", USERNAME) in audit_decisions(gateway)
