@@ -342,6 +342,9 @@ if FEDMCP_CONSENT_DEFAULT not in ("ask-new-peers", "allow", "ask", "deny"):
     raise ImproperlyConfigured("FEDMCP_CONSENT_DEFAULT must be ask-new-peers, allow, ask or deny")
 FEDMCP_CONSENT_TIMEOUT = env_float("FEDMCP_CONSENT_TIMEOUT", 120.0)
 FEDMCP_CONSENT_POLL_INTERVAL = env_float("FEDMCP_CONSENT_POLL_INTERVAL", 2.0)
+# Per-user OAuth peers (docs/IDENTITY.md): how long a 2026-07-28 retry waits for the user to
+# finish connecting their account on /connect/<peer> (seconds).
+FEDMCP_UPSTREAM_CONNECT_WAIT = env_float("FEDMCP_UPSTREAM_CONNECT_WAIT", 120.0)
 # Behind a TLS-terminating load balancer (docs/DEPLOYMENT.md): the public origin is trusted for
 # CSRF (admin, sign-in and consent forms), cookies are Secure when it is https, and, only when
 # the balancer overwrites X-Forwarded-Proto, Django may believe it for request.is_secure().
