@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import secrets
+import tempfile
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from unittest import mock
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from asgiref.sync import sync_to_async
+from cryptography.fernet import Fernet
+from django.core.management import call_command
 from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test import TestCase, override_settings
@@ -374,3 +379,41 @@ class ProviderTests(UpstreamOAuthTestCase):
         assert self.upstream.access[await self.provider(None).access_token()] == "alice"
         await UpstreamOAuthClient.objects.filter(peer=self.peer).aupdate(catalog_user=self.bob)
         assert self.upstream.access[await self.provider(None).access_token()] == "bob"
+
+
+KEY_1 = Fernet.generate_key().decode()
+KEY_2 = Fernet.generate_key().decode()
+
+
+class SecretsAtRestTests(TestCase):
+    """Upstream tokens and the upstream client secret are encrypted, dumped as ciphertext, rotatable."""
+
+    def setUp(self) -> None:
+        self.enterContext(override_settings(FEDMCP_SECRETS_KEYS=KEY_1))
+        peer = peer_add(name="files", transport="streamable-http", url=MCP_URL, user_oauth=True)
+        alice = get_user_model().objects.create_user("alice")
+        UpstreamOAuthClient.objects.create(peer=peer, client_id="gw", client_secret="upstream-client-secret-never-seen")
+        UpstreamToken.objects.create(
+            user=alice, peer=peer, issuer=ISSUER, access_token="upstream-access-never-seen", refresh_token="upstream-refresh-never-seen"
+        )
+
+    def test_a_dump_holds_ciphertext_only_and_loads_back(self) -> None:
+        out = io.StringIO()
+        call_command("dumpdata", "identity.upstreamtoken", "identity.upstreamoauthclient", stdout=out)
+        dump = out.getvalue()
+
+        assert "never-seen" not in dump
+        UpstreamToken.objects.all().delete()
+        fixture = Path(self.enterContext(tempfile.TemporaryDirectory())) / "tokens.json"
+        fixture.write_text(dump)
+        call_command("loaddata", str(fixture), verbosity=0)
+        assert UpstreamToken.objects.get().access_token == "upstream-access-never-seen"
+
+    def test_rotate_secrets_reencrypts_the_upstream_tokens(self) -> None:
+        with override_settings(FEDMCP_SECRETS_KEYS=f"{KEY_2},{KEY_1}"):
+            call_command("rotate_secrets", stdout=io.StringIO())
+
+        with override_settings(FEDMCP_SECRETS_KEYS=KEY_2):
+            token = UpstreamToken.objects.get()
+            assert (token.access_token, token.refresh_token) == ("upstream-access-never-seen", "upstream-refresh-never-seen")
+            assert UpstreamOAuthClient.objects.get().client_secret == "upstream-client-secret-never-seen"
