@@ -567,10 +567,34 @@ async def connect_finish(*, user: Any, session: Any, params: dict[str, str]) -> 
 
 
 @database_sync_to_async
-def connection_remove(*, user: Any, peer_id: int) -> bool:
-    """Forget `user`'s tokens at a peer (disconnect); return whether there were any."""
-    deleted, _ = UpstreamToken.objects.filter(user=user, peer_id=peer_id).delete()
-    return bool(deleted)
+def _remove_token(user: Any, peer_id: int) -> UpstreamToken | None:
+    token = UpstreamToken.objects.filter(user=user, peer_id=peer_id).first()
+    if token is not None:
+        token.delete()
+    return token
+
+
+async def connection_remove(*, user: Any, peer_id: int) -> bool:
+    """Forget `user`'s tokens at a peer (disconnect); return whether there were any.
+
+    The refresh token (else the access token) is also revoked at the server when it offers RFC
+    7009 revocation; that is best effort: the tokens are gone here whatever it answers.
+    """
+    token = await _remove_token(user, peer_id)
+    if token is None:
+        return False
+    client = await _load_client(peer_id)
+    if client is not None and client.revocation_endpoint and client.client_id:
+        value, hint = (token.refresh_token, "refresh_token") if token.refresh_token else (token.access_token, "access_token")
+        data = {"token": value, "token_type_hint": hint}
+        auth = _client_auth(client, data)
+        try:
+            await check_url_allowed(client.revocation_endpoint)
+            async with outbound_client(connect_timeout=TIMEOUT, read_timeout=TIMEOUT) as http:
+                await http.post(client.revocation_endpoint, data=data, auth=auth)
+        except (OutboundAddressError, httpx.HTTPError) as exc:
+            logger.info("peer %s: revoking a disconnected user's token failed: %s", client.peer.name, exc)
+    return True
 
 
 async def has_connection(*, user_id: int, peer_id: int) -> bool:

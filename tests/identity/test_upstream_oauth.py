@@ -25,7 +25,7 @@ from cryptography.fernet import Fernet
 from django.core.management import call_command
 from django.contrib.auth import get_user_model
 from django.db import connection
-from django.test import TestCase, override_settings
+from django.test import TestCase, TransactionTestCase, override_settings
 from django.utils import timezone
 
 from federation.client import ProviderAuth
@@ -95,6 +95,8 @@ class FakeUpstream:
                 "authorization_endpoint": f"{ISSUER}/authorize",
                 "token_endpoint": f"{ISSUER}/token",
                 "registration_endpoint": f"{ISSUER}/register",
+                "revocation_endpoint": f"{ISSUER}/revoke",
+                "client_id_metadata_document_supported": True,
                 "code_challenge_methods_supported": self.methods,
                 "authorization_response_iss_parameter_supported": self.iss_supported,
                 "token_endpoint_auth_methods_supported": ["client_secret_basic", "none"],
@@ -107,6 +109,11 @@ class FakeUpstream:
             return httpx.Response(201, json={"client_id": client_id, "client_secret": secret, "token_endpoint_auth_method": "client_secret_basic"})
         if path == "/as/token":
             return self._token(request)
+        if path == "/as/revoke":
+            token = parse_qs(request.content.decode())["token"][0]
+            self.refresh.pop(token, None)
+            self.access.pop(token, None)
+            return httpx.Response(200)
         return httpx.Response(404)
 
     def _token(self, request: httpx.Request) -> httpx.Response:
@@ -211,6 +218,32 @@ class DiscoveryTests(UpstreamOAuthTestCase):
         assert self.upstream.clients[client.client_id]["redirect_uris"] == [f"{GATEWAY}/connect/callback"]
 
 
+class RegistrationTests(UpstreamOAuthTestCase):
+    async def test_an_operator_supplied_client_is_used_without_registering(self) -> None:
+        await sync_to_async(upstream_oauth.oauth_client_configure)(peer=self.peer, client_id="by-hand", client_secret="s3cret")
+        self.upstream.clients["by-hand"] = {"secret": "s3cret", "redirect_uris": []}
+
+        session, answer = await self.connect(self.alice)
+        token = await upstream_oauth.connect_finish(user=self.alice, session=session, params=answer)
+
+        assert list(self.upstream.clients) == ["by-hand"]
+        assert self.upstream.access[token.access_token] == "alice"
+
+    async def test_an_https_gateway_is_its_own_client_id_metadata_document(self) -> None:
+        url = await upstream_oauth.connect_begin(user=self.alice, peer=self.peer, base="https://gw.example", session={})
+
+        query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+        assert query["client_id"] == "https://gw.example/connect/client-metadata.json"
+        assert self.upstream.clients == {}  # nothing registered
+
+    async def test_a_peer_is_discovered_when_added_and_registered_on_first_connect(self) -> None:
+        client = await upstream_oauth.oauth_client_discover(peer=self.peer)
+
+        assert (client.issuer, client.resource, client.client_id) == (ISSUER, MCP_URL, "")
+        await self.connect(self.alice)
+        assert len(self.upstream.clients) == 1
+
+
 class ConnectFlowTests(UpstreamOAuthTestCase):
     async def test_the_authorization_request_carries_pkce_state_and_resource(self) -> None:
         url = await upstream_oauth.connect_begin(user=self.alice, peer=self.peer, base=GATEWAY, session={})
@@ -300,6 +333,18 @@ class ConnectFlowTests(UpstreamOAuthTestCase):
         with self.assertRaises(upstream_oauth.UpstreamOAuthError) as caught:
             await upstream_oauth.connect_finish(user=self.alice, session=session, params={"state": answer["state"], "iss": ISSUER, "error": "access_denied"})
         assert "access_denied" in str(caught.exception)
+
+
+class DisconnectTests(UpstreamOAuthTestCase):
+    async def test_disconnecting_forgets_the_tokens_and_revokes_them_at_the_server(self) -> None:
+        session, answer = await self.connect(self.alice)
+        token = await upstream_oauth.connect_finish(user=self.alice, session=session, params=answer)
+
+        assert await upstream_oauth.connection_remove(user=self.alice, peer_id=self.peer.pk)
+
+        assert not await UpstreamToken.objects.aexists()
+        assert token.refresh_token not in self.upstream.refresh
+        assert not await upstream_oauth.connection_remove(user=self.alice, peer_id=self.peer.pk)
 
 
 class ProviderTests(UpstreamOAuthTestCase):
@@ -417,3 +462,50 @@ class SecretsAtRestTests(TestCase):
             token = UpstreamToken.objects.get()
             assert (token.access_token, token.refresh_token) == ("upstream-access-never-seen", "upstream-refresh-never-seen")
             assert UpstreamOAuthClient.objects.get().client_secret == "upstream-client-secret-never-seen"
+
+
+class OperatorTests(UpstreamOAuthTestCase):
+    async def test_before_anyone_connects_the_health_check_fails_without_opening_the_circuit(self) -> None:
+        from federation.health import CircuitState, breakers, check_peer
+
+        config = PeerConfig.from_peer(self.peer)
+        for _ in range(10):
+            assert not await check_peer(config)
+
+        assert breakers.for_peer(config).state == CircuitState.CLOSED
+        last = await self.peer.health_checks.afirst()
+        assert last is not None and "no user has connected" in last.error
+
+
+@override_settings(FEDMCP_PUBLIC_URL=GATEWAY)
+class PeerCommandTests(TransactionTestCase):
+    """`manage.py peer add --user-oauth` (a transaction test: the command runs its own event loop and threads)."""
+
+    def setUp(self) -> None:
+        self.upstream = FakeUpstream()
+        patcher = mock.patch("identity.upstream_oauth.outbound_client", self.upstream.client)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_peer_add_user_oauth_discovers_and_says_where_users_connect(self) -> None:
+        secret_file = Path(self.enterContext(tempfile.TemporaryDirectory())) / "secret"
+        secret_file.write_text("hand-made-secret\n")
+        out, err = io.StringIO(), io.StringIO()
+
+        call_command(
+            "peer", "add", "docs", "--url", MCP_URL, "--user-oauth", "--oauth-client-id", "by-hand",
+            "--oauth-client-secret-file", str(secret_file), "--oauth-scope", "docs:read", stdout=out, stderr=err,
+        )
+
+        client = UpstreamOAuthClient.objects.get(peer__name="docs")
+        assert client.peer.user_oauth and client.registration == UpstreamOAuthClient.Registration.OPERATOR
+        assert (client.client_id, client.client_secret, client.scope, client.issuer) == ("by-hand", "hand-made-secret", "docs:read", ISSUER)
+        assert f"{GATEWAY}/connect/docs" in out.getvalue() and not err.getvalue()
+
+    def test_per_user_oauth_is_refused_for_stdio_and_peer_gateways(self) -> None:
+        from federation.services import PeerConfigError
+
+        with self.assertRaises(PeerConfigError):
+            peer_add(name="local", transport="stdio", command="mcp-server-time", user_oauth=True)
+        with self.assertRaises(PeerConfigError):
+            peer_add(name="gw", transport="streamable-http", url=MCP_URL, is_gateway=True, user_oauth=True)
