@@ -79,7 +79,11 @@ def connect_peer(request: HttpRequest, peer_name: str) -> HttpResponse:
     peer = _peer(peer_name)
     if request.method == "POST":
         try:
-            url = async_to_sync(upstream_oauth.connect_begin)(user=request.user, peer=peer, base=_base(request), session=request.session)
+            # The flow's state goes into the browser session; the session is read and written
+            # here, in the view, not inside the async service (its storage is the sync ORM).
+            flows = {upstream_oauth.SESSION_KEY: upstream_oauth.session_flows(request.session)}
+            url = async_to_sync(upstream_oauth.connect_begin)(user=request.user, peer=peer, base=_base(request), session=flows)
+            request.session[upstream_oauth.SESSION_KEY] = flows[upstream_oauth.SESSION_KEY]
         except upstream_oauth.UpstreamOAuthError as exc:
             logger.info("peer %s: connect flow could not start: %s", peer.name, exc)
             return _failure(request, str(exc), peer.name, status=502)
@@ -94,10 +98,13 @@ def connect_peer(request: HttpRequest, peer_name: str) -> HttpResponse:
 @require_GET
 def connect_callback(request: HttpRequest) -> HttpResponse:
     params = {k: v for k, v in request.GET.items() if isinstance(v, str)}
+    flows = {upstream_oauth.SESSION_KEY: upstream_oauth.session_flows(request.session)}
     try:
-        token = async_to_sync(upstream_oauth.connect_finish)(user=request.user, session=request.session, params=params)
+        token = async_to_sync(upstream_oauth.connect_finish)(user=request.user, session=flows, params=params)
     except upstream_oauth.UpstreamOAuthError as exc:
         return _failure(request, str(exc), None, status=400)
+    finally:
+        request.session[upstream_oauth.SESSION_KEY] = flows[upstream_oauth.SESSION_KEY]
     peer = token.peer
     if peer.last_synced_at is None:
         _first_catalog(peer)

@@ -96,6 +96,12 @@ def state_hash(state: str) -> str:
     return hashlib.sha256(state.encode()).hexdigest()
 
 
+def session_flows(session: dict[str, Any]) -> list[str]:
+    """The state hashes of the connect flows a browser session started."""
+    flows = session.get(SESSION_KEY, [])
+    return [h for h in flows if isinstance(h, str)] if isinstance(flows, list) else []
+
+
 def public_base(request_base: str = "") -> str:
     """This gateway's public origin: FEDMCP_PUBLIC_URL, else the origin a request came to."""
     return (settings.FEDMCP_PUBLIC_URL or request_base).rstrip("/")
@@ -411,11 +417,11 @@ def _start_flow(client: UpstreamOAuthClient, user: Any, verifier: str, state: st
     )
 
 
-async def connect_begin(*, user: Any, peer: Any, base: str, session: Any) -> str:
+async def connect_begin(*, user: Any, peer: Any, base: str, session: dict[str, Any]) -> str:
     """Start connecting `user`'s account at `peer`; return the authorization URL to send the browser to.
 
-    The state is random, stored only as a hash, and also kept in the browser's `session`, so
-    only this user in this browser can finish the flow.
+    The state is random, stored only as a hash, and that hash is also put in `session` (the
+    browser session's data: `session_flows_*`), so only this user in this browser can finish.
 
     Raises:
         UpstreamOAuthError: discovery or registration failed.
@@ -424,8 +430,7 @@ async def connect_begin(*, user: Any, peer: Any, base: str, session: Any) -> str
     verifier, challenge = pkce_pair()
     state = secrets.token_urlsafe(32)
     await _start_flow(client, user, verifier, state)
-    flows = [h for h in session.get(SESSION_KEY, []) if isinstance(h, str)][-(MAX_SESSION_FLOWS - 1) :]
-    session[SESSION_KEY] = [*flows, state_hash(state)]
+    session[SESSION_KEY] = [*session_flows(session)[-(MAX_SESSION_FLOWS - 1) :], state_hash(state)]
     query = {
         "response_type": "code",
         "client_id": client.client_id,
@@ -528,7 +533,7 @@ def _store_token(user: Any, peer_id: int, issuer: str, fields: dict[str, Any]) -
     return token, created
 
 
-async def connect_finish(*, user: Any, session: Any, params: dict[str, str]) -> UpstreamToken:
+async def connect_finish(*, user: Any, session: dict[str, Any], params: dict[str, str]) -> UpstreamToken:
     """Finish a connect flow from the authorization server's redirect (`params` is its query).
 
     Checks, in order: the state (known, unused, this user's, from this browser, not expired),
@@ -541,7 +546,7 @@ async def connect_finish(*, user: Any, session: Any, params: dict[str, str]) -> 
     state = params.get("state", "")
     if not state:
         raise UpstreamOAuthError("The authorization server's answer has no state. Start again from the connect page.")
-    hashes = [h for h in session.get(SESSION_KEY, []) if isinstance(h, str)]
+    hashes = session_flows(session)
     flow = await _claim_flow(state, user, hashes)
     session[SESSION_KEY] = [h for h in hashes if h != state_hash(state)]
     client = await _load_client(flow.peer_id)
