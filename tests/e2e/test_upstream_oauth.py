@@ -21,6 +21,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
@@ -43,6 +44,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 TOOL = "files__add"
 ADD = {"name": TOOL, "arguments": {"a": 20, "b": 22}}
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
 HANDSHAKE_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
@@ -196,6 +198,10 @@ def test_alice_connects_in_the_browser_and_her_calls_run_as_her_at_b(pair: Pair,
     wait.until(expected_conditions.element_to_be_clickable((By.ID, "allow"))).click()
     wait.until(expected_conditions.presence_of_element_located((By.ID, "connections")))
     assert browser.find_elements(By.CSS_SELECTOR, "#peer-files .status-connected")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOTS / "connect-list.png"))
+    browser.get(f"{pair.a.public_url}/connect/files")
+    browser.save_screenshot(str(SCREENSHOTS / "connect-peer.png"))
 
     reply = call_as(pair, "alice")
 
