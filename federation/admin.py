@@ -124,7 +124,7 @@ def sync_and_report(request: HttpRequest, peer: Peer) -> SyncReport:
 class PeerAdmin(admin.ModelAdmin):
     form = PeerAdminForm
     list_display = ("name", "transport", "enabled", "health", "circuit", "catalog_size", "last_synced_at", "last_error")
-    list_filter = ("transport", "enabled")
+    list_filter = ("transport", "enabled", "user_oauth")
     search_fields = ("name", "url", "command")
     readonly_fields = (
         "circuit", "protocol_version", "server_info", "capabilities", "instructions", "last_synced_at",

@@ -114,6 +114,7 @@ async def check_peer(peer: PeerConfig) -> bool:
     """Probe one peer (ping in the handshake era, server/discover in 2026-07-28) and record it."""
     from federation.pool import pool
     from federation.upstream.base import UpstreamError, modern_meta
+    from identity.upstream_oauth import UpstreamAuthorizationRequiredError
 
     breaker = breakers.for_peer(peer)
     started = time.monotonic()
@@ -125,6 +126,11 @@ async def check_peer(peer: PeerConfig) -> bool:
             reply = await connection.request("ping", None, timeout=peer.connect_timeout)
         if "error" in reply:
             raise UpstreamError(f"health probe answered an error: {reply['error'].get('message', '')}")
+    except UpstreamAuthorizationRequiredError as exc:
+        # Nobody has connected an account at a per-user OAuth peer yet: nothing is known about
+        # it, and that is no transport failure to open the circuit for.
+        await _record_check(peer.id, False, None, str(exc))
+        return False
     except (UpstreamError, OSError) as exc:
         breaker.record_failure()
         await _record_check(peer.id, False, None, str(exc))

@@ -72,6 +72,11 @@ class Peer(models.Model):
         default=False,
         help_text="stdio peers: one process per user (for servers that hold a user's state or credentials) instead of one shared.",
     )
+    user_oauth = models.BooleanField(
+        default=False,
+        help_text="Each user connects their own account at the peer's OAuth authorization server (/connect/<peer>); "
+        "calls carry that user's token (identity/upstream_oauth.py).",
+    )
     max_processes = models.PositiveIntegerField(
         default=8, help_text="With per_identity: most processes per worker; the least recently used is stopped beyond it."
     )

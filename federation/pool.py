@@ -16,43 +16,54 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
-from federation.credentials import auth_for
 from federation.upstream import CONNECTION_KINDS
 from federation.upstream.base import Era, JsonDict, PeerConfig, UpstreamConnection, UpstreamUnavailableError
+from identity.upstream_oauth import upstream_auth
 
 logger = logging.getLogger(__name__)
 
 EventHandler = Callable[[PeerConfig, JsonDict], Awaitable[None]]
+USER_CONNECTIONS = 64
+"""Most per-user connections to one per-user OAuth peer a worker keeps (least recently used closed first)."""
+CATALOG_OWNER = "catalog"
+"""Owner of the connection to a per-user OAuth peer that lists its catalog and probes its health."""
 
 
 class UpstreamPool:
     def __init__(self) -> None:
         # (peer, era, owner) -> connection, least recently used first; owner is "" unless the
-        # peer runs one process per identity.
+        # peer runs one process per identity or acts with each user's own token.
         self._connections: OrderedDict[tuple[PeerConfig, Era | None, str], UpstreamConnection] = OrderedDict()
         self._locks: dict[tuple[PeerConfig, Era | None, str], asyncio.Lock] = {}
         self.event_handlers: list[EventHandler] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def get(self, peer: PeerConfig, *, prefer: Era, identity_key: str = "") -> UpstreamConnection:
+    async def get(self, peer: PeerConfig, *, prefer: Era, identity_key: str = "", user_id: int | None = None) -> UpstreamConnection:
         """Return a warm connection to `peer`, in the host's era when the upstream offers it.
 
-        `identity_key` names the acting user; it matters only for stdio peers configured
+        `identity_key` names the acting user; it matters for stdio peers configured
         `per_identity`, which get one process per user (at most `max_processes`, least
-        recently used stopped first). Every other peer shares one connection per era.
+        recently used stopped first). Per-user OAuth peers get one connection per local user
+        (`user_id`), carrying that user's own token, because the upstream binds its sessions to
+        the token's user; without a user, the catalog's connection. Every other peer shares one
+        connection per era.
 
         Raises:
-            UpstreamError: the upstream cannot be reached or refuses the handshake.
+            UpstreamError: the upstream cannot be reached or refuses the handshake
+                (`UpstreamAuthorizationRequiredError` when the user has no token there).
         """
-        owner = identity_key if peer.per_identity and peer.transport == "stdio" else ""
-        primary = await self._ensure(peer, None, owner)
+        if peer.user_oauth:
+            owner = f"user:{user_id}" if user_id is not None else CATALOG_OWNER
+        else:
+            owner = identity_key if peer.per_identity and peer.transport == "stdio" else ""
+        primary = await self._ensure(peer, None, owner, user_id)
         if primary.era == prefer or peer.transport == "stdio":
             return primary
         if prefer == "legacy" and primary.description.supports_legacy:
-            return await self._ensure(peer, "legacy", owner)
+            return await self._ensure(peer, "legacy", owner, user_id)
         return primary
 
-    async def _ensure(self, peer: PeerConfig, era: Era | None, owner: str = "") -> UpstreamConnection:
+    async def _ensure(self, peer: PeerConfig, era: Era | None, owner: str = "", user_id: int | None = None) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             # Connections are bound to the loop that made them; a new loop (a test, a
@@ -74,7 +85,7 @@ class UpstreamPool:
             kind = CONNECTION_KINDS.get(peer.transport)
             if kind is None:
                 raise UpstreamUnavailableError(f"peer '{peer.name}': transport {peer.transport!r} is not supported")
-            connection = kind(peer, era=era, on_event=self._event_sink(peer), auth=auth_for(peer))
+            connection = kind(peer, era=era, on_event=self._event_sink(peer), auth=upstream_auth(peer, user_id=user_id))
             await connection.start()
             self._connections[key] = connection
             if owner:
@@ -83,9 +94,10 @@ class UpstreamPool:
             return connection
 
     async def _evict_beyond(self, peer: PeerConfig) -> None:
-        """Stop the least recently used per-identity processes of `peer` beyond its bound."""
+        """Stop the least recently used per-identity processes (or per-user connections) of `peer` beyond its bound."""
         owned = [k for k in self._connections if k[0] == peer and k[2]]
-        for key in owned[: max(0, len(owned) - peer.max_processes)]:
+        bound = USER_CONNECTIONS if peer.user_oauth else peer.max_processes
+        for key in owned[: max(0, len(owned) - bound)]:
             connection = self._connections.pop(key)
             self._locks.pop(key, None)
             await connection.close()

@@ -14,10 +14,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from federation import naming
-from federation.credentials import auth_for, discover_token_url
+from federation.credentials import discover_token_url
 from federation.models import CatalogEntry, CatalogKind, Peer, Transport
 from federation.upstream import CONNECTION_KINDS
 from federation.upstream.base import JsonDict, PeerConfig, UpstreamConnection, UpstreamError, modern_meta
+from identity.upstream_oauth import upstream_auth
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +67,14 @@ def peer_add(
     client_id: str = "",
     client_secret: str = "",
     token_url: str = "",
+    user_oauth: bool = False,
 ) -> Peer:
     """Create a peer after validating it.
 
     `command` is a shell-style command line for stdio peers ("uvx mcp-server-time --x").
     `client_id`/`client_secret` are this gateway's client credentials at a peer gateway
     (the secret is stored encrypted); `token_url` is its token endpoint, discovered when blank.
+    `user_oauth`: each user connects their own account at the peer's authorization server.
 
     Raises:
         PeerConfigError: a field is invalid or the name is taken.
@@ -96,6 +99,10 @@ def peer_add(
         raise PeerConfigError("client credentials need both a client id and a client secret")
     if client_id and transport == Transport.STDIO:
         raise PeerConfigError("client credentials are for HTTP, SSE and WebSocket peers")
+    if user_oauth and (transport == Transport.STDIO or is_gateway or client_id):
+        raise PeerConfigError("per-user OAuth is for HTTP, SSE and WebSocket MCP servers, not for stdio peers or peer gateways")
+    if user_oauth and name == "callback":
+        raise PeerConfigError("'callback' is taken by /connect/callback; choose another name for a per-user OAuth peer")
     peer = Peer(
         name=name,
         transport=transport,
@@ -111,6 +118,7 @@ def peer_add(
         client_id=client_id,
         client_secret=client_secret,
         token_url=token_url,
+        user_oauth=user_oauth,
     )
     try:
         peer.full_clean()
@@ -293,7 +301,7 @@ async def peer_sync_catalog(*, peer: Peer, connection: UpstreamConnection | None
             await _record_error(peer, report.errors["connect"])
             return report
         config = PeerConfig.from_peer(peer)
-        connection = kind(config, auth=auth_for(config))
+        connection = kind(config, auth=upstream_auth(config))
     try:
         if owned:
             await connection.start()

@@ -353,6 +353,9 @@ FEDMCP_CONSENT_ELICITATION_DEFAULT = os.environ.get("FEDMCP_CONSENT_ELICITATION_
 for _name in ("FEDMCP_CONSENT_SAMPLING_DEFAULT", "FEDMCP_CONSENT_ELICITATION_DEFAULT"):
     if globals()[_name] not in ("allow", "ask", "deny"):
         raise ImproperlyConfigured(f"{_name} must be allow, ask or deny")
+# Per-user OAuth peers (docs/IDENTITY.md): how long a 2026-07-28 retry waits for the user to
+# finish connecting their account on /connect/<peer> (seconds).
+FEDMCP_UPSTREAM_CONNECT_WAIT = env_float("FEDMCP_UPSTREAM_CONNECT_WAIT", 120.0)
 # Behind a TLS-terminating load balancer (docs/DEPLOYMENT.md): the public origin is trusted for
 # CSRF (admin, sign-in and consent forms), cookies are Secure when it is https, and, only when
 # the balancer overwrites X-Forwarded-Proto, Django may believe it for request.is_secure().

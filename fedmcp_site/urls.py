@@ -14,5 +14,6 @@ urlpatterns = [
     path("", include("identity.urls")),
     path("", include("identity.jwks_urls")),
     path("", include("identity.consent_urls")),
+    path("", include("identity.connect_urls")),
     path("", views.index, name="index"),
 ]

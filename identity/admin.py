@@ -6,6 +6,7 @@ import csv
 from collections.abc import Iterator
 from typing import Any
 
+from django import forms
 from django.contrib import admin
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
@@ -13,7 +14,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.urls import URLPattern, path
 
-from identity.models import AuditEvent, FederatedIdentity, TrustedGateway
+from identity.models import AuditEvent, FederatedIdentity, TrustedGateway, UpstreamOAuthClient, UpstreamToken
 
 CSV_COLUMNS = (
     "at", "username", "federated_issuer", "federated_subject", "client_id", "via", "peer", "method", "name",
@@ -189,3 +190,58 @@ class ConsentGrantAdmin(admin.ModelAdmin):
     def revoke(self, request: HttpRequest, queryset: QuerySet[ConsentGrant]) -> None:
         for grant in queryset:
             consent_services.consent_grant_revoke(grant=grant)
+
+
+# --- per-user upstream credentials ----------------------------------------------------------
+
+
+class UpstreamOAuthClientForm(forms.ModelForm):
+    """The client secret is write-only: never rendered back; a blank input keeps what is stored."""
+
+    new_client_secret = forms.CharField(
+        label="Client secret", required=False, strip=True, widget=forms.PasswordInput(render_value=False),
+        help_text="Write-only, for a client the operator registered at the authorization server. Leave blank to keep the stored one.",
+    )
+
+    class Meta:
+        model = UpstreamOAuthClient
+        exclude = ["client_secret"]
+
+    def save(self, commit: bool = True) -> UpstreamOAuthClient:
+        client: UpstreamOAuthClient = super().save(commit=False)
+        if self.cleaned_data.get("new_client_secret"):
+            client.client_secret = self.cleaned_data["new_client_secret"]
+        if commit:
+            client.save()
+        return client
+
+
+@admin.register(UpstreamOAuthClient)
+class UpstreamOAuthClientAdmin(admin.ModelAdmin):
+    """How the gateway is registered at each per-user OAuth peer's authorization server."""
+
+    form = UpstreamOAuthClientForm
+    list_display = ("peer", "issuer", "client_id", "registration", "catalog_user", "discovered_at")
+    search_fields = ("peer__name", "issuer", "client_id")
+    raw_id_fields = ("catalog_user",)
+    readonly_fields = (
+        "resource", "issuer", "authorization_endpoint", "token_endpoint", "registration_endpoint", "revocation_endpoint",
+        "iss_parameter_supported", "redirect_uri", "discovered_at",
+    )
+
+
+@admin.register(UpstreamToken)
+class UpstreamTokenAdmin(admin.ModelAdmin):
+    """Who has connected where. The tokens themselves are never shown; deleting one disconnects the user."""
+
+    list_display = ("user", "peer", "issuer", "scope", "expires_at", "created_at", "updated_at")
+    list_filter = ("peer",)
+    search_fields = ("user__username", "peer__name")
+    fields = ("user", "peer", "issuer", "scope", "expires_at", "created_at", "updated_at")
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -9,6 +9,8 @@ from django.core.validators import RegexValidator, URLValidator
 from django.db import models
 from oauth2_provider.models import Application
 
+from identity.crypto import EncryptedTextField
+
 gateway_name_validator = RegexValidator(
     r"^[a-z0-9]+(?:-[a-z0-9]+)*\Z", "Use lowercase letters, digits and single hyphens (e.g. 'acme-eu')."
 )
@@ -289,3 +291,115 @@ class ConsentGrant(models.Model):
         from django.utils import timezone
 
         return self.revoked_at is None and self.expires_at > timezone.now()
+
+
+# --- per-user upstream credentials ----------------------------------------------------------
+
+
+class UpstreamOAuthClient(models.Model):
+    """How this gateway is known to the authorization server of a per-user OAuth peer.
+
+    Filled in by discovery (RFC 9728 protected-resource metadata, then RFC 8414 server metadata)
+    and by registration: an operator-supplied client, a Client ID Metadata Document, or RFC 7591
+    dynamic registration (identity/upstream_oauth.py).
+    """
+
+    class Registration(models.TextChoices):
+        OPERATOR = "operator", "supplied by the operator"
+        METADATA_DOCUMENT = "metadata-document", "client ID metadata document"
+        DYNAMIC = "dynamic", "dynamic registration (RFC 7591)"
+
+    peer = models.OneToOneField("federation.Peer", on_delete=models.CASCADE, related_name="oauth_client")
+    resource = models.CharField(max_length=2000, blank=True, help_text="The upstream's resource identifier (RFC 8707 `resource`).")
+    issuer = models.CharField(max_length=2000, blank=True)
+    authorization_endpoint = models.CharField(max_length=2000, blank=True)
+    token_endpoint = models.CharField(max_length=2000, blank=True)
+    registration_endpoint = models.CharField(max_length=2000, blank=True)
+    revocation_endpoint = models.CharField(max_length=2000, blank=True)
+    iss_parameter_supported = models.BooleanField(
+        default=False, help_text="The server promises `iss` in authorization responses (RFC 9207); then it must be there."
+    )
+    scope = models.CharField(max_length=1000, blank=True, help_text="Scopes asked for; blank: what the upstream's challenge names.")
+    client_id = models.CharField(max_length=2000, blank=True)
+    client_secret = EncryptedTextField(blank=True, help_text="Encrypted at rest; never shown.")
+    token_endpoint_auth_method = models.CharField(max_length=40, default="none")
+    registration = models.CharField(max_length=20, choices=Registration.choices, blank=True)
+    redirect_uri = models.CharField(max_length=2000, blank=True, help_text="The callback the client was registered with.")
+    catalog_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="Whose connection lists the peer's catalog (blank: the user who connected first).",
+    )
+    discovered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "upstream OAuth client"
+
+    def __str__(self) -> str:
+        return f"{self.peer} at {self.issuer or '(not discovered)'}"
+
+    def is_registered(self) -> bool:
+        return bool(self.client_id and self.token_endpoint and self.authorization_endpoint)
+
+
+class UpstreamTokenQuerySet(models.QuerySet["UpstreamToken"]):
+    def for_catalog(self, peer_id: int) -> UpstreamToken | None:
+        """The connection that lists `peer_id`'s catalog: the designated user's, else the oldest."""
+        client = UpstreamOAuthClient.objects.filter(peer_id=peer_id).first()
+        rows = self.filter(peer_id=peer_id)
+        if client is not None and client.catalog_user_id is not None:
+            designated = rows.filter(user_id=client.catalog_user_id).first()
+            if designated is not None:
+                return designated
+        return rows.order_by("created_at", "pk").first()
+
+
+class UpstreamToken(models.Model):
+    """One user's tokens at a per-user OAuth peer, encrypted at rest and never shown."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="upstream_tokens")
+    peer = models.ForeignKey("federation.Peer", on_delete=models.CASCADE, related_name="upstream_tokens")
+    issuer = models.CharField(max_length=2000)
+    access_token = EncryptedTextField()
+    refresh_token = EncryptedTextField(blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    scope = models.CharField(max_length=1000, blank=True)
+    generation = models.PositiveIntegerField(default=0, help_text="Counts refreshes; a refresh lease names the one it replaces.")
+    refreshing_until = models.DateTimeField(null=True, blank=True, help_text="A worker is refreshing until then.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = UpstreamTokenQuerySet.as_manager()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "peer"], name="upstream_token_one_per_user_peer")]
+        ordering = ["peer__name", "user__username"]
+
+    def __str__(self) -> str:
+        return f"{self.user} at {self.peer}"
+
+    def is_expired(self, margin_seconds: float = 0) -> bool:
+        from datetime import timedelta
+
+        from django.utils import timezone
+
+        return self.expires_at is not None and self.expires_at <= timezone.now() + timedelta(seconds=margin_seconds)
+
+
+class UpstreamAuthorizationRequest(models.Model):
+    """A connect flow in progress: found again by its `state`, used once, bound to a user and a browser session.
+
+    Only the SHA-256 of the state is stored; the state itself is in the browser's redirect and
+    its session.
+    """
+
+    state_hash = models.CharField(max_length=64, unique=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    peer = models.ForeignKey("federation.Peer", on_delete=models.CASCADE, related_name="+")
+    code_verifier = EncryptedTextField()
+    issuer = models.CharField(max_length=2000)
+    redirect_uri = models.CharField(max_length=2000)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.user} connecting to {self.peer}"

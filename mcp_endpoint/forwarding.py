@@ -43,6 +43,7 @@ from fedmcp_site import metrics, observability
 from identity.audit import audit_record
 from identity.signing import AssertionConfigError, assertion_create
 from identity.trust import ASSERTION_META_KEY, assertion_subject
+from identity.upstream_oauth import UpstreamAuthorizationRequiredError
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.consent_gate import (
     UpstreamCall,
@@ -51,6 +52,7 @@ from mcp_endpoint.consent_gate import (
     upstream_input_resume,
     upstream_request_relay,
 )
+from mcp_endpoint.connect_gate import connect_gate, connect_required_error
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
 
@@ -289,11 +291,16 @@ def identity_key(ctx: HostContext) -> str:
 
 async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDict, hops: list[str]) -> JsonDict:
     """One attempt: send the request on a warm connection and return its result."""
-    connection = await pool.get(route.peer, prefer=ctx.era, identity_key=identity_key(ctx))
-    sent = upstream_params(ctx, connection, params, gateway_meta(ctx, route.peer, hops) if route.peer.is_gateway else None)
-    call = UpstreamCall(route.peer.name, method, _audited_name(method, params), route.peer.is_gateway)
-    relay = relay_to(ctx, call)
-    reply = await connection.request(method, sent, on_message=relay)
+    user_id = ctx.identity.user_id if ctx.identity is not None else None
+    try:
+        connection = await pool.get(route.peer, prefer=ctx.era, identity_key=identity_key(ctx), user_id=user_id)
+        sent = upstream_params(ctx, connection, params, gateway_meta(ctx, route.peer, hops) if route.peer.is_gateway else None)
+        call = UpstreamCall(route.peer.name, method, _audited_name(method, params), route.peer.is_gateway)
+        relay = relay_to(ctx, call)
+        reply = await connection.request(method, sent, on_message=relay)
+    except UpstreamAuthorizationRequiredError as exc:
+        # The user's token at a per-user OAuth peer is gone or could not be renewed.
+        raise connect_required_error(ctx, route.peer.name, exc.reason) from exc
     if "error" in reply:
         _raise_upstream_error(ctx, method, reply["error"])
     result = reply.get("result")
@@ -325,6 +332,9 @@ async def forward(ctx: HostContext, route: Route, method: str, params: JsonDict)
         if held is not None:
             # The retry of a call whose upstream's sampling/elicitation requests were held for consent.
             return _shape_result(ctx, method, held)
+        params, connect = await connect_gate(ctx, route.peer, params)
+        if connect is not None:
+            return connect
         gate = await consent_gate(ctx, route, method, params, _audited_name(method, params))
         decision = gate.decision
         if gate.result is not None:

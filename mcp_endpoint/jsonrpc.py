@@ -38,6 +38,10 @@ CONSENT_DENIED = -32017
 """Implementation-defined: the user (or a consent policy) refused the call."""
 CONSENT_TIMEOUT = -32018
 """Implementation-defined: the user did not answer the consent prompt in time."""
+UPSTREAM_AUTHORIZATION_REQUIRED = -32019
+"""Implementation-defined: the peer needs the user's own authorization; `data.connectUrl` is where to give it."""
+URL_ELICITATION_REQUIRED = codes.URL_ELICITATION_REQUIRED
+"""Handshake era (2025-11-25): the request needs the URL elicitations in `data.elicitations` completed first (-32042)."""
 HEADER_MISMATCH = codes.HEADER_MISMATCH
 """An HTTP routing header disagrees with the body (-32020)."""
 MISSING_REQUIRED_CLIENT_CAPABILITY = codes.MISSING_REQUIRED_CLIENT_CAPABILITY
@@ -126,6 +130,16 @@ class ConsentDeniedError(JsonRpcError):
 class ConsentTimeoutError(JsonRpcError):
     code = CONSENT_TIMEOUT
     default_message = "Consent timed out"
+
+
+class UpstreamAuthorizationRequiredError(JsonRpcError):
+    code = UPSTREAM_AUTHORIZATION_REQUIRED
+    default_message = "The peer needs your own authorization"
+
+
+class UrlElicitationRequiredError(JsonRpcError):
+    code = URL_ELICITATION_REQUIRED
+    default_message = "URL elicitation required"
 
 
 def response(request_id: Any, result: JsonDict) -> JsonDict:

@@ -84,6 +84,8 @@ class PeerConfig:
     """Client-credentials identity this gateway has at the peer (peer gateways); "" for none."""
     client_secret: str = field(default="", repr=False)
     token_url: str = ""
+    user_oauth: bool = False
+    """Calls carry the acting user's own token at the upstream's authorization server."""
 
     @classmethod
     def from_peer(cls, peer: Any) -> PeerConfig:
@@ -104,6 +106,7 @@ class PeerConfig:
             client_id=peer.client_id,
             client_secret=peer.client_secret,
             token_url=peer.token_url,
+            user_oauth=peer.user_oauth,
         )
 
 

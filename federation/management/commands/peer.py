@@ -61,6 +61,14 @@ class Command(BaseCommand):
         add.add_argument("--connect-timeout", type=float, default=10.0)
         add.add_argument("--call-timeout", type=float, default=60.0)
         self._credential_arguments(add)
+        add.add_argument(
+            "--user-oauth", action="store_true",
+            help="Each user connects their own account at the peer's OAuth authorization server (/connect/NAME); "
+            "calls carry that user's token. The catalog is listed when the first user connects.",
+        )
+        add.add_argument("--oauth-client-id", default="", help="With --user-oauth: a client registered for this gateway there (default: registered automatically).")
+        add.add_argument("--oauth-client-secret-file", default="", metavar="PATH", help="With --oauth-client-id: file holding its secret.")
+        add.add_argument("--oauth-scope", default="", help="With --user-oauth: scopes to ask for (default: what the peer's challenge names).")
         add.add_argument("--no-sync", action="store_true", help="Do not contact the peer now.")
         sub.add_parser("list", help="List peers and their catalog sizes.")
         refresh = sub.add_parser("refresh", help="Re-discover a peer's catalog.")
@@ -132,10 +140,14 @@ class Command(BaseCommand):
                 client_id=client_id,
                 client_secret=client_secret,
                 token_url=options["token_url"],
+                user_oauth=options["user_oauth"],
             )
         except PeerConfigError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"Added peer {peer.name} ({peer.transport} {peer.target()})")
+        if peer.user_oauth:
+            self._add_user_oauth(peer, options)
+            return
         if options["no_sync"]:
             return
         if peer.client_id and not peer.token_url:
@@ -144,6 +156,26 @@ class Command(BaseCommand):
         self._print_report(report)
         if "connect" in report.errors:
             self.stderr.write(f"Peer kept; run `manage.py peer refresh {peer.name}` once it is reachable.")
+
+    def _add_user_oauth(self, peer: Peer, options: dict[str, Any]) -> None:
+        from identity import upstream_oauth
+
+        secret = ""
+        if options["oauth_client_secret_file"]:
+            try:
+                secret = Path(options["oauth_client_secret_file"]).read_text().strip()
+            except OSError as exc:
+                raise CommandError(f"cannot read --oauth-client-secret-file: {exc.strerror}") from exc
+        upstream_oauth.oauth_client_configure(peer=peer, client_id=options["oauth_client_id"], client_secret=secret, scope=options["oauth_scope"])
+        if not options["no_sync"]:
+            try:
+                client = asyncio.run(upstream_oauth.oauth_client_discover(peer=peer))
+            except upstream_oauth.UpstreamOAuthError as exc:
+                self.stderr.write(f"Could not discover how {peer.name} is authorized: {exc}")
+            else:
+                self.stdout.write(f"Authorization server of {peer.name}: {client.issuer}")
+        where = upstream_oauth.connect_page_url(upstream_oauth.public_base() or "<this gateway>", peer.name)
+        self.stdout.write(f"Users connect their accounts at {where}; the catalog is listed when the first one connects.")
 
     def _list(self, options: dict[str, Any]) -> None:
         peers = list(Peer.objects.all())
@@ -158,6 +190,7 @@ class Command(BaseCommand):
                 f"tools={counts['tool']} resources={counts['resource']} templates={counts['resource_template']} "
                 f"prompts={counts['prompt']}  {peer.target()}"
                 + (f"  client={peer.client_id}" if peer.client_id else "")
+                + ("  per-user OAuth" if peer.user_oauth else "")
                 + (f"  last error: {peer.last_error}" if peer.last_error else "")
             )
 
