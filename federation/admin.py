@@ -21,6 +21,18 @@ SYNC_FIELDS = (
 """Changing any of these re-runs the connection test when a peer is saved in the admin."""
 
 
+class PemField(forms.CharField):
+    """PEM text in a textarea. Browsers send CRLF line ends: compare and store LF, so an unchanged
+    certificate does not count as changed (which would re-run the connection test)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(required=False, strip=False, widget=forms.Textarea(attrs={"rows": 4, "cols": 70}), **kwargs)
+
+    def to_python(self, value: Any) -> str:
+        text = str(super().to_python(value)).replace("\r\n", "\n").strip()
+        return text + "\n" if text else ""
+
+
 class PeerAdminForm(forms.ModelForm):
     """Peer form whose secrets are write-only: the client secret, the TLS client key and the stdio
     environment (which often holds API keys) are never rendered back; blank inputs keep what is
@@ -36,8 +48,10 @@ class PeerAdminForm(forms.ModelForm):
         help_text="Write-only, for stdio peers: KEY=VALUE per line, replacing the stored environment. Leave blank to keep it.",
     )
     clear_env = forms.BooleanField(label="Remove the stored environment", required=False)
-    new_tls_client_key = forms.CharField(
-        label="TLS client key", required=False, strip=False, widget=forms.Textarea(attrs={"rows": 3}),
+    tls_ca_bundle = PemField(label="TLS CA bundle", help_text=Peer._meta.get_field("tls_ca_bundle").help_text)
+    tls_client_cert = PemField(label="TLS client certificate", help_text=Peer._meta.get_field("tls_client_cert").help_text)
+    new_tls_client_key = PemField(
+        label="TLS client key",
         help_text="Write-only: the PEM private key of the TLS client certificate. Leave blank to keep the stored key.",
     )
     clear_tls_client_key = forms.BooleanField(label="Remove the TLS client certificate and key", required=False)
@@ -69,7 +83,7 @@ class PeerAdminForm(forms.ModelForm):
         if cleaned.get("clear_tls_client_key"):
             cleaned["tls_client_cert"] = ""
             self.instance.tls_client_key = ""
-        elif cleaned.get("new_tls_client_key", "").strip():
+        elif cleaned.get("new_tls_client_key"):
             try:
                 validate_client_key(cleaned["new_tls_client_key"])
             except ValidationError as exc:

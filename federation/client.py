@@ -7,10 +7,10 @@ guard that refuses private, link-local and loopback addresses unless the operato
 seam.
 
 The guard runs twice: `check_url_allowed` resolves the URL's host before use, and every
-connection is checked again against the address it actually reached (httpx), or is made to the
-very address that was checked (`open_checked_socket`, WebSocket). A name that resolves to a
+connection resolves it again, checks every address and dials the checked address itself (httpx
+through `_CheckedBackend`, WebSocket through `open_checked_socket`). A name that resolves to a
 public address at check time and to 127.0.0.1 or 169.254.169.254 a moment later (DNS
-rebinding) is refused before a byte is sent. Behind an egress proxy from the environment
+rebinding) is refused before a packet is sent there. Behind an egress proxy from the environment
 (`HTTPS_PROXY`), httpx connects to the proxy, which resolves names itself; the second check
 then does not apply.
 
@@ -92,21 +92,32 @@ async def check_url_allowed(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
         raise OutboundAddressError(f"unsupported URL {url!r}: use http(s):// or ws(s):// with a host")
-    host = parts.hostname
+    await resolve_allowed(parts.hostname, parts.port or 0)
+
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+async def resolve_allowed(host: str, port: int) -> list[tuple[IpAddress, tuple[Any, ...], int]]:
+    """Resolve `host` and refuse it unless every address is allowed.
+
+    Returns (address, socket address, family) for each, in the resolver's order.
+
+    Raises:
+        OutboundAddressError: the host does not resolve, or to an address the settings do not allow.
+    """
+    loop = asyncio.get_running_loop()
     try:
-        ips = [ipaddress.ip_address(host)]
-    except ValueError:
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, parts.port or 0, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise OutboundAddressError(f"cannot resolve host {host!r}") from exc
-        ips = [ipaddress.ip_address(info[4][0]) for info in infos]
-    for ip in ips:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise OutboundAddressError(f"cannot resolve host {host!r}") from exc
+    found = [(_ip_of(info[4]), info[4], info[0]) for info in infos]
+    for ip, _, _ in found:
         _refuse_unless_allowed(host, ip, "resolves to")
+    return found
 
 
-def _refuse_unless_allowed(host: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, verb: str) -> None:
+def _refuse_unless_allowed(host: str, ip: IpAddress, verb: str) -> None:
     if not _address_allowed(ip):
         raise OutboundAddressError(
             f"{host} {verb} {ip}, a private or loopback address; "
@@ -114,17 +125,20 @@ def _refuse_unless_allowed(host: str, ip: ipaddress.IPv4Address | ipaddress.IPv6
         )
 
 
-def _connected_ip(address: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The IP of a socket's peer address: (host, port) for IPv4, (host, port, flow, scope) for IPv6."""
+def _ip_of(address: Any) -> IpAddress:
+    """The IP of a socket address: (host, port) for IPv4, (host, port, flow, scope) for IPv6."""
     host = address[0] if isinstance(address, tuple) else str(address)
     return ipaddress.ip_address(host.split("%", 1)[0])
 
 
 class _CheckedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend, closing any connection whose remote address the guard refuses.
+    """httpcore's network backend, dialling only addresses the guard allows.
 
-    The check runs right after the TCP connect, before the TLS handshake and the request, so a
-    rebound name never receives a byte (not even a TLS ClientHello with the peer's name).
+    httpcore hands the URL's host to `connect_tcp` and names it again for TLS (SNI and
+    certificate check), so resolving here and dialling the checked IP pins the connection to
+    what was checked: a name rebound to 127.0.0.1 or 169.254.169.254 after `check_url_allowed`
+    gets no packet, let alone a request. The address reached is checked once more after the
+    connect.
     """
 
     def __init__(self) -> None:
@@ -134,14 +148,27 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
         self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        stream = await self._backend.connect_tcp(host, port, timeout=timeout, local_address=local_address, socket_options=socket_options)
         try:
-            _refuse_unless_allowed(host, _connected_ip(stream.get_extra_info("server_addr")), "connected to")
-        except (OutboundAddressError, ValueError) as exc:
-            await stream.aclose()
+            addresses = await resolve_allowed(host, port)
+        except OutboundAddressError as exc:
             # httpx turns httpcore's ConnectError into its own; `describe_failure` finds the cause.
             raise httpcore.ConnectError(str(exc)) from exc
-        return stream
+        failure: Exception = httpcore.ConnectError(f"cannot connect to {host}:{port}")
+        for ip, _, _ in addresses:
+            try:
+                stream = await self._backend.connect_tcp(
+                    str(ip), port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+                continue
+            try:
+                _refuse_unless_allowed(host, _ip_of(stream.get_extra_info("server_addr")), "connected to")
+            except (OutboundAddressError, ValueError) as exc:
+                await stream.aclose()
+                raise httpcore.ConnectError(str(exc)) from exc
+            return stream
+        raise failure
 
     async def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
@@ -178,15 +205,9 @@ async def open_checked_socket(host: str, port: int, *, timeout: float) -> socket
         OSError: no address accepted the connection (TimeoutError after `timeout`).
     """
     loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise OutboundAddressError(f"cannot resolve host {host!r}") from exc
-    for info in infos:
-        _refuse_unless_allowed(host, _connected_ip(info[4]), "resolves to")
     failure: OSError = OSError(f"cannot connect to {host}:{port}")
-    for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
+    for _, address, family in await resolve_allowed(host, port):
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             async with asyncio.timeout(timeout):

@@ -223,6 +223,7 @@ def ssl_context(tls: PeerTls) -> ssl.SSLContext:
 _VERIFY_HINTS = {
     10: "the peer's certificate has expired",
     62: "the certificate does not name the host in the peer's URL",
+    64: "the certificate does not name the host in the peer's URL",
 }
 """OpenSSL verify codes (X509_V_ERR_*) whose fix is not a CA bundle."""
 
@@ -240,7 +241,7 @@ _ALERT_HINTS = (
 def describe_tls_error(exc: ssl.SSLError) -> str:
     """Say in an operator's words why a TLS handshake with a peer failed."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        reason = exc.verify_message or exc.reason or "unknown reason"
+        reason = (exc.verify_message or exc.reason or "unknown reason").rstrip(".")
         hint = _VERIFY_HINTS.get(exc.verify_code, "configure the peer's CA bundle if it uses a private CA")
         return f"TLS certificate verify failed: {reason}; {hint}"
     reason = str(exc.reason or exc)

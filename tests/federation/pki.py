@@ -1,12 +1,18 @@
 """A throwaway PKI for TLS tests: a CA, a server certificate for loopback and a client certificate.
 
 Everything is generated in memory with `cryptography` (EC P-256 keys: fast) and written to a
-temporary folder only when a process needs files (`Pki.write`).
+temporary folder only when a process needs files (`Pki.write`). `https_fixture_server` runs the
+fixture MCP server over HTTPS with them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.e2e.harness import PY, ROOT, free_port, stop
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
@@ -51,7 +59,8 @@ class Authority:
             .issuer_name(self.name)
             .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(hours=1))
+            # A negative `days` makes a CA that expired that many days ago.
+            .not_valid_before(now - timedelta(hours=1) if days > 0 else now - timedelta(days=60))
             .not_valid_after(now + timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(
@@ -127,3 +136,42 @@ class Pki:
 
 def encrypted_key_pem(password: bytes = b"passphrase") -> str:
     return _key_pem(ec.generate_private_key(ec.SECP256R1()), password)
+
+
+@contextlib.contextmanager
+def https_fixture_server(
+    files: dict[str, Path], *, transport: str = "streamable-http", mutual: bool = False, log_dir: Path
+) -> Iterator[str]:
+    """Run the fixture MCP server over HTTPS with the server certificate in `files` (see `Pki.write`).
+
+    `mutual` requires a client certificate signed by the test CA. Yields the /mcp (or /sse) URL.
+    """
+    port = free_port()
+    command = [
+        PY, "-m", "tests.fixtures.everything_server", "--port", str(port), "--transport", transport,
+        "--tls-cert", str(files["server_cert"]), "--tls-key", str(files["server_key"]),
+    ]
+    if mutual:
+        command += ["--tls-client-ca", str(files["ca"])]
+    log = open(log_dir / f"fixture-https-{port}.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_listening(port, process)
+        yield f"https://127.0.0.1:{port}{'/sse' if transport == 'sse' else '/mcp'}"
+    finally:
+        stop(process)
+        log.close()
+
+
+def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Wait until the port accepts TCP connections (an HTTPS probe would need the test CA)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the HTTPS fixture exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"the HTTPS fixture did not listen on {port} within {timeout:g}s")
