@@ -190,8 +190,14 @@ class ClientCredentials:
         """Return a token for the peer, from the cache or a new one.
 
         Raises:
-            PeerCredentialsError: no token can be obtained.
+            PeerCredentialsError: no token can be obtained (the message names the peer).
         """
+        try:
+            return await self._token()
+        except PeerCredentialsError as exc:
+            raise PeerCredentialsError(f"peer '{self.peer.name}': {exc}") from exc
+
+    async def _token(self) -> str:
         token_url = await self._token_url()
         cached = _tokens.get(self._key(token_url))
         if cached is not None and time.monotonic() < cached.expires_at:

@@ -11,7 +11,9 @@ gateway's /mcp, and every refusal must say which peer failed and why: in `peer a
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ import httpx
 import pytest
 
 from mcp_endpoint import jsonrpc
-from tests.e2e.harness import Gateway
+from tests.e2e.harness import BIN, ROOT, Gateway, fixture_server
+from tests.e2e.test_federation import own_keys, trust
 from tests.federation.pki import Pki, https_fixture_server
 
 pytestmark = pytest.mark.e2e
@@ -136,3 +139,71 @@ def test_a_peer_requiring_client_certificates_works_with_one_and_is_refused_clea
     assert added.returncode == 0 and "Synced mutual" in added.stdout, added.stderr
     assert_works(gateway, "mutual")
     assert "PRIVATE KEY" not in listed.stdout and "tls=ca-bundle,client-cert" in listed.stdout
+
+
+# --- fedmcp itself behind TLS, as a peer gateway ---------------------------------------------------
+
+
+def serve_over_tls(gateway: Gateway, pem_files: dict[str, Path]) -> str:
+    """Start a daphne worker of `gateway` on its own TLS endpoint (docs/DEPLOYMENT.md); return its origin."""
+    endpoint = (
+        f"ssl:port={gateway.port}:interface=127.0.0.1:privateKey={pem_files['server_key']}:certKey={pem_files['server_cert']}"
+    )
+    log_path = gateway.dir / f"daphne-tls-{gateway.port}.log"
+    gateway._logs.append(log_path)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(BIN / "daphne"), "-e", endpoint, "fedmcp_site.asgi:application"],
+            cwd=ROOT, env=gateway.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    gateway.workers.append((process, gateway.port))  # stopped with the gateway
+    origin = f"https://127.0.0.1:{gateway.port}"
+    verify = ssl.create_default_context(cafile=str(pem_files["ca"]))
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"daphne with TLS exited with {process.returncode}:\n{gateway.logs()}")
+        try:
+            if httpx.get(f"{origin}/healthz", verify=verify, timeout=2).status_code == 200:
+                return origin
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"daphne with TLS did not answer:\n{gateway.logs()}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def tls_gateway(pem_files: dict[str, Path]) -> Iterator[Gateway]:
+    """A second gateway, served by daphne over TLS, with the plain fixture server as its peer."""
+    with fixture_server(name="fixture") as fixture_url, Gateway(name="b-tls", env=own_keys()) as gw:
+        gw.env["FEDMCP_PUBLIC_URL"] = gw.public_url = f"https://127.0.0.1:{gw.port}"
+        gw.migrate()
+        gw.manage("peer", "add", "fixture", "--url", fixture_url)
+        serve_over_tls(gw, pem_files)
+        yield gw
+
+
+def test_a_gateway_served_by_daphne_over_tls_is_a_peer_over_https_and_wss(
+    gateway: Gateway, tls_gateway: Gateway, pem_files: dict[str, Path]
+) -> None:
+    client_id, secret = trust(tls_gateway, gateway, "tls")
+    secret_file = gateway.dir / "b-tls.client-secret"
+    secret_file.write_text(secret)
+    credentials = ["--gateway", "--client-id", client_id, "--client-secret-file", str(secret_file), "--ca-file", str(pem_files["ca"])]
+    tool = {"name": "b-tls.fixture__add", "arguments": {"a": 20, "b": 22}}
+
+    # Token discovery and the token request go to the TLS gateway with the peer's CA too.
+    over_https = peer(gateway, "add", "b-https", "--url", f"{tls_gateway.public_url}/mcp", *credentials)
+    assert over_https.returncode == 0 and "Synced b-https" in over_https.stdout, over_https.stderr
+    assert call(gateway, "tools/call", tool, name=tool["name"])["result"]["content"][0]["text"] == "42"
+
+    peer(gateway, "remove", "b-https")
+    ws_url = tls_gateway.public_url.replace("https://", "wss://") + "/ws"
+    over_wss = peer(gateway, "add", "b-wss", "--transport", "websocket", "--url", ws_url, *credentials)
+    assert over_wss.returncode == 0 and "Synced b-wss" in over_wss.stdout, over_wss.stderr
+    assert call(gateway, "tools/call", tool, name=tool["name"])["result"]["content"][0]["text"] == "42"
+
+    unverified = peer(gateway, "add", "b-unverified", "--transport", "websocket", "--url", ws_url, *credentials[:-2])
+    assert "peer 'b-unverified'" in unverified.stderr and VERIFY_FAILED in unverified.stderr, unverified.stderr
+    assert "Traceback" not in unverified.stderr
