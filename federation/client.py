@@ -236,7 +236,8 @@ SILENT_TLS_CLOSE = (
     "the peer closed the TLS connection without answering; a peer that requires a client certificate "
     "(mutual TLS) does this when it gets none it accepts"
 )
-"""Servers on asyncio (uvicorn) drop a TLS 1.3 connection without a certificate alert."""
+"""Said of a TLS peer that hung up unanswered: with TLS 1.3 the client certificate is checked after
+the client's handshake is done, and servers on asyncio (uvicorn) then close without an alert."""
 
 
 def describe_failure(exc: BaseException, *, over_tls: bool | None = None) -> str:
@@ -256,7 +257,6 @@ def describe_failure(exc: BaseException, *, over_tls: bool | None = None) -> str
             over_tls = exc.request.url.scheme == "https"
         except RuntimeError:  # no request attached
             over_tls = False
-    # httpcore's words for a connection closed before any byte of a response.
     # The peer hung up before any byte of a response: httpcore says "Server disconnected", a
     # write hits a broken pipe or reset, websockets meets EOF before the HTTP status line.
     closed_silently = (isinstance(exc, httpx.RemoteProtocolError) and str(exc).startswith("Server disconnected")) or any(

@@ -20,7 +20,8 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from federation.client import PeerTlsError, describe_failure, outbound_client
+from federation.client import describe_failure, outbound_client
+from federation.tls import PeerTlsError
 from federation.upstream.base import (
     JsonDict,
     UpstreamError,

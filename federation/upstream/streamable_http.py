@@ -17,7 +17,8 @@ import httpx
 from mcp.shared.inbound import encode_header_value
 from mcp_types.version import LATEST_MODERN_VERSION
 
-from federation.client import OutboundAddressError, PeerTlsError, check_url_allowed, describe_failure, outbound_client
+from federation.client import OutboundAddressError, check_url_allowed, describe_failure, outbound_client
+from federation.tls import PeerTlsError
 from federation.upstream.base import (
     JsonDict,
     OnMessage,

@@ -18,8 +18,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.typing import Subprotocol
 
-from federation.client import OutboundAddressError, PeerTlsError, describe_failure, open_checked_socket
-from federation.tls import ssl_context
+from federation.client import OutboundAddressError, describe_failure, open_checked_socket
+from federation.tls import PeerTlsError, ssl_context
 from federation.upstream.base import JsonDict, UpstreamProtocolError, UpstreamUnavailableError
 from federation.upstream.single_stream import SingleStreamConnection
 
