@@ -32,6 +32,7 @@ from console.services import FORMAT, SECRET_FIELDS, ConfigImportError, config_ex
 from federation.events import publish_catalog_changed
 from federation.models import CatalogEntry, CatalogKind, Peer, Transport
 from federation.services import PeerConfigError, catalog_set_enabled, peer_add, peer_remove, peer_sync_catalog
+from federation.tls import check_current_ca_bundle, check_current_client_cert
 from identity import scopes
 from identity.consent import consent_grant_revoke
 from identity.models import AuditEvent, ConsentGrant, ConsentPolicy
@@ -87,12 +88,17 @@ def paginated(view: APIView, request: Request, queryset: QuerySet[Any], serializ
 
 # --- peers -----------------------------------------------------------------------------------------
 
+TLS_CA_HELP = "PEM CA certificates for an https/wss peer; when set, only these are trusted for it."
+TLS_CERT_HELP = "PEM client certificate for peers that require mutual TLS."
+TLS_KEY_HELP = "Write-only: the client certificate's PEM private key (stored encrypted)."
+
 
 class PeerOutput(serializers.ModelSerializer):
     # Plain strings: the model's URL validators make drf-spectacular describe '' ambiguously (oneOf).
     url = serializers.CharField()
     token_url = serializers.CharField()
     has_client_secret = serializers.SerializerMethodField()
+    has_tls_client_key = serializers.SerializerMethodField()
     env_names = serializers.SerializerMethodField()
     reachable = serializers.SerializerMethodField()
     catalog_size = serializers.SerializerMethodField()
@@ -101,13 +107,17 @@ class PeerOutput(serializers.ModelSerializer):
         model = Peer
         fields = (
             "id", "name", "transport", "url", "command", "args", "enabled", "is_gateway", "remote_gateway", "client_id",
-            "has_client_secret", "env_names", "token_url", "per_identity", "max_processes", "connect_timeout",
+            "has_client_secret", "env_names", "token_url", "tls_ca_bundle", "tls_client_cert", "has_tls_client_key",
+            "per_identity", "max_processes", "connect_timeout",
             "call_timeout", "protocol_version", "server_info", "last_synced_at", "last_error", "reachable",
             "catalog_size", "created_at", "updated_at",
         )
 
     def get_has_client_secret(self, peer: Peer) -> bool:
         return bool(peer.client_secret)
+
+    def get_has_tls_client_key(self, peer: Peer) -> bool:
+        return bool(peer.tls_client_key)
 
     def get_env_names(self, peer: Peer) -> list[str]:
         return sorted(peer.env)
@@ -154,6 +164,11 @@ class PeerListApi(AdminApi):
         client_id = serializers.CharField(required=False, allow_blank=True, default="")
         client_secret = serializers.CharField(required=False, allow_blank=True, default="", write_only=True, help_text="Write-only.")
         token_url = serializers.CharField(required=False, allow_blank=True, default="")
+        tls_ca_bundle = serializers.CharField(required=False, allow_blank=True, default="", trim_whitespace=False, help_text=TLS_CA_HELP)
+        tls_client_cert = serializers.CharField(required=False, allow_blank=True, default="", trim_whitespace=False, help_text=TLS_CERT_HELP)
+        tls_client_key = serializers.CharField(
+            required=False, allow_blank=True, default="", write_only=True, trim_whitespace=False, help_text=TLS_KEY_HELP
+        )
         sync = serializers.BooleanField(default=True, help_text="Connect now and store the catalog (the connection test).")
 
     class OutputSerializer(serializers.Serializer):
@@ -194,6 +209,15 @@ class PeerDetailApi(AdminApi):
         call_timeout = serializers.FloatField(required=False, min_value=0.1)
         max_processes = serializers.IntegerField(required=False, min_value=1)
         token_url = serializers.CharField(required=False, allow_blank=True)
+        tls_ca_bundle = serializers.CharField(
+            required=False, allow_blank=True, trim_whitespace=False, validators=[check_current_ca_bundle], help_text=TLS_CA_HELP
+        )
+        tls_client_cert = serializers.CharField(
+            required=False, allow_blank=True, trim_whitespace=False, validators=[check_current_client_cert], help_text=TLS_CERT_HELP
+        )
+        tls_client_key = serializers.CharField(
+            required=False, allow_blank=True, write_only=True, trim_whitespace=False, help_text=TLS_KEY_HELP
+        )
 
     @extend_schema(operation_id="peers_retrieve", responses=PeerOutput)
     def get(self, request: Request, peer_id: int) -> Response:
@@ -208,6 +232,8 @@ class PeerDetailApi(AdminApi):
         enabled = changes.pop("enabled", None)
         for key, value in changes.items():
             setattr(peer, key, value)
+        if peer.tls_client_cert and not peer.tls_client_key:
+            raise ValidationError({"tls_client_key": "A client certificate needs its private key."})
         try:
             peer.full_clean()
         except Exception as exc:

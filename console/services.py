@@ -1,7 +1,7 @@
 """Configuration export and import: peers, catalog switches, rate limits (and consent policies).
 
-Secrets never leave the gateway: a peer's `client_secret` and its stdio `env` (values and
-names) are left out of the export, and an import never changes the ones stored.
+Secrets never leave the gateway: a peer's `client_secret`, its TLS client key and its stdio
+`env` (values and names) are left out of the export, and an import never changes the ones stored.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from console.selectors import consent_model
 from federation.models import CatalogEntry, Peer, RateLimit
 
 FORMAT = "fedmcp-config/1"
-SECRET_FIELDS = ("client_secret", "env")
+SECRET_FIELDS = ("client_secret", "tls_client_key", "env")
 """Peer fields left out of exports (write-only secrets)."""
 PEER_FIELDS = (
     "name", "transport", "url", "command", "args", "enabled", "is_gateway", "remote_gateway", "client_id", "token_url",
-    "per_identity", "max_processes", "connect_timeout", "call_timeout",
+    "tls_ca_bundle", "tls_client_cert", "per_identity", "max_processes", "connect_timeout", "call_timeout",
 )
 CATALOG_FIELDS = ("kind", "upstream_name", "name", "home", "position", "payload", "enabled")
 
@@ -106,7 +106,7 @@ def _import(document: dict[str, Any]) -> dict[str, int]:
         for key, value in values.items():
             setattr(peer, key, value)
         try:
-            peer.full_clean(exclude=["client_secret", "env"])
+            peer.full_clean(exclude=list(SECRET_FIELDS))
         except ValidationError as exc:
             raise ConfigImportError(f"peer {row['name']!r}: {exc}") from exc
         peer.save()

@@ -3,6 +3,7 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -11,14 +12,31 @@ from django.utils.html import format_html
 from federation.health import breakers
 from federation.models import CatalogEntry, CatalogKind, Peer, PeerHealthCheck, RateLimit
 from federation.services import SyncReport, catalog_set_enabled, peer_set_enabled, peer_sync_catalog
+from federation.tls import check_current, validate_client_key
 
-SYNC_FIELDS = ("transport", "url", "command", "args", "is_gateway", "client_id", "token_url")
+SYNC_FIELDS = (
+    "transport", "url", "command", "args", "is_gateway", "client_id", "token_url", "tls_ca_bundle", "tls_client_cert",
+    "new_client_secret", "new_tls_client_key", "clear_tls_client_key",
+)
 """Changing any of these re-runs the connection test when a peer is saved in the admin."""
 
 
+class PemField(forms.CharField):
+    """PEM text in a textarea. Browsers send CRLF line ends: compare and store LF, so an unchanged
+    certificate does not count as changed (which would re-run the connection test)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(required=False, strip=False, widget=forms.Textarea(attrs={"rows": 4, "cols": 70}), **kwargs)
+
+    def to_python(self, value: Any) -> str:
+        text = str(super().to_python(value)).replace("\r\n", "\n").strip()
+        return text + "\n" if text else ""
+
+
 class PeerAdminForm(forms.ModelForm):
-    """Peer form whose secrets are write-only: the client secret and the stdio environment
-    (which often holds API keys) are never rendered back; blank inputs keep what is stored."""
+    """Peer form whose secrets are write-only: the client secret, the TLS client key and the stdio
+    environment (which often holds API keys) are never rendered back; blank inputs keep what is
+    stored."""
 
     new_client_secret = forms.CharField(
         label="Client secret", required=False, strip=True, widget=forms.PasswordInput(render_value=False),
@@ -30,10 +48,17 @@ class PeerAdminForm(forms.ModelForm):
         help_text="Write-only, for stdio peers: KEY=VALUE per line, replacing the stored environment. Leave blank to keep it.",
     )
     clear_env = forms.BooleanField(label="Remove the stored environment", required=False)
+    tls_ca_bundle = PemField(label="TLS CA bundle", help_text=Peer._meta.get_field("tls_ca_bundle").help_text)
+    tls_client_cert = PemField(label="TLS client certificate", help_text=Peer._meta.get_field("tls_client_cert").help_text)
+    new_tls_client_key = PemField(
+        label="TLS client key",
+        help_text="Write-only: the PEM private key of the TLS client certificate. Leave blank to keep the stored key.",
+    )
+    clear_tls_client_key = forms.BooleanField(label="Remove the TLS client certificate and key", required=False)
 
     class Meta:
         model = Peer
-        exclude = ["client_secret", "env"]
+        exclude = ["client_secret", "env", "tls_client_key"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -42,6 +67,33 @@ class PeerAdminForm(forms.ModelForm):
             self.fields["new_client_secret"].help_text += f" (Now: {stored}.)"
             names = ", ".join(sorted(self.instance.env)) or "none"
             self.fields["new_env"].help_text += f" (Now stored: {names}; values are not shown.)"
+            stored = "a key is stored" if self.instance.tls_client_key else "no key is stored"
+            self.fields["new_tls_client_key"].help_text += f" (Now: {stored}.)"
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        # Dates are checked only for what is being entered: a certificate that expired since must
+        # not block disabling the peer or other edits.
+        for name, what in (("tls_ca_bundle", "CA bundle"), ("tls_client_cert", "client certificate")):
+            if name in self.changed_data and cleaned.get(name):
+                try:
+                    check_current(cleaned[name], what)
+                except ValidationError as exc:
+                    self.add_error(name, exc)
+        if cleaned.get("clear_tls_client_key"):
+            cleaned["tls_client_cert"] = ""
+            self.instance.tls_client_key = ""
+        elif cleaned.get("new_tls_client_key"):
+            try:
+                validate_client_key(cleaned["new_tls_client_key"])
+            except ValidationError as exc:
+                self.add_error("new_tls_client_key", exc)
+                return cleaned
+            # Set before the model's validation runs, which checks that the key fits the certificate.
+            self.instance.tls_client_key = cleaned["new_tls_client_key"]
+        if cleaned.get("tls_client_cert") and not self.instance.tls_client_key:
+            self.add_error("new_tls_client_key", "The client certificate needs its private key.")
+        return cleaned
 
     def clean_new_env(self) -> dict[str, str] | None:
         text = self.cleaned_data["new_env"]
@@ -152,7 +204,7 @@ class PeerAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
         # The connection test: a new peer, or one whose address or credentials changed, is synced
         # right away so the operator sees what it offers (or why it cannot be reached).
-        if obj.enabled and (not change or set(SYNC_FIELDS) & set(form.changed_data) or "new_client_secret" in form.changed_data):
+        if obj.enabled and (not change or set(SYNC_FIELDS) & set(form.changed_data)):
             # After the admin's transaction: the sync's database_sync_to_async closes connections
             # that are inside an atomic block, and the catalog must see the committed peer.
             transaction.on_commit(lambda: sync_and_report(request, obj))

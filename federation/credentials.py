@@ -12,6 +12,9 @@ protected-resource metadata and its authorization server's RFC 8414 metadata (wh
 must be exactly the server named). Tokens are cached per worker until shortly before they
 expire; a 401 from the peer drops the cached one and the request is retried once with a new one
 (federation/client.py).
+
+Discovery and token requests use the peer's TLS settings (its CA bundle and client certificate),
+as its MCP traffic does: the authorization server of a peer gateway is that gateway.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 
-from federation.client import OutboundAddressError, check_url_allowed, outbound_client
+from federation.client import OutboundAddressError, check_url_allowed, describe_failure, outbound_client
+from federation.tls import PeerTls, PeerTlsError
 from federation.upstream.base import PeerConfig, UpstreamUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -74,8 +78,10 @@ def _well_known(base: str, name: str) -> list[str]:
     return [*urls, f"{origin}/.well-known/{name}"]
 
 
-async def discover_token_url(peer_url: str) -> str:
+async def discover_token_url(peer_url: str, *, tls: PeerTls | None = None) -> str:
     """Find the token endpoint of the authorization server that protects `peer_url`.
+
+    `tls` is the peer's TLS settings, used for every metadata request.
 
     Raises:
         PeerCredentialsError: the metadata is missing, inconsistent or not allowed.
@@ -83,7 +89,7 @@ async def discover_token_url(peer_url: str) -> str:
     parts = urlsplit(peer_url)
     http_url = urlunsplit(({"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme), parts.netloc, parts.path, "", ""))
     try:
-        async with outbound_client(connect_timeout=TIMEOUT, read_timeout=TIMEOUT) as client:
+        async with outbound_client(connect_timeout=TIMEOUT, read_timeout=TIMEOUT, tls=tls) as client:
             issuer = await _authorization_server(client, http_url)
             for url in [*_well_known(issuer, "oauth-authorization-server"), f"{issuer}/.well-known/openid-configuration"]:
                 metadata = await _get_json(client, url)
@@ -96,8 +102,8 @@ async def discover_token_url(peer_url: str) -> str:
                 if isinstance(token_url, str) and urlsplit(token_url).scheme in ("http", "https"):
                     return token_url
                 raise PeerCredentialsError(f"the authorization server metadata at {url} names no token endpoint")
-    except (OutboundAddressError, httpx.HTTPError) as exc:
-        raise PeerCredentialsError(f"cannot discover the token endpoint of {peer_url}: {type(exc).__name__}: {exc}") from exc
+    except (OutboundAddressError, PeerTlsError, httpx.HTTPError) as exc:
+        raise PeerCredentialsError(f"cannot discover the token endpoint of {peer_url}: {describe_failure(exc)}") from exc
     raise PeerCredentialsError(f"{issuer} publishes no RFC 8414 metadata; pass --token-url")
 
 
@@ -127,8 +133,12 @@ _token_urls: dict[str, str] = {}
 """Token endpoints discovered at run time, by peer URL (peers added with --no-sync)."""
 
 
-async def request_token(*, token_url: str, client_id: str, client_secret: str, audience: str) -> tuple[str, float]:
+async def request_token(
+    *, token_url: str, client_id: str, client_secret: str, audience: str, tls: PeerTls | None = None
+) -> tuple[str, float]:
     """Obtain a client-credentials token for `audience`; return it and its lifetime (seconds).
+
+    `tls` is the peer's TLS settings.
 
     Raises:
         PeerCredentialsError: the endpoint cannot be reached or refused.
@@ -138,10 +148,10 @@ async def request_token(*, token_url: str, client_id: str, client_secret: str, a
     data = {"grant_type": "client_credentials", "scope": TOKEN_SCOPE, "resource": audience}
     try:
         await check_url_allowed(token_url)
-        async with outbound_client(connect_timeout=TIMEOUT, read_timeout=TIMEOUT) as client:
+        async with outbound_client(connect_timeout=TIMEOUT, read_timeout=TIMEOUT, tls=tls) as client:
             response = await client.post(token_url, data=data, auth=auth, headers={"Accept": "application/json"})
-    except (OutboundAddressError, httpx.HTTPError) as exc:
-        raise PeerCredentialsError(f"cannot reach the token endpoint {token_url}: {type(exc).__name__}") from exc
+    except (OutboundAddressError, PeerTlsError, httpx.HTTPError) as exc:
+        raise PeerCredentialsError(f"cannot reach the token endpoint {token_url}: {describe_failure(exc)}") from exc
     try:
         body = response.json()
     except ValueError:
@@ -170,7 +180,7 @@ class ClientCredentials:
         if self.peer.token_url:
             return self.peer.token_url
         if self.peer.url not in _token_urls:
-            _token_urls[self.peer.url] = await discover_token_url(self.peer.url)
+            _token_urls[self.peer.url] = await discover_token_url(self.peer.url, tls=self.peer.tls)
         return _token_urls[self.peer.url]
 
     async def headers(self) -> dict[str, str]:
@@ -180,8 +190,14 @@ class ClientCredentials:
         """Return a token for the peer, from the cache or a new one.
 
         Raises:
-            PeerCredentialsError: no token can be obtained.
+            PeerCredentialsError: no token can be obtained (the message names the peer).
         """
+        try:
+            return await self._token()
+        except PeerCredentialsError as exc:
+            raise PeerCredentialsError(f"peer '{self.peer.name}': {exc}") from exc
+
+    async def _token(self) -> str:
         token_url = await self._token_url()
         cached = _tokens.get(self._key(token_url))
         if cached is not None and time.monotonic() < cached.expires_at:
@@ -191,7 +207,8 @@ class ClientCredentials:
             if cached is not None and time.monotonic() < cached.expires_at:
                 return cached.value
             value, lifetime = await request_token(
-                token_url=token_url, client_id=self.peer.client_id, client_secret=self.peer.client_secret, audience=self.audience
+                token_url=token_url, client_id=self.peer.client_id, client_secret=self.peer.client_secret, audience=self.audience,
+                tls=self.peer.tls,
             )
             # Replace it a little before the peer would refuse it, but never cache for less than half its life.
             _tokens[self._key(token_url)] = _CachedToken(value, time.monotonic() + max(lifetime - REFRESH_MARGIN, lifetime / 2))

@@ -10,6 +10,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator, URLValidator
 from django.db import models
 
+from federation.tls import check_pair, validate_ca_bundle, validate_client_cert, validate_client_key
 from identity.crypto import EncryptedJSONField, EncryptedTextField
 
 PEER_NAME_WORD = r"[a-z0-9]+(?:-[a-z0-9]+)*"
@@ -68,6 +69,20 @@ class Peer(models.Model):
         validators=[URLValidator(schemes=["http", "https"])],
         help_text="The peer's token endpoint; discovered from its metadata when blank.",
     )
+    # TLS to HTTPS and WSS peers (federation/tls.py). Certificates are public; the key is not.
+    tls_ca_bundle = models.TextField(
+        blank=True, validators=[validate_ca_bundle], verbose_name="TLS CA bundle",
+        help_text="PEM certificates of the CAs that sign the peer's certificate. When set, only these are trusted for "
+        "this peer; when blank, the default trust store.",
+    )
+    tls_client_cert = models.TextField(
+        blank=True, validators=[validate_client_cert], verbose_name="TLS client certificate",
+        help_text="PEM certificate (and intermediates) this gateway presents when the peer requires mutual TLS.",
+    )
+    tls_client_key = EncryptedTextField(
+        blank=True, validators=[validate_client_key], verbose_name="TLS client key",
+        help_text="PEM private key of the client certificate. Encrypted at rest; never shown.",
+    )
     per_identity = models.BooleanField(
         default=False,
         help_text="stdio peers: one process per user (for servers that hold a user's state or credentials) instead of one shared.",
@@ -109,6 +124,16 @@ class Peer(models.Model):
 
     def has_credentials(self) -> bool:
         return bool(self.client_id)
+
+    def clean(self) -> None:
+        # A certificate without its key is tolerated here (a configuration import leaves keys
+        # out); connecting then says the key is missing. A key needs its certificate.
+        check_pair(self.tls_client_cert, self.tls_client_key)
+        if self.has_tls_settings() and not self.url.startswith(("https://", "wss://")):
+            raise ValidationError("TLS settings (CA bundle, client certificate) need an https:// or wss:// peer URL.")
+
+    def has_tls_settings(self) -> bool:
+        return bool(self.tls_ca_bundle or self.tls_client_cert or self.tls_client_key)
 
     def target(self) -> str:
         """Return where the peer lives: its URL, or its command line for stdio."""

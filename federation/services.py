@@ -9,13 +9,14 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
 from federation import naming
 from federation.credentials import discover_token_url
 from federation.models import CatalogEntry, CatalogKind, Peer, Transport
+from federation.tls import PeerTls, check_dates
 from federation.upstream import CONNECTION_KINDS
 from federation.upstream.base import JsonDict, PeerConfig, UpstreamConnection, UpstreamError, modern_meta
 from identity.upstream_oauth import upstream_auth
@@ -68,6 +69,9 @@ def peer_add(
     client_secret: str = "",
     token_url: str = "",
     user_oauth: bool = False,
+    tls_ca_bundle: str = "",
+    tls_client_cert: str = "",
+    tls_client_key: str = "",
 ) -> Peer:
     """Create a peer after validating it.
 
@@ -75,6 +79,8 @@ def peer_add(
     `client_id`/`client_secret` are this gateway's client credentials at a peer gateway
     (the secret is stored encrypted); `token_url` is its token endpoint, discovered when blank.
     `user_oauth`: each user connects their own account at the peer's authorization server.
+    `tls_*` are PEM texts: the CA bundle that verifies an HTTPS/WSS peer, and the client
+    certificate and key for mutual TLS (the key is stored encrypted). See federation/tls.py.
 
     Raises:
         PeerConfigError: a field is invalid or the name is taken.
@@ -119,12 +125,51 @@ def peer_add(
         client_secret=client_secret,
         token_url=token_url,
         user_oauth=user_oauth,
+        tls_ca_bundle=tls_ca_bundle,
+        tls_client_cert=tls_client_cert,
+        tls_client_key=tls_client_key,
     )
+    if tls_client_cert and not tls_client_key:
+        raise PeerConfigError("a client certificate needs its private key")
+    _validate(peer)
+    peer.save()
+    return peer
+
+
+def _validate(peer: Peer) -> None:
+    """Run the model's validation and refuse certificates that are not currently valid.
+
+    Raises:
+        PeerConfigError: what to fix, field by field.
+    """
     try:
         peer.full_clean()
+        check_dates(ca_bundle=peer.tls_ca_bundle, client_cert=peer.tls_client_cert)
     except ValidationError as exc:
-        raise PeerConfigError("; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())) from exc
-    peer.save()
+        raise PeerConfigError(
+            "; ".join(" ".join(v) if k == NON_FIELD_ERRORS else f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())
+        ) from exc
+
+
+def peer_set_tls(
+    *, peer: Peer, ca_bundle: str | None = None, client_cert: str | None = None, client_key: str | None = None
+) -> Peer:
+    """Replace a peer's TLS settings; None keeps a setting, "" removes it.
+
+    The certificate and key go together: replacing or removing one replaces or removes both.
+    Workers pick the settings up with the peer's next configuration snapshot.
+
+    Raises:
+        PeerConfigError: a PEM text is invalid, expired, or the key does not match the certificate.
+    """
+    if (client_cert is None) != (client_key is None) or bool(client_cert) != bool(client_key):
+        raise PeerConfigError("give the client certificate and its private key together")
+    if ca_bundle is not None:
+        peer.tls_ca_bundle = ca_bundle
+    if client_cert is not None and client_key is not None:
+        peer.tls_client_cert, peer.tls_client_key = client_cert, client_key
+    _validate(peer)
+    peer.save(update_fields=["tls_ca_bundle", "tls_client_cert", "tls_client_key", "updated_at"])
     return peer
 
 
@@ -160,7 +205,7 @@ async def peer_discover_token_url(*, peer: Peer) -> str:
     Raises:
         PeerCredentialsError: the peer's RFC 9728 / RFC 8414 metadata does not lead to one.
     """
-    token_url = await discover_token_url(peer.url)
+    token_url = await discover_token_url(peer.url, tls=PeerTls(peer.tls_ca_bundle, peer.tls_client_cert, peer.tls_client_key))
     peer.token_url = token_url
     await Peer.objects.filter(pk=peer.pk).aupdate(token_url=token_url)
     return token_url

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('federation', '0007_peer_credentials'),
+        ('federation', '0008_peer_tls'),
     ]
 
     operations = [

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, LATEST_MODERN_VERSION
 
 from federation.client import AuthProvider
+from federation.tls import PeerTls
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,14 @@ class PeerConfig:
     token_url: str = ""
     user_oauth: bool = False
     """Calls carry the acting user's own token at the upstream's authorization server."""
+    tls_ca_bundle: str = field(default="", repr=False)
+    tls_client_cert: str = field(default="", repr=False)
+    tls_client_key: str = field(default="", repr=False)
+
+    @property
+    def tls(self) -> PeerTls:
+        """The peer's TLS settings (federation/tls.py)."""
+        return PeerTls(self.tls_ca_bundle, self.tls_client_cert, self.tls_client_key)
 
     @classmethod
     def from_peer(cls, peer: Any) -> PeerConfig:
@@ -107,6 +116,9 @@ class PeerConfig:
             client_secret=peer.client_secret,
             token_url=peer.token_url,
             user_oauth=peer.user_oauth,
+            tls_ca_bundle=peer.tls_ca_bundle,
+            tls_client_cert=peer.tls_client_cert,
+            tls_client_key=peer.tls_client_key,
         )
 
 
@@ -212,9 +224,12 @@ class UpstreamConnection(abc.ABC):
     def protocol_version(self) -> str:
         return self.description.protocol_version
 
-    def auth_option(self) -> dict[str, Any]:
-        """`outbound_client` keyword arguments for this connection's credentials (none without)."""
-        return {"auth": self.auth} if self.auth is not None else {}
+    def client_options(self) -> dict[str, Any]:
+        """`outbound_client` keyword arguments for this peer's credentials and TLS settings (none without)."""
+        options: dict[str, Any] = {"auth": self.auth} if self.auth is not None else {}
+        if not self.peer.tls.is_default():
+            options["tls"] = self.peer.tls
+        return options
 
     def next_id(self) -> int:
         return next(self._ids)

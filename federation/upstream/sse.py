@@ -20,7 +20,8 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from federation.client import outbound_client
+from federation.client import describe_failure, outbound_client
+from federation.tls import PeerTlsError
 from federation.upstream.base import (
     JsonDict,
     UpstreamError,
@@ -73,9 +74,12 @@ class SseConnection(SingleStreamConnection):
 
     async def _open(self) -> None:
         await self._check_remote("HTTP+SSE")
-        self._client = outbound_client(
-            connect_timeout=self.peer.connect_timeout, read_timeout=self.peer.call_timeout, **self.auth_option()
-        )
+        try:
+            self._client = outbound_client(
+                connect_timeout=self.peer.connect_timeout, read_timeout=self.peer.call_timeout, **self.client_options()
+            )
+        except PeerTlsError as exc:
+            raise UpstreamUnavailableError(f"peer '{self.peer.name}': {exc}") from exc
         endpoint: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._alive = True
         self._reader = asyncio.create_task(self._read_stream(endpoint))
@@ -118,7 +122,7 @@ class SseConnection(SingleStreamConnection):
         except UpstreamError as exc:
             reason, failure = str(exc), exc
         except httpx.HTTPError as exc:
-            reason = f"cannot reach peer '{self.peer.name}': {type(exc).__name__}"
+            reason = f"cannot reach peer '{self.peer.name}': {describe_failure(exc)}"
         except ValueError:  # an oversized event or undecodable text
             reason = f"peer '{self.peer.name}' sent an invalid event stream"
         except Exception:
@@ -144,7 +148,7 @@ class SseConnection(SingleStreamConnection):
         except httpx.TimeoutException as exc:
             raise UpstreamTimeoutError(f"peer '{self.peer.name}' timed out") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailableError(f"cannot reach peer '{self.peer.name}': {type(exc).__name__}") from exc
+            raise UpstreamUnavailableError(f"cannot reach peer '{self.peer.name}': {describe_failure(exc)}") from exc
         if not response.is_success:
             if response.status_code == 404:
                 # The server forgot our session; only a new stream gets a new one.

@@ -17,7 +17,8 @@ import httpx
 from mcp.shared.inbound import encode_header_value
 from mcp_types.version import LATEST_MODERN_VERSION
 
-from federation.client import OutboundAddressError, check_url_allowed, outbound_client
+from federation.client import OutboundAddressError, check_url_allowed, describe_failure, outbound_client
+from federation.tls import PeerTlsError
 from federation.upstream.base import (
     JsonDict,
     OnMessage,
@@ -63,11 +64,11 @@ class StreamableHttpConnection(UpstreamConnection):
     async def _open(self) -> None:
         try:
             await check_url_allowed(self.peer.url)
-        except OutboundAddressError as exc:
+            self._client = outbound_client(
+                connect_timeout=self.peer.connect_timeout, read_timeout=self.peer.call_timeout, **self.client_options()
+            )
+        except (OutboundAddressError, PeerTlsError) as exc:
             raise UpstreamUnavailableError(f"peer '{self.peer.name}': {exc}") from exc
-        self._client = outbound_client(
-            connect_timeout=self.peer.connect_timeout, read_timeout=self.peer.call_timeout, **self.auth_option()
-        )
         try:
             async with asyncio.timeout(self.peer.connect_timeout):
                 if self.requested_era in (None, "modern"):
@@ -222,7 +223,7 @@ class StreamableHttpConnection(UpstreamConnection):
         except httpx.TimeoutException as exc:
             raise UpstreamTimeoutError(f"peer '{self.peer.name}' timed out") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailableError(f"cannot reach peer '{self.peer.name}': {type(exc).__name__}") from exc
+            raise UpstreamUnavailableError(f"cannot reach peer '{self.peer.name}': {describe_failure(exc)}") from exc
         try:
             if response.status_code == 404 and self.era == "legacy" and self._session_id and not capture_session:
                 raise SessionExpiredError(f"peer '{self.peer.name}' session expired")
@@ -244,7 +245,7 @@ class StreamableHttpConnection(UpstreamConnection):
         except httpx.TimeoutException as exc:
             raise UpstreamTimeoutError(f"peer '{self.peer.name}' timed out") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailableError(f"peer '{self.peer.name}' broke the connection: {type(exc).__name__}") from exc
+            raise UpstreamUnavailableError(f"peer '{self.peer.name}' broke the connection: {describe_failure(exc)}") from exc
         finally:
             await response.aclose()
 

@@ -12,11 +12,14 @@ import asyncio
 import json
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.typing import Subprotocol
 
+from federation.client import OutboundAddressError, describe_failure, open_checked_socket
+from federation.tls import PeerTlsError, ssl_context
 from federation.upstream.base import JsonDict, UpstreamProtocolError, UpstreamUnavailableError
 from federation.upstream.single_stream import SingleStreamConnection
 
@@ -46,17 +49,36 @@ class WebSocketConnection(SingleStreamConnection):
                 self._alive = True
                 self._reader = asyncio.create_task(self._read_socket(self._socket))
                 await self._handshake()
+        except (OutboundAddressError, PeerTlsError) as exc:
+            raise UpstreamUnavailableError(f"peer '{self.peer.name}': {exc}") from exc
         except (OSError, WebSocketException) as exc:
-            detail = f"HTTP {exc.response.status_code}" if isinstance(exc, InvalidStatus) else type(exc).__name__
+            secure = self.peer.url.startswith("wss:")
+            detail = f"HTTP {exc.response.status_code}" if isinstance(exc, InvalidStatus) else describe_failure(exc, over_tls=secure)
             raise UpstreamUnavailableError(f"cannot reach peer '{self.peer.name}': {detail}") from exc
 
     async def _connect(self) -> ClientConnection:
-        """Open the socket with the peer's credentials; refused ones are refreshed and tried once more."""
+        """Open the socket with the peer's credentials; refused ones are refreshed and tried once more.
+
+        Raises:
+            OutboundAddressError: the host resolves to an address the guard refuses.
+            PeerTlsError: the peer's TLS settings cannot be loaded.
+            OSError, WebSocketException: the connection or its handshake failed.
+        """
+        parts = urlsplit(self.peer.url)
+        secure = parts.scheme == "wss"
+        context = ssl_context(self.peer.tls) if secure else None
         for attempt in (1, 2):
             headers = await self.auth.headers() if self.auth is not None else {}
+            # Dial the address the guard checked, so the client never resolves the name again
+            # (DNS rebinding); TLS still names and verifies the URL's host.
+            sock = await open_checked_socket(
+                parts.hostname or "", parts.port or (443 if secure else 80), timeout=self.peer.connect_timeout
+            )
             try:
                 return await connect(
                     self.peer.url,
+                    sock=sock,
+                    ssl=context,
                     subprotocols=[SUBPROTOCOL],
                     additional_headers=headers,
                     user_agent_header=USER_AGENT,
@@ -65,11 +87,15 @@ class WebSocketConnection(SingleStreamConnection):
                     close_timeout=self.peer.connect_timeout,
                 )
             except InvalidStatus as exc:
+                sock.close()
                 # fedmcp refuses a WebSocket handshake without a valid token with 403 (daphne
                 # cannot send 401 there); other servers answer 401.
                 if self.auth is None or attempt == 2 or exc.response.status_code not in (401, 403):
                     raise
                 await self.auth.refresh(headers)
+            except BaseException:
+                sock.close()
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _release(self) -> None:

@@ -50,7 +50,7 @@ class ConfigTransferTest(ApiTestCase):
         assert exported.status_code == 200
         text = exported.content.decode()
         assert not [s for s in SECRETS if s in text]
-        assert set(exported.json()["secrets_omitted"]) == {"peer.client_secret", "peer.env"}
+        assert set(exported.json()["secrets_omitted"]) == {"peer.client_secret", "peer.tls_client_key", "peer.env"}
 
         empty_the_gateway()
         assert Peer.objects.count() == 0

@@ -7,6 +7,14 @@ operator ran `manage.py gateway trust` and sent them):
 
 The secret is read from a file (never from the command line, where `ps` would show it) and
 stored encrypted; `peer list` never shows it.
+
+A peer served over HTTPS with a private CA, or one that requires a client certificate (mTLS):
+
+    peer add acme --url https://mcp.acme.example/mcp --ca-file acme-ca.pem \
+        --client-cert-file gw.crt --client-key-file gw.key
+    peer tls acme --ca-file new-ca.pem        # replace later; --no-ca, --no-client-cert remove
+
+The key is stored encrypted, like the client secret.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from federation.services import (
     peer_discover_token_url,
     peer_remove,
     peer_set_credentials,
+    peer_set_tls,
     peer_sync_catalog,
 )
 
@@ -35,7 +44,7 @@ class Command(BaseCommand):
     help = "Manage peers: upstream MCP servers (HTTP, SSE, WebSocket or stdio) behind this gateway."
 
     def add_arguments(self, parser: ArgumentParser) -> None:
-        sub = parser.add_subparsers(dest="action", required=True, metavar="{add,list,refresh,remove,credentials}")
+        sub = parser.add_subparsers(dest="action", required=True, metavar="{add,list,refresh,remove,credentials,tls}")
         add = sub.add_parser("add", help="Register a peer and discover its catalog.")
         add.add_argument("name")
         target = add.add_mutually_exclusive_group(required=True)
@@ -69,6 +78,7 @@ class Command(BaseCommand):
         add.add_argument("--oauth-client-id", default="", help="With --user-oauth: a client registered for this gateway there (default: registered automatically).")
         add.add_argument("--oauth-client-secret-file", default="", metavar="PATH", help="With --oauth-client-id: file holding its secret.")
         add.add_argument("--oauth-scope", default="", help="With --user-oauth: scopes to ask for (default: what the peer's challenge names).")
+        self._tls_arguments(add)
         add.add_argument("--no-sync", action="store_true", help="Do not contact the peer now.")
         sub.add_parser("list", help="List peers and their catalog sizes.")
         refresh = sub.add_parser("refresh", help="Re-discover a peer's catalog.")
@@ -78,6 +88,43 @@ class Command(BaseCommand):
         credentials = sub.add_parser("credentials", help="Set or replace the client credentials this gateway has at a peer gateway.")
         credentials.add_argument("name")
         self._credential_arguments(credentials)
+        tls = sub.add_parser("tls", help="Set or remove the CA bundle and client certificate used for an HTTPS/WSS peer.")
+        tls.add_argument("name")
+        self._tls_arguments(tls)
+        tls.add_argument("--no-ca", action="store_true", help="Remove the CA bundle (use the default trust store).")
+        tls.add_argument("--no-client-cert", action="store_true", help="Remove the client certificate and key.")
+
+    def _tls_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument(
+            "--ca-file", default="", metavar="PATH",
+            help="PEM CA bundle that signs the peer's certificate; only these CAs are then trusted for the peer.",
+        )
+        parser.add_argument("--client-cert-file", default="", metavar="PATH", help="PEM client certificate for mutual TLS.")
+        parser.add_argument("--client-key-file", default="", metavar="PATH", help="Its PEM private key (stored encrypted).")
+
+    def _read_pem(self, options: dict[str, Any], option: str) -> str:
+        path = options[option]
+        if not path:
+            return ""
+        flag = "--" + option.replace("_", "-")
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise CommandError(f"cannot read {flag}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise CommandError(f"{flag} is not PEM text (DER files convert with `openssl x509 -inform der`)") from exc
+        if not text.strip():
+            raise CommandError(f"{flag} is empty")
+        return text
+
+    def _read_tls(self, options: dict[str, Any]) -> tuple[str, str, str]:
+        if bool(options["client_cert_file"]) != bool(options["client_key_file"]):
+            raise CommandError("--client-cert-file and --client-key-file go together")
+        return (
+            self._read_pem(options, "ca_file"),
+            self._read_pem(options, "client_cert_file"),
+            self._read_pem(options, "client_key_file"),
+        )
 
     def _credential_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("--client-id", default="", help="Client id this gateway has at the peer gateway (`gateway trust` there prints it).")
@@ -125,6 +172,7 @@ class Command(BaseCommand):
             env[key] = value
         transport = Transport.STDIO if options["stdio_command"] else options["transport"]
         client_id, client_secret = self._read_credentials(options)
+        ca_bundle, client_cert, client_key = self._read_tls(options)
         try:
             peer = peer_add(
                 name=options["name"],
@@ -141,6 +189,9 @@ class Command(BaseCommand):
                 client_secret=client_secret,
                 token_url=options["token_url"],
                 user_oauth=options["user_oauth"],
+                tls_ca_bundle=ca_bundle,
+                tls_client_cert=client_cert,
+                tls_client_key=client_key,
             )
         except PeerConfigError as exc:
             raise CommandError(str(exc)) from exc
@@ -191,6 +242,7 @@ class Command(BaseCommand):
                 f"prompts={counts['prompt']}  {peer.target()}"
                 + (f"  client={peer.client_id}" if peer.client_id else "")
                 + ("  per-user OAuth" if peer.user_oauth else "")
+                + self._tls_summary(peer)
                 + (f"  last error: {peer.last_error}" if peer.last_error else "")
             )
 
@@ -216,6 +268,34 @@ class Command(BaseCommand):
         self.stdout.write(f"Credentials of {peer.name} {'replaced' if client_id else 'removed'}")
         if peer.client_id and not peer.token_url:
             self._discover_token_url(peer)
+
+    def _tls(self, options: dict[str, Any]) -> None:
+        peer = self._get(options["name"])
+        ca_bundle, client_cert, client_key = self._read_tls(options)
+        if options["no_ca"] and ca_bundle:
+            raise CommandError("--ca-file and --no-ca exclude each other")
+        if options["no_client_cert"] and client_cert:
+            raise CommandError("--client-cert-file and --no-client-cert exclude each other")
+        if not (ca_bundle or client_cert or options["no_ca"] or options["no_client_cert"]):
+            raise CommandError("nothing to change: give --ca-file, --client-cert-file/--client-key-file, --no-ca or --no-client-cert")
+        try:
+            peer_set_tls(
+                peer=peer,
+                ca_bundle="" if options["no_ca"] else ca_bundle or None,
+                client_cert="" if options["no_client_cert"] else client_cert or None,
+                client_key="" if options["no_client_cert"] else client_key or None,
+            )
+        except PeerConfigError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(f"TLS settings of {peer.name} saved:{self._tls_summary(peer) or ' default trust store, no client certificate'}")
+        report = asyncio.run(peer_sync_catalog(peer=peer))
+        self._print_report(report)
+        if "connect" in report.errors:
+            raise CommandError(f"the settings are saved, but {peer.name} cannot be reached with them")
+
+    def _tls_summary(self, peer: Peer) -> str:
+        parts = (["ca-bundle"] if peer.tls_ca_bundle else []) + (["client-cert"] if peer.tls_client_cert else [])
+        return f"  tls={','.join(parts)}" if parts else ""
 
     def _print_report(self, report: SyncReport) -> None:
         if "connect" in report.errors:
