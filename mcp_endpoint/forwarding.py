@@ -42,6 +42,7 @@ from identity.signing import AssertionConfigError, assertion_create
 from identity.trust import ASSERTION_META_KEY, assertion_subject
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.consent_gate import consent_gate
+from mcp_endpoint.consent_relay import peer_request
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
 
@@ -260,7 +261,8 @@ async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDic
     connection = await pool.get(route.peer, prefer=ctx.era, identity_key=identity_key(ctx))
     sent = upstream_params(ctx, connection, params, gateway_meta(ctx, route.peer, hops) if route.peer.is_gateway else None)
     relay = relay_to(ctx)
-    reply = await connection.request(method, sent, on_message=relay)
+    # A peer gateway may first ask for the user's consent at their home (mcp_endpoint/consent_relay.py).
+    reply = await peer_request(ctx, connection, method, sent, relay)
     if "error" in reply:
         _raise_upstream_error(ctx, method, reply["error"])
     result = reply.get("result")

@@ -38,6 +38,9 @@ CONSENT_DENIED = -32017
 """Implementation-defined: the user (or a consent policy) refused the call."""
 CONSENT_TIMEOUT = -32018
 """Implementation-defined: the user did not answer the consent prompt in time."""
+CONSENT_REQUIRED_AT_HOME = -32019
+"""Implementation-defined, between gateways: the owner of the call needs the user's consent, which
+only the user's home gateway can ask for; `data.challenge` is the owner's signed question (docs/CONSENT.md)."""
 HEADER_MISMATCH = codes.HEADER_MISMATCH
 """An HTTP routing header disagrees with the body (-32020)."""
 MISSING_REQUIRED_CLIENT_CAPABILITY = codes.MISSING_REQUIRED_CLIENT_CAPABILITY
@@ -126,6 +129,11 @@ class ConsentDeniedError(JsonRpcError):
 class ConsentTimeoutError(JsonRpcError):
     code = CONSENT_TIMEOUT
     default_message = "Consent timed out"
+
+
+class ConsentRequiredAtHomeError(JsonRpcError):
+    code = CONSENT_REQUIRED_AT_HOME
+    default_message = "Consent required at the user's home gateway"
 
 
 def response(request_id: Any, result: JsonDict) -> JsonDict:
