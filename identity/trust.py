@@ -140,7 +140,7 @@ class _KeySet:
 
 
 _jwks_cache: dict[int | str, _KeySet] = {}
-"""This worker's JWKS per trusted gateway (by id), or per JWKS URL for peers we call (`issuer_key`)."""
+"""This worker's JWKS per trusted gateway (by id), or per JWKS URL for peers we call (`peer_gateway_key`)."""
 
 
 def _parse_jwks(document: Any) -> jwt.PyJWKSet:
@@ -220,7 +220,7 @@ async def peer_gateway_key(issuer: str, peer_origin: str, kid: Any) -> jwt.PyJWK
     gateway = await TrustedGateway.objects.filter(issuer=issuer, enabled=True).afirst()
     if gateway is not None:
         return await _key_for(gateway, kid)
-    if not same_origin(issuer, peer_origin) or issuer.rstrip("/") != peer_origin.rstrip("/"):
+    if issuer.rstrip("/") != peer_origin.rstrip("/"):
         raise AssertionRejectedError("issuer", "the signer is not the peer gateway this call went to")
     url = f"{peer_origin.rstrip('/')}/.well-known/jwks.json"
     return await _cached_key(url, url, kid)

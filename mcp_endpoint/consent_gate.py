@@ -8,6 +8,9 @@ A call that must be asked creates a `ConsentPrompt` and points the host at /cons
 * 2026-07-28: the call returns an `input_required` result whose input request is a URL
   elicitation to the consent page and whose `requestState` names the prompt, signed; the
   retry carrying that state waits for (or picks up) the answer.
+
+A user asserted by a trusted peer gateway (and not linked to an account here) is asked at
+their home gateway instead (`_ask_home`; docs/CONSENT.md "Distributed consent").
 """
 
 from __future__ import annotations
@@ -146,8 +149,8 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         # A user of a trusted gateway, not linked to an account here: their home gateway asks.
         return Gate(decision=await _ask_home(ctx, peer, kind, name, _arguments(method, params), decision), params=params)
     if ctx.identity is None or ctx.identity.user_id is None:
-        # Nobody could answer on /consent (a client-only token, or a federated user not linked
-        # to a local account): refuse now rather than wait out the timeout.
+        # Nobody could answer on /consent (a client-only token): refuse now rather than wait
+        # out the timeout.
         exc = jsonrpc.ConsentDeniedError(
             f"The {kind} call '{name}' on peer '{peer}' needs the user's consent, and no local user can be asked",
             {"reason": "no local user to ask"},
