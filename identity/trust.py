@@ -208,20 +208,21 @@ async def trusted_gateway_key(issuer: str, kid: Any) -> jwt.PyJWK:
 
 
 async def peer_gateway_key(issuer: str, peer_origin: str, kid: Any) -> jwt.PyJWK:
-    """Return the key `kid` of a peer gateway this one calls, which signed as `issuer`.
+    """Return the key `kid` of the peer gateway at `peer_origin`, which signed as `issuer`.
 
-    Keys of a gateway this one also trusts come from its trust record; otherwise `issuer` must
-    be the peer's own origin (the one we send its calls to), and its keys are fetched from
-    `<issuer>/.well-known/jwks.json` and cached like a trusted gateway's.
+    `issuer` must be the peer's own origin, the one this gateway sent the call to: only the
+    peer we talk to may sign what it answers. Its keys come from its trust record if this
+    gateway trusts it too (an inline JWKS or another JWKS URL), otherwise from
+    `<origin>/.well-known/jwks.json`, cached like a trusted gateway's.
 
     Raises:
         AssertionRejectedError: the issuer is not the peer's, or the key is unknown or unavailable.
     """
+    if issuer.rstrip("/") != peer_origin.rstrip("/"):
+        raise AssertionRejectedError("issuer", "the signer is not the peer gateway this call went to")
     gateway = await TrustedGateway.objects.filter(issuer=issuer, enabled=True).afirst()
     if gateway is not None:
         return await _key_for(gateway, kid)
-    if issuer.rstrip("/") != peer_origin.rstrip("/"):
-        raise AssertionRejectedError("issuer", "the signer is not the peer gateway this call went to")
     url = f"{peer_origin.rstrip('/')}/.well-known/jwks.json"
     return await _cached_key(url, url, kid)
 

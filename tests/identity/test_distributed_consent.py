@@ -244,6 +244,15 @@ class HomeTests(TestCase):
         # C is neither trusted here nor the gateway the call went to.
         assert await self.reason(self.challenge(iss=C)) == "issuer"
 
+    async def test_a_challenge_from_a_trusted_gateway_that_is_not_the_peer_is_refused(self) -> None:
+        c = Signer()
+        await gateway_trust_async(name="c", issuer=C, jwks=c.jwks)
+        now = int(time.time())
+        claims = jwt.decode(self.challenge(), options={"verify_signature": False}) | {"iss": C, "iat": now, "exp": now + 90}
+
+        assert await self.reason(sign(c, claims, CHALLENGE_TYPE)) == "issuer"
+        assert (await self.verify(sign(c, claims, CHALLENGE_TYPE), peer_origin=C))[1].owner == "b"
+
     async def test_the_decision_names_the_challenge_and_is_short_lived(self) -> None:
         claims, _ = await self.verify(self.challenge())
 
