@@ -475,12 +475,16 @@ class PolicyDetailApi(AdminApi):
 
 
 class GrantOutput(serializers.ModelSerializer):
-    user = serializers.CharField(source="user.get_username")
+    # Empty for a federated identity's grant (distributed consent), which names it instead.
+    user = serializers.CharField(source="user.get_username", default="")
     active = serializers.BooleanField(source="is_active")
 
     class Meta:
         model = ConsentGrant
-        fields = ("id", "user", "peer", "kind", "name", "client_id", "created_at", "expires_at", "revoked_at", "active")
+        fields = (
+            "id", "user", "federated_issuer", "federated_subject", "peer", "kind", "name", "client_id",
+            "created_at", "expires_at", "revoked_at", "active",
+        )
 
 
 class GrantListApi(AdminApi):

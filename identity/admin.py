@@ -139,7 +139,7 @@ class AuditEventAdmin(admin.ModelAdmin):
 from django.utils import timezone  # noqa: E402
 
 from identity import consent as consent_services  # noqa: E402  (also connects the policy-change signal)
-from identity.models import ConsentGrant, ConsentPolicy, ConsentPrompt  # noqa: E402
+from identity.models import ConsentGrant, ConsentPolicy, ConsentPrompt, RemoteConsent  # noqa: E402
 
 
 @admin.register(ConsentPolicy)
@@ -160,8 +160,8 @@ class ConsentPolicyAdmin(admin.ModelAdmin):
 class ConsentPromptAdmin(admin.ModelAdmin):
     """Prompts are created by calls and answered by their user; admins can see and expire them."""
 
-    list_display = ("created_at", "username", "client_name", "peer", "kind", "name", "status", "decided_at")
-    list_filter = ("status", "kind", "peer")
+    list_display = ("created_at", "username", "client_name", "owner_gateway", "peer", "kind", "name", "status", "decided_at")
+    list_filter = ("status", "kind", "peer", "owner_gateway")
     search_fields = ("username", "federated_subject", "peer", "name", "client_id")
     actions = ["expire"]
 
@@ -180,9 +180,9 @@ class ConsentPromptAdmin(admin.ModelAdmin):
 class ConsentGrantAdmin(admin.ModelAdmin):
     """Remembered approvals of every user; revoking takes effect on the next call."""
 
-    list_display = ("user", "peer", "kind", "name", "client_id", "created_at", "expires_at", "revoked_at")
+    list_display = ("who", "peer", "kind", "name", "client_id", "created_at", "expires_at", "revoked_at")
     list_filter = ("kind", "peer")
-    search_fields = ("user__username", "peer", "name", "client_id")
+    search_fields = ("user__username", "federated_subject", "federated_issuer", "peer", "name", "client_id")
     raw_id_fields = ("user", "prompt")
     actions = ["revoke"]
 
@@ -244,4 +244,19 @@ class UpstreamTokenAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(RemoteConsent)
+class RemoteConsentAdmin(admin.ModelAdmin):
+    """Questions this gateway sent to users' home gateways, and how they were answered (read-only)."""
+
+    list_display = ("created_at", "role", "federated_subject", "federated_issuer", "peer", "kind", "name", "status", "decided_at")
+    list_filter = ("role", "status", "kind", "peer")
+    search_fields = ("federated_subject", "federated_issuer", "peer", "name", "client_id")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return [f.name for f in RemoteConsent._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False

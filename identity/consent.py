@@ -195,11 +195,18 @@ def _peer_used(identity: Identity | None, peer: str) -> bool:
 
 
 def _active_grant(identity: Identity | None, peer: str, kind: str, name: str) -> ConsentGrant | None:
-    if identity is None or identity.user_id is None:
+    if identity is None:
+        return None
+    if identity.user_id is not None:
+        owner = Q(user_id=identity.user_id)
+    elif identity.federated_issuer:
+        # Remembered at the user's home gateway (distributed consent, identity/remote_consent.py).
+        owner = Q(user__isnull=True, federated_issuer=identity.federated_issuer, federated_subject=identity.federated_subject)
+    else:
         return None
     return (
         ConsentGrant.objects.active()
-        .filter(user_id=identity.user_id, peer=peer, kind=kind, name=name)
+        .filter(owner, peer=peer, kind=kind, name=name)
         .filter(Q(client_id="") | Q(client_id=identity.client_id))
         .first()
     )
@@ -279,6 +286,7 @@ def prompt_summary(prompt: ConsentPrompt) -> dict[str, Any]:
         "federated": f"{prompt.federated_subject} @ {prompt.federated_issuer}" if prompt.federated_issuer else "",
         "client": prompt.client_name or prompt.client_id,
         "via": list(prompt.via or []),
+        "owner": prompt.owner_gateway,
         "peer": prompt.peer,
         "kind": prompt.kind,
         "name": prompt.name,
@@ -342,6 +350,42 @@ async def consent_prompt_create(
     return prompt
 
 
+def _remote_prompt_create(identity: Identity, question: Any, challenge: str, expires_at: Any) -> ConsentPrompt:
+    client_name = ""
+    if identity.application_id is not None:
+        client_name = Application.objects.filter(pk=identity.application_id).values_list("name", flat=True).first() or ""
+    return ConsentPrompt.objects.create(
+        id=secrets.token_urlsafe(24),
+        user_id=identity.user_id,
+        username=identity.username,
+        federated_issuer=identity.federated_issuer,
+        federated_subject=identity.federated_subject,
+        client_id=identity.client_id,
+        client_name=client_name,
+        via=list(question.path),
+        owner_gateway=question.owner,
+        challenge=challenge,
+        peer=question.peer,
+        kind=question.kind,
+        name=question.name,
+        arguments=question.arguments if question.arguments is not None else {},
+        expires_at=expires_at,
+    )
+
+
+async def consent_remote_prompt_create(*, identity: Identity, question: Any, challenge: str, expires_at: Any) -> ConsentPrompt:
+    """Create a pending prompt for a question another gateway (`question.owner`) asks our user.
+
+    `question` is an `identity.remote_consent.Question` from a verified `challenge`; the
+    arguments arrive already redacted by the owner's policies.
+    """
+    prompt = await database_sync_to_async(_remote_prompt_create)(identity, question, challenge, expires_at)
+    layer = get_channel_layer()
+    if layer is not None and prompt.user_id is not None:
+        await layer.group_send(user_group(prompt.user_id), {"type": "consent.prompt", "prompt": prompt_summary(prompt)})
+    return prompt
+
+
 class ConsentAnswerError(Exception):
     """The prompt cannot be answered: unknown, someone else's, already answered or expired."""
 
@@ -362,10 +406,15 @@ def consent_prompt_answer(*, prompt_id: str, user: AbstractBaseUser, approve: bo
         if approve and remember_seconds:
             if remember_seconds not in dict(REMEMBER_CHOICES):
                 raise ConsentAnswerError("choose one of the offered durations")
-            ConsentGrant.objects.create(
-                user=user, peer=prompt.peer, kind=prompt.kind, name=prompt.name, client_id=prompt.client_id,
-                expires_at=prompt.decided_at + timedelta(seconds=remember_seconds), prompt=prompt,
-            )
+            if prompt.owner_gateway:
+                # Another gateway owns the call: it keeps the grant, told so in the signed decision.
+                prompt.remember_seconds = remember_seconds
+                prompt.save(update_fields=["remember_seconds"])
+            else:
+                ConsentGrant.objects.create(
+                    user=user, peer=prompt.peer, kind=prompt.kind, name=prompt.name, client_id=prompt.client_id,
+                    expires_at=prompt.decided_at + timedelta(seconds=remember_seconds), prompt=prompt,
+                )
     event = {"type": "consent.decided", "id": prompt.id, "status": prompt.status}
     _publish(prompt_group(prompt.id), event)
     _publish(user_group(user.pk), event)

@@ -104,7 +104,12 @@ def _answer(request: HttpRequest, prompt_id: str) -> HttpResponse:
         # Single-use: a second answer (another tab, a replayed form) changes nothing.
         return HttpResponse(str(exc), status=409, content_type="text/plain")
     verb = {"approve": "Approved once", "remember": "Approved and remembered", "deny": "Denied"}[action]
-    messages.success(request, f"{verb}: {prompt.kind} {prompt.name} on {prompt.peer}.")
+    if prompt.owner_gateway:
+        # The owner gateway keeps a remembered approval, so it is not on this gateway's grants page.
+        where = f"gateway {prompt.owner_gateway}" + (", which remembers it" if action == "remember" else "")
+        messages.success(request, f"{verb}: {prompt.kind} {prompt.name} on {prompt.peer} ({where}).")
+    else:
+        messages.success(request, f"{verb}: {prompt.kind} {prompt.name} on {prompt.peer}.")
     return redirect("consent")
 
 

@@ -244,6 +244,14 @@ class ConsentPrompt(models.Model):
     expires_at = models.DateTimeField()
     decided_at = models.DateTimeField(null=True, blank=True)
     used_at = models.DateTimeField(null=True, blank=True, help_text="When the approved call went ahead (an approval is used once).")
+    owner_gateway = models.CharField(
+        max_length=48, blank=True,
+        help_text="Set when another gateway owns the call and asked this one, the user's home (distributed consent).",
+    )
+    challenge = models.TextField(blank=True, help_text="The owner gateway's signed challenge this prompt answers.")
+    remember_seconds = models.PositiveIntegerField(
+        null=True, blank=True, help_text="\"Approve and remember\" on a remote prompt: the owner gateway keeps the grant this long.",
+    )
 
     objects = ConsentPromptQuerySet.as_manager()
 
@@ -267,9 +275,15 @@ class ConsentGrantQuerySet(models.QuerySet["ConsentGrant"]):
 
 
 class ConsentGrant(models.Model):
-    """A remembered approval: `user` may call `name` on `peer` (from `client_id`) until `expires_at`."""
+    """A remembered approval: `user` may call `name` on `peer` (from `client_id`) until `expires_at`.
 
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="consent_grants")
+    For a user of another gateway who answered there (distributed consent), `user` is empty and
+    the grant names the federated identity (`federated_issuer`, `federated_subject`).
+    """
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="consent_grants")
+    federated_issuer = models.CharField(max_length=2000, blank=True)
+    federated_subject = models.CharField(max_length=255, blank=True)
     peer = models.CharField(max_length=48)
     kind = models.CharField(max_length=16, choices=ConsentKind.choices)
     name = models.CharField(max_length=2000)
@@ -285,7 +299,11 @@ class ConsentGrant(models.Model):
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
-        return f"{self.user} {self.kind} {self.peer}:{self.name} until {self.expires_at:%Y-%m-%d %H:%M}"
+        return f"{self.who()} {self.kind} {self.peer}:{self.name} until {self.expires_at:%Y-%m-%d %H:%M}"
+
+    def who(self) -> str:
+        """The local user, or `subject @ issuer` for a federated identity."""
+        return str(self.user) if self.user_id is not None else f"{self.federated_subject} @ {self.federated_issuer}"
 
     def is_active(self) -> bool:
         from django.utils import timezone
@@ -403,3 +421,48 @@ class UpstreamAuthorizationRequest(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} connecting to {self.peer}"
+
+
+class RemoteConsent(models.Model):
+    """A question this gateway sent to a user's home gateway, and its single-use answer.
+
+    `owner`: this gateway's policy said "ask" for a user asserted by a trusted gateway; the
+    nonce is the `jti` of the challenge it signed. `relay`: a gateway further on asked this one
+    about a user who is not ours either; we asked the user's home in turn, and keep the far
+    gateway's challenge (`upstream_claims`) to answer it once the home answers us.
+    """
+
+    class Role(models.TextChoices):
+        OWNER = "owner"
+        RELAY = "relay"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        APPROVED = "approved"
+        DENIED = "denied"
+
+    nonce = models.CharField(primary_key=True, max_length=64, editable=False)
+    role = models.CharField(max_length=8, choices=Role.choices, default=Role.OWNER)
+    federated_issuer = models.CharField(max_length=2000, help_text="The user's home gateway, which answers.")
+    federated_subject = models.CharField(max_length=255)
+    client_id = models.CharField(max_length=255, blank=True)
+    via = models.JSONField(default=list, blank=True)
+    peer = models.CharField(max_length=48)
+    kind = models.CharField(max_length=16, choices=ConsentKind.choices)
+    name = models.CharField(max_length=2000)
+    arguments_hash = models.CharField(max_length=64, help_text="SHA-256 of the call's canonical JSON arguments.")
+    arguments = models.JSONField(default=dict, blank=True, help_text="The call's arguments, sensitive fields redacted.")
+    upstream_claims = models.JSONField(default=dict, blank=True, help_text="Relay only: the far gateway's verified challenge.")
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
+    remember_seconds = models.PositiveIntegerField(null=True, blank=True)
+    decision_jti = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(db_index=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "remote consent request"
+
+    def __str__(self) -> str:
+        return f"{self.federated_subject}@{self.federated_issuer} {self.kind} {self.peer}:{self.name} {self.status}"

@@ -139,8 +139,8 @@ class _KeySet:
         return next((k for k in usable if k.key_id == kid), None)
 
 
-_jwks_cache: dict[int, _KeySet] = {}
-"""This worker's JWKS per trusted gateway."""
+_jwks_cache: dict[int | str, _KeySet] = {}
+"""This worker's JWKS per trusted gateway (by id), or per JWKS URL for peers we call (`peer_gateway_key`)."""
 
 
 def _parse_jwks(document: Any) -> jwt.PyJWKSet:
@@ -177,19 +177,54 @@ async def _key_for(gateway: TrustedGateway, kid: Any) -> jwt.PyJWK:
         if key is None:
             raise AssertionRejectedError("signature", "the assertion's key is not in the trusted gateway's JWKS")
         return key
-    url = gateway.keys_url()
+    return await _cached_key(gateway.pk, gateway.keys_url(), kid)
+
+
+async def _cached_key(cache_key: int | str, url: str, kid: Any) -> jwt.PyJWK:
     now = time.monotonic()
-    cached = _jwks_cache.get(gateway.pk)
+    cached = _jwks_cache.get(cache_key)
     if cached is not None and (cached.source != url or now - cached.fetched_at > settings.FEDMCP_JWKS_CACHE_SECONDS):
         cached = None
     key = cached.find(kid) if cached is not None else None
     if key is None and (cached is None or now - cached.fetched_at > JWKS_REFETCH_INTERVAL):
         cached = _KeySet(url, _parse_jwks(await _fetch_jwks(url)), now)
-        _jwks_cache[gateway.pk] = cached
+        _jwks_cache[cache_key] = cached
         key = cached.find(kid)
     if key is None:
-        raise AssertionRejectedError("signature", "the assertion's key is not in the trusted gateway's JWKS")
+        raise AssertionRejectedError("signature", "the signing key is not in the gateway's JWKS")
     return key
+
+
+async def trusted_gateway_key(issuer: str, kid: Any) -> jwt.PyJWK:
+    """Return the key `kid` of the enabled trusted gateway whose issuer is `issuer`.
+
+    Raises:
+        AssertionRejectedError: no such gateway (`issuer`), or the key is unknown or unavailable.
+    """
+    gateway = await TrustedGateway.objects.filter(issuer=issuer, enabled=True).afirst()
+    if gateway is None:
+        raise AssertionRejectedError("issuer", "the issuer is not a gateway this one trusts")
+    return await _key_for(gateway, kid)
+
+
+async def peer_gateway_key(issuer: str, peer_origin: str, kid: Any) -> jwt.PyJWK:
+    """Return the key `kid` of the peer gateway at `peer_origin`, which signed as `issuer`.
+
+    `issuer` must be the peer's own origin, the one this gateway sent the call to: only the
+    peer we talk to may sign what it answers. Its keys come from its trust record if this
+    gateway trusts it too (an inline JWKS or another JWKS URL), otherwise from
+    `<origin>/.well-known/jwks.json`, cached like a trusted gateway's.
+
+    Raises:
+        AssertionRejectedError: the issuer is not the peer's, or the key is unknown or unavailable.
+    """
+    if issuer.rstrip("/") != peer_origin.rstrip("/"):
+        raise AssertionRejectedError("issuer", "the signer is not the peer gateway this call went to")
+    gateway = await TrustedGateway.objects.filter(issuer=issuer, enabled=True).afirst()
+    if gateway is not None:
+        return await _key_for(gateway, kid)
+    url = f"{peer_origin.rstrip('/')}/.well-known/jwks.json"
+    return await _cached_key(url, url, kid)
 
 
 # --- checking a request ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ their account is pointed at /connect/<peer>, the way the host's era allows:
 * 2026-07-28, host declared `elicitation.url`: an `input_required` result with that URL
   elicitation and a signed `requestState`; the retry carrying it waits (bounded by
   FEDMCP_UPSTREAM_CONNECT_WAIT) for the user to finish connecting;
-* any other host: error -32019 whose message names the connect page (`data.connectUrl`).
+* any other host: error -32030 whose message names the connect page (`data.connectUrl`).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ async def connect_gate(ctx: HostContext, peer: PeerConfig, params: JsonDict) -> 
 
     Raises:
         UrlElicitationRequiredError: -32042, for a handshake-era host that takes URL elicitations.
-        UpstreamAuthorizationRequiredError: -32019, for other hosts or callers without a local user.
+        UpstreamAuthorizationRequiredError: -32030, for other hosts or callers without a local user.
     """
     if not peer.user_oauth:
         return params, None

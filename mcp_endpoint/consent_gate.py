@@ -9,6 +9,9 @@ A call that must be asked creates a `ConsentPrompt` and points the host at /cons
   elicitation to the consent page and whose `requestState` names the prompt, signed; the
   retry carrying that state waits for (or picks up) the answer.
 
+A user asserted by a trusted peer gateway (and not linked to an account here) is asked at
+their home gateway instead (`_ask_home`; docs/CONSENT.md "Distributed consent").
+
 Sampling and elicitation requests that upstreams send during a call are gated here too
 (`upstream_request_relay`, `upstream_input_gate`, `upstream_input_resume`; docs/CONSENT.md).
 """
@@ -26,10 +29,11 @@ from django.conf import settings
 from django.core import signing
 
 from federation.router import Route
-from identity import consent
+from identity import consent, remote_consent
 from identity.audit import audit_record
 from identity.models import ConsentDecision, ConsentPrompt
 from identity.upstream_requests import request_summary
+from identity.signing import AssertionConfigError, issuer
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
 
@@ -135,7 +139,7 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
     state = params.get("requestState")
     if ctx.era == "modern" and isinstance(state, str) and state.startswith(STATE_PREFIX):
         prompt = await consent.consent_prompt_for(prompt_id=_prompt_id_from(state), identity=ctx.identity)
-        if prompt is None or prompt.peer != peer or prompt.kind != kind or prompt.name != name:
+        if prompt is None or prompt.owner_gateway or prompt.peer != peer or prompt.kind != kind or prompt.name != name:
             raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
         url = consent_url(ctx, prompt.id)
         status = await _wait(ctx, prompt, url)
@@ -149,9 +153,12 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         exc.consent_decision = "deny"  # type: ignore[attr-defined]
         raise exc
 
+    if ctx.identity is not None and ctx.identity.user_id is None and ctx.identity.federated_issuer:
+        # A user of a trusted gateway, not linked to an account here: their home gateway asks.
+        return Gate(decision=await _ask_home(ctx, peer, kind, name, _arguments(method, params), decision), params=params)
     if ctx.identity is None or ctx.identity.user_id is None:
-        # Nobody could answer on /consent (a client-only token, or a federated user not linked
-        # to a local account): refuse now rather than wait out the timeout.
+        # Nobody could answer on /consent (a client-only token): refuse now rather than wait
+        # out the timeout.
         exc = jsonrpc.ConsentDeniedError(
             f"The {kind} call '{name}' on peer '{peer}' needs the user's consent, and no local user can be asked",
             {"reason": "no local user to ask"},
@@ -460,3 +467,53 @@ async def upstream_input_resume(ctx: HostContext, call: UpstreamCall, params: Js
             raise
         _audit_request(ctx, call, method, word, None, started)
     return dict(held)
+
+
+def _home_refused(message: str, data: JsonDict, audit_word: str) -> jsonrpc.ConsentDeniedError:
+    exc = jsonrpc.ConsentDeniedError(message, data)
+    exc.consent_decision = audit_word  # type: ignore[attr-defined]
+    return exc
+
+
+async def _ask_home(ctx: HostContext, peer: str, kind: str, name: str, arguments: Any, decision: consent.Decision) -> str:
+    """Distributed consent, at the owner: settle the home gateway's decision, or send it our question.
+
+    The first call gets -32019 with a challenge for the user's home gateway
+    (identity/remote_consent.py); the home asks its user and calls again with its signed
+    decision in `_meta["io.fedmcp/consent-decision"]`. Returns "approved" for an approval.
+
+    Raises:
+        ConsentRequiredAtHomeError: the question for the home gateway (-32019).
+        ConsentDeniedError: the user denied at home, or the decision is not acceptable (-32017).
+    """
+    identity = ctx.identity
+    raw = ctx.meta.get(remote_consent.DECISION_META_KEY)
+    if raw is not None:
+        try:
+            settled = await remote_consent.remote_consent_settle(raw=raw, identity=identity, peer=peer, kind=kind, name=name, arguments=arguments)
+        except remote_consent.RemoteConsentError as exc:
+            raise _home_refused(f"The consent decision from the home gateway is not acceptable: {exc.description}", {"reason": exc.reason}, "rejected") from exc
+        if settled.approved:
+            return "approved"
+        home = identity.federated_issuer
+        raise _home_refused(f"The user denied the {kind} call '{name}' on peer '{peer}' at their home gateway", {"reason": "denied at home gateway", "home": home}, "denied")
+    try:
+        issuer()
+    except AssertionConfigError as exc:
+        raise _home_refused(
+            f"The {kind} call '{name}' on peer '{peer}' needs the consent of a user of another gateway, and this gateway "
+            f"cannot ask it: {exc}",
+            {"reason": "no local user to ask"},
+            "deny",
+        ) from exc
+    challenge = await remote_consent.remote_consent_open(
+        identity=identity, peer=peer, kind=kind, name=name, arguments=arguments,
+        redacted=consent.redact(arguments, decision.redact_fields), expires_at=remote_consent.owner_expiry(consent.timeout_setting()),
+    )
+    exc = jsonrpc.ConsentRequiredAtHomeError(
+        f"The {kind} call '{name}' on peer '{peer}' at gateway '{settings.FEDMCP_GATEWAY_NAME}' needs the consent of "
+        f"{identity.federated_subject}, which their home gateway {identity.federated_issuer} asks for",
+        {"challenge": challenge, "gateway": settings.FEDMCP_GATEWAY_NAME, "home": identity.federated_issuer},
+    )
+    exc.consent_decision = "ask-home"  # type: ignore[attr-defined]
+    raise exc

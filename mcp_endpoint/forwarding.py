@@ -53,6 +53,7 @@ from mcp_endpoint.consent_gate import (
     upstream_request_relay,
 )
 from mcp_endpoint.connect_gate import connect_gate, connect_required_error
+from mcp_endpoint.consent_relay import peer_request
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
 
@@ -297,7 +298,8 @@ async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDic
         sent = upstream_params(ctx, connection, params, gateway_meta(ctx, route.peer, hops) if route.peer.is_gateway else None)
         call = UpstreamCall(route.peer.name, method, _audited_name(method, params), route.peer.is_gateway)
         relay = relay_to(ctx, call)
-        reply = await connection.request(method, sent, on_message=relay)
+        # A peer gateway may first ask for the user's consent at their home (mcp_endpoint/consent_relay.py).
+        reply = await peer_request(ctx, connection, method, sent, relay)
     except UpstreamAuthorizationRequiredError as exc:
         # The user's token at a per-user OAuth peer is gone or could not be renewed.
         raise connect_required_error(ctx, route.peer.name, exc.reason) from exc

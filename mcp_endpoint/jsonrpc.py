@@ -38,10 +38,13 @@ CONSENT_DENIED = -32017
 """Implementation-defined: the user (or a consent policy) refused the call."""
 CONSENT_TIMEOUT = -32018
 """Implementation-defined: the user did not answer the consent prompt in time."""
-UPSTREAM_AUTHORIZATION_REQUIRED = -32019
+UPSTREAM_AUTHORIZATION_REQUIRED = -32030
 """Implementation-defined: the peer needs the user's own authorization; `data.connectUrl` is where to give it."""
 URL_ELICITATION_REQUIRED = codes.URL_ELICITATION_REQUIRED
 """Handshake era (2025-11-25): the request needs the URL elicitations in `data.elicitations` completed first (-32042)."""
+CONSENT_REQUIRED_AT_HOME = -32019
+"""Implementation-defined, between gateways: the owner of the call needs the user's consent, which
+only the user's home gateway can ask for; `data.challenge` is the owner's signed question (docs/CONSENT.md)."""
 HEADER_MISMATCH = codes.HEADER_MISMATCH
 """An HTTP routing header disagrees with the body (-32020)."""
 MISSING_REQUIRED_CLIENT_CAPABILITY = codes.MISSING_REQUIRED_CLIENT_CAPABILITY
@@ -140,6 +143,9 @@ class UpstreamAuthorizationRequiredError(JsonRpcError):
 class UrlElicitationRequiredError(JsonRpcError):
     code = URL_ELICITATION_REQUIRED
     default_message = "URL elicitation required"
+class ConsentRequiredAtHomeError(JsonRpcError):
+    code = CONSENT_REQUIRED_AT_HOME
+    default_message = "Consent required at the user's home gateway"
 
 
 def response(request_id: Any, result: JsonDict) -> JsonDict:

@@ -10,7 +10,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('federation', '0009_peer_user_oauth'),
-        ('identity', '0003_consent_sampling'),
+        ('identity', '0004_distributed_consent'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

@@ -1,0 +1,291 @@
+"""Distributed consent on the way to a peer gateway: asking our user, or relaying the question home.
+
+`peer_request` sends one request to a peer gateway (forwarding.py `_exchange` calls it). When the
+peer owns the call and must ask the user first, it answers -32019 with a signed challenge
+(identity/remote_consent.py). Then, if the acting user is
+
+* **ours** (a local user, or a federated identity linked to one): we are the user's home. We
+  ask on /consent exactly as for a local prompt (showing the owner gateway and the path) and,
+  on the answer, sign a decision and send the call again with it: a handshake-era host waits
+  here; a 2026-07-28 host gets `input_required` and its retry carries our `requestState`;
+* **a user another gateway asserted to us**: we cannot ask them, so we relay. We keep the
+  peer's challenge, ask their home gateway with a challenge of our own, and when its decision
+  comes back with the call, sign our own decision for the peer's question;
+* **nobody** (a client-only token): refused with -32017, as for a local prompt.
+
+A peer that asks again after its question was answered gets no second answer (-32010).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+from typing import Any
+
+import jwt
+from django.core import signing
+from django.utils import timezone
+
+from federation.credentials import peer_audience
+from federation.upstream.base import JsonDict, UpstreamConnection, UpstreamError
+from identity import consent, remote_consent
+from identity.models import ConsentPrompt, RemoteConsent
+from identity.trust import assertion_subject
+from mcp_endpoint import jsonrpc
+from mcp_endpoint.consent_gate import INPUT_KEY, consent_url
+from mcp_endpoint.context import HostContext
+
+logger = logging.getLogger(__name__)
+
+STATE_PREFIX = "fedmcp-remote-consent:"
+STATE_SALT = "fedmcp.consent.remote-request-state"
+ANSWER_MARGIN = 10
+"""Seconds before the owner's challenge expires that our prompt closes, so the answer still arrives in time."""
+
+
+def _arguments(method: str, params: JsonDict) -> Any:
+    return {} if method == "resources/read" else params.get("arguments") or {}
+
+
+def _name(method: str, params: JsonDict) -> str:
+    value = params.get("uri") if method == "resources/read" else params.get("name")
+    return value if isinstance(value, str) else ""
+
+
+def _is_challenge(reply: JsonDict) -> bool:
+    error = reply.get("error")
+    return isinstance(error, dict) and error.get("code") == jsonrpc.CONSENT_REQUIRED_AT_HOME
+
+
+def _with_decision(params: JsonDict, decision: str) -> JsonDict:
+    params = {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}
+    meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+    params["_meta"] = {**meta, remote_consent.DECISION_META_KEY: decision}
+    return params
+
+
+def _refused(exc: jsonrpc.JsonRpcError, audit_word: str) -> jsonrpc.JsonRpcError:
+    exc.consent_decision = audit_word  # type: ignore[attr-defined]
+    return exc
+
+
+async def peer_request(ctx: HostContext, connection: UpstreamConnection, method: str, sent: JsonDict, relay: Any) -> JsonDict:
+    """Send `method` to the connection's peer; answer its consent challenge if it sends one.
+
+    Returns the peer's reply ({"result"} or {"error"}), or an `input_required` result for a
+    2026-07-28 host that must answer on our consent page first.
+
+    Raises:
+        ConsentDeniedError: the user denied, or nobody here can be asked (-32017).
+        ConsentTimeoutError: the user did not answer in time (-32018).
+        ConsentRequiredAtHomeError: the user's own home gateway must be asked (relay, -32019).
+        UpstreamFailedError: the peer's challenge is not acceptable, or it asked twice (-32010).
+    """
+    peer = connection.peer
+    kind = consent.KIND_FOR_METHOD.get(method)
+    if not peer.is_gateway or kind is None:
+        return await connection.request(method, sent, on_message=relay)
+    sent, answered = await _resume(ctx, connection, method, kind, sent, relay)
+    reply = await connection.request(method, sent, on_message=relay)
+    if not _is_challenge(reply):
+        return reply
+    if answered:
+        raise jsonrpc.UpstreamFailedError(f"peer '{peer.name}' asked for consent again after it was answered")
+    return await _answer_challenge(ctx, connection, method, kind, sent, reply["error"], relay)
+
+
+async def _answer_challenge(
+    ctx: HostContext, connection: UpstreamConnection, method: str, kind: str, sent: JsonDict, error: JsonDict, relay: Any
+) -> JsonDict:
+    peer = connection.peer
+    identity = ctx.identity
+    data = error.get("data") if isinstance(error.get("data"), dict) else {}
+    try:
+        claims, question = await remote_consent.challenge_verify(
+            raw=data.get("challenge"), peer_origin=peer_audience(peer.url),
+            subject=assertion_subject(identity) if identity is not None else "", kind=kind, arguments=_arguments(method, sent),
+        )
+    except remote_consent.RemoteConsentError as exc:
+        logger.warning("peer %s sent an unacceptable consent challenge: %s", peer.name, exc.description)
+        raise jsonrpc.UpstreamFailedError(
+            f"peer '{peer.name}' asked for consent with a challenge this gateway cannot accept: {exc.description}", {"reason": exc.reason}
+        ) from exc
+    if identity is not None and identity.user_id is not None:
+        return await _ask_our_user(ctx, connection, method, sent, relay, data["challenge"], claims, question)
+    if identity is not None and identity.federated_issuer:
+        await _relay_home(ctx, peer.name, method, kind, sent, claims, question)
+    raise _refused(
+        jsonrpc.ConsentDeniedError(
+            f"Gateway '{question.owner}' needs the user's consent for the {kind} call '{question.name}', and no local user can be asked",
+            {"reason": "no local user to ask"},
+        ),
+        "deny",
+    )
+
+
+# --- home: ask our user --------------------------------------------------------------------------
+
+
+def _elicitation(prompt: ConsentPrompt, url: str) -> JsonDict:
+    message = (
+        f"Gateway '{prompt.owner_gateway}' needs your approval to call {prompt.kind} '{prompt.name}' "
+        f"on '{prompt.peer}': open {url}"
+    )
+    return {"mode": "url", "message": message, "url": url, "elicitationId": prompt.id}
+
+
+async def _ask_our_user(
+    ctx: HostContext, connection: UpstreamConnection, method: str, sent: JsonDict, relay: Any,
+    challenge: str, claims: dict[str, Any], question: remote_consent.Question,
+) -> JsonDict:
+    expires_at = min(
+        timezone.now() + timedelta(seconds=consent.timeout_setting()),
+        remote_consent.expires_at_of(claims) - timedelta(seconds=ANSWER_MARGIN),
+    )
+    prompt = await consent.consent_remote_prompt_create(identity=ctx.identity, question=question, challenge=challenge, expires_at=expires_at)
+    url = consent_url(ctx, prompt.id)
+    elicitation = _elicitation(prompt, url)
+    if ctx.era == "modern":
+        state = STATE_PREFIX + signing.dumps({"p": prompt.id}, salt=STATE_SALT, compress=True)
+        result = {"resultType": "input_required", "inputRequests": {INPUT_KEY: {"method": "elicitation/create", "params": elicitation}}, "requestState": state}
+        return {"result": result}
+    status = await _wait_for_answer(ctx, prompt, url, elicitation)
+    decided = await _decide(ctx, connection, method, sent, relay, prompt, claims, status, url)
+    reply = await connection.request(method, decided, on_message=relay)
+    if _is_challenge(reply):
+        raise jsonrpc.UpstreamFailedError(f"peer '{connection.peer.name}' asked for consent again after it was answered")
+    return reply
+
+
+async def _wait_for_answer(ctx: HostContext, prompt: ConsentPrompt, url: str, elicitation: JsonDict) -> str:
+    """Wait for the user's answer as a local prompt does: progress, URL elicitation, bounded."""
+    from mcp_endpoint.consent_gate import _wait
+    from mcp_endpoint.forwarding import ask_host
+
+    asking: asyncio.Task[Any] | None = None
+    if ctx.has_capability("elicitation", "url") and ctx.outbound.can_request:
+        asking = asyncio.create_task(ask_host(ctx, "elicitation/create", elicitation))
+    try:
+        return await _wait(ctx, prompt, url)
+    except asyncio.CancelledError:
+        await asyncio.shield(consent.consent_prompt_expire(prompt_id=prompt.id))
+        raise
+    finally:
+        if asking is not None and not asking.done():
+            asking.cancel()
+            with contextlib.suppress(BaseException):
+                await asking
+
+
+async def _decide(
+    ctx: HostContext, connection: UpstreamConnection, method: str, sent: JsonDict, relay: Any,
+    prompt: ConsentPrompt, claims: dict[str, Any], status: str, url: str,
+) -> JsonDict:
+    """Turn our user's answer into the params to send again (approved), or the host's error."""
+    from mcp_endpoint.forwarding import _with_fresh_assertion
+
+    if status == ConsentPrompt.Status.APPROVED:
+        if not await consent.consent_prompt_use(prompt_id=prompt.id):
+            raise jsonrpc.InvalidParamsError("this consent approval was already used")
+        remember = await ConsentPrompt.objects.filter(pk=prompt.id).values_list("remember_seconds", flat=True).afirst()
+        decision = remote_consent.decision_create(challenge=claims, approve=True, remember_seconds=remember or 0)
+        return _with_decision(_with_fresh_assertion(ctx, connection.peer, sent), decision)
+    if status == ConsentPrompt.Status.DENIED:
+        # Tell the owner, so its audit trail has the user's answer; the host's answer is ours.
+        decision = remote_consent.decision_create(challenge=claims, approve=False)
+        with contextlib.suppress(UpstreamError, jsonrpc.JsonRpcError):
+            await connection.request(method, _with_decision(_with_fresh_assertion(ctx, connection.peer, sent), decision), on_message=relay)
+        raise _refused(
+            jsonrpc.ConsentDeniedError(
+                f"The user denied the {prompt.kind} call '{prompt.name}' on peer '{prompt.peer}' of gateway '{prompt.owner_gateway}'",
+                {"consentId": prompt.id},
+            ),
+            "denied",
+        )
+    raise _refused(
+        jsonrpc.ConsentTimeoutError(
+            f"Nobody answered the consent request for '{prompt.name}' of gateway '{prompt.owner_gateway}' in time; see {url}",
+            {"consentId": prompt.id, "url": url},
+        ),
+        "timeout",
+    )
+
+
+async def _resume(
+    ctx: HostContext, connection: UpstreamConnection, method: str, kind: str, sent: JsonDict, relay: Any
+) -> tuple[JsonDict, bool]:
+    """Return the params to send, with our decision if this call resumes an answered question.
+
+    Two cases: a 2026-07-28 host retrying with our `requestState` (we are the user's home),
+    and a home gateway's decision for a question we relayed (we answer the far peer in turn).
+    """
+    state = sent.get("requestState")
+    if ctx.era == "modern" and isinstance(state, str) and state.startswith(STATE_PREFIX):
+        prompt = await _own_remote_prompt(ctx, state, kind)
+        url = consent_url(ctx, prompt.id)
+        from mcp_endpoint.consent_gate import _wait
+
+        status = await _wait(ctx, prompt, url)
+        # Our own database's copy of a challenge we verified when it came.
+        claims = jwt.decode(prompt.challenge, options={"verify_signature": False})
+        return await _decide(ctx, connection, method, sent, relay, prompt, claims, status, url), True
+    raw = ctx.meta.get(remote_consent.DECISION_META_KEY)
+    identity = ctx.identity
+    if raw is None or identity is None or not identity.federated_issuer:
+        return sent, False
+    record = await remote_consent.relay_record_for(raw)
+    if record is None or record.peer != connection.peer.name:
+        return sent, False
+    try:
+        settled = await remote_consent.remote_consent_settle(
+            raw=raw, identity=identity, peer=record.peer, kind=kind, name=_name(method, sent), arguments=_arguments(method, sent),
+            role=RemoteConsent.Role.RELAY,
+        )
+    except remote_consent.RemoteConsentError as exc:
+        raise _refused(
+            jsonrpc.ConsentDeniedError(f"The consent decision from the home gateway is not acceptable: {exc.description}", {"reason": exc.reason}),
+            "rejected",
+        ) from exc
+    decision = remote_consent.decision_create(challenge=settled.record.upstream_claims, approve=settled.approved, remember_seconds=settled.remember_seconds)
+    return _with_decision(sent, decision), True
+
+
+async def _own_remote_prompt(ctx: HostContext, state: str, kind: str) -> ConsentPrompt:
+    try:
+        data = signing.loads(state.removeprefix(STATE_PREFIX), salt=STATE_SALT, max_age=consent.timeout_setting() + 3600)
+    except signing.BadSignature as exc:
+        raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued") from exc
+    prompt_id = data.get("p") if isinstance(data, dict) else None
+    prompt = await consent.consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity) if isinstance(prompt_id, str) else None
+    if prompt is None or not prompt.owner_gateway or prompt.kind != kind:
+        raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
+    return prompt
+
+
+# --- relay: ask the user's home ------------------------------------------------------------------
+
+
+async def _relay_home(
+    ctx: HostContext, peer: str, method: str, kind: str, sent: JsonDict, claims: dict[str, Any], question: remote_consent.Question
+) -> None:
+    """Ask the acting user's home gateway about the peer's question (we are only on the path).
+
+    Raises:
+        ConsentRequiredAtHomeError: always, carrying our own challenge.
+    """
+    identity = ctx.identity
+    challenge = await remote_consent.remote_consent_open(
+        identity=identity, peer=peer, kind=kind, name=_name(method, sent), arguments=_arguments(method, sent),
+        redacted=question.arguments, expires_at=remote_consent.expires_at_of(claims) - timedelta(seconds=ANSWER_MARGIN),
+        role=RemoteConsent.Role.RELAY, question=question, upstream_claims=claims,
+    )
+    raise _refused(
+        jsonrpc.ConsentRequiredAtHomeError(
+            f"Gateway '{question.owner}' needs the consent of {identity.federated_subject}, which their home gateway "
+            f"{identity.federated_issuer} asks for",
+            {"challenge": challenge, "gateway": question.owner, "home": identity.federated_issuer},
+        ),
+        "ask-home",
+    )

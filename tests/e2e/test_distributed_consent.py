@@ -1,0 +1,385 @@
+"""Distributed consent with real gateways: the owner of a tool asks, the user answers at home.
+
+Three gateways, each its own daphne process, database and keys: A -> B -> C, trust set up with
+the operator commands (as tests/e2e/test_federation.py). B has the fixture server as peer
+`tools`, C has it as peer `fixture`. B's policy asks before `tools/add`; C's before `fixture/add`.
+alice is a user of A only: B knows her as alice@A, C as alice@A@B (asserted by B).
+
+* A host on A calls `b.tools__add`: B challenges A, the prompt appears on A's /consent (alice
+  signs in there and approves), the call completes on B, B's audit says alice@A, approved.
+* Deny, remember, a 2026-07-28 host, and the ask at C (relayed by B) likewise.
+* Playing gateway A by hand (A's real key, through `manage.py shell`), the test replays a
+  decision, uses one for another call, forges one and sends one to the wrong gateway: B
+  refuses each with -32017 and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from mcp_endpoint import jsonrpc
+from tests.e2e.harness import Gateway, fixture_server
+from tests.e2e.test_federation import gateway_token, modern_call, own_keys, register, shell, trust
+
+pytestmark = pytest.mark.e2e
+
+WAIT = 60.0
+"""Upper bound for each wait; a healthy run needs a fraction of it."""
+USERNAME = "alice"
+ADD_AT_B = {"name": "b.tools__add", "arguments": {"a": 20, "b": 22}}
+ADD_AT_C = {"name": "c.fixture__add", "arguments": {"a": 40, "b": 2}}
+CONSENT_ENV = {"FEDMCP_CONSENT_TIMEOUT": str(WAIT), "FEDMCP_CONSENT_POLL_INTERVAL": "1"}
+HANDSHAKE_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+def ask_policy(gateway: Gateway, peer: str) -> None:
+    """`gateway` asks before every call of `add` on `peer`, and hides argument `b` on the page."""
+    shell(gateway, f"from identity.models import ConsentPolicy; ConsentPolicy.objects.create(peer={peer!r}, kind='tool', name_pattern='add', decision='ask', redact_fields=['b'])")
+
+
+@pytest.fixture(scope="module")
+def chain() -> Iterator[dict[str, Any]]:
+    """A -> B -> C, B and C with the fixture as `tools` / `fixture`; alice (with a password) on A."""
+    password = secrets.token_urlsafe(16)
+    with fixture_server(name="fixture") as fixture_url:
+        gateways = {name: Gateway(name=name, env={**own_keys(), **CONSENT_ENV}) for name in ("c", "b", "a")}
+        try:
+            for gateway in gateways.values():
+                gateway.migrate()
+            c, b, a = gateways["c"], gateways["b"], gateways["a"]
+            a.manage("shell", "-c", f"from django.contrib.auth import get_user_model; get_user_model().objects.create_user({USERNAME!r}, password={password!r})")
+            a.auth_headers(USERNAME)
+            c.manage("peer", "add", "fixture", "--url", fixture_url)
+            ask_policy(c, "fixture")
+            c.start_worker()
+            b_at_c = trust(c, b, "b")
+            register(b, c, "c", b_at_c)
+            b.manage("peer", "add", "tools", "--url", fixture_url)
+            ask_policy(b, "tools")
+            b.start_worker()
+            a_at_b = trust(b, a, "a")
+            register(a, b, "b", a_at_b)
+            a.start_worker()
+            yield {**gateways, "a_at_b": a_at_b, "password": password}
+        except BaseException:
+            for gateway in gateways.values():
+                print(gateway.logs())
+            raise
+        finally:
+            for gateway in gateways.values():
+                gateway.cleanup()
+
+
+# --- helpers: a host, alice's browser session on A, the audit trail --------------------------------
+
+
+class Host:
+    """A handshake-era host on A over Streamable HTTP; `call` runs one request in a thread."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.url = gateway.url("/mcp")
+        self.headers = {**gateway.auth_headers(USERNAME), **HANDSHAKE_HEADERS}
+        self.client = httpx.Client(timeout=httpx.Timeout(WAIT * 3))
+        self.result: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "distributed-consent-e2e", "version": "0"}}
+        reply = self.client.post(self.url, json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}, headers=self.headers)
+        assert reply.status_code == 200, reply.text
+        self.headers["Mcp-Session-Id"] = reply.headers["mcp-session-id"]
+        self.headers["Mcp-Protocol-Version"] = final(reply)["result"]["protocolVersion"]
+        assert self.client.post(self.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=self.headers).status_code == 202
+
+    def call_in_background(self, params: dict[str, Any]) -> None:
+        def run() -> None:
+            try:
+                message = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}
+                self.result = final(self.client.post(self.url, json=message, headers=self.headers))
+            except BaseException as exc:  # handed to the test thread
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def wait(self) -> dict[str, Any]:
+        assert self.thread is not None
+        self.thread.join(WAIT * 2)
+        assert not self.thread.is_alive(), "the host's call did not finish"
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def final(reply: httpx.Response) -> dict[str, Any]:
+    """The JSON-RPC response of a POST, answered as JSON or as an SSE stream."""
+    if reply.headers.get("content-type", "").startswith("text/event-stream"):
+        messages = [json.loads(line[5:].strip()) for line in reply.text.splitlines() if line.startswith("data:") and line[5:].strip()]
+        return [m for m in messages if "method" not in m][-1]
+    return reply.json()
+
+
+class ConsentPage:
+    """alice signed in on A's /consent with a plain HTTP client, posting the page's forms."""
+
+    def __init__(self, gateway: Gateway, password: str) -> None:
+        self.base = gateway.url("")
+        self.client = httpx.Client(base_url=self.base, timeout=WAIT, follow_redirects=False)
+        page = self.client.get("/accounts/login/", params={"next": "/consent"})
+        signed_in = self.client.post(
+            "/accounts/login/", data={"username": USERNAME, "password": password, "next": "/consent", "csrfmiddlewaretoken": csrf_of(page.text)}
+        )
+        assert signed_in.status_code == 302, signed_in.text
+
+    def wait_for_prompt(self, known: set[str] = frozenset()) -> tuple[str, str]:  # type: ignore[assignment]
+        """Poll /consent until a new prompt shows; return its id and its section's HTML."""
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            page = self.client.get("/consent")
+            assert page.status_code == 200
+            for match in re.finditer(r'<section class="prompt" id="prompt-([^"]+)".*?</section>', page.text, re.S):
+                if match.group(1) not in known:
+                    return match.group(1), match.group(0)
+            time.sleep(0.3)
+        raise AssertionError("no consent prompt appeared on A's /consent")
+
+    def answer(self, prompt_id: str, action: str, **extra: str) -> int:
+        page = self.client.get(f"/consent/{prompt_id}")
+        response = self.client.post(f"/consent/{prompt_id}", data={"action": action, "csrfmiddlewaretoken": csrf_of(page.text), **extra})
+        return response.status_code
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', html)
+    assert match, "no CSRF token on the page"
+    return match.group(1)
+
+
+@pytest.fixture
+def page(chain: dict[str, Any]) -> Iterator[ConsentPage]:
+    browser = ConsentPage(chain["a"], chain["password"])
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+@pytest.fixture
+def host(chain: dict[str, Any]) -> Iterator[Host]:
+    client = Host(chain["a"])
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def audit_events(gateway: Gateway) -> list[dict[str, Any]]:
+    code = (
+        "import json; from identity.models import AuditEvent;"
+        "print(json.dumps(list(AuditEvent.objects.order_by('at').values("
+        "'username', 'federated_issuer', 'federated_subject', 'via', 'peer', 'method', 'name', 'outcome', 'error_code', 'decision'))))"
+    )
+    return json.loads(shell(gateway, code))
+
+
+def wait_for_audit(gateway: Gateway, match: dict[str, Any], count: int = 1) -> list[dict[str, Any]]:
+    """Poll `gateway`'s audit trail (written off the response path) for `count` events with `match`."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        found = [e for e in audit_events(gateway) if all(e.get(k) == v for k, v in match.items())]
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no audit event {match} on {gateway.env['FEDMCP_GATEWAY_NAME']}: {audit_events(gateway)}")
+        time.sleep(0.3)
+
+
+def text_of(reply: dict[str, Any]) -> str:
+    assert "result" in reply, reply
+    return str(reply["result"]["content"][0]["text"])
+
+
+# --- alice on A, the ask at B -------------------------------------------------------------------
+
+
+def test_approval_at_home_completes_the_call_at_the_owner(chain: dict[str, Any], page: ConsentPage, host: Host) -> None:
+    a, b = chain["a"], chain["b"]
+    host.call_in_background(ADD_AT_B)
+    prompt_id, section = page.wait_for_prompt()
+
+    # The page on A says who asks, about what, through which gateways; B's redaction holds.
+    assert "gateway <code>b</code>" in section and "a → b" in section
+    assert "<code>add</code> on <code>tools</code>" in section
+    assert "&quot;b&quot;: &quot;[redacted]&quot;" in section and "&quot;a&quot;: 20" in section
+    assert page.answer(prompt_id, "approve") == 302
+
+    assert text_of(host.wait()) == "42"
+    (event,) = wait_for_audit(b, {"peer": "tools", "name": "add", "outcome": "ok"})
+    assert (event["federated_subject"], event["federated_issuer"], event["username"]) == ("alice", a.public_url, "")
+    assert (event["decision"], event["via"]) == ("approved", ["a"])
+    # B asked first (-32019, "ask-home"), then ran the approved call.
+    wait_for_audit(b, {"peer": "tools", "name": "add", "error_code": jsonrpc.CONSENT_REQUIRED_AT_HOME, "decision": "ask-home"})
+
+
+def test_deny_at_home_answers_consent_denied_and_the_owner_audits_it(chain: dict[str, Any], page: ConsentPage, host: Host) -> None:
+    a, b = chain["a"], chain["b"]
+    host.call_in_background({**ADD_AT_B, "arguments": {"a": 1, "b": 1}})
+    prompt_id, _ = page.wait_for_prompt()
+    assert page.answer(prompt_id, "deny") == 302
+
+    reply = host.wait()
+
+    assert reply["error"]["code"] == jsonrpc.CONSENT_DENIED
+    (event,) = wait_for_audit(b, {"peer": "tools", "decision": "denied"})
+    assert (event["federated_subject"], event["federated_issuer"], event["error_code"]) == ("alice", a.public_url, jsonrpc.CONSENT_DENIED)
+    wait_for_audit(a, {"peer": "b", "name": "tools__add", "decision": "denied", "error_code": jsonrpc.CONSENT_DENIED})
+
+
+def test_a_2026_host_gets_input_required_pointing_at_as_consent_page(chain: dict[str, Any], page: ConsentPage) -> None:
+    a = chain["a"]
+    params = {**ADD_AT_B, "arguments": {"a": 2, "b": 3}}
+    first = modern_call(a, "tools/call", params, name=ADD_AT_B["name"], headers=a.auth_headers(USERNAME), timeout=WAIT)
+    result = first["result"]
+    assert result["resultType"] == "input_required", first
+    (request,) = result["inputRequests"].values()
+    prompt_id, _ = page.wait_for_prompt()
+    assert request["params"]["url"] == f"{a.public_url}/consent/{prompt_id}"
+    assert page.answer(prompt_id, "approve") == 302
+
+    retry = {**params, "requestState": result["requestState"], "inputResponses": {"fedmcp-consent": {"action": "accept"}}}
+    done = modern_call(a, "tools/call", retry, name=ADD_AT_B["name"], headers=a.auth_headers(USERNAME), timeout=WAIT)
+
+    assert text_of(done) == "5"
+    # The approval was spent at A: the same state again is refused there.
+    again = modern_call(a, "tools/call", retry, name=ADD_AT_B["name"], headers=a.auth_headers(USERNAME), timeout=WAIT)
+    assert again["error"]["code"] == jsonrpc.INVALID_PARAMS
+
+
+def test_remember_keeps_a_grant_for_alice_at_a_on_b(chain: dict[str, Any], page: ConsentPage, host: Host) -> None:
+    a, b = chain["a"], chain["b"]
+    params = {**ADD_AT_B, "arguments": {"a": 3, "b": 4}}
+    host.call_in_background(params)
+    prompt_id, _ = page.wait_for_prompt()
+    assert page.answer(prompt_id, "remember", duration="3600") == 302
+    assert text_of(host.wait()) == "7"
+
+    grants = json.loads(shell(b, "import json; from identity.models import ConsentGrant; print(json.dumps(list(ConsentGrant.objects.active().values('user', 'federated_issuer', 'federated_subject', 'peer', 'name'))))"))
+    assert grants == [{"user": None, "federated_issuer": a.public_url, "federated_subject": "alice", "peer": "tools", "name": "add"}]
+    # No grant at A: B owns the call and keeps it.
+    assert shell(a, "from identity.models import ConsentGrant; print(ConsentGrant.objects.count())") == "0"
+
+    # Remembered: the next call (other arguments too) passes without a prompt.
+    again = modern_call(a, "tools/call", {**ADD_AT_B, "arguments": {"a": 5, "b": 5}}, name=ADD_AT_B["name"], headers=a.auth_headers(USERNAME), timeout=WAIT)
+    assert text_of(again) == "10"
+    wait_for_audit(b, {"peer": "tools", "decision": "grant", "outcome": "ok"})
+    shell(b, "from django.utils import timezone; from identity.models import ConsentGrant; ConsentGrant.objects.update(revoked_at=timezone.now())")
+
+
+# --- the ask at C, two hops away: B relays --------------------------------------------------------
+
+
+def test_an_ask_at_c_is_relayed_by_b_and_answered_at_a(chain: dict[str, Any], page: ConsentPage, host: Host) -> None:
+    a, b, c = chain["a"], chain["b"], chain["c"]
+    host.call_in_background(ADD_AT_C)
+    prompt_id, section = page.wait_for_prompt()
+
+    assert "gateway <code>c</code>" in section and "a → b → c" in section
+    assert "<code>add</code> on <code>fixture</code>" in section
+    assert page.answer(prompt_id, "approve") == 302
+
+    assert text_of(host.wait()) == "42"
+    # C trusts B only: the decision it accepted is B's, for alice as B asserted her.
+    (on_c,) = wait_for_audit(c, {"peer": "fixture", "name": "add", "outcome": "ok"})
+    assert (on_c["federated_subject"], on_c["federated_issuer"], on_c["decision"]) == (f"alice@{a.public_url}", b.public_url, "approved")
+    assert on_c["via"] == ["a", "b"]
+    wait_for_audit(b, {"peer": "c", "name": "fixture__add", "outcome": "ok"})
+
+
+# --- decisions that must not work ----------------------------------------------------------------
+
+
+class PlayingA:
+    """The test acts as gateway A at B: A's credentials, A's real signing key (via `manage.py shell` on A)."""
+
+    def __init__(self, chain: dict[str, Any]) -> None:
+        self.a, self.b = chain["a"], chain["b"]
+        self.headers = {"Authorization": f"Bearer {gateway_token(self.b, chain['a_at_b'])}"}
+
+    def sign(self, code: str) -> str:
+        """Run `code` on A (with `claims`-building helpers imported); return what it printed."""
+        return shell(self.a, "import jwt, json, time, secrets; from identity import remote_consent; from identity.signing import *; " + code)
+
+    def assertion(self) -> str:
+        return self.sign(f"print(assertion_create(subject='alice', audience={self.b.public_url!r}, client_id='host', via=['a']))")
+
+    def decision(self, challenge: str, **overrides: Any) -> str:
+        """A's decision (approve) for `challenge`, with claims overridden as given."""
+        return self.sign(
+            f"claims = jwt.decode({challenge!r}, options={{'verify_signature': False}}); d = remote_consent.decision_create(challenge=claims, approve=True);"
+            f"c = jwt.decode(d, options={{'verify_signature': False}}); c.update({overrides!r}); key = signing_key();"
+            "print(jwt.encode(c, key.private_key, algorithm=key.algorithm, headers={'kid': key.kid, 'typ': remote_consent.DECISION_TYPE}))"
+        )
+
+    def call(self, arguments: dict[str, Any], decision: str | None = None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"io.fedmcp/hops": ["a"], "io.fedmcp/assertion": self.assertion()}
+        if decision is not None:
+            meta["io.fedmcp/consent-decision"] = decision
+        params = {"name": "tools__add", "arguments": arguments}
+        return modern_call(self.b, "tools/call", params, name="tools__add", headers=self.headers, meta=meta, timeout=WAIT)
+
+    def challenge(self, arguments: dict[str, Any]) -> str:
+        reply = self.call(arguments)
+        assert reply["error"]["code"] == jsonrpc.CONSENT_REQUIRED_AT_HOME, reply
+        assert reply["error"]["data"]["gateway"] == "b"
+        return str(reply["error"]["data"]["challenge"])
+
+
+def test_a_decision_is_good_once_for_its_call_and_only_from_alices_home(chain: dict[str, Any]) -> None:
+    a_side = PlayingA(chain)
+    arguments = {"a": 30, "b": 12}
+    challenge = a_side.challenge(arguments)
+    decision = a_side.decision(challenge)
+
+    assert text_of(a_side.call(arguments, decision)) == "42"
+
+    def refusal(reply: dict[str, Any]) -> tuple[int, str]:
+        return reply["error"]["code"], reply["error"]["data"]["reason"]
+
+    assert refusal(a_side.call(arguments, decision)) == (jsonrpc.CONSENT_DENIED, "replayed")
+    other_call = a_side.decision(a_side.challenge({"a": 1, "b": 2}))
+    assert refusal(a_side.call({"a": 1000, "b": 2}, other_call)) == (jsonrpc.CONSENT_DENIED, "other_call")
+
+    fresh = a_side.challenge(arguments)
+    misaddressed = a_side.decision(fresh, aud=chain["c"].public_url)
+    assert refusal(a_side.call(arguments, misaddressed)) == (jsonrpc.CONSENT_DENIED, "audience")
+    not_home = a_side.decision(fresh, iss=chain["c"].public_url)
+    assert refusal(a_side.call(arguments, not_home)) == (jsonrpc.CONSENT_DENIED, "issuer")
+    expired = a_side.decision(fresh, iat=int(time.time()) - 200, exp=int(time.time()) - 100)
+    assert refusal(a_side.call(arguments, expired)) == (jsonrpc.CONSENT_DENIED, "expired")
+    # Forged: alice's home claimed, but signed with B's own key (which A's JWKS lacks).
+    forged = shell(
+        chain["b"],
+        "import jwt; from identity import remote_consent; from identity.signing import signing_key; key = signing_key();"
+        f"c = jwt.decode({a_side.decision(fresh)!r}, options={{'verify_signature': False}});"
+        "print(jwt.encode(c, key.private_key, algorithm=key.algorithm, headers={'kid': key.kid, 'typ': remote_consent.DECISION_TYPE}))",
+    )
+    assert refusal(a_side.call(arguments, forged))[0] == jsonrpc.CONSENT_DENIED
+    assert refusal(a_side.call(arguments, forged))[1] in ("signature", "keys_unavailable")
+    # None of those spent the question: A's genuine decision still works, once.
+    assert text_of(a_side.call(arguments, a_side.decision(fresh))) == "42"
+    wait_for_audit(chain["b"], {"peer": "tools", "decision": "rejected", "error_code": jsonrpc.CONSENT_DENIED}, count=6)
