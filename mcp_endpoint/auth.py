@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 
 from django.conf import settings
 
+from fedmcp_site import caching
 from identity import scopes
 from identity.tokens import TokenError, authenticate
 from mcp_endpoint import security
@@ -90,6 +91,8 @@ class McpEdgeMiddleware:
                 [(b"www-authenticate", challenge(scope).encode())],
             )
             return
+        # Once per request: learn what changed in other processes before any cache is used.
+        await caching.refresh()
         try:
             identity = await authenticate(raw.strip(), public_base_url(scope))
         except TokenError as exc:

@@ -21,7 +21,7 @@ from django.conf import settings
 from django.core import signing
 
 from federation.router import Route
-from identity import consent
+from identity import consent, consent_cache
 from identity.models import ConsentDecision, ConsentPrompt
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
@@ -133,7 +133,7 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         status = await _wait(ctx, prompt, url)
         return Gate(decision=await _finish(prompt, status, url), params=_strip_state(params))
 
-    decision = await consent.consent_decide(identity=ctx.identity, peer=peer, kind=kind, name=name)
+    decision = await consent_cache.consent_decide(identity=ctx.identity, peer=peer, kind=kind, name=name)
     if decision.action == ConsentDecision.ALLOW:
         return Gate(decision=decision.label, params=params)
     if decision.action == ConsentDecision.DENY:
