@@ -81,15 +81,14 @@ def session_initialize(*, session: McpSession, protocol_version: str, client_cap
     session.protocol_version = protocol_version
     session.client_capabilities = client_capabilities or {}
     session.client_info = client_info or {}
-    session.save(update_fields=["protocol_version", "client_capabilities", "client_info"])
-    caching.bump("sessions")
+    session.save(update_fields=["protocol_version", "client_capabilities", "client_info"])  # signals bump "sessions"
 
 
 @database_sync_to_async
 def session_mark_initialized(*, session: McpSession) -> None:
     session.initialized = True
+    # Nothing reads `initialized` on the call path: cached copies elsewhere need not be dropped.
     McpSession.objects.filter(pk=session.pk).update(initialized=True)
-    caching.bump("sessions")
 
 
 @database_sync_to_async
