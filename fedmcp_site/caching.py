@@ -15,6 +15,9 @@ Generations live where every process of one installation can see them:
   rewritten atomically on change and read once per request;
 * an in-memory SQLite database (tests) has no other process: in-process counters only.
 
+Entries are also dropped after FEDMCP_CACHE_MAX_AGE seconds (30), a safety net should a
+change ever go unpublished (Redis unreachable from the process that made it).
+
 A change is published twice: at once (so this process and a test transaction that never
 commits see it) and again after the transaction commits (so another worker that re-read the
 old rows in between drops them). What changes is found by model signals (`connect_signals`)
@@ -36,6 +39,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -53,6 +57,11 @@ Stamp = tuple[Any, ...]
 
 def enabled() -> bool:
     return bool(getattr(settings, "FEDMCP_CACHES_ENABLED", True))
+
+
+def max_age() -> float:
+    """Seconds an entry may be used at most: the safety net should a change go unpublished."""
+    return float(getattr(settings, "FEDMCP_CACHE_MAX_AGE", 30.0))
 
 
 # --- where the shared generations live -------------------------------------------------------
@@ -78,6 +87,7 @@ class _FileGenerations:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock_path = path.with_name(path.name + ".lock")
+        self._last: tuple[bytes, dict[str, str]] = (b"", {})
 
     def _parse(self, text: str) -> dict[str, str]:
         values: dict[str, str] = {}
@@ -89,12 +99,18 @@ class _FileGenerations:
 
     def read_sync(self) -> dict[str, str] | None:
         try:
-            return self._parse(self.path.read_text())
+            with open(self.path, "rb") as file:
+                raw = file.read()
         except FileNotFoundError:
             return {}
         except OSError as exc:
             logger.warning("cache generations unreadable (%s): caching is off for this request", exc)
             return None
+        last = self._last  # (raw, parsed) in one attribute: threads may read at the same time
+        if raw != last[0]:
+            last = (raw, self._parse(raw.decode()))
+            self._last = last
+        return dict(last[1])
 
     async def read(self) -> dict[str, str] | None:
         # A few microseconds on a local file: cheaper than a hop to a thread.
@@ -265,7 +281,7 @@ class GenerationCache(Generic[T]):
         self.name = name
         self.domains = domains
         self.maxsize = maxsize
-        self._entries: dict[Hashable, tuple[Stamp, T]] = {}
+        self._entries: dict[Hashable, tuple[Stamp, float, T]] = {}
         self._current: Stamp | None = None
         _caches.append(self)
 
@@ -282,9 +298,9 @@ class GenerationCache(Generic[T]):
         if stamp is None:
             return MISSING
         entry = self._entries.get(key)
-        if entry is None or entry[0] != stamp:
+        if entry is None or entry[0] != stamp or time.monotonic() - entry[1] >= max_age():
             return MISSING
-        return entry[1]
+        return entry[2]
 
     def put(self, key: Hashable, value: T, stamp: Stamp | None) -> None:
         if stamp is None or stamp != self._current:
@@ -292,7 +308,7 @@ class GenerationCache(Generic[T]):
         if len(self._entries) >= self.maxsize:
             # Drop the oldest entry (dicts keep insertion order).
             self._entries.pop(next(iter(self._entries)))
-        self._entries[key] = (stamp, value)
+        self._entries[key] = (stamp, time.monotonic(), value)
 
     def discard(self, key: Hashable) -> None:
         self._entries.pop(key, None)

@@ -70,6 +70,14 @@ class GenerationCacheTests(SimpleTestCase):
         assert len(cache) == 3
         assert cache.get(0) is caching.MISSING and cache.get(4) == 4
 
+    def test_an_entry_is_not_used_past_the_maximum_age(self) -> None:
+        cache: caching.GenerationCache[str] = caching.GenerationCache("test", ("catalog",))
+        cache.put("k", "v", cache.stamp())
+        with override_settings(FEDMCP_CACHE_MAX_AGE=0):
+            # override_settings empties the caches too: store again under the new settings.
+            cache.put("k", "v", cache.stamp())
+            assert cache.get("k") is caching.MISSING
+
     @override_settings(FEDMCP_CACHES_ENABLED=False)
     def test_caching_can_be_switched_off(self) -> None:
         cache: caching.GenerationCache[str] = caching.GenerationCache("test", ("catalog",))
