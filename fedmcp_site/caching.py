@@ -205,6 +205,8 @@ class Generations:
         self.shared: dict[str, str] | None = {}
         self._backend: Any = None
         self._lock = threading.Lock()
+        self._issued = 0
+        self._applied = 0
 
     @property
     def backend(self) -> Any:
@@ -216,7 +218,13 @@ class Generations:
         """Read the shared generations (once per request, before any cache is consulted)."""
         if not enabled():
             return
-        self.shared = await self.backend.read()
+        self._issued += 1
+        ticket = self._issued
+        shared = await self.backend.read()
+        # Concurrent reads may complete out of order: never go back to an older answer.
+        if ticket > self._applied:
+            self._applied = ticket
+            self.shared = shared
 
     def stamp(self, domains: tuple[str, ...]) -> Stamp | None:
         """The generations of `domains` now, or None when caching is off."""

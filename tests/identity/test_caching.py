@@ -63,6 +63,35 @@ class GenerationCacheTests(SimpleTestCase):
         cache.put("k", "v", cache.stamp())
         assert cache.get("k") is caching.MISSING
 
+    def test_an_older_read_of_the_generations_never_wins_over_a_newer_one(self) -> None:
+        class Slow:
+            """Answers reads in the order the test releases them."""
+
+            def __init__(self) -> None:
+                self.gates: list[tuple[asyncio.Event, dict[str, str]]] = []
+
+            async def read(self) -> dict[str, str]:
+                gate = asyncio.Event()
+                answer = {"tokens": f"g{len(self.gates)}"}
+                self.gates.append((gate, answer))
+                await gate.wait()
+                return answer
+
+        async def scenario() -> dict[str, str] | None:
+            worker = caching.Generations()
+            worker._backend = Slow()
+            older = asyncio.create_task(worker.refresh())
+            await asyncio.sleep(0)
+            newer = asyncio.create_task(worker.refresh())
+            await asyncio.sleep(0)
+            worker._backend.gates[1][0].set()
+            await newer
+            worker._backend.gates[0][0].set()
+            await older
+            return worker.shared
+
+        assert async_to_sync(scenario)() == {"tokens": "g1"}
+
     def test_the_cache_is_bounded(self) -> None:
         cache: caching.GenerationCache[int] = caching.GenerationCache("test", ("catalog",), maxsize=3)
         for i in range(5):
