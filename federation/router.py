@@ -16,10 +16,10 @@ from functools import lru_cache
 
 from channels.db import database_sync_to_async
 
-from fedmcp_site import caching
 from federation import naming
 from federation.models import CatalogEntry, CatalogKind, Peer
 from federation.upstream.base import PeerConfig
+from fedmcp_site import caching
 
 
 class NotRoutableError(Exception):
