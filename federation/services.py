@@ -18,6 +18,7 @@ from federation.credentials import auth_for, discover_token_url
 from federation.models import CatalogEntry, CatalogKind, Peer, Transport
 from federation.upstream import CONNECTION_KINDS
 from federation.upstream.base import JsonDict, PeerConfig, UpstreamConnection, UpstreamError, modern_meta
+from fedmcp_site import caching
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ async def peer_discover_token_url(*, peer: Peer) -> str:
     token_url = await discover_token_url(peer.url)
     peer.token_url = token_url
     await Peer.objects.filter(pk=peer.pk).aupdate(token_url=token_url)
+    caching.bump("catalog")  # workers' cached peer configs (fedmcp_site/caching.py)
     return token_url
 
 
