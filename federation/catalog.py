@@ -1,4 +1,9 @@
-"""Read the catalog as hosts see it: namespaced on the aggregated endpoints, verbatim per peer."""
+"""Read the catalog as hosts see it: namespaced on the aggregated endpoints, verbatim per peer.
+
+The built lists are kept per worker until the catalog or a peer changes in any process
+(fedmcp_site/caching.py, domain "catalog"), so paging through 10,000 tools reads them once.
+The items are shared between requests: callers slice the list, never change an item.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 
 from federation.models import CatalogEntry, CatalogKind, Peer
+from fedmcp_site import caching
 
 JsonDict = dict[str, Any]
 
@@ -39,8 +45,13 @@ async def list_items(scope: str, kind: str, *, skip_peers: frozenset[int] = froz
     """Return every visible item of `kind` for the endpoint `scope`, in a stable order.
 
     `skip_peers` leaves out peers known to be down, so hosts get the partial list that works.
+    The list is shared: do not change it or its items.
     """
-    return await database_sync_to_async(_entries)(scope, kind, skip_peers)
+    key = (scope, kind, skip_peers)
+    return await caching.cached(_lists, key, lambda: database_sync_to_async(_entries)(scope, kind, skip_peers))
+
+
+_lists: caching.GenerationCache[list[JsonDict]] = caching.GenerationCache("catalog lists", ("catalog",), maxsize=256)
 
 
 def _capabilities(scope: str) -> JsonDict | None:

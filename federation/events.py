@@ -14,6 +14,7 @@ from channels.layers import get_channel_layer
 
 from federation.models import CatalogKind, Peer
 from federation.upstream.base import JsonDict, PeerConfig
+from fedmcp_site import caching
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ LIST_CHANGED_KINDS = {
 
 
 async def publish_catalog_changed(peer_name: str, kinds: list[str]) -> None:
+    # Also for changes made with QuerySet.update(), which no signal reports: every worker's
+    # cached routes and lists must go (fedmcp_site/caching.py).
+    caching.bump("catalog")
     layer = get_channel_layer()
     if layer is not None:
         await layer.group_send(CATALOG_GROUP, {"type": "catalog.changed", "peer": peer_name, "kinds": list(kinds)})

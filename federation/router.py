@@ -2,6 +2,10 @@
 
 A request can only reach the peer that listed the thing it names: a tool or prompt must be in
 that peer's catalog, a resource URI must be listed or match one of that peer's templates.
+
+Routes (with the peer's decrypted credentials) are kept per worker until the catalog or any
+peer changes in any process (fedmcp_site/caching.py, domain "catalog"); so are unknown names,
+so a host repeating a bad name costs no query either.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from channels.db import database_sync_to_async
 from federation import naming
 from federation.models import CatalogEntry, CatalogKind, Peer
 from federation.upstream.base import PeerConfig
+from fedmcp_site import caching
 
 
 class NotRoutableError(Exception):
@@ -72,20 +77,39 @@ def _lookup(scope: str, kind: str, qualified: str) -> Route:
     raise NotRoutableError(f"unknown {noun} {qualified!r}")
 
 
+_routes: caching.GenerationCache[Route | NotRoutableError] = caching.GenerationCache("routes", ("catalog",))
+_scopes: caching.GenerationCache[PeerConfig | None] = caching.GenerationCache("peer scopes", ("catalog",), maxsize=1000)
+
+
+def _lookup_or_error(scope: str, kind: str, qualified: str) -> Route | NotRoutableError:
+    try:
+        return _lookup(scope, kind, qualified)
+    except NotRoutableError as exc:
+        return exc
+
+
 async def resolve(scope: str, kind: str, qualified: str) -> Route:
     """Return the route for a tool name, prompt name or resource URI.
 
     Raises:
         NotRoutableError: no enabled peer listed it.
     """
-    return await database_sync_to_async(_lookup)(scope, kind, qualified)
+    key = (scope, kind, qualified)
+    route = _routes.get(key)
+    if route is caching.MISSING:
+        stamp = _routes.stamp()
+        route = await database_sync_to_async(_lookup_or_error)(scope, kind, qualified)
+        _routes.put(key, route, stamp)
+    if isinstance(route, NotRoutableError):
+        raise NotRoutableError(str(route))
+    return route
+
+
+def _load_scope(scope: str) -> PeerConfig | None:
+    peer = Peer.objects.filter(name=scope, enabled=True).first()
+    return PeerConfig.from_peer(peer) if peer else None
 
 
 async def peer_for_scope(scope: str) -> PeerConfig | None:
     """Return the enabled peer a per-peer endpoint serves, or None."""
-
-    def load() -> PeerConfig | None:
-        peer = Peer.objects.filter(name=scope, enabled=True).first()
-        return PeerConfig.from_peer(peer) if peer else None
-
-    return await database_sync_to_async(load)()
+    return await caching.cached(_scopes, scope, lambda: database_sync_to_async(_load_scope)(scope))

@@ -19,6 +19,7 @@ from federation.models import CatalogEntry, CatalogKind, Peer, Transport
 from federation.tls import PeerTls, check_dates
 from federation.upstream import CONNECTION_KINDS
 from federation.upstream.base import JsonDict, PeerConfig, UpstreamConnection, UpstreamError, modern_meta
+from fedmcp_site import caching
 from identity.upstream_oauth import upstream_auth
 
 logger = logging.getLogger(__name__)
@@ -208,6 +209,7 @@ async def peer_discover_token_url(*, peer: Peer) -> str:
     token_url = await discover_token_url(peer.url, tls=PeerTls(peer.tls_ca_bundle, peer.tls_client_cert, peer.tls_client_key))
     peer.token_url = token_url
     await Peer.objects.filter(pk=peer.pk).aupdate(token_url=token_url)
+    caching.bump("catalog")  # workers' cached peer configs (fedmcp_site/caching.py)
     return token_url
 
 

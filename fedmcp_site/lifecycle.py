@@ -221,6 +221,7 @@ async def release_worker() -> None:
     """Cancel the requests still running, then close upstream connections and Redis clients."""
     from federation import ratelimit
     from federation.pool import pool
+    from fedmcp_site import caching
     from identity.audit import audit_flush
 
     pending = observability.in_flight_tasks(streams=True)
@@ -237,5 +238,6 @@ async def release_worker() -> None:
     try:
         await pool.close()
         await ratelimit.close()
+        await caching.close()
     except Exception:
         logger.exception("releasing upstream connections failed")

@@ -324,6 +324,21 @@ FEDMCP_RATE_LIMIT_CACHE_SECONDS = env_float("FEDMCP_RATE_LIMIT_CACHE_SECONDS", 1
 # Redis key prefix of the buckets.
 FEDMCP_RATE_LIMIT_PREFIX = os.environ.get("FEDMCP_RATE_LIMIT_PREFIX") or f"{os.environ.get('FEDMCP_REDIS_PREFIX', 'fedmcp')}:ratelimit"
 
+# --- Per-worker caches and the audit writer (fedmcp_site/caching.py, identity/audit.py) ----------
+# Tokens, sessions, routes, lists and consent decisions are cached per worker and dropped when
+# a shared generation changes: Redis keys under FEDMCP_CACHE_REDIS_PREFIX with REDIS_URL, else
+# the file FEDMCP_CACHE_GENERATION_FILE (default: next to the SQLite database). Every process
+# that changes the database (workers, manage.py, the admin) must see the same one.
+FEDMCP_CACHES_ENABLED = env_bool("FEDMCP_CACHES_ENABLED", True)
+# A safety net, not the mechanism: no entry is used longer than this (seconds).
+FEDMCP_CACHE_MAX_AGE = env_float("FEDMCP_CACHE_MAX_AGE", 30.0)
+FEDMCP_CACHE_GENERATION_FILE = os.environ.get("FEDMCP_CACHE_GENERATION_FILE", "")
+FEDMCP_CACHE_REDIS_PREFIX = os.environ.get("FEDMCP_CACHE_REDIS_PREFIX") or f"{os.environ.get('FEDMCP_REDIS_PREFIX', 'fedmcp')}:cachegen"
+# Audit events are written in batches: at most this many seconds after the call, or at once
+# when this many wait.
+FEDMCP_AUDIT_FLUSH_INTERVAL = env_float("FEDMCP_AUDIT_FLUSH_INTERVAL", 0.05)
+FEDMCP_AUDIT_BATCH_SIZE = env_int("FEDMCP_AUDIT_BATCH_SIZE", 500)
+
 # --- Operations: metrics, readiness, shutdown, logs ---------------------------------------------
 # Who may read /metrics: client addresses in these networks (daphne's peer address; see
 # docs/DEPLOYMENT.md before enabling --proxy-headers). Each worker serves its own.

@@ -29,6 +29,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 from oauth2_provider.models import Application
 
+from fedmcp_site import caching
 from identity.models import (
     AuditEvent,
     ConsentDecision,
@@ -500,6 +501,7 @@ def consent_prompt_for(*, prompt_id: str, identity: Identity | None) -> ConsentP
 def consent_grant_revoke(*, grant: ConsentGrant) -> None:
     """Revoke a remembered approval; the next matching call is asked again."""
     ConsentGrant.objects.filter(pk=grant.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    caching.bump("consent")  # every worker's cached decisions (fedmcp_site/caching.py)
 
 
 # --- list_changed when policies change -------------------------------------------------------

@@ -14,6 +14,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.utils import timezone
 from oauth2_provider.models import AccessToken, Application, set_token_value
 
+from fedmcp_site import caching
 from identity import scopes as scope_names
 
 OPERATOR_APPLICATION = "fedmcp operator tokens"
@@ -63,7 +64,7 @@ def same_origin(uri: str, base: str) -> bool:
 
 
 def _authenticate(raw: str, base_url: str) -> Identity:
-    checksum = hashlib.sha256(raw.encode()).hexdigest()
+    checksum = _token_checksum(raw)
     token = AccessToken.objects.select_related("user", "application").filter(token_checksum=checksum).first()
     if token is None:
         raise TokenError("The access token is unknown or was revoked")
@@ -85,19 +86,62 @@ def _authenticate(raw: str, base_url: str) -> Identity:
     )
 
 
+_identities: caching.GenerationCache[Identity] = caching.GenerationCache("tokens", ("tokens",))
+"""Token checksum and audience -> identity, valid until a token, application or user changes."""
+_live_tokens: caching.GenerationCache[bool] = caching.GenerationCache("live tokens", ("tokens",))
+"""Token ids known to exist (the revocation check of open WebSockets)."""
+
+
+def _token_checksum(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _check_expiry(identity: Identity) -> None:
+    # The cache never outlives a token: its expiry is checked on every use, as DOT does.
+    if timezone.now() >= identity.expires:
+        raise TokenError("The access token expired")
+
+
 async def authenticate(raw: str, base_url: str) -> Identity:
     """Return the identity behind a bearer token presented to this gateway at `base_url`.
+
+    Served from this worker's cache while no token, application or user changed anywhere
+    (fedmcp_site/caching.py); the expiry is checked every time.
 
     Raises:
         TokenError: unknown, revoked, expired, or for another audience.
     """
-    return await database_sync_to_async(_authenticate)(raw, base_url)
+    key = (_token_checksum(raw), base_url)
+    identity = _identities.get(key)
+    if identity is caching.MISSING:
+        stamp = _identities.stamp()
+        identity = await database_sync_to_async(_authenticate)(raw, base_url)
+        _identities.put(key, identity, stamp)
+        _live_tokens.put(identity.token_id, True, stamp)
+    _check_expiry(identity)
+    return identity
+
+
+async def still_valid(identity: Identity) -> bool:
+    """Whether the token behind `identity` still exists and has not expired (revocation check).
+
+    Reads the shared cache generations first, so a revocation in any process is seen here.
+    """
+    if timezone.now() >= identity.expires:
+        return False
+    await caching.refresh()
+    if _live_tokens.get(identity.token_id) is True:
+        return True
+    stamp = _live_tokens.stamp()
+    alive = await _token_exists(identity.token_id)
+    if alive:
+        _live_tokens.put(identity.token_id, True, stamp)
+    return alive
 
 
 @database_sync_to_async
-def still_valid(identity: Identity) -> bool:
-    """Whether the token behind `identity` still exists and has not expired (revocation check)."""
-    return AccessToken.objects.filter(pk=identity.token_id, expires__gt=timezone.now()).exists()
+def _token_exists(token_id: int) -> bool:
+    return AccessToken.objects.filter(pk=token_id, expires__gt=timezone.now()).exists()
 
 
 def operator_application() -> Application:

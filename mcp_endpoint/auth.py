@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 from django.conf import settings
 from django.db import Error as DatabaseError
 
+from fedmcp_site import caching
 from identity import scopes
 from identity.tokens import TokenError, authenticate
 from mcp_endpoint import jsonrpc, security
@@ -98,6 +99,8 @@ class McpEdgeMiddleware:
                 [(b"www-authenticate", challenge(scope).encode())],
             )
             return
+        # Once per request: learn what changed in other processes before any cache is used.
+        await caching.refresh()
         try:
             identity = await authenticate(raw.strip(), public_base_url(scope))
         except TokenError as exc:

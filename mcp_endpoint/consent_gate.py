@@ -29,7 +29,7 @@ from django.conf import settings
 from django.core import signing
 
 from federation.router import Route
-from identity import consent, remote_consent
+from identity import consent, consent_cache, remote_consent
 from identity.audit import audit_record
 from identity.models import ConsentDecision, ConsentPrompt
 from identity.upstream_requests import request_summary
@@ -145,7 +145,7 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         status = await _wait(ctx, prompt, url)
         return Gate(decision=await _finish(prompt, status, url), params=_strip_state(params))
 
-    decision = await consent.consent_decide(identity=ctx.identity, peer=peer, kind=kind, name=name)
+    decision = await consent_cache.consent_decide(identity=ctx.identity, peer=peer, kind=kind, name=name)
     if decision.action == ConsentDecision.ALLOW:
         return Gate(decision=decision.label, params=params)
     if decision.action == ConsentDecision.DENY:

@@ -19,7 +19,7 @@ from federation.pool import pool
 from federation.router import NotRoutableError, Route, peer_for_scope, resolve
 from federation.services import GATEWAY_CAPABILITY
 from federation.upstream.base import UpstreamError
-from identity import consent
+from identity import consent_cache
 from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.forwarding import forward, gateway_meta, incoming_hops
@@ -143,7 +143,7 @@ async def list_catalog(ctx: HostContext, params: JsonDict, method: str) -> JsonD
         raise jsonrpc.UpstreamFailedError(f"peer '{ctx.scope}' is not available")
     items = await catalog.list_items(ctx.scope, kind, skip_peers=breakers.open_peers())
     # What a consent policy denies this caller is not listed (identity/consent.py).
-    hidden = await consent.consent_hidden_names(identity=ctx.identity, scope=ctx.scope, kind=kind)
+    hidden = await consent_cache.consent_hidden_names(identity=ctx.identity, scope=ctx.scope, kind=kind)
     if hidden:
         field = catalog.NAME_FIELDS[kind]
         items = [item for item in items if item.get(field) not in hidden]

@@ -1,4 +1,9 @@
-"""Handshake-era host sessions: create, load, update and close, from async code."""
+"""Handshake-era host sessions: create, load, update and close, from async code.
+
+Each worker keeps the open sessions it served in memory (fedmcp_site/caching.py, domain
+"sessions"); every change below publishes a new generation, so the next message on any worker
+reads the row again. Creating a session changes nothing cached: a new id is simply a miss.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,13 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
+from fedmcp_site import caching
 from identity.tokens import Identity
 from mcp_endpoint.models import McpSession, ResourceSubscription
 
 TOUCH_INTERVAL = timedelta(seconds=60)
+_open: caching.GenerationCache[McpSession] = caching.GenerationCache("sessions", ("sessions",))
+"""Session id -> the open session's row, as last read by this worker."""
 
 
 def session_group(session_id: str) -> str:
@@ -35,18 +43,32 @@ def session_create(
     )
 
 
-@database_sync_to_async
-def session_load(session_id: str, identity: Identity) -> McpSession | None:
+async def session_load(session_id: str, identity: Identity) -> McpSession | None:
     """Return the open session with this id if `identity` owns it; refresh its last-seen time now and then.
 
     A session of another user or client is reported as absent, so its existence leaks nothing.
+    Served from this worker's cache while it is fresh: the database is read when the session
+    changed anywhere, and when its last-seen time is due a refresh (or it looks idle).
     """
+    session = _open.get(session_id)
+    if session is not caching.MISSING and timezone.now() - session.last_seen_at <= TOUCH_INTERVAL:
+        return session if session.belongs_to(identity.user_id, identity.client_id) else None
+    stamp = _open.stamp()
+    session = await _session_load(session_id, identity)
+    if session is not None:
+        _open.put(session_id, session, stamp)
+    return session
+
+
+@database_sync_to_async
+def _session_load(session_id: str, identity: Identity) -> McpSession | None:
     session = McpSession.objects.filter(pk=session_id, closed_at__isnull=True).first()
     if session is None or not session.belongs_to(identity.user_id, identity.client_id):
         return None
     idle = timezone.now() - session.last_seen_at
     if idle > timedelta(seconds=settings.MCP_SESSION_IDLE_TIMEOUT):
         McpSession.objects.filter(pk=session.pk).update(closed_at=timezone.now())
+        caching.bump("sessions")
         return None
     if idle > TOUCH_INTERVAL:
         session.last_seen_at = timezone.now()
@@ -59,12 +81,13 @@ def session_initialize(*, session: McpSession, protocol_version: str, client_cap
     session.protocol_version = protocol_version
     session.client_capabilities = client_capabilities or {}
     session.client_info = client_info or {}
-    session.save(update_fields=["protocol_version", "client_capabilities", "client_info"])
+    session.save(update_fields=["protocol_version", "client_capabilities", "client_info"])  # signals bump "sessions"
 
 
 @database_sync_to_async
 def session_mark_initialized(*, session: McpSession) -> None:
     session.initialized = True
+    # Nothing reads `initialized` on the call path: cached copies elsewhere need not be dropped.
     McpSession.objects.filter(pk=session.pk).update(initialized=True)
 
 
@@ -72,12 +95,16 @@ def session_mark_initialized(*, session: McpSession) -> None:
 def session_set_log_level(*, session: McpSession, level: str) -> None:
     session.log_level = level
     McpSession.objects.filter(pk=session.pk).update(log_level=level)
+    caching.bump("sessions")
 
 
 @database_sync_to_async
 def session_close(*, session_id: str) -> bool:
     """Close a session; returns False if it was not open."""
-    return bool(McpSession.objects.filter(pk=session_id, closed_at__isnull=True).update(closed_at=timezone.now()))
+    closed = bool(McpSession.objects.filter(pk=session_id, closed_at__isnull=True).update(closed_at=timezone.now()))
+    if closed:
+        caching.bump("sessions")
+    return closed
 
 
 @database_sync_to_async

@@ -35,3 +35,19 @@ def consent_allows_by_default() -> Iterator[None]:
     allow = {"FEDMCP_CONSENT_DEFAULT": "allow", "FEDMCP_CONSENT_SAMPLING_DEFAULT": "allow", "FEDMCP_CONSENT_ELICITATION_DEFAULT": "allow"}
     with override_settings(**allow):
         yield
+
+
+@pytest.fixture(autouse=True)
+def fresh_worker_caches() -> Iterator[None]:
+    """Start every test with empty per-worker caches and audit queue.
+
+    A rolled-back test transaction sends no signals, so what an earlier test cached
+    (fedmcp_site/caching.py) would otherwise look current to the next one.
+    """
+    from fedmcp_site import caching
+    from identity import audit
+
+    caching.clear_all()
+    audit.audit_reset()
+    yield
+    caching.clear_all()

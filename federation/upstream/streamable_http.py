@@ -35,6 +35,7 @@ from federation.upstream.base import (
     listen_filter,
     modern_meta,
 )
+from federation.upstream.sockets import use_cheap_readability_check
 from federation.upstream.sse_parser import iter_sse
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class StreamableHttpConnection(UpstreamConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._client: httpx.AsyncClient | None = None
+        self._url: httpx.URL | str = self.peer.url
         self._session_id: str | None = None
         self._get_stream: asyncio.Task[None] | None = None
         self._reopen_lock = asyncio.Lock()
@@ -64,11 +66,13 @@ class StreamableHttpConnection(UpstreamConnection):
     async def _open(self) -> None:
         try:
             await check_url_allowed(self.peer.url)
-            self._client = outbound_client(
-                connect_timeout=self.peer.connect_timeout, read_timeout=self.peer.call_timeout, **self.client_options()
+            self._client = use_cheap_readability_check(
+                outbound_client(connect_timeout=self.peer.connect_timeout, read_timeout=self.peer.call_timeout, **self.client_options())
             )
         except (OutboundAddressError, PeerTlsError) as exc:
             raise UpstreamUnavailableError(f"peer '{self.peer.name}': {exc}") from exc
+        # Parsed once: httpx re-parses (and re-quotes) a URL string on every request.
+        self._url = httpx.URL(self.peer.url)
         try:
             async with asyncio.timeout(self.peer.connect_timeout):
                 if self.requested_era in (None, "modern"):
@@ -217,7 +221,7 @@ class StreamableHttpConnection(UpstreamConnection):
     ) -> JsonDict:
         if self._client is None:
             raise UpstreamUnavailableError(f"connection to peer '{self.peer.name}' is closed")
-        request = self._client.build_request("POST", self.peer.url, content=json.dumps(body), headers=self._headers(extra))
+        request = self._client.build_request("POST", self._url, content=json.dumps(body), headers=self._headers(extra))
         try:
             response = await self._client.send(request, stream=True)
         except httpx.TimeoutException as exc:

@@ -21,6 +21,7 @@ from fedmcp_site.metrics import stream_open
 from identity.tokens import still_valid
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_MESSAGE
+from mcp_endpoint.consumers.base import DirectDispatchMixin
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.models import McpSession
 from mcp_endpoint.streams import SessionEvents
@@ -44,7 +45,7 @@ class _SocketOutbound:
         await self.consumer.send_message(message)
 
 
-class McpWebSocketConsumer(AsyncWebsocketConsumer):
+class McpWebSocketConsumer(DirectDispatchMixin, AsyncWebsocketConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.session: McpSession | None = None
