@@ -222,7 +222,7 @@ async def release_worker() -> None:
     from federation import ratelimit
     from federation.pool import pool
     from fedmcp_site import caching
-    from identity.audit import audit_flush
+    from identity.audit import audit_flush, audit_unwritten, describe
 
     pending = observability.in_flight_tasks(streams=True)
     for task in pending:
@@ -235,6 +235,9 @@ async def release_worker() -> None:
         await asyncio.wait_for(audit_flush(), CANCEL_TIMEOUT)
     except TimeoutError:
         logger.error("audit events were still being written at shutdown; some may be lost")
+    for event in audit_unwritten():
+        # The database is unreachable: the log is the last place these events can go.
+        logger.error("audit event not written at shutdown: %s", describe(event))
     try:
         await pool.close()
         await ratelimit.close()

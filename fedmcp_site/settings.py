@@ -338,6 +338,7 @@ FEDMCP_CACHE_REDIS_PREFIX = os.environ.get("FEDMCP_CACHE_REDIS_PREFIX") or f"{os
 # when this many wait.
 FEDMCP_AUDIT_FLUSH_INTERVAL = env_float("FEDMCP_AUDIT_FLUSH_INTERVAL", 0.05)
 FEDMCP_AUDIT_BATCH_SIZE = env_int("FEDMCP_AUDIT_BATCH_SIZE", 500)
+FEDMCP_AUDIT_MAX_PENDING = env_int("FEDMCP_AUDIT_MAX_PENDING", 100_000)
 
 # --- Operations: metrics, readiness, shutdown, logs ---------------------------------------------
 # Who may read /metrics: client addresses in these networks (daphne's peer address; see

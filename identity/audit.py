@@ -5,10 +5,20 @@ has gathered with one `bulk_create` (one trip to the database thread, one commit
 FEDMCP_AUDIT_FLUSH_INTERVAL seconds, or at once when FEDMCP_AUDIT_BATCH_SIZE events wait.
 A host never waits for the audit insert.
 
-Nothing is dropped: a batch the database refuses is retried one event at a time, and each
-event that still fails is logged in full. `audit_flush` writes everything recorded so far and
-returns when it is in the database; the worker's shutdown (fedmcp_site/lifecycle.py
-`release_worker`) awaits it, and so can tests and readers that need the rows now.
+Nothing is dropped:
+
+* the database unreachable (an outage, a restart): the batch goes back to the front of the
+  queue and the writer tries again with a growing pause (up to 30 s), so calls served from
+  the workers' caches during the outage are audited once it is back. The queue is bounded by
+  FEDMCP_AUDIT_MAX_PENDING; past it the oldest events are logged in full and dropped;
+* a batch the database refuses for another reason (a row it will not take) is retried one
+  event at a time, and each event that still fails is logged in full.
+
+Each event carries the time it was recorded, not the time it was written. `audit_flush`
+writes everything recorded so far and returns when it is in the database (or, while the
+database is unreachable, after one attempt, keeping the events queued); the worker's shutdown
+(fedmcp_site/lifecycle.py `release_worker`) awaits it and logs in full what could not be
+written, and tests and readers that need the rows now await it too.
 """
 
 from __future__ import annotations
@@ -18,11 +28,16 @@ import logging
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
+from django.utils import timezone
 
 from identity.models import AuditEvent
 from identity.tokens import Identity
 
 logger = logging.getLogger(__name__)
+
+RETRY_PAUSE_MAX = 30.0
+"""Seconds between attempts while the database is unreachable, at most."""
 
 
 class _Writer:
@@ -35,12 +50,20 @@ class _Writer:
         self.task: asyncio.Task[None] | None = None
         self.wake: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.failures = 0
+        """Consecutive attempts that found the database unreachable."""
 
     def pending(self) -> int:
         return len(self.queue) + self.in_flight
 
     def add(self, event: AuditEvent) -> None:
         self.queue.append(event)
+        excess = len(self.queue) - max_pending()
+        if excess > 0:
+            dropped = self.queue[:excess]
+            del self.queue[:excess]
+            for old in dropped:
+                logger.error("audit queue full (FEDMCP_AUDIT_MAX_PENDING): dropping the oldest event %s", describe(old))
         loop = asyncio.get_running_loop()
         if self.task is None or self.task.done() or self.loop is not loop:
             # (A new loop: a test or a command; a task on a closed loop never runs again.)
@@ -52,7 +75,10 @@ class _Writer:
 
     async def _run(self) -> None:
         while self.queue:
-            if len(self.queue) < batch_size():
+            if self.failures:
+                # The database was unreachable: wait before trying again (a flush may not).
+                await asyncio.sleep(min(RETRY_PAUSE_MAX, 0.25 * 2 ** min(self.failures, 8)))
+            elif len(self.queue) < batch_size():
                 # Let a batch gather; a full batch or a flush wakes the writer early.
                 assert self.wake is not None
                 try:
@@ -62,30 +88,44 @@ class _Writer:
                 self.wake.clear()
             await self.write_some()
 
-    async def write_some(self) -> None:
+    async def write_some(self) -> bool:
+        """Write the next batch; return False if the database was unreachable (the batch is queued again)."""
         batch = self.queue[: batch_size()]
         del self.queue[: len(batch)]
         if not batch:
-            return
+            return True
         self.in_flight += len(batch)
         saving = asyncio.ensure_future(_save_batch(batch))
         self.saving.add(saving)
 
-        def done(future: asyncio.Future[None]) -> None:
+        def done(future: asyncio.Future[list[AuditEvent]]) -> None:
             self.in_flight -= len(batch)
             self.saving.discard(future)
+            unsaved = [] if future.cancelled() or future.exception() else future.result()
+            if unsaved:
+                # Back to the front, in order, ahead of what was recorded meanwhile.
+                self.queue[:0] = unsaved
+                self.failures += 1
+            else:
+                self.failures = 0
 
         saving.add_done_callback(done)
         # Shielded: a writer cancelled at shutdown still finishes the batch it took.
         await asyncio.shield(saving)
+        return not self.failures
 
     async def flush(self) -> None:
         taken = [f for f in self.saving if f.get_loop() is asyncio.get_running_loop()]
-        while self.queue:
-            await self.write_some()
         if taken:
             # Batches the writer took before this call may still be on their way.
             await asyncio.gather(*taken, return_exceptions=True)
+        attempts = len(self.queue) // batch_size() + 1
+        while self.queue and attempts > 0:
+            attempts -= 1
+            if not await self.write_some():
+                break  # the database is unreachable: the events stay queued for the writer
+        if self.queue and (self.task is None or self.task.done()) and self.loop is asyncio.get_running_loop():
+            self.task = self.loop.create_task(self._run())
 
 
 _writer = _Writer()
@@ -97,6 +137,19 @@ def flush_interval() -> float:
 
 def batch_size() -> int:
     return max(1, int(getattr(settings, "FEDMCP_AUDIT_BATCH_SIZE", 500)))
+
+
+def max_pending() -> int:
+    return max(1, int(getattr(settings, "FEDMCP_AUDIT_MAX_PENDING", 100_000)))
+
+
+def describe(event: AuditEvent) -> str:
+    """An event in full, for the log, when it cannot be written."""
+    return repr({
+        "at": event.at.isoformat() if event.at else None, "user": event.username, "federated": f"{event.federated_subject}@{event.federated_issuer}",
+        "client": event.client_id, "via": event.via, "peer": event.peer, "method": event.method, "name": event.name,
+        "outcome": event.outcome, "error_code": event.error_code, "decision": event.decision, "latency_ms": event.latency_ms,
+    })
 
 
 def audit_record(
@@ -112,6 +165,7 @@ def audit_record(
 ) -> None:
     """Record one forwarded call (`error_code` None means it succeeded), without waiting."""
     event = AuditEvent(
+        at=timezone.now(),
         user_id=identity.user_id if identity else None,
         username=identity.username if identity else "",
         federated_issuer=identity.federated_issuer if identity else "",
@@ -135,24 +189,41 @@ def audit_pending() -> int:
 
 
 async def audit_flush() -> None:
-    """Write every audit event recorded so far; return once they are in the database."""
+    """Write every audit event recorded so far; return once they are in the database.
+
+    While the database is unreachable it returns after one attempt; the events stay queued
+    (`audit_pending`) and the writer keeps trying.
+    """
     await _writer.flush()
 
 
 @database_sync_to_async
-def _save_batch(batch: list[AuditEvent]) -> None:
+def _save_batch(batch: list[AuditEvent]) -> list[AuditEvent]:
+    """Write `batch`; return the events not written because the database is unreachable."""
     try:
         AuditEvent.objects.bulk_create(batch)
-        return
+        return []
+    except (OperationalError, InterfaceError) as exc:
+        logger.warning("database unreachable: %d audit events wait for it (%s)", len(batch), exc)
+        return batch
     except Exception:
         logger.exception("could not write %d audit events in one batch; writing them one by one", len(batch))
-    for event in batch:
+    for index, event in enumerate(batch):
         try:
             event.pk = None
             event._state.adding = True
             event.save()
+        except (OperationalError, InterfaceError) as exc:
+            logger.warning("database unreachable: %d audit events wait for it (%s)", len(batch) - index, exc)
+            return batch[index:]
         except Exception:
-            logger.exception("could not write the audit event %s", event)
+            logger.exception("could not write the audit event %s", describe(event))
+    return []
+
+
+def audit_unwritten() -> list[AuditEvent]:
+    """The events still queued (after a flush: those the database could not take)."""
+    return list(_writer.queue)
 
 
 def audit_reset() -> list[AuditEvent]:

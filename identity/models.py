@@ -7,6 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.core.validators import RegexValidator, URLValidator
 from django.db import models
+from django.utils import timezone
 from oauth2_provider.models import Application
 
 from identity.crypto import EncryptedTextField
@@ -102,7 +103,7 @@ class AuditEvent(models.Model):
     Append-only: saving an existing event or updating through the queryset raises.
     """
 
-    at = models.DateTimeField(auto_now_add=True, db_index=True)
+    at = models.DateTimeField(default=timezone.now, db_index=True)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     username = models.CharField(max_length=255, blank=True)
     federated_issuer = models.CharField(max_length=2000, blank=True)

@@ -7,16 +7,20 @@ shared server is never stopped: cutting the proxy drops every connection the wor
 
 While the database is unreachable:
 
-* MCP calls on every HTTP path (the bearer-token check reads the database first) get HTTP 503
-  with a JSON-RPC error body and `Retry-After`, quickly: no 500, no traceback, no hang;
-* a WebSocket opened before the outage gets a JSON-RPC error (-32603, "database") for each
-  request and stays open; a new WebSocket is refused at the handshake (daphne cannot send a
-  503 there), at once;
+* what the worker holds in its caches (fedmcp_site/caching.py) keeps working: a call with a
+  token, route and consent decision it has already checked is served, and its audit row is
+  queued (identity/audit.py) and written once the database is back;
+* whatever needs the database gets HTTP 503 with a JSON-RPC error body and `Retry-After`,
+  quickly (no 500, no traceback, no hang): a token the worker has not seen yet, a new
+  handshake-era session (`initialize` writes its row); over a WebSocket, a request that needs
+  the database gets a JSON-RPC error (-32603, "database") and the socket stays open; a new
+  WebSocket with an unseen token is refused at the handshake (daphne cannot send a 503 there);
 * /readyz answers 503 and says the database check failed; /healthz answers 503 too (JSON).
 
 After the proxy is restored, the same worker process (no restart) answers /readyz 200 and
-serves calls again; a handshake-era session and a WebSocket opened before the outage still work. Every call
-that succeeded, before or after, has its audit row.
+serves calls again; a handshake-era session and a WebSocket opened before the outage still
+work. Every call that succeeded, before, during or after the outage, has its audit row, with
+the time it was made.
 
 Override the server with FEDMCP_E2E_POSTGRES (an admin DSN; trust auth), as in test_scale_out.py.
 """
@@ -74,9 +78,10 @@ def database() -> Iterator[tuple[str, int, str]]:
         admin.close()
 
 
-def modern_call(gw: Gateway, name: str, arguments: dict[str, Any]) -> httpx.Response:
+def modern_call(gw: Gateway, name: str, arguments: dict[str, Any], token: str | None = None) -> httpx.Response:
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": arguments, "_meta": modern_meta()}}
-    headers = {**gw.auth_headers(), "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": name}
+    auth = {"Authorization": f"Bearer {token}"} if token else gw.auth_headers()
+    headers = {**auth, "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": name}
     return httpx.post(gw.url("/mcp"), json=body, headers=headers, timeout=HOST_BOUND)
 
 
@@ -103,11 +108,21 @@ def ok_audit_rows(gw: Gateway) -> int:
     return int(gw.manage("shell", "-c", script).stdout.strip().splitlines()[-1])
 
 
+def served_or_unavailable(response: httpx.Response, expected: str) -> bool:
+    """During the outage: served from the worker's caches (True), or refused clearly (False)."""
+    if response.status_code == 200:
+        assert added(response) == expected
+        return True
+    assert_unavailable(response)
+    return False
+
+
 class Socket:
     """A minimal MCP host over one WebSocket (the sync client: its own I/O thread)."""
 
-    def __init__(self, gw: Gateway) -> None:
-        self.ws: ClientConnection = ws_connect(gw.ws_url("/ws"), subprotocols=[Subprotocol("mcp")], additional_headers=gw.auth_headers(), open_timeout=HOST_BOUND)
+    def __init__(self, gw: Gateway, token: str | None = None) -> None:
+        auth = {"Authorization": f"Bearer {token}"} if token else gw.auth_headers()
+        self.ws: ClientConnection = ws_connect(gw.ws_url("/ws"), subprotocols=[Subprotocol("mcp")], additional_headers=auth, open_timeout=HOST_BOUND)
         self.ids = 0
 
     def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -157,20 +172,38 @@ def test_postgresql_unreachable_then_back_needs_no_worker_restart(database: tupl
         succeeded += 1
         assert httpx.get(gw.url("/readyz"), timeout=HOST_BOUND).status_code == 200
 
+        unseen = gw.token()  # minted now, first used during the outage: only the database knows it
+        outage_started = time.time()
         proxy.cut()
         outage_ends = time.monotonic() + OUTAGE_SECONDS
-        assert_unavailable(modern_call(gw, "beta__add", {"a": 1, "b": 1}))
-        assert_unavailable(handshake_post(gw, {**call, "id": 3}, session))
+        # Served from the caches: the token, the route and the consent decision were checked before.
+        assert added(modern_call(gw, "beta__add", {"a": 1, "b": 1})) == "2"
+        succeeded += 1
+        during = 1
+        # The session was read before; whether this worker still needs its row is its business,
+        # but the answer is either the result or the clear refusal.
+        if served_or_unavailable(handshake_post(gw, {**call, "id": 3}, session), "4"):
+            succeeded += 1
+            during += 1
+        # What only the database can answer is refused clearly.
+        assert_unavailable(modern_call(gw, "beta__add", {"a": 1, "b": 1}, token=unseen))
         assert_unavailable(handshake_post(gw, init, None))
         ready = httpx.get(gw.url("/readyz"), timeout=HOST_BOUND)
         assert ready.status_code == 503 and ready.json()["checks"]["database"]["ok"] is False, ready.text
-        error = socket.add(1, 1)["error"]
-        assert error["code"] == jsonrpc.INTERNAL_ERROR and "database" in error["message"].lower(), error
+        reply = socket.add(1, 1)
+        if "result" in reply:
+            assert reply["result"]["content"][0]["text"] == "2"
+            succeeded += 1
+            during += 1
+        else:
+            error = reply["error"]
+            assert error["code"] == jsonrpc.INTERNAL_ERROR and "database" in error["message"].lower(), error
         with pytest.raises(InvalidStatus):
-            Socket(gw)
+            Socket(gw, token=unseen)
         health = httpx.get(gw.url("/healthz"), timeout=HOST_BOUND)
         assert health.status_code == 503 and health.headers["content-type"].startswith("application/json"), (health.status_code, health.text[:300])
         time.sleep(max(0.0, outage_ends - time.monotonic()))
+        outage_over = time.time()
         proxy.restore()
 
         deadline = time.monotonic() + HOST_BOUND
@@ -192,3 +225,14 @@ def test_postgresql_unreachable_then_back_needs_no_worker_restart(database: tupl
         while time.monotonic() < deadline and ok_audit_rows(gw) < succeeded:
             time.sleep(POLL)
         assert ok_audit_rows(gw) == succeeded
+        # The calls served during the outage were written afterwards, stamped with their own time.
+        assert audit_rows_between(gw, outage_started, outage_over) == during
+
+
+def audit_rows_between(gw: Gateway, start: float, end: float) -> int:
+    script = (
+        "import datetime as d; from identity.models import AuditEvent; "
+        f"t = lambda s: d.datetime.fromtimestamp(s, d.timezone.utc); "
+        f"print(AuditEvent.objects.filter(outcome='ok', method='tools/call', at__gte=t({start}), at__lte=t({end})).count())"
+    )
+    return int(gw.manage("shell", "-c", script).stdout.strip().splitlines()[-1])
