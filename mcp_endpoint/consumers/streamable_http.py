@@ -192,7 +192,7 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
         batch = isinstance(payload, list)
         messages = payload if batch else [payload]
         if batch and (session.protocol_version != "2025-03-26" or not messages):
-            await self.send_error(400, jsonrpc.INVALID_REQUEST, f"Bad Request: JSON-RPC batches are only accepted in protocol version 2025-03-26 (non-empty)")
+            await self.send_error(400, jsonrpc.INVALID_REQUEST, "Bad Request: JSON-RPC batches are only accepted in protocol version 2025-03-26 (non-empty)")
             return
         stream = PostStream(self, sse_allowed=self.accepts("text/event-stream"), can_request=True, headers=[])
         kinds = [dispatcher.classify(m) for m in messages]

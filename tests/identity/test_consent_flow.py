@@ -265,7 +265,12 @@ class ConsentFlowTests(FixturePeerTestCase):
         finally:
             await socket.disconnect()
 
-    async def test_nobody_to_ask_is_refused_at_once(self) -> None:
+    async def test_a_user_whose_home_is_not_trusted_is_refused_at_once(self) -> None:
+        """Nobody here can answer, and no trusted home gateway can be asked: refused, no prompt.
+
+        (A user asserted by a trusted gateway is asked at their home instead:
+        tests/identity/test_distributed_consent_flow.py.)
+        """
         from dataclasses import replace
 
         from federation.router import resolve
