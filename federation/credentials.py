@@ -57,7 +57,8 @@ def peer_audience(url: str) -> str:
 # --- discovery ---------------------------------------------------------------------------------
 
 
-async def _get_json(client: httpx.AsyncClient, url: str) -> dict[str, Any] | None:
+async def get_json_document(client: httpx.AsyncClient, url: str) -> dict[str, Any] | None:
+    """GET a JSON metadata document (RFC 8414 / RFC 9728) through the guard; None unless a small JSON object."""
     await check_url_allowed(url)
     response = await client.get(url, headers={"Accept": "application/json"})
     if response.status_code != 200 or len(response.content) > MAX_DOCUMENT_BYTES:
@@ -92,7 +93,7 @@ async def discover_token_url(peer_url: str, *, tls: PeerTls | None = None) -> st
         async with outbound_client(connect_timeout=TIMEOUT, read_timeout=TIMEOUT, tls=tls) as client:
             issuer = await _authorization_server(client, http_url)
             for url in [*_well_known(issuer, "oauth-authorization-server"), f"{issuer}/.well-known/openid-configuration"]:
-                metadata = await _get_json(client, url)
+                metadata = await get_json_document(client, url)
                 if metadata is None:
                     continue
                 # RFC 8414 §3.3: the metadata must be for exactly the server we asked about.
@@ -110,7 +111,7 @@ async def discover_token_url(peer_url: str, *, tls: PeerTls | None = None) -> st
 async def _authorization_server(client: httpx.AsyncClient, resource_url: str) -> str:
     """Return the first authorization server the RFC 9728 metadata of `resource_url` names."""
     for url in _well_known(resource_url, "oauth-protected-resource"):
-        metadata = await _get_json(client, url)
+        metadata = await get_json_document(client, url)
         servers = (metadata or {}).get("authorization_servers")
         if isinstance(servers, list) and servers and isinstance(servers[0], str):
             return servers[0].rstrip("/")

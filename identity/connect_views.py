@@ -12,23 +12,20 @@ is login-required, never framed, never cached, and every POST is CSRF-protected.
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.clickjacking import xframe_options_deny
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from federation.models import Peer
 from identity import upstream_oauth
 from identity.models import UpstreamOAuthClient, UpstreamToken
+from identity.pages import protected_page
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +34,7 @@ logger = logging.getLogger(__name__)
 CSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'"
 
 
-def _protected(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """Login required, never framed, never cached."""
-
-    @functools.wraps(view)
-    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        response = view(request, *args, **kwargs)
-        response["Content-Security-Policy"] = CSP
-        response["Cache-Control"] = "no-store"
-        return response
-
-    return login_required(xframe_options_deny(wrapped))
+_protected = protected_page(CSP)
 
 
 def _base(request: HttpRequest) -> str:

@@ -7,36 +7,23 @@ every POST is CSRF-protected and redirects to a fixed page (no `next`, no open r
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.clickjacking import xframe_options_deny
 from django.views.decorators.http import require_GET, require_POST
 
 from identity import consent
 from identity.models import ConsentGrant, ConsentPrompt
+from identity.pages import protected_page
 
 CSP = "default-src 'self'; connect-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 
 
-def _protected(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """Login required, never framed, never cached."""
-
-    @functools.wraps(view)
-    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        response = view(request, *args, **kwargs)
-        response["Content-Security-Policy"] = CSP
-        response["Cache-Control"] = "no-store"
-        return response
-
-    return login_required(xframe_options_deny(wrapped))
+_protected = protected_page(CSP)
 
 
 def _shown(prompt: ConsentPrompt) -> dict[str, Any]:

@@ -43,13 +43,13 @@ from django.db.models import Q
 from django.utils import timezone
 
 from federation.client import OutboundAddressError, check_url_allowed, outbound_client
+from federation.credentials import get_json_document
 from federation.upstream.base import PeerConfig, UpstreamError, UpstreamUnavailableError
 from identity.models import UpstreamAuthorizationRequest, UpstreamOAuthClient, UpstreamToken
 
 logger = logging.getLogger(__name__)
 
 TIMEOUT = 10.0
-MAX_DOCUMENT_BYTES = 256 * 1024
 FLOW_LIFETIME = timedelta(minutes=10)
 """How long a started connect flow may take before its state is refused."""
 REFRESH_MARGIN = 30.0
@@ -165,18 +165,6 @@ def _well_known_urls(base: str, names: tuple[str, ...]) -> list[str]:
     return urls
 
 
-async def _get_json(client: httpx.AsyncClient, url: str) -> dict[str, Any] | None:
-    await check_url_allowed(url)
-    response = await client.get(url, headers={"Accept": "application/json"})
-    if response.status_code != 200 or len(response.content) > MAX_DOCUMENT_BYTES:
-        return None
-    try:
-        document = response.json()
-    except ValueError:
-        return None
-    return document if isinstance(document, dict) else None
-
-
 def _endpoint(metadata: dict[str, Any], key: str, *, required: bool = True) -> str:
     value = metadata.get(key)
     if isinstance(value, str) and urlsplit(value).scheme in ("http", "https") and urlsplit(value).netloc:
@@ -224,7 +212,7 @@ async def _protected_resource(client: httpx.AsyncClient, url: str, challenge: di
     for candidate in candidates:
         if urlsplit(candidate).scheme not in ("http", "https"):
             continue
-        metadata = await _get_json(client, candidate)
+        metadata = await get_json_document(client, candidate)
         if metadata is not None:
             resource = metadata.get("resource")
             if not isinstance(resource, str) or not resource_matches(resource, url):
@@ -235,7 +223,7 @@ async def _protected_resource(client: httpx.AsyncClient, url: str, challenge: di
 
 async def _server_metadata(client: httpx.AsyncClient, issuer: str) -> dict[str, Any]:
     for url in _well_known_urls(issuer, ("oauth-authorization-server", "openid-configuration")):
-        metadata = await _get_json(client, url)
+        metadata = await get_json_document(client, url)
         if metadata is None:
             continue
         # RFC 8414 §3.3: the metadata must be for exactly the server that was named.

@@ -105,8 +105,14 @@ async def _finish(prompt: ConsentPrompt, status: str, url: str) -> str:
     raise exc
 
 
-async def _wait(ctx: HostContext, prompt: ConsentPrompt, url: str) -> str:
+async def wait_for_answer(ctx: HostContext, prompt: ConsentPrompt, url: str, message: str | None = None) -> str:
+    """Wait (bounded by the prompt's expiry) for the user's answer; return the prompt's final status.
+
+    A host that sent a progressToken gets a progress notification with `message` (by default
+    the call's consent message) while it waits.
+    """
     token = ctx.meta.get("progressToken")
+    text = message if message is not None else _message(prompt, url)
     ticks = 0
 
     async def tick() -> None:
@@ -114,11 +120,33 @@ async def _wait(ctx: HostContext, prompt: ConsentPrompt, url: str) -> str:
         if token is None:
             return
         ticks += 1
-        await ctx.outbound.send(
-            jsonrpc.notification("notifications/progress", {"progressToken": token, "progress": ticks, "message": _message(prompt, url)})
-        )
+        await ctx.outbound.send(jsonrpc.notification("notifications/progress", {"progressToken": token, "progress": ticks, "message": text}))
 
     return await consent.consent_prompt_wait(prompt.id, until=prompt.expires_at, on_tick=tick)
+
+
+async def hold_for_answer(ctx: HostContext, prompt: ConsentPrompt, url: str, elicitation: JsonDict) -> str:
+    """Hold a handshake-era call until the user answers on /consent; return the prompt's final status.
+
+    Where the host declared `elicitation.url`, it is pointed at the page with `elicitation` (the
+    gateway's own request, never gated; its answer does not matter, the page's does). A host
+    that goes away or cancels takes the prompt off the user's page.
+    """
+    from mcp_endpoint.forwarding import ask_host
+
+    asking: asyncio.Task[Any] | None = None
+    if ctx.has_capability("elicitation", "url") and ctx.outbound.can_request:
+        asking = asyncio.create_task(ask_host(ctx, "elicitation/create", elicitation))
+    try:
+        return await wait_for_answer(ctx, prompt, url, elicitation["message"])
+    except asyncio.CancelledError:
+        await asyncio.shield(consent.consent_prompt_expire(prompt_id=prompt.id))
+        raise
+    finally:
+        if asking is not None and not asking.done():
+            asking.cancel()
+            with contextlib.suppress(BaseException):
+                await asking
 
 
 def _strip_state(params: JsonDict) -> JsonDict:
@@ -142,7 +170,7 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         if prompt is None or prompt.owner_gateway or prompt.peer != peer or prompt.kind != kind or prompt.name != name:
             raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
         url = consent_url(ctx, prompt.id)
-        status = await _wait(ctx, prompt, url)
+        status = await wait_for_answer(ctx, prompt, url)
         return Gate(decision=await _finish(prompt, status, url), params=_strip_state(params))
 
     decision = await consent_cache.consent_decide(identity=ctx.identity, peer=peer, kind=kind, name=name)
@@ -179,23 +207,7 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         }
         return Gate(decision="ask", result=result)
 
-    asking: asyncio.Task[Any] | None = None
-    if ctx.has_capability("elicitation", "url") and ctx.outbound.can_request:
-        from mcp_endpoint.forwarding import ask_host
-
-        # Point the host at the page; its answer does not matter, the page's does.
-        asking = asyncio.create_task(ask_host(ctx, "elicitation/create", elicitation))
-    try:
-        status = await _wait(ctx, prompt, url)
-    except asyncio.CancelledError:
-        # The host went away or cancelled: take the prompt off the user's page.
-        await asyncio.shield(consent.consent_prompt_expire(prompt_id=prompt.id))
-        raise
-    finally:
-        if asking is not None and not asking.done():
-            asking.cancel()
-            with contextlib.suppress(BaseException):
-                await asking
+    status = await hold_for_answer(ctx, prompt, url, elicitation)
     return Gate(decision=await _finish(prompt, status, url), params=params)
 
 
@@ -275,23 +287,6 @@ async def _request_prompt(
     )
 
 
-async def _request_wait(ctx: HostContext, prompt: ConsentPrompt, url: str) -> str:
-    """Wait for the user's answer, with progress notifications if the call carried a token."""
-    token = ctx.meta.get("progressToken")
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        if token is None:
-            return
-        ticks += 1
-        await ctx.outbound.send(
-            jsonrpc.notification("notifications/progress", {"progressToken": token, "progress": ticks, "message": _request_message(prompt, url)})
-        )
-
-    return await consent.consent_prompt_wait(prompt.id, until=prompt.expires_at, on_tick=tick)
-
-
 async def _request_finish(prompt: ConsentPrompt, status: str, url: str) -> str:
     """Turn the prompt's final status into the audit word, or the refusal.
 
@@ -319,23 +314,8 @@ async def _request_ask_user(ctx: HostContext, call: UpstreamCall, kind: str, met
     """Hold a handshake-era request until the user answers on /consent; return the audit word."""
     prompt = await _request_prompt(ctx, call, kind, method, params, decision)
     url = consent_url(ctx, prompt.id)
-    asking: asyncio.Task[Any] | None = None
-    if ctx.has_capability("elicitation", "url") and ctx.outbound.can_request:
-        from mcp_endpoint.forwarding import ask_host
-
-        # Point the host at the page (the gateway's own request, never gated); the page decides.
-        elicitation = {"mode": "url", "message": _request_message(prompt, url), "url": url, "elicitationId": prompt.id}
-        asking = asyncio.create_task(ask_host(ctx, "elicitation/create", elicitation))
-    try:
-        status = await _request_wait(ctx, prompt, url)
-    except asyncio.CancelledError:
-        await asyncio.shield(consent.consent_prompt_expire(prompt_id=prompt.id))
-        raise
-    finally:
-        if asking is not None and not asking.done():
-            asking.cancel()
-            with contextlib.suppress(BaseException):
-                await asking
+    elicitation = {"mode": "url", "message": _request_message(prompt, url), "url": url, "elicitationId": prompt.id}
+    status = await hold_for_answer(ctx, prompt, url, elicitation)
     return await _request_finish(prompt, status, url)
 
 
@@ -461,7 +441,7 @@ async def upstream_input_resume(ctx: HostContext, call: UpstreamCall, params: Js
         method = (prompt.request or {}).get("method", "")
         url = consent_url(ctx, prompt.id)
         try:
-            word = await _request_finish(prompt, await _request_wait(ctx, prompt, url), url)
+            word = await _request_finish(prompt, await wait_for_answer(ctx, prompt, url, _request_message(prompt, url)), url)
         except jsonrpc.JsonRpcError as exc:
             _audit_request(ctx, call, method, getattr(exc, "consent_decision", ""), exc.code, started)
             raise

@@ -18,7 +18,6 @@ A peer that asks again after its question was answered gets no second answer (-3
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from datetime import timedelta
@@ -34,7 +33,7 @@ from identity import consent, remote_consent
 from identity.models import ConsentPrompt, RemoteConsent
 from identity.trust import assertion_subject
 from mcp_endpoint import jsonrpc
-from mcp_endpoint.consent_gate import INPUT_KEY, consent_url
+from mcp_endpoint.consent_gate import INPUT_KEY, consent_url, hold_for_answer, wait_for_answer
 from mcp_endpoint.context import HostContext
 
 logger = logging.getLogger(__name__)
@@ -151,32 +150,12 @@ async def _ask_our_user(
         state = STATE_PREFIX + signing.dumps({"p": prompt.id}, salt=STATE_SALT, compress=True)
         result = {"resultType": "input_required", "inputRequests": {INPUT_KEY: {"method": "elicitation/create", "params": elicitation}}, "requestState": state}
         return {"result": result}
-    status = await _wait_for_answer(ctx, prompt, url, elicitation)
+    status = await hold_for_answer(ctx, prompt, url, elicitation)
     decided = await _decide(ctx, connection, method, sent, relay, prompt, claims, status, url)
     reply = await connection.request(method, decided, on_message=relay)
     if _is_challenge(reply):
         raise jsonrpc.UpstreamFailedError(f"peer '{connection.peer.name}' asked for consent again after it was answered")
     return reply
-
-
-async def _wait_for_answer(ctx: HostContext, prompt: ConsentPrompt, url: str, elicitation: JsonDict) -> str:
-    """Wait for the user's answer as a local prompt does: progress, URL elicitation, bounded."""
-    from mcp_endpoint.consent_gate import _wait
-    from mcp_endpoint.forwarding import ask_host
-
-    asking: asyncio.Task[Any] | None = None
-    if ctx.has_capability("elicitation", "url") and ctx.outbound.can_request:
-        asking = asyncio.create_task(ask_host(ctx, "elicitation/create", elicitation))
-    try:
-        return await _wait(ctx, prompt, url)
-    except asyncio.CancelledError:
-        await asyncio.shield(consent.consent_prompt_expire(prompt_id=prompt.id))
-        raise
-    finally:
-        if asking is not None and not asking.done():
-            asking.cancel()
-            with contextlib.suppress(BaseException):
-                await asking
 
 
 async def _decide(
@@ -225,9 +204,7 @@ async def _resume(
     if ctx.era == "modern" and isinstance(state, str) and state.startswith(STATE_PREFIX):
         prompt = await _own_remote_prompt(ctx, state, kind)
         url = consent_url(ctx, prompt.id)
-        from mcp_endpoint.consent_gate import _wait
-
-        status = await _wait(ctx, prompt, url)
+        status = await wait_for_answer(ctx, prompt, url)
         # Our own database's copy of a challenge we verified when it came.
         claims = jwt.decode(prompt.challenge, options={"verify_signature": False})
         return await _decide(ctx, connection, method, sent, relay, prompt, claims, status, url), True
