@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any
 
@@ -56,6 +57,20 @@ def _name(method: str, params: JsonDict) -> str:
 def _is_challenge(reply: JsonDict) -> bool:
     error = reply.get("error")
     return isinstance(error, dict) and error.get("code") == jsonrpc.CONSENT_REQUIRED_AT_HOME
+
+
+_home_answer: ContextVar[str] = ContextVar("fedmcp_home_answer", default="")
+"""What this gateway's user answered for the current call when a peer asked (read by forward's audit)."""
+
+
+def home_answer_reset() -> None:
+    """Start a call with no answer given here (forwarding.forward)."""
+    _home_answer.set("")
+
+
+def home_answer(default: str) -> str:
+    """The audit word for the current call: our user's answer to a peer's question, else `default`."""
+    return _home_answer.get() or default
 
 
 def _with_decision(params: JsonDict, decision: str) -> JsonDict:
@@ -149,6 +164,7 @@ async def _ask_our_user(
     if ctx.era == "modern":
         state = STATE_PREFIX + signing.dumps({"p": prompt.id}, salt=STATE_SALT, compress=True)
         result = {"resultType": "input_required", "inputRequests": {INPUT_KEY: {"method": "elicitation/create", "params": elicitation}}, "requestState": state}
+        _home_answer.set("ask")
         return {"result": result}
     status = await hold_for_answer(ctx, prompt, url, elicitation)
     decided = await _decide(ctx, connection, method, sent, relay, prompt, claims, status, url)
@@ -170,6 +186,7 @@ async def _decide(
             raise jsonrpc.InvalidParamsError("this consent approval was already used")
         remember = await ConsentPrompt.objects.filter(pk=prompt.id).values_list("remember_seconds", flat=True).afirst()
         decision = remote_consent.decision_create(challenge=claims, approve=True, remember_seconds=remember or 0)
+        _home_answer.set("approved")
         return _with_decision(_with_fresh_assertion(ctx, connection.peer, sent), decision)
     if status == ConsentPrompt.Status.DENIED:
         # Tell the owner, so its audit trail has the user's answer; the host's answer is ours.

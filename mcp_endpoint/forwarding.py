@@ -44,7 +44,7 @@ from identity.audit import audit_record
 from identity.signing import AssertionConfigError, assertion_create
 from identity.trust import ASSERTION_META_KEY, assertion_subject
 from identity.upstream_oauth import UpstreamAuthorizationRequiredError
-from mcp_endpoint import jsonrpc
+from mcp_endpoint import consent_relay, jsonrpc
 from mcp_endpoint.consent_gate import (
     UpstreamCall,
     consent_gate,
@@ -341,7 +341,11 @@ async def forward(ctx: HostContext, route: Route, method: str, params: JsonDict)
         decision = gate.decision
         if gate.result is not None:
             return gate.result
-        return await _forward(ctx, route, method, gate.params if gate.params is not None else params, hops)
+        consent_relay.home_answer_reset()
+        result = await _forward(ctx, route, method, gate.params if gate.params is not None else params, hops)
+        # A peer gateway that owns the call may have asked our user (distributed consent).
+        decision = consent_relay.home_answer(decision)
+        return result
     except jsonrpc.JsonRpcError as exc:
         error_code = exc.code
         decision = getattr(exc, "consent_decision", decision)

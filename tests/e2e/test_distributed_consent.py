@@ -234,6 +234,8 @@ def test_approval_at_home_completes_the_call_at_the_owner(chain: dict[str, Any],
     assert (event["decision"], event["via"]) == ("approved", ["a"])
     # B asked first (-32019, "ask-home"), then ran the approved call.
     wait_for_audit(b, {"peer": "tools", "name": "add", "error_code": jsonrpc.CONSENT_REQUIRED_AT_HOME, "decision": "ask-home"})
+    # A, alice's home, records her answer for the call it forwarded.
+    wait_for_audit(a, {"peer": "b", "name": "tools__add", "outcome": "ok", "decision": "approved"})
 
 
 def test_deny_at_home_answers_consent_denied_and_the_owner_audits_it(chain: dict[str, Any], page: ConsentPage, host: Host) -> None:

@@ -30,7 +30,7 @@ from identity.signing import signing_key
 from identity.tokens import authenticate
 from identity.trust import gateway_trust
 from mcp_endpoint import jsonrpc
-from mcp_endpoint.consent_relay import peer_request
+from mcp_endpoint.consent_relay import home_answer, home_answer_reset, peer_request
 from mcp_endpoint.context import HostContext
 from tests.base import AsgiTestCase, FixturePeerTestCase, McpClient, audience, mint_token, modern_meta, request
 from tests.identity.test_assertions import Signer
@@ -223,6 +223,27 @@ class HomeFlowTests(AsgiTestCase):
         self.assertEqual((decision["nonce"], decision["decision"], decision["remember"], decision["sub"]), ("nonce-at-b", "approve", 3600, "alice"))
         self.assertEqual(connection.sent[-1]["arguments"], self.ARGUMENTS)
         self.assertFalse(await ConsentGrant.objects.aexists())  # B keeps the grant
+
+    async def test_the_home_audit_word_is_its_users_answer(self) -> None:
+        connection = FakeConnection([self.challenge(), {"result": {"content": []}}])
+        ctx = await self.context()
+
+        async def call() -> str:
+            # What forwarding.forward does around the exchange: the word starts as its own policy's.
+            home_answer_reset()
+            await peer_request(ctx, connection, "tools/call", {"name": "web__search", "arguments": self.ARGUMENTS}, None)  # type: ignore[arg-type]
+            return home_answer("allow")
+
+        task = asyncio.create_task(call())
+        await self.answer(await self.prompt(), approve=True)
+        self.assertEqual(await asyncio.wait_for(task, WAIT), "approved")
+
+        async def unasked() -> str:
+            home_answer_reset()
+            await peer_request(ctx, FakeConnection([{"result": {"content": []}}]), "tools/call", {"name": "x", "arguments": {}}, None)  # type: ignore[arg-type]
+            return home_answer("allow")
+
+        self.assertEqual(await unasked(), "allow")
 
     async def test_a_denial_is_told_to_b_and_refused_here(self) -> None:
         b_refuses = {"error": {"code": jsonrpc.CONSENT_DENIED, "message": "denied at home"}}
