@@ -131,6 +131,12 @@ class Peer(models.Model):
         check_pair(self.tls_client_cert, self.tls_client_key)
         if self.has_tls_settings() and not self.url.startswith(("https://", "wss://")):
             raise ValidationError("TLS settings (CA bundle, client certificate) need an https:// or wss:// peer URL.")
+        if self.user_oauth:
+            # The same rules as `peer add --user-oauth`, for the admin and the API too.
+            if self.transport == Transport.STDIO or self.is_gateway or self.client_id:
+                raise ValidationError({"user_oauth": "Per-user OAuth is for HTTP, SSE and WebSocket MCP servers, not for stdio peers or peer gateways."})
+            if self.name == "callback":
+                raise ValidationError({"name": "'callback' is taken by /connect/callback; choose another name for a per-user OAuth peer."})
 
     def has_tls_settings(self) -> bool:
         return bool(self.tls_ca_bundle or self.tls_client_cert or self.tls_client_key)
