@@ -43,7 +43,7 @@ demo: migrate
 	$(PY) scripts/demo.py --host $(HOST) --port $(PORT)
 
 test: venv tools
-	FEDMCP_TOOLS=$(abspath $(TOOLS)) $(PY) -m pytest
+	FEDMCP_TOOLS=$(abspath $(TOOLS)) $(PY) -m pytest --durations=25
 
 test-unit: venv
 	$(PY) -m pytest --ignore=tests/e2e
