@@ -184,6 +184,7 @@ class _CheckedTransport(httpx.AsyncHTTPTransport):
 
     def __init__(self, *, context: ssl.SSLContext, limits: httpx.Limits) -> None:
         super().__init__(verify=context, limits=limits, trust_env=False)
+        self.ssl_context = context
         # httpx takes no network backend: give its connection pool one (same settings as it builds).
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=context,
@@ -192,6 +193,17 @@ class _CheckedTransport(httpx.AsyncHTTPTransport):
             keepalive_expiry=limits.keepalive_expiry,
             network_backend=_CheckedBackend(),
         )
+
+
+def checked_direct_context(client: httpx.AsyncClient, url: httpx.URL) -> ssl.SSLContext | None:
+    """The peer's SSL context if `client` (from `outbound_client`) sends `url` straight to the peer.
+
+    For clients of their own that connect like `outbound_client` (through `open_checked_socket`,
+    TLS with this context). None when httpx must stay in charge: an environment proxy applies
+    to `url`, or the client is not one `outbound_client` made (tests replace it).
+    """
+    transport = client._transport_for_url(url)
+    return transport.ssl_context if isinstance(transport, _CheckedTransport) else None
 
 
 async def open_checked_socket(host: str, port: int, *, timeout: float) -> socket.socket:
