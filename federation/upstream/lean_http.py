@@ -40,6 +40,7 @@ from federation.upstream.sockets import _readable
 
 MAX_HEADER_BYTES = 64 * 1024
 READ_CHUNK = 64 * 1024
+DRAIN_BYTES = 64 * 1024
 _LINE_END = re.compile("\r\n|\r|\n")
 
 
@@ -128,13 +129,43 @@ class LeanResponse:
                 yield line
 
     async def aclose(self) -> None:
-        conn, self._conn = self._conn, None
+        """Give the connection back when the reply was read to its end, else close or drain it.
+
+        A reply whose caller stopped early (the JSON-RPC response came on an event stream that
+        the server ends right after) is read to its end in the background, for at most
+        `drain_timeout` seconds and `DRAIN_BYTES`; its connection is then reused, else closed.
+        """
+        conn = self._conn
         if conn is None:
             return
         if self._done and self._keep_alive:
+            self._conn = None
             self._pool._release(conn)
+        elif self._keep_alive and not self._pool.closed:
+            self._pool._drain_later(self)
         else:
+            self._conn = None
             conn.close()
+
+    async def _drain(self, timeout: float) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            async with asyncio.timeout(timeout):
+                size = 0
+                async for data in self.aiter_bytes():
+                    size += len(data)
+                    if size > DRAIN_BYTES:
+                        break
+        except BaseException:
+            self._done = False
+            raise
+        finally:
+            self._conn = None
+            if self._done:
+                self._pool._release(conn)
+            else:
+                conn.close()
 
 
 class _Connection:
@@ -203,7 +234,7 @@ class LeanHttpPool:
 
     def __init__(
         self, url: httpx.URL, *, ssl_context: ssl.SSLContext | None, connect_timeout: float, read_timeout: float,
-        max_idle: int = 20, user_agent: str = "fedmcp",
+        max_idle: int = 20, user_agent: str = "fedmcp", drain_timeout: float = 2.0,
     ) -> None:
         if url.scheme not in ("http", "https"):
             raise ValueError(f"not an http(s) URL: {url}")
@@ -214,6 +245,8 @@ class LeanHttpPool:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
+        self.drain_timeout = drain_timeout
+        self._draining: set[asyncio.Task[None]] = set()
         target = url.raw_path.decode("ascii")
         # The head of every request, up to the per-request headers.
         self._head = f"POST {target} HTTP/1.1\r\nHost: {url.netloc.decode('ascii')}\r\nUser-Agent: {user_agent}\r\n"
@@ -302,6 +335,15 @@ class LeanHttpPool:
         self.opened += 1
         return _Connection(reader, writer, self.read_timeout, self.connect_timeout)
 
+    def _drain_later(self, response: LeanResponse) -> None:
+        task = asyncio.create_task(self._drain_quietly(response))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _drain_quietly(self, response: LeanResponse) -> None:
+        with contextlib.suppress(Exception):  # any failure already closed the connection
+            await response._drain(self.drain_timeout)
+
     def _release(self, conn: _Connection) -> None:
         if self.closed or len(self._idle) >= self.max_idle:
             conn.close()
@@ -310,6 +352,8 @@ class LeanHttpPool:
 
     async def aclose(self) -> None:
         self.closed = True
+        for task in list(self._draining):
+            task.cancel()
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()

@@ -260,23 +260,46 @@ def test_event_stream_lines_survive_any_chunking_and_line_ending(reply: Reply) -
     assert opened == (1 if reply is sse_chunked else 2)
 
 
-def test_a_reply_left_unread_closes_its_connection() -> None:
-    server = Server(sse_chunked)
+async def stalled_stream(request: bytes, writer: asyncio.StreamWriter) -> bool:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    writer.write(b"%x\r\n%s\r\n" % (len(SSE_EVENTS[0]), SSE_EVENTS[0]))
+    await writer.drain()
+    await asyncio.sleep(60)
+    return False
+
+
+async def settled(pool: LeanHttpPool) -> None:
+    while pool._draining:
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(("reply", "opened"), [(sse_chunked, 1), (stalled_stream, 2)])
+def test_a_reply_left_unread_is_drained_for_reuse_or_its_connection_closed(reply: Reply, opened: int) -> None:
+    """The caller stops at the first line; a stream that ends soon keeps its connection, one that stalls does not."""
+    server = Server(reply)
 
     async def scenario() -> int:
         async with server.running() as url:
-            pool = pool_for(url)
+            pool = pool_for(url, drain_timeout=0.5)
             try:
                 response = await pool.post(b"{}", {})
                 async for _ in response.aiter_lines():
                     break
                 await response.aclose()
-                await post(pool)
+                await settled(pool)
+                if reply is sse_chunked:
+                    again = await pool.post(b"{}", {})
+                    assert [line async for line in again.aiter_lines()] == EXPECTED_LINES
+                    await again.aclose()
+                else:
+                    server.reply = json_reply({})
+                    await post(pool)
                 return pool.opened
             finally:
                 await pool.aclose()
 
-    assert run(scenario()) == 2
+    assert run(scenario()) == opened
+    assert server.connections == opened
 
 
 async def garbage(request: bytes, writer: asyncio.StreamWriter) -> bool:
