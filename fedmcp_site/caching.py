@@ -369,7 +369,7 @@ def connect_signals() -> None:
     from oauth2_provider.models import AccessToken, Application
 
     from federation.models import CatalogEntry, Peer
-    from identity.models import ConsentGrant, ConsentPolicy
+    from identity.models import ConsentGrant, ConsentPolicy, TrustedGateway
     from mcp_endpoint.models import McpSession
 
     User = get_user_model()
@@ -391,6 +391,8 @@ def connect_signals() -> None:
         (ConsentPolicy, on_change("consent", "catalog")),
         (ConsentGrant, on_change("consent")),
         (Group, on_change("consent", skip_created=True)),
+        # Trusting a gateway is a credential; creating one turns a cached "not trusted" stale.
+        (TrustedGateway, on_change("tokens")),
         (Peer, on_change("catalog")),
         (CatalogEntry, on_change("catalog")),
     ]
