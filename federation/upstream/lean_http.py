@@ -145,7 +145,7 @@ class LeanResponse:
             self._pool._drain_later(self)
         else:
             self._conn = None
-            conn.close()
+            self._pool._discard(conn)
 
     async def _drain(self, timeout: float) -> None:
         conn = self._conn
@@ -165,7 +165,7 @@ class LeanResponse:
             if self._done:
                 self._pool._release(conn)
             else:
-                conn.close()
+                self._pool._discard(conn)
 
 
 class _Connection:
@@ -234,7 +234,7 @@ class LeanHttpPool:
 
     def __init__(
         self, url: httpx.URL, *, ssl_context: ssl.SSLContext | None, connect_timeout: float, read_timeout: float,
-        max_idle: int = 20, user_agent: str = "fedmcp", drain_timeout: float = 2.0,
+        max_idle: int = 20, max_connections: int = 100, user_agent: str = "fedmcp", drain_timeout: float = 2.0,
     ) -> None:
         if url.scheme not in ("http", "https"):
             raise ValueError(f"not an http(s) URL: {url}")
@@ -245,6 +245,9 @@ class LeanHttpPool:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
+        # As httpx's pool: at most `max_connections` in use; a request waits up to the connect
+        # timeout for one (httpx.PoolTimeout). A slot is held until the reply is closed or drained.
+        self._slots = asyncio.Semaphore(max_connections)
         self.drain_timeout = drain_timeout
         self._draining: set[asyncio.Task[None]] = set()
         target = url.raw_path.decode("ascii")
@@ -263,14 +266,27 @@ class LeanHttpPool:
         for name, value in headers.items():
             if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
                 raise httpx.LocalProtocolError(f"illegal header {name!r}")
-        request = "".join([self._head, *(f"{name}: {value}\r\n" for name, value in headers.items()), f"Content-Length: {len(body)}\r\n\r\n"])
-        conn = await self._acquire()
+        head = "".join([self._head, *(f"{name}: {value}\r\n" for name, value in headers.items()), f"Content-Length: {len(body)}\r\n\r\n"])
         try:
-            await conn.write(request.encode("latin-1") + body)
+            request = head.encode("latin-1") + body
+        except UnicodeEncodeError as exc:
+            raise httpx.LocalProtocolError("a header value is not Latin-1 text") from exc
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self._slots.acquire()
+        except TimeoutError as exc:
+            raise httpx.PoolTimeout(f"all connections to {self.host}:{self.port} stayed busy") from exc
+        try:
+            conn = await self._acquire()
+        except BaseException:
+            self._slots.release()
+            raise
+        try:
+            await conn.write(request)
             status, reply_headers, keep_alive = await self._read_head(conn)
             return LeanResponse(self, conn, status, reply_headers, keep_alive)
         except BaseException:
-            conn.close()
+            self._discard(conn)
             raise
 
     async def _read_head(self, conn: _Connection) -> tuple[int, dict[str, str], bool]:
@@ -345,10 +361,17 @@ class LeanHttpPool:
             await response._drain(self.drain_timeout)
 
     def _release(self, conn: _Connection) -> None:
+        """A connection in use is free again (its reply read to the end)."""
         if self.closed or len(self._idle) >= self.max_idle:
             conn.close()
         else:
             self._idle.append(conn)
+        self._slots.release()
+
+    def _discard(self, conn: _Connection) -> None:
+        """A connection in use ends (failure, cancellation, a reply not read to its end)."""
+        conn.close()
+        self._slots.release()
 
     async def aclose(self) -> None:
         self.closed = True

@@ -370,7 +370,42 @@ def test_a_header_with_a_line_break_is_refused_before_sending() -> None:
     assert server.connections == 0
 
 
+def test_a_header_that_is_not_latin_1_is_refused_before_sending() -> None:
+    server = Server(json_reply({}))
+
+    async def scenario() -> None:
+        async with server.running() as url:
+            pool = pool_for(url)
+            try:
+                with pytest.raises(httpx.LocalProtocolError):
+                    await pool.post(b"{}", {"Authorization": "Bearer \u2603"})
+            finally:
+                await pool.aclose()
+
+    run(scenario())
+    assert server.connections == 0
+
+
 # --- timeouts and cancellation -------------------------------------------------------------------
+
+
+def test_connections_in_use_are_limited_and_a_waiting_request_times_out() -> None:
+    server = Server(json_reply({"jsonrpc": "2.0", "id": 1, "result": {}}))
+
+    async def scenario() -> int:
+        async with server.running() as url:
+            pool = LeanHttpPool(httpx.URL(url), ssl_context=None, connect_timeout=0.3, read_timeout=5, max_connections=1)
+            try:
+                held = await pool.post(b"{}", {})  # its reply not yet read: the one slot is taken
+                with pytest.raises(httpx.PoolTimeout):
+                    await pool.post(b"{}", {})
+                assert await body_of(held) == b'{"jsonrpc": "2.0", "id": 1, "result": {}}'
+                assert (await post(pool))[0] == 200  # the slot and the connection are free again
+                return pool.opened
+            finally:
+                await pool.aclose()
+
+    assert run(scenario()) == 1
 
 
 async def silent(request: bytes, writer: asyncio.StreamWriter) -> bool:
