@@ -8,7 +8,8 @@ seam.
 
 The guard runs twice: `check_url_allowed` resolves the URL's host before use, and every
 connection resolves it again, checks every address and dials the checked address itself (httpx
-through `_CheckedBackend`, WebSocket through `open_checked_socket`). A name that resolves to a
+through `_CheckedBackend`; WebSocket and the lean Streamable HTTP client,
+federation/upstream/lean_http.py, through `open_checked_socket`). A name that resolves to a
 public address at check time and to 127.0.0.1 or 169.254.169.254 a moment later (DNS
 rebinding) is refused before a packet is sent there. Behind an egress proxy from the environment
 (`HTTPS_PROXY`), httpx connects to the proxy, which resolves names itself; the second check
