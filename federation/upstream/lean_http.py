@@ -41,6 +41,7 @@ from federation.upstream.sockets import _readable
 MAX_HEADER_BYTES = 64 * 1024
 READ_CHUNK = 64 * 1024
 DRAIN_BYTES = 64 * 1024
+MAX_LINE_CHARS = 64 * 1024 * 1024
 _LINE_END = re.compile("\r\n|\r|\n")
 
 
@@ -54,6 +55,7 @@ class LeanResponse:
         self.headers = headers
         self._keep_alive = keep_alive
         self._done = False
+        self._body: AsyncIterator[bytes] | None = None
         if headers.get("content-encoding", "identity").lower() not in ("identity", ""):
             # Asked for identity (Accept-Encoding); a compressed body would be read as garbage.
             raise httpx.RemoteProtocolError(f"unasked Content-Encoding {headers['content-encoding']!r}")
@@ -61,7 +63,10 @@ class LeanResponse:
             self._length: int | None = 0
             self._chunked = False
         else:
-            self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+            coding = headers.get("transfer-encoding")
+            if coding is not None and coding.strip().lower() != "chunked":
+                raise httpx.RemoteProtocolError(f"unsupported Transfer-Encoding {coding!r}")
+            self._chunked = coding is not None
             length = headers.get("content-length")
             if self._chunked:
                 self._length = None
@@ -74,27 +79,34 @@ class LeanResponse:
                 self._keep_alive = False  # Read to EOF: the connection ends with the body.
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        conn = self._conn
-        if conn is None or self._done:
+        """The body's bytes, from where the last reader stopped (one body reader per response)."""
+        if self._conn is None or self._done:
             return
+        if self._body is None:
+            self._body = self._read_body(self._conn)
+        async for data in self._body:
+            yield data
+
+    async def _read_body(self, conn: _Connection) -> AsyncIterator[bytes]:
         if self._chunked:
             while True:
                 line = await conn.readline()
                 size_text = line.split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise httpx.RemoteProtocolError("malformed chunk size") from None
-                if size < 0:
+                if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
                     raise httpx.RemoteProtocolError("malformed chunk size")
+                size = int(size_text, 16)
                 if size == 0:
                     while (await conn.readline()) not in (b"\r\n", b"\n"):
                         pass  # Trailers: ignored.
                     break
-                data = await conn.readexactly(size)
+                while size:
+                    data = await conn.read(min(size, READ_CHUNK))
+                    if not data:
+                        raise httpx.RemoteProtocolError("peer closed the connection in the middle of a chunk")
+                    size -= len(data)
+                    yield data
                 if (await conn.readline()) not in (b"\r\n", b"\n"):
                     raise httpx.RemoteProtocolError("chunk without its line end")
-                yield data
         elif self._length is not None:
             left = self._length
             while left:
@@ -118,6 +130,8 @@ class LeanResponse:
             carry = "\r" if buffer.endswith("\r") else ""
             lines = _LINE_END.split(buffer[: len(buffer) - len(carry)])
             buffer = lines.pop() + carry
+            if len(buffer) > MAX_LINE_CHARS:
+                raise httpx.RemoteProtocolError("a line of the reply is too long")
             for line in lines:
                 yield line
         buffer += decoder.decode(b"", final=True)
@@ -212,9 +226,6 @@ class _Connection:
 
     async def readline(self) -> bytes:
         return await self._bounded(self.reader.readuntil(b"\n"))
-
-    async def readexactly(self, size: int) -> bytes:
-        return await self._bounded(self.reader.readexactly(size))
 
     async def read(self, size: int) -> bytes:
         return await self._bounded(self.reader.read(size))

@@ -330,9 +330,23 @@ async def short_body(request: bytes, writer: asyncio.StreamWriter) -> bool:
     return False
 
 
+async def bad_chunk_size(request: bytes, writer: asyncio.StreamWriter) -> bool:
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5_0\r\n" + b"x" * 80 + b"\r\n0\r\n\r\n")
+    await writer.drain()
+    return False
+
+
+async def other_coding(request: bytes, writer: asyncio.StreamWriter) -> bool:
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
+    await writer.drain()
+    return False
+
+
 @pytest.mark.parametrize(
     ("reply", "said"),
     [
+        (bad_chunk_size, "malformed chunk size"),
+        (other_coding, "unsupported Transfer-Encoding 'gzip, chunked'"),
         (garbage, "not an HTTP/1.x reply"),
         (hang_up, "Server disconnected without sending a response."),
         (gzip_reply, "unasked Content-Encoding 'gzip'"),
