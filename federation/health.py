@@ -135,6 +135,12 @@ async def check_peer(peer: PeerConfig) -> bool:
         breaker.record_failure()
         await _record_check(peer.id, False, None, str(exc))
         return False
+    except Exception as exc:
+        # Anything else is a failed probe too, recorded and logged in full, never lost in the loop.
+        logger.exception("peer %s: health probe failed unexpectedly", peer.name)
+        breaker.record_failure()
+        await _record_check(peer.id, False, None, f"{type(exc).__name__}: {exc}")
+        return False
     latency = (time.monotonic() - started) * 1000
     breaker.record_success()
     await _record_check(peer.id, True, latency, "")
@@ -173,7 +179,10 @@ async def _every(interval: float, job: Any) -> None:
         await asyncio.sleep(interval)
         try:
             peers = await _enabled_peers()
-            await asyncio.gather(*(job(p) for p in peers), return_exceptions=True)
+            results = await asyncio.gather(*(job(p) for p in peers), return_exceptions=True)
+            for peer, result in zip(peers, results, strict=True):
+                if isinstance(result, Exception):
+                    logger.error("peer %s: periodic %s failed: %r", peer.name, getattr(job, "__name__", "job"), result)
         except asyncio.CancelledError:
             raise
         except Exception:

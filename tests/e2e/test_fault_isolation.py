@@ -255,6 +255,11 @@ async def test_an_upstream_killed_mid_call_fails_only_its_calls_and_recovers_whe
         await upstream_error(client, "alpha__add", {"a": 1, "b": 1})
         assert await add(client, "beta", 4, 5) == "9"
 
+        # The health checks noticed: at least one failed probe is recorded while alpha is down.
+        with anyio.fail_after(WAIT):
+            while (await anyio.to_thread.run_sync(health_checks, gateway, "alpha"))["failed"] < 1:
+                await anyio.sleep(POLL)
+
         # alpha comes back on the same port. Only health checks call it now (this loop only
         # lists), so its tools coming back shows that a health check closed the circuit.
         await anyio.to_thread.run_sync(alpha.start)
