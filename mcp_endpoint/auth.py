@@ -27,10 +27,8 @@ from mcp_endpoint import jsonrpc, security
 logger = logging.getLogger(__name__)
 ASGIApp = Any
 
-UNAVAILABLE_RETRY_AFTER = 5
-"""Seconds a host is asked to wait (Retry-After) while the gateway's database is unreachable."""
-UNAVAILABLE_MESSAGE = "Service unavailable: the gateway's database is unreachable; retry later"
-UNAVAILABLE_HEADERS = [(b"retry-after", str(UNAVAILABLE_RETRY_AFTER).encode())]
+UNAVAILABLE_MESSAGE = jsonrpc.UNAVAILABLE_MESSAGE
+UNAVAILABLE_HEADERS = [(b"retry-after", str(jsonrpc.UNAVAILABLE_RETRY_AFTER).encode())]
 
 
 def public_base_url(scope: dict[str, Any]) -> str:

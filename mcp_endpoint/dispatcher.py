@@ -2,8 +2,9 @@
 
 Order of checks (as the SDK's runner): envelope (-32600), method lookup in the caller's era
 (-32601), session initialised (-32600), params validated with the official `mcp-types`
-models (-32602), then the handler. Any unexpected exception is logged and answered as
--32603 without its text.
+models (-32602), then the handler. A database failure is answered as -32603 "Service
+unavailable" with `data.retryAfterMs` (HTTP 503 on Streamable HTTP); any other unexpected
+exception is logged and answered as -32603 without its text.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import logging
 from typing import Any
 
+from django.db import Error as DatabaseError
 from mcp_types.methods import validate_client_request
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 from pydantic import ValidationError
@@ -121,6 +123,11 @@ async def handle_request(ctx: HostContext, message: JsonDict) -> JsonDict:
             return jsonrpc.error_response(request_id, exc.to_error())
         except asyncio.CancelledError:
             raise
+        except DatabaseError:
+            # The database went away mid-call (a catalog read, a session or consent write):
+            # a clear, retryable answer (HTTP 503 on Streamable HTTP), not an internal error.
+            logger.warning("database unreachable while answering %s", message.get("method"), exc_info=True)
+            return jsonrpc.error_response(request_id, jsonrpc.DatabaseUnavailableError().to_error())
         except Exception:
             logger.exception("internal error answering %s", message.get("method"))
             return jsonrpc.error_response(request_id, jsonrpc.JsonRpcError().to_error())

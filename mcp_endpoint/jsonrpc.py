@@ -54,6 +54,11 @@ UNSUPPORTED_PROTOCOL_VERSION = codes.UNSUPPORTED_PROTOCOL_VERSION
 
 JsonDict = dict[str, Any]
 
+UNAVAILABLE_RETRY_AFTER = 5
+"""Seconds a host is asked to wait (Retry-After, `data.retryAfterMs`) while the gateway's database is unreachable."""
+UNAVAILABLE_MESSAGE = "Service unavailable: the gateway's database is unreachable; retry later"
+UNAVAILABLE_REASON = "database_unavailable"
+
 
 class JsonRpcError(Exception):
     """An error answered to the client as a JSON-RPC error object."""
@@ -143,6 +148,18 @@ class UpstreamAuthorizationRequiredError(JsonRpcError):
 class UrlElicitationRequiredError(JsonRpcError):
     code = URL_ELICITATION_REQUIRED
     default_message = "URL elicitation required"
+
+
+class DatabaseUnavailableError(JsonRpcError):
+    """The gateway's own database failed while answering (-32603; HTTP 503 with Retry-After on Streamable HTTP)."""
+
+    code = INTERNAL_ERROR
+    default_message = UNAVAILABLE_MESSAGE
+
+    def __init__(self) -> None:
+        super().__init__(data={"reason": UNAVAILABLE_REASON, "retryAfterMs": UNAVAILABLE_RETRY_AFTER * 1000})
+
+
 class ConsentRequiredAtHomeError(JsonRpcError):
     code = CONSENT_REQUIRED_AT_HOME
     default_message = "Consent required at the user's home gateway"
@@ -173,6 +190,11 @@ def http_status_for(message: JsonDict) -> int:
     if isinstance(error, dict):
         return ERROR_CODE_HTTP_STATUS.get(error.get("code"), 200)  # type: ignore[arg-type]
     return 200
+
+
+def is_database_unavailable(error: Any) -> bool:
+    """Whether a JSON-RPC error object is the gateway's "database unreachable" answer."""
+    return isinstance(error, dict) and isinstance(error.get("data"), dict) and error["data"].get("reason") == UNAVAILABLE_REASON
 
 
 def is_valid_id(value: Any) -> bool:

@@ -24,7 +24,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIO
 
 from fedmcp_site.metrics import stream_open
 from mcp_endpoint import dispatcher, jsonrpc, sessions
-from mcp_endpoint.auth import challenge
+from mcp_endpoint.auth import UNAVAILABLE_HEADERS, challenge
 from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, sse_event
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.models import McpSession
@@ -72,7 +72,10 @@ class PostStream:
                 headers = self.headers
                 needed = _insufficient_scope(replies)
                 retry_after_ms = _rate_limited(replies)
-                if retry_after_ms is not None and not batch:
+                if not batch and jsonrpc.is_database_unavailable(replies[0].get("error")):
+                    status = 503
+                    headers = [*headers, *UNAVAILABLE_HEADERS]
+                elif retry_after_ms is not None and not batch:
                     # HTTP clients and proxies understand 429 + Retry-After (whole seconds).
                     status = 429
                     headers = [*headers, (b"retry-after", str(max(1, math.ceil(retry_after_ms / 1000))).encode())]

@@ -2,7 +2,8 @@
 
 tests/e2e/test_db_outage.py makes PostgreSQL really unreachable for a daphne worker; these are
 the same answers in process, at each place a request reads the database: the bearer-token check
-at the edge, the session lookup inside the consumer, and /healthz.
+at the edge, the session lookup inside the consumer, a handler's own reads (the catalog) in both
+eras and over a WebSocket, and /healthz.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from django.db import InterfaceError, OperationalError
 from django.test import Client, TestCase
 
 from mcp_endpoint import jsonrpc
-from tests.base import HOST, AsgiTestCase, McpClient, http, request
+from tests.base import HOST, AsgiTestCase, McpClient, http, request, ws_communicator
 
 SECRET = "password=hunter2 host=db.internal"
 """What a database error's text may hold; it must never reach a host."""
@@ -50,6 +51,62 @@ class McpRequestTests(AsgiTestCase):
         self.assert_unavailable(reply.status, reply.headers, reply.body)
         # And once the database answers again, so does the same session.
         self.assertIn("tools", (await client.call("tools/list")).json()["result"])
+
+    async def test_a_handler_reading_the_catalog_answers_503_in_the_handshake_era(self) -> None:
+        client = McpClient()
+        await client.initialize()
+        with (
+            mock.patch("mcp_endpoint.handlers.catalog.list_items", side_effect=OperationalError(SECRET)),
+            self.assertLogs("mcp_endpoint.dispatcher", "WARNING"),
+        ):
+            reply = await client.call("tools/list")
+        self.assert_unavailable(reply.status, reply.headers, reply.body)
+        self.assertEqual(reply.json()["error"]["data"], {"reason": "database_unavailable", "retryAfterMs": 5000})
+        self.assertIn("tools", (await client.call("tools/list")).json()["result"])
+
+    async def test_a_handler_reading_the_catalog_answers_503_in_the_stateless_era(self) -> None:
+        with (
+            mock.patch("mcp_endpoint.handlers.catalog.list_items", side_effect=OperationalError(SECRET)),
+            self.assertLogs("mcp_endpoint.dispatcher", "WARNING"),
+        ):
+            reply = await McpClient().call_modern("tools/list")
+        self.assert_unavailable(reply.status, reply.headers, reply.body)
+
+    async def test_in_a_batch_the_failed_request_is_an_error_beside_the_others(self) -> None:
+        client = McpClient()
+        await client.initialize("2025-03-26")  # the one version with JSON-RPC batches
+        batch = [request("tools/list", None, 7), request("ping", None, 8)]
+        with (
+            mock.patch("mcp_endpoint.handlers.catalog.list_items", side_effect=OperationalError(SECRET)),
+            self.assertLogs("mcp_endpoint.dispatcher", "WARNING"),
+        ):
+            reply = await client.post(batch)
+        self.assertEqual(reply.status, 200, reply.body)
+        answers = {a["id"]: a for a in reply.json()}
+        self.assertEqual(answers[7]["error"]["code"], jsonrpc.INTERNAL_ERROR)
+        self.assertIn("database", answers[7]["error"]["message"])
+        self.assertEqual(answers[8]["result"], {})
+
+    async def test_over_a_websocket_the_error_names_the_database_and_the_socket_stays_open(self) -> None:
+        ws = ws_communicator()
+        connected, _ = await ws.connect()
+        self.assertTrue(connected)
+        await ws.send_json_to(request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}, 1))
+        await ws.receive_json_from()
+        await ws.send_json_to({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        with (
+            mock.patch("mcp_endpoint.handlers.catalog.list_items", side_effect=OperationalError(SECRET)),
+            self.assertLogs("mcp_endpoint.dispatcher", "WARNING"),
+        ):
+            await ws.send_json_to(request("tools/list", None, 2))
+            reply = await ws.receive_json_from()
+        self.assertEqual(reply["id"], 2)
+        self.assertEqual(reply["error"]["code"], jsonrpc.INTERNAL_ERROR)
+        self.assertEqual(reply["error"]["data"]["reason"], "database_unavailable")
+        self.assertNotIn(SECRET, json.dumps(reply))
+        await ws.send_json_to(request("tools/list", None, 3))
+        self.assertIn("tools", (await ws.receive_json_from())["result"])
+        await ws.disconnect()
 
 
 class HealthzTests(TestCase):
