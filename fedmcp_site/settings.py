@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from identity import scopes as scope_names
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -232,14 +234,9 @@ MCP_SESSION_IDLE_TIMEOUT = env_int("FEDMCP_SESSION_IDLE_TIMEOUT", 24 * 3600)
 FEDMCP_PUBLIC_URL = os.environ.get("FEDMCP_PUBLIC_URL", "")
 
 OAUTH2_PROVIDER = {
-    "SCOPES": {
-        "mcp:tools": "List and call tools",
-        "mcp:resources": "List, read and subscribe to resources",
-        "mcp:prompts": "List and get prompts",
-        "admin": "Administer the gateway (REST API)",
-        "gateway": "Act as a peer gateway on behalf of your own users",
-    },
-    "DEFAULT_SCOPES": ["mcp:tools", "mcp:resources", "mcp:prompts"],
+    # One list of scopes, with their descriptions: identity/scopes.py (no Django imports there).
+    "SCOPES": dict(scope_names.SCOPES),
+    "DEFAULT_SCOPES": list(scope_names.MCP_SCOPES),
     "PKCE_REQUIRED": True,
     "ROTATE_REFRESH_TOKEN": True,
     "REFRESH_TOKEN_REUSE_PROTECTION": True,
