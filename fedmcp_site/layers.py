@@ -1,4 +1,4 @@
-"""The channel layer of the embedded (single-process) setup.
+"""The channel layer of the embedded (single-process) setup, and group memberships that last.
 
 Channels' `InMemoryChannelLayer` sweeps every channel and every group membership for expired
 entries on each `receive()` and `group_send()`. Every consumer receives on its own channel and
@@ -11,7 +11,10 @@ most once a second keeps the same expiry rules (messages after `expiry`, members
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Iterable
+from typing import Any
 
 from channels.layers import InMemoryChannelLayer as ChannelsInMemoryChannelLayer
 
@@ -30,3 +33,60 @@ class InMemoryChannelLayer(ChannelsInMemoryChannelLayer):
             return
         self._swept_at = now
         super()._clean_expired()
+
+
+def renew_interval(layer: Any) -> float:
+    """Seconds after which a channel must renew its group memberships: half the layer's `group_expiry`.
+
+    Both channels-redis and the in-memory layer drop a membership `group_expiry` seconds (a day
+    by default) after it was added, whether or not the channel is still read. A stream, page or
+    worker listening longer than that would silently stop hearing its groups.
+    """
+    return max(0.5, float(getattr(layer, "group_expiry", 86400)) / 2)
+
+
+class Memberships:
+    """One channel's group memberships, renewed before the layer expires them."""
+
+    def __init__(self, layer: Any, channel: str, groups: Iterable[str]) -> None:
+        self.layer = layer
+        self.channel = channel
+        self.groups = tuple(groups)
+        self.every = renew_interval(layer)
+        self._joined_at = float("-inf")
+
+    async def join(self) -> None:
+        for group in self.groups:
+            await self.layer.group_add(group, self.channel)
+        self._joined_at = time.monotonic()
+
+    async def renew_if_due(self) -> None:
+        if time.monotonic() - self._joined_at >= self.every:
+            await self.join()
+
+    async def leave(self) -> None:
+        for group in self.groups:
+            await asyncio.shield(self.layer.group_discard(group, self.channel))
+
+    async def keep(self) -> None:
+        """Renew the memberships for as long as this runs (a task cancelled at disconnect)."""
+        while True:
+            await asyncio.sleep(max(0.0, self._joined_at + self.every - time.monotonic()))
+            await self.renew_if_due()
+
+    async def receive(self) -> dict[str, Any]:
+        """The channel's next message, renewing the memberships while waiting for it.
+
+        One receive stays pending across renewals: restarting it is costly on the in-memory
+        layer and may lose a message on channels-redis.
+        """
+        pending = asyncio.ensure_future(self.layer.receive(self.channel))
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=self.every)
+                await self.renew_if_due()
+                if done:
+                    return pending.result()
+        finally:
+            if not pending.done():
+                pending.cancel()

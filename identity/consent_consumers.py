@@ -7,32 +7,39 @@ pushes: answers go through the CSRF-protected POST forms.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from channels.auth import AuthMiddlewareStack
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.security.websocket import AllowedHostsOriginValidator
 
+from fedmcp_site.layers import Memberships
 from identity.consent import user_group
 
 WS_POLICY_VIOLATION = 1008
 
 
 class ConsentPromptConsumer(AsyncJsonWebsocketConsumer):
-    group = ""
+    memberships: Memberships | None = None
+    _keeper: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close(code=WS_POLICY_VIOLATION)
             return
-        self.group = user_group(user.pk)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        self.memberships = Memberships(self.channel_layer, self.channel_name, (user_group(user.pk),))
+        await self.memberships.join()
+        # A consent page may stay open for days: keep hearing the user's group past group_expiry.
+        self._keeper = asyncio.create_task(self.memberships.keep())
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
-        if self.group:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self._keeper is not None:
+            self._keeper.cancel()
+        if self.memberships is not None:
+            await self.memberships.leave()
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         """Ignore anything the page sends."""

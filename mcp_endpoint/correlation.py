@@ -21,6 +21,8 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
+from fedmcp_site.layers import Memberships
+
 logger = logging.getLogger(__name__)
 
 WORKERS_GROUP = "fedmcp.workers"
@@ -50,12 +52,13 @@ class _Correlator:
 
     async def _listen(self, layer: Any) -> None:
         channel = await layer.new_channel()  # default prefix: see streams.SessionEvents.__aenter__
-        await layer.group_add(WORKERS_GROUP, channel)
+        memberships = Memberships(layer, channel, (WORKERS_GROUP,))
+        await memberships.join()
         self._joined.set()
-        rejoin = loop_time = asyncio.get_running_loop().time()
         while True:
             try:
-                message = await layer.receive(channel)
+                # Renews the membership while the worker lives, messages or not.
+                message = await memberships.receive()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -67,11 +70,6 @@ class _Correlator:
                 self._resolve_local(message["key"], message["message"])
             elif kind == "correlation.cancel":
                 self._cancel_local(message["session"], message["request"])
-            loop_time = asyncio.get_running_loop().time()
-            if loop_time - rejoin > 600:
-                # Group membership expires on Redis; renew it while the worker lives.
-                await layer.group_add(WORKERS_GROUP, channel)
-                rejoin = loop_time
 
     async def _broadcast(self, message: JsonDict) -> None:
         layer = get_channel_layer()

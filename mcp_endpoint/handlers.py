@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 from typing import Any
@@ -19,6 +18,7 @@ from federation.pool import pool
 from federation.router import NotRoutableError, Route, peer_for_scope, resolve
 from federation.services import GATEWAY_CAPABILITY
 from federation.upstream.base import UpstreamError
+from fedmcp_site.layers import Memberships
 from identity import consent_cache
 from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.context import HostContext
@@ -297,14 +297,14 @@ async def subscriptions_listen(ctx: HostContext, params: JsonDict) -> JsonDict:
 
     layer = get_channel_layer()
     channel = await layer.new_channel()  # default prefix: see SessionEvents.__aenter__
-    await layer.group_add(CATALOG_GROUP, channel)
-    await layer.group_add(RESOURCES_GROUP, channel)
+    memberships = Memberships(layer, channel, (CATALOG_GROUP, RESOURCES_GROUP))
+    await memberships.join()
     try:
         await send("notifications/subscriptions/acknowledged", {"notifications": honoured})
         flags = {CatalogKind.TOOL: "toolsListChanged", CatalogKind.PROMPT: "promptsListChanged",
                  CatalogKind.RESOURCE: "resourcesListChanged", CatalogKind.RESOURCE_TEMPLATE: "resourcesListChanged"}
         while True:
-            event = await layer.receive(channel)
+            event = await memberships.receive()
             for note in host_notifications_for(ctx.scope, event):
                 method = note["method"]
                 if method == "notifications/resources/updated":
@@ -314,8 +314,7 @@ async def subscriptions_listen(ctx: HostContext, params: JsonDict) -> JsonDict:
                 elif any(honoured.get(flags[k]) and LIST_CHANGED_METHOD[k] == method for k in flags):
                     await send(method)
     finally:
-        await asyncio.shield(layer.group_discard(CATALOG_GROUP, channel))
-        await asyncio.shield(layer.group_discard(RESOURCES_GROUP, channel))
+        await memberships.leave()
 
 
 def host_notifications_for(scope: str, event: JsonDict) -> list[JsonDict]:

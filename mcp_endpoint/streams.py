@@ -15,6 +15,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 
 from federation.events import CATALOG_GROUP, RESOURCES_GROUP
+from fedmcp_site.layers import Memberships
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.handlers import host_notifications_for
 from mcp_endpoint.sessions import session_group, subscribed_uris
@@ -64,13 +65,12 @@ class SessionEvents:
         # one Redis key per prefix under one lock, so a custom prefix waits (up to its 5 s
         # BZPOPMIN timeout, again and again) while another channel of the process holds the lock.
         self.channel = await self.layer.new_channel()
-        for group in self.groups:
-            await self.layer.group_add(group, self.channel)
+        self.memberships = Memberships(self.layer, self.channel, self.groups)
+        await self.memberships.join()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        for group in self.groups:
-            await asyncio.shield(self.layer.group_discard(group, self.channel))
+        await self.memberships.leave()
 
     async def __aiter__(self) -> AsyncIterator[JsonDict | None]:
         # One receive stays pending across keepalives instead of being cancelled and restarted:
@@ -80,6 +80,8 @@ class SessionEvents:
         pending: asyncio.Future[JsonDict] | None = None
         try:
             while True:
+                # A stream may stay open for days; its memberships must outlive group_expiry.
+                await self.memberships.renew_if_due()
                 if pending is None:
                     pending = asyncio.ensure_future(self.layer.receive(self.channel))
                 done, _ = await asyncio.wait({pending}, timeout=self.keepalive)
