@@ -1,8 +1,9 @@
-"""A small HTTP/1.1 keep-alive client for the Streamable HTTP hot path (POST, JSON or SSE reply).
+"""A small HTTP/1.1 keep-alive client for the upstream hot paths.
 
 httpx's layers (auth flow, cookies, redirects, anyio cancel scopes, httpcore's pool bookkeeping)
 cost ~0.6 ms of CPU per upstream call, the largest single part of a busy worker. This client
-does only what a Streamable HTTP POST needs, over asyncio streams:
+does only what the hot paths need, over asyncio streams: a Streamable HTTP POST (JSON or SSE
+reply), and the legacy HTTP+SSE transport's POSTs to its message endpoint and its GET stream.
 
 * Connections are made by `federation.client.open_checked_socket` (resolve, refuse any address
   the guard does not allow, dial the checked address: the DNS-rebinding guard is unchanged) and
@@ -17,6 +18,10 @@ does only what a Streamable HTTP POST needs, over asyncio streams:
   exception types (`httpx.ConnectTimeout`, `ReadTimeout`, `RemoteProtocolError`, ...) so callers
   and `describe_failure` treat both clients alike.
 * Cancellation (a host's cancel, the caller's deadline) closes the connection in use.
+
+* Redirects are never followed (a 3xx is a reply like any other), as `outbound_client` does.
+* A peer's credentials are added by `send_authorized` as `federation.client.ProviderAuth` adds
+  them to httpx requests: on every request, and on 401 refreshed and sent once more.
 
 The caller uses it only where httpx would have sent straight to the peer through the checked
 transport (see `federation.client.checked_direct_context`): behind an environment proxy, or with
@@ -35,7 +40,7 @@ from typing import Any
 
 import httpx
 
-from federation.client import OutboundAddressError, open_checked_socket
+from federation.client import AuthProvider, OutboundAddressError, open_checked_socket
 from federation.upstream.sockets import _readable
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -62,6 +67,7 @@ class LeanResponse:
         if status in (204, 304) or 100 <= status < 200:
             self._length: int | None = 0
             self._chunked = False
+            self._done = True
         else:
             coding = headers.get("transfer-encoding")
             if coding is not None and coding.strip().lower() != "chunked":
@@ -74,6 +80,8 @@ class LeanResponse:
                 if not length.strip().isdigit():
                     raise httpx.RemoteProtocolError(f"bad Content-Length {length!r}")
                 self._length = int(length)
+                # An empty body (a 202 to a POST) is read already: the connection is free at once.
+                self._done = self._length == 0
             else:
                 self._length = None
                 self._keep_alive = False  # Read to EOF: the connection ends with the body.
@@ -148,6 +156,7 @@ class LeanResponse:
         A reply whose caller stopped early (the JSON-RPC response came on an event stream that
         the server ends right after) is read to its end in the background, for at most
         `drain_timeout` seconds and `DRAIN_BYTES`; its connection is then reused, else closed.
+        A pool whose `drain_timeout` is 0 closes such a connection at once.
         """
         conn = self._conn
         if conn is None:
@@ -155,7 +164,7 @@ class LeanResponse:
         if self._done and self._keep_alive:
             self._conn = None
             self._pool._release(conn)
-        elif self._keep_alive and not self._pool.closed:
+        elif self._keep_alive and not self._pool.closed and self._pool.drain_timeout > 0:
             self._pool._drain_later(self)
         else:
             self._conn = None
@@ -241,7 +250,11 @@ class _Connection:
 
 
 class LeanHttpPool:
-    """Keep-alive connections to one origin (scheme, host, port), for POSTs to one URL."""
+    """Keep-alive connections to one origin (scheme, host, port), for requests to one URL.
+
+    `drain_timeout` 0 closes a connection whose reply was not read to its end (for event streams
+    that never end); `max_idle` 0 keeps no connection for reuse.
+    """
 
     def __init__(
         self, url: httpx.URL, *, ssl_context: ssl.SSLContext | None, connect_timeout: float, read_timeout: float,
@@ -262,8 +275,8 @@ class LeanHttpPool:
         self.drain_timeout = drain_timeout
         self._draining: set[asyncio.Task[None]] = set()
         target = url.raw_path.decode("ascii")
-        # The head of every request, up to the per-request headers.
-        self._head = f"POST {target} HTTP/1.1\r\nHost: {url.netloc.decode('ascii')}\r\nUser-Agent: {user_agent}\r\n"
+        # The head of every request after its method, up to the per-request headers.
+        self._head = f" {target} HTTP/1.1\r\nHost: {url.netloc.decode('ascii')}\r\nUser-Agent: {user_agent}\r\n"
         self._idle: list[_Connection] = []
         self.opened = 0  # connections made (tests and diagnostics)
         self.closed = False
@@ -274,12 +287,23 @@ class LeanHttpPool:
         Raises:
             httpx.HTTPError: the connection failed, timed out, or the reply was not HTTP/1.1.
         """
+        return await self.request("POST", body, headers)
+
+    async def request(self, method: str, body: bytes | None, headers: dict[str, str]) -> LeanResponse:
+        """Send one request (`body` None: none, as for GET) and return its reply with the body unread.
+
+        The caller `aclose()`s the reply. Nothing is retried.
+
+        Raises:
+            httpx.HTTPError: the connection failed, timed out, or the reply was not HTTP/1.1.
+        """
         for name, value in headers.items():
             if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
                 raise httpx.LocalProtocolError(f"illegal header {name!r}")
-        head = "".join([self._head, *(f"{name}: {value}\r\n" for name, value in headers.items()), f"Content-Length: {len(body)}\r\n\r\n"])
+        length = "\r\n" if body is None else f"Content-Length: {len(body)}\r\n\r\n"
+        head = "".join([method, self._head, *(f"{name}: {value}\r\n" for name, value in headers.items()), length])
         try:
-            request = head.encode("latin-1") + body
+            request = head.encode("latin-1") + (body or b"")
         except UnicodeEncodeError as exc:
             raise httpx.LocalProtocolError("a header value is not Latin-1 text") from exc
         try:
@@ -391,3 +415,45 @@ class LeanHttpPool:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+async def skip_body(response: LeanResponse | httpx.Response, limit: int) -> None:
+    """Read a reply's body and drop it, stopping after `limit` bytes (the caller closes the reply).
+
+    Raises:
+        httpx.HTTPError: the body broke off or timed out.
+    """
+    size = 0
+    async for data in response.aiter_bytes():
+        size += len(data)
+        if size > limit:
+            break
+
+
+async def send_authorized(
+    pool: LeanHttpPool, auth: AuthProvider | None, method: str, body: bytes | None, headers: dict[str, str]
+) -> LeanResponse:
+    """Send one request with the peer's credentials, as `ProviderAuth` does for httpx.
+
+    The provider's headers go on the request; a 401 makes it forget them (`refresh`) and the
+    request is sent once more with the new ones. The refusal's body is read first (up to
+    `DRAIN_BYTES`) so its connection can carry the second request. `Accept-Encoding: identity`
+    is added: this client decodes no compressed bodies.
+
+    Raises:
+        httpx.HTTPError: the connection failed or timed out.
+        UpstreamError: the provider has no credentials (from `AuthProvider.headers`).
+    """
+    headers["Accept-Encoding"] = "identity"
+    if auth is None:
+        return await pool.request(method, body, headers)
+    sent = await auth.headers()
+    response = await pool.request(method, body, {**headers, **sent})
+    if response.status_code != 401:
+        return response
+    try:
+        await skip_body(response, DRAIN_BYTES)
+    finally:
+        await response.aclose()
+    await auth.refresh(sent)
+    return await pool.request(method, body, {**headers, **await auth.headers()})

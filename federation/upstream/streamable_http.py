@@ -35,7 +35,7 @@ from federation.upstream.base import (
     listen_filter,
     modern_meta,
 )
-from federation.upstream.lean_http import LeanHttpPool, LeanResponse
+from federation.upstream.lean_http import LeanHttpPool, LeanResponse, send_authorized
 from federation.upstream.sockets import use_cheap_readability_check
 from federation.upstream.sse_parser import iter_sse
 
@@ -275,20 +275,7 @@ class StreamableHttpConnection(UpstreamConnection):
     async def _lean_post(self, content: bytes, headers: dict[str, str]) -> LeanResponse:
         """POST through the lean client, with the peer's credentials as `ProviderAuth` adds them."""
         assert self._lean is not None
-        headers["Accept-Encoding"] = "identity"
-        if self.auth is None:
-            return await self._lean.post(content, headers)
-        sent = await self.auth.headers()
-        response = await self._lean.post(content, {**headers, **sent})
-        if response.status_code != 401:
-            return response
-        # Refused credentials: read the refusal (so the connection can be reused), refresh, send once more.
-        try:
-            await self._read_limited(response)
-        finally:
-            await response.aclose()
-        await self.auth.refresh(sent)
-        return await self._lean.post(content, {**headers, **await self.auth.headers()})
+        return await send_authorized(self._lean, self.auth, "POST", content, headers)
 
     async def _read_limited(self, response: httpx.Response | LeanResponse) -> bytes:
         chunks: list[bytes] = []

@@ -302,6 +302,76 @@ def test_a_reply_left_unread_is_drained_for_reuse_or_its_connection_closed(reply
     assert server.connections == opened
 
 
+def test_a_pool_that_never_drains_closes_a_reply_left_unread_at_once() -> None:
+    """As the HTTP+SSE stream's pool does: an event stream never ends, so draining it is pointless."""
+    server = Server(sse_chunked)
+
+    async def scenario() -> tuple[int, bool]:
+        async with server.running() as url:
+            pool = pool_for(url, drain_timeout=0)
+            try:
+                response = await pool.post(b"{}", {})
+                async for _ in response.aiter_lines():
+                    break
+                await response.aclose()
+                draining = bool(pool._draining)
+                await server.closed.wait()
+                server.reply = json_reply({})
+                await post(pool)
+                return pool.opened, draining
+            finally:
+                await pool.aclose()
+
+    assert run(scenario()) == (2, False)
+
+
+async def accepted(request: bytes, writer: asyncio.StreamWriter) -> bool:
+    writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+    await writer.drain()
+    return True
+
+
+def test_an_empty_reply_frees_its_connection_without_a_read() -> None:
+    server = Server(accepted)
+
+    async def scenario() -> tuple[list[int], int]:
+        async with server.running() as url:
+            pool = pool_for(url)
+            try:
+                statuses = []
+                for _ in range(3):
+                    response = await pool.post(b"{}", {})
+                    await response.aclose()
+                    assert not pool._draining  # nothing was left to read in the background
+                    statuses.append(response.status_code)
+                return statuses, pool.opened
+            finally:
+                await pool.aclose()
+
+    assert run(scenario()) == ([202, 202, 202], 1)
+
+
+def test_a_get_is_sent_without_a_body() -> None:
+    server = Server(accepted)
+
+    async def scenario() -> int:
+        async with server.running() as url:
+            pool = pool_for(url)
+            try:
+                response = await pool.request("GET", None, {"Accept": "text/event-stream"})
+                await response.aclose()
+                response = await pool.request("GET", None, {})
+                await response.aclose()
+                return pool.opened
+            finally:
+                await pool.aclose()
+
+    assert run(scenario()) == 1
+    assert [request.split(b"\r\n")[0] for request in server.requests] == [b"GET /mcp HTTP/1.1"] * 2
+    assert server.requests[0].endswith(b"\r\nAccept: text/event-stream\r\n\r\n")
+    assert not any(b"content-length" in request.lower() for request in server.requests)
+
+
 async def garbage(request: bytes, writer: asyncio.StreamWriter) -> bool:
     writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
     await writer.drain()

@@ -1,8 +1,8 @@
 """Peers over TLS on loopback: verified with the peer's CA bundle, client certificates, clear refusals.
 
-The fixture MCP server serves HTTPS (Streamable HTTP; one instance requiring client
-certificates); WebSocket peers are a small `websockets` server with TLS in this process.
-Certificates come from a throwaway CA (tests/federation/pki.py).
+The fixture MCP server serves HTTPS (Streamable HTTP, one instance requiring client
+certificates; legacy HTTP+SSE requiring them); WebSocket peers are a small `websockets` server
+with TLS in this process. Certificates come from a throwaway CA (tests/federation/pki.py).
 """
 
 from __future__ import annotations
@@ -61,6 +61,12 @@ def https_url(pem_files: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture(scope="module")
 def mutual_url(pem_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with https_fixture_server(pem_files, mutual=True, log_dir=tmp_path_factory.mktemp("mutual")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def mutual_sse_url(pem_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with https_fixture_server(pem_files, transport="sse", mutual=True, log_dir=tmp_path_factory.mktemp("mutual-sse")) as url:
         yield url
 
 
@@ -136,6 +142,26 @@ def test_a_stored_certificate_without_its_key_says_what_is_missing(pki: Pki, htt
 
 def test_plain_http_to_a_tls_port_fails_as_a_connection_failure(https_url: str) -> None:
     assert f"peer '{NAME}'" in refusal(peer_at(https_url.replace("https://", "http://")))
+
+
+# --- legacy HTTP+SSE ----------------------------------------------------------------------------
+
+
+def test_an_sse_peer_gets_the_client_certificate_on_its_stream_and_its_posts(pki: Pki, mutual_sse_url: str) -> None:
+    assert "add" in run(tool_names(peer_at(mutual_sse_url, "sse", **with_client(pki))))
+
+
+def test_an_sse_peer_is_verified_with_its_own_ca_only(mutual_sse_url: str) -> None:
+    message = refusal(peer_at(mutual_sse_url, "sse"))
+
+    assert f"peer '{NAME}'" in message
+    assert "TLS certificate verify failed" in message and "CA bundle" in message
+
+
+def test_an_sse_peer_that_requires_a_client_certificate_refuses_clearly_without_one(pki: Pki, mutual_sse_url: str) -> None:
+    message = refusal(peer_at(mutual_sse_url, "sse", **with_ca(pki)))
+
+    assert f"peer '{NAME}'" in message and "client certificate" in message
 
 
 # --- WebSocket -----------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ The end-to-end test runs the same MCP exchange over each transport against real 
 loopback: the fixture server (tests/fixtures/README.md) over Streamable HTTP in both eras, over
 legacy HTTP+SSE and over stdio, and a real daphne gateway with the fixture behind it as the
 WebSocket upstream. The other tests drive the two single-stream kinds (SSE, WebSocket) against
-a scripted in-process upstream: SSE through the outbound HTTP seam (`httpx.MockTransport`),
-WebSocket through a `websockets` server on loopback. Stdio is scripted by a small child process
+a scripted in-process upstream: SSE both through the outbound HTTP seam (`httpx.MockTransport`,
+so httpx sends, as behind a proxy) and over loopback (tests/federation/sse_peer.py, so the lean
+client sends), WebSocket through a `websockets` server on loopback. Stdio is scripted by a small child process
 (`STDIO_UPSTREAM`).
 
 Async code runs under `asyncio.run()` inside plain tests, each bounded by `run()`'s timeout.
@@ -45,6 +46,7 @@ from federation.upstream.base import (
 from federation.upstream.sse import SseConnection, resolve_endpoint
 from federation.upstream.websocket import WebSocketConnection
 from tests.e2e import harness
+from tests.federation.sse_peer import SsePeer
 from tests.fixtures.everything_server import TOOLS as FIXTURE_TOOLS
 
 TIMEOUT = 20.0
@@ -317,6 +319,13 @@ async def scripted_sse(upstream: ScriptedUpstream, endpoint: str = "/messages/?s
 
 
 @contextlib.asynccontextmanager
+async def scripted_sse_lean(upstream: ScriptedUpstream) -> AsyncIterator[PeerConfig]:
+    """Serve `upstream` over HTTP+SSE on a loopback port: the lean client carries stream and POSTs."""
+    async with SsePeer(upstream.receive, outbox=upstream.outbox).running() as server:
+        yield PeerConfig(id=10, name="scripted", transport="sse", url=server.url, connect_timeout=5, call_timeout=5)
+
+
+@contextlib.asynccontextmanager
 async def scripted_websocket(upstream: ScriptedUpstream, subprotocols: list[str] | None = None) -> AsyncIterator[PeerConfig]:
     """Serve `upstream` over WebSocket on a loopback port."""
 
@@ -338,7 +347,7 @@ async def scripted_websocket(upstream: ScriptedUpstream, subprotocols: list[str]
         yield PeerConfig(id=11, name="scripted", transport="websocket", url=f"ws://127.0.0.1:{port}/", connect_timeout=5, call_timeout=5)
 
 
-SCRIPTED = {"sse": scripted_sse, "websocket": scripted_websocket}
+SCRIPTED = {"sse": scripted_sse, "sse-lean": scripted_sse_lean, "websocket": scripted_websocket}
 
 
 def scripted(kind: str, body: Callable[[ScriptedUpstream, PeerConfig], Awaitable[Any]]) -> Any:
