@@ -11,9 +11,9 @@ connection resolves it again, checks every address and dials the checked address
 through `_CheckedBackend`; WebSocket and the lean Streamable HTTP client,
 federation/upstream/lean_http.py, through `open_checked_socket`). A name that resolves to a
 public address at check time and to 127.0.0.1 or 169.254.169.254 a moment later (DNS
-rebinding) is refused before a packet is sent there. Behind an egress proxy from the environment
-(`HTTPS_PROXY`), httpx connects to the proxy, which resolves names itself; the second check
-then does not apply.
+rebinding) is refused before a packet is sent there. Connections always go straight to the peer: egress
+proxies from the environment (`HTTPS_PROXY`, `ALL_PROXY`) are not used (httpx ignores them once a
+transport is given, and the guard must see the address it dials).
 
 Credentials a peer needs (a peer gateway's client-credentials token) come from an
 `AuthProvider` handed to `outbound_client`: its headers go on every request, and a 401 makes it
@@ -200,8 +200,8 @@ def checked_direct_context(client: httpx.AsyncClient, url: httpx.URL) -> ssl.SSL
     """The peer's SSL context if `client` (from `outbound_client`) sends `url` straight to the peer.
 
     For clients of their own that connect like `outbound_client` (through `open_checked_socket`,
-    TLS with this context). None when httpx must stay in charge: an environment proxy applies
-    to `url`, or the client is not one `outbound_client` made (tests replace it).
+    TLS with this context). None when httpx must stay in charge: the client is not one
+    `outbound_client` made (tests replace it).
     """
     transport = client._transport_for_url(url)
     return transport.ssl_context if isinstance(transport, _CheckedTransport) else None
@@ -299,7 +299,8 @@ def outbound_client(
         # Redirects stay off: a redirect could point anywhere, past `check_url_allowed`.
         follow_redirects=False,
         transport=_CheckedTransport(context=context, limits=limits),
-        # Used by httpx only for the transports of environment proxies (HTTPS_PROXY).
+        # Environment proxies are never mounted (`transport=` turns them off in httpx); kept
+        # consistent in case a caller mounts one explicitly.
         verify=context,
         limits=limits,
         headers={"User-Agent": "fedmcp"},

@@ -24,8 +24,8 @@ reply), and the legacy HTTP+SSE transport's POSTs to its message endpoint and it
   them to httpx requests: on every request, and on 401 refreshed and sent once more.
 
 The caller uses it only where httpx would have sent straight to the peer through the checked
-transport (see `federation.client.checked_direct_context`): behind an environment proxy, or with
-a client that tests replaced, httpx stays in charge.
+transport (see `federation.client.checked_direct_context`): with a client that tests replaced,
+httpx stays in charge.
 """
 
 from __future__ import annotations
