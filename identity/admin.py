@@ -28,6 +28,9 @@ DECISIONS = (
     ("denied", "denied by the user"),
     ("deny", "deny (policy)"),
     ("timeout", "timeout (nobody answered)"),
+    ("ask-home", "ask-home (asked the user's home gateway)"),
+    ("rejected", "rejected (the home gateway's decision)"),
+    ("home", "home (request left to the user's home gateway)"),
 )
 """The words consent leaves in AuditEvent.decision (docs/CONSENT.md "Outcomes")."""
 

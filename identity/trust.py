@@ -307,6 +307,22 @@ async def _trusted_gateway(application_id: int | None) -> TrustedGateway | None:
     )
 
 
+async def home_gateway(identity: Identity | None) -> TrustedGateway | None:
+    """Return the enabled trusted gateway that asserted `identity` in this call, or None.
+
+    That gateway is the federated user's home (or the next gateway towards it): a fedmcp
+    gateway that gates the sampling and elicitation requests it receives with its own users'
+    consent, so a question this gateway cannot ask may be left to it (mcp_endpoint/consent_gate.py).
+    A user linked to a local account is asked here, and has no home to defer to.
+    """
+    if identity is None or identity.user_id is not None or not identity.federated_issuer:
+        return None
+    gateway = await _trusted_gateway(identity.application_id)
+    # identity_for_call only names users of the token's own gateway; check it anyway, so no
+    # other path to a federated Identity can borrow a gateway's standing.
+    return gateway if gateway is not None and gateway.issuer == identity.federated_issuer else None
+
+
 def own_audience() -> str:
     """This gateway's public origin, which assertions addressed to it must name."""
     return settings.FEDMCP_PUBLIC_URL.rstrip("/")

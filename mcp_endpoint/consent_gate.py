@@ -29,7 +29,7 @@ from django.conf import settings
 from django.core import signing
 
 from federation.router import Route
-from identity import consent, consent_cache, remote_consent
+from identity import consent, consent_cache, remote_consent, trust
 from identity.audit import audit_record
 from identity.models import ConsentDecision, ConsentPrompt
 from identity.upstream_requests import request_summary
@@ -217,10 +217,21 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
 # call. Consent decides (kinds `sampling` / `elicitation`, named by the call's tool) before the
 # host sees it: allowed requests are relayed; refused ones are answered with an error the host
 # never sees; asked ones wait for the user on /consent, where the page shows what would be sent.
+# A user of a trusted peer gateway, who has nobody to ask here, is asked by that gateway
+# instead: the request goes on to it marked `DEFERRED_META_KEY` (audit word `home`).
 # The gateway's own URL elicitation pointing at /consent (above) does not pass through here.
 
 HELD_PREFIX = "fedmcp-held:"
 HELD_SALT = "fedmcp.consent.held-input"
+DEFERRED_META_KEY = "io.fedmcp/consent-deferred"
+"""Marks a request a gateway left to the caller's home gateway to ask about (value: that gateway's name).
+
+Set by a gateway whose decision is *ask* for a user it cannot ask but whose home gateway gates
+(`trust.home_gateway`); kept by gateways on the way towards the home; honoured only from a peer
+gateway (a plain upstream's is dropped); removed where the request reaches the user's host.
+"""
+HOME = "home"
+"""The audit word for a request left to the caller's home gateway (docs/CONSENT.md "Across gateways")."""
 
 
 @dataclass(frozen=True)
@@ -234,17 +245,64 @@ class UpstreamCall:
     """The peer is another fedmcp gateway, which has gated its own upstreams' requests already."""
 
 
-def _gated_kind(call: UpstreamCall, method: str) -> str | None:
+def _gated_kind(call: UpstreamCall, method: str, params: Any) -> str | None:
     """The consent kind of an upstream's request, or None when it is relayed unasked.
 
     Elicitations arriving from a peer gateway were gated there, and include that gateway's own
-    pointers to its consent page, which must reach the user; sampling spends this side's model,
-    so every gateway on the way decides for itself.
+    pointers to its consent page, which must reach the user; unless that gateway left the
+    question to us (`DEFERRED_META_KEY`). Sampling spends this side's model, so every gateway
+    on the way decides for itself.
     """
     kind = consent.REQUEST_KIND_FOR_METHOD.get(method)
-    if kind == "elicitation" and call.from_gateway:
+    if kind == "elicitation" and call.from_gateway and _deferral(call, params) is None:
         return None
     return kind
+
+
+def _deferral(call: UpstreamCall, params: Any) -> Any:
+    """The deferral mark a peer gateway put on its request, or None (a plain upstream's counts for nothing)."""
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    if not call.from_gateway or not isinstance(meta, dict):
+        return None
+    return meta.get(DEFERRED_META_KEY)
+
+
+def _with_mark(params: Any, mark: Any) -> Any:
+    """Return `params` with the deferral mark set to `mark`, or without it (None); `params` itself if so already."""
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    if (mark is None and DEFERRED_META_KEY not in meta) or (mark is not None and meta.get(DEFERRED_META_KEY) == mark):
+        return params
+    meta = {k: v for k, v in meta.items() if k != DEFERRED_META_KEY}
+    if mark is not None:
+        meta[DEFERRED_META_KEY] = mark
+    changed = {k: v for k, v in (params if isinstance(params, dict) else {}).items() if k != "_meta"}
+    if meta:
+        changed["_meta"] = meta
+    return changed
+
+
+def _defers(ctx: HostContext, decision: consent.Decision) -> bool:
+    """Whether the request is left to the caller's home gateway: *ask*, and nobody to ask here.
+
+    `_request_decide` has refused the case where the caller has no home gateway that gates.
+    """
+    return decision.action == ConsentDecision.ASK and (ctx.identity is None or ctx.identity.user_id is None)
+
+
+def _for_caller(ctx: HostContext, call: UpstreamCall, params: Any, defer: bool) -> Any:
+    """Return the request's params as they go to our caller.
+
+    Marked when the question is left to the user's home: we defer it, or a peer gateway did
+    and our caller is a gateway acting for a user of another (the mark travels on to the
+    home). Unmarked where the request reaches the user's own host.
+    """
+    identity = ctx.identity
+    to_gateway = identity is not None and identity.user_id is None and bool(identity.federated_issuer)
+    mark = _deferral(call, params)
+    if defer and mark is None:
+        mark = settings.FEDMCP_GATEWAY_NAME
+    return _with_mark(params, mark if to_gateway else None)
 
 
 def _audit_request(ctx: HostContext, call: UpstreamCall, method: str, decision: str, error_code: int | None, started: float) -> None:
@@ -267,13 +325,17 @@ def _request_message(prompt: ConsentPrompt, url: str) -> str:
 async def _request_decide(ctx: HostContext, call: UpstreamCall, kind: str) -> consent.Decision:
     """Return the decision for an upstream request; refuse what a policy or nobody can allow.
 
+    An *ask* comes back for a local user (asked here) and for a user whose home gateway gates
+    such requests itself (`_defers`: left to it); anyone else is refused.
+
     Raises:
-        ConsentDeniedError: a policy denies it, or it must be asked and no local user can answer.
+        ConsentDeniedError: a policy denies it, or it must be asked and nobody here or at the
+            caller's home gateway can answer.
     """
     decision = await consent.consent_decide(identity=ctx.identity, peer=call.peer, kind=kind, name=call.name)
     if decision.action == ConsentDecision.DENY:
         raise _refused(kind, call, "deny", "A consent policy refuses", {"reason": decision.reason})
-    if decision.action == ConsentDecision.ASK and (ctx.identity is None or ctx.identity.user_id is None):
+    if _defers(ctx, decision) and await trust.home_gateway(ctx.identity) is None:
         raise _refused(kind, call, "deny", "No local user can be asked about", {"reason": "no local user to ask"})
     return decision
 
@@ -323,10 +385,12 @@ async def upstream_request_relay(ctx: HostContext, call: UpstreamCall, method: s
     """Apply consent to a server->client request an upstream sent during `call`, then relay it.
 
     `ask` sends it to the host (forwarding.ask_host). Returns the reply for the upstream: the
-    host's, or an error (-32017 refused, -32018 unanswered) the host never sees. Each gated
-    request leaves one audit event: method, the call's peer and name, decision and outcome.
+    host's, or an error (-32017 refused, -32018 unanswered) the host never sees. A request
+    left to the caller's home gateway goes to it marked; the home's answer, or its refusal, is
+    the reply. Each gated request leaves one audit event: method, the call's peer and name,
+    decision and outcome.
     """
-    kind = _gated_kind(call, method)
+    kind = _gated_kind(call, method, params)
     if kind is None:
         return await ask(ctx, method, params)
     started = time.monotonic()
@@ -335,9 +399,13 @@ async def upstream_request_relay(ctx: HostContext, call: UpstreamCall, method: s
     try:
         decision = await _request_decide(ctx, call, kind)
         decision_word = decision.label
-        if decision.action == ConsentDecision.ASK:
+        defer = _defers(ctx, decision)
+        if defer:
+            # The caller's home gateway asks its user; its refusal comes back as the reply.
+            decision_word = HOME
+        elif decision.action == ConsentDecision.ASK:
             decision_word = await _request_ask_user(ctx, call, kind, method, params, decision)
-        reply = await ask(ctx, method, params)
+        reply = await ask(ctx, method, _for_caller(ctx, call, params, defer))
         if "error" in reply:
             code = reply["error"].get("code") if isinstance(reply["error"], dict) else None
             error_code = code if isinstance(code, int) and not isinstance(code, bool) else jsonrpc.UPSTREAM_ERROR
@@ -360,10 +428,12 @@ async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: Json
     """Apply consent to the sampling/elicitation requests in an upstream's input_required result.
 
     For a 2026-07-28 host, which receives them inside the result. All allowed: the result goes
-    on unchanged. One refused: the call fails (-32017); MRTR servers keep no state, so nothing
-    upstream waits. Any to ask: the host gets the gateway's own input_required instead, URL
-    elicitations to the prompts, and the upstream's result stays in the database (never in the
-    host's hands) until its retry with the signed `requestState` finds them approved.
+    on unchanged (but for the deferral marks, `_for_caller`). One refused: the call fails
+    (-32017); MRTR servers keep no state, so nothing upstream waits. Any to ask: the host gets
+    the gateway's own input_required instead, URL elicitations to the prompts, and the
+    upstream's result stays in the database (never in the host's hands) until its retry with
+    the signed `requestState` finds them approved. Any left to the caller's home gateway (a
+    peer gateway calling for one of its users): passed on marked, for the home to gate.
 
     Raises:
         ConsentDeniedError: a policy refuses one of the requests.
@@ -371,22 +441,28 @@ async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: Json
     requests = result.get("inputRequests")
     if result.get("resultType") != "input_required" or not isinstance(requests, dict):
         return result
-    gated = [
-        (request, kind) for request in requests.values()
-        if isinstance(request, dict) and (kind := _gated_kind(call, str(request.get("method")))) is not None
-    ]
+    passed: JsonDict = {}
     to_ask: list[tuple[JsonDict, str, consent.Decision]] = []
-    for request, kind in gated:
+    for key, request in requests.items():
+        kind = _gated_kind(call, str(request.get("method")), request.get("params")) if isinstance(request, dict) else None
+        if kind is None:
+            passed[key] = request
+            continue
         started = time.monotonic()
         try:
             decision = await _request_decide(ctx, call, kind)
         except jsonrpc.JsonRpcError as exc:
             _audit_request(ctx, call, request["method"], getattr(exc, "consent_decision", "deny"), exc.code, started)
             raise
-        if decision.action == ConsentDecision.ASK:
+        defer = _defers(ctx, decision)
+        if decision.action == ConsentDecision.ASK and not defer:
             to_ask.append((request, kind, decision))
         else:
-            _audit_request(ctx, call, request["method"], decision.label, None, started)
+            _audit_request(ctx, call, request["method"], HOME if defer else decision.label, None, started)
+        params = _for_caller(ctx, call, request.get("params"), defer)
+        passed[key] = request if params is request.get("params") else {**request, "params": params}
+    if any(passed[key] is not request for key, request in requests.items()):
+        result = {**result, "inputRequests": passed}
     if not to_ask:
         return result
     prompts: list[ConsentPrompt] = []

@@ -41,6 +41,17 @@ class AuditDecisionAdminTest(TestCase):
         none = self.client.get(LIST, {"decision": "none"})
         assert list(none.context["cl"].result_list) == [self.listed]
 
+    def test_it_filters_by_the_distributed_consent_words(self) -> None:
+        deferred = AuditEvent.objects.create(
+            federated_issuer="https://a.example", federated_subject="alice", peer="web", method="sampling/createMessage",
+            name="summarize", outcome="ok", decision="home", latency_ms=2.0,
+        )
+
+        page = self.client.get(LIST, {"decision": "home"})
+
+        assert list(page.context["cl"].result_list) == [deferred]
+        assert {"home", "ask-home", "rejected"} <= {value for value, _ in page.context["cl"].filter_specs[0].lookup_choices}
+
     def test_it_filters_by_method_peer_and_user(self) -> None:
         page = self.client.get(LIST, {"method__exact": "sampling/createMessage", "peer__exact": "web", "user__id__exact": self.sampled.user_id})
 
