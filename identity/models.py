@@ -124,7 +124,11 @@ class AuditEvent(models.Model):
     outcome = models.CharField(max_length=8, choices=[("ok", "ok"), ("error", "error")])
     decision = models.CharField(
         max_length=16, blank=True,
-        help_text="What consent decided: allow, grant (a remembered approval), ask, approved, denied, timeout or deny (a policy).",
+        help_text=(
+            "What consent decided: allow, grant (a remembered approval), ask, approved, denied, timeout, "
+            "deny (a policy), ask-home (asked the user's home gateway), rejected (the home gateway's decision "
+            "was not acceptable) or home (the request was left to the user's home gateway)."
+        ),
     )
     error_code = models.IntegerField(null=True, blank=True)
     latency_ms = models.FloatField()
