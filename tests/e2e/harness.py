@@ -6,15 +6,22 @@ Every MCP transport of a gateway requires a bearer token. `Gateway.token()` mint
 `manage.py token`; `Gateway.auth_headers()` is the `Authorization` header of a cached default
 token. Tokens name the gateway's public URL (`Gateway.public_url`, fixed before any worker
 starts) as their audience, so one token works on every worker of the gateway.
+
+`manage.py migrate` runs once per test session and database engine, into a template database;
+every gateway's database starts as a copy of it (`Gateway.migrate()`, `postgres_database()`).
+A migration takes seconds of CPU, a copy milliseconds, and the schema is the same.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -23,6 +30,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+import redis
+from psycopg import sql
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -35,6 +48,9 @@ DEFAULT_USER = "alice"
 """The host user end-to-end tests act as unless they name another."""
 TOKEN_LIFETIME = "12h"
 """Long enough for any session of tests; tests about expiry mint their own tokens."""
+POSTGRES_ADMIN_DSN = os.environ.get("FEDMCP_E2E_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+"""The shared PostgreSQL server (trust auth), as a DSN that may create and drop databases."""
+REDIS_URL = os.environ.get("FEDMCP_E2E_REDIS", "redis://127.0.0.1:6379/0")
 
 
 def free_port() -> int:
@@ -95,6 +111,112 @@ def fixture_server(name: str = "everything", log_dir: Path | None = None) -> Ite
     finally:
         stop(process)
         log.close()
+
+
+# --- migrated databases ------------------------------------------------------------------------
+
+
+_migrated: dict[str, str] = {}
+"""The session's migrated templates: "sqlite" -> a database file, "postgres" -> a database name."""
+_migrated_copies: set[str] = set()
+"""PostgreSQL databases made by `postgres_database()`: already migrated."""
+
+
+def _run_migrate(database_url: str) -> None:
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "fedmcp_site.settings", "FEDMCP_SECRET_KEY": "e2e-migrate-not-secret", "DATABASE_URL": database_url}
+    env.pop("REDIS_URL", None)
+    result = subprocess.run([PY, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"manage.py migrate failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+
+def _sqlite_template() -> Path:
+    """Return a SQLite database file with every migration applied, made on first use."""
+    if "sqlite" not in _migrated:
+        folder = Path(tempfile.mkdtemp(prefix="fedmcp-migrated-"))
+        atexit.register(shutil.rmtree, folder, True)
+        path = folder / "db.sqlite3"
+        _run_migrate(f"sqlite:///{path}")
+        # The settings put SQLite in WAL mode: move everything into the main file, so copying
+        # that one file copies the whole database.
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        _migrated["sqlite"] = str(path)
+    return Path(_migrated["sqlite"])
+
+
+def _postgres_admin() -> psycopg.Connection:
+    try:
+        return psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is required but {POSTGRES_ADMIN_DSN} is not reachable: {exc}", pytrace=False)
+
+
+def _postgres_url(name: str) -> str:
+    return urlunsplit(("postgres", urlsplit(POSTGRES_ADMIN_DSN).netloc, f"/{name}", "", ""))
+
+
+def _drop_postgres_database(name: str) -> None:
+    with contextlib.closing(_postgres_admin()) as admin:
+        # FORCE: a worker that did not exit cleanly must not keep the database alive.
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _postgres_template(admin: psycopg.Connection) -> str:
+    """Return the name of a PostgreSQL database with every migration applied, made on first use."""
+    if "postgres" not in _migrated:
+        name = f"fedmcp_e2e_migrated_{secrets.token_hex(6)}"
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        atexit.register(_drop_postgres_database, name)
+        _run_migrate(_postgres_url(name))
+        _migrated["postgres"] = name
+    return _migrated["postgres"]
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str = "fedmcp_e2e") -> Iterator[str]:
+    """Create a PostgreSQL database on the shared server, migrated; yield its URL; drop it afterwards.
+
+    It is a copy (CREATE DATABASE … TEMPLATE) of a database migrated once per session, so
+    `Gateway.migrate()` has nothing left to do for it. Fails the test if PostgreSQL is unreachable.
+    """
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    with contextlib.closing(_postgres_admin()) as admin:
+        template = _postgres_template(admin)
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
+    _migrated_copies.add(name)
+    try:
+        yield _postgres_url(name)
+    finally:
+        _migrated_copies.discard(name)
+        _drop_postgres_database(name)
+
+
+def _is_migrated_copy(database_url: str) -> bool:
+    parts = urlsplit(database_url)
+    return parts.scheme in ("postgres", "postgresql") and parts.path.lstrip("/") in _migrated_copies
+
+
+@contextlib.contextmanager
+def redis_prefix(prefix: str = "fedmcp-e2e") -> Iterator[str]:
+    """Yield a channel-layer key prefix of its own on the shared Redis; delete its keys afterwards.
+
+    Fails the test if Redis is unreachable.
+    """
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        pytest.fail(f"Redis is required but {REDIS_URL} is not reachable: {exc}", pytrace=False)
+    key_prefix = f"{prefix}-{secrets.token_hex(6)}"
+    try:
+        yield key_prefix
+    finally:
+        keys = list(client.scan_iter(match=f"{key_prefix}*", count=500))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
 
 def mint_token(
@@ -159,7 +281,16 @@ class Gateway:
         return result
 
     def migrate(self) -> Gateway:
-        self.manage("migrate", "--noinput")
+        """Give this gateway a database with every migration applied.
+
+        A new SQLite database is a copy of the session's migrated template, and a database from
+        `postgres_database()` already is one; any other database gets `manage.py migrate`.
+        """
+        url = self.env["DATABASE_URL"]
+        if url.startswith("sqlite:///") and not (ROOT / url.removeprefix("sqlite:///")).exists():
+            shutil.copyfile(_sqlite_template(), ROOT / url.removeprefix("sqlite:///"))
+        elif not _is_migrated_copy(url):
+            self.manage("migrate", "--noinput")
         return self
 
     def token(
@@ -220,3 +351,4 @@ class Gateway:
         if exc[0] is not None:
             sys.stderr.write(self.logs())
         self.cleanup()
+
