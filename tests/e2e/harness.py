@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -35,6 +36,9 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 import redis
+from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from psycopg import sql
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,6 +132,11 @@ def _run_migrate(database_url: str) -> None:
     result = subprocess.run([PY, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
     if result.returncode != 0:
         raise RuntimeError(f"manage.py migrate failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+
+def copy_migrated_sqlite(path: Path) -> None:
+    """Create the SQLite database `path` with every migration applied (a copy of the session's template)."""
+    shutil.copyfile(_sqlite_template(), path)
 
 
 def _sqlite_template() -> Path:
@@ -288,10 +297,22 @@ class Gateway:
         """
         url = self.env["DATABASE_URL"]
         if url.startswith("sqlite:///") and not (ROOT / url.removeprefix("sqlite:///")).exists():
-            shutil.copyfile(_sqlite_template(), ROOT / url.removeprefix("sqlite:///"))
+            copy_migrated_sqlite(ROOT / url.removeprefix("sqlite:///"))
         elif not _is_migrated_copy(url):
             self.manage("migrate", "--noinput")
         return self
+
+    def shell(self, code: str) -> str:
+        """Run Python in this gateway's environment (its database, keys and settings); return what it printed."""
+        return self.manage("shell", "--no-imports", "-c", code).stdout.strip()
+
+    def create_users(self, passwords: dict[str, str], *, superuser: bool = False) -> None:
+        """Create a user (or superuser) for each `username: password`, in one `manage.py shell`."""
+        create = "create_superuser" if superuser else "create_user"
+        self.shell(
+            "from django.contrib.auth import get_user_model; User = get_user_model()\n"
+            + "".join(f"User.objects.{create}({user!r}, password={password!r})\n" for user, password in passwords.items())
+        )
 
     def token(
         self, user: str = DEFAULT_USER, *, scope: str | None = None, expires: str = TOKEN_LIFETIME, resource: str | None = None
@@ -352,3 +373,63 @@ class Gateway:
             sys.stderr.write(self.logs())
         self.cleanup()
 
+
+# --- gateways peering gateways ------------------------------------------------------------------
+
+
+def own_keys() -> dict[str, str]:
+    """A gateway's own secrets key and signing key, so no two gateways share one."""
+    signing = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return {
+        "FEDMCP_SECRETS_KEYS": Fernet.generate_key().decode(),
+        "FEDMCP_SIGNING_KEY": signing.decode(),
+    }
+
+
+@contextlib.contextmanager
+def gateways(*names: str, env: dict[str, str] | None = None) -> Iterator[dict[str, Gateway]]:
+    """Gateways called `names`, each with its own keys (`own_keys()`) and migrated database.
+
+    Their logs are printed if the block fails (pytest shows them with the failed setup); they
+    are cleaned up afterwards.
+    """
+    made = {name: Gateway(name=name, env={**own_keys(), **(env or {})}) for name in names}
+    try:
+        for gateway in made.values():
+            gateway.migrate()
+        yield made
+    except BaseException:
+        for gateway in made.values():
+            print(gateway.logs())
+        raise
+    finally:
+        for gateway in made.values():
+            gateway.cleanup()
+
+
+def trust(host: Gateway, guest: Gateway, name: str) -> tuple[str, str]:
+    """`host` trusts `guest` as peer gateway `name` (`gateway trust`); return the client id and secret it printed."""
+    out = host.manage("gateway", "trust", name, "--issuer", guest.public_url).stdout
+    client_id = re.search(r"^client_id: (\S+)$", out, re.M)
+    secret = re.search(r"^client_secret: (\S+)$", out, re.M)
+    assert client_id and secret, out
+    return client_id.group(1), secret.group(1)
+
+
+def register(guest: Gateway, host: Gateway, name: str, credentials: tuple[str, str]) -> None:
+    """`guest` registers `host` as peer gateway `name` with its credentials there (`peer add`)."""
+    secret_file = guest.dir / f"{name}.client-secret"
+    secret_file.write_text(credentials[1])
+    guest.manage("peer", "add", name, "--url", f"{host.public_url}/mcp", "--gateway", "--client-id", credentials[0], "--client-secret-file", str(secret_file))
+
+
+def peer_gateway(guest: Gateway, host: Gateway) -> tuple[str, str]:
+    """`host` trusts `guest` and `guest` registers `host`, each under the other's gateway name.
+
+    Returns the client id and secret `guest` was given at `host`. `host` must be running.
+    """
+    credentials = trust(host, guest, guest.env["FEDMCP_GATEWAY_NAME"])
+    register(guest, host, host.env["FEDMCP_GATEWAY_NAME"], credentials)
+    return credentials

@@ -22,8 +22,7 @@ import httpx
 import pytest
 
 from mcp_endpoint import jsonrpc
-from tests.e2e.harness import BIN, ROOT, Gateway, fixture_server
-from tests.e2e.test_federation import own_keys, trust
+from tests.e2e.harness import BIN, ROOT, Gateway, fixture_server, own_keys, trust
 from tests.federation.pki import Pki, https_fixture_server
 
 pytestmark = pytest.mark.e2e
