@@ -53,7 +53,7 @@ CONSENT_ENV = {"FEDMCP_CONSENT_TIMEOUT": str(WAIT), "FEDMCP_CONSENT_POLL_INTERVA
 
 def ask_policy(gateway: Gateway, peer: str) -> None:
     """`gateway` asks before every call of `add` on `peer`, and hides argument `b` on the page."""
-    gateway.shell(f"from identity.models import ConsentPolicy; ConsentPolicy.objects.create(peer={peer!r}, kind='tool', name_pattern='add', decision='ask', redact_fields=['b'])")
+    gateway.python(f"from identity.models import ConsentPolicy; ConsentPolicy.objects.create(peer={peer!r}, kind='tool', name_pattern='add', decision='ask', redact_fields=['b'])")
 
 
 @pytest.fixture(scope="module")
@@ -139,20 +139,21 @@ def host(chain: dict[str, Any]) -> Iterator[BackgroundHost]:
         client.close()
 
 
-def audit_events(gateway: Gateway) -> list[dict[str, Any]]:
+def audit_events(gateway: Gateway, *, poll: bool = False) -> list[dict[str, Any]]:
+    """`gateway`'s audit trail, oldest first; `poll` reads it through the gateway's interpreter (for polling loops)."""
     code = (
         "import json; from identity.models import AuditEvent;"
         "print(json.dumps(list(AuditEvent.objects.order_by('at').values("
         "'username', 'federated_issuer', 'federated_subject', 'via', 'peer', 'method', 'name', 'outcome', 'error_code', 'decision'))))"
     )
-    return json.loads(gateway.shell(code))
+    return json.loads((gateway.python if poll else gateway.shell)(code))
 
 
 def wait_for_audit(gateway: Gateway, match: dict[str, Any], count: int = 1) -> list[dict[str, Any]]:
     """Poll `gateway`'s audit trail (written off the response path) for `count` events with `match`."""
     deadline = time.monotonic() + WAIT
     while True:
-        found = [e for e in audit_events(gateway) if all(e.get(k) == v for k, v in match.items())]
+        found = [e for e in audit_events(gateway, poll=True) if all(e.get(k) == v for k, v in match.items())]
         if len(found) >= count:
             return found
         if time.monotonic() > deadline:
@@ -275,7 +276,7 @@ class PlayingA:
 
     def sign(self, code: str) -> str:
         """Run `code` on A (with `claims`-building helpers imported); return what it printed."""
-        return self.a.shell("import jwt, json, time, secrets; from identity import remote_consent; from identity.signing import *; " + code)
+        return self.a.python("import jwt, json, time, secrets; from identity import remote_consent; from identity.signing import *; " + code)
 
     def assertion(self) -> str:
         return self.sign(f"print(assertion_create(subject='alice', audience={self.b.public_url!r}, client_id='host', via=['a']))")
@@ -325,7 +326,7 @@ def test_a_decision_is_good_once_for_its_call_and_only_from_alices_home(chain: d
     expired = a_side.decision(fresh, iat=int(time.time()) - 200, exp=int(time.time()) - 100)
     assert refusal(a_side.call(arguments, expired)) == (jsonrpc.CONSENT_DENIED, "expired")
     # Forged: alice's home claimed, but signed with B's own key (which A's JWKS lacks).
-    forged = chain["b"].shell(
+    forged = chain["b"].python(
         "import jwt; from identity import remote_consent; from identity.signing import signing_key; key = signing_key();"
         f"c = jwt.decode({a_side.decision(fresh)!r}, options={{'verify_signature': False}});"
         "print(jwt.encode(c, key.private_key, algorithm=key.algorithm, headers={'kid': key.kid, 'typ': remote_consent.DECISION_TYPE}))"

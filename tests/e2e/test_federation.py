@@ -83,23 +83,24 @@ def sign_assertion(signer: Gateway, *, audience: str, via: list[str], issuer: st
         f" 'jti': secrets.token_urlsafe(16), 'client_id': 'host', 'via': {via!r}}};"
         "print(jwt.encode(claims, key.private_key, algorithm=key.algorithm, headers={'kid': key.kid, 'typ': JWT_TYPE}))"
     )
-    return signer.shell(code)
+    return signer.python(code)
 
 
-def audit_events(gateway: Gateway) -> list[dict[str, Any]]:
+def audit_events(gateway: Gateway, *, poll: bool = False) -> list[dict[str, Any]]:
+    """`gateway`'s audit trail, oldest first; `poll` reads it through the gateway's interpreter (for polling loops)."""
     code = (
         "import json; from identity.models import AuditEvent;"
         "print(json.dumps(list(AuditEvent.objects.order_by('at').values("
         "'username', 'federated_issuer', 'federated_subject', 'client_id', 'via', 'peer', 'method', 'name', 'outcome', 'error_code'))))"
     )
-    return json.loads(gateway.shell(code))
+    return json.loads((gateway.python if poll else gateway.shell)(code))
 
 
 def wait_for_audit(gateway: Gateway, match: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
     """Poll `gateway`'s audit trail (written off the response path) for an event with `match`."""
     deadline = time.monotonic() + timeout
     while True:
-        for event in audit_events(gateway):
+        for event in audit_events(gateway, poll=True):
             if all(event.get(k) == v for k, v in match.items()):
                 return event
         if time.monotonic() > deadline:
