@@ -269,9 +269,9 @@ for line in sys.stdin:
         reply = {"out": out.getvalue()}
     except BaseException:
         reply = {"out": out.getvalue(), "error": traceback.format_exc()}
-    replies.write("fedmcp-reply " + json.dumps(reply) + "\\n")
+    replies.write(REPLY_PREFIX + json.dumps(reply) + "\\n")
     replies.flush()
-"""
+""".replace("REPLY_PREFIX", repr(REPLY_PREFIX))
 
 
 class Interpreter:
@@ -392,7 +392,7 @@ class Gateway:
         Raises:
             RuntimeError: the code raised; the message has the traceback.
         """
-        if self._interpreter is not None and self._interpreter.env != self.env:
+        if self._interpreter is not None and (self._interpreter.env != self.env or self._interpreter.process.poll() is not None):
             self._interpreter.close()
             self._interpreter = None
         if self._interpreter is None:
