@@ -31,8 +31,10 @@ import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from selenium import webdriver
 
 from tests.e2e import harness
+from tests.e2e.browser import chromium
 
 WEB_PEER = "web"
 """The fixture served over Streamable HTTP; `whoami` answers "web"."""
@@ -125,3 +127,10 @@ def gateway(request: pytest.FixtureRequest, web_upstream_url: str) -> Iterator[h
 def gateway_origin(gateway: harness.Gateway) -> str:
     """Return the gateway's own origin (`http://127.0.0.1:<port>`), as a browser would send it."""
     return gateway.url("")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    """Headless Chromium for this test module (tests/e2e/browser.py), 1000x1100."""
+    with chromium() as driver:
+        yield driver

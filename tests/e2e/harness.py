@@ -3,18 +3,28 @@
 Everything started here is stopped by the context managers, and every wait is bounded.
 
 Every MCP transport of a gateway requires a bearer token. `Gateway.token()` mints one with
-`manage.py token`; `Gateway.auth_headers()` is the `Authorization` header of a cached default
+the `token` management command; `Gateway.auth_headers()` is the `Authorization` header of a cached default
 token. Tokens name the gateway's public URL (`Gateway.public_url`, fixed before any worker
 starts) as their audience, so one token works on every worker of the gateway.
+
+`manage.py migrate` runs once per test session and database engine, into a template database;
+every gateway's database starts as a copy of it (`Gateway.migrate()`, `postgres_database()`).
+A migration takes seconds of CPU, a copy milliseconds, and the schema is the same.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
 import os
+import re
+import secrets
+import select
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -23,6 +33,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+import redis
+from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from psycopg import sql
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -35,6 +54,9 @@ DEFAULT_USER = "alice"
 """The host user end-to-end tests act as unless they name another."""
 TOKEN_LIFETIME = "12h"
 """Long enough for any session of tests; tests about expiry mint their own tokens."""
+POSTGRES_ADMIN_DSN = os.environ.get("FEDMCP_E2E_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+"""The shared PostgreSQL server (trust auth), as a DSN that may create and drop databases."""
+REDIS_URL = os.environ.get("FEDMCP_E2E_REDIS", "redis://127.0.0.1:6379/0")
 
 
 def free_port() -> int:
@@ -97,6 +119,123 @@ def fixture_server(name: str = "everything", log_dir: Path | None = None) -> Ite
         log.close()
 
 
+# --- migrated databases ------------------------------------------------------------------------
+
+
+_migrated: dict[str, str] = {}
+"""The session's migrated templates: "sqlite" -> a database file, "postgres" -> a database name."""
+_migrated_copies: set[str] = set()
+"""PostgreSQL databases made by `postgres_database()`: already migrated."""
+
+
+def _run_migrate(database_url: str) -> None:
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "fedmcp_site.settings", "FEDMCP_SECRET_KEY": "e2e-migrate-not-secret", "DATABASE_URL": database_url}
+    env.pop("REDIS_URL", None)
+    result = subprocess.run([PY, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"manage.py migrate failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+
+def copy_migrated_sqlite(path: Path) -> None:
+    """Create the SQLite database `path` with every migration applied (a copy of the session's template)."""
+    shutil.copyfile(_sqlite_template(), path)
+
+
+def _sqlite_template() -> Path:
+    """Return a SQLite database file with every migration applied, made on first use."""
+    if "sqlite" not in _migrated:
+        folder = Path(tempfile.mkdtemp(prefix="fedmcp-migrated-"))
+        atexit.register(shutil.rmtree, folder, True)
+        path = folder / "db.sqlite3"
+        _run_migrate(f"sqlite:///{path}")
+        # The settings put SQLite in WAL mode: move everything into the main file, so copying
+        # that one file copies the whole database.
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        _migrated["sqlite"] = str(path)
+    return Path(_migrated["sqlite"])
+
+
+def _postgres_admin() -> psycopg.Connection:
+    try:
+        return psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is required but {POSTGRES_ADMIN_DSN} is not reachable: {exc}", pytrace=False)
+
+
+def _postgres_url(name: str) -> str:
+    return urlunsplit(("postgres", urlsplit(POSTGRES_ADMIN_DSN).netloc, f"/{name}", "", ""))
+
+
+def _drop_postgres_database(name: str) -> None:
+    with contextlib.closing(_postgres_admin()) as admin:
+        # FORCE: a worker that did not exit cleanly must not keep the database alive.
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _postgres_template(admin: psycopg.Connection) -> str:
+    """Return the name of a PostgreSQL database with every migration applied, made on first use."""
+    if "postgres" not in _migrated:
+        name = f"fedmcp_e2e_migrated_{secrets.token_hex(6)}"
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        atexit.register(_drop_postgres_database, name)
+        _run_migrate(_postgres_url(name))
+        _migrated["postgres"] = name
+    return _migrated["postgres"]
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str = "fedmcp_e2e") -> Iterator[str]:
+    """Create a PostgreSQL database on the shared server, migrated; yield its URL; drop it afterwards.
+
+    It is a copy (CREATE DATABASE … TEMPLATE) of a database migrated once per session, so
+    `Gateway.migrate()` has nothing left to do for it. Fails the test if PostgreSQL is unreachable.
+    """
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    with contextlib.closing(_postgres_admin()) as admin:
+        template = _postgres_template(admin)
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
+    _migrated_copies.add(name)
+    try:
+        yield _postgres_url(name)
+    finally:
+        _migrated_copies.discard(name)
+        _drop_postgres_database(name)
+
+
+def _is_migrated_copy(database_url: str) -> bool:
+    parts = urlsplit(database_url)
+    return parts.scheme in ("postgres", "postgresql") and parts.path.lstrip("/") in _migrated_copies
+
+
+@contextlib.contextmanager
+def redis_prefix(prefix: str = "fedmcp-e2e") -> Iterator[str]:
+    """Yield a channel-layer key prefix of its own on the shared Redis; delete its keys afterwards.
+
+    Fails the test if Redis is unreachable.
+    """
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        pytest.fail(f"Redis is required but {REDIS_URL} is not reachable: {exc}", pytrace=False)
+    key_prefix = f"{prefix}-{secrets.token_hex(6)}"
+    try:
+        yield key_prefix
+    finally:
+        keys = list(client.scan_iter(match=f"{key_prefix}*", count=500))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def token_command(*, resource: str, user: str, scope: str | None, expires: str) -> list[str]:
+    """The `manage.py token` arguments for `mint_token`."""
+    command = ["token", "--user", user, "--create-user", "--resource", resource, "--expires", expires]
+    return command if scope is None else [*command, "--scope", scope]
+
+
 def mint_token(
     env: dict[str, str],
     *,
@@ -110,13 +249,78 @@ def mint_token(
     The user is created if it does not exist. `scope` defaults to the MCP scopes
     (mcp:tools mcp:resources mcp:prompts); `expires` is 30m / 12h / 7d or seconds.
     """
-    command = [PY, "manage.py", "token", "--user", user, "--create-user", "--resource", resource, "--expires", expires]
-    if scope is not None:
-        command += ["--scope", scope]
+    command = [PY, "manage.py", *token_command(resource=resource, user=user, scope=scope, expires=expires)]
     result = subprocess.run(command, cwd=ROOT, env=env, text=True, capture_output=True, timeout=120)
     if result.returncode != 0:
         raise RuntimeError(f"manage.py token failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result.stdout.strip()
+
+
+REPLY_PREFIX = "fedmcp-reply "
+_SNIPPET_LOOP = """
+import contextlib, io, json, os, sys, traceback
+replies = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)  # whatever else prints goes to the log, not into the replies
+for line in sys.stdin:
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(json.loads(line), {})
+        reply = {"out": out.getvalue()}
+    except BaseException:
+        reply = {"out": out.getvalue(), "error": traceback.format_exc()}
+    replies.write(REPLY_PREFIX + json.dumps(reply) + "\\n")
+    replies.flush()
+""".replace("REPLY_PREFIX", repr(REPLY_PREFIX))
+
+
+class Interpreter:
+    """`manage.py shell` kept running for one gateway environment, to run snippets one at a time.
+
+    Each snippet gets fresh globals, and what it prints is returned, as with `manage.py shell -c`;
+    Django's setup (about 1.5 s of CPU) is paid once instead of once per snippet. The database
+    is used in autocommit mode, so every snippet reads what the workers committed before it.
+    """
+
+    def __init__(self, env: dict[str, str], log_path: Path, timeout: float = 120.0) -> None:
+        self.env = dict(env)
+        self.timeout = timeout
+        self._log = open(log_path, "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [PY, "manage.py", "shell", "--no-imports", "-c", _SNIPPET_LOOP], cwd=ROOT, env=self.env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True,
+        )
+
+    def run(self, code: str) -> str:
+        """Run `code`; return what it printed.
+
+        Raises:
+            RuntimeError: the code raised (the traceback is in the message), or the process
+                did not answer within the timeout or exited.
+        """
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(code) + "\n")
+        self.process.stdin.flush()
+        deadline = time.monotonic() + self.timeout
+        line = ""
+        # Anything Django printed before the loop took over stdout is not a reply: skip it.
+        while not line.startswith(REPLY_PREFIX):
+            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = self.process.stdout.readline() if ready else ""
+            if not line:
+                self.close()
+                raise RuntimeError(f"the gateway's Python process did not answer within {self.timeout:g}s (exit code {self.process.returncode})")
+        reply = json.loads(line.removeprefix(REPLY_PREFIX))
+        if "error" in reply:
+            raise RuntimeError(f"snippet failed in the gateway's environment:\n{reply['error']}")
+        return str(reply["out"])
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+        stop(self.process)
+        self._log.close()
 
 
 class Gateway:
@@ -151,6 +355,7 @@ class Gateway:
         self.workers: list[tuple[subprocess.Popen[bytes], int]] = []
         self._logs: list[Path] = []
         self._tokens: dict[str, str] = {}
+        self._interpreter: Interpreter | None = None
 
     def manage(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([PY, "manage.py", *args], cwd=ROOT, env=self.env, text=True, capture_output=True, timeout=120)
@@ -159,8 +364,48 @@ class Gateway:
         return result
 
     def migrate(self) -> Gateway:
-        self.manage("migrate", "--noinput")
+        """Give this gateway a database with every migration applied.
+
+        A new SQLite database is a copy of the session's migrated template, and a database from
+        `postgres_database()` already is one; any other database gets `manage.py migrate`.
+        """
+        url = self.env["DATABASE_URL"]
+        if url.startswith("sqlite:///") and not (ROOT / url.removeprefix("sqlite:///")).exists():
+            copy_migrated_sqlite(ROOT / url.removeprefix("sqlite:///"))
+        elif not _is_migrated_copy(url):
+            self.manage("migrate", "--noinput")
         return self
+
+    def shell(self, code: str) -> str:
+        """Run Python in this gateway's environment (its database, keys and settings), in a new
+        `manage.py shell` process; return what it printed."""
+        return self.manage("shell", "--no-imports", "-c", code).stdout.strip()
+
+    def python(self, code: str) -> str:
+        """Run Python as `shell()` does, but in this gateway's `Interpreter`: milliseconds, not
+        the 1.5 s of CPU a new process costs; return what it printed.
+
+        It is started on first use (and again if `env` changed since). For code that signs,
+        sets up or polls: a single read of rows the workers write off the response path (the
+        audit trail) uses `shell()`, whose start-up is the head start those writes have always had.
+
+        Raises:
+            RuntimeError: the code raised; the message has the traceback.
+        """
+        if self._interpreter is not None and (self._interpreter.env != self.env or self._interpreter.process.poll() is not None):
+            self._interpreter.close()
+            self._interpreter = None
+        if self._interpreter is None:
+            self._interpreter = Interpreter(self.env, self.dir / "python.log")
+        return self._interpreter.run(code).strip()
+
+    def create_users(self, passwords: dict[str, str], *, superuser: bool = False) -> None:
+        """Create a user (or superuser) for each `username: password`."""
+        create = "create_superuser" if superuser else "create_user"
+        self.python(
+            "from django.contrib.auth import get_user_model; User = get_user_model()\n"
+            + "".join(f"User.objects.{create}({user!r}, password={password!r})\n" for user, password in passwords.items())
+        )
 
     def token(
         self, user: str = DEFAULT_USER, *, scope: str | None = None, expires: str = TOKEN_LIFETIME, resource: str | None = None
@@ -168,9 +413,11 @@ class Gateway:
         """Mint a new access token for `user` (created if needed); call after `migrate()`.
 
         The audience is this gateway's `public_url` unless `resource` names another; `scope`
-        defaults to the MCP scopes. See `mint_token`.
+        defaults to the MCP scopes. The `token` command runs as `mint_token` runs it, in this
+        gateway's `Interpreter` (`python()`) instead of a process of its own.
         """
-        return mint_token(self.env, resource=resource or self.public_url, user=user, scope=scope, expires=expires)
+        args = token_command(resource=resource or self.public_url, user=user, scope=scope, expires=expires)
+        return self.python(f"from django.core.management import call_command; call_command(*{args!r})")
 
     def auth_headers(self, user: str = DEFAULT_USER) -> dict[str, str]:
         """Return `{"Authorization": "Bearer …"}` with `user`'s default token (all MCP scopes).
@@ -211,6 +458,9 @@ class Gateway:
 
     def cleanup(self) -> None:
         self.stop()
+        if self._interpreter is not None:
+            self._interpreter.close()
+            self._interpreter = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Gateway:
@@ -220,3 +470,64 @@ class Gateway:
         if exc[0] is not None:
             sys.stderr.write(self.logs())
         self.cleanup()
+
+
+# --- gateways peering gateways ------------------------------------------------------------------
+
+
+def own_keys() -> dict[str, str]:
+    """A gateway's own secrets key and signing key, so no two gateways share one."""
+    signing = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return {
+        "FEDMCP_SECRETS_KEYS": Fernet.generate_key().decode(),
+        "FEDMCP_SIGNING_KEY": signing.decode(),
+    }
+
+
+@contextlib.contextmanager
+def gateways(*names: str, env: dict[str, str] | None = None) -> Iterator[dict[str, Gateway]]:
+    """Gateways called `names`, each with its own keys (`own_keys()`) and migrated database.
+
+    Their logs are printed if the block fails (pytest shows them with the failed setup); they
+    are cleaned up afterwards.
+    """
+    made = {name: Gateway(name=name, env={**own_keys(), **(env or {})}) for name in names}
+    try:
+        for gateway in made.values():
+            gateway.migrate()
+        yield made
+    except BaseException:
+        for gateway in made.values():
+            print(gateway.logs())
+        raise
+    finally:
+        for gateway in made.values():
+            gateway.cleanup()
+
+
+def trust(host: Gateway, guest: Gateway, name: str) -> tuple[str, str]:
+    """`host` trusts `guest` as peer gateway `name` (`gateway trust`); return the client id and secret it printed."""
+    out = host.manage("gateway", "trust", name, "--issuer", guest.public_url).stdout
+    client_id = re.search(r"^client_id: (\S+)$", out, re.M)
+    secret = re.search(r"^client_secret: (\S+)$", out, re.M)
+    assert client_id and secret, out
+    return client_id.group(1), secret.group(1)
+
+
+def register(guest: Gateway, host: Gateway, name: str, credentials: tuple[str, str]) -> None:
+    """`guest` registers `host` as peer gateway `name` with its credentials there (`peer add`)."""
+    secret_file = guest.dir / f"{name}.client-secret"
+    secret_file.write_text(credentials[1])
+    guest.manage("peer", "add", name, "--url", f"{host.public_url}/mcp", "--gateway", "--client-id", credentials[0], "--client-secret-file", str(secret_file))
+
+
+def peer_gateway(guest: Gateway, host: Gateway) -> tuple[str, str]:
+    """`host` trusts `guest` and `guest` registers `host`, each under the other's gateway name.
+
+    Returns the client id and secret `guest` was given at `host`. `host` must be running.
+    """
+    credentials = trust(host, guest, guest.env["FEDMCP_GATEWAY_NAME"])
+    register(guest, host, host.env["FEDMCP_GATEWAY_NAME"], credentials)
+    return credentials

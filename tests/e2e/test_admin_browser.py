@@ -13,48 +13,33 @@ from __future__ import annotations
 import json
 import queue
 import secrets
-import shutil
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.e2e import harness
+from tests.e2e.browser import chromium, screenshot
 
 pytestmark = [pytest.mark.e2e]
 
 WAIT = 30.0
 """Upper bound for each wait (page, stream event); a healthy run needs a fraction of it."""
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 ADMIN = "operator"
 TOOL = "web__add"
-SCREENSHOT = harness.ROOT / "build" / "screenshots" / "dashboard.png"
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
-    """Headless Debian Chromium driven by its own chromedriver, sized like a laptop."""
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.fail("chromium and chromedriver are needed: apt-get install chromium chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--disable-dev-shm-usage", "--window-size=1280,900"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    try:
+    """Headless Chromium sized like a laptop."""
+    with chromium(window_size=(1280, 900)) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 class Host:
@@ -130,11 +115,7 @@ def admin_gateway() -> Iterator[tuple[harness.Gateway, str, str]]:
     password = secrets.token_urlsafe(16)
     with harness.fixture_server("admin-e2e") as upstream_url, harness.Gateway(name="admin") as gateway:
         gateway.migrate()
-        create = (
-            "from django.contrib.auth import get_user_model; "
-            f"get_user_model().objects.create_superuser({ADMIN!r}, password={password!r})"
-        )
-        gateway.manage("shell", "-c", create)
+        gateway.create_users({ADMIN: password}, superuser=True)
         gateway.start_worker()
         yield gateway, password, upstream_url
 
@@ -204,11 +185,10 @@ def test_an_operator_adds_a_peer_disables_a_tool_and_watches_the_dashboard(
     card = browser.find_element(By.CSS_SELECTOR, "section[data-peer='web']")
     assert card.find_elements(By.CSS_SELECTOR, "svg.dash-chart polyline.calls")
     assert card.find_element(By.CSS_SELECTOR, "svg.dash-chart").size["width"] > 100
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    assert browser.save_screenshot(str(SCREENSHOT))
+    screenshot(browser, "dashboard.png")
 
     # Readable on a phone too: the cards stack and stay inside the viewport.
     browser.set_window_size(390, 844)
     card = browser.find_element(By.CSS_SELECTOR, "section[data-peer='web']")
     assert card.size["width"] <= browser.execute_script("return document.documentElement.clientWidth")
-    assert browser.save_screenshot(str(Path(SCREENSHOT).with_name("dashboard-phone.png")))
+    screenshot(browser, "dashboard-phone.png")

@@ -11,28 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import secrets
 import sys
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-import psycopg
 import pytest
-import redis
-from psycopg import sql
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
 from mcp_endpoint import jsonrpc
+from tests.e2e import harness
 from tests.e2e.harness import Gateway, fixture_server
 
 pytestmark = pytest.mark.e2e
 
-ADMIN_DSN = os.environ.get("FEDMCP_E2E_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("FEDMCP_E2E_REDIS", "redis://127.0.0.1:6379/0")
+REDIS_URL = harness.REDIS_URL
 PEER = "fixture"
 TOOL = f"{PEER}__add"
 A, B = 0, 1
@@ -47,42 +41,6 @@ def upstream() -> Iterator[str]:
         yield url
 
 
-@contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh PostgreSQL database, dropped afterwards."""
-    name = f"fedmcp_cachegen_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required but {ADMIN_DSN} is not reachable: {exc}", pytrace=False)
-    try:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        parts = urlsplit(ADMIN_DSN)
-        yield urlunsplit(("postgres", parts.netloc, f"/{name}", "", ""))
-    finally:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        admin.close()
-
-
-@contextlib.contextmanager
-def redis_prefix() -> Iterator[str]:
-    """A Redis key prefix of its own; its keys are deleted afterwards."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        pytest.fail(f"Redis is required but {REDIS_URL} is not reachable: {exc}", pytrace=False)
-    prefix = f"fedmcp-cachegen-{secrets.token_hex(6)}"
-    try:
-        yield prefix
-    finally:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
-        if keys:
-            client.delete(*keys)
-        client.close()
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgres+redis"])
 def cluster(request: pytest.FixtureRequest, upstream: str) -> Iterator[Gateway]:
     """Two workers on one database; with Redis, the cache generations live there."""
@@ -90,8 +48,8 @@ def cluster(request: pytest.FixtureRequest, upstream: str) -> Iterator[Gateway]:
     with contextlib.ExitStack() as stack:
         database_url = None
         if request.param == "postgres+redis":
-            database_url = stack.enter_context(postgres_database())
-            env |= {"REDIS_URL": REDIS_URL, "FEDMCP_REDIS_PREFIX": stack.enter_context(redis_prefix())}
+            database_url = stack.enter_context(harness.postgres_database("fedmcp_cachegen"))
+            env |= {"REDIS_URL": REDIS_URL, "FEDMCP_REDIS_PREFIX": stack.enter_context(harness.redis_prefix("fedmcp-cachegen"))}
         gateway = Gateway(name=f"cachegen-{request.param.replace('+', '-')}", env=env, database_url=database_url)
         stack.callback(gateway.cleanup)
         gateway.migrate()

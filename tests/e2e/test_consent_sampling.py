@@ -22,7 +22,6 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
@@ -30,14 +29,12 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.e2e import harness
-from tests.e2e.test_consent_browser import (  # noqa: F401 - the module-scoped browser fixture
-    SCREENSHOTS,
-    USERNAME,
-    WAIT,
-    browser,
-    sign_in_on_consent_page,
-)
+from tests.e2e.browser import screenshot, sign_in_on_consent_page
+from tests.e2e.hosts import BackgroundHost
 
+WAIT = 30.0
+"""Upper bound for each wait (page, prompt, MCP call); a healthy run needs a fraction of it."""
+USERNAME = "alice"
 PEER = "old"
 TOOL = f"{PEER}__test_sampling"
 LONG = "Please summarise the following carefully. " * 20
@@ -69,78 +66,50 @@ def sampling_gateway(sse_upstream_url: str) -> Iterator[tuple[harness.Gateway, s
     }
     with harness.Gateway(name="consent-sampling", env=env) as gateway:
         gateway.migrate()
-        create_user = f"from django.contrib.auth import get_user_model; get_user_model().objects.create_user({USERNAME!r}, password={password!r})"
-        gateway.manage("shell", "-c", create_user)
+        gateway.create_users({USERNAME: password})
         gateway.manage("peer", "add", PEER, "--url", sse_upstream_url, "--transport", "sse", "--call-timeout", str(WAIT * 3))
         gateway.auth_headers(USERNAME)
         gateway.start_worker()
         yield gateway, password
 
 
-class StreamingHost:
+class StreamingHost(BackgroundHost):
     """A handshake-era host that reads its tools/call stream and answers sampling requests."""
 
+    client_name = "sampling-e2e-host"
+
     def __init__(self, gateway: harness.Gateway) -> None:
-        self.url = gateway.url("/mcp")
-        self.headers = {**gateway.auth_headers(USERNAME), "Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-        self.client = httpx.Client(timeout=httpx.Timeout(WAIT * 3))
+        super().__init__(gateway, wait=WAIT, user=USERNAME)
         self.received: list[dict[str, Any]] = []
-        self.result: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
 
-    def initialize(self) -> None:
-        capabilities = {"sampling": {}, "elicitation": {"url": {}}}
-        params = {"protocolVersion": "2025-11-25", "capabilities": capabilities, "clientInfo": {"name": "sampling-e2e-host", "version": "0"}}
-        reply = self.client.post(self.url, json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}, headers=self.headers)
-        assert reply.status_code == 200, reply.text
-        self.headers["Mcp-Session-Id"] = reply.headers["mcp-session-id"]
-        self.headers["Mcp-Protocol-Version"] = "2025-11-25"
-        assert self.client.post(self.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=self.headers).status_code == 202
+    def initialize(self, capabilities: dict[str, Any] | None = None) -> None:
+        super().initialize(capabilities or {"sampling": {}, "elicitation": {"url": {}}})
 
     def methods(self) -> list[str]:
         with self.lock:
             return [m["method"] for m in self.received if "method" in m]
 
-    def call_in_background(self, prompt: str) -> None:
-        message = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": TOOL, "arguments": {"prompt": prompt}}}
+    def call_tool_in_background(self, prompt: str) -> None:
+        self.call_in_background({"name": TOOL, "arguments": {"prompt": prompt}})
 
-        def run() -> None:
-            try:
-                with self.client.stream("POST", self.url, json=message, headers=self.headers) as response:
-                    if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                        self.result = json.loads(response.read())
-                        return
-                    for line in response.iter_lines():
-                        if not line.startswith("data:") or not line[5:].strip():
-                            continue
-                        received = json.loads(line[5:])
-                        with self.lock:
-                            self.received.append(received)
-                        if received.get("method") == "sampling/createMessage":
-                            answer = {"jsonrpc": "2.0", "id": received["id"], "result": SAMPLED}
-                            assert self.client.post(self.url, json=answer, headers=self.headers).status_code == 202
-                        elif "method" not in received:
-                            self.result = received
-                            return
-            except BaseException as exc:  # handed to the test thread
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def wait(self) -> dict[str, Any]:
-        assert self.thread is not None
-        self.thread.join(WAIT * 2)
-        assert not self.thread.is_alive(), "the host's call did not finish"
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
-
-    def close(self) -> None:
-        self.client.close()
+    def exchange(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Read the call's stream, answering sampling requests, until its response comes."""
+        with self.client.stream("POST", self.url, json=message, headers=self.headers) as response:
+            if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                return json.loads(response.read())
+            for line in response.iter_lines():
+                if not line.startswith("data:") or not line[5:].strip():
+                    continue
+                received = json.loads(line[5:])
+                with self.lock:
+                    self.received.append(received)
+                if received.get("method") == "sampling/createMessage":
+                    answer = {"jsonrpc": "2.0", "id": received["id"], "result": SAMPLED}
+                    assert self.post(answer).status_code == 202
+                elif "method" not in received:
+                    return received
+        raise AssertionError("the call's stream ended without a response")
 
 
 def audit_decisions(gateway: harness.Gateway) -> list[tuple[str, str, str, str]]:
@@ -169,14 +138,14 @@ def wait_for_prompt(browser: webdriver.Chrome, wait: Any) -> Any:
 
 
 def test_sampling_is_held_until_approved_and_the_page_shows_the_messages(
-    sampling_gateway: tuple[harness.Gateway, str], browser: webdriver.Chrome  # noqa: F811
+    sampling_gateway: tuple[harness.Gateway, str], browser: webdriver.Chrome
 ) -> None:
     gateway, password = sampling_gateway
     wait = open_consent_page(browser, gateway.url("/consent"), password)
     host = StreamingHost(gateway)
     try:
         host.initialize()
-        host.call_in_background(HOSTILE + "\n" + LONG)
+        host.call_tool_in_background(HOSTILE + "\n" + LONG)
         prompt = wait_for_prompt(browser, wait)
         assert browser.execute_script("return window.__notReloaded === true"), "the page was reloaded"
 
@@ -191,13 +160,12 @@ def test_sampling_is_held_until_approved_and_the_page_shows_the_messages(
         assert prompt.find_element(By.CSS_SELECTOR, ".request-max-tokens").text == "100"
         full = message.find_element(By.CSS_SELECTOR, "details pre.full")
         assert not full.is_displayed()  # the long text is folded...
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(SCREENSHOTS / "consent-sampling.png"))
+        screenshot(browser, "consent-sampling.png")
         message.find_element(By.CSS_SELECTOR, "details summary").click()
         wait.until(lambda _: full.is_displayed())  # ...and expands, in place of the preview
         assert LONG.strip()[-40:] in full.text
         assert not message.find_element(By.CSS_SELECTOR, "pre.preview").is_displayed()
-        browser.save_screenshot(str(SCREENSHOTS / "consent-sampling-expanded.png"))
+        screenshot(browser, "consent-sampling-expanded.png")
 
         # Held: so far the host has only been pointed at the consent page.
         wait.until(lambda _: "elicitation/create" in host.methods())
@@ -215,13 +183,13 @@ def test_sampling_is_held_until_approved_and_the_page_shows_the_messages(
     assert ("test_sampling", "approved", "ok", USERNAME) in audit_decisions(gateway)
 
 
-def test_denied_sampling_never_reaches_the_host(sampling_gateway: tuple[harness.Gateway, str], browser: webdriver.Chrome) -> None:  # noqa: F811
+def test_denied_sampling_never_reaches_the_host(sampling_gateway: tuple[harness.Gateway, str], browser: webdriver.Chrome) -> None:
     gateway, password = sampling_gateway
     wait = open_consent_page(browser, gateway.url("/consent"), password)
     host = StreamingHost(gateway)
     try:
         host.initialize()
-        host.call_in_background("Tell me a secret")
+        host.call_tool_in_background("Tell me a secret")
         prompt = wait_for_prompt(browser, wait)
         assert "Tell me a secret" in prompt.text
         prompt.find_element(By.CSS_SELECTOR, "button[value=deny]").click()

@@ -28,17 +28,13 @@ Override the server with FEDMCP_E2E_POSTGRES (an admin DSN; trust auth), as in t
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import psycopg
 import pytest
-from psycopg import sql
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
@@ -47,12 +43,12 @@ from websockets.typing import Subprotocol
 from mcp_endpoint import jsonrpc
 from tests.base import modern_meta
 from tests.e2e.cuttable_proxy import CuttableProxy
+from tests.e2e import harness
 from tests.e2e.harness import Gateway
 from tests.e2e.test_fault_isolation import SHORT_TIMEOUTS, upstreams  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.e2e
 
-ADMIN_DSN = os.environ.get("FEDMCP_E2E_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 HOST_BOUND = 20.0
 """How long a host waits for any answer: an outage must produce an answer well within it."""
 OUTAGE_SECONDS = 3.0
@@ -63,19 +59,10 @@ HANDSHAKE = "2025-11-25"
 
 @pytest.fixture
 def database() -> Iterator[tuple[str, int, str]]:
-    """A fresh database on the shared server: (host, port, name); dropped afterwards."""
-    name = f"fedmcp_outage_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required for this test but {ADMIN_DSN} is not reachable: {exc}", pytrace=False)
-    try:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        parts = urlsplit(ADMIN_DSN)
-        yield parts.hostname or "127.0.0.1", parts.port or 5432, name
-    finally:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        admin.close()
+    """A fresh, migrated database on the shared server: (host, port, name); dropped afterwards."""
+    with harness.postgres_database("fedmcp_outage") as url:
+        parts = urlsplit(url)
+        yield parts.hostname or "127.0.0.1", parts.port or 5432, parts.path.lstrip("/")
 
 
 def modern_call(gw: Gateway, name: str, arguments: dict[str, Any], token: str | None = None) -> httpx.Response:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.harness import PY, ROOT, free_port, mint_token, wait_http
+from tests.e2e.harness import PY, ROOT, copy_migrated_sqlite, free_port, mint_token, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +30,7 @@ def test_demo_starts_the_gateway_with_two_upstreams() -> None:
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}", "FEDMCP_SECRET_KEY": "demo-test", "FEDMCP_CONSENT_DEFAULT": "allow"}
     env.pop("REDIS_URL", None)
     env.pop("FEDMCP_PUBLIC_URL", None)
-    subprocess.run([PY, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True)
+    copy_migrated_sqlite(workdir / "db.sqlite3")  # `make demo` migrates first
     port = free_port()
     headers = {**HEADERS, "Authorization": f"Bearer {mint_token(env, resource=f'http://127.0.0.1:{port}')}"}
     log = open(workdir / "demo.log", "wb")  # noqa: SIM115

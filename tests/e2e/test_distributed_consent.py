@@ -11,6 +11,11 @@ alice is a user of A only: B knows her as alice@A, C as alice@A@B (asserted by B
 * Playing gateway A by hand (A's real key, through `manage.py shell`), the test replays a
   decision, uses one for another call, forges one and sends one to the wrong gateway: B
   refuses each with -32017 and the reason.
+* In a real browser: headless Chromium, signed in on A's /consent as bea (another user of A,
+  so her call has audit rows of its own at B), sits on the page; a host on A calls
+  `b.tools__add` and waits; the prompt must appear WITHOUT a reload, naming the owner gateway
+  `b` and the path a → b; she presses "Approve once"; the call completes on B, and B's audit
+  has the approval for bea@A. Screenshots go to build/screenshots/distributed-consent-*.png.
 """
 
 from __future__ import annotations
@@ -18,117 +23,61 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
 
 from mcp_endpoint import jsonrpc
-from tests.e2e.harness import Gateway, fixture_server
-from tests.e2e.test_federation import gateway_token, modern_call, own_keys, register, shell, trust
+from tests.e2e.browser import screenshot, sign_in_on_consent_page
+from tests.e2e.harness import Gateway, fixture_server, gateways, peer_gateway
+from tests.e2e.hosts import BackgroundHost
+from tests.e2e.test_federation import gateway_token, modern_call
 
 pytestmark = pytest.mark.e2e
 
 WAIT = 60.0
 """Upper bound for each wait; a healthy run needs a fraction of it."""
 USERNAME = "alice"
+BROWSER_USER = "bea"
+"""The user of A who answers in Chromium."""
 ADD_AT_B = {"name": "b.tools__add", "arguments": {"a": 20, "b": 22}}
 ADD_AT_C = {"name": "c.fixture__add", "arguments": {"a": 40, "b": 2}}
 CONSENT_ENV = {"FEDMCP_CONSENT_TIMEOUT": str(WAIT), "FEDMCP_CONSENT_POLL_INTERVAL": "1"}
-HANDSHAKE_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
 def ask_policy(gateway: Gateway, peer: str) -> None:
     """`gateway` asks before every call of `add` on `peer`, and hides argument `b` on the page."""
-    shell(gateway, f"from identity.models import ConsentPolicy; ConsentPolicy.objects.create(peer={peer!r}, kind='tool', name_pattern='add', decision='ask', redact_fields=['b'])")
+    gateway.python(f"from identity.models import ConsentPolicy; ConsentPolicy.objects.create(peer={peer!r}, kind='tool', name_pattern='add', decision='ask', redact_fields=['b'])")
 
 
 @pytest.fixture(scope="module")
 def chain() -> Iterator[dict[str, Any]]:
-    """A -> B -> C, B and C with the fixture as `tools` / `fixture`; alice (with a password) on A."""
-    password = secrets.token_urlsafe(16)
-    with fixture_server(name="fixture") as fixture_url:
-        gateways = {name: Gateway(name=name, env={**own_keys(), **CONSENT_ENV}) for name in ("c", "b", "a")}
-        try:
-            for gateway in gateways.values():
-                gateway.migrate()
-            c, b, a = gateways["c"], gateways["b"], gateways["a"]
-            a.manage("shell", "-c", f"from django.contrib.auth import get_user_model; get_user_model().objects.create_user({USERNAME!r}, password={password!r})")
-            a.auth_headers(USERNAME)
-            c.manage("peer", "add", "fixture", "--url", fixture_url)
-            ask_policy(c, "fixture")
-            c.start_worker()
-            b_at_c = trust(c, b, "b")
-            register(b, c, "c", b_at_c)
-            b.manage("peer", "add", "tools", "--url", fixture_url)
-            ask_policy(b, "tools")
-            b.start_worker()
-            a_at_b = trust(b, a, "a")
-            register(a, b, "b", a_at_b)
-            a.start_worker()
-            yield {**gateways, "a_at_b": a_at_b, "password": password}
-        except BaseException:
-            for gateway in gateways.values():
-                print(gateway.logs())
-            raise
-        finally:
-            for gateway in gateways.values():
-                gateway.cleanup()
+    """A -> B -> C, B and C with the fixture as `tools` / `fixture`; alice and bea (with passwords) on A."""
+    passwords = {USERNAME: secrets.token_urlsafe(16), BROWSER_USER: secrets.token_urlsafe(16)}
+    with fixture_server(name="fixture") as fixture_url, gateways("c", "b", "a", env=CONSENT_ENV) as made:
+        c, b, a = made["c"], made["b"], made["a"]
+        a.create_users(passwords)
+        for user in passwords:
+            a.auth_headers(user)
+        c.manage("peer", "add", "fixture", "--url", fixture_url)
+        ask_policy(c, "fixture")
+        c.start_worker()
+        peer_gateway(b, c)
+        b.manage("peer", "add", "tools", "--url", fixture_url)
+        ask_policy(b, "tools")
+        b.start_worker()
+        a_at_b = peer_gateway(a, b)
+        a.start_worker()
+        yield {**made, "a_at_b": a_at_b, "passwords": passwords}
 
 
 # --- helpers: a host, alice's browser session on A, the audit trail --------------------------------
-
-
-class Host:
-    """A handshake-era host on A over Streamable HTTP; `call` runs one request in a thread."""
-
-    def __init__(self, gateway: Gateway) -> None:
-        self.url = gateway.url("/mcp")
-        self.headers = {**gateway.auth_headers(USERNAME), **HANDSHAKE_HEADERS}
-        self.client = httpx.Client(timeout=httpx.Timeout(WAIT * 3))
-        self.result: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
-        params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "distributed-consent-e2e", "version": "0"}}
-        reply = self.client.post(self.url, json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}, headers=self.headers)
-        assert reply.status_code == 200, reply.text
-        self.headers["Mcp-Session-Id"] = reply.headers["mcp-session-id"]
-        self.headers["Mcp-Protocol-Version"] = final(reply)["result"]["protocolVersion"]
-        assert self.client.post(self.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=self.headers).status_code == 202
-
-    def call_in_background(self, params: dict[str, Any]) -> None:
-        def run() -> None:
-            try:
-                message = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}
-                self.result = final(self.client.post(self.url, json=message, headers=self.headers))
-            except BaseException as exc:  # handed to the test thread
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def wait(self) -> dict[str, Any]:
-        assert self.thread is not None
-        self.thread.join(WAIT * 2)
-        assert not self.thread.is_alive(), "the host's call did not finish"
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def final(reply: httpx.Response) -> dict[str, Any]:
-    """The JSON-RPC response of a POST, answered as JSON or as an SSE stream."""
-    if reply.headers.get("content-type", "").startswith("text/event-stream"):
-        messages = [json.loads(line[5:].strip()) for line in reply.text.splitlines() if line.startswith("data:") and line[5:].strip()]
-        return [m for m in messages if "method" not in m][-1]
-    return reply.json()
 
 
 class ConsentPage:
@@ -172,7 +121,7 @@ def csrf_of(html: str) -> str:
 
 @pytest.fixture
 def page(chain: dict[str, Any]) -> Iterator[ConsentPage]:
-    browser = ConsentPage(chain["a"], chain["password"])
+    browser = ConsentPage(chain["a"], chain["passwords"][USERNAME])
     try:
         yield browser
     finally:
@@ -180,28 +129,31 @@ def page(chain: dict[str, Any]) -> Iterator[ConsentPage]:
 
 
 @pytest.fixture
-def host(chain: dict[str, Any]) -> Iterator[Host]:
-    client = Host(chain["a"])
+def host(chain: dict[str, Any]) -> Iterator[BackgroundHost]:
+    """alice's handshake-era host on A, its session open."""
+    client = BackgroundHost(chain["a"], wait=WAIT, user=USERNAME)
     try:
+        client.initialize()
         yield client
     finally:
         client.close()
 
 
-def audit_events(gateway: Gateway) -> list[dict[str, Any]]:
+def audit_events(gateway: Gateway, *, poll: bool = False) -> list[dict[str, Any]]:
+    """`gateway`'s audit trail, oldest first; `poll` reads it through the gateway's interpreter (for polling loops)."""
     code = (
         "import json; from identity.models import AuditEvent;"
         "print(json.dumps(list(AuditEvent.objects.order_by('at').values("
         "'username', 'federated_issuer', 'federated_subject', 'via', 'peer', 'method', 'name', 'outcome', 'error_code', 'decision'))))"
     )
-    return json.loads(shell(gateway, code))
+    return json.loads((gateway.python if poll else gateway.shell)(code))
 
 
 def wait_for_audit(gateway: Gateway, match: dict[str, Any], count: int = 1) -> list[dict[str, Any]]:
     """Poll `gateway`'s audit trail (written off the response path) for `count` events with `match`."""
     deadline = time.monotonic() + WAIT
     while True:
-        found = [e for e in audit_events(gateway) if all(e.get(k) == v for k, v in match.items())]
+        found = [e for e in audit_events(gateway, poll=True) if all(e.get(k) == v for k, v in match.items())]
         if len(found) >= count:
             return found
         if time.monotonic() > deadline:
@@ -217,7 +169,7 @@ def text_of(reply: dict[str, Any]) -> str:
 # --- alice on A, the ask at B -------------------------------------------------------------------
 
 
-def test_approval_at_home_completes_the_call_at_the_owner(chain: dict[str, Any], page: ConsentPage, host: Host) -> None:
+def test_approval_at_home_completes_the_call_at_the_owner(chain: dict[str, Any], page: ConsentPage, host: BackgroundHost) -> None:
     a, b = chain["a"], chain["b"]
     host.call_in_background(ADD_AT_B)
     prompt_id, section = page.wait_for_prompt()
@@ -238,7 +190,7 @@ def test_approval_at_home_completes_the_call_at_the_owner(chain: dict[str, Any],
     wait_for_audit(a, {"peer": "b", "name": "tools__add", "outcome": "ok", "decision": "approved"})
 
 
-def test_deny_at_home_answers_consent_denied_and_the_owner_audits_it(chain: dict[str, Any], page: ConsentPage, host: Host) -> None:
+def test_deny_at_home_answers_consent_denied_and_the_owner_audits_it(chain: dict[str, Any], page: ConsentPage, host: BackgroundHost) -> None:
     a, b = chain["a"], chain["b"]
     host.call_in_background({**ADD_AT_B, "arguments": {"a": 1, "b": 1}})
     prompt_id, _ = page.wait_for_prompt()
@@ -272,7 +224,7 @@ def test_a_2026_host_gets_input_required_pointing_at_as_consent_page(chain: dict
     assert again["error"]["code"] == jsonrpc.INVALID_PARAMS
 
 
-def test_remember_keeps_a_grant_for_alice_at_a_on_b(chain: dict[str, Any], page: ConsentPage, host: Host) -> None:
+def test_remember_keeps_a_grant_for_alice_at_a_on_b(chain: dict[str, Any], page: ConsentPage, host: BackgroundHost) -> None:
     a, b = chain["a"], chain["b"]
     params = {**ADD_AT_B, "arguments": {"a": 3, "b": 4}}
     host.call_in_background(params)
@@ -280,22 +232,22 @@ def test_remember_keeps_a_grant_for_alice_at_a_on_b(chain: dict[str, Any], page:
     assert page.answer(prompt_id, "remember", duration="3600") == 302
     assert text_of(host.wait()) == "7"
 
-    grants = json.loads(shell(b, "import json; from identity.models import ConsentGrant; print(json.dumps(list(ConsentGrant.objects.active().values('user', 'federated_issuer', 'federated_subject', 'peer', 'name'))))"))
+    grants = json.loads(b.shell("import json; from identity.models import ConsentGrant; print(json.dumps(list(ConsentGrant.objects.active().values('user', 'federated_issuer', 'federated_subject', 'peer', 'name'))))"))
     assert grants == [{"user": None, "federated_issuer": a.public_url, "federated_subject": "alice", "peer": "tools", "name": "add"}]
     # No grant at A: B owns the call and keeps it.
-    assert shell(a, "from identity.models import ConsentGrant; print(ConsentGrant.objects.count())") == "0"
+    assert a.shell("from identity.models import ConsentGrant; print(ConsentGrant.objects.count())") == "0"
 
     # Remembered: the next call (other arguments too) passes without a prompt.
     again = modern_call(a, "tools/call", {**ADD_AT_B, "arguments": {"a": 5, "b": 5}}, name=ADD_AT_B["name"], headers=a.auth_headers(USERNAME), timeout=WAIT)
     assert text_of(again) == "10"
     wait_for_audit(b, {"peer": "tools", "decision": "grant", "outcome": "ok"})
-    shell(b, "from django.utils import timezone; from identity.models import ConsentGrant; ConsentGrant.objects.update(revoked_at=timezone.now())")
+    b.shell("from django.utils import timezone; from identity.models import ConsentGrant; ConsentGrant.objects.update(revoked_at=timezone.now())")
 
 
 # --- the ask at C, two hops away: B relays --------------------------------------------------------
 
 
-def test_an_ask_at_c_is_relayed_by_b_and_answered_at_a(chain: dict[str, Any], page: ConsentPage, host: Host) -> None:
+def test_an_ask_at_c_is_relayed_by_b_and_answered_at_a(chain: dict[str, Any], page: ConsentPage, host: BackgroundHost) -> None:
     a, b, c = chain["a"], chain["b"], chain["c"]
     host.call_in_background(ADD_AT_C)
     prompt_id, section = page.wait_for_prompt()
@@ -324,7 +276,7 @@ class PlayingA:
 
     def sign(self, code: str) -> str:
         """Run `code` on A (with `claims`-building helpers imported); return what it printed."""
-        return shell(self.a, "import jwt, json, time, secrets; from identity import remote_consent; from identity.signing import *; " + code)
+        return self.a.python("import jwt, json, time, secrets; from identity import remote_consent; from identity.signing import *; " + code)
 
     def assertion(self) -> str:
         return self.sign(f"print(assertion_create(subject='alice', audience={self.b.public_url!r}, client_id='host', via=['a']))")
@@ -374,14 +326,43 @@ def test_a_decision_is_good_once_for_its_call_and_only_from_alices_home(chain: d
     expired = a_side.decision(fresh, iat=int(time.time()) - 200, exp=int(time.time()) - 100)
     assert refusal(a_side.call(arguments, expired)) == (jsonrpc.CONSENT_DENIED, "expired")
     # Forged: alice's home claimed, but signed with B's own key (which A's JWKS lacks).
-    forged = shell(
-        chain["b"],
+    forged = chain["b"].python(
         "import jwt; from identity import remote_consent; from identity.signing import signing_key; key = signing_key();"
         f"c = jwt.decode({a_side.decision(fresh)!r}, options={{'verify_signature': False}});"
-        "print(jwt.encode(c, key.private_key, algorithm=key.algorithm, headers={'kid': key.kid, 'typ': remote_consent.DECISION_TYPE}))",
+        "print(jwt.encode(c, key.private_key, algorithm=key.algorithm, headers={'kid': key.kid, 'typ': remote_consent.DECISION_TYPE}))"
     )
     assert refusal(a_side.call(arguments, forged))[0] == jsonrpc.CONSENT_DENIED
     assert refusal(a_side.call(arguments, forged))[1] in ("signature", "keys_unavailable")
     # None of those spent the question: A's genuine decision still works, once.
     assert text_of(a_side.call(arguments, a_side.decision(fresh))) == "42"
     wait_for_audit(chain["b"], {"peer": "tools", "decision": "rejected", "error_code": jsonrpc.CONSENT_DENIED}, count=6)
+
+
+# --- in a real browser -----------------------------------------------------------------------------
+
+
+def test_bs_question_appears_live_on_as_page_and_the_approval_completes_the_call_on_b(chain: dict[str, Any], browser: webdriver.Chrome) -> None:
+    a, b = chain["a"], chain["b"]
+    wait = sign_in_on_consent_page(browser, a.url("/consent"), chain["passwords"][BROWSER_USER], username=BROWSER_USER)
+    host = BackgroundHost(a, wait=WAIT, user=BROWSER_USER)
+    try:
+        host.initialize()
+        host.call_in_background(ADD_AT_B)
+        prompt = wait.until(expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, "#prompts .prompt")))
+        assert browser.execute_script("return window.__notReloaded === true"), "the page was reloaded"
+        assert "add" in prompt.text and "tools" in prompt.text
+        assert prompt.find_element(By.CSS_SELECTOR, "[data-f=owner]").text == "gateway b, which owns this tool"
+        assert prompt.find_element(By.CSS_SELECTOR, ".via").text == "a → b"
+        assert '"b": "[redacted]"' in prompt.find_element(By.CSS_SELECTOR, "pre").text
+        screenshot(browser, "distributed-consent-pending.png")
+
+        prompt.find_element(By.CSS_SELECTOR, "button[value=approve]").click()
+        wait.until(expected_conditions.presence_of_element_located((By.ID, "consent-messages")))
+        screenshot(browser, "distributed-consent-approved.png")
+        reply = host.wait()
+    finally:
+        host.close()
+
+    assert text_of(reply) == "42"
+    (event,) = wait_for_audit(b, {"peer": "tools", "name": "add", "outcome": "ok", "federated_subject": BROWSER_USER})
+    assert (event["federated_subject"], event["federated_issuer"], event["decision"]) == (BROWSER_USER, a.public_url, "approved")

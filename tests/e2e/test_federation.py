@@ -15,8 +15,6 @@ accepts anonymous requests.
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,13 +22,10 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from cryptography.fernet import Fernet
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from mcp_endpoint import jsonrpc
 from tests.e2e.conftest import sdk_client
-from tests.e2e.harness import PY, ROOT, Gateway, fixture_server
+from tests.e2e.harness import Gateway, fixture_server, gateways, peer_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -38,17 +33,6 @@ MODERN_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type
 META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
 GATEWAY_SCOPE = "gateway mcp:tools mcp:resources mcp:prompts"
 ADD = {"name": "c.fixture__add", "arguments": {"a": 20, "b": 22}}
-
-
-def own_keys() -> dict[str, str]:
-    """A gateway's own secrets key and signing key, so no two gateways share one."""
-    signing = ed25519.Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return {
-        "FEDMCP_SECRETS_KEYS": Fernet.generate_key().decode(),
-        "FEDMCP_SIGNING_KEY": signing.decode(),
-    }
 
 
 def post(url: str, body: dict[str, Any], headers: dict[str, str], timeout: float = 30) -> httpx.Response:
@@ -79,29 +63,6 @@ def tool_names(gateway: Gateway) -> set[str]:
     return {tool["name"] for tool in reply["result"]["tools"]}
 
 
-def shell(gateway: Gateway, code: str) -> str:
-    """Run Python in `gateway`'s environment (its database, keys and settings); return what it printed."""
-    command = [PY, "manage.py", "shell", "--no-imports", "-c", code]
-    result = subprocess.run(command, cwd=ROOT, env=gateway.env, check=True, capture_output=True, text=True, timeout=120)
-    return result.stdout.strip()
-
-
-def trust(host: Gateway, guest: Gateway, name: str) -> tuple[str, str]:
-    """`host` trusts `guest` (`gateway trust`); return the client id and secret it printed."""
-    out = host.manage("gateway", "trust", name, "--issuer", guest.public_url).stdout
-    client_id = re.search(r"^client_id: (\S+)$", out, re.M)
-    secret = re.search(r"^client_secret: (\S+)$", out, re.M)
-    assert client_id and secret, out
-    return client_id.group(1), secret.group(1)
-
-
-def register(guest: Gateway, host: Gateway, name: str, credentials: tuple[str, str]) -> None:
-    """`guest` registers `host` as peer gateway `name` with its credentials there (`peer add`)."""
-    secret_file = guest.dir / f"{name}.client-secret"
-    secret_file.write_text(credentials[1])
-    guest.manage("peer", "add", name, "--url", f"{host.public_url}/mcp", "--gateway", "--client-id", credentials[0], "--client-secret-file", str(secret_file))
-
-
 def gateway_token(host: Gateway, credentials: tuple[str, str]) -> str:
     """Obtain a `gateway`-scoped client-credentials token at `host`, as a peer gateway does."""
     response = httpx.post(
@@ -122,23 +83,24 @@ def sign_assertion(signer: Gateway, *, audience: str, via: list[str], issuer: st
         f" 'jti': secrets.token_urlsafe(16), 'client_id': 'host', 'via': {via!r}}};"
         "print(jwt.encode(claims, key.private_key, algorithm=key.algorithm, headers={'kid': key.kid, 'typ': JWT_TYPE}))"
     )
-    return shell(signer, code)
+    return signer.python(code)
 
 
-def audit_events(gateway: Gateway) -> list[dict[str, Any]]:
+def audit_events(gateway: Gateway, *, poll: bool = False) -> list[dict[str, Any]]:
+    """`gateway`'s audit trail, oldest first; `poll` reads it through the gateway's interpreter (for polling loops)."""
     code = (
         "import json; from identity.models import AuditEvent;"
         "print(json.dumps(list(AuditEvent.objects.order_by('at').values("
         "'username', 'federated_issuer', 'federated_subject', 'client_id', 'via', 'peer', 'method', 'name', 'outcome', 'error_code'))))"
     )
-    return json.loads(shell(gateway, code))
+    return json.loads((gateway.python if poll else gateway.shell)(code))
 
 
 def wait_for_audit(gateway: Gateway, match: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
     """Poll `gateway`'s audit trail (written off the response path) for an event with `match`."""
     deadline = time.monotonic() + timeout
     while True:
-        for event in audit_events(gateway):
+        for event in audit_events(gateway, poll=True):
             if all(event.get(k) == v for k, v in match.items()):
                 return event
         if time.monotonic() > deadline:
@@ -149,29 +111,16 @@ def wait_for_audit(gateway: Gateway, match: dict[str, Any], timeout: float = 30)
 @pytest.fixture(scope="module")
 def chain() -> Iterator[dict[str, Any]]:
     """Three gateways: a -> b -> c -> fixture, each trusting the one before it."""
-    with fixture_server(name="fixture") as fixture_url:
-        gateways = {name: Gateway(name=name, env=own_keys()) for name in ("c", "b", "a")}
-        try:
-            for gateway in gateways.values():
-                gateway.migrate()
-            c, b, a = gateways["c"], gateways["b"], gateways["a"]
-            a.auth_headers()  # alice's token on A, minted before any test runs
-            c.manage("peer", "add", "fixture", "--url", fixture_url)
-            c.start_worker()
-            b_at_c = trust(c, b, "b")
-            register(b, c, "c", b_at_c)  # discovers C's token endpoint from its metadata
-            b.start_worker()
-            a_at_b = trust(b, a, "a")
-            register(a, b, "b", a_at_b)
-            a.start_worker()
-            yield {**gateways, "a_at_b": a_at_b, "b_at_c": b_at_c}
-        except BaseException:
-            for gateway in gateways.values():
-                print(gateway.logs())
-            raise
-        finally:
-            for gateway in gateways.values():
-                gateway.cleanup()
+    with fixture_server(name="fixture") as fixture_url, gateways("c", "b", "a") as made:
+        c, b, a = made["c"], made["b"], made["a"]
+        a.auth_headers()  # alice's token on A, minted before any test runs
+        c.manage("peer", "add", "fixture", "--url", fixture_url)
+        c.start_worker()
+        b_at_c = peer_gateway(b, c)  # B discovers C's token endpoint from its metadata
+        b.start_worker()
+        a_at_b = peer_gateway(a, b)
+        a.start_worker()
+        yield {**made, "a_at_b": a_at_b, "b_at_c": b_at_c}
 
 
 def test_a_host_on_a_sees_c_tools_under_their_home(chain: dict[str, Any]) -> None:
@@ -324,7 +273,7 @@ def test_a_loop_between_two_gateways_is_refused(chain: dict[str, Any]) -> None:
     a, b = chain["a"], chain["b"]
     # B also peers A (with trust both ways), and both hold a stale entry for a tool whose owner
     # is gone: each routes it to the other. Without the hop record this call would bounce forever.
-    register(b, a, "a", trust(a, b, "b"))
+    peer_gateway(b, a)
     stale = (
         "from federation.models import CatalogEntry, Peer;"
         "peer = Peer.objects.get(name='{peer}');"
@@ -332,7 +281,7 @@ def test_a_loop_between_two_gateways_is_refused(chain: dict[str, Any]) -> None:
         " payload={{'name': 'z.ghost__vanish', 'inputSchema': {{'type': 'object'}}}})"
     )
     for gateway, peer in ((a, "b"), (b, "a")):
-        shell(gateway, stale.format(peer=peer))
+        gateway.shell(stale.format(peer=peer))
     try:
         # The short client timeout turns a hang into a failure; the refusal itself is immediate.
         reply = modern_call(a, "tools/call", {"name": "z.ghost__vanish", "arguments": {}}, name="z.ghost__vanish", timeout=5)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import queue
 import secrets
-import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,12 +35,12 @@ from mcp.shared.auth import (
 )
 from pydantic import AnyUrl
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.e2e import harness
+from tests.e2e.browser import submit_login_form
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
@@ -49,8 +48,6 @@ WAIT = 30.0
 """Upper bound for each wait (page, callback, MCP call); a healthy run needs a fraction of it."""
 USERNAME = "alice"
 HOST_NAME = "fedmcp e2e host"
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
 # --- the real things ------------------------------------------------------------------------
@@ -68,36 +65,10 @@ def oauth_gateway(web_upstream_url: str) -> Iterator[OAuthGateway]:
     password = secrets.token_urlsafe(16)
     with harness.Gateway(name="oauth") as gateway:
         gateway.migrate()
-        create_user = (
-            "from django.contrib.auth import get_user_model; "
-            f"get_user_model().objects.create_user({USERNAME!r}, password={password!r})"
-        )
-        gateway.manage("shell", "-c", create_user)
+        gateway.create_users({USERNAME: password})
         gateway.manage("peer", "add", "web", "--url", web_upstream_url)
         gateway.start_worker()
         yield OAuthGateway(gateway, password)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[webdriver.Chrome]:
-    """Headless Debian Chromium driven by its own chromedriver (`make tools` installs both)."""
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.fail("chromium and chromedriver are needed: run `make tools` (apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-dev-shm-usage",
-    ):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 class CallbackServer:
@@ -184,9 +155,7 @@ class User:
             )
         )
         if self.driver.find_elements(By.ID, "login-form"):
-            self.driver.find_element(By.ID, "id_username").send_keys(USERNAME)
-            self.driver.find_element(By.ID, "id_password").send_keys(self.password)
-            self.driver.find_element(By.ID, "sign-in").click()
+            submit_login_form(self.driver, USERNAME, self.password)
             wait.until(expected_conditions.presence_of_element_located((By.ID, "authorization-form")))
         self.consent = {
             "client_name": self.driver.find_element(By.ID, "client-name").text,

@@ -23,35 +23,29 @@ import asyncio
 import collections
 import itertools
 import json
-import os
-import secrets
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import httpx
 import httpx2
 import mcp_types as types
-import psycopg
 import pytest
-import redis
 from mcp import Client
 from mcp.client.session import ClientRequestContext
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
-from psycopg import sql
 
 from mcp_endpoint import jsonrpc
+from tests.e2e import harness
 from tests.e2e.harness import Gateway, fixture_server
 
 pytestmark = pytest.mark.e2e
 
-ADMIN_DSN = os.environ.get("FEDMCP_E2E_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("FEDMCP_E2E_REDIS", "redis://127.0.0.1:6379/0")
+REDIS_URL = harness.REDIS_URL
 PEER = "fixture"
 A, B = 0, 1
 WAIT = 15.0
@@ -67,39 +61,16 @@ JsonDict = dict[str, Any]
 
 @pytest.fixture(scope="module")
 def database_url() -> Iterator[str]:
-    """Create a fresh PostgreSQL database for this module and drop it afterwards."""
-    name = f"fedmcp_e2e_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required for the scale-out tests but {ADMIN_DSN} is not reachable: {exc}", pytrace=False)
-    try:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        parts = urlsplit(ADMIN_DSN)
-        yield urlunsplit(("postgres", parts.netloc, f"/{name}", "", ""))
-    finally:
-        # FORCE: a worker that did not exit cleanly must not keep the database alive.
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        admin.close()
+    """Create a fresh, migrated PostgreSQL database for this module and drop it afterwards."""
+    with harness.postgres_database("fedmcp_e2e") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def redis_prefix() -> Iterator[str]:
     """Return a channel-layer key prefix unique to this run; delete its keys afterwards."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        pytest.fail(f"Redis is required for the scale-out tests but {REDIS_URL} is not reachable: {exc}", pytrace=False)
-    prefix = f"fedmcp-e2e-{secrets.token_hex(6)}"
-    try:
+    with harness.redis_prefix("fedmcp-e2e") as prefix:
         yield prefix
-    finally:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 @dataclass

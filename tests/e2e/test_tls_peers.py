@@ -22,8 +22,7 @@ import httpx
 import pytest
 
 from mcp_endpoint import jsonrpc
-from tests.e2e.harness import BIN, ROOT, Gateway, fixture_server
-from tests.e2e.test_federation import own_keys, trust
+from tests.e2e.harness import BIN, ROOT, Gateway, fixture_server, own_keys, trust
 from tests.federation.pki import Pki, https_fixture_server
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +50,10 @@ def upstreams(pem_files: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="module")
-def gateway() -> Iterator[Gateway]:
+def gateway(upstreams: dict[str, str]) -> Iterator[Gateway]:
+    """The hosts' gateway. It stops before the upstreams do (pytest tears fixtures down in the
+    reverse order of setup): an HTTPS fixture still holding the gateway's streams would wait
+    for them on SIGTERM until the harness kills it, 10 s later."""
     with Gateway(name="tls") as gw:
         gw.migrate()
         gw.start_worker()

@@ -18,33 +18,28 @@ import html
 import json
 import re
 import secrets
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from mcp_endpoint import jsonrpc
-from tests.e2e.harness import Gateway, fixture_server
-from tests.e2e.test_federation import audit_events, modern_call, own_keys, shell, wait_for_audit
+from tests.e2e.browser import screenshot, submit_login_form
+from tests.e2e.harness import Gateway, fixture_server, gateways
+from tests.e2e.test_federation import audit_events, modern_call, wait_for_audit
 
 pytestmark = pytest.mark.e2e
 
 WAIT = 30.0
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 TOOL = "files__add"
 ADD = {"name": TOOL, "arguments": {"a": 20, "b": 22}}
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
 HANDSHAKE_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
@@ -56,51 +51,22 @@ class Pair:
     """Everyone's password, the same at A and B (distinct accounts all the same)."""
 
 
-def create_user(gateway: Gateway, username: str, password: str) -> None:
-    gateway.manage("shell", "-c", f"from django.contrib.auth import get_user_model; get_user_model().objects.create_user({username!r}, password={password!r})")
-
-
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    with fixture_server(name="fixture") as fixture_url:
-        b = Gateway(name="b", env=own_keys())
+    with fixture_server(name="fixture") as fixture_url, gateways("a", "b") as made:
+        a, b = made["a"], made["b"]
         b.env["FEDMCP_PUBLIC_URL"] = b.public_url = f"http://localhost:{b.port}"
-        a = Gateway(name="a", env=own_keys())
         passwords = {user: secrets.token_urlsafe(12) for user in ("ops", "alice", "bob")}
-        try:
-            for gateway in (a, b):
-                gateway.migrate()
-                for user, password in passwords.items():
-                    create_user(gateway, user, password)
-            b.manage("peer", "add", "fixture", "--url", fixture_url)
-            b.start_worker()
-            added = a.manage("peer", "add", "files", "--url", f"{b.public_url}/peers/fixture/mcp", "--user-oauth")
-            assert f"Authorization server of files: {b.public_url}" in added.stdout, added.stdout + added.stderr
-            for user in passwords:
-                a.auth_headers(user)
-            a.start_worker()
-            yield Pair(a, b, passwords)
-        except BaseException:
-            print(a.logs(), b.logs())
-            raise
-        finally:
-            a.cleanup()
-            b.cleanup()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[webdriver.Chrome]:
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.fail("chromium and chromedriver are needed: run `make tools` (apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage", "--window-size=1000,1100"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    try:
-        yield driver
-    finally:
-        driver.quit()
+        for gateway in (a, b):
+            gateway.create_users(passwords)
+        b.manage("peer", "add", "fixture", "--url", fixture_url)
+        b.start_worker()
+        added = a.manage("peer", "add", "files", "--url", f"{b.public_url}/peers/fixture/mcp", "--user-oauth")
+        assert f"Authorization server of files: {b.public_url}" in added.stdout, added.stdout + added.stderr
+        for user in passwords:
+            a.auth_headers(user)
+        a.start_worker()
+        yield Pair(a, b, passwords)
 
 
 # --- a scripted browser: httpx following redirects by hand and posting the pages' forms ----------
@@ -190,24 +156,21 @@ def test_alice_connects_in_the_browser_and_her_calls_run_as_her_at_b(pair: Pair,
     browser.get(f"{pair.a.public_url}/connect/files")
     for _ in range(2):  # signing in at A, then at B
         wait.until(expected_conditions.presence_of_element_located((By.ID, "login-form")))
-        browser.find_element(By.ID, "id_username").send_keys("alice")
-        browser.find_element(By.ID, "id_password").send_keys(pair.passwords["alice"])
-        browser.find_element(By.ID, "sign-in").click()
+        submit_login_form(browser, "alice", pair.passwords["alice"])
         if _ == 0:
             wait.until(expected_conditions.element_to_be_clickable((By.ID, "connect"))).click()
     wait.until(expected_conditions.element_to_be_clickable((By.ID, "allow"))).click()
     wait.until(expected_conditions.presence_of_element_located((By.ID, "connections")))
     assert browser.find_elements(By.CSS_SELECTOR, "#peer-files .status-connected")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    browser.save_screenshot(str(SCREENSHOTS / "connect-list.png"))
+    screenshot(browser, "connect-list.png")
     browser.get(f"{pair.a.public_url}/connect/files")
-    browser.save_screenshot(str(SCREENSHOTS / "connect-peer.png"))
+    screenshot(browser, "connect-peer.png")
 
     reply = call_as(pair, "alice")
 
     assert reply["result"]["content"][0]["text"] == "42"
     at_b = wait_for_audit(pair.b, {"method": "tools/call", "username": "alice", "peer": "fixture"})
-    client_id = shell(pair.a, "from identity.models import UpstreamOAuthClient; print(UpstreamOAuthClient.objects.get().client_id)")
+    client_id = pair.a.shell("from identity.models import UpstreamOAuthClient; print(UpstreamOAuthClient.objects.get().client_id)")
     # B saw its own user alice, through the client A registered there: not A's host token, not ops.
     assert at_b["client_id"] == client_id and at_b["outcome"] == "ok"
 
@@ -225,20 +188,20 @@ def test_bob_who_has_not_connected_is_refused_and_nothing_runs_at_b_for_him(pair
 
 def test_an_expired_token_is_refreshed_with_rotation_without_alice_noticing(pair: Pair) -> None:
     read = "from identity.models import UpstreamToken; t = UpstreamToken.objects.get(user__username='alice'); print(t.generation, t.refresh_token)"
-    generation, refresh = shell(pair.a, read).split()
-    shell(pair.a, "from django.utils import timezone; from identity.models import UpstreamToken; UpstreamToken.objects.filter(user__username='alice').update(expires_at=timezone.now())")
+    generation, refresh = pair.a.shell(read).split()
+    pair.a.shell("from django.utils import timezone; from identity.models import UpstreamToken; UpstreamToken.objects.filter(user__username='alice').update(expires_at=timezone.now())")
 
     reply = call_as(pair, "alice")
 
     assert reply["result"]["content"][0]["text"] == "42"
-    new_generation, new_refresh = shell(pair.a, read).split()
+    new_generation, new_refresh = pair.a.shell(read).split()
     assert int(new_generation) == int(generation) + 1 and new_refresh != refresh
 
 
 def test_a_token_b_no_longer_accepts_is_refreshed_once_on_the_401(pair: Pair) -> None:
     # B ends alice's access token early; A still thinks it good, until B answers 401.
     expire = "from datetime import timedelta; from django.utils import timezone; from oauth2_provider.models import AccessToken;"
-    shell(pair.b, expire + "AccessToken.objects.filter(user__username='alice').update(expires=timezone.now() - timedelta(seconds=1))")
+    pair.b.shell(expire + "AccessToken.objects.filter(user__username='alice').update(expires=timezone.now() - timedelta(seconds=1))")
 
     reply = call_as(pair, "alice")
 
@@ -247,13 +210,13 @@ def test_a_token_b_no_longer_accepts_is_refreshed_once_on_the_401(pair: Pair) ->
 
 def test_when_b_refuses_to_refresh_alice_is_asked_to_connect_again(pair: Pair) -> None:
     revoke = "from oauth2_provider.models import AccessToken, RefreshToken; u = 'alice'; AccessToken.objects.filter(user__username=u).delete(); RefreshToken.objects.filter(user__username=u).delete()"
-    shell(pair.b, revoke)
+    pair.b.shell(revoke)
 
     reply = legacy_host_call(pair.a, "alice", {})
 
     assert reply["error"]["code"] == jsonrpc.UPSTREAM_AUTHORIZATION_REQUIRED
     assert "connect again" in reply["error"]["message"]
-    assert shell(pair.a, "from identity.models import UpstreamToken; print(UpstreamToken.objects.filter(user__username='alice').count())") == "0"
+    assert pair.a.shell("from identity.models import UpstreamToken; print(UpstreamToken.objects.filter(user__username='alice').count())") == "0"
 
 
 def test_no_dump_of_a_holds_an_upstream_token_or_client_secret(pair: Pair) -> None:
@@ -261,7 +224,7 @@ def test_no_dump_of_a_holds_an_upstream_token_or_client_secret(pair: Pair) -> No
         "import json; from identity.models import UpstreamOAuthClient, UpstreamToken; t = UpstreamToken.objects.get(user__username='ops');"
         "print(json.dumps([t.access_token, t.refresh_token, UpstreamOAuthClient.objects.get().client_secret]))"
     )
-    secrets_ = json.loads(shell(pair.a, read))
+    secrets_ = json.loads(pair.a.shell(read))
     assert all(secrets_)
 
     dump = pair.a.manage("dumpdata", "--natural-foreign").stdout

@@ -6,15 +6,20 @@ call is in flight, then sends SIGTERM to the worker:
 
 * within the grace period the call completes normally, while new connections are refused;
 * past the grace period the call is cancelled and the upstream hears of it (its cancellation
-  counter goes up), instead of the call being cut off when the process exits.
+  counter goes up), instead of the call being cut off when the process exits;
+* streams a host keeps open until it leaves (the Streamable HTTP GET stream, a WebSocket, a
+  2026-07-28 subscriptions/listen) do not hold the drain: the call in flight finishes and the
+  worker exits long before a 60 s grace period would end.
 
 The workers log JSON (FEDMCP_LOG_FORMAT=json), so these tests also read real log lines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +27,9 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
+from websockets.typing import Subprotocol
 
 from tests.e2e.harness import Gateway, fixture_server
 from tests.observability.scrape import parse, value
@@ -137,3 +145,51 @@ def test_past_the_grace_period_the_call_is_cancelled_upstream_before_exit(gatewa
     poll(lambda: cancelled_on_fixture(fixture_url) == cancelled_before + 1, "the fixture to see the cancellation")
     [call] = [e for e in log_entries(gateway, "drain-test-2") if e["logger"] == "fedmcp.calls"]
     assert call["outcome"] == "cancelled"
+
+
+def read_until_closed(stream: Iterator[Any]) -> None:
+    with contextlib.suppress(httpx.HTTPError, ConnectionClosed):
+        for _ in stream:
+            pass
+
+
+@contextlib.contextmanager
+def open_streams(gateway: Gateway, url: str) -> Iterator[list[threading.Thread]]:
+    """Open a GET stream (handshake era), a WebSocket and a subscriptions/listen stream on the
+    worker at `url`; yield the threads reading them, which end when the worker closes them."""
+    headers = {**gateway.auth_headers(), "Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "drain-e2e", "version": "0"}}
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(httpx.Client(timeout=httpx.Timeout(WAIT, read=None)))
+        reply = client.post(f"{url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}, headers=headers)
+        session = {**headers, "Mcp-Session-Id": reply.headers["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
+        assert client.post(f"{url}/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session).status_code == 202
+        get_stream = stack.enter_context(client.stream("GET", f"{url}/mcp", headers={**session, "Accept": "text/event-stream"}))
+        listen = {"jsonrpc": "2.0", "id": 2, "method": "subscriptions/listen", "params": {"_meta": META, "notifications": {"toolsListChanged": True}}}
+        listen_stream = stack.enter_context(
+            client.stream("POST", f"{url}/mcp", json=listen, headers={**HEADERS, **gateway.auth_headers(), "Mcp-Method": "subscriptions/listen"})
+        )
+        socket = stack.enter_context(ws_connect(f"ws://{url.removeprefix('http://')}/ws", subprotocols=[Subprotocol("mcp")], additional_headers=gateway.auth_headers()))
+        assert get_stream.status_code == 200 and listen_stream.status_code == 200
+        streams = (get_stream.iter_lines(), listen_stream.iter_lines(), iter(socket.recv, None))
+        readers = [threading.Thread(target=read_until_closed, args=(stream,), daemon=True) for stream in streams]
+        for reader in readers:
+            reader.start()
+        yield readers
+
+
+def test_open_streams_do_not_hold_the_drain_and_the_call_in_flight_finishes(gateway: Gateway) -> None:
+    process, url = start_worker(gateway, grace="60")
+    with ThreadPoolExecutor(1) as pool, open_streams(gateway, url) as readers:
+        future = slow_call(gateway, url, pool, delay_ms=1500, request_id="drain-test-3")
+
+        process.send_signal(signal.SIGTERM)
+        reply = future.result(timeout=WAIT)
+        # The bound is a third of the grace period: only streams holding the drain could exceed it.
+        exit_code = process.wait(WAIT)
+        for reader in readers:
+            reader.join(WAIT)
+
+    assert reply["result"]["content"][0]["text"] == "finished"
+    assert exit_code == 0
+    assert not any(reader.is_alive() for reader in readers), "a stream stayed open after the worker exited"
