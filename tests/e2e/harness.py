@@ -31,8 +31,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -57,6 +58,21 @@ TOKEN_LIFETIME = "12h"
 POSTGRES_ADMIN_DSN = os.environ.get("FEDMCP_E2E_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 """The shared PostgreSQL server (trust auth), as a DSN that may create and drop databases."""
 REDIS_URL = os.environ.get("FEDMCP_E2E_REDIS", "redis://127.0.0.1:6379/0")
+
+
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T], *, timeout: float = 15.0, interval: float = 0.1, what: str = "the condition") -> T:
+    """Call `check` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {value!r}")
+        time.sleep(interval)
 
 
 def free_port() -> int:
@@ -385,9 +401,9 @@ class Gateway:
         """Run Python as `shell()` does, but in this gateway's `Interpreter`: milliseconds, not
         the 1.5 s of CPU a new process costs; return what it printed.
 
-        It is started on first use (and again if `env` changed since). For code that signs,
-        sets up or polls: a single read of rows the workers write off the response path (the
-        audit trail) uses `shell()`, whose start-up is the head start those writes have always had.
+        It is started on first use (and again if `env` changed since). Rows the workers write
+        off the response path (the audit trail, written in batches just after the answer) may
+        not be there yet: poll for them (`wait_until`), never read them once.
 
         Raises:
             RuntimeError: the code raised; the message has the traceback.

@@ -118,8 +118,13 @@ def audit_decisions(gateway: harness.Gateway) -> list[tuple[str, str, str, str]]
         "print(json.dumps(list(AuditEvent.objects.filter(method='sampling/createMessage').order_by('at')"
         ".values_list('name', 'decision', 'outcome', 'username'))))"
     )
-    output = gateway.manage("shell", "-c", script).stdout.strip().splitlines()[-1]  # after the shell's banner
+    output = gateway.python(script).splitlines()[-1]
     return [tuple(row) for row in json.loads(output)]
+
+
+def wait_for_decision(gateway: harness.Gateway, row: tuple[str, str, str, str]) -> None:
+    """The audit trail is written just after the answer: wait for `row` to be in it."""
+    harness.wait_until(lambda: row in audit_decisions(gateway), what=f"the audit row {row}")
 
 
 def open_consent_page(browser: webdriver.Chrome, url: str, password: str) -> WebDriverWait:
@@ -180,7 +185,7 @@ def test_sampling_is_held_until_approved_and_the_page_shows_the_messages(
     sampled = [m for m in host.received if m.get("method") == "sampling/createMessage"][0]
     assert sampled["params"]["messages"][0]["content"]["text"] == HOSTILE + "\n" + LONG
     assert reply["result"]["content"][0]["text"] == "LLM response: Paris"
-    assert ("test_sampling", "approved", "ok", USERNAME) in audit_decisions(gateway)
+    wait_for_decision(gateway, ("test_sampling", "approved", "ok", USERNAME))
 
 
 def test_denied_sampling_never_reaches_the_host(sampling_gateway: tuple[harness.Gateway, str], browser: webdriver.Chrome) -> None:
@@ -199,4 +204,4 @@ def test_denied_sampling_never_reaches_the_host(sampling_gateway: tuple[harness.
         host.close()
     assert "sampling/createMessage" not in host.methods()
     assert "error" in reply or reply["result"].get("isError") is True, reply
-    assert ("test_sampling", "denied", "error", USERNAME) in audit_decisions(gateway)
+    wait_for_decision(gateway, ("test_sampling", "denied", "error", USERNAME))

@@ -37,7 +37,7 @@ from mcp.shared.exceptions import MCPError
 
 from mcp_endpoint import jsonrpc
 from tests.base import modern_meta
-from tests.e2e.harness import Gateway, free_port, stop
+from tests.e2e.harness import Gateway, free_port, stop, wait_until
 from tests.e2e.test_fault_isolation import (  # noqa: F401  (fixtures)
     SHORT_TIMEOUTS,
     FixtureUpstream,
@@ -236,9 +236,9 @@ def test_a_host_that_disconnects_mid_call_cancels_the_upstream_call(gateway: Gat
 # --- a worker restarted with a session open --------------------------------------------------------------
 
 
-def audit_rows(gw: Gateway) -> int:
-    script = "from identity.models import AuditEvent; print(AuditEvent.objects.count())"
-    return int(gw.manage("shell", "-c", script).stdout.strip().splitlines()[-1])
+def audit_rows(gw: Gateway, method: str | None = None) -> int:
+    query = f"filter(method={method!r})" if method else "all()"
+    return int(gw.python(f"from identity.models import AuditEvent; print(AuditEvent.objects.{query}.count())").splitlines()[-1])
 
 
 def handshake_post(gw: Gateway, message: dict[str, Any], session: str | None, version: str = "2025-11-25") -> httpx.Response:
@@ -264,6 +264,8 @@ def test_a_restarted_worker_keeps_sessions_and_audit_rows(gateway: Gateway, upst
     assert handshake_post(gateway, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session).status_code == 202
     call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "beta__add", "arguments": {"a": 1, "b": 2}}}
     assert answer(handshake_post(gateway, call, session))["result"]["content"][0]["text"] == "3"
+    # The audit trail is written just after the answer: wait for the call's row.
+    wait_until(lambda: audit_rows(gateway, "tools/call") == 1, what="the call's audit row")
     rows = audit_rows(gateway)
 
     gateway.stop()
@@ -277,6 +279,7 @@ def test_a_restarted_worker_keeps_sessions_and_audit_rows(gateway: Gateway, upst
     # And a host may simply start over.
     fresh = handshake_post(gateway, init, None)
     assert fresh.status_code == 200 and fresh.headers["mcp-session-id"] != session
+    wait_until(lambda: audit_rows(gateway, "tools/call") == 2, what="the second call's audit row")
     assert audit_rows(gateway) > rows
 
 
