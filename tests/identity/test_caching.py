@@ -333,7 +333,7 @@ class AuditBatchTests(TestCase):
 
     @override_settings(FEDMCP_AUDIT_FLUSH_INTERVAL=60)
     async def test_events_are_written_together_when_flushed(self) -> None:
-        with mock.patch.object(AuditEvent.objects, "bulk_create", wraps=AuditEvent.objects.bulk_create) as bulk:
+        with mock.patch.object(audit, "_insert_rows", wraps=audit._insert_rows) as bulk:
             self.record(5)
             assert audit.audit_pending() == 5
             await audit.audit_flush()
@@ -343,7 +343,7 @@ class AuditBatchTests(TestCase):
 
     @override_settings(FEDMCP_AUDIT_FLUSH_INTERVAL=60)
     async def test_a_refused_batch_is_written_one_event_at_a_time(self) -> None:
-        with mock.patch.object(AuditEvent.objects, "bulk_create", side_effect=RuntimeError("refused")):
+        with mock.patch.object(audit, "_insert_rows", side_effect=RuntimeError("refused")):
             self.record(3)
             await audit.audit_flush()
         assert await AuditEvent.objects.acount() == 3
