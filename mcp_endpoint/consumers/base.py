@@ -40,12 +40,34 @@ def sse_event(message: JsonDict | None = None, *, event: str = "message", data: 
 
 
 class DirectDispatchMixin:
-    """Dispatch each ASGI message without Channels' per-message database sweep.
+    """Run the consumer's message loop without Channels' per-connection and per-message extras.
 
-    Channels closes stale database connections before every message, with a hop to a thread
-    each time (~5% of a worker's CPU in `make bench`). Every database access of the MCP
-    consumers goes through `database_sync_to_async`, which does the same around each call.
+    * No channel of its own: Channels gives every consumer a channel-layer channel, with a
+      receive kept pending on it (a task, and on Redis a place in the layer's receive loop) for
+      the life of the request or socket. The MCP consumers never receive on it: what crosses
+      workers travels on the channels of `mcp_endpoint.streams.SessionEvents` and the
+      correlator. Without a channel layer attached, Channels would still run its loop through
+      a task per message and `asyncio.wait`; here messages are awaited directly, in order, as
+      that loop dispatches them.
+    * No database sweep per message: Channels closes stale database connections before every
+      message, with a hop to a thread each time (~5% of a worker's CPU in `make bench`). Every
+      database access of the MCP consumers goes through `database_sync_to_async`, which does
+      the same around each call.
     """
+
+    scope: JsonDict
+    channel_layer: Any
+    base_send: Any
+
+    async def __call__(self, scope: JsonDict, receive: Any, send: Any) -> None:
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = send
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
 
     async def dispatch(self, message: JsonDict) -> None:
         handler = getattr(self, get_handler_name(message), None)

@@ -1,0 +1,47 @@
+"""The MCP consumers' own message loop (mcp_endpoint/consumers/base.py `DirectDispatchMixin`).
+
+An MCP request holds no channel-layer channel of its own: what crosses workers travels on the
+session's and the correlator's channels, which exist once per stream or worker, not per POST.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+from channels.layers import get_channel_layer
+
+from tests.base import AsgiTestCase, McpClient, ws_communicator
+
+
+class ConsumerLoopTests(AsgiTestCase):
+    async def test_a_post_on_a_session_opens_no_channel(self) -> None:
+        client = McpClient()
+        await client.initialize()
+        await client.call("ping")  # the worker's correlation channel, once per process
+        layer = get_channel_layer()
+        with mock.patch.object(layer, "new_channel", wraps=layer.new_channel) as new_channel:
+            for _ in range(3):
+                reply = await client.call("ping")
+                assert reply.status == 200 and reply.json()["result"] == {}
+        assert new_channel.call_count == 0
+
+    async def test_a_websocket_answers_messages_in_order_on_one_channel_for_its_session(self) -> None:
+        layer = get_channel_layer()
+        with mock.patch.object(layer, "new_channel", wraps=layer.new_channel) as new_channel:
+            communicator = ws_communicator()
+            connected, subprotocol = await communicator.connect()
+            assert connected and subprotocol == "mcp"
+            try:
+                await communicator.send_json_to({
+                    "jsonrpc": "2.0", "id": 1, "method": "initialize",
+                    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
+                })
+                assert (await communicator.receive_json_from())["id"] == 1
+                await communicator.send_json_to({"jsonrpc": "2.0", "method": "notifications/initialized"})
+                for request_id in range(2, 6):
+                    await communicator.send_json_to({"jsonrpc": "2.0", "id": request_id, "method": "ping"})
+                    assert await communicator.receive_json_from() == {"jsonrpc": "2.0", "id": request_id, "result": {}}
+            finally:
+                await communicator.disconnect()
+        # The session's event stream and the worker's correlation channel; none for the socket itself.
+        assert new_channel.call_count <= 2
