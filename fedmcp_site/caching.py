@@ -79,27 +79,31 @@ class _LocalOnly:
         return None
 
 
-def _read_file(path: Path) -> bytes:
-    """The whole file, with bare os calls: half the cost of `open().read()`, once per request."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        parts = []
-        while chunk := os.read(fd, 65536):
-            parts.append(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
+def _read_fd(fd: int) -> bytes:
+    parts = []
+    while chunk := os.read(fd, 65536):
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 class _FileGenerations:
-    """One small file of `domain=token` lines, replaced atomically under a lock file."""
+    """One small file of `domain=token` lines, replaced atomically under a lock file.
+
+    It is read once per request, so the common case, nothing changed, costs one `stat`: a bump
+    writes a new file and renames it over the old one, so the file this process last read is
+    current exactly while the path still names it (device and inode, with size and mtime as a
+    guard against a change made in place). That file is kept open, so its inode cannot be reused
+    by a later version while it is compared with.
+    """
 
     name = "file"
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock_path = path.with_name(path.name + ".lock")
-        self._last: tuple[bytes, dict[str, str]] = (b"", {})
+        self._last: tuple[tuple[int, int, int, int] | None, int | None, dict[str, str]] = (None, None, {})
+        """(identity of the file read, its open descriptor, what it said), swapped as one."""
+        self._reading = threading.Lock()
 
     def _parse(self, text: str) -> dict[str, str]:
         values: dict[str, str] = {}
@@ -111,17 +115,37 @@ class _FileGenerations:
 
     def read_sync(self) -> dict[str, str] | None:
         try:
-            raw = _read_file(self.path)
+            st = os.stat(self.path)
+            last = self._last  # threads may read at the same time: one attribute, read once
+            if last[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+                return dict(last[2])
+            return dict(self._read_changed())
         except FileNotFoundError:
             return {}
         except OSError as exc:
             logger.warning("cache generations unreadable (%s): caching is off for this request", exc)
             return None
-        last = self._last  # (raw, parsed) in one attribute: threads may read at the same time
-        if raw != last[0]:
-            last = (raw, self._parse(raw.decode()))
-            self._last = last
-        return dict(last[1])
+
+    def __del__(self) -> None:
+        fd = self._last[1]
+        if fd is not None:
+            with contextlib.suppress(Exception):
+                os.close(fd)
+
+    def _read_changed(self) -> dict[str, str]:
+        with self._reading:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)  # of the file opened: the path may name a newer one already
+                values = self._parse(_read_fd(fd).decode())
+            except BaseException:
+                os.close(fd)
+                raise
+            old_fd = self._last[1]
+            self._last = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), fd, values)
+            if old_fd is not None:
+                os.close(old_fd)
+            return values
 
     async def read(self) -> dict[str, str] | None:
         # A few microseconds on a local file: cheaper than a hop to a thread.
