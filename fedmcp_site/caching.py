@@ -55,13 +55,26 @@ MISSING: Any = object()
 Stamp = tuple[Any, ...]
 
 
+_flags: tuple[bool, float] | None = None
+"""(FEDMCP_CACHES_ENABLED, FEDMCP_CACHE_MAX_AGE), read once: they are asked several times a
+request. Forgotten by `clear_all`, which runs on every settings change (`connect_signals`)."""
+
+
+def _settings_flags() -> tuple[bool, float]:
+    global _flags
+    flags = _flags
+    if flags is None:
+        flags = _flags = (bool(getattr(settings, "FEDMCP_CACHES_ENABLED", True)), float(getattr(settings, "FEDMCP_CACHE_MAX_AGE", 30.0)))
+    return flags
+
+
 def enabled() -> bool:
-    return bool(getattr(settings, "FEDMCP_CACHES_ENABLED", True))
+    return _settings_flags()[0]
 
 
 def max_age() -> float:
     """Seconds an entry may be used at most: the safety net should a change go unpublished."""
-    return float(getattr(settings, "FEDMCP_CACHE_MAX_AGE", 30.0))
+    return _settings_flags()[1]
 
 
 # --- where the shared generations live -------------------------------------------------------
@@ -242,6 +255,8 @@ class Generations:
         self._lock = threading.Lock()
         self._issued = 0
         self._applied = 0
+        self.version = 0
+        """Changes whenever a local counter or the shared generations change (stamps are kept until then)."""
 
     @property
     def backend(self) -> Any:
@@ -259,7 +274,9 @@ class Generations:
         # Concurrent reads may complete out of order: never go back to an older answer.
         if ticket > self._applied:
             self._applied = ticket
-            self.shared = shared
+            if shared != self.shared:
+                self.shared = shared
+                self.version += 1
 
     def stamp(self, domains: tuple[str, ...]) -> Stamp | None:
         """The generations of `domains` now, or None when caching is off."""
@@ -273,6 +290,7 @@ class Generations:
         with self._lock:
             for domain in domains:
                 self.local[domain] += 1
+            self.version += 1
         self._publish(domains)
         if transaction.get_connection().in_atomic_block:
             transaction.on_commit(lambda: self._after_commit(domains))
@@ -281,6 +299,7 @@ class Generations:
         with self._lock:
             for domain in domains:
                 self.local[domain] += 1
+            self.version += 1
         self._publish(domains)
 
     def _publish(self, domains: tuple[str, ...]) -> None:
@@ -295,6 +314,7 @@ class Generations:
         with self._lock:
             for domain in DOMAINS:
                 self.local[domain] += 1
+            self.version += 1
         self._backend = None
         self.shared = {}
 
@@ -326,14 +346,20 @@ class GenerationCache(Generic[T]):
         self.maxsize = maxsize
         self._entries: dict[Hashable, tuple[Stamp, float, T]] = {}
         self._current: Stamp | None = None
+        self._version = -1
+        """`generations.version` when `_current` was computed: until it changes, `_current` stands."""
         _caches.append(self)
 
     def stamp(self) -> Stamp | None:
+        version = generations.version
+        if version == self._version:
+            return self._current
         stamp = generations.stamp(self.domains)
         if stamp != self._current:
             # A new generation: everything stored under the old one is dead weight.
             self._entries.clear()
             self._current = stamp
+        self._version = version
         return stamp
 
     def get(self, key: Hashable) -> T:
@@ -367,7 +393,9 @@ _caches: list[GenerationCache[Any]] = []
 
 
 def clear_all() -> None:
-    """Empty every cache in this process (tests call this between cases)."""
+    """Empty every cache in this process (tests call this between cases; every settings change)."""
+    global _flags
+    _flags = None
     generations.reset()
     for cache in _caches:
         cache.clear()

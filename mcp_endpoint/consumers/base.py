@@ -21,7 +21,7 @@ from django.db import Error as DatabaseError
 
 from federation.health import ensure_background_tasks
 from identity.tokens import Identity
-from mcp_endpoint import jsonrpc, security
+from mcp_endpoint import jsonrpc
 from mcp_endpoint.auth import UNAVAILABLE_HEADERS, UNAVAILABLE_MESSAGE
 
 logger = logging.getLogger(__name__)
@@ -86,11 +86,20 @@ class McpHttpConsumer(DirectDispatchMixin, AsyncHttpConsumer):
         self._task: asyncio.Task[None] | None = None
         self.response_started = False
         self.finished = False
+        self._first_headers: dict[bytes, bytes] | None = None
 
     # --- helpers for subclasses --------------------------------------------------------------
 
     def header(self, name: str) -> str | None:
-        return security.header(self.scope, name.lower().encode())
+        """The first value of a request header, as `security.header` gives it."""
+        first = self._first_headers
+        if first is None:
+            # Asked about six times a request: one pass over the headers instead of one per ask.
+            first = self._first_headers = {}
+            for key, value in self.scope.get("headers", []):
+                first.setdefault(key, value)
+        value = first.get(name.lower().encode())
+        return value.decode("latin-1") if value is not None else None
 
     def headers_dict(self) -> dict[str, str]:
         return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.scope.get("headers", [])}
