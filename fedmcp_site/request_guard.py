@@ -28,7 +28,9 @@ import sys
 from typing import Any
 
 from django.conf import settings
+from twisted.internet import tcp
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +140,36 @@ class GuardedChannel(HTTPChannel):
             # through the email package, ~12% of a busy worker) is skipped.
             self.requests[-1]._parsePOSTFormSubmission = False
         super().allContentReceived()
+
+    # --- writing responses ------------------------------------------------------------------------
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        # The same bytes as Twisted's, handed to the transport as one piece: its writeSequence
+        # checks and buffers each of the ~25 fragments of a response head separately.
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head))
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        # The response is complete: send it now rather than when the reactor next finds the
+        # socket writable, one pass of the event loop later. What cannot be sent at once stays
+        # buffered and registered, and any failure is met again (and handled) by the reactor's
+        # own doWrite; a connection being closed is left entirely to the reactor.
+        transport = self.transport
+        if (
+            isinstance(transport, tcp.Connection)
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnecting
+        ):
+            transport.doWrite()
 
     def getHost(self) -> Any:
         # Twisted asks for every request (getsockname); a connection's local address is fixed.

@@ -108,6 +108,14 @@ class McpHttpConsumer(DirectDispatchMixin, AsyncHttpConsumer):
         self.response_started = True
         await super().send_headers(status=status, headers=headers)
 
+    async def send_response(self, status: int, body: bytes, *, headers: Any = None) -> None:
+        """Send a whole response, with its Content-Length (Twisted would frame it as chunked)."""
+        headers = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+        if not any(name.lower() == b"content-length" for name, _ in headers):
+            headers.append((b"content-length", b"%d" % len(body)))
+        await self.send_headers(status=status, headers=headers)
+        await self.send_body(body)
+
     async def send_body(self, body: bytes, *, more_body: bool = False) -> None:
         if not more_body:
             self.finished = True

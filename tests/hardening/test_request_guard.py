@@ -15,7 +15,7 @@ import pytest
 from django.test import override_settings
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.web.http import HTTPFactory, Request
+from twisted.web.http import HTTPChannel, HTTPFactory, Request
 from twisted.web.test.requesthelper import DummyChannel
 
 from fedmcp_site.request_guard import BODY_FRAMING_ALLOWANCE, GuardedChannel, guarded_factory
@@ -157,3 +157,27 @@ def test_a_request_that_comes_in_one_read_sets_no_timer(channel: Any) -> None:
     Recorded.processed[-1].finish()
     channel.dataReceived(HEAD)  # the body is late: now the body deadline needs its timer
     assert [t[0] for t in timers] == [BODY_TIMEOUT]
+
+
+def test_a_response_is_written_byte_for_byte_as_twisted_writes_it(channel: Any) -> None:
+    """The head goes to the transport in one piece; the bytes are Twisted's own."""
+
+    def respond(on: Any) -> bytes:
+        on.dataReceived(HEAD + b"0123456789")
+        request = Recorded.processed[-1]
+        request.setResponseCode(202)
+        request.responseHeaders.addRawHeader(b"content-type", b"application/json")
+        request.responseHeaders.addRawHeader(b"x-two", b"a")
+        request.responseHeaders.addRawHeader(b"x-two", b"b")
+        request.write(b'{"ok":true}')
+        request.finish()
+        return bytes(on.transport.value())
+
+    plain = HTTPChannel()
+    plain.requestFactory = Recorded
+    plain.callLater = channel.clock.callLater
+    plain.timeOut = None
+    plain.makeConnection(StringTransport())
+    expected = respond(plain)
+    assert respond(channel) == expected
+    assert expected.startswith(b"HTTP/1.1 202 Accepted\r\n") and b"X-Two: a\r\nX-Two: b\r\n" in expected

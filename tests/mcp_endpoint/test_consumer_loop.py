@@ -2,6 +2,7 @@
 
 An MCP request holds no channel-layer channel of its own: what crosses workers travels on the
 session's and the correlator's channels, which exist once per stream or worker, not per POST.
+Whole answers carry their Content-Length (daphne would otherwise frame them as chunked).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from unittest import mock
 
 from channels.layers import get_channel_layer
 
-from tests.base import AsgiTestCase, McpClient, ws_communicator
+from tests.base import AsgiTestCase, McpClient, http, ws_communicator
 
 
 class ConsumerLoopTests(AsgiTestCase):
@@ -24,6 +25,18 @@ class ConsumerLoopTests(AsgiTestCase):
                 reply = await client.call("ping")
                 assert reply.status == 200 and reply.json()["result"] == {}
         assert new_channel.call_count == 0
+
+    async def test_whole_answers_carry_their_content_length(self) -> None:
+        client = McpClient()
+        await client.initialize()
+        answers = [
+            await client.call("ping"),  # JSON
+            await client.post({"jsonrpc": "2.0", "method": "notifications/initialized"}),  # 202, empty
+            await client.post(b"{not json"),  # an error
+            await http("PUT", "/mcp"),  # plain text
+        ]
+        assert [a.status for a in answers] == [200, 202, 400, 405]
+        assert [a.headers.get("content-length") for a in answers] == [str(len(a.body)) for a in answers]
 
     async def test_a_websocket_answers_messages_in_order_on_one_channel_for_its_session(self) -> None:
         layer = get_channel_layer()
