@@ -26,6 +26,7 @@ written, and tests and readers that need the rows now await it too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -253,18 +254,36 @@ class _Insert:
         )
         self.index = [PendingEvent._fields.index(f.attname) for f in fields]
         # Values are already what the drivers take (str, int, float, None), but for the time and
-        # the JSON list: those go through their fields' own conversion, as bulk_create does.
-        self.converted = {
-            position: field
-            for position, field in enumerate(fields)
+        # the JSON list: those go through the backend's own adapters, as bulk_create would take
+        # them (the fields' prep steps before those only check and warn about other kinds of value).
+        self.converted: list[tuple[int, Any]] = [
+            (position, field) for position, field in enumerate(fields)
             if field.get_internal_type() not in ("CharField", "IntegerField", "FloatField", "ForeignKey")
-        }
+        ]
 
-    def params(self, event: PendingEvent, connection: BaseDatabaseWrapper) -> list[Any]:
-        row = [event[i] for i in self.index]
-        for position, field in self.converted.items():
-            row[position] = field.get_db_prep_save(row[position], connection)
-        return row
+    def rows(self, batch: list[PendingEvent], connection: BaseDatabaseWrapper) -> list[list[Any]]:
+        ops = connection.ops
+        adapters = []
+        for position, field in self.converted:
+            kind = field.get_internal_type()
+            if kind == "DateTimeField":
+                adapters.append((position, ops.adapt_datetimefield_value))
+            elif kind == "JSONField":
+                adapters.append((position, functools.partial(_adapt_json, ops, field.encoder)))
+            else:
+                adapters.append((position, functools.partial(field.get_db_prep_save, connection=connection)))
+        rows = []
+        index = self.index
+        for event in batch:
+            row = [event[i] for i in index]
+            for position, adapt in adapters:
+                row[position] = adapt(row[position])
+            rows.append(row)
+        return rows
+
+
+def _adapt_json(ops: Any, encoder: Any, value: Any) -> Any:
+    return ops.adapt_json_value(value, encoder)
 
 
 _inserts: dict[str, _Insert] = {}
@@ -281,7 +300,7 @@ def _insert_rows(batch: list[PendingEvent]) -> None:
     insert = _inserts.get(connection.vendor)
     if insert is None:
         insert = _inserts[connection.vendor] = _Insert(connection)
-    rows = [insert.params(event, connection) for event in batch]
+    rows = insert.rows(batch, connection)
     with transaction.atomic(using=alias, savepoint=False), connection.cursor() as cursor:
         cursor.executemany(insert.sql, rows)
 
