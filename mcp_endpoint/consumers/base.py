@@ -87,6 +87,7 @@ class McpHttpConsumer(DirectDispatchMixin, AsyncHttpConsumer):
         self.response_started = False
         self.finished = False
         self._first_headers: dict[bytes, bytes] | None = None
+        self._headers_dict: dict[str, str] | None = None
 
     # --- helpers for subclasses --------------------------------------------------------------
 
@@ -102,7 +103,11 @@ class McpHttpConsumer(DirectDispatchMixin, AsyncHttpConsumer):
         return value.decode("latin-1") if value is not None else None
 
     def headers_dict(self) -> dict[str, str]:
-        return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.scope.get("headers", [])}
+        """Lower-cased request headers, the last value of each (a new dict for each caller)."""
+        headers = self._headers_dict
+        if headers is None:
+            headers = self._headers_dict = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.scope.get("headers", [])}
+        return dict(headers)
 
     async def send_headers(self, *, status: int = 200, headers: Any = None) -> None:
         self.response_started = True
