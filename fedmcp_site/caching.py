@@ -12,7 +12,7 @@ Generations live where every process of one installation can see them:
 * with `REDIS_URL`: Redis keys `<FEDMCP_REDIS_PREFIX>:cachegen:<domain>` (INCR on change, one
   MGET per request);
 * otherwise: a small file next to the SQLite database (or `FEDMCP_CACHE_GENERATION_FILE`),
-  rewritten atomically on change and read once per request;
+  rewritten atomically on change and checked once per request (a `stat`; read when it changed);
 * an in-memory SQLite database (tests) has no other process: in-process counters only.
 
 Entries are also dropped after FEDMCP_CACHE_MAX_AGE seconds (30), a safety net should a
