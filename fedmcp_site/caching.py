@@ -12,7 +12,7 @@ Generations live where every process of one installation can see them:
 * with `REDIS_URL`: Redis keys `<FEDMCP_REDIS_PREFIX>:cachegen:<domain>` (INCR on change, one
   MGET per request);
 * otherwise: a small file next to the SQLite database (or `FEDMCP_CACHE_GENERATION_FILE`),
-  rewritten atomically on change and read once per request;
+  rewritten atomically on change and checked once per request (a `stat`; read when it changed);
 * an in-memory SQLite database (tests) has no other process: in-process counters only.
 
 Entries are also dropped after FEDMCP_CACHE_MAX_AGE seconds (30), a safety net should a
@@ -55,13 +55,26 @@ MISSING: Any = object()
 Stamp = tuple[Any, ...]
 
 
+_flags: tuple[bool, float] | None = None
+"""(FEDMCP_CACHES_ENABLED, FEDMCP_CACHE_MAX_AGE), read once: they are asked several times a
+request. Forgotten by `clear_all`, which runs on every settings change (`connect_signals`)."""
+
+
+def _settings_flags() -> tuple[bool, float]:
+    global _flags
+    flags = _flags
+    if flags is None:
+        flags = _flags = (bool(getattr(settings, "FEDMCP_CACHES_ENABLED", True)), float(getattr(settings, "FEDMCP_CACHE_MAX_AGE", 30.0)))
+    return flags
+
+
 def enabled() -> bool:
-    return bool(getattr(settings, "FEDMCP_CACHES_ENABLED", True))
+    return _settings_flags()[0]
 
 
 def max_age() -> float:
     """Seconds an entry may be used at most: the safety net should a change go unpublished."""
-    return float(getattr(settings, "FEDMCP_CACHE_MAX_AGE", 30.0))
+    return _settings_flags()[1]
 
 
 # --- where the shared generations live -------------------------------------------------------
@@ -79,27 +92,31 @@ class _LocalOnly:
         return None
 
 
-def _read_file(path: Path) -> bytes:
-    """The whole file, with bare os calls: half the cost of `open().read()`, once per request."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        parts = []
-        while chunk := os.read(fd, 65536):
-            parts.append(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
+def _read_fd(fd: int) -> bytes:
+    parts = []
+    while chunk := os.read(fd, 65536):
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 class _FileGenerations:
-    """One small file of `domain=token` lines, replaced atomically under a lock file."""
+    """One small file of `domain=token` lines, replaced atomically under a lock file.
+
+    It is read once per request, so the common case, nothing changed, costs one `stat`: a bump
+    writes a new file and renames it over the old one, so the file this process last read is
+    current exactly while the path still names it (device and inode, with size and mtime as a
+    guard against a change made in place). That file is kept open, so its inode cannot be reused
+    by a later version while it is compared with.
+    """
 
     name = "file"
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock_path = path.with_name(path.name + ".lock")
-        self._last: tuple[bytes, dict[str, str]] = (b"", {})
+        self._last: tuple[tuple[int, int, int, int] | None, int | None, dict[str, str]] = (None, None, {})
+        """(identity of the file read, its open descriptor, what it said), swapped as one."""
+        self._reading = threading.Lock()
 
     def _parse(self, text: str) -> dict[str, str]:
         values: dict[str, str] = {}
@@ -111,17 +128,37 @@ class _FileGenerations:
 
     def read_sync(self) -> dict[str, str] | None:
         try:
-            raw = _read_file(self.path)
+            st = os.stat(self.path)
+            last = self._last  # threads may read at the same time: one attribute, read once
+            if last[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+                return dict(last[2])
+            return dict(self._read_changed())
         except FileNotFoundError:
             return {}
         except OSError as exc:
             logger.warning("cache generations unreadable (%s): caching is off for this request", exc)
             return None
-        last = self._last  # (raw, parsed) in one attribute: threads may read at the same time
-        if raw != last[0]:
-            last = (raw, self._parse(raw.decode()))
-            self._last = last
-        return dict(last[1])
+
+    def __del__(self) -> None:
+        fd = self._last[1]
+        if fd is not None:
+            with contextlib.suppress(Exception):
+                os.close(fd)
+
+    def _read_changed(self) -> dict[str, str]:
+        with self._reading:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)  # of the file opened: the path may name a newer one already
+                values = self._parse(_read_fd(fd).decode())
+            except BaseException:
+                os.close(fd)
+                raise
+            old_fd = self._last[1]
+            self._last = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), fd, values)
+            if old_fd is not None:
+                os.close(old_fd)
+            return values
 
     async def read(self) -> dict[str, str] | None:
         # A few microseconds on a local file: cheaper than a hop to a thread.
@@ -218,6 +255,8 @@ class Generations:
         self._lock = threading.Lock()
         self._issued = 0
         self._applied = 0
+        self.version = 0
+        """Changes whenever a local counter or the shared generations change (stamps are kept until then)."""
 
     @property
     def backend(self) -> Any:
@@ -235,7 +274,9 @@ class Generations:
         # Concurrent reads may complete out of order: never go back to an older answer.
         if ticket > self._applied:
             self._applied = ticket
-            self.shared = shared
+            if shared != self.shared:
+                self.shared = shared
+                self.version += 1
 
     def stamp(self, domains: tuple[str, ...]) -> Stamp | None:
         """The generations of `domains` now, or None when caching is off."""
@@ -249,6 +290,7 @@ class Generations:
         with self._lock:
             for domain in domains:
                 self.local[domain] += 1
+            self.version += 1
         self._publish(domains)
         if transaction.get_connection().in_atomic_block:
             transaction.on_commit(lambda: self._after_commit(domains))
@@ -257,6 +299,7 @@ class Generations:
         with self._lock:
             for domain in domains:
                 self.local[domain] += 1
+            self.version += 1
         self._publish(domains)
 
     def _publish(self, domains: tuple[str, ...]) -> None:
@@ -271,6 +314,7 @@ class Generations:
         with self._lock:
             for domain in DOMAINS:
                 self.local[domain] += 1
+            self.version += 1
         self._backend = None
         self.shared = {}
 
@@ -302,14 +346,20 @@ class GenerationCache(Generic[T]):
         self.maxsize = maxsize
         self._entries: dict[Hashable, tuple[Stamp, float, T]] = {}
         self._current: Stamp | None = None
+        self._version = -1
+        """`generations.version` when `_current` was computed: until it changes, `_current` stands."""
         _caches.append(self)
 
     def stamp(self) -> Stamp | None:
+        version = generations.version
+        if version == self._version:
+            return self._current
         stamp = generations.stamp(self.domains)
         if stamp != self._current:
             # A new generation: everything stored under the old one is dead weight.
             self._entries.clear()
             self._current = stamp
+        self._version = version
         return stamp
 
     def get(self, key: Hashable) -> T:
@@ -343,7 +393,9 @@ _caches: list[GenerationCache[Any]] = []
 
 
 def clear_all() -> None:
-    """Empty every cache in this process (tests call this between cases)."""
+    """Empty every cache in this process (tests call this between cases; every settings change)."""
+    global _flags
+    _flags = None
     generations.reset()
     for cache in _caches:
         cache.clear()

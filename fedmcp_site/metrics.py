@@ -86,13 +86,25 @@ def _outcome(exc: BaseException) -> str:
     return "internal"
 
 
+_children: dict[tuple[Any, ...], Any] = {}
+"""(metric, label values) -> the metric's child: `labels()` validates and locks on every call."""
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    key = (metric, *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 def instrument_forward(forward: F) -> F:
     """Count, time and log each call of `forwarding.forward(ctx, route, method, params)`."""
 
     @functools.wraps(forward)
     async def instrumented(ctx: Any, route: Any, method: str, *args: Any, **kwargs: Any) -> Any:
         peer = route.peer.name
-        in_flight = FORWARDED_IN_FLIGHT.labels(peer)
+        in_flight = _child(FORWARDED_IN_FLIGHT, peer)
         outcome = "ok"
         started = time.perf_counter()
         in_flight.inc()
@@ -105,10 +117,11 @@ def instrument_forward(forward: F) -> F:
         finally:
             elapsed = time.perf_counter() - started
             in_flight.dec()
-            FORWARDED_CALLS.labels(peer, method, outcome).inc()
+            _child(FORWARDED_CALLS, peer, method, outcome).inc()
             if outcome not in OUTCOME_UNREACHED:
-                FORWARDED_CALL_SECONDS.labels(peer, method).observe(elapsed)
-            if settings.FEDMCP_CALL_LOG:
+                _child(FORWARDED_CALL_SECONDS, peer, method).observe(elapsed)
+            # The line's fields are computed only when someone will read it.
+            if settings.FEDMCP_CALL_LOG and call_logger.isEnabledFor(logging.INFO):
                 with observability.peer_scope(peer):
                     call_logger.info(
                         "%s to %s: %s in %.1f ms", method, peer, outcome, elapsed * 1000,

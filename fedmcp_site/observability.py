@@ -18,14 +18,12 @@ import models (or anything that does).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import datetime as dt
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator
 from typing import Any
 
 REQUEST_ID_META_KEY = "io.fedmcp/requestId"
@@ -88,50 +86,70 @@ def in_flight_tasks(*, streams: bool = False) -> set[asyncio.Task[Any]]:
     return {task for task in tasks if not task.done()}
 
 
-@contextlib.contextmanager
-def request_scope(ctx: Any, method: str) -> Iterator[str]:
+class request_scope:  # noqa: N801 - used like a function: `with request_scope(ctx, method) as request_id:`
     """Run one MCP request with its id and context in the log context; yield the id.
 
     `ctx` is the request's `HostContext`. The id comes from the calling gateway
     (`_meta["io.fedmcp/requestId"]`), else the `X-Request-Id` header, else is generated.
+    (A class rather than a generator-based context manager: it runs for every request.)
     """
-    request_id = (
-        sane_request_id(ctx.meta.get(REQUEST_ID_META_KEY))
-        or sane_request_id(ctx.headers.get("x-request-id"))
-        or new_request_id()
-    )
-    session = ctx.session.id[:SESSION_LOG_CHARS] if ctx.session is not None else ""
-    tokens = [
-        (request_id_var, request_id_var.set(request_id)),
-        (method_var, method_var.set(method)),
-        (peer_var, peer_var.set(ctx.scope)),
-        (session_var, session_var.set(session)),
-        (user_var, user_var.set(identity_label(ctx.identity))),
-    ]
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # no event loop: nothing for a shutdown to wait for
-        task = None
-    tracked = _streaming if method in STREAM_METHODS else _in_flight
-    if task is not None:
-        tracked.add(task)
-    try:
-        yield request_id
-    finally:
+
+    __slots__ = ("_ctx", "_method", "_tokens", "_task", "_tracked")
+
+    def __init__(self, ctx: Any, method: str) -> None:
+        self._ctx = ctx
+        self._method = method
+
+    def __enter__(self) -> str:
+        ctx = self._ctx
+        method = self._method
+        request_id = (
+            sane_request_id(ctx.meta.get(REQUEST_ID_META_KEY))
+            or sane_request_id(ctx.headers.get("x-request-id"))
+            or new_request_id()
+        )
+        session = ctx.session.id[:SESSION_LOG_CHARS] if ctx.session is not None else ""
+        self._tokens = (
+            request_id_var.set(request_id),
+            method_var.set(method),
+            peer_var.set(ctx.scope),
+            session_var.set(session),
+            user_var.set(identity_label(ctx.identity)),
+        )
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop: nothing for a shutdown to wait for
+            task = None
+        self._task = task
+        self._tracked = _streaming if method in STREAM_METHODS else _in_flight
         if task is not None:
-            tracked.discard(task)
-        for var, token in reversed(tokens):
-            var.reset(token)
+            self._tracked.add(task)
+        return request_id
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._tracked.discard(self._task)
+        request_id, method, peer, session, user = self._tokens
+        user_var.reset(user)
+        session_var.reset(session)
+        peer_var.reset(peer)
+        method_var.reset(method)
+        request_id_var.reset(request_id)
 
 
-@contextlib.contextmanager
-def peer_scope(peer: str) -> Iterator[None]:
+class peer_scope:  # noqa: N801 - used like a function: `with peer_scope(peer):`
     """Log what happens inside the block as concerning `peer`."""
-    token = peer_var.set(peer)
-    try:
-        yield
-    finally:
-        peer_var.reset(token)
+
+    __slots__ = ("_peer", "_token")
+
+    def __init__(self, peer: str) -> None:
+        self._peer = peer
+
+    def __enter__(self) -> None:
+        self._token = peer_var.set(self._peer)
+
+    def __exit__(self, *exc_info: object) -> None:
+        peer_var.reset(self._token)
 
 
 # --- logging -------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ import sys
 from typing import Any
 
 from django.conf import settings
+from twisted.internet import tcp
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 
 logger = logging.getLogger(__name__)
 
@@ -44,28 +46,54 @@ def refusal(status: bytes, message: str) -> bytes:
 
 
 class GuardedChannel(HTTPChannel):
-    """Twisted's HTTP/1.1 channel with total deadlines for the head and the body of each request."""
+    """Twisted's HTTP/1.1 channel with total deadlines for the head and the body of each request.
+
+    A deadline is noted when its clock starts (the head's first byte, the end of the headers)
+    and given a timer only if the bytes of that read did not complete what it waits for: most
+    requests arrive in one read, and a timer set and cancelled within it costs more than
+    parsing the head.
+    """
 
     def __init__(self) -> None:
         super().__init__()
+        self._due: tuple[float, bytes, str] | None = None
+        """The deadline being enforced: (when, status, message), or None."""
         self._deadline: Any = None
+        """The timer of `_due`, once the read that started it ended without meeting it."""
+        self._deadline_for: tuple[float, bytes, str] | None = None
         self._body_bytes = 0
         self._refused = False
         self._host: Any = None
 
     # --- deadlines -------------------------------------------------------------------------------
 
+    def _now(self) -> float:
+        # The clock of the channel's timers (the reactor's; a fake clock in tests).
+        return float(self.callLater.__self__.seconds())  # type: ignore[attr-defined]
+
     def _arm(self, seconds: float, status: bytes, message: str) -> None:
-        self._disarm()
-        self._deadline = self.callLater(seconds, self._refuse, status, message)
+        self._due = (self._now() + seconds, status, message)
 
     def _disarm(self) -> None:
+        self._due = None
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
-        self._deadline = None
+        self._deadline = self._deadline_for = None
+
+    def _schedule(self) -> None:
+        """After a read: give the deadline still pending its timer (at its original time)."""
+        due = self._due
+        if due is None or due is self._deadline_for or self._refused:
+            return
+        self._cancel_timer()
+        self._deadline = self.callLater(max(0.0, due[0] - self._now()), self._refuse, due[1], due[2])
+        self._deadline_for = due
 
     def _refuse(self, status: bytes, message: str) -> None:
-        self._deadline = None
+        self._deadline = self._deadline_for = self._due = None
         if self._refused or self.transport is None:
             return
         self._refused = True
@@ -82,11 +110,12 @@ class GuardedChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
-        if self._deadline is None and not self._handlingRequest:
+        if self._due is None and not self._handlingRequest:
             # The first byte of a request head (not of an idle keep-alive connection).
             timeout = settings.FEDMCP_REQUEST_HEADER_TIMEOUT
             self._arm(timeout, b"408 Request Timeout", f"Request Timeout: the request headers did not arrive within {timeout:g} s")
         super().dataReceived(data)
+        self._schedule()
 
     def allHeadersReceived(self) -> None:
         timeout = settings.FEDMCP_REQUEST_BODY_TIMEOUT
@@ -112,6 +141,36 @@ class GuardedChannel(HTTPChannel):
             self.requests[-1]._parsePOSTFormSubmission = False
         super().allContentReceived()
 
+    # --- writing responses ------------------------------------------------------------------------
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        # The same bytes as Twisted's, handed to the transport as one piece: its writeSequence
+        # checks and buffers each of the ~25 fragments of a response head separately.
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head))
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        # The response is complete: send it now rather than when the reactor next finds the
+        # socket writable, one pass of the event loop later. What cannot be sent at once stays
+        # buffered and registered, and any failure is met again (and handled) by the reactor's
+        # own doWrite; a connection being closed is left entirely to the reactor.
+        transport = self.transport
+        if (
+            isinstance(transport, tcp.Connection)
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnecting
+        ):
+            transport.doWrite()
+
     def getHost(self) -> Any:
         # Twisted asks for every request (getsockname); a connection's local address is fixed.
         if self._host is None:
@@ -123,6 +182,25 @@ class GuardedChannel(HTTPChannel):
         super().connectionLost(reason)
 
 
+def guarded_factory(base: type) -> type:
+    """daphne's HTTP factory (`base`) building `GuardedChannel`s."""
+
+    class GuardedHTTPFactory(base):  # type: ignore[misc, valid-type]
+        # HTTP/2 is not negotiated by these workers (TLS ends at the balancer), so the channel is
+        # built directly instead of Twisted's HTTP/1.1-or-2 wrapper.
+        def protocol(self) -> GuardedChannel:
+            return GuardedChannel()
+
+        def log(self, request: Any) -> None:
+            # Twisted formats a combined-log line for every request and writes it to the Twisted
+            # log, which daphne sends nowhere unless run with -v 2 or more (daphne.server
+            # `Server.run`). daphne's own access log (--access-log) is written elsewhere and stays.
+            if getattr(self.server, "verbosity", 1) > 1:
+                super().log(request)
+
+    return GuardedHTTPFactory
+
+
 def install() -> None:
     """Make daphne build `GuardedChannel`s, when this process is a daphne server about to start."""
     server = sys.modules.get("daphne.server")
@@ -130,10 +208,4 @@ def install() -> None:
         return
     from daphne.http_protocol import HTTPFactory
 
-    class GuardedHTTPFactory(HTTPFactory):
-        # HTTP/2 is not negotiated by these workers (TLS ends at the balancer), so the channel is
-        # built directly instead of Twisted's HTTP/1.1-or-2 wrapper.
-        def protocol(self) -> GuardedChannel:
-            return GuardedChannel()
-
-    server.HTTPFactory = GuardedHTTPFactory
+    server.HTTPFactory = guarded_factory(HTTPFactory)

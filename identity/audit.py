@@ -1,9 +1,11 @@
 """The audit trail of forwarded calls, written off the response path, in batches.
 
-`audit_record` builds the event in memory and queues it; a writer task per worker saves what
-has gathered with one `bulk_create` (one trip to the database thread, one commit) every
-FEDMCP_AUDIT_FLUSH_INTERVAL seconds, or at once when FEDMCP_AUDIT_BATCH_SIZE events wait.
-A host never waits for the audit insert.
+`audit_record` builds the event in memory (a `PendingEvent`, a plain tuple: a model instance
+costs ten times as much to build) and queues it; a writer task per worker saves what has
+gathered with one prepared `INSERT` run over the batch (`executemany`: one trip to the database
+thread, one transaction, one commit) every FEDMCP_AUDIT_FLUSH_INTERVAL seconds, or at once when
+FEDMCP_AUDIT_BATCH_SIZE events wait. A host never waits for the audit insert. (Django's
+`bulk_create` built the SQL again for every row and field: 9-15% of a busy worker.)
 
 Nothing is dropped:
 
@@ -24,11 +26,15 @@ written, and tests and readers that need the rows now await it too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from datetime import datetime
+from typing import Any, NamedTuple
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import InterfaceError, OperationalError
+from django.db import InterfaceError, OperationalError, connections, router, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
 from identity.models import AuditEvent
@@ -40,11 +46,34 @@ RETRY_PAUSE_MAX = 30.0
 """Seconds between attempts while the database is unreachable, at most."""
 
 
+class PendingEvent(NamedTuple):
+    """An audit event not written yet: `AuditEvent`'s fields (attribute names), nothing else."""
+
+    at: datetime
+    user_id: int | None
+    username: str
+    federated_issuer: str
+    federated_subject: str
+    client_id: str
+    via: list[str]
+    peer: str
+    method: str
+    name: str
+    outcome: str
+    error_code: int | None
+    decision: str
+    latency_ms: float
+
+    def model(self) -> AuditEvent:
+        """The unsaved `AuditEvent` with these values."""
+        return AuditEvent(**self._asdict())
+
+
 class _Writer:
     """The queue of unsaved events and the task that saves them, bound to one event loop."""
 
     def __init__(self) -> None:
-        self.queue: list[AuditEvent] = []
+        self.queue: list[PendingEvent] = []
         self.in_flight = 0
         self.saving: set[asyncio.Future[None]] = set()
         self.task: asyncio.Task[None] | None = None
@@ -56,7 +85,7 @@ class _Writer:
     def pending(self) -> int:
         return len(self.queue) + self.in_flight
 
-    def add(self, event: AuditEvent) -> None:
+    def add(self, event: PendingEvent) -> None:
         self.queue.append(event)
         excess = len(self.queue) - max_pending()
         if excess > 0:
@@ -98,7 +127,7 @@ class _Writer:
         saving = asyncio.ensure_future(_save_batch(batch))
         self.saving.add(saving)
 
-        def done(future: asyncio.Future[list[AuditEvent]]) -> None:
+        def done(future: asyncio.Future[list[PendingEvent]]) -> None:
             self.in_flight -= len(batch)
             self.saving.discard(future)
             unsaved = [] if future.cancelled() or future.exception() else future.result()
@@ -143,7 +172,7 @@ def max_pending() -> int:
     return max(1, int(getattr(settings, "FEDMCP_AUDIT_MAX_PENDING", 100_000)))
 
 
-def describe(event: AuditEvent) -> str:
+def describe(event: AuditEvent | PendingEvent) -> str:
     """An event in full, for the log, when it cannot be written."""
     return repr({
         "at": event.at.isoformat() if event.at else None, "user": event.username, "federated": f"{event.federated_subject}@{event.federated_issuer}",
@@ -164,23 +193,15 @@ def audit_record(
     decision: str = "",
 ) -> None:
     """Record one forwarded call (`error_code` None means it succeeded), without waiting."""
-    event = AuditEvent(
-        at=timezone.now(),
-        user_id=identity.user_id if identity else None,
-        username=identity.username if identity else "",
-        federated_issuer=identity.federated_issuer if identity else "",
-        federated_subject=identity.federated_subject if identity else "",
-        client_id=identity.client_id if identity else "",
-        via=list(via or (identity.via if identity else ())),
-        peer=peer,
-        method=method,
-        name=name[:2000],
-        outcome="ok" if error_code is None else "error",
-        error_code=error_code,
-        decision=decision,
-        latency_ms=round(latency_ms, 3),
-    )
-    _writer.add(event)
+    if identity is not None:
+        who = (identity.user_id, identity.username, identity.federated_issuer, identity.federated_subject, identity.client_id)
+        via = via or identity.via
+    else:
+        who = (None, "", "", "", "")
+    _writer.add(PendingEvent(
+        timezone.now(), *who, list(via), peer, method, name[:2000],
+        "ok" if error_code is None else "error", error_code, decision, round(latency_ms, 3),
+    ))
 
 
 def audit_pending() -> int:
@@ -198,10 +219,10 @@ async def audit_flush() -> None:
 
 
 @database_sync_to_async
-def _save_batch(batch: list[AuditEvent]) -> list[AuditEvent]:
+def _save_batch(batch: list[PendingEvent]) -> list[PendingEvent]:
     """Write `batch`; return the events not written because the database is unreachable."""
     try:
-        AuditEvent.objects.bulk_create(batch)
+        _insert_rows(batch)
         return []
     except (OperationalError, InterfaceError) as exc:
         logger.warning("database unreachable: %d audit events wait for it (%s)", len(batch), exc)
@@ -210,9 +231,7 @@ def _save_batch(batch: list[AuditEvent]) -> list[AuditEvent]:
         logger.exception("could not write %d audit events in one batch; writing them one by one", len(batch))
     for index, event in enumerate(batch):
         try:
-            event.pk = None
-            event._state.adding = True
-            event.save()
+            event.model().save()
         except (OperationalError, InterfaceError) as exc:
             logger.warning("database unreachable: %d audit events wait for it (%s)", len(batch) - index, exc)
             return batch[index:]
@@ -221,9 +240,74 @@ def _save_batch(batch: list[AuditEvent]) -> list[AuditEvent]:
     return []
 
 
+class _Insert:
+    """The prepared INSERT of audit rows for one database connection's vendor, built once."""
+
+    def __init__(self, connection: BaseDatabaseWrapper) -> None:
+        fields = [f for f in AuditEvent._meta.concrete_fields if not f.primary_key]
+        missing = [f.attname for f in fields if f.attname not in PendingEvent._fields]
+        if missing:
+            raise TypeError(f"PendingEvent lacks AuditEvent fields {missing}: audit rows would be written without them")
+        quote = connection.ops.quote_name
+        self.sql = "INSERT INTO {} ({}) VALUES ({})".format(
+            quote(AuditEvent._meta.db_table), ", ".join(quote(f.column) for f in fields), ", ".join(["%s"] * len(fields))
+        )
+        self.index = [PendingEvent._fields.index(f.attname) for f in fields]
+        # Values are already what the drivers take (str, int, float, None), but for the time and
+        # the JSON list: those go through the backend's own adapters, as bulk_create would take
+        # them (the fields' prep steps before those only check and warn about other kinds of value).
+        self.converted: list[tuple[int, Any]] = [
+            (position, field) for position, field in enumerate(fields)
+            if field.get_internal_type() not in ("CharField", "IntegerField", "FloatField", "ForeignKey")
+        ]
+
+    def rows(self, batch: list[PendingEvent], connection: BaseDatabaseWrapper) -> list[list[Any]]:
+        ops = connection.ops
+        adapters = []
+        for position, field in self.converted:
+            kind = field.get_internal_type()
+            if kind == "DateTimeField":
+                adapters.append((position, ops.adapt_datetimefield_value))
+            elif kind == "JSONField":
+                adapters.append((position, functools.partial(_adapt_json, ops, field.encoder)))
+            else:
+                adapters.append((position, functools.partial(field.get_db_prep_save, connection=connection)))
+        rows = []
+        index = self.index
+        for event in batch:
+            row = [event[i] for i in index]
+            for position, adapt in adapters:
+                row[position] = adapt(row[position])
+            rows.append(row)
+        return rows
+
+
+def _adapt_json(ops: Any, encoder: Any, value: Any) -> Any:
+    return ops.adapt_json_value(value, encoder)
+
+
+_inserts: dict[str, _Insert] = {}
+
+
+def _insert_rows(batch: list[PendingEvent]) -> None:
+    """Insert `batch` in one transaction with one prepared statement (sync: the database thread).
+
+    Raises:
+        DatabaseError: as the driver raised it (OperationalError/InterfaceError: unreachable).
+    """
+    alias = router.db_for_write(AuditEvent)
+    connection = connections[alias]
+    insert = _inserts.get(connection.vendor)
+    if insert is None:
+        insert = _inserts[connection.vendor] = _Insert(connection)
+    rows = insert.rows(batch, connection)
+    with transaction.atomic(using=alias, savepoint=False), connection.cursor() as cursor:
+        cursor.executemany(insert.sql, rows)
+
+
 def audit_unwritten() -> list[AuditEvent]:
-    """The events still queued (after a flush: those the database could not take)."""
-    return list(_writer.queue)
+    """The events still queued (after a flush: those the database could not take), unsaved."""
+    return [event.model() for event in _writer.queue]
 
 
 def audit_reset() -> list[AuditEvent]:
@@ -234,4 +318,4 @@ def audit_reset() -> list[AuditEvent]:
     """
     global _writer
     waiting, _writer = _writer.queue, _Writer()
-    return waiting
+    return [event.model() for event in waiting]

@@ -81,8 +81,8 @@ class McpEdgeMiddleware:
         if refusal is not None:
             await self._refuse(scope, receive, send, refusal[0], {"error": "forbidden", "error_description": refusal[1]})
             return
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        if "access_token" in query:
+        query_string = scope.get("query_string", b"")
+        if query_string and "access_token" in parse_qs(query_string.decode("latin-1")):
             await self._refuse(
                 scope, receive, send, 400,
                 {"error": "invalid_request", "error_description": "Tokens in the query string are refused; use the Authorization header"},

@@ -180,8 +180,12 @@ def notification(method: str, params: JsonDict | None = None) -> JsonDict:
     return message
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+"""Built once: `json.dumps` with any non-default option builds an encoder on every call."""
+
+
 def dumps(message: Any) -> str:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(message)
 
 
 def http_status_for(message: JsonDict) -> int:

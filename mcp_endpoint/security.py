@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -19,8 +20,14 @@ def header(scope: dict, name: bytes) -> str | None:
 def host_allowed(host: str | None) -> bool:
     if not host:
         return False
+    return _host_allowed(host, tuple(settings.ALLOWED_HOSTS))
+
+
+@functools.lru_cache(maxsize=256)
+def _host_allowed(host: str, allowed_hosts: tuple[str, ...]) -> bool:
+    # Asked on every request, almost always about the same few Hosts (a few microseconds each).
     domain, _port = split_domain_port(host)
-    return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
+    return bool(domain) and validate_host(domain, allowed_hosts)
 
 
 def origin_allowed(origin: str | None) -> bool:

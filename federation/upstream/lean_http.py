@@ -211,6 +211,10 @@ class _Connection:
     async def write(self, data: bytes) -> None:
         self.writer.write(data)
         try:
+            if self.writer.transport.get_write_buffer_size() == 0:
+                # Sent at once (the usual case): drain cannot wait, so no write timer is set.
+                await self.writer.drain()
+                return
             async with asyncio.timeout(self.write_timeout):
                 await self.writer.drain()
         except TimeoutError as exc:
@@ -218,8 +222,11 @@ class _Connection:
         except OSError as exc:
             raise httpx.WriteError(str(exc) or type(exc).__name__) from exc
 
-    async def _bounded(self, operation: Any) -> Any:
+    async def _bounded(self, operation: Any, ready: bool) -> Any:
+        """Await a read; `ready` says the reader has what it needs already (no read timer then)."""
         try:
+            if ready:
+                return await operation
             async with asyncio.timeout(self.read_timeout):
                 return await operation
         except TimeoutError as exc:
@@ -233,14 +240,17 @@ class _Connection:
         except OSError as exc:  # ssl.SSLError included
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
 
+    # A timer per read costs more than the rest of the read; a read the buffered bytes already
+    # answer cannot wait, so it goes without (the reply's body usually came with its head).
+
     async def readline(self) -> bytes:
-        return await self._bounded(self.reader.readuntil(b"\n"))
+        return await self._bounded(self.reader.readuntil(b"\n"), b"\n" in self.reader._buffer)  # type: ignore[attr-defined]
 
     async def read(self, size: int) -> bytes:
-        return await self._bounded(self.reader.read(size))
+        return await self._bounded(self.reader.read(size), bool(self.reader._buffer))  # type: ignore[attr-defined]
 
     async def read_head(self) -> bytes:
-        head = await self._bounded(self.reader.readuntil(b"\r\n\r\n"))
+        head = await self._bounded(self.reader.readuntil(b"\r\n\r\n"), b"\r\n\r\n" in self.reader._buffer)  # type: ignore[attr-defined]
         self.started = True
         return head
 
@@ -306,11 +316,14 @@ class LeanHttpPool:
             request = head.encode("latin-1") + (body or b"")
         except UnicodeEncodeError as exc:
             raise httpx.LocalProtocolError("a header value is not Latin-1 text") from exc
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                await self._slots.acquire()
-        except TimeoutError as exc:
-            raise httpx.PoolTimeout(f"all connections to {self.host}:{self.port} stayed busy") from exc
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await self._slots.acquire()
+            except TimeoutError as exc:
+                raise httpx.PoolTimeout(f"all connections to {self.host}:{self.port} stayed busy") from exc
+        else:
+            await self._slots.acquire()  # a free slot is taken at once: no timer needed
         try:
             conn = await self._acquire()
         except BaseException:

@@ -21,7 +21,7 @@ from django.db import Error as DatabaseError
 
 from federation.health import ensure_background_tasks
 from identity.tokens import Identity
-from mcp_endpoint import jsonrpc, security
+from mcp_endpoint import jsonrpc
 from mcp_endpoint.auth import UNAVAILABLE_HEADERS, UNAVAILABLE_MESSAGE
 
 logger = logging.getLogger(__name__)
@@ -40,12 +40,34 @@ def sse_event(message: JsonDict | None = None, *, event: str = "message", data: 
 
 
 class DirectDispatchMixin:
-    """Dispatch each ASGI message without Channels' per-message database sweep.
+    """Run the consumer's message loop without Channels' per-connection and per-message extras.
 
-    Channels closes stale database connections before every message, with a hop to a thread
-    each time (~5% of a worker's CPU in `make bench`). Every database access of the MCP
-    consumers goes through `database_sync_to_async`, which does the same around each call.
+    * No channel of its own: Channels gives every consumer a channel-layer channel, with a
+      receive kept pending on it (a task, and on Redis a place in the layer's receive loop) for
+      the life of the request or socket. The MCP consumers never receive on it: what crosses
+      workers travels on the channels of `mcp_endpoint.streams.SessionEvents` and the
+      correlator. Without a channel layer attached, Channels would still run its loop through
+      a task per message and `asyncio.wait`; here messages are awaited directly, in order, as
+      that loop dispatches them.
+    * No database sweep per message: Channels closes stale database connections before every
+      message, with a hop to a thread each time (~5% of a worker's CPU in `make bench`). Every
+      database access of the MCP consumers goes through `database_sync_to_async`, which does
+      the same around each call.
     """
+
+    scope: JsonDict
+    channel_layer: Any
+    base_send: Any
+
+    async def __call__(self, scope: JsonDict, receive: Any, send: Any) -> None:
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = send
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
 
     async def dispatch(self, message: JsonDict) -> None:
         handler = getattr(self, get_handler_name(message), None)
@@ -64,18 +86,40 @@ class McpHttpConsumer(DirectDispatchMixin, AsyncHttpConsumer):
         self._task: asyncio.Task[None] | None = None
         self.response_started = False
         self.finished = False
+        self._first_headers: dict[bytes, bytes] | None = None
+        self._headers_dict: dict[str, str] | None = None
 
     # --- helpers for subclasses --------------------------------------------------------------
 
     def header(self, name: str) -> str | None:
-        return security.header(self.scope, name.lower().encode())
+        """The first value of a request header, as `security.header` gives it."""
+        first = self._first_headers
+        if first is None:
+            # Asked about six times a request: one pass over the headers instead of one per ask.
+            first = self._first_headers = {}
+            for key, value in self.scope.get("headers", []):
+                first.setdefault(key, value)
+        value = first.get(name.lower().encode())
+        return value.decode("latin-1") if value is not None else None
 
     def headers_dict(self) -> dict[str, str]:
-        return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.scope.get("headers", [])}
+        """Lower-cased request headers, the last value of each (a new dict for each caller)."""
+        headers = self._headers_dict
+        if headers is None:
+            headers = self._headers_dict = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.scope.get("headers", [])}
+        return dict(headers)
 
     async def send_headers(self, *, status: int = 200, headers: Any = None) -> None:
         self.response_started = True
         await super().send_headers(status=status, headers=headers)
+
+    async def send_response(self, status: int, body: bytes, *, headers: Any = None) -> None:
+        """Send a whole response, with its Content-Length (Twisted would frame it as chunked)."""
+        headers = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+        if not any(name.lower() == b"content-length" for name, _ in headers):
+            headers.append((b"content-length", b"%d" % len(body)))
+        await self.send_headers(status=status, headers=headers)
+        await self.send_body(body)
 
     async def send_body(self, body: bytes, *, more_body: bool = False) -> None:
         if not more_body:

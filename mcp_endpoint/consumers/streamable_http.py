@@ -211,7 +211,10 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
                 return await dispatcher.run_tracked(ctx, message)
             return await dispatcher.handle_message(ctx, message)
 
-        results = await asyncio.gather(*(one(m, k) for m, k in zip(messages, kinds, strict=True)))
+        if batch:
+            results = await asyncio.gather(*(one(m, k) for m, k in zip(messages, kinds, strict=True)))
+        else:
+            results = [await one(messages[0], kinds[0])]  # one message: no task needed to run it
         replies = [r for r in results if r is not None]
         await stream.finish(replies, status=400 if kinds == ["invalid"] else 200, batch=batch)
 

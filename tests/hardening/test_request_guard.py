@@ -6,16 +6,19 @@ No sockets and no real time: bytes go in through a `StringTransport`, time passe
 
 from __future__ import annotations
 
+import io
 import json
+from types import MethodType, SimpleNamespace
 from typing import Any
 
 import pytest
 from django.test import override_settings
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.web.http import Request
+from twisted.web.http import HTTPChannel, HTTPFactory, Request
+from twisted.web.test.requesthelper import DummyChannel
 
-from fedmcp_site.request_guard import BODY_FRAMING_ALLOWANCE, GuardedChannel
+from fedmcp_site.request_guard import BODY_FRAMING_ALLOWANCE, GuardedChannel, guarded_factory
 
 HEADER_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0
@@ -127,3 +130,54 @@ def test_the_local_address_is_asked_once_per_connection(channel: Any) -> None:
         Recorded.processed[-1].finish()
     assert len(Recorded.processed) == 3 and len(asked) == 1
     assert Recorded.processed[-1].getHost() == real()
+
+
+@pytest.mark.parametrize(("verbosity", "logged"), [(1, False), (2, True)])
+def test_twisteds_own_access_line_is_made_only_when_daphne_keeps_twisteds_log(verbosity: int, logged: bool) -> None:
+    """daphne sends the Twisted log nowhere below -v 2: formatting a line for it was wasted work."""
+    factory = guarded_factory(HTTPFactory)()
+    factory.server = SimpleNamespace(verbosity=verbosity)
+    factory._logFile = io.StringIO()
+    factory._logDateTime = "[24/Nov/2026:10:00:00 +0000]"
+    request = Request(DummyChannel())
+    request.method, request.uri, request.clientproto, request.code, request.sentLength = b"POST", b"/mcp", b"HTTP/1.1", 200, 12
+    factory.log(request)
+    written = factory._logFile.getvalue()
+    assert bool(written) is logged
+    if logged:
+        assert '"POST /mcp HTTP/1.1" 200 12' in written
+
+
+def test_a_request_that_comes_in_one_read_sets_no_timer(channel: Any) -> None:
+    timers = []
+    # Bound to the clock, as the reactor's callLater is (the channel reads the time from it).
+    channel.callLater = MethodType(lambda clock, *args: timers.append(args) or clock.callLater(*args), channel.clock)
+    channel.dataReceived(HEAD + b"0123456789")
+    assert len(Recorded.processed) == 1 and timers == []
+    Recorded.processed[-1].finish()
+    channel.dataReceived(HEAD)  # the body is late: now the body deadline needs its timer
+    assert [t[0] for t in timers] == [BODY_TIMEOUT]
+
+
+def test_a_response_is_written_byte_for_byte_as_twisted_writes_it(channel: Any) -> None:
+    """The head goes to the transport in one piece; the bytes are Twisted's own."""
+
+    def respond(on: Any) -> bytes:
+        on.dataReceived(HEAD + b"0123456789")
+        request = Recorded.processed[-1]
+        request.setResponseCode(202)
+        request.responseHeaders.addRawHeader(b"content-type", b"application/json")
+        request.responseHeaders.addRawHeader(b"x-two", b"a")
+        request.responseHeaders.addRawHeader(b"x-two", b"b")
+        request.write(b'{"ok":true}')
+        request.finish()
+        return bytes(on.transport.value())
+
+    plain = HTTPChannel()
+    plain.requestFactory = Recorded
+    plain.callLater = channel.clock.callLater
+    plain.timeOut = None
+    plain.makeConnection(StringTransport())
+    expected = respond(plain)
+    assert respond(channel) == expected
+    assert expected.startswith(b"HTTP/1.1 202 Accepted\r\n") and b"X-Two: a\r\nX-Two: b\r\n" in expected

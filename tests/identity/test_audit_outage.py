@@ -1,7 +1,7 @@
 """The audit writer while the database is unreachable: events wait, in order, with their own time.
 
 The end-to-end side (a real worker whose PostgreSQL is cut) is tests/e2e/test_db_outage.py;
-here the database's refusal is simulated at `bulk_create`/`save`.
+here the database's refusal is simulated at the batch insert (`audit._insert_rows`) and `save`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def record(*names: str) -> None:
 class AuditOutageTests(TestCase):
     async def test_events_wait_for_the_database_and_keep_their_order_and_time(self) -> None:
         before = timezone.now()
-        with mock.patch.object(AuditEvent.objects, "bulk_create", side_effect=UNREACHABLE):
+        with mock.patch.object(audit, "_insert_rows", side_effect=UNREACHABLE):
             record("first", "second")
             await audit.audit_flush()  # one attempt, then it returns: nothing is lost, nothing hangs
             assert audit.audit_pending() == 2
@@ -53,7 +53,7 @@ class AuditOutageTests(TestCase):
             saved.append(event.name)
             real_save(event, *args, **kwargs)
 
-        with mock.patch.object(AuditEvent.objects, "bulk_create", side_effect=RuntimeError("a row it will not take")), \
+        with mock.patch.object(audit, "_insert_rows", side_effect=RuntimeError("a row it will not take")), \
                 mock.patch.object(AuditEvent, "save", save):
             record("a", "b", "c")
             await audit.audit_flush()
@@ -65,16 +65,16 @@ class AuditOutageTests(TestCase):
     @override_settings(FEDMCP_AUDIT_FLUSH_INTERVAL=0.01)
     async def test_the_writer_retries_by_itself_once_the_database_is_back(self) -> None:
         calls = 0
-        real = AuditEvent.objects.bulk_create
+        real = audit._insert_rows
 
-        def flaky(batch: list[AuditEvent]) -> list[AuditEvent]:
+        def flaky(batch: list[audit.PendingEvent]) -> None:
             nonlocal calls
             calls += 1
             if calls == 1:
                 raise UNREACHABLE
-            return real(batch)
+            real(batch)
 
-        with mock.patch.object(AuditEvent.objects, "bulk_create", side_effect=flaky), \
+        with mock.patch.object(audit, "_insert_rows", side_effect=flaky), \
                 mock.patch.object(audit, "RETRY_PAUSE_MAX", 0.05):
             record("x")
             for _ in range(200):  # bounded: about 10 s at most
@@ -86,7 +86,7 @@ class AuditOutageTests(TestCase):
 
     @override_settings(FEDMCP_AUDIT_MAX_PENDING=3)
     async def test_the_queue_is_bounded_and_says_what_it_drops(self) -> None:
-        with mock.patch.object(AuditEvent.objects, "bulk_create", side_effect=UNREACHABLE), \
+        with mock.patch.object(audit, "_insert_rows", side_effect=UNREACHABLE), \
                 self.assertLogs("identity.audit", "ERROR") as logs:
             record("1", "2", "3", "4", "5")
         assert [e.name for e in audit.audit_unwritten()] == ["3", "4", "5"]

@@ -9,6 +9,7 @@ same across real processes.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -135,6 +136,27 @@ class FileGenerationTests(SimpleTestCase):
         async_to_sync(worker.refresh)()
         after = worker.stamp(("tokens", "catalog"))
         assert after[0] != before[0] and after[1] == before[1]
+
+    def test_an_unchanged_file_is_not_read_again_and_a_replaced_one_is(self) -> None:
+        backend = caching._FileGenerations(self.path)
+        backend.bump(["sessions"])
+        first = backend.read_sync()
+        with mock.patch("fedmcp_site.caching.os.open", wraps=os.open) as opened:
+            assert [backend.read_sync() for _ in range(5)] == [first] * 5
+            assert opened.call_count == 0
+            backend.bump(["catalog"])  # a new file renamed over the old one (its own open: the lock)
+            opened.reset_mock()
+            second = backend.read_sync()
+        assert opened.call_count == 1
+        assert second["sessions"] == first["sessions"] and second["catalog"] != first.get("catalog")
+
+    def test_a_file_rewritten_in_place_is_read_again(self) -> None:
+        backend = caching._FileGenerations(self.path)
+        self.path.write_text("tokens=aaaa\n")
+        assert backend.read_sync() == {"tokens": "aaaa"}
+        with open(self.path, "w") as same_file:  # same inode, not the atomic replace bump() does
+            same_file.write("tokens=bbbbbb\n")
+        assert backend.read_sync() == {"tokens": "bbbbbb"}
 
     def test_every_bump_gives_a_new_generation(self) -> None:
         backend = caching._FileGenerations(self.path)
@@ -333,7 +355,7 @@ class AuditBatchTests(TestCase):
 
     @override_settings(FEDMCP_AUDIT_FLUSH_INTERVAL=60)
     async def test_events_are_written_together_when_flushed(self) -> None:
-        with mock.patch.object(AuditEvent.objects, "bulk_create", wraps=AuditEvent.objects.bulk_create) as bulk:
+        with mock.patch.object(audit, "_insert_rows", wraps=audit._insert_rows) as bulk:
             self.record(5)
             assert audit.audit_pending() == 5
             await audit.audit_flush()
@@ -343,7 +365,7 @@ class AuditBatchTests(TestCase):
 
     @override_settings(FEDMCP_AUDIT_FLUSH_INTERVAL=60)
     async def test_a_refused_batch_is_written_one_event_at_a_time(self) -> None:
-        with mock.patch.object(AuditEvent.objects, "bulk_create", side_effect=RuntimeError("refused")):
+        with mock.patch.object(audit, "_insert_rows", side_effect=RuntimeError("refused")):
             self.record(3)
             await audit.audit_flush()
         assert await AuditEvent.objects.acount() == 3
