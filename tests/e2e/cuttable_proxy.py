@@ -49,6 +49,11 @@ class CuttableProxy:
                 # SO_LINGER 0: close with RST, as a crashed server or a dropped route would.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             with contextlib.suppress(OSError):
+                # close() alone does not end a socket another thread is blocked in recv() on (the
+                # pump holds it open in the kernel, so nothing reaches the peer and a query in
+                # flight would wait forever); shutdown wakes the pump, and its close then resets.
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
                 sock.close()
 
     def restore(self) -> None:
