@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -68,6 +69,7 @@ def auth_proxy(upstream: str, token: str, port: int) -> Iterator[str]:
         yield base
     finally:
         stop(process)
+        shutil.rmtree(token_file.parent, ignore_errors=True)
 
 
 def main() -> None:

@@ -123,6 +123,7 @@ def fixture_command(*, name: str = "everything", stdio: bool = False, port: int 
 def fixture_server(name: str = "everything", log_dir: Path | None = None) -> Iterator[str]:
     """Run the fixture MCP server over Streamable HTTP; yields its /mcp URL."""
     port = free_port()
+    own_dir = log_dir is None
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="fedmcp-fixture-"))
     log = open(log_dir / f"fixture-{name}-{port}.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(fixture_command(name=name, port=port), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -133,6 +134,8 @@ def fixture_server(name: str = "everything", log_dir: Path | None = None) -> Ite
     finally:
         stop(process)
         log.close()
+        if own_dir:
+            shutil.rmtree(log_dir, ignore_errors=True)
 
 
 # --- migrated databases ------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -24,8 +23,8 @@ HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "app
 META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
 
 
-def test_demo_starts_the_gateway_with_two_upstreams() -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="fedmcp-demo-"))
+def test_demo_starts_the_gateway_with_two_upstreams(tmp_path: Path) -> None:
+    workdir = tmp_path
     # No consent prompt in the way of the scripted host (docs/CONSENT.md).
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}", "FEDMCP_SECRET_KEY": "demo-test", "FEDMCP_CONSENT_DEFAULT": "allow"}
     env.pop("REDIS_URL", None)
