@@ -166,6 +166,22 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # "database is locked" (Django's advice for SQLite under concurrency).
     DATABASES["default"]["OPTIONS"]["init_command"] = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL"
     DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A database that vanishes without a reset (a dropped route, a frozen host) must not hang
+    # the worker: its database work runs on one thread. libpq gives up on a connect after
+    # FEDMCP_DB_CONNECT_TIMEOUT seconds, and on a connection whose sent data stays
+    # unacknowledged (tcp_user_timeout) or whose keepalive probes go unanswered for about
+    # FEDMCP_DB_DEAD_AFTER seconds. A slow query on a live server is not cut: its host still
+    # acknowledges. Then the 503 path of docs/SECURITY.md applies, and Django reconnects.
+    _dead_after = max(3, env_int("FEDMCP_DB_DEAD_AFTER", 15))
+    DATABASES["default"].setdefault("OPTIONS", {}).update({
+        "connect_timeout": max(2, env_int("FEDMCP_DB_CONNECT_TIMEOUT", 5)),
+        "keepalives": 1,
+        "keepalives_idle": max(1, _dead_after // 3),
+        "keepalives_interval": max(1, _dead_after // 6),
+        "keepalives_count": 4,
+        "tcp_user_timeout": _dead_after * 1000,
+    })
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer --------------------------------------------------------------------------
