@@ -10,7 +10,8 @@ test_upstream_transports.py, over both clients.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 from unittest import mock
 
@@ -63,6 +64,18 @@ def connection_to(peer: SsePeer, *, auth: RotatingToken | None = None, call_time
     return SseConnection(config, auth=auth)
 
 
+@contextlib.asynccontextmanager
+async def started(peer: SsePeer, **options: Any) -> AsyncIterator[SseConnection]:
+    """Run `peer` and a started connection to it; close both after."""
+    async with peer.running():
+        connection = connection_to(peer, **options)
+        await connection.start()
+        try:
+            yield connection
+        finally:
+            await connection.close()
+
+
 async def echo(connection: SseConnection, text: str = "hi") -> str:
     reply = await connection.request("tools/call", {"name": "echo", "arguments": {"text": text}})
     return str(reply["result"]["content"][0]["text"])
@@ -75,15 +88,10 @@ def test_calls_post_over_one_kept_alive_connection_beside_the_stream() -> None:
     script = Script()
 
     async def scenario() -> tuple[list[str], int]:
-        async with script.peer.running():
-            connection = connection_to(script.peer)
-            await connection.start()
-            try:
-                texts = [await echo(connection, f"hi {n}") for n in range(5)]
-                assert connection._post_pool is not None
-                return texts, connection._post_pool.opened
-            finally:
-                await connection.close()
+        async with started(script.peer) as connection:
+            texts = [await echo(connection, f"hi {n}") for n in range(5)]
+            assert connection._post_pool is not None
+            return texts, connection._post_pool.opened
 
     texts, opened = run(scenario())
 
@@ -104,15 +112,10 @@ def test_a_post_refused_with_an_error_status_fails_the_call_and_keeps_the_sessio
     script = Script(broken=500)
 
     async def scenario() -> tuple[str, bool, str]:
-        async with script.peer.running():
-            connection = connection_to(script.peer)
-            await connection.start()
-            try:
-                with pytest.raises(UpstreamUnavailableError) as caught:
-                    await connection.request("tools/call", {"name": "broken", "arguments": {}})
-                return str(caught.value), connection.is_healthy(), await echo(connection)
-            finally:
-                await connection.close()
+        async with started(script.peer) as connection:
+            with pytest.raises(UpstreamUnavailableError) as caught:
+                await connection.request("tools/call", {"name": "broken", "arguments": {}})
+            return str(caught.value), connection.is_healthy(), await echo(connection)
 
     message, healthy, text = run(scenario())
 
@@ -124,15 +127,10 @@ def test_a_post_answered_404_ends_the_session() -> None:
     script = Script(forgotten=404)
 
     async def scenario() -> tuple[str, bool]:
-        async with script.peer.running():
-            connection = connection_to(script.peer)
-            await connection.start()
-            try:
-                with pytest.raises(UpstreamUnavailableError) as caught:
-                    await connection.request("tools/call", {"name": "forgotten", "arguments": {}})
-                return str(caught.value), connection.is_healthy()
-            finally:
-                await connection.close()
+        async with started(script.peer) as connection:
+            with pytest.raises(UpstreamUnavailableError) as caught:
+                await connection.request("tools/call", {"name": "forgotten", "arguments": {}})
+            return str(caught.value), connection.is_healthy()
 
     message, healthy = run(scenario())
 
@@ -145,15 +143,10 @@ def test_a_post_reply_past_the_cap_is_not_read_and_its_connection_not_reused() -
     script.peer.post_body = b"x" * (1024 * 1024)
 
     async def scenario() -> tuple[list[str], int]:
-        async with script.peer.running():
-            connection = connection_to(script.peer)
-            await connection.start()
-            try:
-                texts = [await echo(connection), await echo(connection)]
-                assert connection._post_pool is not None
-                return texts, connection._post_pool.opened
-            finally:
-                await connection.close()
+        async with started(script.peer) as connection:
+            texts = [await echo(connection), await echo(connection)]
+            assert connection._post_pool is not None
+            return texts, connection._post_pool.opened
 
     texts, opened = run(scenario())
 
@@ -172,15 +165,10 @@ def test_a_post_the_peer_never_answers_times_out() -> None:
     script.peer.receive = never
 
     async def scenario() -> str:
-        async with script.peer.running():
-            connection = connection_to(script.peer, call_timeout=0.5)
-            await connection.start()
-            try:
-                with pytest.raises(UpstreamTimeoutError) as caught:
-                    await echo(connection)
-                return str(caught.value)
-            finally:
-                await connection.close()
+        async with started(script.peer, call_timeout=0.5) as connection:
+            with pytest.raises(UpstreamTimeoutError) as caught:
+                await echo(connection)
+            return str(caught.value)
 
     assert run(scenario()).startswith("peer 'legacy' ")
 
@@ -189,18 +177,13 @@ def test_a_stream_ending_in_the_middle_of_a_call_fails_it_and_the_session() -> N
     script = Script()
 
     async def scenario() -> tuple[str, bool]:
-        async with script.peer.running():
-            connection = connection_to(script.peer)
-            await connection.start()
-            try:
-                call = asyncio.create_task(connection.request("tools/call", {"name": "hang", "arguments": {}}))
-                await script.hanging.wait()
-                await script.peer.outbox.put(None)
-                with pytest.raises(UpstreamUnavailableError) as caught:
-                    await call
-                return str(caught.value), connection.is_healthy()
-            finally:
-                await connection.close()
+        async with started(script.peer) as connection:
+            call = asyncio.create_task(connection.request("tools/call", {"name": "hang", "arguments": {}}))
+            await script.hanging.wait()
+            await script.peer.outbox.put(None)
+            with pytest.raises(UpstreamUnavailableError) as caught:
+                await call
+            return str(caught.value), connection.is_healthy()
 
     message, healthy = run(scenario())
 
@@ -220,19 +203,14 @@ def test_a_broken_stream_fails_the_call_in_flight_saying_why(stream: bytes, said
     script = Script()
 
     async def scenario() -> str:
-        async with script.peer.running():
-            connection = connection_to(script.peer)
-            await connection.start()
-            try:
-                call = asyncio.create_task(connection.request("tools/call", {"name": "hang", "arguments": {}}))
-                await script.hanging.wait()
-                await script.peer.outbox.put(stream)
-                await script.peer.outbox.put(CUT)
-                with pytest.raises(UpstreamUnavailableError) as caught:
-                    await call
-                return str(caught.value)
-            finally:
-                await connection.close()
+        async with started(script.peer) as connection:
+            call = asyncio.create_task(connection.request("tools/call", {"name": "hang", "arguments": {}}))
+            await script.hanging.wait()
+            await script.peer.outbox.put(stream)
+            await script.peer.outbox.put(CUT)
+            with pytest.raises(UpstreamUnavailableError) as caught:
+                await call
+            return str(caught.value)
 
     with mock.patch("federation.upstream.sse.MAX_EVENT_BYTES", 1000):
         assert run(scenario()) == said
@@ -242,14 +220,9 @@ def test_an_event_that_is_not_json_is_skipped() -> None:
     script = Script()
 
     async def scenario() -> str:
-        async with script.peer.running():
-            connection = connection_to(script.peer)
-            await connection.start()
-            try:
-                await script.peer.outbox.put(chunk(b"event: message\ndata: {not json\n\n"))
-                return await echo(connection)
-            finally:
-                await connection.close()
+        async with started(script.peer) as connection:
+            await script.peer.outbox.put(chunk(b"event: message\ndata: {not json\n\n"))
+            return await echo(connection)
 
     assert run(scenario()) == "hi"
 
@@ -303,13 +276,8 @@ def test_credentials_refused_on_the_stream_are_refreshed_and_sent_once_more() ->
     auth = RotatingToken("old", "new")
 
     async def scenario() -> str:
-        async with script.peer.running():
-            connection = connection_to(script.peer, auth=auth)
-            await connection.start()
-            try:
-                return await echo(connection)
-            finally:
-                await connection.close()
+        async with started(script.peer, auth=auth) as connection:
+            return await echo(connection)
 
     assert run(scenario()) == "hi"
     assert auth.refreshed == 1
@@ -323,16 +291,11 @@ def test_credentials_refused_on_a_post_are_refreshed_and_the_post_sent_once_more
     auth = RotatingToken("first", "second")
 
     async def scenario() -> tuple[str, int]:
-        async with script.peer.running():
-            connection = connection_to(script.peer, auth=auth)
-            await connection.start()
-            try:
-                script.peer.token = "second"  # the peer rotated its credentials
-                text = await echo(connection)
-                assert connection._post_pool is not None
-                return text, connection._post_pool.opened
-            finally:
-                await connection.close()
+        async with started(script.peer, auth=auth) as connection:
+            script.peer.token = "second"  # the peer rotated its credentials
+            text = await echo(connection)
+            assert connection._post_pool is not None
+            return text, connection._post_pool.opened
 
     text, opened = run(scenario())
 
