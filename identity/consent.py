@@ -38,6 +38,7 @@ from identity.models import (
     ConsentPrompt,
 )
 from identity.tokens import Identity
+from identity.upstream_requests import source_text
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +294,8 @@ def prompt_summary(prompt: ConsentPrompt) -> dict[str, Any]:
         "name": prompt.name,
         "arguments": prompt.arguments,
         "request": prompt.request or {},
+        "source": prompt.deferred_by or {},
+        "source_text": source_text(prompt.deferred_by) if prompt.deferred_by else "",
         "created_at": prompt.created_at.isoformat() if prompt.created_at else "",
         "expires_at": prompt.expires_at.isoformat(),
         "status": prompt.status,
@@ -310,7 +313,7 @@ def _publish(group: str, event: dict[str, Any]) -> None:
 
 def _prompt_create(
     identity: Identity | None, peer: str, kind: str, name: str, arguments: Any, decision: Decision, timeout: float,
-    request: dict[str, Any] | None = None, held: dict[str, Any] | None = None,
+    request: dict[str, Any] | None = None, held: dict[str, Any] | None = None, deferred_by: dict[str, Any] | None = None,
 ) -> ConsentPrompt:
     client_name = ""
     if identity is not None and identity.application_id is not None:
@@ -330,6 +333,7 @@ def _prompt_create(
         arguments=redact(arguments if arguments is not None else {}, decision.redact_fields),
         request=redact(request or {}, decision.redact_fields),
         held=held,
+        deferred_by=deferred_by or {},
         policy_id=decision.policy_id,
         expires_at=timezone.now() + timedelta(seconds=timeout),
     )
@@ -337,14 +341,15 @@ def _prompt_create(
 
 async def consent_prompt_create(
     *, identity: Identity | None, peer: str, kind: str, name: str, arguments: Any, decision: Decision, timeout: float,
-    request: dict[str, Any] | None = None, held: dict[str, Any] | None = None,
+    request: dict[str, Any] | None = None, held: dict[str, Any] | None = None, deferred_by: dict[str, Any] | None = None,
 ) -> ConsentPrompt:
     """Create a pending prompt (arguments redacted) and show it on the user's open pages.
 
     `request` is what an upstream's sampling/elicitation request shows the user
-    (identity/upstream_requests.py); `held` an input_required result kept for a 2026-07-28 host.
+    (identity/upstream_requests.py); `held` an input_required result kept for a 2026-07-28 host;
+    `deferred_by` where a request left to us by a gateway further along comes from (identity/deferral.py).
     """
-    prompt = await database_sync_to_async(_prompt_create)(identity, peer, kind, name, arguments, decision, timeout, request, held)
+    prompt = await database_sync_to_async(_prompt_create)(identity, peer, kind, name, arguments, decision, timeout, request, held, deferred_by)
     layer = get_channel_layer()
     if layer is not None and prompt.user_id is not None:
         await layer.group_send(user_group(prompt.user_id), {"type": "consent.prompt", "prompt": prompt_summary(prompt)})

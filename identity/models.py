@@ -265,6 +265,13 @@ class ConsentPrompt(models.Model):
     remember_seconds = models.PositiveIntegerField(
         null=True, blank=True, help_text="\"Approve and remember\" on a remote prompt: the owner gateway keeps the grant this long.",
     )
+    deferred_by = models.JSONField(
+        default=dict, blank=True,
+        help_text=(
+            "Sampling/elicitation left to this gateway by one further along: that gateway, its server and call, "
+            "and who vouches for them (peer, signature or reported; identity/deferral.py)."
+        ),
+    )
 
     objects = ConsentPromptQuerySet.as_manager()
 

@@ -29,10 +29,10 @@ from django.conf import settings
 from django.core import signing
 
 from federation.router import Route
-from identity import consent, consent_cache, remote_consent, trust
+from identity import consent, consent_cache, deferral, remote_consent, trust
 from identity.audit import audit_record
 from identity.models import ConsentDecision, ConsentPrompt
-from identity.upstream_requests import request_summary
+from identity.upstream_requests import request_summary, source_text
 from identity.signing import AssertionConfigError, issuer
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
@@ -224,11 +224,14 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
 HELD_PREFIX = "fedmcp-held:"
 HELD_SALT = "fedmcp.consent.held-input"
 DEFERRED_META_KEY = "io.fedmcp/consent-deferred"
-"""Marks a request a gateway left to the caller's home gateway to ask about (value: that gateway's name).
+"""Marks a request a gateway left to the caller's home gateway to ask about.
 
-Set by a gateway whose decision is *ask* for a user it cannot ask but whose home gateway gates
-(`trust.home_gateway`); kept by gateways on the way towards the home; honoured only from a peer
-gateway (a plain upstream's is dropped); removed where the request reaches the user's host.
+Its value says where the request comes from (gateway, server, call) with a signed proof
+(identity/deferral.py `mark_create`); older gateways set just their name. Set by a gateway whose
+decision is *ask* for a user it cannot ask but whose home gateway gates (`trust.home_gateway`);
+kept unchanged by gateways on the way towards the home; honoured only from a peer gateway (a
+plain upstream's is dropped); removed where the request reaches the user's host, whose gateway
+shows the user the source as far as it can vouch for it (`deferral.source_of`).
 """
 HOME = "home"
 """The audit word for a request left to the caller's home gateway (docs/CONSENT.md "Across gateways")."""
@@ -243,6 +246,8 @@ class UpstreamCall:
     name: str
     from_gateway: bool = False
     """The peer is another fedmcp gateway, which has gated its own upstreams' requests already."""
+    peer_origin: str = ""
+    """A peer gateway's public origin: what signs as that peer (identity/deferral.py)."""
 
 
 def _gated_kind(call: UpstreamCall, method: str, params: Any) -> str | None:
@@ -290,19 +295,24 @@ def _defers(ctx: HostContext, decision: consent.Decision) -> bool:
     return decision.action == ConsentDecision.ASK and (ctx.identity is None or ctx.identity.user_id is None)
 
 
-def _for_caller(ctx: HostContext, call: UpstreamCall, params: Any, defer: bool) -> Any:
+def _for_caller(ctx: HostContext, call: UpstreamCall, kind: str, params: Any, defer: bool) -> Any:
     """Return the request's params as they go to our caller.
 
-    Marked when the question is left to the user's home: we defer it, or a peer gateway did
-    and our caller is a gateway acting for a user of another (the mark travels on to the
-    home). Unmarked where the request reaches the user's own host.
+    Marked when the question is left to the user's home: we defer it (our mark names us, the
+    upstream and the call, signed), or a peer gateway did and our caller is a gateway acting
+    for a user of another (its mark travels on unchanged to the home). Unmarked where the
+    request reaches the user's own host.
     """
     identity = ctx.identity
     to_gateway = identity is not None and identity.user_id is None and bool(identity.federated_issuer)
+    if not to_gateway:
+        return _with_mark(params, None)
     mark = _deferral(call, params)
     if defer and mark is None:
-        mark = settings.FEDMCP_GATEWAY_NAME
-    return _with_mark(params, mark if to_gateway else None)
+        mark = deferral.mark_create(
+            identity=identity, gateway=settings.FEDMCP_GATEWAY_NAME, server=call.peer, call=call.name, kind=kind, params=params
+        )
+    return _with_mark(params, mark)
 
 
 def _audit_request(ctx: HostContext, call: UpstreamCall, method: str, decision: str, error_code: int | None, started: float) -> None:
@@ -319,7 +329,8 @@ def _refused(kind: str, call: UpstreamCall, decision: str, why: str, data: JsonD
 
 
 def _request_message(prompt: ConsentPrompt, url: str) -> str:
-    return f"fedmcp needs your approval to pass a {prompt.kind} request from '{prompt.peer}' (during '{prompt.name}') to you: open {url}"
+    source = source_text(prompt.deferred_by) if prompt.deferred_by else f"'{prompt.peer}'"
+    return f"fedmcp needs your approval to pass a {prompt.kind} request from {source} (during '{prompt.name}') to you: open {url}"
 
 
 async def _request_decide(ctx: HostContext, call: UpstreamCall, kind: str) -> consent.Decision:
@@ -343,9 +354,16 @@ async def _request_decide(ctx: HostContext, call: UpstreamCall, kind: str) -> co
 async def _request_prompt(
     ctx: HostContext, call: UpstreamCall, kind: str, method: str, params: Any, decision: consent.Decision, held: JsonDict | None = None
 ) -> ConsentPrompt:
+    """Ask our user about an upstream's request, naming its source as far as we can vouch for it."""
+    mark = _deferral(call, params)
+    deferred_by = None
+    if mark is not None:
+        deferred_by = await deferral.source_of(
+            mark=mark, identity=ctx.identity, peer=call.peer, peer_origin=call.peer_origin, kind=kind, params=params
+        )
     return await consent.consent_prompt_create(
         identity=ctx.identity, peer=call.peer, kind=kind, name=call.name, arguments={}, decision=decision,
-        timeout=consent.timeout_setting(), request=request_summary(method, params), held=held,
+        timeout=consent.timeout_setting(), request=request_summary(method, params), held=held, deferred_by=deferred_by,
     )
 
 
@@ -405,7 +423,7 @@ async def upstream_request_relay(ctx: HostContext, call: UpstreamCall, method: s
             decision_word = HOME
         elif decision.action == ConsentDecision.ASK:
             decision_word = await _request_ask_user(ctx, call, kind, method, params, decision)
-        reply = await ask(ctx, method, _for_caller(ctx, call, params, defer))
+        reply = await ask(ctx, method, _for_caller(ctx, call, kind, params, defer))
         if "error" in reply:
             code = reply["error"].get("code") if isinstance(reply["error"], dict) else None
             error_code = code if isinstance(code, int) and not isinstance(code, bool) else jsonrpc.UPSTREAM_ERROR
@@ -459,7 +477,7 @@ async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: Json
             to_ask.append((request, kind, decision))
         else:
             _audit_request(ctx, call, request["method"], HOME if defer else decision.label, None, started)
-        params = _for_caller(ctx, call, request.get("params"), defer)
+        params = _for_caller(ctx, call, kind, request.get("params"), defer)
         passed[key] = request if params is request.get("params") else {**request, "params": params}
     if any(passed[key] is not request for key, request in requests.items()):
         result = {**result, "inputRequests": passed}
