@@ -12,9 +12,10 @@ import asyncio
 import fnmatch
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -22,7 +23,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
@@ -36,6 +37,7 @@ from identity.models import (
     ConsentGrant,
     ConsentPolicy,
     ConsentPrompt,
+    UsedContinuation,
 )
 from identity.tokens import Identity
 from identity.upstream_requests import source_text
@@ -88,6 +90,10 @@ def timeout_setting() -> float:
 
 def poll_setting() -> float:
     return float(getattr(settings, "FEDMCP_CONSENT_POLL_INTERVAL", 2.0))
+
+
+def continue_timeout_setting() -> float:
+    return float(getattr(settings, "FEDMCP_CONSENT_CONTINUE_TIMEOUT", 600.0))
 
 
 # --- the rule --------------------------------------------------------------------------------
@@ -487,6 +493,31 @@ def consent_prompt_use(*, prompt_id: str) -> bool:
     return bool(
         ConsentPrompt.objects.filter(pk=prompt_id, status=ConsentPrompt.Status.APPROVED, used_at__isnull=True).update(used_at=timezone.now())
     )
+
+
+PRUNE_INTERVAL = 60.0
+"""Seconds between deletions of expired continuation nonces (each worker, on its next spend)."""
+_last_prune = 0.0
+
+
+@database_sync_to_async
+def consent_continuation_spend(*, nonce: str, expires_at: datetime) -> bool:
+    """Spend the nonce of a continuation of an approved call: True once, False if it was spent before.
+
+    A spent nonce is kept until its continuation expires; after that the continuation is refused
+    as expired anyway, so expired ones are pruned now and then.
+    """
+    global _last_prune
+    now = time.monotonic()
+    if now - _last_prune > PRUNE_INTERVAL:
+        _last_prune = now
+        UsedContinuation.objects.filter(expires_at__lt=timezone.now()).delete()
+    try:
+        with transaction.atomic():
+            UsedContinuation.objects.create(nonce=nonce, expires_at=expires_at)
+    except IntegrityError:
+        return False
+    return True
 
 
 @database_sync_to_async

@@ -7,7 +7,8 @@ alice is a user of A only: B knows her as alice@A, C as alice@A@B (asserted by B
 
 * A host on A calls `b.tools__add`: B challenges A, the prompt appears on A's /consent (alice
   signs in there and approves), the call completes on B, B's audit says alice@A, approved.
-* Deny, remember, a 2026-07-28 host, and the ask at C (relayed by B) likewise.
+* Deny, remember, a 2026-07-28 host, and the ask at C (relayed by B) likewise; a 2026-07-28
+  host is asked once for a call whose upstream at B answers with input_required rounds of its own.
 * C's upstream samples and elicits during a call, C asks about them and has nobody to ask, so it
   leaves them to alice's home (signed deferral mark), B passes them on: A's /consent names the
   server and gateway C as B's report, and, once A trusts C, verified by C's signature.
@@ -53,6 +54,9 @@ BROWSER_USER = "bea"
 """The user of A who answers in Chromium."""
 ADD_AT_B = {"name": "b.tools__add", "arguments": {"a": 20, "b": 22}}
 ADD_AT_C = {"name": "c.fixture__add", "arguments": {"a": 40, "b": 2}}
+MULTI_ROUND_AT_B = "b.tools__test_input_required_result_multi_round"
+"""A fixture tool that answers with two input_required rounds (elicitations) of its own."""
+ELICITING = {"io.modelcontextprotocol/clientCapabilities": {"elicitation": {"form": {}}}}
 CONSENT_ENV = {"FEDMCP_CONSENT_TIMEOUT": str(WAIT), "FEDMCP_CONSENT_POLL_INTERVAL": "1"}
 
 
@@ -227,6 +231,36 @@ def test_a_2026_host_gets_input_required_pointing_at_as_consent_page(chain: dict
     # The approval was spent at A: the same state again is refused there.
     again = modern_call(a, "tools/call", retry, name=ADD_AT_B["name"], headers=a.auth_headers(USERNAME), timeout=WAIT)
     assert again["error"]["code"] == jsonrpc.INVALID_PARAMS
+
+
+def test_a_2026_host_is_asked_once_however_many_rounds_bs_upstream_asks(chain: dict[str, Any], page: ConsentPage) -> None:
+    a, b = chain["a"], chain["b"]
+    b.python(
+        "from identity.models import ConsentPolicy; "
+        "ConsentPolicy.objects.create(peer='tools', kind='tool', name_pattern='test_input_required_*', decision='ask')"
+    )
+    params = {"name": MULTI_ROUND_AT_B, "arguments": {}}
+
+    def call(**extra: Any) -> dict[str, Any]:
+        headers = a.auth_headers(USERNAME)
+        return modern_call(a, "tools/call", {**params, **extra}, name=MULTI_ROUND_AT_B, headers=headers, meta=ELICITING, timeout=WAIT)
+
+    asked = call()["result"]
+    prompt_id, _ = page.wait_for_prompt()
+    assert page.answer(prompt_id, "approve") == 302
+    step1 = call(requestState=asked["requestState"], inputResponses={"fedmcp-consent": {"action": "accept"}})["result"]
+    assert list(step1["inputRequests"]) == ["step1"], step1
+    step2 = call(requestState=step1["requestState"], inputResponses={"step1": {"action": "accept", "content": {"name": "Alice"}}})["result"]
+    assert list(step2["inputRequests"]) == ["step2"], step2
+    done = call(requestState=step2["requestState"], inputResponses={"step2": {"action": "accept", "content": {"color": "green"}}})
+
+    assert text_of(done) == "Alice's favorite color is green"
+    # B, the owner, continued both rounds of the call alice approved at A; A asked her once.
+    match = {"peer": "tools", "name": "test_input_required_result_multi_round", "method": "tools/call", "decision": "continued", "outcome": "ok"}
+    continued = wait_for_audit(b, match, count=2)
+    assert {(e["federated_subject"], e["federated_issuer"]) for e in continued} == {("alice", a.public_url)}
+    asked_at_a = a.python("from identity.models import ConsentPrompt; print(ConsentPrompt.objects.filter(name='test_input_required_result_multi_round').count())")
+    assert asked_at_a.strip() == "1"
 
 
 def test_remember_keeps_a_grant_for_alice_at_a_on_b(chain: dict[str, Any], page: ConsentPage, host: BackgroundHost) -> None:
