@@ -115,6 +115,34 @@ def _response(status: int, reason: str, body: bytes = b"", headers: tuple[tuple[
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+def streamable_http(mcp: Mcp, method: str, headers: dict[str, str], body: bytes) -> tuple[int, str, bytes, tuple[tuple[str, str], ...]]:
+    """Answer one request to `/mcp`: (status, reason, body, extra headers).
+
+    `headers` has lower-case names. Shared with bench.reference, which serves the same answers
+    from daphne.
+    """
+    if method == "DELETE":
+        mcp.sessions.discard(headers.get("mcp-session-id", ""))
+        return 200, "OK", b"", ()
+    if method != "POST":
+        # No standalone GET stream: clients see 405 and do without it.
+        return 405, "Method Not Allowed", b"", (("allow", "POST, DELETE"),)
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return 400, "Bad Request", _dumps(_error(None, -32700, "Parse error")), (("content-type", "application/json"),)
+    modern = headers.get("mcp-protocol-version") == MODERN
+    extra: tuple[tuple[str, str], ...] = ()
+    if not modern and isinstance(message, dict) and message.get("method") == "initialize":
+        extra = (("mcp-session-id", mcp.new_session()),)
+    elif not modern and headers.get("mcp-session-id") not in mcp.sessions:
+        return (404 if "mcp-session-id" in headers else 400), "Bad Request", b"", ()
+    reply = mcp.answer(message, modern=modern)
+    if reply is None:
+        return 202, "Accepted", b"", ()
+    return 200, "OK", _dumps(reply), (("content-type", "application/json"), *extra)
+
+
 def _ws_frame(payload: bytes, opcode: int = 1) -> bytes:
     n = len(payload)
     if n < 126:
@@ -219,31 +247,7 @@ class Connection(asyncio.Protocol):
             self._send(_response(404, "Not Found"))
 
     def _mcp(self, method: str, headers: dict[str, str], body: bytes) -> None:
-        if method == "DELETE":
-            self.mcp.sessions.discard(headers.get("mcp-session-id", ""))
-            self._send(_response(200, "OK"))
-            return
-        if method != "POST":
-            # No standalone GET stream: clients see 405 and do without it.
-            self._send(_response(405, "Method Not Allowed", headers=(("allow", "POST, DELETE"),)))
-            return
-        try:
-            message = json.loads(body)
-        except ValueError:
-            self._send(_response(400, "Bad Request", _dumps(_error(None, -32700, "Parse error")), (("content-type", "application/json"),)))
-            return
-        modern = headers.get("mcp-protocol-version") == MODERN
-        extra: tuple[tuple[str, str], ...] = ()
-        if not modern and isinstance(message, dict) and message.get("method") == "initialize":
-            extra = (("mcp-session-id", self.mcp.new_session()),)
-        elif not modern and headers.get("mcp-session-id") not in self.mcp.sessions:
-            self._send(_response(404 if "mcp-session-id" in headers else 400, "Bad Request"))
-            return
-        reply = self.mcp.answer(message, modern=modern)
-        if reply is None:
-            self._send(_response(202, "Accepted"))
-            return
-        self._send(_response(200, "OK", _dumps(reply), (("content-type", "application/json"), *extra)))
+        self._send(_response(*streamable_http(self.mcp, method, headers, body)))
 
     # --- WebSocket -----------------------------------------------------------------------------
 

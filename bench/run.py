@@ -7,6 +7,8 @@ What it measures (every figure next to its direct counterpart where one exists):
    `--concurrency` hosts. The upstream is `bench.fast_upstream` (raw asyncio, both eras); the
    gateway reaches it over Streamable HTTP. Rows for the gateway's WebSocket and SSE *upstream*
    connections, and one against the SDK-based fixture server (a realistic upstream).
+   Two ceiling rows for the same calls with fedmcp's code left out (bench/reference.py): daphne
+   answering like the upstream, and a raw asyncio pass-through proxy.
 2. A py-spy profile of the gateway worker during a throughput run (when py-spy is installed).
 3. tools/list: 100 tools direct against /peers/<p>/mcp, and /mcp over 100 peers x 100 tools.
 4. Memory of one worker holding 10,000 idle WebSocket sessions.
@@ -359,6 +361,53 @@ def phase_transports(opts: argparse.Namespace, gw: BenchGateway, up: str, sdk: s
             f"{s['gateway_calls_per_s']}/{s['direct_calls_per_s']} calls/s = {s['throughput_ratio']}"
         )
     return results
+
+
+# --- phase 1b: what is reachable at all ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def reference_server(command: list[str], probe: str) -> Iterator[tuple[str, int]]:
+    """Run one of bench/reference.py's servers; yields (base URL, pid)."""
+    port = free_port()
+    argv = [part.replace("{port}", str(port)) for part in command]
+    process = subprocess.Popen(
+        argv, cwd=ROOT, env={**os.environ, **GATEWAY_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}{probe}", process=process)
+        yield base, process.pid
+    finally:
+        stop(process)
+
+
+def phase_ceiling(opts: argparse.Namespace, up: str, transports: list[JsonDict]) -> JsonDict:
+    """The first row's calls (Streamable HTTP 2025-11-25, `echo`) against two servers without fedmcp's code.
+
+    daphne serving the fast upstream's own answers is the most any application on the gateway's
+    server can serve; a raw asyncio pass-through proxy in front of the fast upstream is the most
+    a Python proxy can serve. Their ratios to direct bound what the gateway's can be.
+    """
+    echo = {"message": "hello"}
+    direct = next((r["direct"] for r in transports if r["label"].startswith("Streamable HTTP 2025-11-25")), None)
+    if direct is None:
+        log("ceiling: the upstream directly")
+        direct = measure_side({"url": f"{up}/mcp", "tool": "echo"}, opts, "http-legacy", echo, upstream_pid(f"{up}/mcp"), opts.n)
+    daphne = str(Path(PY).parent / "daphne")
+    servers = [
+        ("daphne, no fedmcp code (answers like the upstream)", [daphne, "-b", "127.0.0.1", "-p", "{port}", "bench.reference:application"]),
+        ("raw asyncio pass-through proxy to the upstream", [PY, "-m", "bench.reference", "--proxy", "--port", "{port}", "--upstream", up]),
+    ]
+    rows = []
+    for label, command in servers:
+        log(f"ceiling: {label}")
+        with reference_server(command, "/mcp") as (base, pid):
+            side = measure_side({"url": f"{base}/mcp", "tool": "echo"}, opts, "http-legacy", echo, pid, opts.n)
+        rows.append(compare({"label": label, "direct": direct, "gateway": side}))
+        s = rows[-1]["summary"]
+        log(f"  p50 +{s['added_p50_ms']} ms, {s['gateway_calls_per_s']}/{s['direct_calls_per_s']} calls/s = {s['throughput_ratio']}")
+    return {"rows": rows}
 
 
 # --- phase 2: the profile ----------------------------------------------------------------------------
@@ -768,6 +817,24 @@ def markdown(results: JsonDict) -> str:
                 f"{fmt(d['throughput'].get('server_cores'))} / {fmt(g['throughput'].get('server_cores'))} | "
                 f"{fmt(d['latency'].get('server_cpu_ms_per_call'), 3)} / {fmt(g['latency'].get('server_cpu_ms_per_call'), 3)} |"
             )
+    ceiling = results.get("ceiling")
+    if ceiling and ceiling.get("rows"):
+        first = ceiling["rows"][0]["direct"]
+        gateway_row = next((r for r in results.get("transports", []) if r["label"].startswith("Streamable HTTP 2025-11-25")), None)
+        lines += [
+            "",
+            "### What is reachable at all (Streamable HTTP 2025-11-25 tools/call, fedmcp's code left out)",
+            "",
+            "| Server | p50 / p99 ms | calls/s | ratio to direct | by | CPU ms per call |",
+            "| --- | --- | --- | --- | --- | --- |",
+            _ceiling_row("the fast upstream, directly", first, "1", "wrk" if first.get("wrk") else "bench.loadgen"),
+        ]
+        for row in ceiling["rows"]:
+            s = row["summary"]
+            lines.append(_ceiling_row(row["label"], row["gateway"], fmt(s["throughput_ratio"], 3), s["throughput_by"]))
+        if gateway_row:
+            s = gateway_row["summary"]
+            lines.append(_ceiling_row("fedmcp gateway (the first row above)", gateway_row["gateway"], fmt(s["throughput_ratio"], 3), s["throughput_by"]))
     lists = results.get("lists")
     if lists and "skipped" not in lists:
         direct, per_peer, everything = lists["direct_one_upstream"], lists["per_peer_endpoint"], lists["aggregated"]
@@ -841,6 +908,14 @@ def markdown(results: JsonDict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ceiling_row(what: str, side: JsonDict, ratio: str, by: str) -> str:
+    primary = side.get("wrk") or side["throughput"]
+    return (
+        f"| {what} | {fmt(side['latency']['p50_ms'])} / {fmt(side['latency']['p99_ms'])} | {fmt(primary['calls_per_s'], 0)} | "
+        f"{ratio} | {by} | {fmt(side['latency'].get('server_cpu_ms_per_call'), 3)} |"
+    )
+
+
 def _list_row(what: str, figures: JsonDict, ratio: str) -> str:
     return f"| {what} | {fmt(figures['p50_ms'])} | {fmt(figures['p99_ms'])} | {ratio} |"
 
@@ -881,7 +956,7 @@ def main() -> None:
         default=None,
         help="FEDMCP_DB_CONN_MAX_AGE for the PostgreSQL workers (default: the settings default)",
     )
-    parser.add_argument("--skip", default="", help="comma-separated phases to skip: transports,sdk,profile,lists,idle,pg")
+    parser.add_argument("--skip", default="", help="comma-separated phases to skip: transports,sdk,ceiling,profile,lists,idle,pg")
     parser.add_argument("--only", default="", help="comma-separated words: run only transport rows whose label contains one")
     parser.add_argument("--no-wrk", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small numbers, for trying the harness")
@@ -934,6 +1009,8 @@ def main() -> None:
         gw.start_worker()
         if "transports" not in opts.skip:
             results["transports"] = phase_transports(opts, gw, up, sdk)
+        if "ceiling" not in opts.skip:
+            results["ceiling"] = phase_ceiling(opts, up, results.get("transports", []))
         # Rough seconds each phase needs; one that would overrun the budget is skipped, and says so.
         phases = [
             ("profile", "profile", 15, lambda: phase_profile(opts, gw, stamp)),

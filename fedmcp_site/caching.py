@@ -10,7 +10,8 @@ its data was loaded, and is used only while they are still current.
 Generations live where every process of one installation can see them:
 
 * with `REDIS_URL`: Redis keys `<FEDMCP_REDIS_PREFIX>:cachegen:<domain>` (INCR on change, one
-  MGET per request);
+  MGET per request; the requests that arrive while an MGET is on its way share the next one,
+  sent when it is answered);
 * otherwise: a small file next to the SQLite database (or `FEDMCP_CACHE_GENERATION_FILE`),
   rewritten atomically on change and checked once per request (a `stat`; read when it changed);
 * an in-memory SQLite database (tests) has no other process: in-process counters only.
@@ -183,6 +184,8 @@ class _RedisGenerations:
     """Redis counters: INCR on change, one MGET per request (one async client per event loop)."""
 
     name = "redis"
+    shared_reads = True
+    """A read is a round trip: the requests that arrive while one is on its way share the next (`Generations.refresh`)."""
 
     def __init__(self, url: str, prefix: str) -> None:
         self.url = url
@@ -255,6 +258,10 @@ class Generations:
         self._lock = threading.Lock()
         self._issued = 0
         self._applied = 0
+        self._reading: asyncio.AbstractEventLoop | None = None
+        """The loop a shared read is on its way in (backends with `shared_reads`), else None."""
+        self._next_read: asyncio.Future[None] | None = None
+        """What the requests that arrived while that read was on its way wait for: the next read."""
         self.version = 0
         """Changes whenever a local counter or the shared generations change (stamps are kept until then)."""
 
@@ -265,12 +272,56 @@ class Generations:
         return self._backend
 
     async def refresh(self) -> None:
-        """Read the shared generations (once per request, before any cache is consulted)."""
+        """Read the shared generations (once per request, before any cache is consulted).
+
+        With a backend whose read is a network round trip, a request that arrives while a read
+        is on its way does not send its own: the requests that arrive meanwhile share the next
+        read, sent as soon as that one is answered. Each still sees every change published
+        before it came in (its read is sent after it arrived), with one MGET per round trip
+        instead of one per request. A request that finds no read on its way sends one at once.
+        """
         if not enabled():
             return
+        backend = self.backend
+        loop = asyncio.get_running_loop()
+        if not getattr(backend, "shared_reads", False) or (self._reading is not None and self._reading is not loop):
+            await self._read(backend)
+            return
+        if self._reading is None:
+            self._reading = loop
+            try:
+                await self._read(backend)
+            finally:
+                self._send_next_read(backend)
+            return
+        if self._next_read is None:
+            self._next_read = loop.create_future()
+        # Shielded: a request cancelled while waiting must not cancel the others' read.
+        await asyncio.shield(self._next_read)
+
+    def _send_next_read(self, backend: Any) -> None:
+        """A read was answered: send one for the requests that arrived meanwhile, if any."""
+        waiting, self._next_read = self._next_read, None
+        if waiting is None:
+            self._reading = None
+            return
+        task = asyncio.get_running_loop().create_task(self._read(backend))
+        task.add_done_callback(lambda done: self._next_read_done(done, waiting, backend))
+
+    def _next_read_done(self, task: asyncio.Task[None], waiting: asyncio.Future[None], backend: Any) -> None:
+        if task.cancelled() or task.exception() is not None:
+            # Not known now (the read itself failed, or was cancelled at shutdown): nothing is
+            # served from the caches until a read succeeds, as when the backend answers None.
+            self.shared = None
+            self.version += 1
+        if not waiting.done():
+            waiting.set_result(None)
+        self._send_next_read(backend)
+
+    async def _read(self, backend: Any) -> None:
         self._issued += 1
         ticket = self._issued
-        shared = await self.backend.read()
+        shared = await backend.read()
         # Concurrent reads may complete out of order: never go back to an older answer.
         if ticket > self._applied:
             self._applied = ticket

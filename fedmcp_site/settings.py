@@ -375,6 +375,9 @@ if FEDMCP_CONSENT_DEFAULT not in ("ask-new-peers", "allow", "ask", "deny"):
     raise ImproperlyConfigured("FEDMCP_CONSENT_DEFAULT must be ask-new-peers, allow, ask or deny")
 FEDMCP_CONSENT_TIMEOUT = env_float("FEDMCP_CONSENT_TIMEOUT", 120.0)
 FEDMCP_CONSENT_POLL_INTERVAL = env_float("FEDMCP_CONSENT_POLL_INTERVAL", 2.0)
+# How long (seconds) a 2026-07-28 host has to retry an approved call's further input_required
+# round without being asked again (docs/CONSENT.md "Further rounds of an approved call").
+FEDMCP_CONSENT_CONTINUE_TIMEOUT = env_float("FEDMCP_CONSENT_CONTINUE_TIMEOUT", 600.0)
 # What happens to sampling/createMessage and elicitation/create requests from upstreams when no
 # policy of their kind matches (allow | ask | deny).
 FEDMCP_CONSENT_SAMPLING_DEFAULT = os.environ.get("FEDMCP_CONSENT_SAMPLING_DEFAULT", "ask")

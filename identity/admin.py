@@ -31,6 +31,7 @@ DECISIONS = (
     ("ask-home", "ask-home (asked the user's home gateway)"),
     ("rejected", "rejected (the home gateway's decision)"),
     ("home", "home (request left to the user's home gateway)"),
+    ("continued", "continued (a further round of an approved call)"),
 )
 """The words consent leaves in AuditEvent.decision (docs/CONSENT.md "Outcomes")."""
 

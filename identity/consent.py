@@ -12,9 +12,10 @@ import asyncio
 import fnmatch
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -22,7 +23,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
@@ -36,8 +37,10 @@ from identity.models import (
     ConsentGrant,
     ConsentPolicy,
     ConsentPrompt,
+    UsedContinuation,
 )
 from identity.tokens import Identity
+from identity.upstream_requests import source_text
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,10 @@ def timeout_setting() -> float:
 
 def poll_setting() -> float:
     return float(getattr(settings, "FEDMCP_CONSENT_POLL_INTERVAL", 2.0))
+
+
+def continue_timeout_setting() -> float:
+    return float(getattr(settings, "FEDMCP_CONSENT_CONTINUE_TIMEOUT", 600.0))
 
 
 # --- the rule --------------------------------------------------------------------------------
@@ -293,6 +300,8 @@ def prompt_summary(prompt: ConsentPrompt) -> dict[str, Any]:
         "name": prompt.name,
         "arguments": prompt.arguments,
         "request": prompt.request or {},
+        "source": prompt.deferred_by or {},
+        "source_text": source_text(prompt.deferred_by) if prompt.deferred_by else "",
         "created_at": prompt.created_at.isoformat() if prompt.created_at else "",
         "expires_at": prompt.expires_at.isoformat(),
         "status": prompt.status,
@@ -310,7 +319,7 @@ def _publish(group: str, event: dict[str, Any]) -> None:
 
 def _prompt_create(
     identity: Identity | None, peer: str, kind: str, name: str, arguments: Any, decision: Decision, timeout: float,
-    request: dict[str, Any] | None = None, held: dict[str, Any] | None = None,
+    request: dict[str, Any] | None = None, held: dict[str, Any] | None = None, deferred_by: dict[str, Any] | None = None,
 ) -> ConsentPrompt:
     client_name = ""
     if identity is not None and identity.application_id is not None:
@@ -330,6 +339,7 @@ def _prompt_create(
         arguments=redact(arguments if arguments is not None else {}, decision.redact_fields),
         request=redact(request or {}, decision.redact_fields),
         held=held,
+        deferred_by=deferred_by or {},
         policy_id=decision.policy_id,
         expires_at=timezone.now() + timedelta(seconds=timeout),
     )
@@ -337,14 +347,15 @@ def _prompt_create(
 
 async def consent_prompt_create(
     *, identity: Identity | None, peer: str, kind: str, name: str, arguments: Any, decision: Decision, timeout: float,
-    request: dict[str, Any] | None = None, held: dict[str, Any] | None = None,
+    request: dict[str, Any] | None = None, held: dict[str, Any] | None = None, deferred_by: dict[str, Any] | None = None,
 ) -> ConsentPrompt:
     """Create a pending prompt (arguments redacted) and show it on the user's open pages.
 
     `request` is what an upstream's sampling/elicitation request shows the user
-    (identity/upstream_requests.py); `held` an input_required result kept for a 2026-07-28 host.
+    (identity/upstream_requests.py); `held` an input_required result kept for a 2026-07-28 host;
+    `deferred_by` where a request left to us by a gateway further along comes from (identity/deferral.py).
     """
-    prompt = await database_sync_to_async(_prompt_create)(identity, peer, kind, name, arguments, decision, timeout, request, held)
+    prompt = await database_sync_to_async(_prompt_create)(identity, peer, kind, name, arguments, decision, timeout, request, held, deferred_by)
     layer = get_channel_layer()
     if layer is not None and prompt.user_id is not None:
         await layer.group_send(user_group(prompt.user_id), {"type": "consent.prompt", "prompt": prompt_summary(prompt)})
@@ -482,6 +493,31 @@ def consent_prompt_use(*, prompt_id: str) -> bool:
     return bool(
         ConsentPrompt.objects.filter(pk=prompt_id, status=ConsentPrompt.Status.APPROVED, used_at__isnull=True).update(used_at=timezone.now())
     )
+
+
+PRUNE_INTERVAL = 60.0
+"""Seconds between deletions of expired continuation nonces (each worker, on its next spend)."""
+_last_prune = 0.0
+
+
+@database_sync_to_async
+def consent_continuation_spend(*, nonce: str, expires_at: datetime) -> bool:
+    """Spend the nonce of a continuation of an approved call: True once, False if it was spent before.
+
+    A spent nonce is kept until its continuation expires; after that the continuation is refused
+    as expired anyway, so expired ones are pruned now and then.
+    """
+    global _last_prune
+    now = time.monotonic()
+    if now - _last_prune > PRUNE_INTERVAL:
+        _last_prune = now
+        UsedContinuation.objects.filter(expires_at__lt=timezone.now()).delete()
+    try:
+        with transaction.atomic():
+            UsedContinuation.objects.create(nonce=nonce, expires_at=expires_at)
+    except IntegrityError:
+        return False
+    return True
 
 
 @database_sync_to_async

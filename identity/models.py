@@ -127,7 +127,8 @@ class AuditEvent(models.Model):
         help_text=(
             "What consent decided: allow, grant (a remembered approval), ask, approved, denied, timeout, "
             "deny (a policy), ask-home (asked the user's home gateway), rejected (the home gateway's decision "
-            "was not acceptable) or home (the request was left to the user's home gateway)."
+            "was not acceptable), home (the request was left to the user's home gateway) or continued "
+            "(a further input_required round of a call the user approved)."
         ),
     )
     error_code = models.IntegerField(null=True, blank=True)
@@ -265,6 +266,13 @@ class ConsentPrompt(models.Model):
     remember_seconds = models.PositiveIntegerField(
         null=True, blank=True, help_text="\"Approve and remember\" on a remote prompt: the owner gateway keeps the grant this long.",
     )
+    deferred_by = models.JSONField(
+        default=dict, blank=True,
+        help_text=(
+            "Sampling/elicitation left to this gateway by one further along: that gateway, its server and call, "
+            "and who vouches for them (peer, signature or reported; identity/deferral.py)."
+        ),
+    )
 
     objects = ConsentPromptQuerySet.as_manager()
 
@@ -278,6 +286,22 @@ class ConsentPrompt(models.Model):
         from django.utils import timezone
 
         return self.status == self.Status.PENDING and self.expires_at > timezone.now()
+
+
+class UsedContinuation(models.Model):
+    """The nonce of a continuation a 2026-07-28 host came back with, kept until it expires so it is used once.
+
+    When an upstream answers a call the user approved with `input_required`, the gateway's
+    `requestState` for that round carries the approval to the host's retry, which is then not
+    asked about again (mcp_endpoint/consent_gate.py; docs/CONSENT.md "Further rounds of an
+    approved call"). Each such state names a fresh nonce; a retry spends it.
+    """
+
+    nonce = models.CharField(primary_key=True, max_length=64, editable=False)
+    expires_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return self.nonce
 
 
 class ConsentGrantQuerySet(models.QuerySet["ConsentGrant"]):

@@ -4,6 +4,9 @@
 message's role and the text of its content (images and audio are named by type and size, never
 shown), the system prompt, maxTokens and model preferences; for elicitation the message and the
 requested schema. The pages escape all of it; long text is kept (up to a cap) and folded there.
+
+`source_text` says where a request left to this gateway by one further along comes from, as far
+as this gateway vouches for it (identity/deferral.py).
 """
 
 from __future__ import annotations
@@ -108,3 +111,15 @@ def request_summary(method: str, params: Any) -> dict[str, Any]:
         "url": str(params.get("url") or "")[:2000],
         "requestedSchema": _clip(json.dumps(schema, indent=2, ensure_ascii=False)) if schema is not None else "",
     }
+
+
+def source_text(source: dict[str, Any]) -> str:
+    """Say where a deferred request comes from, and who vouches for that (`ConsentPrompt.deferred_by`)."""
+    gateway = source.get("gateway", "")
+    what = f"server '{source['server']}' of gateway '{gateway}'" if source.get("server") else f"gateway '{gateway}'"
+    vouched = source.get("vouched")
+    if vouched == "peer":
+        return f"{what}, the peer gateway this call went to"
+    if vouched == "signature":
+        return f"{what} ({source.get('issuer', '')}, signature verified), through peer gateway '{source.get('via_peer', '')}'"
+    return f"{what}, as reported by peer gateway '{source.get('via_peer', '')}' (not verified: {source.get('note', '')})"

@@ -9,6 +9,11 @@ A call that must be asked creates a `ConsentPrompt` and points the host at /cons
   elicitation to the consent page and whose `requestState` names the prompt, signed; the
   retry carrying that state waits for (or picks up) the answer.
 
+When the upstream answers an approved 2026-07-28 call with `input_required` of its own, the
+host gets a continuation `requestState` instead of the upstream's, and its retry is not asked
+about again (`continuation_wrap`, `_continuation`; docs/CONSENT.md "Further rounds of an
+approved call").
+
 A user asserted by a trusted peer gateway (and not linked to an account here) is asked at
 their home gateway instead (`_ask_home`; docs/CONSENT.md "Distributed consent").
 
@@ -20,19 +25,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import json
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
 from django.core import signing
 
 from federation.router import Route
-from identity import consent, consent_cache, remote_consent, trust
+from identity import consent, consent_cache, deferral, remote_consent, trust
 from identity.audit import audit_record
 from identity.models import ConsentDecision, ConsentPrompt
-from identity.upstream_requests import request_summary
+from identity.upstream_requests import request_summary, source_text
 from identity.signing import AssertionConfigError, issuer
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
@@ -43,15 +53,60 @@ HostAsker = Callable[[HostContext, str, Any], Awaitable[JsonDict]]
 STATE_PREFIX = "fedmcp-consent:"
 STATE_SALT = "fedmcp.consent.request-state"
 INPUT_KEY = "fedmcp-consent"
+CONTINUE_PREFIX = "fedmcp-continue:"
+"""Followed by this gateway's name and ":" (`continue_prefix`): a peer gateway's continuation,
+passed on through this one, is an upstream's state here."""
+CONTINUE_SALT = "fedmcp.consent.continue-state"
+CONTINUE_SEPARATOR = "~"
+"""Ends the signed part of a continuation state (no signed value contains it); the upstream's
+own requestState, if it sent one, follows verbatim."""
+CONTINUED = "continued"
+"""The audit word for a further input_required round of a call the user approved."""
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A call as consent approves it: who (user or federated identity, client), peer, kind, name, arguments."""
+
+    who: str
+    client_id: str
+    peer: str
+    kind: str
+    name: str
+    arguments_hash: str
+
+    def binding(self, upstream_state: str | None) -> str:
+        """Digest of this call and one round's upstream requestState, which a continuation must match."""
+        parts = [self.who, self.client_id, self.peer, self.kind, self.name, self.arguments_hash, upstream_state]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 @dataclass
 class Gate:
-    """What the consent step let through: the audit word, the params to send, or a result."""
+    """What the consent step let through: the audit word, the params to send, or a result.
+
+    `approval` is set when the user approved this call (now, or in an earlier round of it):
+    an upstream's input_required for it gets a continuation state (`continuation_wrap`).
+    """
 
     decision: str = ""
     params: JsonDict | None = None
     result: JsonDict | None = None
+    approval: Approval | None = None
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A verified continuation state: the call it continues, its single-use nonce, expiry and upstream state."""
+
+    approval: Approval
+    nonce: str
+    expires: int
+    """Epoch seconds."""
+    upstream_state: str | None
+
+    def is_expired(self) -> bool:
+        return time.time() >= self.expires
 
 
 def consent_url(ctx: HostContext, prompt_id: str) -> str:
@@ -153,12 +208,99 @@ def _strip_state(params: JsonDict) -> JsonDict:
     return {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}
 
 
+def _approval_for(ctx: HostContext, peer: str, kind: str, name: str, arguments: Any) -> Approval:
+    identity = ctx.identity
+    if identity is None:
+        who, client_id = "", ""
+    elif identity.user_id is not None:
+        who, client_id = f"user:{identity.user_id}", identity.client_id
+    else:
+        who, client_id = f"{identity.federated_issuer}#{identity.federated_subject}", identity.client_id
+    return Approval(who, client_id, peer, kind, name, remote_consent.arguments_hash(arguments))
+
+
+def continue_prefix() -> str:
+    """How this gateway's own continuation states begin."""
+    return f"{CONTINUE_PREFIX}{settings.FEDMCP_GATEWAY_NAME}:"
+
+
+def continuation_wrap(approval: Approval, result: JsonDict) -> JsonDict:
+    """Return an upstream's `input_required` result for an approved call, with a continuation state.
+
+    The state is a signed part (a fresh single-use nonce, an expiry FEDMCP_CONSENT_CONTINUE_TIMEOUT
+    from now, and `approval` bound to the upstream's requestState of this round) and, after
+    CONTINUE_SEPARATOR, the upstream's requestState verbatim if it sent one. The host's retry
+    with it is not asked about again (`consent_gate`), and the upstream gets its own state back
+    unchanged. Any other result is returned as it is.
+
+    Raises:
+        UpstreamFailedError: the upstream's requestState is not a string.
+    """
+    if result.get("resultType") != "input_required":
+        return result
+    upstream_state = result.get("requestState")
+    if upstream_state is not None and not isinstance(upstream_state, str):
+        raise jsonrpc.UpstreamFailedError("the upstream answered input_required with a requestState that is not a string")
+    claims = {
+        "n": secrets.token_urlsafe(16),
+        "e": int(time.time() + consent.continue_timeout_setting()),
+        "b": approval.binding(upstream_state),
+    }
+    state = continue_prefix() + signing.dumps(claims, salt=CONTINUE_SALT)
+    if upstream_state is not None:
+        state += CONTINUE_SEPARATOR + upstream_state
+    return {**result, "requestState": state}
+
+
+def _continuation(approval: Approval, state: str) -> Continuation:
+    """Verify a continuation state for the call `approval` describes (expired or not); return it.
+
+    Raises:
+        InvalidParamsError: not a state this gateway issued, or one for another call, user or
+            upstream state.
+    """
+    signed, separator, upstream_state = state.removeprefix(continue_prefix()).partition(CONTINUE_SEPARATOR)
+    try:
+        claims = signing.loads(signed, salt=CONTINUE_SALT)
+    except signing.BadSignature as exc:
+        raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued") from exc
+    if not isinstance(claims, dict) or not all(isinstance(claims.get(k), t) for k, t in (("n", str), ("e", int), ("b", str))):
+        raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued")
+    continuation = Continuation(approval, claims["n"], claims["e"], upstream_state if separator else None)
+    if not hmac.compare_digest(claims["b"], approval.binding(continuation.upstream_state)):
+        raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
+    return continuation
+
+
+def _with_upstream_state(params: JsonDict, upstream_state: str | None) -> JsonDict:
+    """Return `params` with the continuation state replaced by the upstream's own (or none)."""
+    params = {k: v for k, v in params.items() if k != "requestState"}
+    if upstream_state is not None:
+        params["requestState"] = upstream_state
+    return params
+
+
+async def _continue(continuation: Continuation) -> None:
+    """Spend a continuation's nonce.
+
+    Raises:
+        InvalidParamsError: it was spent before (a replay).
+    """
+    expires_at = datetime.fromtimestamp(continuation.expires, tz=UTC)
+    if not await consent.consent_continuation_spend(nonce=continuation.nonce, expires_at=expires_at):
+        raise jsonrpc.InvalidParamsError("this requestState was already used")
+
+
 async def consent_gate(ctx: HostContext, route: Route, method: str, params: JsonDict, name: str) -> Gate:
     """Apply consent to one call about to be forwarded.
+
+    A 2026-07-28 retry carrying this gateway's continuation state (`continuation_wrap`) is not
+    asked about again while the continuation lasts; policies still apply to it.
 
     Raises:
         ConsentDeniedError: a policy or the user refused (-32017).
         ConsentTimeoutError: nobody answered in time (-32018).
+        InvalidParamsError: a requestState of this gateway's is forged, spent, or another call's (-32602).
     """
     kind = consent.KIND_FOR_METHOD.get(method)
     if kind is None:
@@ -171,7 +313,13 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
             raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
         url = consent_url(ctx, prompt.id)
         status = await wait_for_answer(ctx, prompt, url)
-        return Gate(decision=await _finish(prompt, status, url), params=_strip_state(params))
+        word = await _finish(prompt, status, url)
+        return Gate(decision=word, params=_strip_state(params), approval=_approval_for(ctx, peer, kind, name, _arguments(method, params)))
+    continuation: Continuation | None = None
+    if ctx.era == "modern" and isinstance(state, str) and state.startswith(continue_prefix()):
+        # A further round of a call the user approved; it still passes the policies below.
+        continuation = _continuation(_approval_for(ctx, peer, kind, name, _arguments(method, params)), state)
+        params = _with_upstream_state(params, continuation.upstream_state)
 
     decision = await consent_cache.consent_decide(identity=ctx.identity, peer=peer, kind=kind, name=name)
     if decision.action == ConsentDecision.ALLOW:
@@ -180,10 +328,18 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         exc = jsonrpc.ConsentDeniedError(f"A consent policy refuses the {kind} call '{name}' on peer '{peer}'", {"reason": decision.reason})
         exc.consent_decision = "deny"  # type: ignore[attr-defined]
         raise exc
+    if continuation is not None and not continuation.is_expired():
+        await _continue(continuation)
+        return Gate(decision=CONTINUED, params=params, approval=continuation.approval)
+    if continuation is not None:
+        # The approval lapsed: asked afresh, and once approved the call starts over upstream
+        # (the retry of the gateway's own input_required carries no upstream state).
+        params = _strip_state(params)
 
     if ctx.identity is not None and ctx.identity.user_id is None and ctx.identity.federated_issuer:
         # A user of a trusted gateway, not linked to an account here: their home gateway asks.
-        return Gate(decision=await _ask_home(ctx, peer, kind, name, _arguments(method, params), decision), params=params)
+        word = await _ask_home(ctx, peer, kind, name, _arguments(method, params), decision)
+        return Gate(decision=word, params=params, approval=_approval_for(ctx, peer, kind, name, _arguments(method, params)))
     if ctx.identity is None or ctx.identity.user_id is None:
         # Nobody could answer on /consent (a client-only token): refuse now rather than wait
         # out the timeout.
@@ -208,7 +364,8 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         return Gate(decision="ask", result=result)
 
     status = await hold_for_answer(ctx, prompt, url, elicitation)
-    return Gate(decision=await _finish(prompt, status, url), params=params)
+    word = await _finish(prompt, status, url)
+    return Gate(decision=word, params=params, approval=_approval_for(ctx, peer, kind, name, _arguments(method, params)))
 
 
 # --- sampling and elicitation requests from upstreams ----------------------------------------
@@ -224,11 +381,14 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
 HELD_PREFIX = "fedmcp-held:"
 HELD_SALT = "fedmcp.consent.held-input"
 DEFERRED_META_KEY = "io.fedmcp/consent-deferred"
-"""Marks a request a gateway left to the caller's home gateway to ask about (value: that gateway's name).
+"""Marks a request a gateway left to the caller's home gateway to ask about.
 
-Set by a gateway whose decision is *ask* for a user it cannot ask but whose home gateway gates
-(`trust.home_gateway`); kept by gateways on the way towards the home; honoured only from a peer
-gateway (a plain upstream's is dropped); removed where the request reaches the user's host.
+Its value says where the request comes from (gateway, server, call) with a signed proof
+(identity/deferral.py `mark_create`); older gateways set just their name. Set by a gateway whose
+decision is *ask* for a user it cannot ask but whose home gateway gates (`trust.home_gateway`);
+kept unchanged by gateways on the way towards the home; honoured only from a peer gateway (a
+plain upstream's is dropped); removed where the request reaches the user's host, whose gateway
+shows the user the source as far as it can vouch for it (`deferral.source_of`).
 """
 HOME = "home"
 """The audit word for a request left to the caller's home gateway (docs/CONSENT.md "Across gateways")."""
@@ -243,6 +403,8 @@ class UpstreamCall:
     name: str
     from_gateway: bool = False
     """The peer is another fedmcp gateway, which has gated its own upstreams' requests already."""
+    peer_origin: str = ""
+    """A peer gateway's public origin: what signs as that peer (identity/deferral.py)."""
 
 
 def _gated_kind(call: UpstreamCall, method: str, params: Any) -> str | None:
@@ -290,19 +452,24 @@ def _defers(ctx: HostContext, decision: consent.Decision) -> bool:
     return decision.action == ConsentDecision.ASK and (ctx.identity is None or ctx.identity.user_id is None)
 
 
-def _for_caller(ctx: HostContext, call: UpstreamCall, params: Any, defer: bool) -> Any:
+def _for_caller(ctx: HostContext, call: UpstreamCall, kind: str, params: Any, defer: bool) -> Any:
     """Return the request's params as they go to our caller.
 
-    Marked when the question is left to the user's home: we defer it, or a peer gateway did
-    and our caller is a gateway acting for a user of another (the mark travels on to the
-    home). Unmarked where the request reaches the user's own host.
+    Marked when the question is left to the user's home: we defer it (our mark names us, the
+    upstream and the call, signed), or a peer gateway did and our caller is a gateway acting
+    for a user of another (its mark travels on unchanged to the home). Unmarked where the
+    request reaches the user's own host.
     """
     identity = ctx.identity
     to_gateway = identity is not None and identity.user_id is None and bool(identity.federated_issuer)
+    if not to_gateway:
+        return _with_mark(params, None)
     mark = _deferral(call, params)
     if defer and mark is None:
-        mark = settings.FEDMCP_GATEWAY_NAME
-    return _with_mark(params, mark if to_gateway else None)
+        mark = deferral.mark_create(
+            identity=identity, gateway=settings.FEDMCP_GATEWAY_NAME, server=call.peer, call=call.name, kind=kind, params=params
+        )
+    return _with_mark(params, mark)
 
 
 def _audit_request(ctx: HostContext, call: UpstreamCall, method: str, decision: str, error_code: int | None, started: float) -> None:
@@ -319,7 +486,8 @@ def _refused(kind: str, call: UpstreamCall, decision: str, why: str, data: JsonD
 
 
 def _request_message(prompt: ConsentPrompt, url: str) -> str:
-    return f"fedmcp needs your approval to pass a {prompt.kind} request from '{prompt.peer}' (during '{prompt.name}') to you: open {url}"
+    source = source_text(prompt.deferred_by) if prompt.deferred_by else f"'{prompt.peer}'"
+    return f"fedmcp needs your approval to pass a {prompt.kind} request from {source} (during '{prompt.name}') to you: open {url}"
 
 
 async def _request_decide(ctx: HostContext, call: UpstreamCall, kind: str) -> consent.Decision:
@@ -343,9 +511,16 @@ async def _request_decide(ctx: HostContext, call: UpstreamCall, kind: str) -> co
 async def _request_prompt(
     ctx: HostContext, call: UpstreamCall, kind: str, method: str, params: Any, decision: consent.Decision, held: JsonDict | None = None
 ) -> ConsentPrompt:
+    """Ask our user about an upstream's request, naming its source as far as we can vouch for it."""
+    mark = _deferral(call, params)
+    deferred_by = None
+    if mark is not None:
+        deferred_by = await deferral.source_of(
+            mark=mark, identity=ctx.identity, peer=call.peer, peer_origin=call.peer_origin, kind=kind, params=params
+        )
     return await consent.consent_prompt_create(
         identity=ctx.identity, peer=call.peer, kind=kind, name=call.name, arguments={}, decision=decision,
-        timeout=consent.timeout_setting(), request=request_summary(method, params), held=held,
+        timeout=consent.timeout_setting(), request=request_summary(method, params), held=held, deferred_by=deferred_by,
     )
 
 
@@ -405,7 +580,7 @@ async def upstream_request_relay(ctx: HostContext, call: UpstreamCall, method: s
             decision_word = HOME
         elif decision.action == ConsentDecision.ASK:
             decision_word = await _request_ask_user(ctx, call, kind, method, params, decision)
-        reply = await ask(ctx, method, _for_caller(ctx, call, params, defer))
+        reply = await ask(ctx, method, _for_caller(ctx, call, kind, params, defer))
         if "error" in reply:
             code = reply["error"].get("code") if isinstance(reply["error"], dict) else None
             error_code = code if isinstance(code, int) and not isinstance(code, bool) else jsonrpc.UPSTREAM_ERROR
@@ -459,7 +634,7 @@ async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: Json
             to_ask.append((request, kind, decision))
         else:
             _audit_request(ctx, call, request["method"], HOME if defer else decision.label, None, started)
-        params = _for_caller(ctx, call, request.get("params"), defer)
+        params = _for_caller(ctx, call, kind, request.get("params"), defer)
         passed[key] = request if params is request.get("params") else {**request, "params": params}
     if any(passed[key] is not request for key, request in requests.items()):
         result = {**result, "inputRequests": passed}

@@ -46,8 +46,10 @@ from identity.trust import ASSERTION_META_KEY, assertion_subject
 from identity.upstream_oauth import UpstreamAuthorizationRequiredError
 from mcp_endpoint import consent_relay, jsonrpc
 from mcp_endpoint.consent_gate import (
+    Approval,
     UpstreamCall,
     consent_gate,
+    continuation_wrap,
     upstream_input_gate,
     upstream_input_resume,
     upstream_request_relay,
@@ -290,13 +292,18 @@ def identity_key(ctx: HostContext) -> str:
     return f"user:{identity.user_id}" if identity.user_id is not None else f"client:{identity.client_id}"
 
 
-async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDict, hops: list[str]) -> JsonDict:
-    """One attempt: send the request on a warm connection and return its result."""
+async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDict, hops: list[str], approval: Approval | None) -> JsonDict:
+    """One attempt: send the request on a warm connection and return its result.
+
+    `approval`: the user approved this call, so a 2026-07-28 host's retry of the upstream's
+    input_required must not be asked about again; its state says so (`continuation_wrap`).
+    """
     user_id = ctx.identity.user_id if ctx.identity is not None else None
     try:
         connection = await pool.get(route.peer, prefer=ctx.era, identity_key=identity_key(ctx), user_id=user_id)
         sent = upstream_params(ctx, connection, params, gateway_meta(ctx, route.peer, hops) if route.peer.is_gateway else None)
-        call = UpstreamCall(route.peer.name, method, _audited_name(method, params), route.peer.is_gateway)
+        origin = peer_audience(route.peer.url) if route.peer.is_gateway else ""
+        call = UpstreamCall(route.peer.name, method, _audited_name(method, params), route.peer.is_gateway, origin)
         relay = relay_to(ctx, call)
         # A peer gateway may first ask for the user's consent at their home (mcp_endpoint/consent_relay.py).
         reply = await peer_request(ctx, connection, method, sent, relay)
@@ -311,6 +318,9 @@ async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDic
     if ctx.era == "legacy" and connection.era == "modern":
         result = await _bridge_input_required(ctx, connection, call, sent, result, relay)
     elif ctx.era == "modern":
+        if approval is not None:
+            # Before the gate below, which may hold this very result until its requests are approved.
+            result = continuation_wrap(approval, result)
         result = await upstream_input_gate(ctx, call, result)
     return result
 
@@ -342,7 +352,7 @@ async def forward(ctx: HostContext, route: Route, method: str, params: JsonDict)
         if gate.result is not None:
             return gate.result
         consent_relay.home_answer_reset()
-        result = await _forward(ctx, route, method, gate.params if gate.params is not None else params, hops)
+        result = await _forward(ctx, route, method, gate.params if gate.params is not None else params, hops, gate.approval)
         # A peer gateway that owns the call may have asked our user (distributed consent).
         decision = consent_relay.home_answer(decision)
         return result
@@ -391,8 +401,10 @@ async def _admit(ctx: HostContext, route: Route) -> list[str]:
     return hops
 
 
-async def _forward(ctx: HostContext, route: Route, method: str, params: JsonDict, hops: list[str]) -> JsonDict:
+async def _forward(ctx: HostContext, route: Route, method: str, params: JsonDict, hops: list[str], approval: Approval | None) -> JsonDict:
     """Send `method` to the route's peer and return the result shaped for the host's era.
+
+    `approval` as for `_exchange`.
 
     Transport failures count against the peer's circuit breaker. Methods without side effects
     are retried once on a broken connection; tools/call never is, because the upstream may
@@ -409,7 +421,7 @@ async def _forward(ctx: HostContext, route: Route, method: str, params: JsonDict
         except CircuitOpenError as exc:
             raise jsonrpc.UpstreamFailedError(str(exc)) from exc
         try:
-            result = await _exchange(ctx, route, method, params, hops)
+            result = await _exchange(ctx, route, method, params, hops, approval)
         except jsonrpc.JsonRpcError:
             breaker.record_success()  # the upstream answered: its transport is healthy
             raise

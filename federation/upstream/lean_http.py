@@ -9,8 +9,12 @@ reply), and the legacy HTTP+SSE transport's POSTs to its message endpoint and it
   the guard does not allow, dial the checked address: the DNS-rebinding guard is unchanged) and
   wrapped in TLS with the peer's own `SSLContext` (its CA bundle and client certificate), the
   server name checked against the URL's host.
-* Idle connections are kept (at most `max_idle`) and reused; one that became readable while idle
-  (the server closed it, or sent something unasked) is discarded before use, as httpcore does.
+* Idle connections are kept and reused, the most recently used first; one that became readable
+  while idle (the server closed it, or sent something unasked) is discarded before use, as
+  httpcore does. `max_idle` of them are kept however long they wait; the ones a burst opened
+  beyond that are closed once unused for `SURPLUS_IDLE_SECONDS`, not the moment they come back
+  (closing them at once made a worker under steady load above `max_idle` concurrent calls open
+  and close connections continually).
   A request is never retried on another connection: a POST is not idempotent.
 * Replies: `Content-Length`, `chunked`, or read to EOF; a connection goes back to the pool only
   when its reply was read to the end and neither side said `Connection: close`.
@@ -191,6 +195,10 @@ class LeanResponse:
                 self._pool._discard(conn)
 
 
+SURPLUS_IDLE_SECONDS = 5.0
+"""How long an idle connection beyond a pool's `max_idle` is kept (httpx's keep-alive expiry)."""
+
+
 class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, read_timeout: float, write_timeout: float) -> None:
         self.reader = reader
@@ -200,6 +208,7 @@ class _Connection:
         self.socket = writer.get_extra_info("socket")
         self.reused = False
         self.started = False  # a byte of the current reply arrived
+        self.idle_since = 0.0  # loop time it was last put back in the pool
 
     def stale(self) -> bool:
         """True if the idle connection cannot carry a request: closed, or data came unasked."""
@@ -410,10 +419,15 @@ class LeanHttpPool:
 
     def _release(self, conn: _Connection) -> None:
         """A connection in use is free again (its reply read to the end)."""
-        if self.closed or len(self._idle) >= self.max_idle:
+        if self.closed or not self.max_idle:
             conn.close()
         else:
-            self._idle.append(conn)
+            idle = self._idle
+            conn.idle_since = now = asyncio.get_running_loop().time()
+            idle.append(conn)
+            # The least recently used are at the front; past `max_idle`, close those unused too long.
+            while len(idle) > self.max_idle and now - idle[0].idle_since > SURPLUS_IDLE_SECONDS:
+                idle.pop(0).close()
         self._slots.release()
 
     def _discard(self, conn: _Connection) -> None:

@@ -7,7 +7,11 @@ alice is a user of A only: B knows her as alice@A, C as alice@A@B (asserted by B
 
 * A host on A calls `b.tools__add`: B challenges A, the prompt appears on A's /consent (alice
   signs in there and approves), the call completes on B, B's audit says alice@A, approved.
-* Deny, remember, a 2026-07-28 host, and the ask at C (relayed by B) likewise.
+* Deny, remember, a 2026-07-28 host, and the ask at C (relayed by B) likewise; a 2026-07-28
+  host is asked once for a call whose upstream at B answers with input_required rounds of its own.
+* C's upstream samples and elicits during a call, C asks about them and has nobody to ask, so it
+  leaves them to alice's home (signed deferral mark), B passes them on: A's /consent names the
+  server and gateway C as B's report, and, once A trusts C, verified by C's signature.
 * Playing gateway A by hand (A's real key, through `manage.py shell`), the test replays a
   decision, uses one for another call, forges one and sends one to the wrong gateway: B
   refuses each with -32017 and the reason.
@@ -35,8 +39,10 @@ from selenium.webdriver.support import expected_conditions
 
 from mcp_endpoint import jsonrpc
 from tests.e2e.browser import screenshot, sign_in_on_consent_page
+from tests.e2e import harness
 from tests.e2e.harness import Gateway, fixture_server, gateways, peer_gateway
 from tests.e2e.hosts import BackgroundHost
+from tests.e2e.test_consent_sampling import StreamingHost
 from tests.e2e.test_federation import gateway_token, modern_call
 
 pytestmark = pytest.mark.e2e
@@ -48,6 +54,9 @@ BROWSER_USER = "bea"
 """The user of A who answers in Chromium."""
 ADD_AT_B = {"name": "b.tools__add", "arguments": {"a": 20, "b": 22}}
 ADD_AT_C = {"name": "c.fixture__add", "arguments": {"a": 40, "b": 2}}
+MULTI_ROUND_AT_B = "b.tools__test_input_required_result_multi_round"
+"""A fixture tool that answers with two input_required rounds (elicitations) of its own."""
+ELICITING = {"io.modelcontextprotocol/clientCapabilities": {"elicitation": {"form": {}}}}
 CONSENT_ENV = {"FEDMCP_CONSENT_TIMEOUT": str(WAIT), "FEDMCP_CONSENT_POLL_INTERVAL": "1"}
 
 
@@ -224,6 +233,36 @@ def test_a_2026_host_gets_input_required_pointing_at_as_consent_page(chain: dict
     assert again["error"]["code"] == jsonrpc.INVALID_PARAMS
 
 
+def test_a_2026_host_is_asked_once_however_many_rounds_bs_upstream_asks(chain: dict[str, Any], page: ConsentPage) -> None:
+    a, b = chain["a"], chain["b"]
+    b.python(
+        "from identity.models import ConsentPolicy; "
+        "ConsentPolicy.objects.create(peer='tools', kind='tool', name_pattern='test_input_required_*', decision='ask')"
+    )
+    params = {"name": MULTI_ROUND_AT_B, "arguments": {}}
+
+    def call(**extra: Any) -> dict[str, Any]:
+        headers = a.auth_headers(USERNAME)
+        return modern_call(a, "tools/call", {**params, **extra}, name=MULTI_ROUND_AT_B, headers=headers, meta=ELICITING, timeout=WAIT)
+
+    asked = call()["result"]
+    prompt_id, _ = page.wait_for_prompt()
+    assert page.answer(prompt_id, "approve") == 302
+    step1 = call(requestState=asked["requestState"], inputResponses={"fedmcp-consent": {"action": "accept"}})["result"]
+    assert list(step1["inputRequests"]) == ["step1"], step1
+    step2 = call(requestState=step1["requestState"], inputResponses={"step1": {"action": "accept", "content": {"name": "Alice"}}})["result"]
+    assert list(step2["inputRequests"]) == ["step2"], step2
+    done = call(requestState=step2["requestState"], inputResponses={"step2": {"action": "accept", "content": {"color": "green"}}})
+
+    assert text_of(done) == "Alice's favorite color is green"
+    # B, the owner, continued both rounds of the call alice approved at A; A asked her once.
+    match = {"peer": "tools", "name": "test_input_required_result_multi_round", "method": "tools/call", "decision": "continued", "outcome": "ok"}
+    continued = wait_for_audit(b, match, count=2)
+    assert {(e["federated_subject"], e["federated_issuer"]) for e in continued} == {("alice", a.public_url)}
+    asked_at_a = a.python("from identity.models import ConsentPrompt; print(ConsentPrompt.objects.filter(name='test_input_required_result_multi_round').count())")
+    assert asked_at_a.strip() == "1"
+
+
 def test_remember_keeps_a_grant_for_alice_at_a_on_b(chain: dict[str, Any], page: ConsentPage, host: BackgroundHost) -> None:
     a, b = chain["a"], chain["b"]
     params = {**ADD_AT_B, "arguments": {"a": 3, "b": 4}}
@@ -262,6 +301,63 @@ def test_an_ask_at_c_is_relayed_by_b_and_answered_at_a(chain: dict[str, Any], pa
     assert (on_c["federated_subject"], on_c["federated_issuer"], on_c["decision"]) == (f"alice@{a.public_url}", b.public_url, "approved")
     assert on_c["via"] == ["a", "b"]
     wait_for_audit(b, {"peer": "c", "name": "fixture__add", "outcome": "ok"})
+
+
+# --- an upstream's sampling and elicitation at C, left to alice's home ---------------------------
+
+
+def consent_policies(gateway: Gateway, peer: str, decision: str | None) -> None:
+    """`gateway` asks (or whatever `decision` says) about sampling and elicitation from `peer`; None removes those policies."""
+    code = f"from identity.models import ConsentPolicy; ConsentPolicy.objects.filter(peer={peer!r}, kind__in=['sampling', 'elicitation']).delete()"
+    if decision is not None:
+        code += "".join(f"; ConsentPolicy.objects.create(peer={peer!r}, kind={k!r}, decision={decision!r})" for k in ("sampling", "elicitation"))
+    gateway.python(code)
+
+
+def test_requests_c_leaves_to_alices_home_are_asked_at_a_naming_c_as_far_as_a_can_vouch(chain: dict[str, Any], page: ConsentPage) -> None:
+    a, b, c = chain["a"], chain["b"], chain["c"]
+    # C asks about its upstream's requests and has nobody to ask: it defers them, signed. B allows
+    # (the e2e default) and passes the mark on. A, alice's home, asks her.
+    consent_policies(c, "fixture", "ask")
+    consent_policies(a, "b", "ask")
+    host = StreamingHost(a)
+    try:
+        host.initialize()
+        host.call_in_background({"name": "c.fixture__test_sampling", "arguments": {"prompt": "Capital of France?"}})
+        prompt_id, section = page.wait_for_prompt()
+        # A does not trust C: the source is B's report, and the page says so.
+        assert "Sampling request from <code>fixture</code> of gateway <code>c</code>, as reported by <code>b</code> during <code>test_sampling</code>" in section
+        assert '<dd class="source" data-vouched="reported">' in section and "not verified: signed by a gateway this one does not trust" in section
+        assert "Capital of France?" in section
+        assert page.answer(prompt_id, "approve") == 302
+        assert text_of(host.wait()) == "LLM response: Paris"
+    finally:
+        host.close()
+    assert host.methods() == ["elicitation/create", "sampling/createMessage"]  # A's pointer to its page, then the request
+    wait_for_audit(c, {"method": "sampling/createMessage", "peer": "fixture", "decision": "home", "outcome": "ok", "federated_subject": f"alice@{a.public_url}"})
+    wait_for_audit(b, {"method": "sampling/createMessage", "peer": "c", "decision": "allow", "outcome": "ok"})
+    wait_for_audit(a, {"method": "sampling/createMessage", "peer": "b", "decision": "approved", "outcome": "ok", "username": USERNAME})
+
+    # A trusts C now (its keys from C's JWKS): C's signature is checked, and A names C its own way.
+    harness.trust(a, c, "c-corp")
+    host = StreamingHost(a)
+    try:
+        host.initialize()
+        host.call_in_background({"name": "c.fixture__test_elicitation", "arguments": {"message": "Your name?"}})
+        prompt_id, section = page.wait_for_prompt({prompt_id})
+        assert "Elicitation request from <code>fixture</code> of gateway <code>c-corp</code> during <code>test_elicitation</code>" in section
+        assert '<dd class="source" data-vouched="signature">' in section and f"({c.public_url}, signature verified), through peer gateway" in section
+        assert page.answer(prompt_id, "deny") == 302
+        reply = host.wait()
+    finally:
+        host.close()
+        consent_policies(c, "fixture", None)
+        consent_policies(a, "b", None)
+        a.python("from identity.models import TrustedGateway; from identity.trust import gateway_untrust; gateway_untrust(gateway=TrustedGateway.objects.get(name='c-corp'))")
+    assert host.methods() == ["elicitation/create"]  # only A's pointer: the request itself never reached the host
+    assert "error" in reply or reply["result"].get("isError") is True, reply
+    wait_for_audit(c, {"method": "elicitation/create", "decision": "home", "error_code": jsonrpc.CONSENT_DENIED})
+    wait_for_audit(a, {"method": "elicitation/create", "peer": "b", "decision": "denied", "error_code": jsonrpc.CONSENT_DENIED})
 
 
 # --- decisions that must not work ----------------------------------------------------------------

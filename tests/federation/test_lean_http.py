@@ -135,6 +135,69 @@ def test_connections_are_kept_alive_and_reused() -> None:
     assert server.requests[0].endswith(b"\r\n\r\n" + body)
 
 
+def gated_reply(gate: asyncio.Event) -> Reply:
+    """A JSON reply sent only once `gate` is set: the requests before it are all in flight at once."""
+    answer = json_reply({"jsonrpc": "2.0", "id": 1, "result": {}})
+
+    async def reply(request: bytes, writer: asyncio.StreamWriter) -> bool:
+        await gate.wait()
+        return await answer(request, writer)
+
+    return reply
+
+
+async def burst(pool: LeanHttpPool, server: Server, gate: asyncio.Event, size: int) -> None:
+    """`size` requests in flight together (each on its own connection), then all answered."""
+    gate.clear()
+    expected = len(server.requests) + size
+    calls = [asyncio.ensure_future(post(pool)) for _ in range(size)]
+    while len(server.requests) < expected:
+        await asyncio.sleep(0.01)
+    gate.set()
+    assert [status for status, _ in await asyncio.gather(*calls)] == [200] * size
+
+
+def test_connections_a_burst_opened_beyond_max_idle_are_kept_for_the_next_one() -> None:
+    gate = asyncio.Event()
+    server = Server(gated_reply(gate))
+
+    async def scenario() -> tuple[int, int]:
+        async with server.running() as url:
+            pool = pool_for(url, max_idle=2)
+            try:
+                await burst(pool, server, gate, 5)
+                await burst(pool, server, gate, 5)
+                return pool.opened, len(pool._idle)
+            finally:
+                await pool.aclose()
+
+    # Closing the three surplus connections as they came back would have opened eight in all.
+    assert run(scenario()) == (5, 5)
+    assert server.connections == 5
+
+
+def test_surplus_idle_connections_are_closed_once_unused_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = asyncio.Event()
+    server = Server(gated_reply(gate))
+    monkeypatch.setattr("federation.upstream.lean_http.SURPLUS_IDLE_SECONDS", 0.2)
+
+    async def scenario() -> tuple[int, int]:
+        async with server.running() as url:
+            pool = pool_for(url, max_idle=2)
+            try:
+                await burst(pool, server, gate, 5)
+                await asyncio.sleep(0.3)
+                # One call takes the most recently used connection; its release closes the
+                # surplus ones that waited too long, and keeps `max_idle`.
+                gate.set()
+                await post(pool)
+                return pool.opened, len(pool._idle)
+            finally:
+                await pool.aclose()
+
+    assert run(scenario()) == (5, 2)
+
+
 def test_a_connection_the_server_closed_while_idle_is_not_used_again() -> None:
     server = Server(json_reply({"jsonrpc": "2.0", "id": 1, "result": {}}))
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from datetime import timedelta
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -113,6 +114,114 @@ class GenerationCacheTests(SimpleTestCase):
         cache: caching.GenerationCache[str] = caching.GenerationCache("test", ("catalog",))
         cache.put("k", "v", cache.stamp())
         assert cache.get("k") is caching.MISSING
+
+
+class RoundTrip:
+    """A backend like Redis's: each read is a round trip, answered with the generation current when it was sent.
+
+    Reads wait for `gate` (set at first: the test clears it to hold reads on their way).
+    """
+
+    shared_reads = True
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.reads = 0
+        self.fail_from = 0  # reads from this number on raise (0: none)
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def read(self) -> dict[str, str]:
+        self.reads += 1
+        number, answer = self.reads, {"tokens": f"g{self.generation}"}
+        await self.gate.wait()
+        if self.fail_from and number >= self.fail_from:
+            raise RuntimeError("connection reset")
+        return answer
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0)
+
+
+class SharedReadTests(SimpleTestCase):
+    def test_requests_that_arrive_while_a_read_is_on_its_way_share_the_next(self) -> None:
+        async def scenario() -> tuple[int, dict[str, str] | None]:
+            worker = caching.Generations()
+            worker._backend = backend = RoundTrip()
+            backend.gate.clear()
+            first = asyncio.create_task(worker.refresh())
+            await until(lambda: backend.reads == 1)
+            others = [asyncio.create_task(worker.refresh()) for _ in range(9)]
+            await asyncio.sleep(0.01)
+            backend.gate.set()
+            await asyncio.gather(first, *others)
+            return backend.reads, worker.shared
+
+        assert async_to_sync(scenario)() == (2, {"tokens": "g0"})
+
+    def test_a_request_alone_sends_its_read_at_once(self) -> None:
+        async def scenario() -> int:
+            worker = caching.Generations()
+            worker._backend = backend = RoundTrip()
+            for _ in range(3):
+                await worker.refresh()
+            return backend.reads
+
+        assert async_to_sync(scenario)() == 3
+
+    def test_a_request_that_arrives_after_a_read_was_sent_sees_changes_published_before_it_came(self) -> None:
+        async def scenario() -> tuple[int, dict[str, str] | None]:
+            worker = caching.Generations()
+            worker._backend = backend = RoundTrip()
+            backend.gate.clear()
+            early = asyncio.create_task(worker.refresh())
+            await until(lambda: backend.reads == 1)  # on its way, answering g0
+            backend.generation = 1  # another worker publishes a change ...
+            late = asyncio.create_task(worker.refresh())  # ... before this request arrives
+            await asyncio.sleep(0.01)
+            backend.gate.set()
+            await asyncio.gather(early, late)
+            return backend.reads, worker.shared
+
+        # Had the late request used the read already on its way, it would have had g0.
+        assert async_to_sync(scenario)() == (2, {"tokens": "g1"})
+
+    def test_cancelled_requests_do_not_cancel_the_reads_the_others_wait_for(self) -> None:
+        async def scenario() -> tuple[bool, bool, int, dict[str, str] | None]:
+            worker = caching.Generations()
+            worker._backend = backend = RoundTrip()
+            backend.gate.clear()
+            sender = asyncio.create_task(worker.refresh())
+            await until(lambda: backend.reads == 1)
+            leaving, staying = asyncio.create_task(worker.refresh()), asyncio.create_task(worker.refresh())
+            await asyncio.sleep(0.01)
+            backend.generation = 1
+            sender.cancel()
+            leaving.cancel()
+            await asyncio.sleep(0.01)
+            backend.gate.set()
+            await staying
+            return sender.cancelled(), leaving.cancelled(), backend.reads, worker.shared
+
+        assert async_to_sync(scenario)() == (True, True, 2, {"tokens": "g1"})
+
+    def test_a_failed_shared_read_turns_the_caches_off_for_the_requests_that_waited(self) -> None:
+        async def scenario() -> dict[str, str] | None:
+            worker = caching.Generations()
+            worker._backend = backend = RoundTrip()
+            backend.gate.clear()
+            backend.fail_from = 2
+            first = asyncio.create_task(worker.refresh())
+            await until(lambda: backend.reads == 1)
+            waiting = asyncio.create_task(worker.refresh())
+            await asyncio.sleep(0.01)
+            backend.gate.set()
+            await asyncio.gather(first, waiting)
+            return worker.shared
+
+        assert async_to_sync(scenario)() is None
 
 
 class FileGenerationTests(SimpleTestCase):

@@ -13,12 +13,15 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import jwt
 from channels.db import database_sync_to_async
 from django.test import TransactionTestCase, override_settings
 
 from identity import trust
+from identity.deferral import PROOF_TYPE, request_hash
 from identity.audit import audit_flush
 from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt, TrustedGateway
+from identity.signing import signing_key
 from identity.tokens import Identity
 from identity.trust import gateway_trust
 from mcp_endpoint import jsonrpc
@@ -34,6 +37,7 @@ from tests.identity.test_assertions import Signer
 from tests.identity.test_consent_sampling_relay import SAMPLING, Host, context
 
 A = "https://a.example"
+B = "https://b.example"
 CALL = UpstreamCall("web", "tools/call", "summarize")
 FROM_GATEWAY = UpstreamCall("c", "tools/call", "web__summarize", from_gateway=True)
 ELICITATION = {"message": "Your name?", "requestedSchema": {"type": "object", "properties": {"name": {"type": "string"}}}}
@@ -43,8 +47,12 @@ ASK = {"FEDMCP_CONSENT_SAMPLING_DEFAULT": "ask", "FEDMCP_CONSENT_ELICITATION_DEF
 """The shipped defaults (tests/conftest.py allows everything unless a test says otherwise)."""
 
 
-def marked(params: dict[str, Any], gateway: str = "b") -> dict[str, Any]:
-    return {**params, "_meta": {DEFERRED_META_KEY: gateway}}
+B_MARK = {"gateway": "b", "issuer": "", "server": "web", "call": "summarize"}
+"""B's mark for a request of its upstream `web` during `summarize`; unsigned, as B has no issuer here."""
+
+
+def marked(params: dict[str, Any]) -> dict[str, Any]:
+    return {**params, "_meta": {DEFERRED_META_KEY: B_MARK}}
 
 
 class Answers(Host):
@@ -86,6 +94,22 @@ class OwnerDefersTests(Audited):
         self.assertEqual(host.asked, [("sampling/createMessage", marked(SAMPLING))])
         self.assertFalse(await ConsentPrompt.objects.aexists())
         self.assertEqual(await self.audited(), [("sampling/createMessage", "summarize", "home", None)])
+
+    async def test_a_gateway_with_an_issuer_signs_its_mark_for_this_request_and_user(self) -> None:
+        host = Host()
+        with override_settings(FEDMCP_PUBLIC_URL=B, FEDMCP_ISSUER=B):
+            await upstream_request_relay(context(identity=self.alice_at_a), CALL, "sampling/createMessage", SAMPLING, host)
+
+        [(_, params)] = host.asked
+        mark = params["_meta"][DEFERRED_META_KEY]
+        self.assertEqual({k: v for k, v in mark.items() if k != "proof"}, {**B_MARK, "issuer": B})
+        key = signing_key()
+        claims = jwt.decode(mark["proof"], key.private_key.public_key(), algorithms=[key.algorithm], options={"verify_aud": False})
+        self.assertEqual(
+            {k: claims[k] for k in ("iss", "sub", "gateway", "server", "call", "kind", "request_hash")},
+            {"iss": B, "sub": "alice", "gateway": "b", "server": "web", "call": "summarize", "kind": "sampling", "request_hash": request_hash(SAMPLING)},
+        )
+        self.assertEqual(jwt.get_unverified_header(mark["proof"])["typ"], PROOF_TYPE)
 
     async def test_an_elicitation_is_deferred_too(self) -> None:
         host = Host()
@@ -231,6 +255,10 @@ class HomeGatesTests(Audited):
 
         prompt = await ConsentPrompt.objects.aget()
         self.assertEqual((prompt.peer, prompt.kind, prompt.name, prompt.request["message"]), ("c", "elicitation", "web__summarize", "Your name?"))
+        # An older gateway's mark, a bare name: the page and the host's pointer say it is only the peer's word.
+        self.assertEqual((prompt.deferred_by["gateway"], prompt.deferred_by["vouched"], prompt.deferred_by["via_peer"]), ("c", "reported", "c"))
+        [pointer] = own["inputRequests"].values()
+        self.assertIn("from gateway 'c', as reported by peer gateway 'c' (not verified: not signed)", pointer["params"]["message"])
         self.assertEqual([r["params"]["elicitationId"] for r in own["inputRequests"].values()], [prompt.id])
         await ConsentPrompt.objects.filter(pk=prompt.id).aupdate(status=ConsentPrompt.Status.APPROVED)
         held = await upstream_input_resume(ctx, FROM_GATEWAY, {"requestState": own["requestState"]})

@@ -12,17 +12,22 @@ not) and records the answer it gets. Alice answers on A's /consent. Every wait i
 
 from __future__ import annotations
 
+import html
 import json
 from typing import Any
 from unittest import mock
 
+import jwt
+from channels.db import database_sync_to_async
 from django.test import AsyncClient, override_settings
 
 from federation.models import CatalogKind
 from federation.upstream.base import PeerConfig
-from identity import trust
+from identity import consent, trust
+from identity.deferral import request_hash
 from identity.audit import audit_flush
 from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt
+from identity.signing import signing_key
 from identity.trust import gateway_trust
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.consent_gate import DEFERRED_META_KEY
@@ -40,6 +45,7 @@ from tests.base import (
     request,
 )
 from tests.identity.test_assertions import Signer
+from tests.identity.test_consent_deferral_source import Gateway
 from tests.identity.test_consent_flow import CALL_TIMEOUT, final_message, wait_for_prompt
 from tests.identity.test_consent_sampling_flow import SAMPLED
 
@@ -80,6 +86,15 @@ class OwnerDefersFlowTests(FixturePeerTestCase):
         meta = {"io.fedmcp/hops": ["a"], "io.fedmcp/assertion": self.a.sign(aud=audience())}
         return {"name": f"everything__{tool}", "arguments": arguments, "_meta": meta}
 
+    def assert_marked_by_b(self, params: dict[str, Any], kind: str, tool: str) -> None:
+        """The request names B, its upstream `everything` and the tool, signed with B's key for alice and this content."""
+        mark = params["_meta"][DEFERRED_META_KEY]
+        self.assertEqual({k: v for k, v in mark.items() if k != "proof"}, {"gateway": "b", "issuer": audience(), "server": "everything", "call": tool})
+        key = signing_key()
+        claims = jwt.decode(mark["proof"], key.private_key.public_key(), algorithms=[key.algorithm])
+        self.assertEqual((claims["iss"], claims["sub"], claims["server"], claims["kind"]), (audience(), "alice", "everything", kind))
+        self.assertEqual(claims["request_hash"], request_hash(params))
+
     async def gateway_a(self) -> McpClient:
         client = McpClient(token=self.gateway_token)
         await client.initialize(capabilities=GATEWAY_CAPABILITIES)
@@ -95,7 +110,7 @@ class OwnerDefersFlowTests(FixturePeerTestCase):
             self.assertEqual(await call.start(CALL_TIMEOUT), 200)
             asked = await next_message(call)
             self.assertEqual(asked["method"], "sampling/createMessage")
-            self.assertEqual(asked["params"]["_meta"][DEFERRED_META_KEY], "b")
+            self.assert_marked_by_b(asked["params"], "sampling", "test_sampling")
             await client.post({"jsonrpc": "2.0", "id": asked["id"], "result": SAMPLED})
             done = await next_message(call)
         self.assertEqual(done["result"]["content"][0]["text"], "LLM response: Paris")
@@ -111,7 +126,8 @@ class OwnerDefersFlowTests(FixturePeerTestCase):
         async with await self.open_call(client, "test_elicitation", {"message": "Your name?"}) as call:
             self.assertEqual(await call.start(CALL_TIMEOUT), 200)
             asked = await next_message(call)
-            self.assertEqual((asked["method"], asked["params"]["_meta"][DEFERRED_META_KEY]), ("elicitation/create", "b"))
+            self.assertEqual(asked["method"], "elicitation/create")
+            self.assert_marked_by_b(asked["params"], "elicitation", "test_elicitation")
             refusal = {"code": jsonrpc.CONSENT_DENIED, "message": "The user denied the elicitation request", "data": {"consentId": "x"}}
             await client.post({"jsonrpc": "2.0", "id": asked["id"], "error": refusal})
             done = await next_message(call)
@@ -142,7 +158,8 @@ class OwnerDefersFlowTests(FixturePeerTestCase):
         result = reply["result"]
         self.assertEqual(result["resultType"], "input_required")
         [asked] = result["inputRequests"].values()
-        self.assertEqual((asked["method"], asked["params"]["_meta"][DEFERRED_META_KEY]), ("sampling/createMessage", "b"))
+        self.assertEqual(asked["method"], "sampling/createMessage")
+        self.assert_marked_by_b(asked["params"], "sampling", "test_sampling")
         self.assertFalse(await ConsentPrompt.objects.aexists())
         self.assertEqual([e.decision for e in await events_of("sampling/createMessage")], ["home"])
 
@@ -174,7 +191,9 @@ QUESTION = {"message": "Your name?", "requestedSchema": {"type": "object", "prop
 ACCEPTED = {"action": "accept", "content": {"name": "Alice"}}
 
 
-class HomeGatesFlowTests(AsgiTestCase):
+class HomeWithPeerB(AsgiTestCase):
+    """This gateway is A, alice's home, with peer gateway B faked at the pool (`peer_b`)."""
+
     def setUp(self) -> None:
         super().setUp()
         self.enterContext(override_settings(FEDMCP_GATEWAY_NAME="a", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, FEDMCP_CONSENT_POLL_INTERVAL=0.2, **ASK))
@@ -202,6 +221,8 @@ class HomeGatesFlowTests(AsgiTestCase):
         await browser.aforce_login(self.alice)
         return (await browser.post(f"/consent/{prompt.id}", {"action": action})).status_code
 
+
+class HomeGatesFlowTests(HomeWithPeerB):
     async def test_a_deferred_elicitation_is_asked_here_and_relayed_on_approval(self) -> None:
         b = self.peer_b("elicitation/create", {**QUESTION, "_meta": {DEFERRED_META_KEY: "b"}})
         client = await self.host()
@@ -251,3 +272,53 @@ class HomeGatesFlowTests(AsgiTestCase):
         self.assertEqual(b.answers, [{"result": {"action": "accept"}}])
         self.assertFalse(await ConsentPrompt.objects.aexists())
         self.assertEqual(await events_of("elicitation/create"), [])
+
+
+class HomeNamesTheSourceFlowTests(HomeWithPeerB):
+    """A -> B -> C: C deferred an elicitation of its upstream `fixture`; it reaches A through B, signed by C."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        # A has an issuer here, so it can recognise alice as C knows her: alice@<A's issuer>.
+        self.enterContext(override_settings(FEDMCP_PUBLIC_URL=audience(), FEDMCP_ISSUER=audience()))
+        trust._jwks_cache.clear()
+        self.c = Gateway("c", "https://c.example")
+        self.peer_b("elicitation/create", {**QUESTION, "_meta": {DEFERRED_META_KEY: self.c.mark(f"alice@{audience()}", QUESTION, "elicitation")}})
+
+    async def shown(self, call: HttpExchange) -> tuple[ConsentPrompt, str, str]:
+        """Return the prompt alice's call made, the host's pointer to it, and her /consent page."""
+        self.assertEqual(await call.start(CALL_TIMEOUT), 200)
+        prompt = await wait_for_prompt()
+        pointer = await next_message(call)
+        browser = AsyncClient()
+        await browser.aforce_login(self.alice)
+        page = await browser.get("/consent")
+        self.assertEqual(page.status_code, 200)
+        return prompt, pointer["params"]["message"], html.unescape(page.content.decode())
+
+    async def test_a_gateway_we_do_not_trust_is_named_as_the_peers_report(self) -> None:
+        async with await self.open_call(await self.host()) as call:
+            prompt, message, page = await self.shown(call)
+            self.assertEqual(await self.answer(prompt, "deny"), 302)
+            await next_message(call)
+
+        said = "server 'fixture' of gateway 'c', as reported by peer gateway 'b' (not verified: signed by a gateway this one does not trust)"
+        self.assertEqual(consent.prompt_summary(prompt)["source_text"], said)  # what the live feed pushes too
+        self.assertIn(f"elicitation request from {said} (during 'web__summarize')", message)
+        self.assertIn("Elicitation request from <code>fixture</code> of gateway <code>c</code>, as reported by <code>b</code> during <code>test_sampling</code>", page)
+        self.assertIn(f'<dd class="source" data-vouched="reported">{said}</dd>', page)
+
+    async def test_a_gateway_we_trust_is_named_verified_by_our_name_for_it(self) -> None:
+        await database_sync_to_async(gateway_trust)(name="c-inc", issuer="https://c.example", jwks=self.c.jwks)
+
+        async with await self.open_call(await self.host()) as call:
+            prompt, message, page = await self.shown(call)
+            self.assertEqual(await self.answer(prompt, "deny"), 302)
+            await next_message(call)
+
+        said = "server 'fixture' of gateway 'c-inc' (https://c.example, signature verified), through peer gateway 'b'"
+        self.assertIn(f"elicitation request from {said} (during 'web__summarize')", message)
+        self.assertIn("Elicitation request from <code>fixture</code> of gateway <code>c-inc</code> during <code>test_sampling</code>", page)
+        self.assertIn(f'<dd class="source" data-vouched="signature">{said}</dd>', page)
+        # Consent is still about the peer the call went to: its policies and grants name `b`.
+        self.assertEqual((prompt.peer, prompt.name), ("b", "web__summarize"))

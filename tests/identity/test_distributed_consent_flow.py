@@ -56,14 +56,15 @@ class OwnerFlowTests(FixturePeerTestCase):
         self.gateway_token = mint_token("a-gateway", scope="gateway mcp:tools", application=gateway.application)
         ConsentPolicy.objects.create(peer="everything", kind="tool", name_pattern="test_simple_*", decision="ask", redact_fields=["secret"])
 
-    async def call(self, arguments: dict[str, Any], decision: str | None = None) -> dict[str, Any]:
+    async def call(self, arguments: dict[str, Any], decision: str | None = None, *, tool: str = TOOL, **extra: Any) -> dict[str, Any]:
         meta: dict[str, Any] = {"io.fedmcp/hops": ["a"], "io.fedmcp/assertion": self.a.sign(aud=audience())}
         if decision is not None:
             meta[DECISION_META_KEY] = decision
         client = McpClient(token=self.gateway_token)
 
-        body = request("tools/call", {"name": TOOL, "arguments": arguments, "_meta": {**modern_meta(), **meta}}, 1)
-        reply = await client.post(body, {"mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call", "mcp-name": TOOL}, timeout=WAIT)
+        envelope = modern_meta({"elicitation": {"form": {}}})
+        body = request("tools/call", {"name": tool, "arguments": arguments, **extra, "_meta": {**envelope, **meta}}, 1)
+        reply = await client.post(body, {"mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call", "mcp-name": tool}, timeout=WAIT)
         return final_message(reply)
 
     def decision(self, challenge: str, **overrides: Any) -> str:
@@ -73,8 +74,8 @@ class OwnerFlowTests(FixturePeerTestCase):
         decision.update(overrides)
         return jwt.encode(decision, self.a.key, algorithm="EdDSA", headers={"kid": self.a.kid, "typ": DECISION_TYPE})
 
-    async def challenge(self, arguments: dict[str, Any]) -> str:
-        reply = await self.call(arguments)
+    async def challenge(self, arguments: dict[str, Any], tool: str = TOOL) -> str:
+        reply = await self.call(arguments, tool=tool)
         self.assertEqual(reply["error"]["code"], jsonrpc.CONSENT_REQUIRED_AT_HOME, reply)
         return str(reply["error"]["data"]["challenge"])
 
@@ -104,6 +105,22 @@ class OwnerFlowTests(FixturePeerTestCase):
         await audit_flush()
         decisions = [e async for e in AuditEvent.objects.order_by("at").values_list("decision", "error_code", "federated_issuer")]
         self.assertEqual(decisions, [("ask-home", jsonrpc.CONSENT_REQUIRED_AT_HOME, A), ("approved", None, A), ("rejected", jsonrpc.CONSENT_DENIED, A)])
+
+    async def test_the_upstreams_further_rounds_of_an_approved_call_are_not_asked_at_home_again(self) -> None:
+        tool = "everything__test_input_required_result_elicitation"
+        await ConsentPolicy.objects.acreate(peer="everything", kind="tool", name_pattern="test_input_required_*", decision="ask")
+        first = (await self.call({}, self.decision(await self.challenge({}, tool)), tool=tool))["result"]
+        self.assertEqual(list(first["inputRequests"]), ["user_name"])
+
+        answer = {"user_name": {"action": "accept", "content": {"name": "Alice"}}}
+        done = await self.call({}, tool=tool, requestState=first["requestState"], inputResponses=answer)
+        replayed = await self.call({}, tool=tool, requestState=first["requestState"], inputResponses=answer)
+
+        self.assertEqual(done["result"]["content"][0]["text"], "Hello, Alice!")
+        self.assertEqual(replayed["error"]["code"], jsonrpc.INVALID_PARAMS)
+        await audit_flush()
+        decisions = [e async for e in AuditEvent.objects.filter(method="tools/call").order_by("at", "pk").values_list("decision", "error_code")]
+        self.assertEqual(decisions, [("ask-home", jsonrpc.CONSENT_REQUIRED_AT_HOME), ("approved", None), ("continued", None), ("", jsonrpc.INVALID_PARAMS)])
 
     async def test_a_denial_from_home_refuses_the_call(self) -> None:
         reply = await self.call({}, self.decision(await self.challenge({}), decision="deny"))
