@@ -13,7 +13,6 @@ from django.contrib.auth.models import Group
 from django.db.models import QuerySet
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404
-from django.utils.dateparse import parse_datetime
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
@@ -343,6 +342,12 @@ class AuditOutput(serializers.ModelSerializer):
 
 
 class AuditListApi(AdminApi):
+    class FilterSerializer(serializers.Serializer):
+        # As every date-time input of this API: ISO 8601, a time without an offset is UTC, and any
+        # offset is converted to UTC (PostgreSQL refuses offsets past 15:59; ISO allows 23:59).
+        since = serializers.DateTimeField(required=False)
+        until = serializers.DateTimeField(required=False)
+
     @extend_schema(
         operation_id="audit_list",
         parameters=[
@@ -365,12 +370,11 @@ class AuditListApi(AdminApi):
         for key in ("peer", "method", "outcome", "decision"):
             if params.get(key):
                 rows = rows.filter(**{key: params[key]})
+        moments = self.FilterSerializer(data={key: params[key] for key in ("since", "until") if params.get(key)})
+        moments.is_valid(raise_exception=True)
         for key, lookup in (("since", "at__gte"), ("until", "at__lt")):
-            if params.get(key):
-                moment = parse_datetime(params[key])
-                if moment is None:
-                    raise ValidationError({key: "Use an ISO 8601 date and time."})
-                rows = rows.filter(**{lookup: moment})
+            if key in moments.validated_data:
+                rows = rows.filter(**{lookup: moments.validated_data[key]})
         return paginated(self, request, rows.order_by("-at", "-id"), AuditOutput)
 
 

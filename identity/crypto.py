@@ -152,6 +152,10 @@ def encrypted_fields() -> list[tuple[type[models.Model], list[str]]]:
     return found
 
 
+ROTATE_BATCH = 500
+"""Rows `secrets_rotate` reads at a time."""
+
+
 def secrets_rotate() -> int:
     """Re-encrypt every encrypted value with the current (first) key; return the rows rewritten.
 
@@ -164,8 +168,15 @@ def secrets_rotate() -> int:
     rewritten = 0
     with transaction.atomic():
         for model, names in encrypted_fields():
-            for row in model._base_manager.select_for_update().only("pk", *names).iterator():
-                # Reading decrypted with whichever key fits; update() encrypts with the first.
-                model._base_manager.filter(pk=row.pk).update(**{name: getattr(row, name) for name in names})
-                rewritten += 1
+            manager = model._base_manager
+            # Lock every row first, then read them in batches by key. Not `.iterator()`: on
+            # PostgreSQL that is a server-side cursor, and a row that cannot be decrypted leaves it
+            # open (the error's traceback holds it) until after the rollback; closing it then
+            # fails and aborts the enclosing transaction, if there is one.
+            keys = list(manager.select_for_update().order_by("pk").values_list("pk", flat=True))
+            for start in range(0, len(keys), ROTATE_BATCH):
+                for row in manager.filter(pk__in=keys[start : start + ROTATE_BATCH]).only("pk", *names):
+                    # Reading decrypted with whichever key fits; update() encrypts with the first.
+                    manager.filter(pk=row.pk).update(**{name: getattr(row, name) for name in names})
+                    rewritten += 1
     return rewritten

@@ -6,7 +6,7 @@ from typing import Any
 
 from datetime import timedelta
 
-from django.test import Client, TestCase
+from django.test import Client, TransactionTestCase
 from django.utils import timezone
 
 from federation.models import CatalogKind, Peer, Transport
@@ -23,7 +23,7 @@ def api_client(token: str | None = None) -> Client:
     return Client(headers=headers)
 
 
-class ApiTestCase(TestCase):
+class ApiTestCase(TransactionTestCase):
     """`self.api` sends the operator's admin token; `self.peer` has one tool and one prompt."""
 
     def setUp(self) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+from datetime import timezone as dt_timezone
+
 from asgiref.sync import sync_to_async
 
 from federation.models import CatalogEntry, Peer
@@ -110,6 +113,23 @@ class AuditApiTest(ApiTestCase):
         assert users(until=first.at.isoformat()) == []
         assert users(since=first.at.isoformat()) == ["alice", "bob"]
         assert self.api.get("/api/audit/", {"since": "yesterday"}).status_code == 400
+
+    def test_since_and_until_with_any_offset_are_read_as_the_same_instant(self) -> None:
+        # -20:00 is a valid ISO 8601 offset that PostgreSQL refuses to take (it allows up to 15:59).
+        first = AuditEvent.objects.get(username="alice").at
+        far_west = (first - timedelta(hours=20)).replace(tzinfo=dt_timezone(timedelta(hours=-20)))
+        naive_utc = first.replace(tzinfo=None)
+        for query in ({"until": far_west.isoformat()}, {"until": naive_utc.isoformat()}):
+            reply = self.api.get("/api/audit/", query)
+            assert reply.status_code == 200, (query, reply.content)
+            assert reply.json()["count"] == 0, query
+        assert self.api.get("/api/audit/", {"since": far_west.isoformat()}).json()["count"] == 2
+
+    def test_a_time_that_does_not_exist_or_leaves_the_calendar_in_utc_is_refused_with_400(self) -> None:
+        for query in ({"since": "2020-02-30T00:00:00Z"}, {"until": "9999-12-31T23:59:59-20:00"}, {"since": "0001-01-01T00:00:00+05:00"}):
+            reply = self.api.get("/api/audit/", query)
+            assert reply.status_code == 400, (query, reply.content)
+            assert list(reply.json()) == list(query), query
 
     def test_it_paginates(self) -> None:
         page = self.api.get("/api/audit/", {"page_size": 1}).json()

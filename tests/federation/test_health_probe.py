@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from unittest import mock
 
-from django.test import TestCase
+from django.test import TransactionTestCase
 
 from federation import health
 from federation.models import Peer, PeerHealthCheck, Transport
 from federation.upstream.base import PeerConfig
 
 
-class UnexpectedProbeFailureTests(TestCase):
+class UnexpectedProbeFailureTests(TransactionTestCase):
     async def test_it_is_recorded_and_counts_against_the_breaker(self) -> None:
         peer = await Peer.objects.acreate(name="odd", transport=Transport.STREAMABLE_HTTP, url="http://127.0.0.1:9/mcp")
         config = PeerConfig.from_peer(peer)

@@ -48,7 +48,10 @@ EXAMPLES = int(os.environ.get("FEDMCP_API_FUZZ_EXAMPLES", "100" if os.environ.ge
 
 
 @pytest.fixture
-def admin_token(db: Any, django_user_model: Any) -> str:
+def admin_token(transactional_db: Any, django_user_model: Any) -> str:
+    # Committed, not in a rolled-back test transaction: requests go through Django's WSGIHandler,
+    # whose request signals close the connection (the test Client switches that off), and the
+    # API's catalog writes run through database_sync_to_async, which does the same.
     admin = django_user_model.objects.create_superuser("root-fuzz", "root@example.invalid", "not-a-password-x9")
     return token_create(user=admin, scope="admin", resource=f"http://{HOST}", expires_in=timedelta(hours=1))
 

@@ -32,6 +32,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from channels.db import database_sync_to_async
+from django.db import connections
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -320,6 +322,10 @@ class LoopThread:
         try:
             self.run(release_process_state())
             self.run(cancel_the_rest())
+            # Outside async_to_sync, the consumers' database work ran on asgiref's one shared
+            # thread, as in a daphne worker, which keeps its connection. Close it here: left open,
+            # it keeps PostgreSQL from dropping the test database at the end of the run.
+            self.run(database_sync_to_async(connections.close_all)())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.test import Client, TestCase, override_settings
+from django.test import Client, TestCase, TransactionTestCase, override_settings
 from oauth2_provider.models import AccessToken, Application
 
 ORIGIN = "http://testserver"
@@ -161,8 +161,7 @@ class Flow:
         return response.json()
 
 
-@override_settings(PASSWORD_HASHERS=FAST_HASHERS)
-class OAuthTestCase(TestCase):
+class OAuthPersonas:
     """alice (a user) signed in to a browser, and `desk`, a public MCP host client."""
 
     def setUp(self) -> None:
@@ -174,3 +173,17 @@ class OAuthTestCase(TestCase):
 
     def flow(self, application: Application | None = None, **fields: Any) -> Flow:
         return Flow(self.browser, (application or self.desk).client_id, **fields)
+
+
+@override_settings(PASSWORD_HASHERS=FAST_HASHERS)
+class OAuthTestCase(OAuthPersonas, TestCase):
+    """`OAuthPersonas` in a `TestCase`: each test is rolled back."""
+
+
+@override_settings(PASSWORD_HASHERS=FAST_HASHERS)
+class OAuthTransactionTestCase(OAuthPersonas, TransactionTestCase):
+    """`OAuthPersonas` with real commits, for tests that present the token to the gateway.
+
+    The gateway's token check runs through `database_sync_to_async`, which closes a `TestCase`'s
+    connection (tests/conftest.py `no_connection_closed_inside_a_transaction`).
+    """

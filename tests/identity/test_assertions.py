@@ -22,7 +22,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from django.test import Client, TestCase, override_settings
+from django.test import Client, TestCase, TransactionTestCase, override_settings
 from jwt.algorithms import OKPAlgorithm
 
 from identity import trust
@@ -77,7 +77,7 @@ def meta_with(assertion: str | None, hops: list[str] | None = None) -> dict[str,
 
 
 @override_settings(FEDMCP_PUBLIC_URL=B, PASSWORD_HASHERS=FAST_HASHERS)
-class AcceptingAssertionsTests(TestCase):
+class AcceptingAssertionsTests(TransactionTestCase):
     def setUp(self) -> None:
         trust._jwks_cache.clear()
         self.signer = Signer()
@@ -196,7 +196,7 @@ class FakeJwks:
 
 
 @override_settings(FEDMCP_PUBLIC_URL=B, PASSWORD_HASHERS=FAST_HASHERS)
-class FetchedKeysTests(TestCase):
+class FetchedKeysTests(TransactionTestCase):
     def setUp(self) -> None:
         trust._jwks_cache.clear()
         self.signer = Signer()
@@ -292,7 +292,7 @@ class NullOutbound:
 
 
 @override_settings(FEDMCP_PUBLIC_URL=B, PASSWORD_HASHERS=FAST_HASHERS)
-class DispatcherTests(TestCase):
+class DispatcherTests(TransactionTestCase):
     def setUp(self) -> None:
         trust._jwks_cache.clear()
         self.signer = Signer()

@@ -2,6 +2,12 @@
 
 The end-to-end side (a real worker whose PostgreSQL is cut) is tests/e2e/test_db_outage.py;
 here the database's refusal is simulated at the batch insert (`audit._insert_rows`) and `save`.
+
+These are `TransactionTestCase`s, as in test_audit_insert.py: the writer saves through
+`database_sync_to_async`, which runs `close_old_connections()` on the test's own thread; inside
+a `TestCase`'s transaction that closes the test's connection (autocommit is off), and every later
+query fails with "the connection is closed" on PostgreSQL (SQLite ignores closing an in-memory
+database, which hid it).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from datetime import timedelta
 from unittest import mock
 
 from django.db import OperationalError
-from django.test import TestCase, override_settings
+from django.test import TransactionTestCase, override_settings
 from django.utils import timezone
 
 from identity import audit
@@ -26,7 +32,7 @@ def record(*names: str) -> None:
 
 
 @override_settings(FEDMCP_AUDIT_FLUSH_INTERVAL=60)
-class AuditOutageTests(TestCase):
+class AuditOutageTests(TransactionTestCase):
     async def test_events_wait_for_the_database_and_keep_their_order_and_time(self) -> None:
         before = timezone.now()
         with mock.patch.object(audit, "_insert_rows", side_effect=UNREACHABLE):

@@ -10,6 +10,7 @@ from tests.identity.oauth import (
     ORIGIN,
     RESOURCE,
     OAuthTestCase,
+    OAuthTransactionTestCase,
     create_user,
     pkce_pair,
     query,
@@ -18,7 +19,7 @@ from tests.identity.oauth import (
 )
 
 
-class AuthorizationCodeTests(OAuthTestCase):
+class AuthorizationCodeTests(OAuthTransactionTestCase):
     def test_it_issues_a_token_for_the_resource_the_host_asked_for(self) -> None:
         tokens = self.flow().tokens()
 

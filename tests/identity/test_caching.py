@@ -21,7 +21,7 @@ from unittest import mock
 import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
-from django.test import SimpleTestCase, TestCase, override_settings
+from django.test import SimpleTestCase, TransactionTestCase, override_settings
 from django.utils import timezone
 from oauth2_provider.models import AccessToken
 
@@ -279,7 +279,7 @@ class FileGenerationTests(SimpleTestCase):
 # --- tokens --------------------------------------------------------------------------------------
 
 
-class TokenCacheTests(TestCase):
+class TokenCacheTests(TransactionTestCase):
     def setUp(self) -> None:
         self.raw = mint_token(ALICE)
 
@@ -323,7 +323,7 @@ class TokenCacheTests(TestCase):
 # --- sessions ------------------------------------------------------------------------------------
 
 
-class SessionCacheTests(TestCase):
+class SessionCacheTests(TransactionTestCase):
     async def start(self) -> None:
         raw = await database_sync_to_async(mint_token)(ALICE)
         await caching.refresh()
@@ -355,7 +355,7 @@ class SessionCacheTests(TestCase):
 # --- routes and lists ----------------------------------------------------------------------------
 
 
-class CatalogCacheTests(TestCase):
+class CatalogCacheTests(TransactionTestCase):
     def setUp(self) -> None:
         self.peer = Peer.objects.create(name="files", transport="streamable-http", url="http://127.0.0.1:9/mcp")
         self.entry = CatalogEntry.objects.create(
@@ -399,7 +399,7 @@ class CatalogCacheTests(TestCase):
 # --- consent -------------------------------------------------------------------------------------
 
 
-class ConsentCacheTests(TestCase):
+class ConsentCacheTests(TransactionTestCase):
     def setUp(self) -> None:
         self.user = persona(ALICE)
         self.identity = tokens.Identity(
@@ -457,7 +457,7 @@ class ConsentCacheTests(TestCase):
 # --- the audit trail -----------------------------------------------------------------------------
 
 
-class AuditBatchTests(TestCase):
+class AuditBatchTests(TransactionTestCase):
     def record(self, n: int) -> None:
         for i in range(n):
             audit.audit_record(identity=None, peer="files", method="tools/call", name=f"t{i}", error_code=None, latency_ms=1.0)

@@ -6,7 +6,7 @@ import base64
 from typing import Any
 
 from asgiref.sync import async_to_sync
-from django.test import Client, TestCase, override_settings
+from django.test import Client, TransactionTestCase, override_settings
 
 from identity.tokens import authenticate
 from tests.identity.oauth import (
@@ -25,7 +25,7 @@ def basic(client_id: str, secret: str) -> str:
 
 
 @override_settings(PASSWORD_HASHERS=FAST_HASHERS)
-class ClientCredentialsTests(TestCase):
+class ClientCredentialsTests(TransactionTestCase):
     def setUp(self) -> None:
         self.machine = machine_client(secret="s3cret")
 

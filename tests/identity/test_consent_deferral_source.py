@@ -18,7 +18,7 @@ import jwt
 from channels.db import database_sync_to_async
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from django.test import TestCase, override_settings
+from django.test import TransactionTestCase, override_settings
 
 from identity import deferral, signing, trust
 from identity.models import TrustedGateway
@@ -63,7 +63,7 @@ class Gateway:
         return {**mark, "proof": proof}
 
 
-class DeferralSourceTests(TestCase):
+class DeferralSourceTests(TransactionTestCase):
     def setUp(self) -> None:
         trust._jwks_cache.clear()
         self.a, self.b, self.c = Gateway("a", A), Gateway("b", B), Gateway("c", C)

@@ -14,7 +14,7 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from django.test import TestCase, override_settings
+from django.test import TransactionTestCase, override_settings
 from django.utils import timezone
 
 from identity import consent, trust
@@ -54,7 +54,7 @@ def sign(signer: Signer, claims: dict[str, Any], typ: str = DECISION_TYPE, key: 
 
 
 @override_settings(FEDMCP_PUBLIC_URL=B, FEDMCP_ISSUER=B, FEDMCP_GATEWAY_NAME="b", PASSWORD_HASHERS=FAST_HASHERS)
-class OwnerTests(TestCase):
+class OwnerTests(TransactionTestCase):
     """B asks alice@A's home about a call of `search` on B's peer `web`, and checks the answer."""
 
     def setUp(self) -> None:
@@ -196,7 +196,7 @@ async def gateway_trust_async(**kwargs: Any) -> None:
 
 
 @override_settings(FEDMCP_PUBLIC_URL=A, FEDMCP_ISSUER=A, FEDMCP_GATEWAY_NAME="a", PASSWORD_HASHERS=FAST_HASHERS)
-class HomeTests(TestCase):
+class HomeTests(TransactionTestCase):
     """A checks B's challenge about the call A sent B for alice, and signs alice's answer."""
 
     def setUp(self) -> None:
@@ -267,7 +267,7 @@ class HomeTests(TestCase):
 
 
 @override_settings(PASSWORD_HASHERS=FAST_HASHERS)
-class RoundTripTests(TestCase):
+class RoundTripTests(TransactionTestCase):
     """The same process signs as A and verifies as B: a real decision is accepted where it belongs."""
 
     async def test_a_decision_signed_at_home_settles_the_owners_question(self) -> None:

@@ -10,7 +10,7 @@ from django.test import Client
 from oauth2_provider.models import Application
 
 from identity.tokens import TokenError, authenticate
-from tests.identity.oauth import ORIGIN, REDIRECT_URI, REGISTER, OAuthTestCase
+from tests.identity.oauth import ORIGIN, REDIRECT_URI, REGISTER, OAuthTestCase, OAuthTransactionTestCase
 
 
 def host_metadata(**fields: Any) -> dict[str, Any]:
@@ -109,7 +109,7 @@ class RegistrationTests(OAuthTestCase):
         assert response.json()["error"] == "invalid_client_metadata"
 
 
-class ConfigurationTests(OAuthTestCase):
+class ConfigurationTests(OAuthTransactionTestCase):
     """RFC 7592: the registration access token manages the registration, under the same rules."""
 
     def setUp(self) -> None:

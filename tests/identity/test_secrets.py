@@ -8,6 +8,7 @@ import json
 import stat
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from cryptography.fernet import Fernet
@@ -22,6 +23,7 @@ from django.test import Client, RequestFactory, TestCase, override_settings
 
 from federation.models import Peer
 from federation.services import peer_add
+from identity import crypto
 from identity.crypto import SecretDecryptionError, fernet
 from tests.identity.oauth import FAST_HASHERS
 
@@ -126,6 +128,18 @@ class RotationTests(TestCase):
         with override_settings(FEDMCP_SECRETS_KEYS=KEY_1), pytest.raises(SecretDecryptionError):
             Peer.objects.get(name="acme")
         assert "Re-encrypted 2 row(s)" in out.getvalue()
+
+    def test_rows_beyond_one_batch_are_all_rewritten(self) -> None:
+        with override_settings(FEDMCP_SECRETS_KEYS=KEY_1):
+            peers = [gateway_peer(f"acme{i}") for i in range(3)]
+
+        with override_settings(FEDMCP_SECRETS_KEYS=f"{KEY_2},{KEY_1}"), mock.patch.object(crypto, "ROTATE_BATCH", 2):
+            out = io.StringIO()
+            call_command("rotate_secrets", stdout=out)
+
+        assert "Re-encrypted 3 row(s)" in out.getvalue()
+        with override_settings(FEDMCP_SECRETS_KEYS=KEY_2):
+            assert [Peer.objects.get(pk=peer.pk).client_secret for peer in peers] == [SECRET] * 3
 
     def test_old_keys_still_decrypt_before_rotation(self) -> None:
         with override_settings(FEDMCP_SECRETS_KEYS=KEY_1):

@@ -26,7 +26,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.test import Client, TestCase, override_settings
+from django.test import Client, TestCase, TransactionTestCase, override_settings
 from oauth2_provider.models import AccessToken, Application
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request as WsRequest
@@ -70,7 +70,7 @@ def trust_command(*args: str) -> tuple[str, str, str]:
 
 
 @override_settings(PASSWORD_HASHERS=FAST_HASHERS)
-class TrustCommandTests(TestCase):
+class TrustCommandTests(TransactionTestCase):
     def test_trust_creates_a_client_credentials_application_and_prints_its_secret_once(self) -> None:
         _, client_id, secret = trust_command("acme", "--issuer", "https://mcp.acme.example/")
 
@@ -284,7 +284,7 @@ class NullOutbound:
 
 
 @override_settings(FEDMCP_PUBLIC_URL="http://a.example", FEDMCP_ISSUER="http://a.example", FEDMCP_GATEWAY_NAME="a")
-class ForwardingToAPeerGatewayTests(TestCase):
+class ForwardingToAPeerGatewayTests(TransactionTestCase):
     def setUp(self) -> None:
         credentials._tokens.clear()
         self.server = FakeAuthorizationServer()
@@ -366,7 +366,7 @@ class ForwardingToAPeerGatewayTests(TestCase):
             await AuditEvent.objects.filter(pk=event.pk).aupdate(outcome="error")
 
 
-class AuditShutdownTests(TestCase):
+class AuditShutdownTests(TransactionTestCase):
     async def test_pending_audit_events_are_written_when_the_worker_shuts_down(self) -> None:
         audit_record(identity=None, peer="b", method="tools/call", name="x", error_code=-32011, latency_ms=1.0)
         await release_worker()

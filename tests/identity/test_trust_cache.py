@@ -12,7 +12,7 @@ from unittest import mock
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.test import TestCase, override_settings
+from django.test import TransactionTestCase, override_settings
 
 from fedmcp_site import caching
 from identity import trust
@@ -24,7 +24,7 @@ from tests.identity.test_assertions import A, B, Signer, caller_for, meta_with
 
 
 @override_settings(FEDMCP_PUBLIC_URL=B, PASSWORD_HASHERS=FAST_HASHERS)
-class TrustedGatewayCacheTests(TestCase):
+class TrustedGatewayCacheTests(TransactionTestCase):
     def setUp(self) -> None:
         trust._jwks_cache.clear()
         self.signer = Signer()

@@ -147,7 +147,7 @@ def raw_tokens() -> str:
 
 
 @override_settings(PASSWORD_HASHERS=FAST_HASHERS, FEDMCP_PUBLIC_URL=GATEWAY)
-class UpstreamOAuthTestCase(TestCase):
+class UpstreamOAuthTestCase(TransactionTestCase):
     def setUp(self) -> None:
         self.upstream = FakeUpstream()
         patcher = mock.patch("identity.upstream_oauth.outbound_client", self.upstream.client)

@@ -10,7 +10,7 @@ from typing import Any
 from unittest import mock
 
 from django.contrib.auth import get_user_model
-from django.test import Client, TestCase, override_settings
+from django.test import Client, TransactionTestCase, override_settings
 
 from federation.services import peer_add
 from identity.models import UpstreamOAuthClient, UpstreamToken
@@ -19,7 +19,7 @@ from tests.identity.test_upstream_oauth import GATEWAY, ISSUER, MCP_URL, FakeUps
 
 
 @override_settings(PASSWORD_HASHERS=FAST_HASHERS, FEDMCP_PUBLIC_URL=GATEWAY, ALLOWED_HOSTS=["gateway.test", "testserver"])
-class ConnectPageTests(TestCase):
+class ConnectPageTests(TransactionTestCase):
     def setUp(self) -> None:
         self.upstream = FakeUpstream()
         for target in ("identity.upstream_oauth.outbound_client",):

@@ -15,15 +15,19 @@ A peer served over HTTPS with a private CA, or one that requires a client certif
     peer tls acme --ca-file new-ca.pem        # replace later; --no-ca, --no-client-cert remove
 
 The key is stored encrypted, like the client secret.
+
+The async services run through `async_to_sync`, not `asyncio.run`: their database work then runs
+on this command's thread, not on asgiref's shared one, where its connection would stay open
+after the command (in a long-lived caller: tests, `call_command`).
 """
 
 from __future__ import annotations
 
-import asyncio
 from argparse import ArgumentParser
 from pathlib import Path
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
 from federation.credentials import PeerCredentialsError
@@ -148,7 +152,7 @@ class Command(BaseCommand):
 
     def _discover_token_url(self, peer: Peer) -> None:
         try:
-            token_url = asyncio.run(peer_discover_token_url(peer=peer))
+            token_url = async_to_sync(peer_discover_token_url)(peer=peer)
         except PeerCredentialsError as exc:
             self.stderr.write(f"Could not discover the token endpoint: {exc}")
             return
@@ -203,7 +207,7 @@ class Command(BaseCommand):
             return
         if peer.client_id and not peer.token_url:
             self._discover_token_url(peer)
-        report = asyncio.run(peer_sync_catalog(peer=peer))
+        report = async_to_sync(peer_sync_catalog)(peer=peer)
         self._print_report(report)
         if "connect" in report.errors:
             self.stderr.write(f"Peer kept; run `manage.py peer refresh {peer.name}` once it is reachable.")
@@ -220,7 +224,7 @@ class Command(BaseCommand):
         upstream_oauth.oauth_client_configure(peer=peer, client_id=options["oauth_client_id"], client_secret=secret, scope=options["oauth_scope"])
         if not options["no_sync"]:
             try:
-                client = asyncio.run(upstream_oauth.oauth_client_discover(peer=peer))
+                client = async_to_sync(upstream_oauth.oauth_client_discover)(peer=peer)
             except upstream_oauth.UpstreamOAuthError as exc:
                 self.stderr.write(f"Could not discover how {peer.name} is authorized: {exc}")
             else:
@@ -248,7 +252,7 @@ class Command(BaseCommand):
 
     def _refresh(self, options: dict[str, Any]) -> None:
         peer = self._get(options["name"])
-        report = asyncio.run(peer_sync_catalog(peer=peer))
+        report = async_to_sync(peer_sync_catalog)(peer=peer)
         self._print_report(report)
         if "connect" in report.errors:
             raise CommandError(f"could not refresh {peer.name}: {report.errors['connect']}")
@@ -288,7 +292,7 @@ class Command(BaseCommand):
         except PeerConfigError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"TLS settings of {peer.name} saved:{self._tls_summary(peer) or ' default trust store, no client certificate'}")
-        report = asyncio.run(peer_sync_catalog(peer=peer))
+        report = async_to_sync(peer_sync_catalog)(peer=peer)
         self._print_report(report)
         if "connect" in report.errors:
             raise CommandError(f"the settings are saved, but {peer.name} cannot be reached with them")
