@@ -294,15 +294,20 @@ class Server:
         self.sse_streams: dict[str, Connection] = {}
 
 
-async def serve(port: int, extra_tools: int) -> None:
+async def serve_until_signalled(protocol_factory: Any, port: int) -> None:
+    """Serve `protocol_factory` on 127.0.0.1:`port` until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
-    server_state = Server(Mcp(extra_tools))
-    server = await loop.create_server(lambda: Connection(server_state), "127.0.0.1", port, backlog=4096)
+    server = await loop.create_server(protocol_factory, "127.0.0.1", port, backlog=4096)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with server:
         await stop.wait()
+
+
+async def serve(port: int, extra_tools: int) -> None:
+    server_state = Server(Mcp(extra_tools))
+    await serve_until_signalled(lambda: Connection(server_state), port)
 
 
 def main() -> None:

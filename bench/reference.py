@@ -26,11 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.fast_upstream import Mcp, streamable_http
+from bench.fast_upstream import Mcp, serve_until_signalled, streamable_http
 
 MCP = Mcp(0)
 
@@ -153,13 +152,7 @@ class _ClientSide(asyncio.Protocol):
 async def serve_proxy(port: int, upstream: str) -> None:
     parts = urlsplit(upstream)
     target = (parts.hostname or "127.0.0.1", parts.port or 80)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _ClientSide(target), "127.0.0.1", port, backlog=4096)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with server:
-        await stop.wait()
+    await serve_until_signalled(lambda: _ClientSide(target), port)
 
 
 def main() -> None:
