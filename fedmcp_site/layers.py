@@ -60,8 +60,13 @@ class Memberships:
             await self.layer.group_add(group, self.channel)
         self._joined_at = time.monotonic()
 
+    @property
+    def renew_at(self) -> float:
+        """When the memberships are next due for renewal (`time.monotonic()` clock)."""
+        return self._joined_at + self.every
+
     async def renew_if_due(self) -> None:
-        if time.monotonic() - self._joined_at >= self.every:
+        if time.monotonic() >= self.renew_at:
             await self.join()
 
     async def leave(self) -> None:

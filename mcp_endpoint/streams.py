@@ -4,11 +4,19 @@ Every transport that keeps a stream open for a session (the Streamable HTTP GET 
 WebSocket, a legacy SSE stream) reads `SessionEvents`: messages sent to the session's group
 by whichever worker produced them, plus catalog and resource events turned into notifications
 for that session.
+
+A legacy SSE stream and a WebSocket are their session's only stream, opened with it: while one
+is open here, messages this process produces for its session go straight to it, without the
+channel layer (no copy of the message, no task per message, and on Redis no round trip).
+Other workers still reach it through the session's group.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,18 +28,33 @@ from mcp_endpoint import jsonrpc
 from mcp_endpoint.handlers import host_notifications_for
 from mcp_endpoint.sessions import session_group, subscribed_uris
 
+logger = logging.getLogger(__name__)
 JsonDict = dict[str, Any]
+
+INBOX_CAPACITY = 1000
+"""Events waiting for one stream, as the Redis layer's channel capacity; more are dropped (and logged)."""
+
+RENEWAL_RETRY_SECONDS = 1.0
+"""After a failed or unfinished membership renewal, seconds until the next attempt."""
+
+_held_here: dict[str, SessionEvents] = {}
+"""Session id -> its only stream, where this process holds it (legacy SSE, WebSocket)."""
 
 
 async def send_to_session(session_id: str, message: JsonDict) -> None:
     """Deliver a message to the stream of a session, wherever it is held."""
-    layer = get_channel_layer()
-    await layer.group_send(session_group(session_id), {"type": "mcp.message", "message": message})
+    await _to_session(session_id, {"type": "mcp.message", "message": message})
 
 
 async def close_session_streams(session_id: str) -> None:
-    layer = get_channel_layer()
-    await layer.group_send(session_group(session_id), {"type": "mcp.close"})
+    await _to_session(session_id, {"type": "mcp.close"})
+
+
+async def _to_session(session_id: str, event: JsonDict) -> None:
+    events = _held_here.get(session_id)
+    if events is not None and events.deliver(event):
+        return
+    await get_channel_layer().group_send(session_group(session_id), event)
 
 
 class SessionGroupOutbound:
@@ -46,19 +69,46 @@ class SessionGroupOutbound:
         await send_to_session(self.session_id, message)
 
 
+class _Failed:
+    """Put in the inbox when reading the channel layer failed; the iterator raises `error`."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_KEEPALIVE: JsonDict = {"type": "keepalive"}
+
+
 class SessionEvents:
     """Messages for one session; join (``async with``) before telling the host where to write.
 
-    Iterating yields messages, and None after every `keepalive` seconds of silence.
+    Iterating yields messages, and None after every `keepalive` seconds of silence. `sole`
+    marks the session's only stream (legacy SSE, WebSocket): this process then delivers to it
+    directly (`send_to_session`).
+
+    One task per stream reads the channel layer into an inbox, with one receive pending for
+    the stream's life: the in-memory layer scans every channel and group on each receive(), so
+    restarting it every `keepalive` seconds in every open stream costs O(streams^2) CPU (0.39
+    of a core for 2,000 idle WebSockets, 0.01 without; see docs/PERFORMANCE.md), and on
+    channels-redis a cancelled receive may lose a message. One timer per stream sends the
+    keepalives and renews the group memberships before `group_expiry` drops them.
     """
 
-    def __init__(self, session_id: str, scope: str, *, keepalive: float) -> None:
+    def __init__(self, session_id: str, scope: str, *, keepalive: float, sole: bool = False) -> None:
         self.session_id = session_id
         self.scope = scope
         self.keepalive = keepalive
+        self.sole = sole
         self.groups = (session_group(session_id), CATALOG_GROUP, RESOURCES_GROUP)
         self.layer = get_channel_layer()
         self.channel = ""
+        self._inbox: deque[JsonDict | _Failed] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._renewal: asyncio.Task[None] | None = None
+        self._heard_at = 0.0
 
     async def __aenter__(self) -> SessionEvents:
         # The default prefix on purpose: channels-redis reads all of a process's channels from
@@ -67,40 +117,111 @@ class SessionEvents:
         self.channel = await self.layer.new_channel()
         self.memberships = Memberships(self.layer, self.channel, self.groups)
         await self.memberships.join()
+        self._loop = loop = asyncio.get_running_loop()
+        self._heard_at = loop.time()
+        self._reader = loop.create_task(self._read_layer())
+        self._schedule_tick()
+        if self.sole:
+            _held_here[self.session_id] = self
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.memberships.leave()
-
-    async def __aiter__(self) -> AsyncIterator[JsonDict | None]:
-        # One receive stays pending across keepalives instead of being cancelled and restarted:
-        # the in-memory layer scans every channel and group on each receive(), so restarting
-        # it every `keepalive` seconds in every open stream costs O(streams^2) CPU (0.39 of a
-        # core for 2,000 idle WebSockets, 0.01 with this; see docs/PERFORMANCE.md).
-        pending: asyncio.Future[JsonDict] | None = None
-        try:
-            while True:
-                # A stream may stay open for days; its memberships must outlive group_expiry.
-                await self.memberships.renew_if_due()
-                if pending is None:
-                    pending = asyncio.ensure_future(self.layer.receive(self.channel))
-                done, _ = await asyncio.wait({pending}, timeout=self.keepalive)
-                if not done:
-                    yield None
-                    continue
-                event, pending = pending.result(), None
-                kind = event.get("type")
-                if kind == "mcp.message":
-                    yield event["message"]
-                elif kind == "mcp.close":
-                    return
-                elif kind == "catalog.changed":
-                    for note in host_notifications_for(self.scope, event):
-                        yield note
-                elif kind == "resource.updated" and (not self.scope or event.get("peer") == self.scope):
-                    uris = await subscribed_uris(session_id=self.session_id, peer_name=event["peer"], upstream_uri=event["uri"])
-                    for uri in uris:
-                        yield jsonrpc.notification("notifications/resources/updated", {"uri": uri})
-        finally:
+        if _held_here.get(self.session_id) is self:
+            del _held_here[self.session_id]
+        for pending in (self._timer, self._reader, self._renewal):
             if pending is not None:
                 pending.cancel()
+        await self.memberships.leave()
+
+    # --- the inbox -------------------------------------------------------------------------------
+
+    def deliver(self, event: JsonDict) -> bool:
+        """Queue an event produced in this process; False if it must travel on the layer instead."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        if running is not self._loop:
+            return False
+        self._put(event)
+        return True
+
+    def _put(self, item: JsonDict | _Failed) -> None:
+        if item is not _KEEPALIVE:
+            self._heard_at = self._loop.time()  # type: ignore[union-attr]
+        if len(self._inbox) >= INBOX_CAPACITY:
+            logger.warning("session %s: %d events wait for its stream; dropping one", self.session_id, len(self._inbox))
+            return
+        self._inbox.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _next(self) -> JsonDict | _Failed:
+        inbox = self._inbox
+        while not inbox:
+            self._waiter = self._loop.create_future()  # type: ignore[union-attr]
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return inbox.popleft()
+
+    async def _read_layer(self) -> None:
+        try:
+            while True:
+                self._put(await self.layer.receive(self.channel))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._put(_Failed(exc))
+
+    # --- keepalives and renewals -----------------------------------------------------------------
+
+    def _schedule_tick(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        renew_in = self.memberships.renew_at - time.monotonic()
+        if renew_in <= 0:
+            renew_in = RENEWAL_RETRY_SECONDS  # a renewal is under way, or the last one failed
+        self._timer = loop.call_at(min(self._heard_at + self.keepalive, now + renew_in), self._tick)
+
+    def _tick(self) -> None:
+        now = self._loop.time()  # type: ignore[union-attr]
+        if now - self._heard_at >= self.keepalive:
+            self._heard_at = now
+            self._put(_KEEPALIVE)
+        if time.monotonic() >= self.memberships.renew_at and (self._renewal is None or self._renewal.done()):
+            # A stream may stay open for days; its memberships must outlive group_expiry.
+            self._renewal = self._loop.create_task(self.memberships.renew_if_due())  # type: ignore[union-attr]
+            self._renewal.add_done_callback(_log_renewal_failure)
+        self._schedule_tick()
+
+    # --- iteration -------------------------------------------------------------------------------
+
+    async def __aiter__(self) -> AsyncIterator[JsonDict | None]:
+        while True:
+            event = await self._next()
+            if event is _KEEPALIVE:
+                yield None
+                continue
+            if isinstance(event, _Failed):
+                raise event.error
+            kind = event.get("type")
+            if kind == "mcp.message":
+                yield event["message"]
+            elif kind == "mcp.close":
+                return
+            elif kind == "catalog.changed":
+                for note in host_notifications_for(self.scope, event):
+                    yield note
+            elif kind == "resource.updated" and (not self.scope or event.get("peer") == self.scope):
+                uris = await subscribed_uris(session_id=self.session_id, peer_name=event["peer"], upstream_uri=event["uri"])
+                for uri in uris:
+                    yield jsonrpc.notification("notifications/resources/updated", {"uri": uri})
+
+
+def _log_renewal_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("renewing a stream's channel-layer memberships failed; retrying", exc_info=task.exception())

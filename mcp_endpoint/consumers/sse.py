@@ -17,6 +17,7 @@ from django.conf import settings
 
 from fedmcp_site.metrics import stream_open
 from mcp_endpoint import dispatcher, jsonrpc, sessions
+from mcp_endpoint.correlation import correlator
 from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, sse_event
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.streams import SessionEvents, SessionGroupOutbound, send_to_session
@@ -39,7 +40,7 @@ class McpSseConsumer(McpHttpConsumer):
         session = await sessions.session_create(transport="sse", scope=scope, identity=self.identity)
         prefix = f"/peers/{scope}" if scope else ""
         try:
-            async with stream_open("sse"), SessionEvents(session.id, scope, keepalive=settings.MCP_SSE_KEEPALIVE) as events:
+            async with stream_open("sse"), SessionEvents(session.id, scope, keepalive=settings.MCP_SSE_KEEPALIVE, sole=True) as events:
                 await self.send_headers(status=200, headers=SSE_HEADERS)
                 await self.send_body(sse_event(event="endpoint", data=f"{prefix}/messages/?session_id={session.id}"), more_body=True)
                 async for message in events:
@@ -71,7 +72,6 @@ class McpSseMessageConsumer(McpHttpConsumer):
         if isinstance(payload, list) and (session.protocol_version != "2025-03-26" or not messages):
             await self.send_error(400, jsonrpc.INVALID_REQUEST, "Bad Request: JSON-RPC batches are only accepted in protocol version 2025-03-26")
             return
-        await self.send_response(202, b"Accepted", headers=[(b"content-type", b"text/plain")])
         for message in messages:
             ctx = HostContext(
                 era="legacy",
@@ -85,17 +85,23 @@ class McpSseMessageConsumer(McpHttpConsumer):
                 log_level=session.log_level,
                 identity=self.identity,
             )
+            # The answer outlives this POST (answered 202 below): a task of its own, which is
+            # also what a later notifications/cancelled for the request cancels.
             task = asyncio.create_task(self._answer(ctx, message))
             _background.add(task)
             task.add_done_callback(_background.discard)
+            if dispatcher.classify(message) == "request" and jsonrpc.is_valid_id(message.get("id")):
+                await correlator.track(session.id, message["id"], task)
+        # One turn of the loop first: the calls run up to their first wait (a tools/call has
+        # then sent its upstream request), so the upstream works while the 202 is written.
+        await asyncio.sleep(0)
+        await self.send_response(202, b"Accepted", headers=[(b"content-type", b"text/plain")])
 
     @staticmethod
     async def _answer(ctx: HostContext, message: Any) -> None:
+        # Cancelled (notifications/cancelled, shutdown): no response is sent, as the spec says.
         try:
-            if dispatcher.classify(message) == "request":
-                reply = await dispatcher.run_tracked(ctx, message)
-            else:
-                reply = await dispatcher.handle_message(ctx, message)
+            reply = await dispatcher.handle_message(ctx, message)
             if reply is not None:
                 await send_to_session(ctx.session.id, reply)  # type: ignore[union-attr]
         except Exception:

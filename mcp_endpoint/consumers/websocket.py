@@ -80,7 +80,7 @@ class McpWebSocketConsumer(DirectDispatchMixin, AsyncWebsocketConsumer):
             await self.send(text_data=jsonrpc.dumps(message))
 
     async def _relay_session_events(self, session_id: str) -> None:
-        async with stream_open("websocket"), SessionEvents(session_id, self.endpoint_scope, keepalive=settings.MCP_SSE_KEEPALIVE) as events:
+        async with stream_open("websocket"), SessionEvents(session_id, self.endpoint_scope, keepalive=settings.MCP_SSE_KEEPALIVE, sole=True) as events:
             async for message in events:
                 if message is not None:
                     await self.send_message(message)
