@@ -187,12 +187,17 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- Channel layer --------------------------------------------------------------------------
 # In-memory for one process; Redis when REDIS_URL is set so workers share groups.
 REDIS_URL = os.environ.get("REDIS_URL") or None
+# channels-redis waits for messages with BZPOPMIN for up to 5 s; redis-py 8 gives every read a
+# 5 s socket timeout by default, so an idle receive failed at the 5 s mark (a stream's or a
+# worker's listener erred, and a message popped at that instant was lost). Reads may take the
+# blocking wait plus this margin; connecting stays quick to fail.
+REDIS_LAYER_SOCKET_TIMEOUT = 10.0
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                "hosts": [{"address": REDIS_URL, "socket_timeout": REDIS_LAYER_SOCKET_TIMEOUT, "socket_connect_timeout": 5.0}],
                 "prefix": os.environ.get("FEDMCP_REDIS_PREFIX", "fedmcp"),
                 "capacity": 1000,
                 "expiry": 120,

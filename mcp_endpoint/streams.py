@@ -37,6 +37,9 @@ INBOX_CAPACITY = 1000
 RENEWAL_RETRY_SECONDS = 1.0
 """After a failed or unfinished membership renewal, seconds until the next attempt."""
 
+LAYER_RETRY_SECONDS = 1.0
+"""After a failed read of the channel layer (Redis unreachable), seconds until the next attempt."""
+
 _held_here: dict[str, SessionEvents] = {}
 """Session id -> its only stream, where this process holds it (legacy SSE, WebSocket)."""
 
@@ -69,13 +72,6 @@ class SessionGroupOutbound:
         await send_to_session(self.session_id, message)
 
 
-class _Failed:
-    """Put in the inbox when reading the channel layer failed; the iterator raises `error`."""
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
 _KEEPALIVE: JsonDict = {"type": "keepalive"}
 
 
@@ -87,7 +83,7 @@ class SessionEvents:
     directly (`send_to_session`).
 
     One task per stream reads the channel layer into an inbox, with one receive pending for
-    the stream's life: the in-memory layer scans every channel and group on each receive(), so
+    the stream's life (retried if the layer fails): the in-memory layer scans every channel and group on each receive(), so
     restarting it every `keepalive` seconds in every open stream costs O(streams^2) CPU (0.39
     of a core for 2,000 idle WebSockets, 0.01 without; see docs/PERFORMANCE.md), and on
     channels-redis a cancelled receive may lose a message. One timer per stream sends the
@@ -102,7 +98,7 @@ class SessionEvents:
         self.groups = (session_group(session_id), CATALOG_GROUP, RESOURCES_GROUP)
         self.layer = get_channel_layer()
         self.channel = ""
-        self._inbox: deque[JsonDict | _Failed] = deque()
+        self._inbox: deque[JsonDict] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -146,7 +142,7 @@ class SessionEvents:
         self._put(event)
         return True
 
-    def _put(self, item: JsonDict | _Failed) -> None:
+    def _put(self, item: JsonDict) -> None:
         if item is not _KEEPALIVE:
             self._heard_at = self._loop.time()  # type: ignore[union-attr]
         if len(self._inbox) >= INBOX_CAPACITY:
@@ -157,7 +153,7 @@ class SessionEvents:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _next(self) -> JsonDict | _Failed:
+    async def _next(self) -> JsonDict:
         inbox = self._inbox
         while not inbox:
             self._waiter = self._loop.create_future()  # type: ignore[union-attr]
@@ -168,13 +164,28 @@ class SessionEvents:
         return inbox.popleft()
 
     async def _read_layer(self) -> None:
-        try:
-            while True:
-                self._put(await self.layer.receive(self.channel))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._put(_Failed(exc))
+        # A layer that fails (Redis restarting, unreachable) is read again every
+        # LAYER_RETRY_SECONDS; the stream stays open meanwhile, with its keepalives and what this
+        # process sends it, and /readyz reports the layer. Its groups are joined again first: a
+        # restarted Redis has forgotten them.
+        failures = 0
+        while True:
+            try:
+                if failures:
+                    await self.memberships.join()
+                event = await self.layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures += 1
+                if failures == 1:
+                    logger.warning("session %s: reading the channel layer failed; retrying every %gs", self.session_id, LAYER_RETRY_SECONDS, exc_info=True)
+                await asyncio.sleep(LAYER_RETRY_SECONDS)
+                continue
+            if failures:
+                logger.warning("session %s: the channel layer is readable again after %d failed reads", self.session_id, failures)
+                failures = 0
+            self._put(event)
 
     # --- keepalives and renewals -----------------------------------------------------------------
 
@@ -206,8 +217,6 @@ class SessionEvents:
             if event is _KEEPALIVE:
                 yield None
                 continue
-            if isinstance(event, _Failed):
-                raise event.error
             kind = event.get("type")
             if kind == "mcp.message":
                 yield event["message"]

@@ -284,6 +284,10 @@ class HandshakeHost:
         return self.http.stream("POST", self.url(worker), json=message, headers=self.headers())
 
 
+IDLE_PAST_BLOCKING_READ = 7.0
+"""Seconds of silence on a stream: past channels-redis's 5 s BZPOPMIN and redis-py's default socket timeout."""
+
+
 def run(cluster: Gateway, scenario: Callable[[httpx.AsyncClient], Awaitable[None]]) -> None:
     async def main() -> None:
         # read=None on the client: waits are bounded by the tests themselves (EventStream, WAIT).
@@ -502,6 +506,36 @@ def test_sse_stream_on_one_worker_carries_replies_to_posts_on_the_other(cluster:
         assert called is not None and text_of(called["result"]) == "42"
 
     run(cluster, scenario)
+
+
+def test_an_sse_stream_idle_past_the_redis_blocking_read_still_carries_the_next_reply(cluster: Gateway) -> None:
+    """channels-redis waits for messages with 5 s blocking reads; an idle stream must outlive them.
+
+    With redis-py's default 5 s socket timeout each idle read failed at the 5 s mark, which ended
+    the stream (and the worker's correlation listener logged an error each time).
+    """
+
+    async def scenario(http: httpx.AsyncClient) -> None:
+        async with http.stream("GET", cluster.url("/sse", A), headers={"Accept": "text/event-stream"}) as stream:
+            assert stream.status_code == 200
+            events = EventStream(stream)
+            try:
+                endpoint = await events.next_event()
+                assert endpoint is not None and endpoint[0] == "endpoint", endpoint
+                post_url = cluster.url(endpoint[1], B)
+                params = {"protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "scale-out-test", "version": "1"}}
+                assert (await http.post(post_url, json=request(1, "initialize", params))).status_code == 202
+                await events.message(lambda m: m.get("id") == 1)
+                await asyncio.sleep(IDLE_PAST_BLOCKING_READ)
+                assert (await http.post(post_url, json=request(2, "tools/call", {"name": f"{PEER}__add", "arguments": {"a": 1, "b": 2}}))).status_code == 202
+                called = await events.message(lambda m: m.get("id") == 2 and "method" not in m)
+            finally:
+                await events.aclose()
+        assert text_of(called["result"]) == "3"
+
+    run(cluster, scenario)
+    for worker in (A, B):
+        assert "Timeout reading from" not in worker_log(cluster, worker), worker_log(cluster, worker)[-3000:]
 
 
 # --- the official SDK client behind a balancer without affinity -------------------------------

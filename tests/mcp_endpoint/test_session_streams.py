@@ -39,9 +39,23 @@ class CountingLayer(InMemoryChannelLayer):
         await super().group_send(group, message)
 
 
-class FailingLayer(InMemoryChannelLayer):
+class FlakyLayer(CountingLayer):
+    """Fails its first `failures` reads, as a channel layer whose Redis restarts does."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.joins: list[str] = []
+
     async def receive(self, channel: str) -> dict:  # type: ignore[override]
-        raise ConnectionError("the channel layer went away")
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("the channel layer went away")
+        return await super().receive(channel)
+
+    async def group_add(self, group: str, channel: str) -> None:
+        self.joins.append(group)
+        await super().group_add(group, channel)
 
 
 class StreamTestCase(SimpleTestCase):
@@ -150,12 +164,24 @@ class DeliveryTests(StreamTestCase):
         self.assertEqual(len(logs.records), 2)
         self.assertIn("s-1", logs.output[0])
 
-    async def test_a_failing_layer_ends_the_stream_with_its_error(self) -> None:
-        self.layer = FailingLayer()
-        async with self.events() as events:
-            stream = events.__aiter__()
-            with self.assertRaisesRegex(ConnectionError, "went away"):
-                await asyncio.wait_for(anext(stream), WAIT)
+    async def test_a_failing_layer_is_read_again_and_the_stream_goes_on(self) -> None:
+        self.layer = layer = FlakyLayer(failures=3)
+        with mock.patch.object(streams, "LAYER_RETRY_SECONDS", 0.05), self.assertLogs("mcp_endpoint.streams", "WARNING") as logs:
+            async with self.events() as events:
+                stream = events.__aiter__()
+                await send_to_session("s-1", {"n": 1})  # this process's messages go on meanwhile
+                self.assertEqual(await asyncio.wait_for(anext(stream), WAIT), {"n": 1})
+                while layer.failures:
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.1)
+                await layer.group_send(session_group("s-1"), {"type": "mcp.message", "message": {"n": 2}})
+                self.assertEqual(await asyncio.wait_for(anext(stream), WAIT), {"n": 2})
+                await stream.aclose()
+        self.assertEqual(len(logs.records), 2, logs.output)  # the first failure (not each retry), then the recovery
+        self.assertIn("retrying", logs.output[0])
+        self.assertIn("readable again after 3", logs.output[1])
+        # Joined when the stream opened, and again before each read after a failure (a restarted Redis forgot them).
+        self.assertEqual(layer.joins.count(session_group("s-1")), 4)
 
 
 class KeepaliveTests(StreamTestCase):
