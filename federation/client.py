@@ -36,6 +36,15 @@ from django.conf import settings
 
 from federation.tls import PeerTls, PeerTlsError, describe_tls_error, ssl_context
 
+IDLE_REUSE_SECONDS = 4.0
+"""How long after its last reply an idle upstream connection may carry a request (unless the server said).
+
+Servers close idle keep-alive connections after 5 s by default (uvicorn, hypercorn, Node.js):
+a request sent at that moment meets the close and fails ("Server disconnected without sending a
+response"), and a POST is not retried. So a connection is reused only well inside that, as
+undici (Node.js's fetch) does. The lean pool (federation/upstream/lean_http.py) also follows a
+server's `Keep-Alive: timeout=N`; httpx's pool gets this as its keep-alive expiry."""
+
 
 class OutboundAddressError(Exception):
     """The target address is not allowed for outbound calls."""
@@ -292,7 +301,7 @@ def outbound_client(
     """
     timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=connect_timeout, pool=connect_timeout)
     context = ssl_context(tls or PeerTls())
-    limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=IDLE_REUSE_SECONDS)
     return httpx.AsyncClient(
         auth=ProviderAuth(auth) if auth is not None else None,
         timeout=timeout,

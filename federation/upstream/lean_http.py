@@ -11,10 +11,12 @@ reply), and the legacy HTTP+SSE transport's POSTs to its message endpoint and it
   server name checked against the URL's host.
 * Idle connections are kept and reused, the most recently used first; one that became readable
   while idle (the server closed it, or sent something unasked) is discarded before use, as
-  httpcore does. `max_idle` of them are kept however long they wait; the ones a burst opened
-  beyond that are closed once unused for `SURPLUS_IDLE_SECONDS`, not the moment they come back
-  (closing them at once made a worker under steady load above `max_idle` concurrent calls open
-  and close connections continually).
+  httpcore does, and so is one idle past `IDLE_REUSE_SECONDS` (4 s, or the server's
+  `Keep-Alive: timeout` less a second): servers close idle connections after 5 s by default, and
+  a request sent just then is lost. `max_idle` of them are kept while they may be reused; the
+  ones a burst opened beyond that are closed once unused for `SURPLUS_IDLE_SECONDS`, not the
+  moment they come back (closing them at once made a worker under steady load above `max_idle`
+  concurrent calls open and close connections continually).
   A request is never retried on another connection: a POST is not idempotent.
 * Replies: `Content-Length`, `chunked`, or read to EOF; a connection goes back to the pool only
   when its reply was read to the end and neither side said `Connection: close`.
@@ -44,7 +46,7 @@ from typing import Any
 
 import httpx
 
-from federation.client import AuthProvider, OutboundAddressError, open_checked_socket
+from federation.client import IDLE_REUSE_SECONDS, AuthProvider, OutboundAddressError, open_checked_socket
 from federation.upstream.sockets import _readable
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -198,6 +200,22 @@ class LeanResponse:
 SURPLUS_IDLE_SECONDS = 5.0
 """How long an idle connection beyond a pool's `max_idle` is kept (httpx's keep-alive expiry)."""
 
+KEEP_ALIVE_MARGIN_SECONDS = 1.0
+MAX_IDLE_REUSE_SECONDS = 600.0
+_KEEP_ALIVE_TIMEOUT = re.compile(r"(?:^|[,;\s])timeout\s*=\s*(\d+)", re.IGNORECASE)
+
+
+def reuse_window(headers: dict[str, str]) -> float:
+    """Seconds an idle connection may be reused after a reply with these (lower-case) headers.
+
+    IDLE_REUSE_SECONDS, or the server's own `Keep-Alive: timeout=N` less KEEP_ALIVE_MARGIN_SECONDS.
+    """
+    hint = headers.get("keep-alive")
+    match = _KEEP_ALIVE_TIMEOUT.search(hint) if hint else None
+    if match is None:
+        return IDLE_REUSE_SECONDS
+    return min(MAX_IDLE_REUSE_SECONDS, max(0.0, int(match[1]) - KEEP_ALIVE_MARGIN_SECONDS))
+
 
 class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, read_timeout: float, write_timeout: float) -> None:
@@ -209,6 +227,7 @@ class _Connection:
         self.reused = False
         self.started = False  # a byte of the current reply arrived
         self.idle_since = 0.0  # loop time it was last put back in the pool
+        self.reusable_for = IDLE_REUSE_SECONDS  # seconds after idle_since (`reuse_window` of its last reply)
 
     def stale(self) -> bool:
         """True if the idle connection cannot carry a request: closed, or data came unasked."""
@@ -341,6 +360,7 @@ class LeanHttpPool:
         try:
             await conn.write(request)
             status, reply_headers, keep_alive = await self._read_head(conn)
+            conn.reusable_for = reuse_window(reply_headers)
             return LeanResponse(self, conn, status, reply_headers, keep_alive)
         except BaseException:
             self._discard(conn)
@@ -377,9 +397,10 @@ class LeanHttpPool:
     async def _acquire(self) -> _Connection:
         if self.closed:
             raise httpx.ConnectError("the connection pool is closed")
+        now = asyncio.get_running_loop().time() if self._idle else 0.0
         while self._idle:
             conn = self._idle.pop()
-            if conn.stale():
+            if now - conn.idle_since >= conn.reusable_for or conn.stale():
                 conn.close()
                 continue
             conn.reused = True
@@ -425,8 +446,12 @@ class LeanHttpPool:
             idle = self._idle
             conn.idle_since = now = asyncio.get_running_loop().time()
             idle.append(conn)
-            # The least recently used are at the front; past `max_idle`, close those unused too long.
-            while len(idle) > self.max_idle and now - idle[0].idle_since > SURPLUS_IDLE_SECONDS:
+            # The least recently used are at the front: close those past their reuse window and,
+            # beyond `max_idle`, those unused for SURPLUS_IDLE_SECONDS.
+            while idle and (
+                now - idle[0].idle_since >= idle[0].reusable_for
+                or (len(idle) > self.max_idle and now - idle[0].idle_since > SURPLUS_IDLE_SECONDS)
+            ):
                 idle.pop(0).close()
         self._slots.release()
 

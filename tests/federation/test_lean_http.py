@@ -23,7 +23,7 @@ from django.test import override_settings
 from federation.client import describe_failure
 from federation.tls import PeerTls, ssl_context
 from federation.upstream.base import PeerConfig, UpstreamTimeoutError, UpstreamUnavailableError
-from federation.upstream.lean_http import LeanHttpPool, LeanResponse
+from federation.upstream.lean_http import LeanHttpPool, LeanResponse, reuse_window
 from federation.upstream.streamable_http import StreamableHttpConnection
 from tests.federation.pki import Pki
 
@@ -215,6 +215,61 @@ def test_a_connection_the_server_closed_while_idle_is_not_used_again() -> None:
 
     assert run(scenario()) == (200, b'{"jsonrpc": "2.0", "id": 1, "result": {}}')
     assert server.connections == 2
+
+
+def test_a_connection_idle_past_the_reuse_window_is_closed_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Servers close idle connections after 5 s by default; one reused at that moment loses its request.
+    monkeypatch.setattr("federation.upstream.lean_http.IDLE_REUSE_SECONDS", 0.2)
+    server = Server(json_reply({"jsonrpc": "2.0", "id": 1, "result": {}}))
+
+    async def scenario() -> tuple[int, int]:
+        async with server.running() as url:
+            pool = pool_for(url)
+            try:
+                await post(pool)
+                await post(pool)  # within the window: the same connection
+                await asyncio.sleep(0.3)
+                await post(pool)
+                await asyncio.wait_for(server.closed.wait(), 10)  # the expired one was closed, not left open
+                return pool.opened, server.connections
+            finally:
+                await pool.aclose()
+
+    assert run(scenario()) == (2, 2)
+
+
+def test_the_servers_keep_alive_timeout_sets_the_reuse_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("federation.upstream.lean_http.IDLE_REUSE_SECONDS", 0.1)
+    server = Server(json_reply({"jsonrpc": "2.0", "id": 1, "result": {}}, extra=b"Keep-Alive: timeout=30, max=1000\r\n"))
+
+    async def scenario() -> int:
+        async with server.running() as url:
+            pool = pool_for(url)
+            try:
+                await post(pool)
+                await asyncio.sleep(0.3)  # past the default window, well inside the server's 30 s less a second
+                await post(pool)
+                return pool.opened
+            finally:
+                await pool.aclose()
+
+    assert run(scenario()) == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "window"),
+    [
+        ({}, 4.0),
+        ({"keep-alive": "timeout=5"}, 4.0),
+        ({"keep-alive": "max=100, timeout=75"}, 74.0),
+        ({"keep-alive": "Timeout = 1"}, 0.0),
+        ({"keep-alive": "timeout=86400"}, 600.0),
+        ({"keep-alive": "max=100"}, 4.0),
+        ({"keep-alive": "timeout=soon"}, 4.0),
+    ],
+)
+def test_reuse_window(headers: dict[str, str], window: float) -> None:
+    assert reuse_window(headers) == window
 
 
 def test_connection_close_in_the_reply_is_honoured() -> None:
