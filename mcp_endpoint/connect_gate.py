@@ -19,16 +19,14 @@ import time
 from typing import Any
 
 from django.conf import settings
-from django.core import signing
 
 from federation.upstream.base import PeerConfig
 from identity import upstream_oauth
-from mcp_endpoint import jsonrpc
+from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
 
 JsonDict = dict[str, Any]
 
-STATE_PREFIX = "fedmcp-connect:"
 STATE_SALT = "fedmcp.connect.request-state"
 INPUT_KEY = "fedmcp-connect"
 WAIT_POLL = 1.0
@@ -56,14 +54,11 @@ def connect_required_error(ctx: HostContext, peer_name: str, reason: str = "") -
 
 
 def _state_for(ctx: HostContext, peer: PeerConfig) -> str:
-    return STATE_PREFIX + signing.dumps({"p": peer.name, "u": ctx.identity.user_id}, salt=STATE_SALT, compress=True)
+    return request_states.issue(request_states.CONNECT, {"p": peer.name, "u": ctx.identity.user_id}, salt=STATE_SALT)
 
 
 def _check_state(ctx: HostContext, peer: PeerConfig, state: str) -> None:
-    try:
-        data = signing.loads(state.removeprefix(STATE_PREFIX), salt=STATE_SALT, max_age=settings.FEDMCP_UPSTREAM_CONNECT_WAIT + 3600)
-    except signing.BadSignature as exc:
-        raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued") from exc
+    data = request_states.read(request_states.CONNECT, state, salt=STATE_SALT, max_age=settings.FEDMCP_UPSTREAM_CONNECT_WAIT + 3600)
     if data != {"p": peer.name, "u": ctx.identity.user_id}:
         raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
 
@@ -103,7 +98,7 @@ async def connect_gate(ctx: HostContext, peer: PeerConfig, params: JsonDict) -> 
             {"peer": peer.name},
         )
     state = params.get("requestState")
-    if ctx.era == "modern" and isinstance(state, str) and state.startswith(STATE_PREFIX):
+    if ctx.era == "modern" and request_states.is_ours(request_states.CONNECT, state):
         _check_state(ctx, peer, state)
         declined = _declined(params)
         params = {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}

@@ -44,18 +44,14 @@ from identity.audit import audit_record
 from identity.models import ConsentDecision, ConsentPrompt
 from identity.upstream_requests import request_summary, source_text
 from identity.signing import AssertionConfigError, issuer
-from mcp_endpoint import jsonrpc
+from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
 
 JsonDict = dict[str, Any]
 HostAsker = Callable[[HostContext, str, Any], Awaitable[JsonDict]]
 
-STATE_PREFIX = "fedmcp-consent:"
 STATE_SALT = "fedmcp.consent.request-state"
 INPUT_KEY = "fedmcp-consent"
-CONTINUE_PREFIX = "fedmcp-continue:"
-"""Followed by this gateway's name and ":" (`continue_prefix`): a peer gateway's continuation,
-passed on through this one, is an upstream's state here."""
 CONTINUE_SALT = "fedmcp.consent.continue-state"
 CONTINUE_SEPARATOR = "~"
 """Ends the signed part of a continuation state (no signed value contains it); the upstream's
@@ -117,14 +113,11 @@ def consent_url(ctx: HostContext, prompt_id: str) -> str:
 
 
 def _state_for(prompt: ConsentPrompt) -> str:
-    return STATE_PREFIX + signing.dumps({"p": prompt.id}, salt=STATE_SALT, compress=True)
+    return request_states.issue(request_states.CONSENT, {"p": prompt.id}, salt=STATE_SALT)
 
 
 def _prompt_id_from(state: str) -> str:
-    try:
-        data = signing.loads(state.removeprefix(STATE_PREFIX), salt=STATE_SALT, max_age=consent.timeout_setting() + 3600)
-    except signing.BadSignature as exc:
-        raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued") from exc
+    data = request_states.read(request_states.CONSENT, state, salt=STATE_SALT, max_age=consent.timeout_setting() + 3600)
     if not isinstance(data, dict) or not isinstance(data.get("p"), str):
         raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued")
     return data["p"]
@@ -220,8 +213,8 @@ def _approval_for(ctx: HostContext, peer: str, kind: str, name: str, arguments: 
 
 
 def continue_prefix() -> str:
-    """How this gateway's own continuation states begin."""
-    return f"{CONTINUE_PREFIX}{settings.FEDMCP_GATEWAY_NAME}:"
+    """How this gateway's own continuation states begin (a peer gateway's, passed on through this one, is an upstream's state here)."""
+    return request_states.prefix(request_states.CONTINUE)
 
 
 def continuation_wrap(approval: Approval, result: JsonDict) -> JsonDict:
@@ -307,7 +300,7 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         return Gate(params=params)
     peer = route.peer.name
     state = params.get("requestState")
-    if ctx.era == "modern" and isinstance(state, str) and state.startswith(STATE_PREFIX):
+    if ctx.era == "modern" and request_states.is_ours(request_states.CONSENT, state):
         prompt = await consent.consent_prompt_for(prompt_id=_prompt_id_from(state), identity=ctx.identity)
         if prompt is None or prompt.owner_gateway or prompt.peer != peer or prompt.kind != kind or prompt.name != name:
             raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
@@ -378,7 +371,6 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
 # instead: the request goes on to it marked `DEFERRED_META_KEY` (audit word `home`).
 # The gateway's own URL elicitation pointing at /consent (above) does not pass through here.
 
-HELD_PREFIX = "fedmcp-held:"
 HELD_SALT = "fedmcp.consent.held-input"
 DEFERRED_META_KEY = "io.fedmcp/consent-deferred"
 """Marks a request a gateway left to the caller's home gateway to ask about.
@@ -650,15 +642,12 @@ async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: Json
         url = consent_url(ctx, prompt.id)
         params = {"mode": "url", "message": _request_message(prompt, url), "url": url, "elicitationId": prompt.id}
         inputs[f"{INPUT_KEY}-{index}"] = {"method": "elicitation/create", "params": params}
-    state = HELD_PREFIX + signing.dumps({"p": [p.id for p in prompts]}, salt=HELD_SALT, compress=True)
+    state = request_states.issue(request_states.HELD, {"p": [p.id for p in prompts]}, salt=HELD_SALT)
     return {"resultType": "input_required", "inputRequests": inputs, "requestState": state}
 
 
 def _held_prompt_ids(state: str) -> list[str]:
-    try:
-        data = signing.loads(state.removeprefix(HELD_PREFIX), salt=HELD_SALT, max_age=consent.timeout_setting() + 3600)
-    except signing.BadSignature as exc:
-        raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued") from exc
+    data = request_states.read(request_states.HELD, state, salt=HELD_SALT, max_age=consent.timeout_setting() + 3600)
     ids = data.get("p") if isinstance(data, dict) else None
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
         raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued")
@@ -676,7 +665,7 @@ async def upstream_input_resume(ctx: HostContext, call: UpstreamCall, params: Js
         ConsentDeniedError / ConsentTimeoutError: the user denied, or nobody answered in time.
     """
     state = params.get("requestState")
-    if ctx.era != "modern" or not isinstance(state, str) or not state.startswith(HELD_PREFIX):
+    if ctx.era != "modern" or not request_states.is_ours(request_states.HELD, state):
         return None
     prompts: list[ConsentPrompt] = []
     for prompt_id in _held_prompt_ids(state):

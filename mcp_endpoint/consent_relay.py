@@ -25,7 +25,6 @@ from datetime import timedelta
 from typing import Any
 
 import jwt
-from django.core import signing
 from django.utils import timezone
 
 from federation.credentials import peer_audience
@@ -33,13 +32,12 @@ from federation.upstream.base import JsonDict, UpstreamConnection, UpstreamError
 from identity import consent, remote_consent
 from identity.models import ConsentPrompt, RemoteConsent
 from identity.trust import assertion_subject
-from mcp_endpoint import jsonrpc
+from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.consent_gate import INPUT_KEY, consent_url, hold_for_answer, wait_for_answer
 from mcp_endpoint.context import HostContext
 
 logger = logging.getLogger(__name__)
 
-STATE_PREFIX = "fedmcp-remote-consent:"
 STATE_SALT = "fedmcp.consent.remote-request-state"
 ANSWER_MARGIN = 10
 """Seconds before the owner's challenge expires that our prompt closes, so the answer still arrives in time."""
@@ -162,7 +160,7 @@ async def _ask_our_user(
     url = consent_url(ctx, prompt.id)
     elicitation = _elicitation(prompt, url)
     if ctx.era == "modern":
-        state = STATE_PREFIX + signing.dumps({"p": prompt.id}, salt=STATE_SALT, compress=True)
+        state = request_states.issue(request_states.REMOTE_CONSENT, {"p": prompt.id}, salt=STATE_SALT)
         result = {"resultType": "input_required", "inputRequests": {INPUT_KEY: {"method": "elicitation/create", "params": elicitation}}, "requestState": state}
         _home_answer.set("ask")
         return {"result": result}
@@ -218,7 +216,7 @@ async def _resume(
     and a home gateway's decision for a question we relayed (we answer the far peer in turn).
     """
     state = sent.get("requestState")
-    if ctx.era == "modern" and isinstance(state, str) and state.startswith(STATE_PREFIX):
+    if ctx.era == "modern" and request_states.is_ours(request_states.REMOTE_CONSENT, state):
         prompt = await _own_remote_prompt(ctx, state, kind)
         url = consent_url(ctx, prompt.id)
         status = await wait_for_answer(ctx, prompt, url)
@@ -247,10 +245,7 @@ async def _resume(
 
 
 async def _own_remote_prompt(ctx: HostContext, state: str, kind: str) -> ConsentPrompt:
-    try:
-        data = signing.loads(state.removeprefix(STATE_PREFIX), salt=STATE_SALT, max_age=consent.timeout_setting() + 3600)
-    except signing.BadSignature as exc:
-        raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued") from exc
+    data = request_states.read(request_states.REMOTE_CONSENT, state, salt=STATE_SALT, max_age=consent.timeout_setting() + 3600)
     prompt_id = data.get("p") if isinstance(data, dict) else None
     prompt = await consent.consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity) if isinstance(prompt_id, str) else None
     if prompt is None or not prompt.owner_gateway or prompt.kind != kind:

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from federation.models import Peer
 from identity.models import UpstreamToken
-from mcp_endpoint import jsonrpc
+from mcp_endpoint import jsonrpc, request_states
 from tests.base import FixturePeerTestCase, McpClient, Reply, mint_token, modern_meta, request
 
 TOOL = "everything__test_simple_text"
@@ -108,7 +108,7 @@ class ConnectGateTests(FixturePeerTestCase):
         assert second["error"]["code"] == jsonrpc.UPSTREAM_AUTHORIZATION_REQUIRED
 
     async def test_a_forged_request_state_is_refused(self) -> None:
-        reply = await self.modern_call({"requestState": "fedmcp-connect:forged", "inputResponses": {}})
+        reply = await self.modern_call({"requestState": request_states.prefix(request_states.CONNECT) + "forged", "inputResponses": {}})
 
         assert reply["error"]["code"] == jsonrpc.INVALID_PARAMS
 
