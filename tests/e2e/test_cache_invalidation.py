@@ -9,6 +9,7 @@ and PostgreSQL + Redis (generations in Redis).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from mcp_endpoint import jsonrpc
@@ -209,3 +211,7 @@ async def test_a_websocket_stops_at_the_next_message_after_a_revocation_elsewher
 
         reply = await ask(4, "tools/call", {"name": TOOL, "arguments": {"a": 1, "b": 1}})
         assert reply["error"]["code"] == jsonrpc.TOKEN_REVOKED
+        # Then the socket closes with 1008 (policy violation), not 1011 (internal error).
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(socket.recv(), TIMEOUT)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008, closed.value

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin, Subprotocol
 
 from mcp_endpoint import jsonrpc
@@ -246,3 +246,13 @@ async def test_it_accepts_a_non_browser_client_that_sends_no_origin(gateway: Gat
         gateway.ws_url("/ws"), subprotocols=[MCP], additional_headers=gateway.auth_headers(), open_timeout=WAIT
     ) as ws:
         assert await McpSocket(ws).result("ping") == {}
+
+
+async def test_a_binary_frame_closes_the_socket_with_1003(gateway: Gateway, gateway_origin: str) -> None:
+    # RFC 6455's code for data of a type the endpoint cannot accept; under daphne it used to
+    # arrive as 1011 (autobahn refused the code and daphne reported an application error).
+    async with mcp_socket(gateway, gateway_origin) as socket:
+        await socket.ws.send(b"\x00\x01")
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(socket.ws.recv(), WAIT)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1003, closed.value
