@@ -1,9 +1,9 @@
 """Legacy HTTP+SSE (protocol 2024-11-05) at /sse and /peers/<name>/sse.
 
 GET opens the stream and announces where to POST (`event: endpoint`); each POST to
-/messages/?session_id=… is acknowledged with 202 and its reply travels on the stream. Replies
-go through the session's channel-layer group, so the POST and the stream may be served by
-different workers.
+/messages/?session_id=… is acknowledged with 202 and its reply travels on the stream: straight
+to it when this worker holds it, else through the session's channel-layer group, so the POST and
+the stream may be served by different workers (mcp_endpoint/streams.py).
 """
 
 from __future__ import annotations
