@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import json
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -475,31 +476,40 @@ def test_stateless_calls_work_on_both_workers(cluster: Gateway) -> None:
 # --- legacy HTTP+SSE --------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def sse_stream(http: httpx.AsyncClient, cluster: Gateway) -> AsyncIterator[Callable[[JsonDict], Awaitable[JsonDict | None]]]:
+    """Open the legacy SSE stream on worker A; yield `exchange`, which POSTs a message to worker B
+    (202) and returns the answer that arrives on A's stream (None for a notification)."""
+    async with http.stream("GET", cluster.url("/sse", A), headers={"Accept": "text/event-stream"}) as stream:
+        assert stream.status_code == 200
+        events = EventStream(stream)
+        try:
+            endpoint = await events.next_event()
+            assert endpoint is not None and endpoint[0] == "endpoint", endpoint
+            post_url = cluster.url(endpoint[1], B)
+
+            async def exchange(message: JsonDict) -> JsonDict | None:
+                accepted = await http.post(post_url, json=message, headers={"Content-Type": "application/json"})
+                assert accepted.status_code == 202, accepted.text
+                if "id" not in message:
+                    return None
+                return await events.message(lambda m: m.get("id") == message["id"] and "method" not in m)
+
+            yield exchange
+        finally:
+            await events.aclose()
+
+
+SSE_INITIALIZE = {"protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "scale-out-test", "version": "1"}}
+
+
 def test_sse_stream_on_one_worker_carries_replies_to_posts_on_the_other(cluster: Gateway) -> None:
     async def scenario(http: httpx.AsyncClient) -> None:
-        async with http.stream("GET", cluster.url("/sse", A), headers={"Accept": "text/event-stream"}) as stream:
-            assert stream.status_code == 200
-            events = EventStream(stream)
-            try:
-                endpoint = await events.next_event()
-                assert endpoint is not None and endpoint[0] == "endpoint", endpoint
-                post_url = cluster.url(endpoint[1], B)
-
-                async def exchange(message: JsonDict) -> JsonDict | None:
-                    accepted = await http.post(post_url, json=message, headers={"Content-Type": "application/json"})
-                    assert accepted.status_code == 202, accepted.text
-                    if "id" not in message:
-                        return None
-                    return await events.message(lambda m: m.get("id") == message["id"] and "method" not in m)
-
-                initialized = await exchange(request(1, "initialize", {
-                    "protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "scale-out-test", "version": "1"},
-                }))
-                await exchange(notification("notifications/initialized"))
-                listed = await exchange(request(2, "tools/list"))
-                called = await exchange(request(3, "tools/call", {"name": f"{PEER}__add", "arguments": {"a": 20, "b": 22}}))
-            finally:
-                await events.aclose()
+        async with sse_stream(http, cluster) as exchange:
+            initialized = await exchange(request(1, "initialize", SSE_INITIALIZE))
+            await exchange(notification("notifications/initialized"))
+            listed = await exchange(request(2, "tools/list"))
+            called = await exchange(request(3, "tools/call", {"name": f"{PEER}__add", "arguments": {"a": 20, "b": 22}}))
 
         assert initialized is not None and initialized["result"]["protocolVersion"] == "2024-11-05"
         assert listed is not None and f"{PEER}__add" in {t["name"] for t in listed["result"]["tools"]}
@@ -516,21 +526,11 @@ def test_an_sse_stream_idle_past_the_redis_blocking_read_still_carries_the_next_
     """
 
     async def scenario(http: httpx.AsyncClient) -> None:
-        async with http.stream("GET", cluster.url("/sse", A), headers={"Accept": "text/event-stream"}) as stream:
-            assert stream.status_code == 200
-            events = EventStream(stream)
-            try:
-                endpoint = await events.next_event()
-                assert endpoint is not None and endpoint[0] == "endpoint", endpoint
-                post_url = cluster.url(endpoint[1], B)
-                params = {"protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "scale-out-test", "version": "1"}}
-                assert (await http.post(post_url, json=request(1, "initialize", params))).status_code == 202
-                await events.message(lambda m: m.get("id") == 1)
-                await asyncio.sleep(IDLE_PAST_BLOCKING_READ)
-                assert (await http.post(post_url, json=request(2, "tools/call", {"name": f"{PEER}__add", "arguments": {"a": 1, "b": 2}}))).status_code == 202
-                called = await events.message(lambda m: m.get("id") == 2 and "method" not in m)
-            finally:
-                await events.aclose()
+        async with sse_stream(http, cluster) as exchange:
+            await exchange(request(1, "initialize", SSE_INITIALIZE))
+            await asyncio.sleep(IDLE_PAST_BLOCKING_READ)
+            called = await exchange(request(2, "tools/call", {"name": f"{PEER}__add", "arguments": {"a": 1, "b": 2}}))
+        assert called is not None
         assert text_of(called["result"]) == "3"
 
     run(cluster, scenario)
