@@ -1,7 +1,8 @@
 """REST API under /api/: peers, catalog, audit, config export/import (and consent, if installed).
 
-Every endpoint needs an OAuth access token with the `admin` scope (DOT's OAuth2Authentication),
-or a signed-in staff session (for the browsable docs).
+Every endpoint needs an OAuth access token that holds the `admin` scope *now* (DOT's
+OAuth2Authentication, then `AdminToken`: its user must still be active staff), or a signed-in
+staff session (for the browsable docs).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from django.shortcuts import get_object_or_404
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
-from oauth2_provider.contrib.rest_framework import OAuth2Authentication, TokenHasScope
+from oauth2_provider.contrib.rest_framework import OAuth2Authentication
+from oauth2_provider.models import AccessToken
 from rest_framework import serializers, status
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.exceptions import ValidationError
@@ -35,6 +37,7 @@ from federation.tls import check_current_ca_bundle, check_current_client_cert
 from identity import scopes
 from identity.consent import consent_grant_revoke
 from identity.models import AuditEvent, ConsentGrant, ConsentPolicy
+from identity.tokens import effective_scopes
 
 
 class StaffSession(BasePermission):
@@ -45,12 +48,24 @@ class StaffSession(BasePermission):
         return request.auth is None and bool(user and user.is_authenticated and user.is_staff)
 
 
+class AdminToken(BasePermission):
+    """An access token that holds `admin` at this moment (identity/tokens.py `effective_scopes`).
+
+    Not DOT's TokenHasScope, which reads the scopes the token was issued with: what the token
+    holds also depends on its user, who must still be active and staff, as the request's user
+    is loaded with the token on every request.
+    """
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        token = request.auth
+        return isinstance(token, AccessToken) and scopes.ADMIN in effective_scopes(token)
+
+
 class AdminApi(APIView):
-    """Base of every API view: admin-scoped token, or a staff session."""
+    """Base of every API view: a token holding `admin`, or a staff session."""
 
     authentication_classes = [OAuth2Authentication, SessionAuthentication]
-    permission_classes = [TokenHasScope | StaffSession]
-    required_scopes = [scopes.ADMIN]
+    permission_classes = [AdminToken | StaffSession]
     schema = AdminApiSchema()
 
 

@@ -9,6 +9,12 @@ MCP authorization spec closes, is decided here:
   own origin (`invalid_target` otherwise), and a request that names none gets the gateway's
   origin, so no token leaves the token endpoint without an audience (identity/tokens.py refuses
   those).
+* A token carries only the scopes its user and client may have *when it is issued*
+  (identity/tokens.py `scopes_allowed`): `admin` only for an active staff user, never for a
+  token without a user (client credentials), and a trusted gateway only what peer gateways
+  need. Every grant type ends in `_save_bearer_token`, so the rule is applied there once: a
+  scope the client asks for in this request and may not have is `invalid_scope`; one carried
+  over from a grant or an earlier token (a code, a refresh) is dropped from the new token.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from oauth2_provider.oauth2_validators import OAuth2Validator
 from oauthlib.common import Request as OauthlibRequest
 from oauthlib.oauth2.rfc6749 import errors
 
-from identity.tokens import same_origin
+from identity.tokens import same_origin, scopes_allowed
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -122,3 +128,25 @@ class GatewayOAuth2Validator(OAuth2Validator):
                 description=f"This authorization server issues tokens for {origin} only, not for {foreign[0]}",
                 request=request,
             )
+
+    def _save_bearer_token(self, token: dict[str, Any], request: OauthlibRequest, *args: Any, **kwargs: Any) -> Any:
+        # The last step of every grant before DOT writes the token rows (and, on a refresh,
+        # retires the old ones): narrow the scope to what this token may carry, or refuse.
+        user = None if request.grant_type == "client_credentials" else request.user
+        allowed = scopes_allowed(user=user, application=request.client)
+        issued = str(token.get("scope") or "").split()
+        asked = set(str(request.scope or "").split()) if request.grant_type in ("client_credentials", "refresh_token") else set()
+        refused = (asked & set(issued)) - allowed
+        if refused:
+            raise errors.InvalidScopeError(
+                description=f"This client may not have the {' '.join(sorted(refused))} scope: "
+                "the admin scope is only for tokens acting for an active staff user",
+                request=request,
+            )
+        kept = [scope for scope in issued if scope in allowed]
+        if issued and not kept:
+            raise errors.InvalidScopeError(description="None of the granted scopes is still allowed", request=request)
+        if kept != issued:
+            token["scope"] = " ".join(kept)
+            request.scopes = kept
+        return super()._save_bearer_token(token, request, *args, **kwargs)

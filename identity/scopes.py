@@ -17,6 +17,24 @@ SCOPES: dict[str, str] = {
 }
 MCP_SCOPES = (TOOLS, RESOURCES, PROMPTS)
 """What an MCP host asks for by default (advertised in WWW-Authenticate)."""
+STAFF_ONLY_SCOPES = frozenset({ADMIN})
+"""Scopes a token carries only while it acts for an active staff user."""
+TRUSTED_GATEWAY_SCOPES = frozenset({GATEWAY, *MCP_SCOPES})
+"""All a trusted peer gateway's own token may carry (docs/IDENTITY.md, "Trust between gateways")."""
+
+
+def allowed_scopes(*, staff_user: bool, trusted_gateway: bool) -> frozenset[str]:
+    """Return the scopes a token may carry: the one rule, at issuance and at every use.
+
+    `staff_user`: the token acts for a user who is active and staff *now*; a token without a
+    user (client credentials) never does. `trusted_gateway`: the token's client is a peer
+    gateway this one trusts (`manage.py gateway trust`), which gets what peer gateways need.
+    """
+    if trusted_gateway:
+        return TRUSTED_GATEWAY_SCOPES
+    if staff_user:
+        return frozenset(SCOPES)
+    return frozenset(SCOPES) - STAFF_ONLY_SCOPES
 
 _BY_PREFIX = (("tools/", TOOLS), ("resources/", RESOURCES), ("prompts/", PROMPTS))
 

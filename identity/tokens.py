@@ -16,6 +16,7 @@ from oauth2_provider.models import AccessToken, Application, set_token_value
 
 from fedmcp_site import caching
 from identity import scopes as scope_names
+from identity.models import TrustedGateway
 
 OPERATOR_APPLICATION = "fedmcp operator tokens"
 
@@ -63,6 +64,23 @@ def same_origin(uri: str, base: str) -> bool:
     return (a.scheme, a.hostname, port(a)) == (b.scheme, b.hostname, port(b))
 
 
+def scopes_allowed(*, user: AbstractBaseUser | None, application: Application | None) -> frozenset[str]:
+    """Return the scopes a token of `application` acting for `user` may carry, as things are now.
+
+    The one place the rule of identity/scopes.py `allowed_scopes` meets the database: the token
+    endpoint narrows what it issues with it, and every use of a token (MCP endpoints, /api/)
+    narrows what the token holds with it, so a user who lost staff loses `admin` at once.
+    """
+    staff = bool(user is not None and user.is_active and user.is_staff)
+    trusted = application is not None and TrustedGateway.objects.filter(application_id=application.pk).exists()
+    return scope_names.allowed_scopes(staff_user=staff, trusted_gateway=trusted)
+
+
+def effective_scopes(token: AccessToken) -> frozenset[str]:
+    """Return the scopes `token` holds at this moment: those it was issued with that are still allowed."""
+    return frozenset(token.scope.split()) & scopes_allowed(user=token.user, application=token.application)
+
+
 def _authenticate(raw: str, base_url: str) -> Identity:
     checksum = _token_checksum(raw)
     token = AccessToken.objects.select_related("user", "application").filter(token_checksum=checksum).first()
@@ -75,13 +93,15 @@ def _authenticate(raw: str, base_url: str) -> Identity:
         raise TokenError("The access token names no audience; request it with resource=<this gateway's URL>")
     if not any(same_origin(aud, base_url) for aud in audiences):
         raise TokenError("The access token was issued for another audience")
+    if token.user is not None and not token.user.is_active:
+        raise TokenError("The access token's user is deactivated")
     return Identity(
         token_id=token.pk,
         user_id=token.user_id,
         username=token.user.get_username() if token.user else "",
         application_id=token.application_id,
         client_id=token.application.client_id if token.application else "",
-        scopes=frozenset(token.scope.split()),
+        scopes=effective_scopes(token),
         expires=token.expires,
     )
 
@@ -162,10 +182,14 @@ def token_create(*, user: AbstractBaseUser, scope: str, expires_in: timedelta, r
     unknown = set(scope.split()) - set(scope_names.SCOPES)
     if unknown:
         raise ValueError(f"unknown scope(s): {', '.join(sorted(unknown))}; known: {', '.join(scope_names.SCOPES)}")
+    application = application or operator_application()
+    refused = set(scope.split()) - scopes_allowed(user=user, application=application)
+    if refused:
+        raise ValueError(f"{user.get_username()} may not hold {', '.join(sorted(refused))}: the admin scope is for active staff users only")
     raw = secrets.token_urlsafe(32)
     token = AccessToken(
         user=user,
-        application=application or operator_application(),
+        application=application,
         expires=timezone.now() + expires_in,
         scope=scope,
         resource=[resource],

@@ -38,6 +38,7 @@ from identity.oauth_validators import (
     gateway_origin,
     redirect_uri_acceptable,
 )
+from identity.tokens import scopes_allowed
 
 PAGE_CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'"
@@ -50,9 +51,6 @@ redirect goes to the client's own redirect URI.
 
 MCP_ENDPOINT_PATH = re.compile(rf"^(?:peers/{PEER_NAME_WORD}/)?(?:mcp|ws|sse|messages)$")
 """Endpoint paths (without the leading slash) that have RFC 9728 path-inserted metadata."""
-
-STAFF_ONLY_SCOPES = frozenset({scope_names.ADMIN})
-"""Scopes only staff users can grant to a client: consent cannot give what the user lacks."""
 
 DCR_APPLICATION_TYPES = ("native", "web")
 DCR_GRANT_TYPES = frozenset({"authorization_code", "refresh_token"})
@@ -134,7 +132,8 @@ class AuthorizationView(dot_views.AuthorizationView):
 
     def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         refusal = self._refusal(
-            request.GET.get("scope", ""), request.GET.getlist("resource"), request.GET.get("code_challenge_method")
+            request.GET.get("scope", ""), request.GET.getlist("resource"), request.GET.get("code_challenge_method"),
+            request.GET.get("client_id", ""),
         )
         if refusal is not None:
             try:
@@ -147,13 +146,16 @@ class AuthorizationView(dot_views.AuthorizationView):
     def form_valid(self, form: Any) -> HttpResponse:
         data = form.cleaned_data
         refusal = self._refusal(
-            data.get("scope") or "", (data.get("resource") or "").split(), data.get("code_challenge_method")
+            data.get("scope") or "", (data.get("resource") or "").split(), data.get("code_challenge_method"),
+            data.get("client_id") or "",
         )
         if refusal is not None:
             return self._refuse(refusal, data)
         return super().form_valid(form)
 
-    def _refusal(self, scope: str, resources: list[str], challenge_method: str | None) -> CustomOAuth2Error | None:
+    def _refusal(
+        self, scope: str, resources: list[str], challenge_method: str | None, client_id: str
+    ) -> CustomOAuth2Error | None:
         # oauthlib refuses a missing code_challenge (PKCE_REQUIRED); DOT refuses "plain" only
         # once the user has approved. Refuse it (and a missing method, which means plain)
         # before the user is asked anything.
@@ -167,8 +169,15 @@ class AuthorizationView(dot_views.AuthorizationView):
                 error="invalid_target",
                 description=f"This gateway issues tokens for itself only, not for {foreign[0]}",
             )
-        if STAFF_ONLY_SCOPES & set(scope.split()) and not self.request.user.is_staff:
-            return InvalidScopeError(description="Only gateway staff can grant the admin scope")
+        # Consent cannot give what the user lacks; the token endpoint applies the same rule again
+        # (and again at every use), so this only spares the user a page that would lead nowhere.
+        application = get_application_model().objects.filter(client_id=client_id).first()
+        allowed = scopes_allowed(user=self.request.user, application=application)
+        refused = set(scope.split()) & (set(scope_names.SCOPES) - allowed)
+        if refused:
+            return InvalidScopeError(
+                description=f"You cannot grant {' '.join(sorted(refused))}: the admin scope is for gateway staff only"
+            )
         return None
 
     def _refuse(self, error: CustomOAuth2Error, credentials: dict[str, Any]) -> HttpResponse:

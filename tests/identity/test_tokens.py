@@ -60,13 +60,20 @@ class TokenCommandTests(TestCase):
         self.assertEqual(token.user.get_username(), "carol")
 
     def test_it_takes_scopes_and_a_resource(self) -> None:
+        get_user_model().objects.create_user("carol", is_staff=True)
         raw = run_token(
-            "--user", "carol", "--create-user", "--scope", f"{scopes.PROMPTS} {scopes.ADMIN}", "--resource", "http://127.0.0.1:9000"
+            "--user", "carol", "--scope", f"{scopes.PROMPTS} {scopes.ADMIN}", "--resource", "http://127.0.0.1:9000"
         ).strip()
 
         token = row(raw)
         self.assertEqual(set(token.scope.split()), {scopes.PROMPTS, scopes.ADMIN})
         self.assertEqual(token.resource, ["http://127.0.0.1:9000"])
+
+    def test_the_admin_scope_is_refused_for_a_user_who_is_not_staff(self) -> None:
+        with self.assertRaises(CommandError):
+            run_token("--user", "carol", "--create-user", "--scope", f"{scopes.TOOLS} {scopes.ADMIN}")
+
+        self.assertFalse(AccessToken.objects.exists())
 
     def test_an_unknown_scope_is_refused_and_nothing_is_stored(self) -> None:
         with self.assertRaises(CommandError):
