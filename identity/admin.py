@@ -34,6 +34,8 @@ DECISIONS = (
     ("continued", "continued (a further round of an approved call)"),
 )
 """The words consent leaves in AuditEvent.decision (docs/CONSENT.md "Outcomes")."""
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What makes a spreadsheet read a cell as a formula (OWASP "CSV Injection")."""
 
 
 class _Echo:
@@ -43,12 +45,28 @@ class _Echo:
         return value
 
 
+def csv_cell(value: Any) -> Any:
+    """Return `value` as a CSV cell that no spreadsheet runs as a formula.
+
+    Text comes from hosts, upstreams and peer gateways (tool names, subjects, gateway paths):
+    text that starts like a formula gets a leading single quote, which spreadsheets show as
+    text (OWASP). Numbers are written as they are (an error code is -32010, not a formula).
+    """
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        value = "|".join(value)
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def audit_csv_rows(queryset: QuerySet[AuditEvent]) -> Iterator[str]:
     """Yield the CSV lines of `queryset`, header first, reading rows in chunks."""
     writer = csv.writer(_Echo())
     yield writer.writerow(CSV_COLUMNS)
     for row in queryset.values_list(*CSV_COLUMNS).iterator(chunk_size=2000):
-        yield writer.writerow(["|".join(v) if isinstance(v, list) else ("" if v is None else v) for v in row])
+        yield writer.writerow([csv_cell(v) for v in row])
 
 
 def _csv_response(queryset: QuerySet[AuditEvent]) -> StreamingHttpResponse:
