@@ -112,15 +112,24 @@ def consent_url(ctx: HostContext, prompt_id: str) -> str:
     return f"{base}/consent/{prompt_id}"
 
 
-def _state_for(prompt: ConsentPrompt) -> str:
-    return request_states.issue(request_states.CONSENT, {"p": prompt.id}, salt=STATE_SALT)
+def _state_for(prompt: ConsentPrompt, approval: Approval) -> str:
+    """The signed requestState of a prompt about the call `approval` describes (and no other)."""
+    return request_states.issue(request_states.CONSENT, {"p": prompt.id, "b": approval.binding(None)}, salt=STATE_SALT)
 
 
-def _prompt_id_from(state: str) -> str:
+def _consent_state(state: str) -> tuple[str, str]:
+    """Return (prompt id, binding of the call it was issued for) from one of our consent states.
+
+    A state issued before states were bound to their call has an empty binding, which no call matches.
+
+    Raises:
+        InvalidParamsError: not a consent state this gateway issued.
+    """
     data = request_states.read(request_states.CONSENT, state, salt=STATE_SALT, max_age=consent.timeout_setting() + 3600)
     if not isinstance(data, dict) or not isinstance(data.get("p"), str):
         raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued")
-    return data["p"]
+    binding = data.get("b")
+    return data["p"], binding if isinstance(binding, str) else ""
 
 
 def _arguments(method: str, params: JsonDict) -> Any:
@@ -301,13 +310,21 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
     peer = route.peer.name
     state = params.get("requestState")
     if ctx.era == "modern" and request_states.is_ours(request_states.CONSENT, state):
-        prompt = await consent.consent_prompt_for(prompt_id=_prompt_id_from(state), identity=ctx.identity)
-        if prompt is None or prompt.owner_gateway or prompt.peer != peer or prompt.kind != kind or prompt.name != name:
+        prompt_id, binding = _consent_state(state)
+        prompt = await consent.consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity)
+        if prompt is None or prompt.owner_gateway:
             raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
-        url = consent_url(ctx, prompt.id)
-        status = await wait_for_answer(ctx, prompt, url)
-        word = await _finish(prompt, status, url)
-        return Gate(decision=word, params=_strip_state(params), approval=_approval_for(ctx, peer, kind, name, _arguments(method, params)))
+        approval = _approval_for(ctx, peer, kind, name, _arguments(method, params))
+        if hmac.compare_digest(binding, approval.binding(None)):
+            url = consent_url(ctx, prompt.id)
+            status = await wait_for_answer(ctx, prompt, url)
+            word = await _finish(prompt, status, url)
+            return Gate(decision=word, params=_strip_state(params), approval=approval)
+        # The user approves the exact call shown on /consent: this caller (user or federated
+        # identity and client application), peer, tool and arguments. Any other call carrying
+        # the state is a new call, decided and, if need be, asked about afresh; the approval
+        # stays for the call it was given to.
+        params = _strip_state(params)
     continuation: Continuation | None = None
     if ctx.era == "modern" and isinstance(state, str) and state.startswith(continue_prefix()):
         # A further round of a call the user approved; it still passes the policies below.
@@ -342,6 +359,7 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         )
         exc.consent_decision = "deny"  # type: ignore[attr-defined]
         raise exc
+    approval = _approval_for(ctx, peer, kind, name, _arguments(method, params))
     prompt = await consent.consent_prompt_create(
         identity=ctx.identity, peer=peer, kind=kind, name=name, arguments=_arguments(method, params),
         decision=decision, timeout=consent.timeout_setting(),
@@ -352,13 +370,15 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         result = {
             "resultType": "input_required",
             "inputRequests": {INPUT_KEY: {"method": "elicitation/create", "params": elicitation}},
-            "requestState": _state_for(prompt),
+            "requestState": _state_for(prompt, approval),
         }
         return Gate(decision="ask", result=result)
 
+    # Handshake era: this very call waits on the prompt it created, with its own params, so the
+    # answer can't reach another call.
     status = await hold_for_answer(ctx, prompt, url, elicitation)
     word = await _finish(prompt, status, url)
-    return Gate(decision=word, params=params, approval=_approval_for(ctx, peer, kind, name, _arguments(method, params)))
+    return Gate(decision=word, params=params, approval=approval)
 
 
 # --- sampling and elicitation requests from upstreams ----------------------------------------
