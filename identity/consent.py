@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 KIND_FOR_METHOD = {"tools/call": "tool", "resources/read": "resource", "prompts/get": "prompt"}
 """The calls consent governs, and the policy `kind` each one is."""
+KIND_FOR_COMPLETION_REF = {"ref/prompt": "prompt", "ref/resource": "resource"}
+"""`completion/complete` (by its `ref.type`) and `resources/subscribe` are never asked about, but
+a policy that denies the prompt or resource refuses them too (mcp_endpoint/consent_gate.py
+`consent_unasked`)."""
 REQUEST_KIND_FOR_METHOD = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation"}
 """Server->client requests from upstreams that consent governs; their name is the call's."""
 REQUEST_DEFAULT_SETTING = {"sampling": "FEDMCP_CONSENT_SAMPLING_DEFAULT", "elicitation": "FEDMCP_CONSENT_ELICITATION_DEFAULT"}

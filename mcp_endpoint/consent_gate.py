@@ -293,6 +293,25 @@ async def _continue(continuation: Continuation) -> None:
         raise jsonrpc.InvalidParamsError("this requestState was already used")
 
 
+async def consent_unasked(ctx: HostContext, peer: str, kind: str, name: str) -> str:
+    """Apply the policy to a request about a prompt or resource that is never asked about; return the audit word.
+
+    `completion/complete` and `resources/subscribe` get the decision prompts/get and
+    resources/read get: a deny refuses them. An ask lets them through unasked (the user is
+    asked when the prompt is got or the resource read; a prompt for each completion would be
+    no use), audited with no decision word; an allow as `allow` (or `grant`).
+
+    Raises:
+        ConsentDeniedError: a policy refuses the prompt or resource (-32017).
+    """
+    decision = await consent_cache.consent_decide(identity=ctx.identity, peer=peer, kind=kind, name=name)
+    if decision.action == ConsentDecision.DENY:
+        exc = jsonrpc.ConsentDeniedError(f"A consent policy refuses the {kind} '{name}' on peer '{peer}'", {"reason": decision.reason})
+        exc.consent_decision = "deny"  # type: ignore[attr-defined]
+        raise exc
+    return decision.label if decision.action == ConsentDecision.ALLOW else ""
+
+
 async def consent_gate(ctx: HostContext, route: Route, method: str, params: JsonDict, name: str) -> Gate:
     """Apply consent to one call about to be forwarded.
 
@@ -306,7 +325,11 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
     """
     kind = consent.KIND_FOR_METHOD.get(method)
     if kind is None:
-        return Gate(params=params)
+        ref = params.get("ref") if method == "completion/complete" and isinstance(params.get("ref"), dict) else {}
+        looked_up = consent.KIND_FOR_COMPLETION_REF.get(ref.get("type"))  # type: ignore[arg-type]
+        if looked_up is None:
+            return Gate(params=params)
+        return Gate(decision=await consent_unasked(ctx, route.peer.name, looked_up, name), params=params)
     peer = route.peer.name
     state = params.get("requestState")
     if ctx.era == "modern" and request_states.is_ours(request_states.CONSENT, state):
