@@ -210,7 +210,7 @@ def _strip_state(params: JsonDict) -> JsonDict:
     return {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}
 
 
-def _approval_for(ctx: HostContext, peer: str, kind: str, name: str, arguments: Any) -> Approval:
+def approval_for(ctx: HostContext, peer: str, kind: str, name: str, arguments: Any) -> Approval:
     identity = ctx.identity
     if identity is None:
         who, client_id = "", ""
@@ -337,7 +337,7 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         prompt = await consent.consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity)
         if prompt is None or prompt.owner_gateway:
             raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
-        approval = _approval_for(ctx, peer, kind, name, _arguments(method, params))
+        approval = approval_for(ctx, peer, kind, name, _arguments(method, params))
         if hmac.compare_digest(binding, approval.binding(None)):
             url = consent_url(ctx, prompt.id)
             status = await wait_for_answer(ctx, prompt, url)
@@ -351,7 +351,7 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
     continuation: Continuation | None = None
     if ctx.era == "modern" and isinstance(state, str) and state.startswith(continue_prefix()):
         # A further round of a call the user approved; it still passes the policies below.
-        continuation = _continuation(_approval_for(ctx, peer, kind, name, _arguments(method, params)), state)
+        continuation = _continuation(approval_for(ctx, peer, kind, name, _arguments(method, params)), state)
         params = _with_upstream_state(params, continuation.upstream_state)
 
     decision = await consent_cache.consent_decide(identity=ctx.identity, peer=peer, kind=kind, name=name)
@@ -372,7 +372,7 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
     if ctx.identity is not None and ctx.identity.user_id is None and ctx.identity.federated_issuer:
         # A user of a trusted gateway, not linked to an account here: their home gateway asks.
         word = await _ask_home(ctx, peer, kind, name, _arguments(method, params), decision)
-        return Gate(decision=word, params=params, approval=_approval_for(ctx, peer, kind, name, _arguments(method, params)))
+        return Gate(decision=word, params=params, approval=approval_for(ctx, peer, kind, name, _arguments(method, params)))
     if ctx.identity is None or ctx.identity.user_id is None:
         # Nobody could answer on /consent (a client-only token): refuse now rather than wait
         # out the timeout.
@@ -382,7 +382,7 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         )
         exc.consent_decision = "deny"  # type: ignore[attr-defined]
         raise exc
-    approval = _approval_for(ctx, peer, kind, name, _arguments(method, params))
+    approval = approval_for(ctx, peer, kind, name, _arguments(method, params))
     prompt = await consent.consent_prompt_create(
         identity=ctx.identity, peer=peer, kind=kind, name=name, arguments=_arguments(method, params),
         decision=decision, timeout=consent.timeout_setting(),
