@@ -31,7 +31,7 @@ import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -440,6 +440,13 @@ class UpstreamCall:
     """The peer is another fedmcp gateway, which has gated its own upstreams' requests already."""
     peer_origin: str = ""
     """A peer gateway's public origin: what signs as that peer (identity/deferral.py)."""
+    arguments: Any = field(default=None, compare=False)
+    """The call's arguments as sent upstream: requests held for consent go back only to this call (`_held_binding`)."""
+
+    def binding(self, ctx: HostContext) -> str:
+        """Digest of this call by this caller (as `Approval.binding`): a held request's state must match it."""
+        kind = consent.KIND_FOR_METHOD.get(self.method, self.method)
+        return approval_for(ctx, self.peer, kind, self.name, self.arguments).binding(None)
 
 
 def _gated_kind(call: UpstreamCall, method: str, params: Any) -> str | None:
@@ -507,10 +514,12 @@ def _for_caller(ctx: HostContext, call: UpstreamCall, kind: str, params: Any, de
     return _with_mark(params, mark)
 
 
-def _audit_request(ctx: HostContext, call: UpstreamCall, method: str, decision: str, error_code: int | None, started: float) -> None:
+def _audit_request(
+    ctx: HostContext, call: UpstreamCall, method: str, decision: str, error_code: int | None, started: float, *, input_required: bool = False
+) -> None:
     audit_record(
         identity=ctx.identity, peer=call.peer, method=method, name=call.name,
-        error_code=error_code, latency_ms=(time.monotonic() - started) * 1000, decision=decision,
+        error_code=error_code, latency_ms=(time.monotonic() - started) * 1000, decision=decision, input_required=input_required,
     )
 
 
@@ -679,21 +688,30 @@ async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: Json
     for request, kind, decision in to_ask:
         started = time.monotonic()
         prompts.append(await _request_prompt(ctx, call, kind, request["method"], request.get("params"), decision, None if prompts else result))
-        _audit_request(ctx, call, request["method"], "ask", None, started)
+        # The host is sent to /consent (the gateway's own input_required), not handed the request.
+        _audit_request(ctx, call, request["method"], "ask", None, started, input_required=True)
     inputs: JsonDict = {}
     for index, prompt in enumerate(prompts):
         url = consent_url(ctx, prompt.id)
         params = {"mode": "url", "message": _request_message(prompt, url), "url": url, "elicitationId": prompt.id}
         inputs[f"{INPUT_KEY}-{index}"] = {"method": "elicitation/create", "params": params}
-    state = request_states.issue(request_states.HELD, {"p": [p.id for p in prompts]}, salt=HELD_SALT)
+    state = request_states.issue(request_states.HELD, {"p": [p.id for p in prompts], "b": call.binding(ctx)}, salt=HELD_SALT)
     return {"resultType": "input_required", "inputRequests": inputs, "requestState": state}
 
 
-def _held_prompt_ids(state: str) -> list[str]:
+def _held_prompt_ids(ctx: HostContext, call: UpstreamCall, state: str) -> list[str]:
+    """Return the prompts a held state names, if it was issued for this very call by this caller.
+
+    Raises:
+        InvalidParamsError: not our state, or one for another call, arguments or client.
+    """
     data = request_states.read(request_states.HELD, state, salt=HELD_SALT, max_age=consent.timeout_setting() + 3600)
     ids = data.get("p") if isinstance(data, dict) else None
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
         raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued")
+    binding = data.get("b")
+    if not isinstance(binding, str) or not hmac.compare_digest(binding, call.binding(ctx)):
+        raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
     return ids
 
 
@@ -711,7 +729,7 @@ async def upstream_input_resume(ctx: HostContext, call: UpstreamCall, params: Js
     if ctx.era != "modern" or not request_states.is_ours(request_states.HELD, state):
         return None
     prompts: list[ConsentPrompt] = []
-    for prompt_id in _held_prompt_ids(state):
+    for prompt_id in _held_prompt_ids(ctx, call, state):
         prompt = await consent.consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity)
         if prompt is None or prompt.peer != call.peer or prompt.name != call.name or prompt.kind not in consent.REQUEST_KIND_FOR_METHOD.values():
             raise jsonrpc.InvalidParamsError("requestState does not belong to this call")

@@ -18,6 +18,7 @@ is watched at `forwarding._forward`, the one place a consented call leaves for i
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from unittest import mock
 
@@ -30,7 +31,7 @@ from identity.models import AuditEvent, ConsentGrant, ConsentPolicy, ConsentProm
 from mcp_endpoint import forwarding, handlers, jsonrpc
 from mcp_endpoint.consent_gate import INPUT_KEY
 from mcp_endpoint.models import ResourceSubscription
-from tests.base import FixturePeerTestCase, McpClient, mint_token
+from tests.base import MODERN, FixturePeerTestCase, McpClient, mint_token, modern_meta, request
 from tests.identity.test_consent_flow import CALL_TIMEOUT, final_message
 
 ADD = "everything__add"
@@ -220,3 +221,36 @@ class UngovernedMethodsTests(BindingTestCase):
             self.assertTrue(upstream.called)
         self.assertEqual([u async for u in ResourceSubscription.objects.values_list("upstream_uri", flat=True)], ["test://static-text"])
         self.assertEqual(await self.audit_rows("resources/subscribe"), [("deny", "error", jsonrpc.CONSENT_DENIED)])
+
+
+class HeldRequestBindingTests(BindingTestCase):
+    """An upstream's sampling request held for consent goes back only to the call it came from."""
+
+    SAMPLING = "everything__test_sampling"
+
+    async def sampling_call(self, arguments: dict[str, Any], *, token: str | None = None, **extra: Any) -> dict[str, Any]:
+        client = McpClient(token=token)
+        params = {"name": self.SAMPLING, "arguments": arguments, **extra, "_meta": modern_meta({"sampling": {}, "elicitation": {"url": {}}})}
+        headers = {"mcp-protocol-version": MODERN, "mcp-method": "tools/call", "mcp-name": self.SAMPLING}
+        return final_message(await client.post(request("tools/call", params, client.next_id()), headers, timeout=CALL_TIMEOUT))
+
+    async def test_the_held_request_is_not_handed_to_another_call(self) -> None:
+        shown = {"prompt": "What is the capital of France?"}
+        with override_settings(FEDMCP_CONSENT_DEFAULT="allow", FEDMCP_CONSENT_SAMPLING_DEFAULT="ask"):
+            first = (await self.sampling_call(shown))["result"]
+            [key] = first["inputRequests"]
+            prompt = await self.answer("approve")
+            self.assertEqual(prompt.kind, "sampling")
+            retry = {"requestState": first["requestState"], "inputResponses": {key: {"action": "accept"}}}
+
+            other_arguments = await self.sampling_call({"prompt": "Something else"}, **retry)
+            self.assertEqual(other_arguments["error"]["code"], jsonrpc.INVALID_PARAMS)
+            other = await sync_to_async(other_client_token)()
+            other_client = await self.sampling_call(shown, token=other, **retry)
+            self.assertEqual(other_client["error"]["code"], jsonrpc.INVALID_PARAMS)
+            self.assertNotIn("capital", json.dumps([other_arguments, other_client]))
+
+            held = (await self.sampling_call(shown, **retry))["result"]
+        [asked] = held["inputRequests"].values()
+        self.assertEqual(asked["method"], "sampling/createMessage")
+        self.assertEqual(await self.audit_rows("sampling/createMessage"), [("ask", "input", None), ("approved", "ok", None)])
