@@ -31,7 +31,7 @@ from identity.models import AuditEvent, ConsentGrant, ConsentPolicy, ConsentProm
 from mcp_endpoint import forwarding, handlers, jsonrpc
 from mcp_endpoint.consent_gate import INPUT_KEY
 from mcp_endpoint.models import ResourceSubscription
-from tests.base import MODERN, FixturePeerTestCase, McpClient, mint_token, modern_meta, request
+from tests.base import MODERN, FixturePeerTestCase, HttpExchange, McpClient, mint_token, modern_meta, request
 from tests.identity.test_consent_flow import CALL_TIMEOUT, final_message
 
 ADD = "everything__add"
@@ -223,6 +223,21 @@ class UngovernedMethodsTests(BindingTestCase):
         self.assertEqual(await self.audit_rows("resources/subscribe"), [("deny", "error", jsonrpc.CONSENT_DENIED)])
 
 
+    async def test_listen_leaves_out_a_denied_resource(self) -> None:
+        # The 2026-07-28 counterpart of resources/subscribe.
+        await ConsentPolicy.objects.acreate(peer="everything", kind="resource", name_pattern="test://watched-resource", decision="deny")
+        client = McpClient()
+        wanted = {"resourceSubscriptions": ["fedmcp://everything/test://watched-resource", "fedmcp://everything/test://static-text"]}
+        body = request("subscriptions/listen", {"notifications": wanted, "_meta": modern_meta()}, client.next_id())
+        headers = client.headers({"mcp-protocol-version": MODERN, "mcp-method": "subscriptions/listen"})
+        async with HttpExchange("POST", "/mcp", headers, json.dumps(body).encode()) as listen:
+            self.assertEqual(await listen.start(), 200)
+            acknowledged = await listen.next_event()
+        assert acknowledged is not None
+        self.assertEqual(acknowledged["method"], "notifications/subscriptions/acknowledged")
+        self.assertEqual(acknowledged["params"]["notifications"], {"resourceSubscriptions": ["fedmcp://everything/test://static-text"]})
+
+
 class HeldRequestBindingTests(BindingTestCase):
     """An upstream's sampling request held for consent goes back only to the call it came from."""
 
@@ -254,3 +269,4 @@ class HeldRequestBindingTests(BindingTestCase):
         [asked] = held["inputRequests"].values()
         self.assertEqual(asked["method"], "sampling/createMessage")
         self.assertEqual(await self.audit_rows("sampling/createMessage"), [("ask", "input", None), ("approved", "ok", None)])
+
