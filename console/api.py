@@ -370,7 +370,7 @@ class AuditListApi(AdminApi):
             OpenApiParameter("user", str, description="Username (local or federated subject)"),
             OpenApiParameter("peer", str),
             OpenApiParameter("method", str),
-            OpenApiParameter("outcome", str, enum=["ok", "error"]),
+            OpenApiParameter("outcome", str, enum=["ok", "error", "input"], description="input: the host was answered input_required"),
             OpenApiParameter("decision", str, description="Consent decision: allow, grant, ask, approved, denied, deny, timeout"),
             OpenApiParameter("since", OpenApiTypes.DATETIME),
             OpenApiParameter("until", OpenApiTypes.DATETIME),

@@ -192,8 +192,14 @@ def audit_record(
     latency_ms: float,
     via: list[str] | tuple[str, ...] = (),
     decision: str = "",
+    input_required: bool = False,
 ) -> None:
-    """Record one forwarded call (`error_code` None means it succeeded), without waiting."""
+    """Record one forwarded call, without waiting.
+
+    The outcome: `error` with `error_code`; else `input` when the host was answered
+    `input_required` (the call has not run, or not finished: it waits for the host's retry);
+    else `ok`.
+    """
     if identity is not None:
         who = (identity.user_id, identity.username, identity.federated_issuer, identity.federated_subject, identity.client_id)
         via = via or identity.via
@@ -201,8 +207,14 @@ def audit_record(
         who = (None, "", "", "", "")
     _writer.add(PendingEvent(
         timezone.now(), *who, list(via), peer, method, name[:2000],
-        "ok" if error_code is None else "error", error_code, decision, round(latency_ms, 3),
+        _outcome(error_code, input_required), error_code, decision, round(latency_ms, 3),
     ))
+
+
+def _outcome(error_code: int | None, input_required: bool) -> str:
+    if error_code is not None:
+        return AuditEvent.Outcome.ERROR.value
+    return (AuditEvent.Outcome.INPUT if input_required else AuditEvent.Outcome.OK).value
 
 
 def audit_pending() -> int:

@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 KIND_FOR_METHOD = {"tools/call": "tool", "resources/read": "resource", "prompts/get": "prompt"}
 """The calls consent governs, and the policy `kind` each one is."""
+KIND_FOR_COMPLETION_REF = {"ref/prompt": "prompt", "ref/resource": "resource"}
+"""`completion/complete` (by its `ref.type`) and `resources/subscribe` are never asked about, but
+a policy that denies the prompt or resource refuses them too (mcp_endpoint/consent_gate.py
+`consent_unasked`)."""
 REQUEST_KIND_FOR_METHOD = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation"}
 """Server->client requests from upstreams that consent governs; their name is the call's."""
 REQUEST_DEFAULT_SETTING = {"sampling": "FEDMCP_CONSENT_SAMPLING_DEFAULT", "elicitation": "FEDMCP_CONSENT_ELICITATION_DEFAULT"}
@@ -193,10 +197,21 @@ def _group_ids(identity: Identity | None) -> frozenset[int]:
     return frozenset(user.groups.values_list("pk", flat=True)) if user else frozenset()
 
 
+PEER_USED_DECISIONS = ("allow", "grant", "approved", "continued")
+"""Audit words of tool calls that count for "ask-new-peers": allowed, or approved by the user.
+
+Never `ask` (the host was sent to /consent, an `input` outcome), `denied`, `timeout`, `deny`,
+`rejected` or `ask-home`: a question nobody answered, or answered no, unlocks nothing.
+"""
+
+
 def _peer_used(identity: Identity | None, peer: str) -> bool:
+    """Whether a tool call on `peer` that the user (or a policy) allowed has completed: the audit trail says."""
     if identity is None or (identity.user_id is None and not identity.federated_issuer):
         return False
-    calls = AuditEvent.objects.filter(peer=peer, method="tools/call", outcome="ok")
+    calls = AuditEvent.objects.filter(
+        peer=peer, method="tools/call", outcome=AuditEvent.Outcome.OK, decision__in=PEER_USED_DECISIONS
+    )
     if identity.user_id is not None:
         return calls.filter(user_id=identity.user_id).exists()
     return calls.filter(federated_issuer=identity.federated_issuer, federated_subject=identity.federated_subject).exists()

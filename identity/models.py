@@ -121,7 +121,13 @@ class AuditEvent(models.Model):
     peer = models.CharField(max_length=48)
     method = models.CharField(max_length=64)
     name = models.CharField(max_length=2000, blank=True, help_text="Tool or prompt name, or resource URI, as the peer knows it.")
-    outcome = models.CharField(max_length=8, choices=[("ok", "ok"), ("error", "error")])
+    class Outcome(models.TextChoices):
+        OK = "ok", "ok"
+        ERROR = "error", "error"
+        INPUT = "input", "input required"
+        """The host was answered `input_required`: the call waits for its retry (consent, or the upstream's question)."""
+
+    outcome = models.CharField(max_length=8, choices=Outcome.choices)
     decision = models.CharField(
         max_length=16, blank=True,
         help_text=(

@@ -31,7 +31,7 @@ import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -112,15 +112,24 @@ def consent_url(ctx: HostContext, prompt_id: str) -> str:
     return f"{base}/consent/{prompt_id}"
 
 
-def _state_for(prompt: ConsentPrompt) -> str:
-    return request_states.issue(request_states.CONSENT, {"p": prompt.id}, salt=STATE_SALT)
+def _state_for(prompt: ConsentPrompt, approval: Approval) -> str:
+    """The signed requestState of a prompt about the call `approval` describes (and no other)."""
+    return request_states.issue(request_states.CONSENT, {"p": prompt.id, "b": approval.binding(None)}, salt=STATE_SALT)
 
 
-def _prompt_id_from(state: str) -> str:
+def _consent_state(state: str) -> tuple[str, str]:
+    """Return (prompt id, binding of the call it was issued for) from one of our consent states.
+
+    A state issued before states were bound to their call has an empty binding, which no call matches.
+
+    Raises:
+        InvalidParamsError: not a consent state this gateway issued.
+    """
     data = request_states.read(request_states.CONSENT, state, salt=STATE_SALT, max_age=consent.timeout_setting() + 3600)
     if not isinstance(data, dict) or not isinstance(data.get("p"), str):
         raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued")
-    return data["p"]
+    binding = data.get("b")
+    return data["p"], binding if isinstance(binding, str) else ""
 
 
 def _arguments(method: str, params: JsonDict) -> Any:
@@ -201,7 +210,7 @@ def _strip_state(params: JsonDict) -> JsonDict:
     return {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}
 
 
-def _approval_for(ctx: HostContext, peer: str, kind: str, name: str, arguments: Any) -> Approval:
+def approval_for(ctx: HostContext, peer: str, kind: str, name: str, arguments: Any) -> Approval:
     identity = ctx.identity
     if identity is None:
         who, client_id = "", ""
@@ -284,6 +293,25 @@ async def _continue(continuation: Continuation) -> None:
         raise jsonrpc.InvalidParamsError("this requestState was already used")
 
 
+async def consent_unasked(ctx: HostContext, peer: str, kind: str, name: str) -> str:
+    """Apply the policy to a request about a prompt or resource that is never asked about; return the audit word.
+
+    `completion/complete` and `resources/subscribe` get the decision prompts/get and
+    resources/read get: a deny refuses them. An ask lets them through unasked (the user is
+    asked when the prompt is got or the resource read; a prompt for each completion would be
+    no use), audited with no decision word; an allow as `allow` (or `grant`).
+
+    Raises:
+        ConsentDeniedError: a policy refuses the prompt or resource (-32017).
+    """
+    decision = await consent_cache.consent_decide(identity=ctx.identity, peer=peer, kind=kind, name=name)
+    if decision.action == ConsentDecision.DENY:
+        exc = jsonrpc.ConsentDeniedError(f"A consent policy refuses the {kind} '{name}' on peer '{peer}'", {"reason": decision.reason})
+        exc.consent_decision = "deny"  # type: ignore[attr-defined]
+        raise exc
+    return decision.label if decision.action == ConsentDecision.ALLOW else ""
+
+
 async def consent_gate(ctx: HostContext, route: Route, method: str, params: JsonDict, name: str) -> Gate:
     """Apply consent to one call about to be forwarded.
 
@@ -297,21 +325,33 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
     """
     kind = consent.KIND_FOR_METHOD.get(method)
     if kind is None:
-        return Gate(params=params)
+        ref = params.get("ref") if method == "completion/complete" and isinstance(params.get("ref"), dict) else {}
+        looked_up = consent.KIND_FOR_COMPLETION_REF.get(ref.get("type"))  # type: ignore[arg-type]
+        if looked_up is None:
+            return Gate(params=params)
+        return Gate(decision=await consent_unasked(ctx, route.peer.name, looked_up, name), params=params)
     peer = route.peer.name
     state = params.get("requestState")
     if ctx.era == "modern" and request_states.is_ours(request_states.CONSENT, state):
-        prompt = await consent.consent_prompt_for(prompt_id=_prompt_id_from(state), identity=ctx.identity)
-        if prompt is None or prompt.owner_gateway or prompt.peer != peer or prompt.kind != kind or prompt.name != name:
+        prompt_id, binding = _consent_state(state)
+        prompt = await consent.consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity)
+        if prompt is None or prompt.owner_gateway:
             raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
-        url = consent_url(ctx, prompt.id)
-        status = await wait_for_answer(ctx, prompt, url)
-        word = await _finish(prompt, status, url)
-        return Gate(decision=word, params=_strip_state(params), approval=_approval_for(ctx, peer, kind, name, _arguments(method, params)))
+        approval = approval_for(ctx, peer, kind, name, _arguments(method, params))
+        if hmac.compare_digest(binding, approval.binding(None)):
+            url = consent_url(ctx, prompt.id)
+            status = await wait_for_answer(ctx, prompt, url)
+            word = await _finish(prompt, status, url)
+            return Gate(decision=word, params=_strip_state(params), approval=approval)
+        # The user approves the exact call shown on /consent: this caller (user or federated
+        # identity and client application), peer, tool and arguments. Any other call carrying
+        # the state is a new call, decided and, if need be, asked about afresh; the approval
+        # stays for the call it was given to.
+        params = _strip_state(params)
     continuation: Continuation | None = None
     if ctx.era == "modern" and isinstance(state, str) and state.startswith(continue_prefix()):
         # A further round of a call the user approved; it still passes the policies below.
-        continuation = _continuation(_approval_for(ctx, peer, kind, name, _arguments(method, params)), state)
+        continuation = _continuation(approval_for(ctx, peer, kind, name, _arguments(method, params)), state)
         params = _with_upstream_state(params, continuation.upstream_state)
 
     decision = await consent_cache.consent_decide(identity=ctx.identity, peer=peer, kind=kind, name=name)
@@ -332,7 +372,7 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
     if ctx.identity is not None and ctx.identity.user_id is None and ctx.identity.federated_issuer:
         # A user of a trusted gateway, not linked to an account here: their home gateway asks.
         word = await _ask_home(ctx, peer, kind, name, _arguments(method, params), decision)
-        return Gate(decision=word, params=params, approval=_approval_for(ctx, peer, kind, name, _arguments(method, params)))
+        return Gate(decision=word, params=params, approval=approval_for(ctx, peer, kind, name, _arguments(method, params)))
     if ctx.identity is None or ctx.identity.user_id is None:
         # Nobody could answer on /consent (a client-only token): refuse now rather than wait
         # out the timeout.
@@ -342,6 +382,7 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         )
         exc.consent_decision = "deny"  # type: ignore[attr-defined]
         raise exc
+    approval = approval_for(ctx, peer, kind, name, _arguments(method, params))
     prompt = await consent.consent_prompt_create(
         identity=ctx.identity, peer=peer, kind=kind, name=name, arguments=_arguments(method, params),
         decision=decision, timeout=consent.timeout_setting(),
@@ -352,13 +393,15 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         result = {
             "resultType": "input_required",
             "inputRequests": {INPUT_KEY: {"method": "elicitation/create", "params": elicitation}},
-            "requestState": _state_for(prompt),
+            "requestState": _state_for(prompt, approval),
         }
         return Gate(decision="ask", result=result)
 
+    # Handshake era: this very call waits on the prompt it created, with its own params, so the
+    # answer can't reach another call.
     status = await hold_for_answer(ctx, prompt, url, elicitation)
     word = await _finish(prompt, status, url)
-    return Gate(decision=word, params=params, approval=_approval_for(ctx, peer, kind, name, _arguments(method, params)))
+    return Gate(decision=word, params=params, approval=approval)
 
 
 # --- sampling and elicitation requests from upstreams ----------------------------------------
@@ -397,6 +440,13 @@ class UpstreamCall:
     """The peer is another fedmcp gateway, which has gated its own upstreams' requests already."""
     peer_origin: str = ""
     """A peer gateway's public origin: what signs as that peer (identity/deferral.py)."""
+    arguments: Any = field(default=None, compare=False)
+    """The call's arguments as sent upstream: requests held for consent go back only to this call (`_held_binding`)."""
+
+    def binding(self, ctx: HostContext) -> str:
+        """Digest of this call by this caller (as `Approval.binding`): a held request's state must match it."""
+        kind = consent.KIND_FOR_METHOD.get(self.method, self.method)
+        return approval_for(ctx, self.peer, kind, self.name, self.arguments).binding(None)
 
 
 def _gated_kind(call: UpstreamCall, method: str, params: Any) -> str | None:
@@ -464,10 +514,12 @@ def _for_caller(ctx: HostContext, call: UpstreamCall, kind: str, params: Any, de
     return _with_mark(params, mark)
 
 
-def _audit_request(ctx: HostContext, call: UpstreamCall, method: str, decision: str, error_code: int | None, started: float) -> None:
+def _audit_request(
+    ctx: HostContext, call: UpstreamCall, method: str, decision: str, error_code: int | None, started: float, *, input_required: bool = False
+) -> None:
     audit_record(
         identity=ctx.identity, peer=call.peer, method=method, name=call.name,
-        error_code=error_code, latency_ms=(time.monotonic() - started) * 1000, decision=decision,
+        error_code=error_code, latency_ms=(time.monotonic() - started) * 1000, decision=decision, input_required=input_required,
     )
 
 
@@ -636,21 +688,30 @@ async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: Json
     for request, kind, decision in to_ask:
         started = time.monotonic()
         prompts.append(await _request_prompt(ctx, call, kind, request["method"], request.get("params"), decision, None if prompts else result))
-        _audit_request(ctx, call, request["method"], "ask", None, started)
+        # The host is sent to /consent (the gateway's own input_required), not handed the request.
+        _audit_request(ctx, call, request["method"], "ask", None, started, input_required=True)
     inputs: JsonDict = {}
     for index, prompt in enumerate(prompts):
         url = consent_url(ctx, prompt.id)
         params = {"mode": "url", "message": _request_message(prompt, url), "url": url, "elicitationId": prompt.id}
         inputs[f"{INPUT_KEY}-{index}"] = {"method": "elicitation/create", "params": params}
-    state = request_states.issue(request_states.HELD, {"p": [p.id for p in prompts]}, salt=HELD_SALT)
+    state = request_states.issue(request_states.HELD, {"p": [p.id for p in prompts], "b": call.binding(ctx)}, salt=HELD_SALT)
     return {"resultType": "input_required", "inputRequests": inputs, "requestState": state}
 
 
-def _held_prompt_ids(state: str) -> list[str]:
+def _held_prompt_ids(ctx: HostContext, call: UpstreamCall, state: str) -> list[str]:
+    """Return the prompts a held state names, if it was issued for this very call by this caller.
+
+    Raises:
+        InvalidParamsError: not our state, or one for another call, arguments or client.
+    """
     data = request_states.read(request_states.HELD, state, salt=HELD_SALT, max_age=consent.timeout_setting() + 3600)
     ids = data.get("p") if isinstance(data, dict) else None
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
         raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued")
+    binding = data.get("b")
+    if not isinstance(binding, str) or not hmac.compare_digest(binding, call.binding(ctx)):
+        raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
     return ids
 
 
@@ -668,7 +729,7 @@ async def upstream_input_resume(ctx: HostContext, call: UpstreamCall, params: Js
     if ctx.era != "modern" or not request_states.is_ours(request_states.HELD, state):
         return None
     prompts: list[ConsentPrompt] = []
-    for prompt_id in _held_prompt_ids(state):
+    for prompt_id in _held_prompt_ids(ctx, call, state):
         prompt = await consent.consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity)
         if prompt is None or prompt.peer != call.peer or prompt.name != call.name or prompt.kind not in consent.REQUEST_KIND_FOR_METHOD.values():
             raise jsonrpc.InvalidParamsError("requestState does not belong to this call")

@@ -19,6 +19,7 @@ A peer that asks again after its question was answered gets no second answer (-3
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 from contextvars import ContextVar
 from datetime import timedelta
@@ -33,7 +34,7 @@ from identity import consent, remote_consent
 from identity.models import ConsentPrompt, RemoteConsent
 from identity.trust import assertion_subject
 from mcp_endpoint import jsonrpc, request_states
-from mcp_endpoint.consent_gate import INPUT_KEY, consent_url, hold_for_answer, wait_for_answer
+from mcp_endpoint.consent_gate import INPUT_KEY, Approval, approval_for, consent_url, hold_for_answer, wait_for_answer
 from mcp_endpoint.context import HostContext
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,8 @@ async def _ask_our_user(
     url = consent_url(ctx, prompt.id)
     elicitation = _elicitation(prompt, url)
     if ctx.era == "modern":
-        state = request_states.issue(request_states.REMOTE_CONSENT, {"p": prompt.id}, salt=STATE_SALT)
+        binding = _approval(ctx, connection, method, sent).binding(None)
+        state = request_states.issue(request_states.REMOTE_CONSENT, {"p": prompt.id, "b": binding}, salt=STATE_SALT)
         result = {"resultType": "input_required", "inputRequests": {INPUT_KEY: {"method": "elicitation/create", "params": elicitation}}, "requestState": state}
         _home_answer.set("ask")
         return {"result": result}
@@ -217,7 +219,11 @@ async def _resume(
     """
     state = sent.get("requestState")
     if ctx.era == "modern" and request_states.is_ours(request_states.REMOTE_CONSENT, state):
-        prompt = await _own_remote_prompt(ctx, state, kind)
+        prompt, binding = await _own_remote_prompt(ctx, state, kind)
+        if not hmac.compare_digest(binding, _approval(ctx, connection, method, sent).binding(None)):
+            # Our user approved the exact call shown (caller, client, peer, tool, arguments):
+            # another call carrying the state goes to the peer as a new one, which asks afresh.
+            return {k: v for k, v in sent.items() if k not in ("requestState", "inputResponses")}, False
         url = consent_url(ctx, prompt.id)
         status = await wait_for_answer(ctx, prompt, url)
         # Our own database's copy of a challenge we verified when it came.
@@ -244,13 +250,24 @@ async def _resume(
     return _with_decision(sent, decision), True
 
 
-async def _own_remote_prompt(ctx: HostContext, state: str, kind: str) -> ConsentPrompt:
+async def _own_remote_prompt(ctx: HostContext, state: str, kind: str) -> tuple[ConsentPrompt, str]:
+    """Return the caller's remote prompt a state of ours names, and the binding of the call it was issued for.
+
+    Raises:
+        InvalidParamsError: not our state, or not a remote prompt of this caller's.
+    """
     data = request_states.read(request_states.REMOTE_CONSENT, state, salt=STATE_SALT, max_age=consent.timeout_setting() + 3600)
     prompt_id = data.get("p") if isinstance(data, dict) else None
     prompt = await consent.consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity) if isinstance(prompt_id, str) else None
     if prompt is None or not prompt.owner_gateway or prompt.kind != kind:
         raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
-    return prompt
+    binding = data.get("b")
+    return prompt, binding if isinstance(binding, str) else ""
+
+
+def _approval(ctx: HostContext, connection: UpstreamConnection, method: str, sent: JsonDict) -> Approval:
+    """The call as our user approves it: caller, client, the peer gateway, kind, name and arguments as sent to it."""
+    return approval_for(ctx, connection.peer.name, consent.KIND_FOR_METHOD[method], _name(method, sent), _arguments(method, sent))
 
 
 # --- relay: ask the user's home ------------------------------------------------------------------

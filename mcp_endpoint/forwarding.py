@@ -303,7 +303,7 @@ async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDic
         connection = await pool.get(route.peer, prefer=ctx.era, identity_key=identity_key(ctx), user_id=user_id)
         sent = upstream_params(ctx, connection, params, gateway_meta(ctx, route.peer, hops) if route.peer.is_gateway else None)
         origin = peer_audience(route.peer.url) if route.peer.is_gateway else ""
-        call = UpstreamCall(route.peer.name, method, _audited_name(method, params), route.peer.is_gateway, origin)
+        call = UpstreamCall(route.peer.name, method, _audited_name(method, params), route.peer.is_gateway, origin, _arguments(method, params))
         relay = relay_to(ctx, call)
         # A peer gateway may first ask for the user's consent at their home (mcp_endpoint/consent_relay.py).
         reply = await peer_request(ctx, connection, method, sent, relay)
@@ -335,22 +335,27 @@ async def forward(ctx: HostContext, route: Route, method: str, params: JsonDict)
     started = time.monotonic()
     error_code: int | None = None
     decision = ""
+    result: JsonDict | None = None
     try:
         # Loops and rate limits first, then consent (mcp_endpoint/consent_gate.py): it may
         # refuse, wait for the user, or answer a 2026-07-28 host with an input_required
         # pointing at the consent page.
         hops = await _admit(ctx, route)
-        held = await upstream_input_resume(ctx, UpstreamCall(route.peer.name, method, _audited_name(method, params)), params)
+        call = UpstreamCall(route.peer.name, method, _audited_name(method, params), arguments=_arguments(method, params))
+        held = await upstream_input_resume(ctx, call, params)
         if held is not None:
             # The retry of a call whose upstream's sampling/elicitation requests were held for consent.
-            return _shape_result(ctx, method, held)
+            result = _shape_result(ctx, method, held)
+            return result
         params, connect = await connect_gate(ctx, route.peer, params)
         if connect is not None:
-            return connect
+            result = connect
+            return result
         gate = await consent_gate(ctx, route, method, params, _audited_name(method, params))
         decision = gate.decision
         if gate.result is not None:
-            return gate.result
+            result = gate.result
+            return result
         consent_relay.home_answer_reset()
         result = await _forward(ctx, route, method, gate.params if gate.params is not None else params, hops, gate.approval)
         # A peer gateway that owns the call may have asked our user (distributed consent).
@@ -375,7 +380,14 @@ async def forward(ctx: HostContext, route: Route, method: str, params: JsonDict)
             error_code=error_code,
             latency_ms=(time.monotonic() - started) * 1000,
             decision=decision,
+            # Not `ok`: nothing ran yet, or not to the end (docs/CONSENT.md "Outcomes").
+            input_required=error_code is None and result is not None and result.get("resultType") == "input_required",
         )
+
+
+def _arguments(method: str, params: JsonDict) -> Any:
+    """A call's arguments as consent binds them (resources have none but their URI)."""
+    return {} if method == "resources/read" else params.get("arguments") or {}
 
 
 def _audited_name(method: str, params: JsonDict) -> str:

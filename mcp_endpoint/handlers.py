@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 from typing import Any
 
 from channels.layers import get_channel_layer
@@ -20,7 +21,9 @@ from federation.services import GATEWAY_CAPABILITY
 from federation.upstream.base import UpstreamError
 from fedmcp_site.layers import Memberships
 from identity import consent_cache
+from identity.audit import audit_record
 from mcp_endpoint import jsonrpc, sessions
+from mcp_endpoint.consent_gate import consent_unasked
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.forwarding import forward, gateway_meta, incoming_hops
 
@@ -236,6 +239,16 @@ async def resources_subscribe(ctx: HostContext, params: JsonDict) -> JsonDict:
     uri = params["uri"]
     route = await _route(ctx, CatalogKind.RESOURCE, uri)
     assert ctx.session is not None
+    started = time.monotonic()
+    try:
+        # What a policy denies reading is not watched either.
+        await consent_unasked(ctx, route.peer.name, "resource", route.upstream_name)
+    except jsonrpc.JsonRpcError as exc:
+        audit_record(
+            identity=ctx.identity, peer=route.peer.name, method="resources/subscribe", name=route.upstream_name,
+            error_code=exc.code, latency_ms=(time.monotonic() - started) * 1000, decision=getattr(exc, "consent_decision", ""),
+        )
+        raise
     first = await sessions.subscription_add(session=ctx.session, uri=uri, peer_name=route.peer.name, upstream_uri=route.upstream_name)
     if first:
         await _upstream_subscription(ctx, route, "resources/subscribe")
@@ -284,7 +297,9 @@ async def subscriptions_listen(ctx: HostContext, params: JsonDict) -> JsonDict:
     for uri in uris:
         try:
             route = await resolve(ctx.scope, CatalogKind.RESOURCE, uri)
-        except NotRoutableError:
+            # As resources/subscribe: what a policy denies reading is not watched (left out of the acknowledgement).
+            await consent_unasked(ctx, route.peer.name, "resource", route.upstream_name)
+        except (NotRoutableError, jsonrpc.ConsentDeniedError):
             continue
         routes[(route.peer.name, route.upstream_name)] = uri
     if routes:
