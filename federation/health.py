@@ -150,8 +150,10 @@ async def check_peer(peer: PeerConfig) -> bool:
 @database_sync_to_async
 def _enabled_peers() -> list[PeerConfig]:
     from federation.models import Peer
+    from federation.router import peer_config
 
-    return [PeerConfig.from_peer(p) for p in Peer.objects.enabled()]
+    # As routes build them, so the pool keeps one connection per peer (federation/pool.py).
+    return [peer_config(p) for p in Peer.objects.enabled()]
 
 
 async def refresh_peer(peer: PeerConfig) -> None:

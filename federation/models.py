@@ -57,9 +57,20 @@ class Peer(models.Model):
     env = EncryptedJSONField(default=dict, blank=True, help_text="Extra environment, for stdio peers.")
     enabled = models.BooleanField(default=True)
     is_gateway = models.BooleanField(
-        default=False, help_text="Another fedmcp gateway: its catalog is imported with stable, hop-free names."
+        default=False,
+        help_text="Another fedmcp gateway, as the operator says (never the peer itself): once this gateway also trusts "
+        "it (`gateway trust`), its catalog is imported with stable, hop-free names.",
     )
-    remote_gateway = models.CharField(max_length=48, blank=True, help_text="The peer gateway's own name, learned on sync.")
+    remote_gateway = models.CharField(
+        max_length=48, blank=True,
+        help_text="The peer gateway's own name, set on sync only while it is believed: marked a gateway and trusted "
+        "under this name (identity/trust.py `peer_gateway_standing`).",
+    )
+    suggested_gateway = models.CharField(
+        max_length=48, blank=True,
+        help_text="The fedmcp gateway name the peer gave itself on sync, when that is not believed: a hint for the "
+        "operator (mark it a gateway and trust it), never trust by itself.",
+    )
     # What this gateway authenticates with at a peer gateway (client credentials, RFC 6749 §4.4).
     client_id = models.CharField(max_length=255, blank=True, help_text="Client id this gateway has at the peer gateway.")
     client_secret = EncryptedTextField(blank=True, help_text="Encrypted at rest; never shown.")

@@ -3,15 +3,15 @@
 A request can only reach the peer that listed the thing it names: a tool or prompt must be in
 that peer's catalog, a resource URI must be listed or match one of that peer's templates.
 
-Routes (with the peer's decrypted credentials) are kept per worker until the catalog or any
-peer changes in any process (fedmcp_site/caching.py, domain "catalog"); so are unknown names,
+Routes (with the peer's decrypted credentials) are kept per worker until the catalog, any
+peer or any gateway trust changes in any process (fedmcp_site/caching.py, domain "catalog"); so are unknown names,
 so a host repeating a bad name costs no query either.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from channels.db import database_sync_to_async
@@ -20,6 +20,7 @@ from federation import naming
 from federation.models import CatalogEntry, CatalogKind, Peer
 from federation.upstream.base import PeerConfig
 from fedmcp_site import caching
+from identity.trust import peer_gateway_standing
 
 
 class NotRoutableError(Exception):
@@ -46,10 +47,23 @@ def template_regex(template: str) -> re.Pattern[str]:
     return re.compile(pattern + r"\Z")
 
 
+def peer_config(peer: Peer) -> PeerConfig:
+    """The peer's configuration for a route: its gateway name only while this gateway still believes it.
+
+    The name stored at the last sync is checked against the trust records again
+    (identity/trust.py `peer_gateway_standing`), so revoking trust takes effect at once.
+    """
+    config = PeerConfig.from_peer(peer)
+    if config.remote_gateway:
+        standing = peer_gateway_standing(is_gateway=peer.is_gateway, url=peer.url, claimed=peer.remote_gateway)
+        config = replace(config, remote_gateway=standing.name)
+    return config
+
+
 def _upstream_uri(entry: CatalogEntry, uri: str) -> str:
     """Translate an aggregated URI that matched `entry`'s template into the peer's own form."""
     rest = uri[len(naming.qualify_uri(entry.home, "")) :]
-    if entry.peer.is_gateway:
+    if naming.is_remote_home(entry.home):
         upstream_home = (naming.split_uri(entry.upstream_name) or (entry.home, ""))[0]
         return naming.qualify_uri(upstream_home, rest)
     return rest
@@ -63,17 +77,17 @@ def _lookup(scope: str, kind: str, qualified: str) -> Route:
     else:
         entry = entries.filter(kind=kind, name=qualified).first()
     if entry is not None:
-        return Route(PeerConfig.from_peer(entry.peer), entry.upstream_name, entry.payload)
+        return Route(peer_config(entry.peer), entry.upstream_name, entry.payload)
     if kind == CatalogKind.RESOURCE:
         templates = entries.filter(kind=CatalogKind.RESOURCE_TEMPLATE)
         if scope:
             for template in templates.filter(peer__name=scope):
                 if template_regex(template.upstream_name).match(qualified):
-                    return Route(PeerConfig.from_peer(template.peer), qualified)
+                    return Route(peer_config(template.peer), qualified)
         elif (parts := naming.split_uri(qualified)) is not None:
             for template in templates.filter(home=parts[0]):
                 if template_regex(template.name).match(qualified):
-                    return Route(PeerConfig.from_peer(template.peer), _upstream_uri(template, qualified))
+                    return Route(peer_config(template.peer), _upstream_uri(template, qualified))
     raise NotRoutableError(f"unknown {noun} {qualified!r}")
 
 
@@ -107,7 +121,7 @@ async def resolve(scope: str, kind: str, qualified: str) -> Route:
 
 def _load_scope(scope: str) -> PeerConfig | None:
     peer = Peer.objects.filter(name=scope, enabled=True).first()
-    return PeerConfig.from_peer(peer) if peer else None
+    return peer_config(peer) if peer else None
 
 
 async def peer_for_scope(scope: str) -> PeerConfig | None:

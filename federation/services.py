@@ -20,6 +20,7 @@ from federation.tls import PeerTls, check_dates
 from federation.upstream import CONNECTION_KINDS
 from federation.upstream.base import JsonDict, PeerConfig, UpstreamConnection, UpstreamError, modern_meta
 from fedmcp_site import caching
+from identity.trust import GatewayStanding, peer_gateway_standing
 from identity.upstream_oauth import upstream_auth
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class SyncReport:
     errors: dict[str, str] = field(default_factory=dict)
     changed: list[str] = field(default_factory=list)
     """Catalog kinds whose stored items changed in this sync."""
+    warnings: list[str] = field(default_factory=list)
+    """What the operator should know though the sync worked (a gateway this one does not believe)."""
 
     @property
     def ok(self) -> bool:
@@ -261,11 +264,16 @@ def gateway_identity(capabilities: JsonDict) -> JsonDict | None:
     return None
 
 
-def host_naming(peer: Peer, kind: str, upstream_name: str) -> tuple[str, str] | None:
+def host_naming(peer: Peer, kind: str, upstream_name: str, taken: frozenset[str] = frozenset()) -> tuple[str, str] | None:
     """Return (aggregated name, home) for one catalog item, or None to leave it out.
 
-    Items of a peer gateway keep the home of the gateway that owns them; items whose owner is
-    this gateway itself (listed back to us by a peer) are left out, which stops catalog loops.
+    A peer's items live under a home it owns. A plain peer's, and those of a gateway this one
+    does not believe (`peer.remote_gateway` is blank), under the peer's own name: whatever they
+    are called, `<peer>__…`. A believed peer gateway's items keep the home of the gateway that
+    owns them: its own peers' under its name (`b.<peer>`), what it imported from further away
+    under that owner's; but never this gateway's own homes (listed back to us: left out, which
+    stops catalog loops), nor those of another gateway this one peers directly (`taken`: that
+    peer alone lists them).
     """
     is_uri = kind in (CatalogKind.RESOURCE, CatalogKind.RESOURCE_TEMPLATE)
     qualify = naming.qualify_uri if is_uri else naming.qualify_name
@@ -273,23 +281,48 @@ def host_naming(peer: Peer, kind: str, upstream_name: str) -> tuple[str, str] | 
         parts = (naming.split_uri if is_uri else naming.split_name)(upstream_name)
         if parts is not None:
             home = naming.import_home(peer.remote_gateway, parts[0])
-            if naming.home_gateway(home) == settings.FEDMCP_GATEWAY_NAME:
+            owner = naming.home_gateway(home)
+            if owner == settings.FEDMCP_GATEWAY_NAME or (owner != peer.remote_gateway and owner in taken):
                 return None
             return qualify(home, parts[1]), home
     return qualify(peer.name, upstream_name), peer.name
 
 
+def claimed_gateway(description: Any) -> str | None:
+    """The fedmcp gateway name an upstream gives its aggregated endpoint, or None (per-peer endpoints name a scope)."""
+    identity = gateway_identity(description.capabilities)
+    return identity["name"] if identity is not None and not identity.get("scope") else None
+
+
+def _gateway_standing(peer: Peer, claimed: str | None) -> tuple[GatewayStanding, frozenset[str]]:
+    """What this gateway believes of `peer` as a gateway, and the homes other peer gateways own."""
+    standing = peer_gateway_standing(is_gateway=peer.is_gateway, url=peer.url, claimed=claimed)
+    others = Peer.objects.filter(is_gateway=True).exclude(pk=peer.pk).exclude(remote_gateway="")
+    return standing, frozenset(others.values_list("remote_gateway", flat=True))
+
+
 @transaction.atomic
-def _store_catalog(peer: Peer, description: Any, found: dict[str, list[JsonDict]], errors: dict[str, str]) -> list[str]:
+def _store_catalog(
+    peer: Peer, description: Any, found: dict[str, list[JsonDict]], errors: dict[str, str], warnings: list[str] | None = None
+) -> list[str]:
     """Replace the catalog kinds that were listed successfully; keep the others as they were.
 
-    Returns the kinds whose items changed.
+    Returns the kinds whose items changed; adds to `warnings` what the operator should know.
     """
     changed: list[str] = []
-    identity = gateway_identity(description.capabilities)
-    if identity is not None and not identity.get("scope"):
-        # An aggregated endpoint of another fedmcp: import its catalog under owners' homes.
-        peer.is_gateway, peer.remote_gateway = True, identity["name"]
+    claimed = claimed_gateway(description)
+    standing, taken = _gateway_standing(peer, claimed)
+    # Only what this gateway believes decides the homes (identity/trust.py); what the peer
+    # says of itself is kept as a suggestion for the operator, never as trust.
+    peer.remote_gateway = standing.name
+    peer.suggested_gateway = claimed if claimed and not standing.trusted else ""
+    if standing.reason:
+        if peer.is_gateway:
+            logger.warning("peer %s: %s", peer.name, standing.reason)
+        else:
+            logger.info("peer %s: %s", peer.name, standing.reason)
+        if warnings is not None:
+            warnings.append(standing.reason)
     for kind, _, _, name_field, _ in LISTINGS:
         if kind not in found:
             continue
@@ -299,7 +332,7 @@ def _store_catalog(peer: Peer, description: Any, found: dict[str, list[JsonDict]
             upstream_name = item.get(name_field)
             if not isinstance(upstream_name, str) or not upstream_name or upstream_name in seen:
                 continue
-            naming_ = host_naming(peer, kind, upstream_name)
+            naming_ = host_naming(peer, kind, upstream_name, taken)
             if naming_ is None:
                 continue
             seen.add(upstream_name)
@@ -322,7 +355,8 @@ def _store_catalog(peer: Peer, description: Any, found: dict[str, list[JsonDict]
     peer.capabilities = description.capabilities
     peer.instructions = description.instructions or ""
     peer.last_synced_at = timezone.now()
-    peer.last_error = "; ".join(f"{k}: {v}" for k, v in errors.items())
+    # A gateway the operator marked but this one does not believe is a configuration error to fix.
+    peer.last_error = "; ".join([*(f"{k}: {v}" for k, v in errors.items()), *((warnings or []) if peer.is_gateway else [])])
     peer.save()
     return sorted(set(changed))
 
@@ -364,7 +398,7 @@ async def peer_sync_catalog(*, peer: Peer, connection: UpstreamConnection | None
         report.errors["connect"] = f"peer '{peer.name}' was added as a gateway but does not identify as a fedmcp gateway"
         await _record_error(peer, report.errors["connect"])
         return report
-    report.changed = await database_sync_to_async(_store_catalog)(peer, connection.description, found, report.errors)
+    report.changed = await database_sync_to_async(_store_catalog)(peer, connection.description, found, report.errors, report.warnings)
     report.protocol_version = connection.description.protocol_version
     report.counts = {kind: len(items) for kind, items in found.items()}
     return report

@@ -506,7 +506,8 @@ def connect_signals() -> None:
         (ConsentGrant, on_change("consent")),
         (Group, on_change("consent", skip_created=True)),
         # Trusting a gateway is a credential; creating one turns a cached "not trusted" stale.
-        (TrustedGateway, on_change("tokens")),
+        # Routes carry whether a peer gateway is believed (federation/router.py), so "catalog" too.
+        (TrustedGateway, on_change("tokens", "catalog")),
         (Peer, on_change("catalog")),
         (CatalogEntry, on_change("catalog")),
     ]

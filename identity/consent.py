@@ -242,10 +242,11 @@ def _policies_for(peer: str | None) -> list[ConsentPolicy]:
     return list(rows)
 
 
-def _consent_decide(identity: Identity | None, peer: str, kind: str, name: str) -> Decision:
+def _consent_decide(identity: Identity | None, peer: str, kind: str, name: str, default: str | None = None) -> Decision:
     decision = decide(
         identity, peer, kind, name,
         policies=_policies_for(peer), groups=_group_ids(identity), peer_used=kind == "tool" and _peer_used(identity, peer),
+        default=default,
     )
     if decision.action == ConsentDecision.ASK:
         # A remembered approval answers "ask", never "deny": a later deny policy still wins.
@@ -255,9 +256,12 @@ def _consent_decide(identity: Identity | None, peer: str, kind: str, name: str) 
     return decision
 
 
-async def consent_decide(*, identity: Identity | None, peer: str, kind: str, name: str) -> Decision:
-    """Return the decision for one call, with the user's active grants applied."""
-    return await database_sync_to_async(_consent_decide)(identity, peer, kind, name)
+async def consent_decide(*, identity: Identity | None, peer: str, kind: str, name: str, default: str | None = None) -> Decision:
+    """Return the decision for one call, with the user's active grants applied.
+
+    `default` replaces the setting that applies when no policy matches (`decide`).
+    """
+    return await database_sync_to_async(_consent_decide)(identity, peer, kind, name, default)
 
 
 def _hidden_names(identity: Identity | None, scope: str, kind: str) -> set[str]:

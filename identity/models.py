@@ -19,11 +19,11 @@ gateway_name_validator = RegexValidator(
 
 class TrustedGatewayQuerySet(models.QuerySet["TrustedGateway"]):
     def update(self, **kwargs: Any) -> int:
-        """Update, and drop the workers' cached trust (signals do not see `QuerySet.update`)."""
+        """Update, and drop the workers' cached trust and routes (signals do not see `QuerySet.update`)."""
         from fedmcp_site.caching import bump
 
         count = super().update(**kwargs)
-        bump("tokens")
+        bump("tokens", "catalog")
         return count
 
     def for_application(self, application_id: int | None) -> TrustedGateway | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -122,6 +122,65 @@ def gateway_untrust(*, gateway: TrustedGateway) -> None:
 
 def _is_jwk_set(value: Any) -> bool:
     return isinstance(value, dict) and isinstance(value.get("keys"), list)
+
+
+# --- peers that say they are gateways -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatewayStanding:
+    """What this gateway believes of a peer that names itself a fedmcp gateway.
+
+    `name` is the gateway name its assertions are believed under (the homes of its catalog,
+    its consent challenges, the deferral marks on its requests), "" when none is believed;
+    `reason` says why not, for the operator.
+    """
+
+    name: str = ""
+    reason: str = ""
+
+    @property
+    def trusted(self) -> bool:
+        return bool(self.name)
+
+
+def peer_gateway_standing(*, is_gateway: bool, url: str, claimed: str | None) -> GatewayStanding:
+    """Decide whether to believe a peer that calls itself fedmcp gateway `claimed`.
+
+    Believed only when all three hold (docs/IDENTITY.md "Trust between gateways"):
+
+    * an operator made the peer a gateway (`peer add --gateway`, the admin, the API); what a
+      peer says about itself (`capabilities.experimental["io.fedmcp/gateway"]`) never does;
+    * this gateway trusts the peer's origin as a gateway: an enabled `TrustedGateway` whose
+      issuer is the origin the calls go to (`gateway trust NAME --issuer ORIGIN`, the second
+      half of the mutual trust procedure);
+    * the peer calls itself by the name that trust record gives it, so it cannot take another
+      gateway's homes.
+
+    Reads the database (call it from synchronous code).
+    """
+    from federation.credentials import peer_audience
+
+    if not claimed:
+        return GatewayStanding()
+    if not is_gateway:
+        return GatewayStanding(
+            reason=f"it says it is fedmcp gateway '{claimed}'; only an operator makes a peer a gateway "
+            "(`peer add --gateway`, the admin or the API), so it is used as a plain MCP server"
+        )
+    origin = peer_audience(url) if url else ""
+    record = TrustedGateway.objects.filter(issuer=origin, enabled=True).first() if origin else None
+    if record is None:
+        return GatewayStanding(
+            reason=f"this gateway does not trust {origin or 'it'} as a gateway yet, so its names, consent questions and "
+            f"marks are not believed: complete the mutual trust with `manage.py gateway trust {claimed} --issuer {origin}`"
+        )
+    if record.name != claimed:
+        return GatewayStanding(
+            reason=f"it calls itself '{claimed}', but this gateway trusts {origin} as '{record.name}'; trust it under "
+            "the name it uses, or it could take another gateway's names"
+        )
+    return GatewayStanding(name=claimed)
 
 
 # --- keys of trusted gateways ---------------------------------------------------------------------

@@ -450,17 +450,21 @@ class UpstreamCall:
 
 
 def _gated_kind(call: UpstreamCall, method: str, params: Any) -> str | None:
-    """The consent kind of an upstream's request, or None when it is relayed unasked.
+    """The consent kind of an upstream's request (sampling, elicitation), or None for any other request."""
+    return consent.REQUEST_KIND_FOR_METHOD.get(method)
 
-    Elicitations arriving from a peer gateway were gated there, and include that gateway's own
-    pointers to its consent page, which must reach the user; unless that gateway left the
-    question to us (`DEFERRED_META_KEY`). Sampling spends this side's model, so every gateway
-    on the way decides for itself.
+
+def _gated_at_peer(call: UpstreamCall, kind: str, params: Any) -> bool:
+    """Whether the request is an elicitation a believed peer gateway gated already.
+
+    Such elicitations include that gateway's own pointers to its consent page, which must
+    reach the user, so when no policy of ours names them they pass (`_request_decide`); our
+    policies still apply, as to any upstream's. Not when that gateway left the question to us
+    (`DEFERRED_META_KEY`), nor from a peer this gateway does not believe (`from_gateway` is
+    False: whatever it says of itself). Sampling spends this side's model, so every gateway on
+    the way decides for itself.
     """
-    kind = consent.REQUEST_KIND_FOR_METHOD.get(method)
-    if kind == "elicitation" and call.from_gateway and _deferral(call, params) is None:
-        return None
-    return kind
+    return kind == "elicitation" and call.from_gateway and _deferral(call, params) is None
 
 
 def _deferral(call: UpstreamCall, params: Any) -> Any:
@@ -534,17 +538,24 @@ def _request_message(prompt: ConsentPrompt, url: str) -> str:
     return f"fedmcp needs your approval to pass a {prompt.kind} request from {source} (during '{prompt.name}') to you: open {url}"
 
 
-async def _request_decide(ctx: HostContext, call: UpstreamCall, kind: str) -> consent.Decision:
+async def _request_decide(ctx: HostContext, call: UpstreamCall, kind: str, params: Any) -> consent.Decision | None:
     """Return the decision for an upstream request; refuse what a policy or nobody can allow.
 
     An *ask* comes back for a local user (asked here) and for a user whose home gateway gates
-    such requests itself (`_defers`: left to it); anyone else is refused.
+    such requests itself (`_defers`: left to it); anyone else is refused. None: an elicitation
+    a believed peer gateway gated already that no policy of ours names (`_gated_at_peer`),
+    relayed unasked.
 
     Raises:
         ConsentDeniedError: a policy denies it, or it must be asked and nobody here or at the
             caller's home gateway can answer.
     """
-    decision = await consent.consent_decide(identity=ctx.identity, peer=call.peer, kind=kind, name=call.name)
+    at_peer = _gated_at_peer(call, kind, params)
+    decision = await consent.consent_decide(
+        identity=ctx.identity, peer=call.peer, kind=kind, name=call.name, default=ConsentDecision.ALLOW if at_peer else None
+    )
+    if at_peer and decision.policy_id is None:
+        return None
     if decision.action == ConsentDecision.DENY:
         raise _refused(kind, call, "deny", "A consent policy refuses", {"reason": decision.reason})
     if _defers(ctx, decision) and await trust.home_gateway(ctx.identity) is None:
@@ -615,8 +626,12 @@ async def upstream_request_relay(ctx: HostContext, call: UpstreamCall, method: s
     started = time.monotonic()
     decision_word = ""
     error_code: int | None = None
+    audited = True
     try:
-        decision = await _request_decide(ctx, call, kind)
+        decision = await _request_decide(ctx, call, kind, params)
+        if decision is None:
+            audited = False
+            return await ask(ctx, method, params)
         decision_word = decision.label
         defer = _defers(ctx, decision)
         if defer:
@@ -640,7 +655,8 @@ async def upstream_request_relay(ctx: HostContext, call: UpstreamCall, method: s
         error_code = jsonrpc.INTERNAL_ERROR
         raise
     finally:
-        _audit_request(ctx, call, method, decision_word, error_code, started)
+        if audited:
+            _audit_request(ctx, call, method, decision_word, error_code, started)
 
 
 async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: JsonDict) -> JsonDict:
@@ -669,10 +685,13 @@ async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: Json
             continue
         started = time.monotonic()
         try:
-            decision = await _request_decide(ctx, call, kind)
+            decision = await _request_decide(ctx, call, kind, request.get("params"))
         except jsonrpc.JsonRpcError as exc:
             _audit_request(ctx, call, request["method"], getattr(exc, "consent_decision", "deny"), exc.code, started)
             raise
+        if decision is None:
+            passed[key] = request
+            continue
         defer = _defers(ctx, decision)
         if decision.action == ConsentDecision.ASK and not defer:
             to_ask.append((request, kind, decision))

@@ -98,7 +98,8 @@ async def peer_request(ctx: HostContext, connection: UpstreamConnection, method:
     """
     peer = connection.peer
     kind = consent.KIND_FOR_METHOD.get(method)
-    if not peer.is_gateway or kind is None:
+    # Only a peer gateway this one believes may ask our users about its calls (identity/trust.py).
+    if not peer.trusted_gateway or kind is None:
         return await connection.request(method, sent, on_message=relay)
     sent, answered = await _resume(ctx, connection, method, kind, sent, relay)
     reply = await connection.request(method, sent, on_message=relay)

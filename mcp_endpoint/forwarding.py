@@ -302,8 +302,10 @@ async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDic
     try:
         connection = await pool.get(route.peer, prefer=ctx.era, identity_key=identity_key(ctx), user_id=user_id)
         sent = upstream_params(ctx, connection, params, gateway_meta(ctx, route.peer, hops) if route.peer.is_gateway else None)
-        origin = peer_audience(route.peer.url) if route.peer.is_gateway else ""
-        call = UpstreamCall(route.peer.name, method, _audited_name(method, params), route.peer.is_gateway, origin, _arguments(method, params))
+        # Only a gateway this one believes is taken at its word about what it relays (identity/trust.py).
+        trusted = route.peer.trusted_gateway
+        origin = peer_audience(route.peer.url) if trusted else ""
+        call = UpstreamCall(route.peer.name, method, _audited_name(method, params), trusted, origin, _arguments(method, params))
         relay = relay_to(ctx, call)
         # A peer gateway may first ask for the user's consent at their home (mcp_endpoint/consent_relay.py).
         reply = await peer_request(ctx, connection, method, sent, relay)

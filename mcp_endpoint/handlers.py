@@ -205,7 +205,7 @@ def _rewrite_contents(ctx: HostContext, route: Route, result: JsonDict) -> JsonD
     contents = result.get("contents")
     if isinstance(contents, list):
         result["contents"] = [
-            {**c, "uri": naming.host_uri(route.peer.name, route.peer.remote_gateway if route.peer.is_gateway else "", c["uri"])}
+            {**c, "uri": naming.host_uri(route.peer.name, route.peer.remote_gateway if route.peer.trusted_gateway else "", c["uri"])}
             if isinstance(c, dict) and isinstance(c.get("uri"), str)
             else c
             for c in contents

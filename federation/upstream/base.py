@@ -78,7 +78,9 @@ class PeerConfig:
     connect_timeout: float = 10.0
     call_timeout: float = 60.0
     is_gateway: bool = False
+    """The operator made it a gateway: calls carry this gateway's hop record and user assertion."""
     remote_gateway: str = ""
+    """Its gateway name while this gateway believes it (`trusted_gateway`), else ""."""
     per_identity: bool = False
     max_processes: int = 8
     client_id: str = ""
@@ -90,6 +92,14 @@ class PeerConfig:
     tls_ca_bundle: str = field(default="", repr=False)
     tls_client_cert: str = field(default="", repr=False)
     tls_client_key: str = field(default="", repr=False)
+
+    @property
+    def trusted_gateway(self) -> bool:
+        """A peer gateway whose assertions this gateway believes: marked by the operator and trusted (identity/trust.py).
+
+        Routes carry it only while the trust holds (federation/router.py); `remote_gateway` is then its name.
+        """
+        return self.is_gateway and bool(self.remote_gateway)
 
     @property
     def tls(self) -> PeerTls:

@@ -21,7 +21,7 @@ import jwt
 from channels.db import database_sync_to_async
 from django.test import AsyncClient, override_settings
 
-from federation.models import CatalogKind
+from federation.models import CatalogKind, Peer
 from federation.upstream.base import PeerConfig
 from identity import consent, trust
 from identity.deferral import request_hash
@@ -198,6 +198,10 @@ class HomeWithPeerB(AsgiTestCase):
         super().setUp()
         self.enterContext(override_settings(FEDMCP_GATEWAY_NAME="a", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, FEDMCP_CONSENT_POLL_INTERVAL=0.2, **ASK))
         self.b = register_peer("b", "https://b.example/mcp", sync=False, is_gateway=True)
+        # A trusts B in turn, and a sync found B calling itself "b": B is believed (identity/trust.py).
+        gateway_trust(name="b", issuer="https://b.example")
+        Peer.objects.filter(pk=self.b.pk).update(remote_gateway="b")
+        self.b.refresh_from_db()
         add_catalog_entry(self.b, CatalogKind.TOOL, "web__summarize")
 
     def peer_b(self, method: str, params: dict[str, Any]) -> PeerGatewayB:

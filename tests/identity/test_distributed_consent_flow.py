@@ -169,7 +169,8 @@ class FakeConnection:
     """Peer gateway B at the connection seam: answers each request with the next scripted reply."""
 
     def __init__(self, replies: list[dict[str, Any]]) -> None:
-        self.peer = PeerConfig(id=1, name="b", transport="streamable_http", url=f"{B}/mcp", is_gateway=True)
+        # A gateway this one believes: marked by the operator and trusted in turn (identity/trust.py).
+        self.peer = PeerConfig(id=1, name="b", transport="streamable_http", url=f"{B}/mcp", is_gateway=True, remote_gateway="b")
         self.era = "modern"
         self.replies = replies
         self.sent: list[dict[str, Any]] = []

@@ -5,6 +5,10 @@ operator ran `manage.py gateway trust` and sent them):
 
     peer add acme --url https://mcp.acme.example/mcp --gateway --client-id ID --client-secret-file PATH
 
+and trusted here in turn (`manage.py gateway trust acme --issuer https://mcp.acme.example`): only
+then are its names, consent questions and deferral marks believed (identity/trust.py
+`peer_gateway_standing`). A peer that merely says it is a gateway stays a plain MCP server.
+
 The secret is read from a file (never from the command line, where `ps` would show it) and
 stored encrypted; `peer list` never shows it.
 
@@ -62,8 +66,9 @@ class Command(BaseCommand):
         )
         add.add_argument(
             "--gateway", action="store_true",
-            help="The URL is another fedmcp gateway's /mcp: import its catalog under stable, hop-free names "
-            "(detected automatically; this flag makes it an error if the peer is not a gateway).",
+            help="The URL is another fedmcp gateway's /mcp. Its catalog is imported under stable, hop-free names once "
+            "this gateway trusts it too (`gateway trust NAME --issuer ORIGIN`); never detected automatically. "
+            "It is an error if the peer is not a gateway.",
         )
         add.add_argument(
             "--per-identity", action="store_true",
@@ -309,3 +314,5 @@ class Command(BaseCommand):
         self.stdout.write(f"Synced {report.peer} (protocol {report.protocol_version}): {counts}")
         for kind, error in report.errors.items():
             self.stderr.write(f"  {kind}: {error} (previous entries kept)")
+        for warning in report.warnings:
+            self.stderr.write(f"  note: {warning}")
