@@ -318,6 +318,11 @@ FEDERATION_ALLOW_PRIVATE_IPS = env_bool("FEDERATION_ALLOW_PRIVATE_IPS", False)
 # Default per-peer timeouts (seconds); each peer can override them.
 FEDERATION_CONNECT_TIMEOUT = env_float("FEDERATION_CONNECT_TIMEOUT", 10.0)
 FEDERATION_CALL_TIMEOUT = env_float("FEDERATION_CALL_TIMEOUT", 60.0)
+# Bounds on each message an upstream sends, on every transport (federation/upstream/wire.py):
+# nesting depth (arrays and objects) and size in bytes. A message past either fails the call it
+# answers with -32010; the connection stays in use.
+FEDMCP_UPSTREAM_MAX_DEPTH = env_int("FEDMCP_UPSTREAM_MAX_DEPTH", 128)
+FEDMCP_UPSTREAM_MAX_MESSAGE_BYTES = env_int("FEDMCP_UPSTREAM_MAX_MESSAGE_BYTES", 64 * 1024 * 1024)
 # Name this gateway gives itself in serverInfo, in hop records and in the homes of its peers'
 # catalog items on other gateways (docs/NAMING.md). Peered gateways must have distinct names.
 FEDMCP_GATEWAY_NAME = os.environ.get("FEDMCP_GATEWAY_NAME", "fedmcp")

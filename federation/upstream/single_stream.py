@@ -30,6 +30,7 @@ from federation.upstream.base import (
     error_reply,
     initialize_params,
 )
+from federation.upstream.wire import UpstreamMessageError, check_message, decode
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +162,38 @@ class SingleStreamConnection(UpstreamConnection):
 
     # --- routing ---------------------------------------------------------------------------
 
+    async def _on_frame(self, raw: bytes | str, *, batch: bool = False) -> None:
+        """Parse one frame off the stream (wire.py) and route its messages (runs on the reader task).
+
+        `batch`: a JSON array is a batch of messages (WebSocket).
+
+        A refused frame fails the call it answers, when its id can be read, and is otherwise
+        dropped: either way the stream, shared by every call, goes on.
+        """
+        try:
+            value = decode(raw, peer=self.peer.name)
+        except UpstreamMessageError as exc:
+            self._refuse(exc)
+            return
+        for item in value if batch and isinstance(value, list) else [value]:
+            try:
+                message = check_message(item, peer=self.peer.name)
+            except UpstreamMessageError as exc:
+                self._refuse(exc)
+                continue
+            await self._on_message(message)
+
+    def _refuse(self, error: UpstreamMessageError) -> None:
+        """Fail the call a refused message answered, if it is still waiting; else only log."""
+        entry = self._pending.get(error.request_id) if error.request_id is not None else None  # type: ignore[arg-type]
+        if entry is not None and not entry[0].done():
+            logger.warning("peer %s: failing call %r: %s", self.peer.name, error.request_id, error)
+            entry[0].set_exception(error)
+        else:
+            logger.warning("peer %s: ignoring a message: %s", self.peer.name, error)
+
     async def _on_message(self, message: JsonDict) -> None:
-        """Route one message the reader took off the stream (runs on the reader task)."""
+        """Route one checked message (wire.py `check_message`) the reader took off the stream."""
         if "method" not in message:
             entry = self._pending.get(message.get("id"))  # type: ignore[arg-type]
             if entry is not None and not entry[0].done():

@@ -163,9 +163,7 @@ class SseConnection(SingleStreamConnection):
                         if not endpoint.done():
                             endpoint.set_result(resolve_endpoint(self.peer.url, event.data))
                     elif event.event == "message" and event.data:
-                        message = _loads(event.data, self.peer.name)
-                        if isinstance(message, dict):
-                            await self._on_message(message)
+                        await self._on_frame(event.data)
             finally:
                 await response.aclose()
         except asyncio.CancelledError:
@@ -227,10 +225,3 @@ class SseConnection(SingleStreamConnection):
         assert self._client is not None
         return await self._client.send(self._client.build_request("POST", endpoint, content=content, headers=headers), stream=True)
 
-
-def _loads(raw: str, peer: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        logger.warning("peer %s: ignoring a non-JSON event", peer)
-        return None

@@ -27,10 +27,10 @@ from federation.upstream.base import (
     modern_meta,
 )
 from federation.upstream.single_stream import SingleStreamConnection
+from federation.upstream.wire import UpstreamMessageError, find_request_id, max_message_bytes
 
 logger = logging.getLogger(__name__)
 
-MAX_LINE_BYTES = 64 * 1024 * 1024
 # Environment passed to children: enough to run, nothing of the gateway's own secrets.
 INHERITED_ENV = ("HOME", "LANG", "LC_ALL", "LOGNAME", "PATH", "SHELL", "TERM", "TZ", "USER", "VIRTUAL_ENV")
 MAX_BACKOFF = 30.0
@@ -80,7 +80,7 @@ class StdioConnection(SingleStreamConnection):
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
-                limit=MAX_LINE_BYTES,
+                limit=max_message_bytes(),
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
@@ -171,27 +171,61 @@ class StdioConnection(SingleStreamConnection):
                 raise UpstreamUnavailableError(f"peer '{self.peer.name}' process closed its input") from exc
 
     async def _read_stdout(self, process: asyncio.subprocess.Process) -> None:
+        """Read stdout until the child closes it; whatever the child sends, never stop early.
+
+        A reader that stopped while the child lives on would leave every later call to time
+        out, for every user: on any unexpected failure the child is stopped, so the supervisor
+        fails what waits and starts a fresh one.
+        """
         assert process.stdout is not None
+        try:
+            await self._read_lines(process.stdout)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("peer %s: reading stdout failed; restarting the process", self.peer.name)
+            await self._stop_process(process)
+
+    async def _read_lines(self, stdout: asyncio.StreamReader) -> None:
         while True:
             try:
-                line = await process.stdout.readline()
-            except (ValueError, asyncio.LimitOverrunError):
-                logger.warning("peer %s: line longer than %d bytes; stopping the process", self.peer.name, MAX_LINE_BYTES)
-                await self._stop_process(process)
+                line = await stdout.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:  # end of output
+                if exc.partial.strip():
+                    await self._on_frame(exc.partial)
                 return
-            if not line:
-                return
-            try:
-                message = json.loads(line)
-            except ValueError:
-                logger.warning("peer %s: ignoring non-JSON output line", self.peer.name)
+            except asyncio.LimitOverrunError as exc:
+                await self._skip_long_line(stdout, exc.consumed)
                 continue
-            if isinstance(message, dict):
-                await self._on_message(message)
+            if line.strip():
+                await self._on_frame(line)
+
+    async def _skip_long_line(self, stdout: asyncio.StreamReader, consumed: int) -> None:
+        """Drop a line past the size bound, failing the call it answers (its id read from its ends)."""
+        head = await stdout.readexactly(consumed)
+        tail = head[-400:]
+        while True:
+            try:
+                tail = (tail + await stdout.readuntil(b"\n"))[-400:]
+                break
+            except asyncio.IncompleteReadError as exc:
+                tail = (tail + exc.partial)[-400:]
+                break
+            except asyncio.LimitOverrunError as exc:
+                tail = (tail + await stdout.readexactly(exc.consumed))[-400:]
+        limit = max_message_bytes()
+        self._refuse(UpstreamMessageError(f"peer '{self.peer.name}' sent a message larger than {limit} bytes", find_request_id(head, tail.rstrip())))
 
     async def _drain_stderr(self, process: asyncio.subprocess.Process) -> None:
         assert process.stderr is not None
-        while line := await process.stderr.readline():
+        while True:
+            try:
+                line = await process.stderr.readline()
+            except ValueError:  # a line past the limit: dropped (a stopped drainer would block the child)
+                logger.debug("peer %s: dropping an overlong stderr line", self.peer.name)
+                continue
+            if not line:
+                return
             logger.debug("peer %s stderr: %s", self.peer.name, line.decode(errors="replace").rstrip())
 
     async def _send_request(

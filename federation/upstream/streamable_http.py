@@ -38,6 +38,7 @@ from federation.upstream.base import (
 from federation.upstream.lean_http import LeanHttpPool, LeanResponse, send_authorized
 from federation.upstream.sockets import use_cheap_readability_check
 from federation.upstream.sse_parser import iter_sse
+from federation.upstream.wire import UpstreamMessageError, check_message, decode
 
 logger = logging.getLogger(__name__)
 
@@ -255,9 +256,9 @@ class StreamableHttpConnection(UpstreamConnection):
                 return await self._collect_stream(response, body["id"], on_message)
             raw = await self._read_limited(response)
             if content_type == "application/json" and raw:
-                message = _loads(raw, self.peer.name)
+                message = decode(raw, peer=self.peer.name)
                 if isinstance(message, dict) and ("result" in message or "error" in message):
-                    return message
+                    return check_message(message, peer=self.peer.name)
             # Say what came instead: "answered HTTP 200" alone reads like success to a host.
             raise UpstreamUnavailableError(
                 f"peer '{self.peer.name}' answered HTTP {response.status_code} with {content_type or 'no content type'}"
@@ -292,8 +293,12 @@ class StreamableHttpConnection(UpstreamConnection):
             async for event in iter_sse(response.aiter_lines(), max_event_bytes=MAX_RESPONSE_BYTES):
                 if event.event != "message" or not event.data:
                     continue
-                message = _loads(event.data, self.peer.name)
-                if not isinstance(message, dict):
+                try:
+                    message = check_message(decode(event.data, peer=self.peer.name), peer=self.peer.name)
+                except UpstreamMessageError as exc:
+                    if exc.request_id == request_id:
+                        raise  # the reply itself: the call fails (-32010)
+                    logger.warning("peer %s: ignoring a message: %s", self.peer.name, exc)
                     continue
                 if "method" not in message and message.get("id") == request_id:
                     return message
@@ -344,8 +349,8 @@ class StreamableHttpConnection(UpstreamConnection):
                     backoff = 1.0
                     async for event in iter_sse(response.aiter_lines()):
                         if event.event == "message" and event.data:
-                            message = _loads(event.data, self.peer.name)
-                            if isinstance(message, dict):
+                            message = self._unrelated(event.data)
+                            if message is not None:
                                 await self._handle_incoming(message, None)
             except asyncio.CancelledError:
                 raise
@@ -376,8 +381,8 @@ class StreamableHttpConnection(UpstreamConnection):
                         return  # The upstream offers no listen stream.
                     backoff = 1.0
                     async for event in iter_sse(response.aiter_lines()):
-                        message = _loads(event.data, self.peer.name) if event.data else None
-                        if isinstance(message, dict) and message.get("method", "").startswith("notifications/") and message["method"] != "notifications/subscriptions/acknowledged":
+                        message = self._unrelated(event.data) if event.data else None
+                        if message is not None and message.get("method", "").startswith("notifications/") and message["method"] != "notifications/subscriptions/acknowledged":
                             await self._route_unrelated(message)
             except asyncio.CancelledError:
                 raise
@@ -386,9 +391,10 @@ class StreamableHttpConnection(UpstreamConnection):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
 
-
-def _loads(raw: str | bytes, peer: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise UpstreamProtocolError(f"peer '{peer}' sent malformed JSON") from exc
+    def _unrelated(self, data: str) -> JsonDict | None:
+        """Parse a message of a stream that belongs to no call; a refused one is skipped."""
+        try:
+            return check_message(decode(data, peer=self.peer.name), peer=self.peer.name)
+        except UpstreamMessageError as exc:
+            logger.warning("peer %s: ignoring a message: %s", self.peer.name, exc)
+            return None

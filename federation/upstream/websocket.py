@@ -113,10 +113,7 @@ class WebSocketConnection(SingleStreamConnection):
                 if not isinstance(frame, str):
                     logger.warning("peer %s: ignoring a binary WebSocket frame", self.peer.name)
                     continue
-                message = _loads(frame, self.peer.name)
-                for item in message if isinstance(message, list) else [message]:
-                    if isinstance(item, dict):
-                        await self._on_message(item)
+                await self._on_frame(frame, batch=True)
         except asyncio.CancelledError:
             raise
         except ConnectionClosed as exc:
@@ -140,10 +137,3 @@ class WebSocketConnection(SingleStreamConnection):
         except ConnectionClosed as exc:
             raise UpstreamUnavailableError(f"peer '{self.peer.name}' closed the WebSocket") from exc
 
-
-def _loads(raw: str, peer: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        logger.warning("peer %s: ignoring a non-JSON frame", peer)
-        return None

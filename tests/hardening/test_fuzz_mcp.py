@@ -1,21 +1,41 @@
-"""Property-based fuzzing of the MCP surface on every transport, in process (hypothesis).
+"""State-aware property-based fuzzing of the MCP surface on every transport, in process (hypothesis).
 
-Each transport gets adversarial frames: malformed JSON and raw bytes, deep nesting, huge
-strings, wrong types, unknown fields, batches with interleaved and duplicate ids,
-notifications that pose as requests, and well-formed calls that reach routing (the fixture
-server is registered as peer `everything`, so `tools/call everything__add` goes upstream).
+Frames are fuzzed in each state a host can be in, because what the gateway reads first depends
+on it (the Streamable HTTP consumer looks into params to pick an era before any session
+exists; issue 15 found `params: "nope"` with no session header answered 500 while the old
+fuzzer, which only ever posted inside an initialized session, reported 10,000 cases and 0
+failures). The states (`STATES`, one test each):
+
+* Streamable HTTP `/mcp`: no session header; an unknown session id; `initialize` itself; a
+  handshake session of 2025-03-26 (batches allowed) and of 2025-11-25 (batches refused); the
+  stateless 2026-07-28 era, with `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name` headers
+  that match the body or not;
+* the same endpoint of one peer, `/peers/everything/mcp`, in a handshake session and stateless;
+* legacy HTTP+SSE `POST /messages/` on an initialized session and on a stream never initialized;
+* WebSocket `/ws` in a 2025-03-26 session (batches allowed) and before `initialize`.
+
+Each frame is one of: a method of the method table (and notifications, and unknown methods)
+with params of every JSON type (object, string, number, boolean, list, null, nested) and a
+`_meta` of every type; adversarial bytes (malformed JSON, raw bytes, deep nesting, huge strings,
+wrong types, unknown fields); a batch (for each era); a well-formed call that reaches routing
+(the fixture server is registered as peer `everything`, so `tools/call everything__add` goes
+upstream).
 
 The property, per frame: no exception escapes, no 5xx, every wait is bounded (`CASE_TIMEOUT`),
-every request carrying a string or integer id is answered with that id (a result, or an
-error whose code is one of `ALLOWED_CODES`), and any JSON-RPC error anywhere has an allowed
-code. After the run the worker still answers a normal session and /healthz.
+every answer is a valid JSON-RPC response (`jsonrpc` "2.0", an id, exactly one of result and
+error, an error with an integer code and a string message), every request carrying a string or
+integer id is answered with that id, every error code is one of `ALLOWED_CODES` (-32603 means an
+unexpected exception: a failure), a request whose params are not an object never gets a result,
+states refuse what they must (no session: 400 -32600; unknown session: 404), and the gateway
+still answers afterwards (a ping on the stream, or on a canary session, after every frame; a
+fresh session and /healthz after the run).
 
-Budget: `FEDMCP_FUZZ_EXAMPLES` (total over the four transports; default 480, derandomized, for
-`make test`). `make harden` sets it to 10,000 and `FEDMCP_HARDEN_DIR=build/harden`, where each
-transport writes its figures (cases, failures, seconds, histogram of HTTP statuses and
-JSON-RPC codes) to `fuzz-<transport>.json`.
+Budget: `FEDMCP_FUZZ_EXAMPLES` (total over the states; default 200 per state, derandomized,
+for `make test`). `make harden` sets it to 10,000 and `FEDMCP_HARDEN_DIR=build/harden`, where
+each state writes its figures (cases, failures, seconds, histogram of HTTP statuses and
+JSON-RPC codes) to `fuzz-<state>.json`.
 
-Not fuzzed here (long-lived by design, or they need a host answering server→client requests):
+Not fuzzed here (long-lived by design, or they need a host answering server->client requests):
 `subscriptions/listen`, the GET stream, and fixture tools that sample, elicit or sleep.
 """
 
@@ -38,8 +58,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from mcp_endpoint import jsonrpc
+from mcp_endpoint.methods import METHODS as METHOD_TABLE
 from tests.base import (
     ACCEPT,
+    HANDSHAKE,
     HOST,
     MODERN,
     FixturePeerTestCase,
@@ -53,9 +75,14 @@ from tests.base import (
     ws_communicator,
 )
 
-TOTAL_EXAMPLES = int(os.environ.get("FEDMCP_FUZZ_EXAMPLES", "480"))
-TRANSPORTS = ("streamable_http_handshake", "streamable_http_modern", "sse_messages", "websocket")
-EXAMPLES = max(1, TOTAL_EXAMPLES // len(TRANSPORTS))
+STATES = (
+    "http_no_session", "http_unknown_session", "http_initialize", "http_handshake_2025_03_26", "http_handshake_2025_11_25",
+    "http_stateless_2026", "peer_http_handshake", "peer_http_stateless_2026", "sse_messages", "sse_uninitialized",
+    "websocket_2025_03_26", "websocket_uninitialized",
+)
+PER_STATE_DEFAULT = 200
+TOTAL_EXAMPLES = int(os.environ.get("FEDMCP_FUZZ_EXAMPLES", str(PER_STATE_DEFAULT * len(STATES))))
+EXAMPLES = max(1, TOTAL_EXAMPLES // len(STATES))
 HARDEN_DIR = os.environ.get("FEDMCP_HARDEN_DIR")
 CASE_TIMEOUT = 30.0
 """Bound on one frame and its answers (the peer's call timeout is 20 s)."""
@@ -205,15 +232,116 @@ def frames(draw: st.DrawFn) -> bytes:
     return json.dumps(draw(json_values)).encode()
 
 
+TABLE_METHODS = (*sorted(METHOD_TABLE), "notifications/initialized", "notifications/cancelled", "notifications/progress", "no/such/method")
+"""Every method of the gateway's method table, the notifications it reads, and one it does not know."""
+PARAM_SHAPES = ("object", "object", "object", "string", "number", "boolean", "list", "null", "nested", "absent")
+meta_values = st.one_of(
+    st.builds(modern_meta), st.builds(modern_meta),
+    text, st.integers(), st.booleans(), st.none(), st.lists(scalars, max_size=3),
+    st.fixed_dictionaries({
+        "io.modelcontextprotocol/protocolVersion": st.one_of(st.just(MODERN), json_values),
+        "io.modelcontextprotocol/clientCapabilities": json_values,
+        "io.modelcontextprotocol/clientInfo": json_values,
+    }),
+    st.fixed_dictionaries({"progressToken": json_values}),
+)
+"""`_meta` values: the 2026-07-28 envelope, wrong types, and envelopes whose members have wrong types."""
+
+
+@st.composite
+def table_message(draw: st.DrawFn) -> dict[str, Any]:
+    """A call of a method of the table, params of one JSON type, maybe a `_meta` of any type."""
+    method = draw(st.sampled_from(TABLE_METHODS))
+    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if not method.startswith("notifications/") or not draw(st.integers(0, 3)):
+        message["id"] = draw(good_ids)
+    shape = draw(st.sampled_from(PARAM_SHAPES))
+    if shape == "object":
+        found = draw(params(method))
+        found = found if isinstance(found, dict) else {}
+        if draw(st.integers(0, 2)):
+            found["_meta"] = draw(meta_values)
+        message["params"] = found
+    elif shape == "string":
+        message["params"] = draw(st.one_of(st.just("nope"), text))
+    elif shape == "number":
+        message["params"] = draw(st.one_of(st.integers(), st.floats(allow_nan=False, allow_infinity=False)))
+    elif shape == "boolean":
+        message["params"] = draw(st.booleans())
+    elif shape == "list":
+        message["params"] = draw(st.lists(json_values, max_size=3))
+    elif shape == "null":
+        message["params"] = None
+    elif shape == "nested":
+        message["params"] = draw(st.recursive(st.lists(scalars, max_size=2), lambda inner: st.lists(inner, max_size=2), max_leaves=6))
+    return message
+
+
+@st.composite
+def table_frames(draw: st.DrawFn) -> bytes:
+    """One table call, or a batch of them (every era gets batches: only 2025-03-26 takes them)."""
+    if draw(st.integers(0, 5)):
+        return json.dumps(draw(table_message())).encode()
+    return json.dumps(draw(st.lists(table_message(), min_size=1, max_size=4))).encode()
+
+
+def any_frames() -> st.SearchStrategy[bytes]:
+    return st.one_of(table_frames(), table_frames(), frames())
+
+
+def initialize_frames() -> st.SearchStrategy[bytes]:
+    """Mostly `initialize` requests with fuzzed params; sometimes anything else."""
+    initialize = st.builds(
+        lambda request_id, found: json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "initialize", "params": found}).encode(),
+        good_ids,
+        st.one_of(params("initialize"), params("initialize"), json_values),
+    )
+    return st.one_of(initialize, initialize, table_frames(), frames())
+
+
+Case = tuple[bytes, dict[str, str | None]]
+
+
+def header_value(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.isascii() and value.isprintable() and len(value) < 1000 else None
+
+
+@st.composite
+def stateless_cases(draw: st.DrawFn) -> Case:
+    """A frame with 2026-07-28 routing headers that match its body, or not."""
+    body = draw(st.one_of(any_frames(), st.builds(lambda m: json.dumps(m).encode(), valid_requests())))
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        payload = None
+    method = payload.get("method") if isinstance(payload, dict) else None
+    found = payload.get("params") if isinstance(payload, dict) else None
+    name = (found.get("name") or found.get("uri")) if isinstance(found, dict) else None
+    headers: dict[str, str | None] = {"mcp-protocol-version": draw(st.sampled_from([MODERN, MODERN, MODERN, MODERN, "2025-11-25", "1999-01-01"]))}
+    choice = draw(st.sampled_from(["match", "match", "match", "other", "absent"]))
+    headers["mcp-method"] = header_value(method) if choice == "match" else ("tools/list" if choice == "other" else None)
+    choice = draw(st.sampled_from(["match", "match", "other", "absent"]))
+    headers["mcp-name"] = header_value(name) if choice == "match" else (f"{PEER}__whoami" if choice == "other" else None)
+    return body, headers
+
+
+def plain(strategy: st.SearchStrategy[bytes]) -> st.SearchStrategy[Case]:
+    return strategy.map(lambda body: (body, {}))
+
+
 # --- checking answers ---------------------------------------------------------------------------
+
+
+def loads(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
 
 
 def expected_ids(body: bytes) -> list[Any]:
     """The ids the gateway must answer: string or integer ids of objects that have a method."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        return []
+    payload = loads(body)
     items = payload if isinstance(payload, list) else [payload]
     found = []
     for item in items:
@@ -222,6 +350,24 @@ def expected_ids(body: bytes) -> list[Any]:
             if isinstance(ident, (str, int)) and not isinstance(ident, bool) and ident != "":
                 found.append(ident)
     return found if not isinstance(payload, list) or payload else []
+
+
+def ids_with_bad_params(body: bytes) -> list[Any]:
+    """Ids of requests whose params are present but not an object (unique in their frame): never a result."""
+    payload = loads(body)
+    items = [i for i in (payload if isinstance(payload, list) else [payload]) if isinstance(i, dict)]
+    counts = Counter(json.dumps(i.get("id")) for i in items)
+    return [
+        item["id"] for item in items
+        if "method" in item and item.get("params") is not None and not isinstance(item["params"], dict)
+        and jsonrpc.is_valid_id(item.get("id")) and counts[json.dumps(item["id"])] == 1
+    ]
+
+
+def has_modern_envelope(payload: Any) -> bool:
+    found = payload.get("params") if isinstance(payload, dict) else None
+    meta = found.get("_meta") if isinstance(found, dict) else None
+    return isinstance(meta, dict) and "io.modelcontextprotocol/protocolVersion" in meta
 
 
 def is_batch(body: bytes) -> bool:
@@ -234,10 +380,10 @@ def flatten(payload: Any) -> list[dict[str, Any]]:
 
 
 class Figures:
-    """What one transport's run saw; written to FEDMCP_HARDEN_DIR when set."""
+    """What one state's run saw; written to FEDMCP_HARDEN_DIR when set."""
 
-    def __init__(self, transport: str) -> None:
-        self.transport = transport
+    def __init__(self, state: str) -> None:
+        self.state = state
         self.cases = 0
         self.failures: list[str] = []
         self.statuses: Counter[str] = Counter()
@@ -250,7 +396,7 @@ class Figures:
         folder = Path(HARDEN_DIR)
         folder.mkdir(parents=True, exist_ok=True)
         figures = {
-            "transport": self.transport,
+            "state": self.state,
             "cases": self.cases,
             "failures": len(self.failures),
             "failure_samples": self.failures[:5],
@@ -259,14 +405,31 @@ class Figures:
             "http_statuses": dict(sorted(self.statuses.items())),
             "jsonrpc_codes": dict(sorted(self.codes.items())),
         }
-        (folder / f"fuzz-{self.transport}.json").write_text(json.dumps(figures, indent=2) + "\n")
+        (folder / f"fuzz-{self.state}.json").write_text(json.dumps(figures, indent=2) + "\n")
 
 
 class Problem(AssertionError):
     pass
 
 
-def check_messages(found: list[dict[str, Any]], wanted: list[Any], figures: Figures, batch: bool = False) -> None:
+def check_shape(message: dict[str, Any]) -> None:
+    """A valid JSON-RPC message: a response with an id and exactly one of result and error, or a method call."""
+    if message.get("jsonrpc") != "2.0":
+        raise Problem(f"not JSON-RPC 2.0: {message!r}"[:500])
+    if "method" in message:
+        if not isinstance(message["method"], str):
+            raise Problem(f"a method that is not a string: {message!r}"[:500])
+        return
+    if "id" not in message or ("result" in message) == ("error" in message):
+        raise Problem(f"not a JSON-RPC response: {message!r}"[:500])
+    error = message.get("error")
+    if error is not None and not (
+        isinstance(error, dict) and isinstance(error.get("code"), int) and not isinstance(error["code"], bool) and isinstance(error.get("message"), str)
+    ):
+        raise Problem(f"a malformed error object: {message!r}"[:500])
+
+
+def check_messages(found: list[dict[str, Any]], wanted: list[Any], figures: Figures, batch: bool = False, body: bytes = b"") -> None:
     rejected_whole = any(  # a batch refused as a whole (batches exist only in 2025-03-26)
         m.get("id") is None and isinstance(m.get("error"), dict) and m["error"].get("code") == jsonrpc.INVALID_REQUEST
         for m in found
@@ -275,6 +438,7 @@ def check_messages(found: list[dict[str, Any]], wanted: list[Any], figures: Figu
         wanted = []
     answered = set()
     for message in found:
+        check_shape(message)
         error = message.get("error")
         if isinstance(error, dict):
             code = error.get("code")
@@ -288,9 +452,13 @@ def check_messages(found: list[dict[str, Any]], wanted: list[Any], figures: Figu
     missing = [ident for ident in wanted if json.dumps(ident) not in answered]
     if missing:
         raise Problem(f"ids {missing!r} were not answered; got {found!r}"[:500])
+    bad = {json.dumps(ident) for ident in ids_with_bad_params(body)}
+    for message in found:
+        if "result" in message and "method" not in message and json.dumps(message.get("id")) in bad:
+            raise Problem(f"a request whose params are not an object got a result: {message!r}"[:500])
 
 
-# --- the transports -----------------------------------------------------------------------------
+# --- the states -----------------------------------------------------------------------------------
 
 
 async def cancel_the_rest() -> None:
@@ -346,49 +514,49 @@ def http_reply_messages(reply: Any, figures: Figures) -> list[dict[str, Any]]:
     return []
 
 
-class StreamableHandshake:
-    name = "streamable_http_handshake"
+class HttpState:
+    """Streamable HTTP frames POSTed to `path` in one state.
+
+    `session`: "none" (no session header), "unknown" (an id no session has), "handshake" (an
+    initialized session of `version`), or "stateless" (2026-07-28: headers drawn per frame). A
+    canary session on the same path must still answer a ping after every frame.
+    """
+
+    def __init__(self, name: str, *, path: str = "/mcp", session: str, version: str = HANDSHAKE, strategy: st.SearchStrategy[Case] | None = None) -> None:
+        self.name = name
+        self.path = path
+        self.session = session
+        self.version = version
+        self.strategy = strategy or (stateless_cases() if session == "stateless" else plain(any_frames()))
 
     async def open(self) -> None:
-        self.client = McpClient()
-        await self.client.initialize()
+        self.client = McpClient(self.path)
+        if self.session == "handshake":
+            await self.client.initialize(self.version)
+        elif self.session == "unknown":
+            self.client.session_id = "no-such-session-" + Sentinel.next()
+        self.canary = McpClient(self.path)
+        await self.canary.initialize()
 
-    async def case(self, body: bytes, figures: Figures) -> None:
-        reply = await self.client.post(body, timeout=READ_TIMEOUT)
-        found = http_reply_messages(reply, figures)
-        wanted = expected_ids(body) if reply.status == 200 else []
-        check_messages(found, wanted, figures)
-
-    async def close(self) -> None:
-        pass
-
-
-def header_safe(value: Any) -> str | None:
-    if isinstance(value, str) and value.isascii() and value.isprintable() and len(value) < 1000:
-        return value
-    return None
-
-
-class StreamableModern:
-    name = "streamable_http_modern"
-
-    async def open(self) -> None:
-        self.client = McpClient()
-
-    async def case(self, body: bytes, figures: Figures) -> None:
-        headers: dict[str, str | None] = {"mcp-protocol-version": MODERN}
-        try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError):
-            payload = None
-        if isinstance(payload, dict):
-            headers["mcp-method"] = header_safe(payload.get("method"))
-            params = payload.get("params")
-            if isinstance(params, dict):
-                headers["mcp-name"] = header_safe(params.get("name") or params.get("uri"))
+    async def case(self, body: bytes, headers: dict[str, str | None], figures: Figures) -> None:
         reply = await self.client.post(body, headers, timeout=READ_TIMEOUT)
         found = http_reply_messages(reply, figures)
-        check_messages(found, expected_ids(body) if reply.status == 200 else [], figures)
+        check_messages(found, expected_ids(body) if reply.status == 200 else [], figures, is_batch(body), body)
+        self.expect(body, reply, found)
+        ping = await self.canary.call("ping", timeout=READ_TIMEOUT)
+        if ping.status != 200 or "result" not in ping.json():
+            raise Problem(f"the gateway stopped answering: ping got HTTP {ping.status} {ping.body[:200]!r}")
+
+    def expect(self, body: bytes, reply: Any, found: list[dict[str, Any]]) -> None:
+        """What the state itself requires of the answer."""
+        payload = loads(body)
+        if payload is None or (isinstance(payload, dict) and payload.get("method") == "initialize"):
+            return
+        codes = {m["error"].get("code") for m in found if isinstance(m.get("error"), dict)}
+        if self.session == "none" and not has_modern_envelope(payload) and (reply.status, codes) != (400, {jsonrpc.INVALID_REQUEST}):
+            raise Problem(f"without a session: HTTP {reply.status} {codes}, not 400 -32600: {reply.body[:200]!r}")
+        if self.session == "unknown" and (reply.status, codes) != (404, {jsonrpc.INVALID_REQUEST}):
+            raise Problem(f"with an unknown session: HTTP {reply.status} {codes}, not 404 -32600: {reply.body[:200]!r}")
 
     async def close(self) -> None:
         pass
@@ -424,45 +592,68 @@ async def read_until(receive: Callable[[], Coroutine[Any, Any, Any]], wanted: li
     return found
 
 
-class SseMessages:
-    name = "sse_messages"
+def initializes(body: bytes) -> bool:
+    """Whether a frame may have initialized the session (the state then changed: start it again)."""
+    return b'"initialize"' in body
+
+
+class SseState:
+    """Legacy HTTP+SSE: frames POSTed to the stream's endpoint; answers read on the stream."""
+
+    strategy = plain(any_frames())
+
+    def __init__(self, name: str, *, initialized: bool) -> None:
+        self.name = name
+        self.initialized = initialized
 
     async def open(self) -> None:
         self.client = SseClient()
         await self.client.__aenter__()
-        await self.client.initialize()
+        if self.initialized:
+            await self.client.initialize()
 
-    async def case(self, body: bytes, figures: Figures) -> None:
-        headers = self.client.headers({"accept": None, "content-type": "application/json"})
-        reply = await http("POST", self.client.endpoint, body, headers, timeout=READ_TIMEOUT)
+    async def case(self, body: bytes, headers: dict[str, str | None], figures: Figures) -> None:
+        extra = self.client.headers({"accept": None, "content-type": "application/json"})
+        reply = await http("POST", self.client.endpoint, body, extra, timeout=READ_TIMEOUT)
         found = http_reply_messages(reply, figures)
         wanted = expected_ids(body) if reply.status == 202 else []
         sentinel = Sentinel.next()
         posted = await self.client.post(request("ping", None, sentinel))
-        assert posted.status == 202, posted
+        if posted.status != 202:
+            raise Problem(f"the gateway stopped answering: ping got HTTP {posted.status}")
         exchange = self.client._exchange
         assert exchange is not None
         found += await read_until(lambda: exchange.next_event(READ_TIMEOUT), wanted, sentinel, is_batch(body))
-        check_messages(found, wanted, figures, is_batch(body))
+        check_messages(found, wanted, figures, is_batch(body), body)
+        if not self.initialized and initializes(body):
+            await self.close()
+            await self.open()
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.client.__aexit__(None, None, None)
 
 
-class WebSocket:
-    name = "websocket"
+class WebSocketState:
+    """WebSocket frames on one socket, initialized in `version` or not at all."""
+
+    strategy = plain(any_frames())
+
+    def __init__(self, name: str, *, version: str | None) -> None:
+        self.name = name
+        self.version = version
 
     async def open(self) -> None:
         self.socket = ws_communicator()
         connected, _ = await self.socket.connect(5)
         assert connected
-        await self.socket.send_json_to(request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "fuzz", "version": "0"}}, "init"))
-        answer = await self.socket.receive_json_from(5)
-        assert "result" in answer, answer
-        await self.socket.send_json_to({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        if self.version is not None:
+            await self.socket.send_json_to(request("initialize", {"protocolVersion": self.version, "capabilities": {}, "clientInfo": {"name": "fuzz", "version": "0"}}, "init"))
+            answer = await self.socket.receive_json_from(5)
+            assert "result" in answer, answer
+            await self.socket.send_json_to({"jsonrpc": "2.0", "method": "notifications/initialized"})
 
-    async def case(self, body: bytes, figures: Figures) -> None:
+    async def case(self, body: bytes, headers: dict[str, str | None], figures: Figures) -> None:
         try:
             frame = body.decode()
         except UnicodeDecodeError:
@@ -482,7 +673,10 @@ class WebSocket:
                 raise Problem(f"the socket was closed: {output!r}")
             return json.loads(output["text"])
 
-        check_messages(await read_until(receive, wanted, sentinel, is_batch(body)), wanted, figures, is_batch(body))
+        check_messages(await read_until(receive, wanted, sentinel, is_batch(body)), wanted, figures, is_batch(body), frame.encode())
+        if self.version is None and initializes(body):
+            await self.close()
+            await self.open()
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -508,7 +702,7 @@ PROFILE = settings(
     max_examples=EXAMPLES,
     deadline=None,
     database=None,
-    derandomize=TOTAL_EXAMPLES <= 1000,
+    derandomize=TOTAL_EXAMPLES <= 1000 * len(STATES) // 4,
     phases=(Phase.explicit, Phase.generate, Phase.shrink),
     suppress_health_check=list(HealthCheck),
     print_blob=True,
@@ -516,44 +710,75 @@ PROFILE = settings(
 
 
 class FuzzTests(FixturePeerTestCase):
-    """One test per transport; each runs EXAMPLES frames on one connection/session."""
+    """One test per state; each runs EXAMPLES frames on one connection/session."""
 
-    def fuzz(self, transport: Any) -> None:
+    def fuzz(self, state: Any) -> None:
         runner = LoopThread()
-        figures = Figures(transport.name)
+        figures = Figures(state.name)
         ok = False
         try:
-            runner.run(transport.open())
+            runner.run(state.open())
 
             @PROFILE
-            @given(frames())
-            def property_holds(body: bytes) -> None:
+            @given(state.strategy)
+            def property_holds(case: Case) -> None:
+                body, headers = case
                 figures.cases += 1
                 try:
-                    runner.run(transport.case(body, figures))
+                    runner.run(state.case(body, headers, figures))
                 except Exception as error:
-                    figures.failures.append(f"{type(error).__name__}: {error} <- {body[:200]!r}"[:700])
+                    figures.failures.append(f"{type(error).__name__}: {error} <- {body[:200]!r} {headers!r}"[:700])
                     # Start the next example on a clean connection, so shrinking replays alike.
-                    runner.run(transport.close())
-                    runner.run(transport.open())
+                    runner.run(state.close())
+                    runner.run(state.open())
                     raise
 
             property_holds()
-            runner.run(transport.close())
+            runner.run(state.close())
             ok = runner.run(healthy())
             self.assertTrue(ok, "the worker is not healthy after fuzzing")
         finally:
             figures.write(healthy=ok)
             runner.close()
 
-    def test_streamable_http_handshake_era(self) -> None:
-        self.fuzz(StreamableHandshake())
+    # --- Streamable HTTP /mcp --------------------------------------------------------------------
 
-    def test_streamable_http_2026_era(self) -> None:
-        self.fuzz(StreamableModern())
+    def test_http_no_session(self) -> None:
+        self.fuzz(HttpState("http_no_session", session="none"))
 
-    def test_legacy_sse_messages(self) -> None:
-        self.fuzz(SseMessages())
+    def test_http_unknown_session(self) -> None:
+        self.fuzz(HttpState("http_unknown_session", session="unknown"))
 
-    def test_websocket(self) -> None:
-        self.fuzz(WebSocket())
+    def test_http_initialize(self) -> None:
+        self.fuzz(HttpState("http_initialize", session="none", strategy=plain(initialize_frames())))
+
+    def test_http_handshake_2025_03_26(self) -> None:
+        self.fuzz(HttpState("http_handshake_2025_03_26", session="handshake", version="2025-03-26"))
+
+    def test_http_handshake_2025_11_25(self) -> None:
+        self.fuzz(HttpState("http_handshake_2025_11_25", session="handshake", version="2025-11-25"))
+
+    def test_http_stateless_2026(self) -> None:
+        self.fuzz(HttpState("http_stateless_2026", session="stateless"))
+
+    # --- one peer's endpoint ---------------------------------------------------------------------
+
+    def test_peer_http_handshake(self) -> None:
+        self.fuzz(HttpState("peer_http_handshake", path=f"/peers/{PEER}/mcp", session="handshake"))
+
+    def test_peer_http_stateless_2026(self) -> None:
+        self.fuzz(HttpState("peer_http_stateless_2026", path=f"/peers/{PEER}/mcp", session="stateless"))
+
+    # --- legacy HTTP+SSE and WebSocket -----------------------------------------------------------
+
+    def test_sse_messages(self) -> None:
+        self.fuzz(SseState("sse_messages", initialized=True))
+
+    def test_sse_uninitialized(self) -> None:
+        self.fuzz(SseState("sse_uninitialized", initialized=False))
+
+    def test_websocket_2025_03_26(self) -> None:
+        self.fuzz(WebSocketState("websocket_2025_03_26", version="2025-03-26"))
+
+    def test_websocket_uninitialized(self) -> None:
+        self.fuzz(WebSocketState("websocket_uninitialized", version=None))
