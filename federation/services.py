@@ -297,7 +297,13 @@ def _store_catalog(peer: Peer, description: Any, found: dict[str, list[JsonDict]
         seen: set[str] = set()
         for position, item in enumerate(found[kind]):
             upstream_name = item.get(name_field)
-            if not isinstance(upstream_name, str) or not upstream_name or upstream_name in seen:
+            if not isinstance(upstream_name, str) or not upstream_name:
+                continue
+            if kind in (CatalogKind.RESOURCE, CatalogKind.RESOURCE_TEMPLATE):
+                # Stored, listed and routed in the one form requests are routed in (naming.canonical_uri).
+                upstream_name = naming.canonical_uri(upstream_name)
+                item = {**item, name_field: upstream_name}
+            if upstream_name in seen:
                 continue
             naming_ = host_naming(peer, kind, upstream_name)
             if naming_ is None:

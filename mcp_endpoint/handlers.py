@@ -15,7 +15,7 @@ from federation.events import CATALOG_GROUP, RESOURCES_GROUP
 from federation.health import breakers
 from federation.models import CatalogKind
 from federation.pool import pool
-from federation.router import NotRoutableError, Route, peer_for_scope, resolve
+from federation.router import AmbiguousUriError, NotRoutableError, Route, peer_for_scope, resolve
 from federation.services import GATEWAY_CAPABILITY
 from federation.upstream.base import UpstreamError
 from fedmcp_site.layers import Memberships
@@ -179,6 +179,8 @@ async def prompts_list(ctx: HostContext, params: JsonDict) -> JsonDict:
 async def _route(ctx: HostContext, kind: str, name: str) -> Route:
     try:
         return await resolve(ctx.scope, kind, name)
+    except AmbiguousUriError as exc:
+        raise jsonrpc.InvalidParamsError(str(exc), {"uri": name}) from exc
     except NotRoutableError as exc:
         if kind == CatalogKind.RESOURCE:
             code = jsonrpc.INVALID_PARAMS if ctx.era == "modern" else jsonrpc.RESOURCE_NOT_FOUND_LEGACY
@@ -233,7 +235,7 @@ async def complete(ctx: HostContext, params: JsonDict) -> JsonDict:
 
 
 async def resources_subscribe(ctx: HostContext, params: JsonDict) -> JsonDict:
-    uri = params["uri"]
+    uri = naming.canonical_uri(params["uri"])  # one subscription whatever the spelling
     route = await _route(ctx, CatalogKind.RESOURCE, uri)
     assert ctx.session is not None
     first = await sessions.subscription_add(session=ctx.session, uri=uri, peer_name=route.peer.name, upstream_uri=route.upstream_name)
@@ -244,9 +246,10 @@ async def resources_subscribe(ctx: HostContext, params: JsonDict) -> JsonDict:
 
 async def resources_unsubscribe(ctx: HostContext, params: JsonDict) -> JsonDict:
     assert ctx.session is not None
-    removed = await sessions.subscription_remove(session=ctx.session, uri=params["uri"])
+    uri = naming.canonical_uri(params["uri"])
+    removed = await sessions.subscription_remove(session=ctx.session, uri=uri)
     if removed is not None and removed[2]:
-        route = await _route(ctx, CatalogKind.RESOURCE, params["uri"])
+        route = await _route(ctx, CatalogKind.RESOURCE, uri)
         await _upstream_subscription(ctx, route, "resources/unsubscribe")
     return {}
 
