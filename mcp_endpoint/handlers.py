@@ -298,6 +298,15 @@ async def subscriptions_listen(ctx: HostContext, params: JsonDict) -> JsonDict:
         # Every notification on a listen stream names the subscription it belongs to.
         await ctx.outbound.send(jsonrpc.notification(method, {**(params or {}), "_meta": tag}))
 
+    try:
+        with sessions.stream_slot(ctx.identity):
+            await _listen(ctx, send, honoured, routes)
+    except sessions.SessionLimitError as exc:  # raised on entering the slot only
+        raise jsonrpc.TooManySessionsError(str(exc), {"limit": exc.limit}) from exc
+    return {}  # pragma: no cover - _listen returns only by cancellation
+
+
+async def _listen(ctx: HostContext, send: Any, honoured: JsonDict, routes: dict[tuple[str, str], str]) -> None:
     layer = get_channel_layer()
     channel = await layer.new_channel()  # default prefix: see SessionEvents.__aenter__
     memberships = Memberships(layer, channel, (CATALOG_GROUP, RESOURCES_GROUP))
