@@ -339,6 +339,12 @@ FEDERATION_BREAKER_COOLDOWN = env_float("FEDERATION_BREAKER_COOLDOWN", 30.0)
 FEDERATION_HEALTH_INTERVAL = env_float("FEDERATION_HEALTH_INTERVAL", 30.0)
 FEDERATION_REFRESH_INTERVAL = env_float("FEDERATION_REFRESH_INTERVAL", 300.0)
 FEDERATION_HEALTH_HISTORY = env_int("FEDERATION_HEALTH_HISTORY", 200)
+# Bounds on what one peer's catalog may hold: items of each kind (tools, resources, templates,
+# prompts), bytes of one item as JSON (its description and schemas), and bytes of all its items.
+# A sync over a bound keeps the stored items of that kind and says why in the peer's last error.
+FEDERATION_MAX_CATALOG_ENTRIES = env_int("FEDERATION_MAX_CATALOG_ENTRIES", 5000)
+FEDERATION_MAX_CATALOG_ITEM_BYTES = env_int("FEDERATION_MAX_CATALOG_ITEM_BYTES", 256 * 1024)
+FEDERATION_MAX_CATALOG_BYTES = env_int("FEDERATION_MAX_CATALOG_BYTES", 32 * 1024 * 1024)
 
 # --- Rate limits ----------------------------------------------------------------------------
 # Token buckets on forwarded calls, per identity and per peer; the rules are RateLimit rows in
