@@ -67,6 +67,8 @@ GATEWAY_ENV = {
     "FEDERATION_REFRESH_INTERVAL": "0",
     "FEDMCP_LOG_LEVEL": "WARNING",
     "FEDERATION_ALLOW_LOOPBACK": "True",
+    # One bench user holds 10,000 idle WebSockets (phase 4): no per-user bound on sessions.
+    "FEDMCP_MAX_SESSIONS_PER_USER": "0",
 }
 STARTED = time.monotonic()
 

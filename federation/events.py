@@ -13,6 +13,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
 from federation.models import CatalogKind, Peer
+from federation.naming import canonical_uri
 from federation.upstream.base import JsonDict, PeerConfig
 from fedmcp_site import caching
 
@@ -65,6 +66,7 @@ async def on_upstream_event(peer: PeerConfig, message: JsonDict) -> None:
             logger.warning("peer %s: re-sync after %s incomplete: %s", peer.name, method, report.errors)
         await publish_catalog_changed(peer.name, LIST_CHANGED_KINDS[method])
     elif method == "notifications/resources/updated" and isinstance(params.get("uri"), str):
-        await publish_resource_updated(peer.name, params["uri"])
+        # Subscriptions are kept under the canonical URI (federation/router.py resolve).
+        await publish_resource_updated(peer.name, canonical_uri(params["uri"]))
     else:
         logger.debug("peer %s: ignoring unrelated %s", peer.name, method)

@@ -27,6 +27,10 @@ class NotRoutableError(Exception):
     """The name does not belong to any enabled peer's catalog (message is safe for hosts)."""
 
 
+class AmbiguousUriError(NotRoutableError):
+    """The resource URI could name another resource on a server that decodes "%2F" (see `naming.is_ambiguous_uri`)."""
+
+
 @dataclass(frozen=True)
 class Route:
     peer: PeerConfig
@@ -105,9 +109,17 @@ def _lookup_or_error(scope: str, kind: str, qualified: str) -> Route | NotRoutab
 async def resolve(scope: str, kind: str, qualified: str) -> Route:
     """Return the route for a tool name, prompt name or resource URI.
 
+    A resource URI is routed in its canonical form (`naming.canonical_uri`), and the route's
+    `upstream_name` is canonical too: policies, grants, audit and the upstream all see that.
+
     Raises:
+        AmbiguousUriError: a resource URI with a dot segment next to an encoded separator.
         NotRoutableError: no enabled peer listed it.
     """
+    if kind == CatalogKind.RESOURCE:
+        qualified = naming.canonical_uri(qualified)
+        if naming.is_ambiguous_uri(qualified):
+            raise AmbiguousUriError(f"resource URI {qualified!r} has a dot segment next to an encoded path separator; refused as ambiguous")
     key = (scope, kind, qualified)
     route = _routes.get(key)
     if route is caching.MISSING:

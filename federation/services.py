@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 from dataclasses import dataclass, field
@@ -39,6 +40,21 @@ GATEWAY_CAPABILITY = "io.fedmcp/gateway"
 
 class PeerConfigError(Exception):
     """The peer definition is invalid; the message says what to fix."""
+
+
+class CatalogTooLargeError(UpstreamError):
+    """The upstream lists more than this gateway keeps of one peer (FEDERATION_MAX_CATALOG_*)."""
+
+
+@dataclass
+class CatalogBudget:
+    """What is left of FEDERATION_MAX_CATALOG_BYTES for the kinds of one sync still to be listed."""
+
+    bytes_left: int
+
+
+def _item_bytes(item: JsonDict) -> int:
+    return len(json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode())
 
 
 @dataclass
@@ -216,8 +232,18 @@ async def peer_discover_token_url(*, peer: Peer) -> str:
     return token_url
 
 
-async def _list_all(connection: UpstreamConnection, method: str, key: str) -> list[JsonDict]:
+async def _list_all(connection: UpstreamConnection, method: str, key: str, kind: str, budget: CatalogBudget) -> list[JsonDict]:
+    """Return every item of one list, page after page, within the catalog bounds.
+
+    Listing stops at the first item past a bound, so a hostile upstream costs at most one
+    page beyond it.
+
+    Raises:
+        CatalogTooLargeError: too many items, one too large, or the peer's catalog too large.
+        UpstreamError: the upstream failed or answered nonsense.
+    """
     items: list[JsonDict] = []
+    size = 0
     cursor: str | None = None
     for _ in range(MAX_PAGES):
         params: JsonDict = {}
@@ -232,9 +258,30 @@ async def _list_all(connection: UpstreamConnection, method: str, key: str) -> li
         page = result.get(key)
         if not isinstance(page, list):
             raise UpstreamError(f"{method} returned no '{key}' list")
-        items.extend(item for item in page if isinstance(item, dict))
+        for item in page:
+            if not isinstance(item, dict):
+                continue
+            if len(items) >= settings.FEDERATION_MAX_CATALOG_ENTRIES:
+                raise CatalogTooLargeError(
+                    f"{method} lists more than {settings.FEDERATION_MAX_CATALOG_ENTRIES} {kind} entries "
+                    "(FEDERATION_MAX_CATALOG_ENTRIES); the stored ones are kept"
+                )
+            item_size = _item_bytes(item)
+            if item_size > settings.FEDERATION_MAX_CATALOG_ITEM_BYTES:
+                raise CatalogTooLargeError(
+                    f"{method} lists an item larger than {settings.FEDERATION_MAX_CATALOG_ITEM_BYTES} bytes "
+                    "(FEDERATION_MAX_CATALOG_ITEM_BYTES); the stored ones are kept"
+                )
+            size += item_size
+            if size > budget.bytes_left:
+                raise CatalogTooLargeError(
+                    f"{method} makes the peer's catalog more than {settings.FEDERATION_MAX_CATALOG_BYTES} bytes "
+                    "(FEDERATION_MAX_CATALOG_BYTES); the stored ones are kept"
+                )
+            items.append(item)
         cursor = result.get("nextCursor")
         if not cursor:
+            budget.bytes_left -= size
             return items
     raise UpstreamError(f"{method} did not finish within {MAX_PAGES} pages")
 
@@ -244,12 +291,17 @@ async def fetch_catalog(connection: UpstreamConnection) -> tuple[dict[str, list[
     capabilities = connection.description.capabilities
     found: dict[str, list[JsonDict]] = {}
     errors: dict[str, str] = {}
+    budget = CatalogBudget(settings.FEDERATION_MAX_CATALOG_BYTES)
     for kind, method, key, _, capability in LISTINGS:
         if capability not in capabilities:
             found[kind] = []
             continue
         try:
-            found[kind] = await _list_all(connection, method, key)
+            found[kind] = await _list_all(connection, method, key, kind, budget)
+        except CatalogTooLargeError as exc:
+            # Refused, not a passing fault: the operator must raise the bound or drop the peer.
+            logger.warning("peer %s: catalog sync refused: %s", connection.peer.name, exc)
+            errors[kind] = str(exc)
         except UpstreamError as exc:
             errors[kind] = str(exc)
     return found, errors
@@ -330,7 +382,13 @@ def _store_catalog(
         seen: set[str] = set()
         for position, item in enumerate(found[kind]):
             upstream_name = item.get(name_field)
-            if not isinstance(upstream_name, str) or not upstream_name or upstream_name in seen:
+            if not isinstance(upstream_name, str) or not upstream_name:
+                continue
+            if kind in (CatalogKind.RESOURCE, CatalogKind.RESOURCE_TEMPLATE):
+                # Stored, listed and routed in the one form requests are routed in (naming.canonical_uri).
+                upstream_name = naming.canonical_uri(upstream_name)
+                item = {**item, name_field: upstream_name}
+            if upstream_name in seen:
                 continue
             naming_ = host_naming(peer, kind, upstream_name, taken)
             if naming_ is None:

@@ -248,6 +248,13 @@ MCP_LIST_TTL_MS = env_int("FEDMCP_LIST_TTL_MS", 60_000)
 MCP_SSE_KEEPALIVE = env_float("FEDMCP_SSE_KEEPALIVE", 15.0)
 # Idle handshake-era sessions older than this are expired (seconds).
 MCP_SESSION_IDLE_TIMEOUT = env_int("FEDMCP_SESSION_IDLE_TIMEOUT", 24 * 3600)
+# Open handshake-era sessions one user (or, for a client-only token, one client) may hold at once,
+# whatever their transport: Streamable HTTP sessions, /sse streams and WebSockets. The next one is
+# refused (HTTP 429, -32031; WebSocket close 1008). Each worker also holds at most this many
+# Streamable HTTP GET streams and subscriptions/listen streams per user. 0 = no bound.
+MCP_MAX_SESSIONS_PER_USER = env_int("FEDMCP_MAX_SESSIONS_PER_USER", 100)
+# Messages in one JSON-RPC batch (protocol 2025-03-26 only); a longer batch is refused whole (-32600).
+MCP_MAX_BATCH = env_int("FEDMCP_MAX_BATCH", 50)
 
 # --- Identity -------------------------------------------------------------------------------
 # This gateway's public origin (e.g. https://mcp.example.org). Tokens must name it as their
@@ -337,6 +344,12 @@ FEDERATION_BREAKER_COOLDOWN = env_float("FEDERATION_BREAKER_COOLDOWN", 30.0)
 FEDERATION_HEALTH_INTERVAL = env_float("FEDERATION_HEALTH_INTERVAL", 30.0)
 FEDERATION_REFRESH_INTERVAL = env_float("FEDERATION_REFRESH_INTERVAL", 300.0)
 FEDERATION_HEALTH_HISTORY = env_int("FEDERATION_HEALTH_HISTORY", 200)
+# Bounds on what one peer's catalog may hold: items of each kind (tools, resources, templates,
+# prompts), bytes of one item as JSON (its description and schemas), and bytes of all its items.
+# A sync over a bound keeps the stored items of that kind and says why in the peer's last error.
+FEDERATION_MAX_CATALOG_ENTRIES = env_int("FEDERATION_MAX_CATALOG_ENTRIES", 5000)
+FEDERATION_MAX_CATALOG_ITEM_BYTES = env_int("FEDERATION_MAX_CATALOG_ITEM_BYTES", 256 * 1024)
+FEDERATION_MAX_CATALOG_BYTES = env_int("FEDERATION_MAX_CATALOG_BYTES", 32 * 1024 * 1024)
 
 # --- Rate limits ----------------------------------------------------------------------------
 # Token buckets on forwarded calls, per identity and per peer; the rules are RateLimit rows in

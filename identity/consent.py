@@ -30,6 +30,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 from oauth2_provider.models import Application
 
+from federation.naming import canonical_uri
 from fedmcp_site import caching
 from identity.models import (
     AuditEvent,
@@ -103,6 +104,13 @@ def continue_timeout_setting() -> float:
 # --- the rule --------------------------------------------------------------------------------
 
 
+def _name_matches(kind: str, name: str, pattern: str) -> bool:
+    if kind == "resource":
+        # Both in the one form the router sends upstream, whoever spelled them (naming.canonical_uri).
+        name, pattern = canonical_uri(name), canonical_uri(pattern)
+    return fnmatch.fnmatchcase(name, pattern)
+
+
 def policy_matches(policy: ConsentPolicy, identity: Identity | None, peer: str, kind: str, name: str, groups: frozenset[int]) -> bool:
     """Whether every criterion `policy` names holds for this call (blank criteria match anything)."""
     if not policy.enabled:
@@ -115,7 +123,7 @@ def policy_matches(policy: ConsentPolicy, identity: Identity | None, peer: str, 
         # A blank kind means the calls only: a broad "allow peer X" written for tools must not
         # silently let X's upstream sample the user's model.
         return False
-    if policy.name_pattern and not fnmatch.fnmatchcase(name, policy.name_pattern):
+    if policy.name_pattern and not _name_matches(kind, name, policy.name_pattern):
         return False
     username = identity.username if identity else ""
     if policy.username and policy.username != username:

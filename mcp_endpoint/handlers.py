@@ -16,7 +16,7 @@ from federation.events import CATALOG_GROUP, RESOURCES_GROUP
 from federation.health import breakers
 from federation.models import CatalogKind
 from federation.pool import pool
-from federation.router import NotRoutableError, Route, peer_for_scope, resolve
+from federation.router import AmbiguousUriError, NotRoutableError, Route, peer_for_scope, resolve
 from federation.services import GATEWAY_CAPABILITY
 from federation.upstream.base import UpstreamError
 from fedmcp_site.layers import Memberships
@@ -182,6 +182,8 @@ async def prompts_list(ctx: HostContext, params: JsonDict) -> JsonDict:
 async def _route(ctx: HostContext, kind: str, name: str) -> Route:
     try:
         return await resolve(ctx.scope, kind, name)
+    except AmbiguousUriError as exc:
+        raise jsonrpc.InvalidParamsError(str(exc), {"uri": name}) from exc
     except NotRoutableError as exc:
         if kind == CatalogKind.RESOURCE:
             code = jsonrpc.INVALID_PARAMS if ctx.era == "modern" else jsonrpc.RESOURCE_NOT_FOUND_LEGACY
@@ -236,7 +238,7 @@ async def complete(ctx: HostContext, params: JsonDict) -> JsonDict:
 
 
 async def resources_subscribe(ctx: HostContext, params: JsonDict) -> JsonDict:
-    uri = params["uri"]
+    uri = naming.canonical_uri(params["uri"])  # one subscription whatever the spelling
     route = await _route(ctx, CatalogKind.RESOURCE, uri)
     assert ctx.session is not None
     started = time.monotonic()
@@ -257,9 +259,10 @@ async def resources_subscribe(ctx: HostContext, params: JsonDict) -> JsonDict:
 
 async def resources_unsubscribe(ctx: HostContext, params: JsonDict) -> JsonDict:
     assert ctx.session is not None
-    removed = await sessions.subscription_remove(session=ctx.session, uri=params["uri"])
+    uri = naming.canonical_uri(params["uri"])
+    removed = await sessions.subscription_remove(session=ctx.session, uri=uri)
     if removed is not None and removed[2]:
-        route = await _route(ctx, CatalogKind.RESOURCE, params["uri"])
+        route = await _route(ctx, CatalogKind.RESOURCE, uri)
         await _upstream_subscription(ctx, route, "resources/unsubscribe")
     return {}
 
@@ -310,6 +313,15 @@ async def subscriptions_listen(ctx: HostContext, params: JsonDict) -> JsonDict:
         # Every notification on a listen stream names the subscription it belongs to.
         await ctx.outbound.send(jsonrpc.notification(method, {**(params or {}), "_meta": tag}))
 
+    try:
+        with sessions.stream_slot(ctx.identity):
+            await _listen(ctx, send, honoured, routes)
+    except sessions.SessionLimitError as exc:  # raised on entering the slot only
+        raise jsonrpc.TooManySessionsError(str(exc), {"limit": exc.limit}) from exc
+    return {}  # pragma: no cover - _listen returns only by cancellation
+
+
+async def _listen(ctx: HostContext, send: Any, honoured: JsonDict, routes: dict[tuple[str, str], str]) -> None:
     layer = get_channel_layer()
     channel = await layer.new_channel()  # default prefix: see SessionEvents.__aenter__
     memberships = Memberships(layer, channel, (CATALOG_GROUP, RESOURCES_GROUP))

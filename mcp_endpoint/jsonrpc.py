@@ -38,6 +38,8 @@ CONSENT_DENIED = -32017
 """Implementation-defined: the user (or a consent policy) refused the call."""
 CONSENT_TIMEOUT = -32018
 """Implementation-defined: the user did not answer the consent prompt in time."""
+TOO_MANY_SESSIONS = -32031
+"""Implementation-defined: the user holds FEDMCP_MAX_SESSIONS_PER_USER open sessions or streams; `data.limit` (HTTP 429)."""
 UPSTREAM_AUTHORIZATION_REQUIRED = -32030
 """Implementation-defined: the peer needs the user's own authorization; `data.connectUrl` is where to give it."""
 URL_ELICITATION_REQUIRED = codes.URL_ELICITATION_REQUIRED
@@ -120,6 +122,11 @@ class RateLimitedError(JsonRpcError):
     default_message = "Rate limit exceeded"
 
 
+class TooManySessionsError(JsonRpcError):
+    code = TOO_MANY_SESSIONS
+    default_message = "Too many open sessions"
+
+
 class InvalidAssertionError(JsonRpcError):
     code = INVALID_ASSERTION
     default_message = "Invalid identity assertion"
@@ -192,6 +199,8 @@ def http_status_for(message: JsonDict) -> int:
     """Return the HTTP status for a 2026-07-28 reply (the SDK's table; 200 for results)."""
     error = message.get("error")
     if isinstance(error, dict):
+        if error.get("code") == TOO_MANY_SESSIONS:
+            return 429
         return ERROR_CODE_HTTP_STATUS.get(error.get("code"), 200)  # type: ignore[arg-type]
     return 200
 

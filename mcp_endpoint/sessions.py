@@ -7,11 +7,15 @@ reads the row again. Creating a session changes nothing cached: a new id is simp
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from fedmcp_site import caching
@@ -23,6 +27,21 @@ _open: caching.GenerationCache[McpSession] = caching.GenerationCache("sessions",
 """Session id -> the open session's row, as last read by this worker."""
 
 
+class SessionLimitError(Exception):
+    """The caller holds MCP_MAX_SESSIONS_PER_USER open sessions (or streams on this worker) already."""
+
+    def __init__(self, limit: int, what: str = "sessions") -> None:
+        super().__init__(f"too many open {what} (limit {limit}); close one and retry")
+        self.limit = limit
+
+
+def _owner(identity: Identity) -> Q:
+    """Whose sessions count together: the token's user, or for a client-only token its client."""
+    if identity.user_id is not None:
+        return Q(user_id=identity.user_id)
+    return Q(user__isnull=True, client_id=identity.client_id)
+
+
 def session_group(session_id: str) -> str:
     """Channel-layer group of everything addressed to one host session."""
     return f"fedmcp.session.{session_id}"
@@ -32,6 +51,19 @@ def session_group(session_id: str) -> str:
 def session_create(
     *, transport: str, scope: str, identity: Identity, protocol_version: str = "", client_capabilities: Any = None, client_info: Any = None
 ) -> McpSession:
+    """Open a session for `identity`, within its bound of open sessions.
+
+    Open means not closed and seen within MCP_SESSION_IDLE_TIMEOUT. Two workers may each let
+    one more in at the same moment: the bound holds within a few sessions, which is its purpose.
+
+    Raises:
+        SessionLimitError: the caller holds MCP_MAX_SESSIONS_PER_USER open sessions already.
+    """
+    limit = settings.MCP_MAX_SESSIONS_PER_USER
+    if limit > 0:
+        fresh = timezone.now() - timedelta(seconds=settings.MCP_SESSION_IDLE_TIMEOUT)
+        if McpSession.objects.live().filter(_owner(identity), last_seen_at__gte=fresh).count() >= limit:
+            raise SessionLimitError(limit)
     return McpSession.objects.create(
         transport=transport,
         scope=scope,
@@ -136,3 +168,30 @@ def subscribed_uris(*, session_id: str, peer_name: str, upstream_uri: str) -> li
     return list(
         ResourceSubscription.objects.filter(session_id=session_id, peer_name=peer_name, upstream_uri=upstream_uri).values_list("uri", flat=True)
     )
+
+
+_open_streams: Counter[str] = Counter()
+"""Open Streamable HTTP GET and subscriptions/listen streams on this worker, per caller."""
+
+
+@contextmanager
+def stream_slot(identity: Identity | None) -> Iterator[None]:
+    """Hold one of the caller's MCP_MAX_SESSIONS_PER_USER stream places on this worker while open.
+
+    These streams hold no session of their own (a GET stream hangs off one, a listen stream
+    has none), so they are counted here, per worker, rather than in the database.
+
+    Raises:
+        SessionLimitError: the caller holds that many streams on this worker already.
+    """
+    limit = settings.MCP_MAX_SESSIONS_PER_USER
+    key = "" if identity is None else (f"user:{identity.user_id}" if identity.user_id is not None else f"client:{identity.client_id}")
+    if limit > 0 and _open_streams[key] >= limit:
+        raise SessionLimitError(limit, "streams")
+    _open_streams[key] += 1
+    try:
+        yield
+    finally:
+        _open_streams[key] -= 1
+        if _open_streams[key] <= 0:
+            del _open_streams[key]

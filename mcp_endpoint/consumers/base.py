@@ -34,6 +34,11 @@ SSE_HEADERS = [
 ]
 
 
+def batch_too_large() -> str:
+    """The message for a 2025-03-26 batch over MCP_MAX_BATCH (every message of a batch runs at once)."""
+    return f"Bad Request: a JSON-RPC batch may hold at most {settings.MCP_MAX_BATCH} messages (FEDMCP_MAX_BATCH)"
+
+
 def sse_event(message: JsonDict | None = None, *, event: str = "message", data: str | None = None) -> bytes:
     payload = data if data is not None else jsonrpc.dumps(message)
     return f"event: {event}\ndata: {payload}\n\n".encode()

@@ -18,7 +18,7 @@ from django.conf import settings
 from fedmcp_site.metrics import stream_open
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.correlation import correlator
-from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, sse_event
+from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, batch_too_large, sse_event
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.streams import SessionEvents, SessionGroupOutbound, send_to_session
 
@@ -37,7 +37,11 @@ class McpSseConsumer(McpHttpConsumer):
             await self.send_plain(405, "Method Not Allowed: GET the stream, POST to the endpoint it names", [(b"allow", b"GET")])
             return
         scope = self.scope["url_route"]["kwargs"].get("peer", "")
-        session = await sessions.session_create(transport="sse", scope=scope, identity=self.identity)
+        try:
+            session = await sessions.session_create(transport="sse", scope=scope, identity=self.identity)
+        except sessions.SessionLimitError as exc:
+            await self.send_error(429, jsonrpc.TOO_MANY_SESSIONS, str(exc), data={"limit": exc.limit})
+            return
         prefix = f"/peers/{scope}" if scope else ""
         try:
             async with stream_open("sse"), SessionEvents(session.id, scope, keepalive=settings.MCP_SSE_KEEPALIVE, sole=True) as events:
@@ -71,6 +75,9 @@ class McpSseMessageConsumer(McpHttpConsumer):
         messages = payload if isinstance(payload, list) else [payload]
         if isinstance(payload, list) and (session.protocol_version != "2025-03-26" or not messages):
             await self.send_error(400, jsonrpc.INVALID_REQUEST, "Bad Request: JSON-RPC batches are only accepted in protocol version 2025-03-26")
+            return
+        if len(messages) > settings.MCP_MAX_BATCH:
+            await self.send_error(400, jsonrpc.INVALID_REQUEST, batch_too_large())
             return
         for message in messages:
             ctx = HostContext(

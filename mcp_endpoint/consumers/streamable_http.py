@@ -25,7 +25,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIO
 from fedmcp_site.metrics import stream_open
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_HEADERS, challenge
-from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, sse_event
+from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, batch_too_large, sse_event
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.models import McpSession
 from mcp_endpoint.streams import SessionEvents, close_session_streams
@@ -171,8 +171,15 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
             identity=self.identity,
         )
 
+    async def refuse_too_many(self, exc: sessions.SessionLimitError, request_id: Any = None) -> None:
+        await self.send_error(429, jsonrpc.TOO_MANY_SESSIONS, str(exc), request_id, {"limit": exc.limit})
+
     async def post_initialize(self, payload: JsonDict) -> None:
-        session = await sessions.session_create(transport="streamable-http", scope=self.endpoint_scope, identity=self.identity)
+        try:
+            session = await sessions.session_create(transport="streamable-http", scope=self.endpoint_scope, identity=self.identity)
+        except sessions.SessionLimitError as exc:
+            await self.refuse_too_many(exc, payload.get("id") if jsonrpc.is_valid_id(payload.get("id")) else None)
+            return
         headers = [(SESSION_HEADER, session.id.encode())]
         stream = PostStream(self, sse_allowed=self.accepts("text/event-stream"), can_request=False, headers=headers)
         reply = await dispatcher.handle_request(self._legacy_context(session, stream), payload)
@@ -196,6 +203,10 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
         messages = payload if batch else [payload]
         if batch and (session.protocol_version != "2025-03-26" or not messages):
             await self.send_error(400, jsonrpc.INVALID_REQUEST, "Bad Request: JSON-RPC batches are only accepted in protocol version 2025-03-26 (non-empty)")
+            return
+        if len(messages) > settings.MCP_MAX_BATCH:
+            # Each message of a batch runs at once: the bound is the fan-out's bound.
+            await self.send_error(400, jsonrpc.INVALID_REQUEST, batch_too_large())
             return
         stream = PostStream(self, sse_allowed=self.accepts("text/event-stream"), can_request=True, headers=[])
         kinds = [dispatcher.classify(m) for m in messages]
@@ -273,11 +284,16 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
         session = await self._session_from_header()
         if session is None:
             return
-        async with stream_open("streamable-http"), SessionEvents(session.id, self.endpoint_scope, keepalive=settings.MCP_SSE_KEEPALIVE) as events:
-            await self.send_headers(status=200, headers=SSE_HEADERS)
-            await self.send_body(b": stream open\n\n", more_body=True)
-            async for message in events:
-                await self.send_body(sse_event(message) if message is not None else b": keepalive\n\n", more_body=True)
+        try:
+            with sessions.stream_slot(self.identity):
+                async with stream_open("streamable-http"), SessionEvents(session.id, self.endpoint_scope, keepalive=settings.MCP_SSE_KEEPALIVE) as events:
+                    await self.send_headers(status=200, headers=SSE_HEADERS)
+                    await self.send_body(b": stream open\n\n", more_body=True)
+                    async for message in events:
+                        await self.send_body(sse_event(message) if message is not None else b": keepalive\n\n", more_body=True)
+        except sessions.SessionLimitError as exc:  # raised on entering the slot only, before any byte is sent
+            await self.refuse_too_many(exc)
+            return
         await self.send_body(b"", more_body=False)
 
     async def delete(self) -> None:

@@ -21,7 +21,7 @@ from fedmcp_site.metrics import stream_open
 from identity.tokens import still_valid
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_MESSAGE
-from mcp_endpoint.consumers.base import DirectDispatchMixin
+from mcp_endpoint.consumers.base import DirectDispatchMixin, batch_too_large
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.models import McpSession
 from mcp_endpoint.streams import SessionEvents
@@ -64,7 +64,13 @@ class McpWebSocketConsumer(DirectDispatchMixin, AsyncWebsocketConsumer):
             # Refuse at the handshake (HTTP 403): without the subprotocol this is not an MCP client.
             await self.close()
             return
-        self.session = await sessions.session_create(transport="websocket", scope=self.endpoint_scope, identity=self.scope["fedmcp.identity"])
+        try:
+            self.session = await sessions.session_create(transport="websocket", scope=self.endpoint_scope, identity=self.scope["fedmcp.identity"])
+        except sessions.SessionLimitError as exc:
+            # Accepted first, so the host gets a close code and a reason, not a bare HTTP 403.
+            await self.accept(subprotocol=SUBPROTOCOL)
+            await self.close(code=WS_1008_POLICY_VIOLATION, reason=str(exc))
+            return
         await self.accept(subprotocol=SUBPROTOCOL)
         self.events_task = asyncio.create_task(self._relay_session_events(self.session.id))
 
@@ -144,6 +150,9 @@ class McpWebSocketConsumer(DirectDispatchMixin, AsyncWebsocketConsumer):
                     await self.send_message(
                         jsonrpc.error_response(None, jsonrpc.InvalidRequestError("JSON-RPC batches are only accepted in protocol version 2025-03-26").to_error())
                     )
+                    return
+                if len(payload) > settings.MCP_MAX_BATCH:
+                    await self.send_message(jsonrpc.error_response(None, jsonrpc.InvalidRequestError(batch_too_large()).to_error()))
                     return
                 replies = await asyncio.gather(*(self._one(m) for m in payload))
                 answered = [r for r in replies if r is not None]
