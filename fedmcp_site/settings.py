@@ -325,9 +325,12 @@ if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", FEDMCP_GATEWAY_NAME):
     raise ImproperlyConfigured("FEDMCP_GATEWAY_NAME must be lowercase letters, digits and single hyphens")
 # A request that has passed through this many gateways is refused (loops are refused anyway).
 FEDERATION_MAX_HOPS = env_int("FEDERATION_MAX_HOPS", 8)
-# Circuit breaker per peer and worker: open after N consecutive transport failures, probe again after the cooldown.
+# Circuit breaker per peer and worker: open after N consecutive transport failures; while open, the
+# worker probes the peer after FIRST_PROBE seconds, doubling up to COOLDOWN, and closes it on the
+# first good probe (seconds).
 FEDERATION_BREAKER_FAILURES = env_int("FEDERATION_BREAKER_FAILURES", 5)
-FEDERATION_BREAKER_COOLDOWN = env_float("FEDERATION_BREAKER_COOLDOWN", 30.0)
+FEDERATION_BREAKER_COOLDOWN = env_float("FEDERATION_BREAKER_COOLDOWN", 3.0)
+FEDERATION_BREAKER_FIRST_PROBE = env_float("FEDERATION_BREAKER_FIRST_PROBE", 0.5)
 # Health checks and catalog refreshes that each worker runs in the background (seconds; 0 = off).
 FEDERATION_HEALTH_INTERVAL = env_float("FEDERATION_HEALTH_INTERVAL", 30.0)
 FEDERATION_REFRESH_INTERVAL = env_float("FEDERATION_REFRESH_INTERVAL", 300.0)
