@@ -275,6 +275,8 @@ OAUTH2_PROVIDER = {
     # Redirect URIs match exactly and are https or loopback http; tokens are only minted for
     # this gateway's origin (the default audience when a client names none).
     "OAUTH2_VALIDATOR_CLASS": "identity.oauth_validators.GatewayOAuth2Validator",
+    # /api/ checks a token's audience with the MCP endpoints' rule (identity.tokens.audience_error).
+    "RESOURCE_SERVER_TOKEN_RESOURCE_VALIDATOR": "identity.oauth_validators.token_fits_gateway",
     # Refresh tokens rotate on every use; an unused one lapses after this long.
     "REFRESH_TOKEN_EXPIRE_SECONDS": env_int("FEDMCP_REFRESH_TOKEN_SECONDS", 30 * 86400),
     # The issuer: FEDMCP_PUBLIC_URL when set, else the origin each request came to.
