@@ -2,8 +2,15 @@
 
 A breaker is per peer and per worker: it opens after `FEDERATION_BREAKER_FAILURES` consecutive
 transport failures (connect errors, timeouts, broken streams — not JSON-RPC errors the upstream
-answers on purpose), rejects calls at once while open, lets one probe through after
-`FEDERATION_BREAKER_COOLDOWN` seconds (half-open), and closes on the first success.
+answers on purpose) and rejects calls at once while open. While it is open the worker probes the
+peer itself, first after `FEDERATION_BREAKER_FIRST_PROBE` seconds, then doubling up to
+`FEDERATION_BREAKER_COOLDOWN`, and closes it on the first good probe: a peer that comes back is
+used again within a few seconds, whether or not a host is calling it. A call arriving when a probe
+is due is let through as that probe (half-open).
+
+Calls that fail because the gateway is restarting the peer's stdio process count once per
+restart, however many were in flight: the restart is the gateway's doing, and the process is
+usually back in under a second.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -18,7 +26,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from federation.upstream.base import PeerConfig
+from federation.upstream.base import PeerConfig, UpstreamRestartingError
 
 logger = logging.getLogger(__name__)
 
@@ -30,62 +38,99 @@ class CircuitState(StrEnum):
 
 
 class CircuitOpenError(Exception):
-    """Calls to the peer are refused until its cooldown ends (message is safe for hosts)."""
+    """Calls to the peer are refused until a probe succeeds (message is safe for hosts)."""
 
 
 @dataclass
 class CircuitBreaker:
     failures_to_open: int
-    cooldown: float
+    probe_cap: float
+    """Longest pause between two probes of an open circuit (seconds)."""
+    first_probe: float = 0.5
+    """Pause before the first probe after the circuit opens; it doubles after each failed probe."""
+    clock: Callable[[], float] = time.monotonic
+    on_open: Callable[[], None] | None = field(default=None, repr=False)
+    """Called when the circuit opens (the worker starts probing the peer)."""
     state: CircuitState = CircuitState.CLOSED
     failures: int = 0
-    opened_at: float = 0.0
-    probing: bool = field(default=False)
+    probe_delay: float = 0.0
+    next_probe_at: float = 0.0
+    probing: bool = False
+    last_incident: object = field(default=None, repr=False)
 
     def before_call(self, peer_name: str) -> None:
         """Let a call through, or raise while the circuit is open.
 
         Raises:
-            CircuitOpenError: the peer failed repeatedly and its cooldown has not ended.
+            CircuitOpenError: the peer failed repeatedly and no probe is due yet.
         """
-        if self.state == CircuitState.CLOSED:
+        if self.state == CircuitState.CLOSED or self.try_probe():
             return
-        now = time.monotonic()
-        if self.state == CircuitState.OPEN and now - self.opened_at >= self.cooldown:
-            self.state = CircuitState.HALF_OPEN
-            self.probing = False
-        if self.state == CircuitState.HALF_OPEN and not self.probing:
-            self.probing = True
-            return
-        retry_in = max(0.0, self.cooldown - (now - self.opened_at))
+        retry_in = max(0.0, self.next_probe_at - self.clock())
         raise CircuitOpenError(
             f"peer '{peer_name}' is unavailable after {self.failures} consecutive failures; "
-            f"the gateway retries it in {retry_in:.0f}s"
+            f"the gateway retries it in {retry_in:.1f}s"
         )
 
-    def record_success(self) -> None:
-        self.state, self.failures, self.probing = CircuitState.CLOSED, 0, False
+    def try_probe(self) -> bool:
+        """Claim the one probe an open circuit allows once its pause is over; False if none is due."""
+        if self.state == CircuitState.OPEN and self.clock() >= self.next_probe_at:
+            self.state, self.probing = CircuitState.HALF_OPEN, False
+        if self.state == CircuitState.HALF_OPEN and not self.probing:
+            self.probing = True
+            return True
+        return False
 
-    def record_failure(self) -> None:
+    def release_probe(self) -> None:
+        """Give back a claimed probe that ended with neither success nor failure."""
+        self.probing = False
+
+    def record_success(self) -> None:
+        if self.state != CircuitState.CLOSED:
+            logger.warning("circuit closed after a good probe")
+        self.state, self.failures, self.probing, self.probe_delay = CircuitState.CLOSED, 0, False, 0.0
+
+    def record_failure(self, error: BaseException | None = None) -> None:
+        """Count one transport failure; `error` lets failures of one stdio restart count once."""
+        if isinstance(error, UpstreamRestartingError):
+            if error.incident == self.last_incident:
+                return
+            self.last_incident = error.incident
         self.failures += 1
         self.probing = False
-        if self.state == CircuitState.HALF_OPEN or self.failures >= self.failures_to_open:
-            if self.state != CircuitState.OPEN:
-                logger.warning("circuit opened after %d failures", self.failures)
-            self.state = CircuitState.OPEN
-            self.opened_at = time.monotonic()
+        if self.state == CircuitState.CLOSED:
+            if self.failures < self.failures_to_open:
+                return
+            logger.warning("circuit opened after %d failures", self.failures)
+            self.state, self.probe_delay = CircuitState.OPEN, self.first_probe
+            self.next_probe_at = self.clock() + self.probe_delay
+            if self.on_open is not None:
+                self.on_open()
+            return
+        # A failed probe (or a call that was already in flight): wait longer, never beyond the cap.
+        self.state = CircuitState.OPEN
+        self.probe_delay = min(max(self.probe_delay, self.first_probe) * 2, self.probe_cap)
+        self.next_probe_at = self.clock() + self.probe_delay
 
 
 class Breakers:
-    """This worker's breakers, one per peer id."""
+    """This worker's breakers, one per peer id, and the probes of the open ones."""
 
     def __init__(self) -> None:
         self._by_peer: dict[int, CircuitBreaker] = {}
+        self._peers: dict[int, PeerConfig] = {}
+        self._probes: dict[int, asyncio.Task[None]] = {}
 
     def for_peer(self, peer: PeerConfig) -> CircuitBreaker:
+        self._peers[peer.id] = peer  # the newest configuration is the one to probe
         breaker = self._by_peer.get(peer.id)
         if breaker is None:
-            breaker = CircuitBreaker(settings.FEDERATION_BREAKER_FAILURES, settings.FEDERATION_BREAKER_COOLDOWN)
+            breaker = CircuitBreaker(
+                settings.FEDERATION_BREAKER_FAILURES,
+                settings.FEDERATION_BREAKER_COOLDOWN,
+                first_probe=min(settings.FEDERATION_BREAKER_FIRST_PROBE, settings.FEDERATION_BREAKER_COOLDOWN),
+            )
+            breaker.on_open = lambda peer_id=peer.id: self._start_probing(peer_id)
             self._by_peer[peer.id] = breaker
         return breaker
 
@@ -96,8 +141,63 @@ class Breakers:
         """Peers whose circuit is open: their items are left out of list results."""
         return frozenset(peer_id for peer_id, b in self._by_peer.items() if b.state == CircuitState.OPEN)
 
+    def forget(self, peer_id: int) -> None:
+        """Drop a removed or disabled peer's breaker and stop probing it."""
+        self._by_peer.pop(peer_id, None)
+        self._peers.pop(peer_id, None)
+        task = self._probes.pop(peer_id, None)
+        if task is not None:
+            task.cancel()
+
+    def _start_probing(self, peer_id: int) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (a management command's sync code): calls still probe when due
+        task = self._probes.get(peer_id)
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        self._probes[peer_id] = loop.create_task(self._probe_until_closed(peer_id))
+
+    async def _probe_until_closed(self, peer_id: int) -> None:
+        """Probe an open circuit's peer on the breaker's schedule until a probe succeeds."""
+        while (breaker := self._by_peer.get(peer_id)) is not None and breaker.state != CircuitState.CLOSED:
+            await asyncio.sleep(max(0.05, breaker.next_probe_at - breaker.clock()))
+            peer = self._peers.get(peer_id)
+            if peer is None or not await _still_enabled(peer_id):
+                self.forget(peer_id)  # removed or disabled meanwhile: nothing to probe
+                return
+            if not breaker.try_probe():
+                continue  # a host call is the probe right now; look again after its pause
+            try:
+                await check_peer(peer)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("peer %s: probe failed unexpectedly", peer.name)
+            finally:
+                if breaker.probing:
+                    breaker.release_probe()
+
 
 breakers = Breakers()
+
+
+@database_sync_to_async
+def _peer_is_enabled(peer_id: int) -> bool:
+    from federation.models import Peer
+
+    return Peer.objects.enabled().filter(pk=peer_id).exists()
+
+
+async def _still_enabled(peer_id: int) -> bool:
+    """Whether the peer is still configured; with the database unreachable, assume it is."""
+    from django.db import Error as DatabaseError
+
+    try:
+        return await _peer_is_enabled(peer_id)
+    except DatabaseError:
+        return True
 
 
 @database_sync_to_async
@@ -132,7 +232,7 @@ async def check_peer(peer: PeerConfig) -> bool:
         await _record_check(peer.id, False, None, str(exc))
         return False
     except (UpstreamError, OSError) as exc:
-        breaker.record_failure()
+        breaker.record_failure(exc)
         await _record_check(peer.id, False, None, str(exc))
         return False
     except Exception as exc:

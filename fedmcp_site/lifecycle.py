@@ -122,16 +122,33 @@ async def _bounded(check: Any, timeout: float, fallback: dict[str, Any]) -> Any:
         return fallback
 
 
+REQUIRED_CHECKS = ("database", "migrations")
+"""Without these the worker cannot serve: every request reads tokens, sessions or grants."""
+DEGRADING_CHECKS = ("channelLayer",)
+"""Without these the worker still serves Streamable HTTP and WebSocket calls; what needs them
+(legacy SSE replies across workers, cancellation and list_changed across workers) fails with a
+clear error. Every worker shares them, so failing readiness would only empty the pool."""
+
+
 async def readiness() -> tuple[bool, dict[str, Any]]:
-    """Return whether this worker should get traffic, and the report /readyz answers."""
+    """Return whether this worker can serve, and the report /readyz answers.
+
+    Ready unless draining or a required check fails; a failed degrading check leaves the
+    worker ready with `status: degraded` and names it in `degraded`. Each component's state
+    is also the `fedmcp_component_up` metric.
+    """
     timeout = settings.FEDMCP_READYZ_TIMEOUT
     database, channel_layer = await asyncio.gather(
         _bounded(_database_checks(), timeout, {"database": {"ok": False, "error": "timeout"}, "migrations": {"ok": False, "error": "timeout"}}),
         _bounded(_channel_layer_check(), timeout, {"ok": False, "error": "timeout"}),
     )
     checks = {**database, "channelLayer": channel_layer}
-    ready = all(check["ok"] for check in checks.values()) and not state.draining
-    report = {"status": "ready" if ready else "unavailable", "draining": state.draining, "checks": checks}
+    metrics.COMPONENT_UP.labels("database").set(1 if checks["database"]["ok"] else 0)
+    metrics.COMPONENT_UP.labels("channel_layer").set(1 if checks["channelLayer"]["ok"] else 0)
+    ready = all(checks[name]["ok"] for name in REQUIRED_CHECKS) and not state.draining
+    degraded = [name for name in DEGRADING_CHECKS if not checks[name]["ok"]]
+    status = "unavailable" if not ready else "degraded" if degraded else "ready"
+    report = {"status": status, "draining": state.draining, "degraded": degraded, "checks": checks}
     return ready, report
 
 

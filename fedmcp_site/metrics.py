@@ -64,6 +64,11 @@ RATE_LIMIT_BACKEND_ERRORS = Counter(
     "Rate-limit checks that could not reach Redis (the call was let through).",
 )
 DRAINING = Gauge("fedmcp_draining", "1 while this worker drains in-flight requests before shutting down.")
+COMPONENT_UP = Gauge(
+    "fedmcp_component_up",
+    "1 when a component this worker depends on (database, channel_layer) answered its last /readyz check, 0 when not.",
+    ["component"],
+)
 
 OUTCOME_UNREACHED = frozenset({"rate_limited", "circuit_open"})
 """Outcomes of calls refused before the upstream was tried: kept out of the latency histogram."""

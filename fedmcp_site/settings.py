@@ -282,6 +282,8 @@ OAUTH2_PROVIDER = {
     # Redirect URIs match exactly and are https or loopback http; tokens are only minted for
     # this gateway's origin (the default audience when a client names none).
     "OAUTH2_VALIDATOR_CLASS": "identity.oauth_validators.GatewayOAuth2Validator",
+    # /api/ checks a token's audience with the MCP endpoints' rule (identity.tokens.audience_error).
+    "RESOURCE_SERVER_TOKEN_RESOURCE_VALIDATOR": "identity.oauth_validators.token_fits_gateway",
     # Refresh tokens rotate on every use; an unused one lapses after this long.
     "REFRESH_TOKEN_EXPIRE_SECONDS": env_int("FEDMCP_REFRESH_TOKEN_SECONDS", 30 * 86400),
     # The issuer: FEDMCP_PUBLIC_URL when set, else the origin each request came to.
@@ -337,9 +339,12 @@ if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", FEDMCP_GATEWAY_NAME):
     raise ImproperlyConfigured("FEDMCP_GATEWAY_NAME must be lowercase letters, digits and single hyphens")
 # A request that has passed through this many gateways is refused (loops are refused anyway).
 FEDERATION_MAX_HOPS = env_int("FEDERATION_MAX_HOPS", 8)
-# Circuit breaker per peer and worker: open after N consecutive transport failures, probe again after the cooldown.
+# Circuit breaker per peer and worker: open after N consecutive transport failures; while open, the
+# worker probes the peer after FIRST_PROBE seconds, doubling up to COOLDOWN, and closes it on the
+# first good probe (seconds).
 FEDERATION_BREAKER_FAILURES = env_int("FEDERATION_BREAKER_FAILURES", 5)
-FEDERATION_BREAKER_COOLDOWN = env_float("FEDERATION_BREAKER_COOLDOWN", 30.0)
+FEDERATION_BREAKER_COOLDOWN = env_float("FEDERATION_BREAKER_COOLDOWN", 3.0)
+FEDERATION_BREAKER_FIRST_PROBE = env_float("FEDERATION_BREAKER_FIRST_PROBE", 0.5)
 # Health checks and catalog refreshes that each worker runs in the background (seconds; 0 = off).
 FEDERATION_HEALTH_INTERVAL = env_float("FEDERATION_HEALTH_INTERVAL", 30.0)
 FEDERATION_REFRESH_INTERVAL = env_float("FEDERATION_REFRESH_INTERVAL", 300.0)

@@ -30,10 +30,10 @@ def healthz(request: HttpRequest) -> HttpResponse:
 @never_cache
 @require_GET
 async def readyz(request: HttpRequest) -> HttpResponse:
-    """Readiness: database, migrations and channel layer answer, and the worker is not draining.
+    """Readiness: 200 while this worker can serve (database and migrations, not draining).
 
-    200 when this worker should get traffic, 503 otherwise; the JSON body says which check
-    failed.
+    503 otherwise. The JSON body names the failed checks; a channel-layer outage leaves the
+    worker ready with `status: degraded` (fedmcp_site/lifecycle.py `readiness`).
     """
     ready, report = await lifecycle.readiness()
     return JsonResponse(report, status=200 if ready else 503)

@@ -29,7 +29,7 @@ from oauth2_provider.oauth2_validators import OAuth2Validator
 from oauthlib.common import Request as OauthlibRequest
 from oauthlib.oauth2.rfc6749 import errors
 
-from identity.tokens import same_origin, scopes_allowed
+from identity.tokens import audience_error, gateway_audience, same_origin, scopes_allowed
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -70,14 +70,25 @@ def gateway_origin(request: HttpRequest | OauthlibRequest) -> str:
     server stamps on a token is the one the MCP endpoints check.
     """
     if settings.FEDMCP_PUBLIC_URL:
-        return settings.FEDMCP_PUBLIC_URL.rstrip("/")
+        return gateway_audience("")
     if not isinstance(request, HttpRequest):
         # oauthlib requests carry Django's META as their headers (DOT's OAuthLibCore), and DOT
         # marks a secure request with X_DJANGO_OAUTH_TOOLKIT_SECURE; rebuild enough of the
         # Django request to ask it for the host (validated against ALLOWED_HOSTS) as usual.
         meta = request.headers
         request = _MetaRequest("https" if meta.get("X_DJANGO_OAUTH_TOOLKIT_SECURE") else "http", meta)
-    return f"{request.scheme}://{request.get_host()}"
+    return gateway_audience(f"{request.scheme}://{request.get_host()}")
+
+
+def token_fits_gateway(request_uri: str, audiences: list[str]) -> bool:
+    """DOT's RFC 8707 resource validator (RESOURCE_SERVER_TOKEN_RESOURCE_VALIDATOR) for /api/.
+
+    Applies `audience_error`, the rule of the MCP endpoints, to the origin of the URL the
+    request came to (its Host, port included), instead of DOT's prefix match of that URL:
+    behind a proxy that drops the port, or with FEDMCP_PUBLIC_URL set, the two would disagree.
+    """
+    parts = urlsplit(request_uri)
+    return audience_error(list(audiences), gateway_audience(f"{parts.scheme}://{parts.netloc}")) is None
 
 
 class _MetaRequest(HttpRequest):
@@ -113,6 +124,16 @@ class GatewayOAuth2Validator(OAuth2Validator):
     ) -> str | None:
         uri = super().get_default_redirect_uri(client_id, request, *args, **kwargs)
         return uri if uri and redirect_uri_acceptable(uri) else None
+
+    def validate_bearer_token(self, token: str, scopes: list[str], request: OauthlibRequest) -> bool:
+        # DOT lets a token that names no audience through anywhere; the MCP endpoints refuse it
+        # (identity.tokens.audience_error), and so does the API. Named audiences are checked by
+        # DOT through `token_fits_gateway`.
+        access_token = self._load_access_token(token) if token else None
+        if access_token is not None and not access_token.resource:
+            request.oauth2_error = {"error": "invalid_token", "error_description": audience_error([], "")}
+            return False
+        return super().validate_bearer_token(token, scopes, request)
 
     def _check_and_set_request_resource(self, request: OauthlibRequest) -> None:
         # Runs in the token endpoint just before the token rows are written (DOT's RFC 8707

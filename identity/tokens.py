@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from channels.db import database_sync_to_async
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.utils import timezone
@@ -81,6 +82,29 @@ def effective_scopes(token: AccessToken) -> frozenset[str]:
     return frozenset(token.scope.split()) & scopes_allowed(user=token.user, application=token.application)
 
 
+def gateway_audience(request_origin: str) -> str:
+    """Return the audience this gateway's tokens must name, for a request to `request_origin`.
+
+    FEDMCP_PUBLIC_URL when set, whatever Host the request came with (a proxy may drop the
+    port); else the request's own `scheme://host[:port]`.
+    """
+    return (settings.FEDMCP_PUBLIC_URL or request_origin).rstrip("/")
+
+
+def audience_error(audiences: list[str], gateway: str) -> str | None:
+    """Return why a token naming `audiences` cannot be used at `gateway` (its audience), or None.
+
+    The one audience rule of every endpoint: the MCP transports (mcp_endpoint/auth.py) and the
+    REST API (identity/oauth_validators.py) both ask it, so a token is accepted or refused
+    the same way on /mcp, /ws, /sse, /peers/* and /api/.
+    """
+    if not audiences:
+        return "The access token names no audience; request it with resource=<this gateway's URL>"
+    if not any(same_origin(aud, gateway) for aud in audiences):
+        return "The access token was issued for another audience"
+    return None
+
+
 def _authenticate(raw: str, base_url: str) -> Identity:
     checksum = _token_checksum(raw)
     token = AccessToken.objects.select_related("user", "application").filter(token_checksum=checksum).first()
@@ -88,11 +112,9 @@ def _authenticate(raw: str, base_url: str) -> Identity:
         raise TokenError("The access token is unknown or was revoked")
     if token.is_expired():
         raise TokenError("The access token expired")
-    audiences = list(token.resource or [])
-    if not audiences:
-        raise TokenError("The access token names no audience; request it with resource=<this gateway's URL>")
-    if not any(same_origin(aud, base_url) for aud in audiences):
-        raise TokenError("The access token was issued for another audience")
+    problem = audience_error(list(token.resource or []), base_url)
+    if problem is not None:
+        raise TokenError(problem)
     if token.user is not None and not token.user.is_active:
         raise TokenError("The access token's user is deactivated")
     return Identity(

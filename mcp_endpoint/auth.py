@@ -16,12 +16,11 @@ import logging
 from typing import Any
 from urllib.parse import parse_qs
 
-from django.conf import settings
 from django.db import Error as DatabaseError
 
 from fedmcp_site import caching
 from identity import scopes
-from identity.tokens import TokenError, authenticate
+from identity.tokens import TokenError, authenticate, gateway_audience
 from mcp_endpoint import jsonrpc, security
 
 logger = logging.getLogger(__name__)
@@ -33,11 +32,9 @@ UNAVAILABLE_HEADERS = [(b"retry-after", str(jsonrpc.UNAVAILABLE_RETRY_AFTER).enc
 
 def public_base_url(scope: dict[str, Any]) -> str:
     """This gateway's origin as hosts address it: FEDMCP_PUBLIC_URL, else from the request."""
-    if settings.FEDMCP_PUBLIC_URL:
-        return settings.FEDMCP_PUBLIC_URL.rstrip("/")
     scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
     host = security.header(scope, b"host") or "127.0.0.1"
-    return f"{scheme}://{host}"
+    return gateway_audience(f"{scheme}://{host}")
 
 
 def resource_metadata_url(scope: dict[str, Any]) -> str:

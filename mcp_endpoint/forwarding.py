@@ -440,13 +440,13 @@ async def _forward(ctx: HostContext, route: Route, method: str, params: JsonDict
             breaker.record_success()  # the upstream answered: its transport is healthy
             raise
         except UpstreamUnavailableError as exc:
-            breaker.record_failure()
+            breaker.record_failure(exc)
             if attempt < attempts:
                 logger.info("peer %s: retrying %s after: %s", route.peer.name, method, exc)
                 continue
             raise jsonrpc.UpstreamFailedError(str(exc)) from exc
         except UpstreamError as exc:
-            breaker.record_failure()
+            breaker.record_failure(exc)
             raise jsonrpc.UpstreamFailedError(str(exc)) from exc
         breaker.record_success()
         return _shape_result(ctx, method, result)

@@ -56,6 +56,18 @@ class UpstreamUnavailableError(UpstreamError):
     """The upstream cannot be reached, its process died, or its session broke."""
 
 
+class UpstreamRestartingError(UpstreamUnavailableError):
+    """The upstream's process died and the gateway is restarting it.
+
+    `incident` is the same for every call that one death failed, so they count once against the
+    peer's circuit breaker.
+    """
+
+    def __init__(self, message: str, *, incident: object) -> None:
+        super().__init__(message)
+        self.incident = incident
+
+
 class UpstreamTimeoutError(UpstreamError):
     """The upstream did not answer within the peer's timeout."""
 

@@ -22,6 +22,7 @@ from federation.upstream.base import (
     JsonDict,
     OnMessage,
     UpstreamProtocolError,
+    UpstreamRestartingError,
     UpstreamUnavailableError,
     describe_discover,
     modern_meta,
@@ -115,7 +116,8 @@ class StdioConnection(SingleStreamConnection):
             if self.closed:
                 return
             self._ready.clear()
-            self._fail_pending(f"peer '{self.peer.name}' process exited (code {process.returncode if process else '?'})")
+            if process is not None:
+                self._fail_restarting(process, f"peer '{self.peer.name}' process exited (code {process.returncode}); the gateway is restarting it")
             logger.warning("peer %s: stdio process exited; restarting in %.1fs", self.peer.name, backoff)
             await asyncio.sleep(backoff)
             try:
@@ -126,6 +128,15 @@ class StdioConnection(SingleStreamConnection):
                 logger.warning("peer %s: restart failed: %s", self.peer.name, exc)
                 self._process = None
                 backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _fail_restarting(self, process: asyncio.subprocess.Process, reason: str) -> None:
+        """Fail the calls a dead child was running, all as one incident for the circuit breaker."""
+        for future, _ in list(self._pending.values()):
+            if not future.done():
+                future.set_exception(UpstreamRestartingError(reason, incident=self._incident(process)))
+
+    def _incident(self, process: asyncio.subprocess.Process) -> tuple[int, int]:
+        return (id(self), process.pid)
 
     async def _close(self) -> None:
         if self._supervisor is not None:
@@ -160,15 +171,20 @@ class StdioConnection(SingleStreamConnection):
 
     async def _write(self, message: JsonDict) -> None:
         process = self._process
-        if process is None or process.stdin is None or process.returncode is not None:
+        if process is None or process.stdin is None:
             raise UpstreamUnavailableError(f"peer '{self.peer.name}' process is not running")
+        if process.returncode is not None:
+            # Died an instant ago; the supervisor is about to restart it.
+            raise UpstreamRestartingError(f"peer '{self.peer.name}' process exited; the gateway is restarting it", incident=self._incident(process))
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
         async with self._write_lock:
             try:
                 process.stdin.write(data)
                 await process.stdin.drain()
             except (ConnectionError, RuntimeError) as exc:
-                raise UpstreamUnavailableError(f"peer '{self.peer.name}' process closed its input") from exc
+                raise UpstreamRestartingError(
+                    f"peer '{self.peer.name}' process closed its input; the gateway is restarting it", incident=self._incident(process)
+                ) from exc
 
     async def _read_stdout(self, process: asyncio.subprocess.Process) -> None:
         """Read stdout until the child closes it; whatever the child sends, never stop early.
@@ -232,5 +248,10 @@ class StdioConnection(SingleStreamConnection):
         self, method: str, params: JsonDict | None, on_message: OnMessage | None, timeout: float
     ) -> JsonDict:
         if not self._ready.is_set():
-            raise UpstreamUnavailableError(f"peer '{self.peer.name}' is restarting; try again shortly")
+            # The supervisor is restarting the child (usually well under a second): wait for it
+            # rather than fail a call the new child can answer.
+            try:
+                await asyncio.wait_for(self._ready.wait(), min(timeout, self.peer.connect_timeout))
+            except TimeoutError:
+                raise UpstreamUnavailableError(f"peer '{self.peer.name}' is restarting; try again shortly") from None
         return await super()._send_request(method, params, on_message, timeout)

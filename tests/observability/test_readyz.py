@@ -1,4 +1,10 @@
-"""/readyz: 200 when the database, migrations and channel layer answer; 503 naming what failed."""
+"""/readyz: 200 while this worker can serve, 503 naming what failed when it cannot.
+
+"Can serve" means: not draining, the database answers and every migration is applied. The
+channel layer (Redis) is reported, in the body and as `fedmcp_component_up`, but its outage
+leaves the worker ready and "degraded": Streamable HTTP and WebSocket calls keep working, and
+every worker shares the same Redis, so taking this one out of rotation would help nobody.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from django.test import override_settings
 
 from fedmcp_site import lifecycle
 from tests.base import AsgiTestCase, Reply, http
+from tests.observability.scrape import scrape, value
 
 REDIS_URL = os.environ.get("FEDMCP_E2E_REDIS", "redis://127.0.0.1:6379/0")
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
@@ -54,18 +61,44 @@ class ReadyzTest(AsgiTestCase):
         assert reply.status == 200
         assert reply.json()["checks"]["channelLayer"] == {"ok": True, "backend": "redis"}
 
-    async def test_it_is_unavailable_when_redis_cannot_be_reached(self) -> None:
+    async def test_it_stays_ready_but_degraded_when_redis_cannot_be_reached(self) -> None:
         with override_settings(CHANNEL_LAYERS=redis_layer(UNREACHABLE_REDIS)):
             try:
                 reply = await readyz()
+                samples = await scrape()
             finally:
                 await get_channel_layer().close_pools()
 
-        assert reply.status == 503
+        assert reply.status == 200
         body = reply.json()
-        assert body["status"] == "unavailable"
+        assert body["status"] == "degraded"
+        assert body["degraded"] == ["channelLayer"]
         assert body["checks"]["channelLayer"]["ok"] is False
         assert body["checks"]["database"]["ok"] is True
+        assert value(samples, "fedmcp_component_up", component="channel_layer") == 0.0
+        assert value(samples, "fedmcp_component_up", component="database") == 1.0
+
+    async def test_the_component_metric_comes_back_up_with_redis(self) -> None:
+        with override_settings(CHANNEL_LAYERS=redis_layer(UNREACHABLE_REDIS)):
+            try:
+                await readyz()
+            finally:
+                await get_channel_layer().close_pools()
+        reply = await readyz()
+
+        assert (reply.status, reply.json()["status"], reply.json()["degraded"]) == (200, "ready", [])
+        assert value(await scrape(), "fedmcp_component_up", component="channel_layer") == 1.0
+
+    async def test_it_is_unavailable_when_the_database_cannot_be_reached(self) -> None:
+        with mock.patch.object(lifecycle, "_database_checks", mock.AsyncMock(return_value={
+            "database": {"ok": False, "error": "OperationalError"}, "migrations": {"ok": False, "error": "database unreachable"},
+        })):
+            reply = await readyz()
+            samples = await scrape()
+
+        assert reply.status == 503
+        assert reply.json()["status"] == "unavailable"
+        assert value(samples, "fedmcp_component_up", component="database") == 0.0
 
     async def test_it_is_unavailable_while_migrations_are_missing(self) -> None:
         with mock.patch.object(lifecycle, "_unapplied_migrations", return_value=2):
