@@ -106,7 +106,7 @@ class HttpConnection:
 
 def _reply_from(status: int, headers: dict[str, str], body: bytes) -> JsonDict:
     if headers.get("content-type", "").startswith("text/event-stream"):
-        messages = [json.loads(line[5:]) for line in body.decode().splitlines() if line.startswith("data:")]
+        messages = [json.loads(line[5:]) for line in body.decode().splitlines() if line.startswith("data:") and line[5:].strip()]
         replies = [m for m in messages if "method" not in m]
         if not replies:
             raise CallError(f"HTTP {status}: no reply on the stream")

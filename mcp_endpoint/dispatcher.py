@@ -26,6 +26,7 @@ from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
 from mcp_endpoint.forwarding import HOPS_META_KEY
+from mcp_endpoint.handlers import fit_result_to_era
 from mcp_endpoint.methods import METHODS
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ async def handle_request(ctx: HostContext, message: JsonDict) -> JsonDict:
     with observability.request_scope(ctx, message["method"]):
         try:
             result = await call(ctx, message["method"], params)
+            if isinstance(result, dict):
+                result = fit_result_to_era(ctx, result)
         except jsonrpc.JsonRpcError as exc:
             return jsonrpc.error_response(request_id, exc.to_error())
         except asyncio.CancelledError:

@@ -9,6 +9,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 from django.conf import settings
+from mcp_types import SERVER_INFO_META_KEY
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 
 from federation import catalog, naming
@@ -67,8 +68,33 @@ async def server_capabilities(ctx: HostContext) -> JsonDict:
 
 
 async def server_info(ctx: HostContext) -> JsonDict:
+    return _server_info(ctx)
+
+
+def _server_info(ctx: HostContext) -> JsonDict:
     name = settings.FEDMCP_GATEWAY_NAME + (f"/{ctx.scope}" if ctx.scope else "")
     return {"name": name, "title": "fedmcp gateway", "version": GATEWAY_VERSION}
+
+
+def fit_result_to_era(ctx: HostContext, result: JsonDict) -> JsonDict:
+    """Give a result the envelope of the host's era, whoever produced its body.
+
+    2026-07-28: `resultType` is required (absent means "complete"), and the serverInfo stamp
+    names the server the host talks to, this gateway, even over an upstream's own stamp. The
+    handshake era knows neither: an upstream's 2026-07-28 stamp is removed.
+    """
+    meta = result.get("_meta")
+    if ctx.era == "modern":
+        result.setdefault("resultType", "complete")
+        stamp = _server_info(ctx)
+        result["_meta"] = {**meta, SERVER_INFO_META_KEY: stamp} if isinstance(meta, dict) else {SERVER_INFO_META_KEY: stamp}
+    elif isinstance(meta, dict) and SERVER_INFO_META_KEY in meta:
+        rest = {key: value for key, value in meta.items() if key != SERVER_INFO_META_KEY}
+        if rest:
+            result["_meta"] = rest
+        else:
+            del result["_meta"]
+    return result
 
 
 async def instructions(ctx: HostContext) -> str:
@@ -101,7 +127,8 @@ async def discover(ctx: HostContext, params: JsonDict) -> JsonDict:
     result: JsonDict = {
         "supportedVersions": list(KNOWN_PROTOCOL_VERSIONS),
         "capabilities": await server_capabilities(ctx),
-        "_meta": {"io.modelcontextprotocol/serverInfo": await server_info(ctx)},
+        "_meta": {SERVER_INFO_META_KEY: await server_info(ctx)},
+        "resultType": "complete",
         "ttlMs": settings.MCP_LIST_TTL_MS,
         "cacheScope": "private",
     }

@@ -156,7 +156,7 @@ def _sse_data(text: str) -> list[str]:
     found = []
     for block in text.split("\n\n"):
         lines = [line[5:].lstrip(" ") for line in block.split("\n") if line.startswith("data:")]
-        if lines:
+        if lines and any(lines):  # empty data (a priming event) is not an event to deliver
             found.append("\n".join(lines))
     return found
 
@@ -245,7 +245,7 @@ class HttpExchange:
     async def next_sse(self, timeout: float = TIMEOUT) -> tuple[str, str] | None:
         """Return the next SSE event as (event name, data), or None when the response ends.
 
-        Blocks without data (keep-alive comments) are skipped.
+        Blocks without data (keep-alive comments, priming events) are skipped.
         """
         while True:
             while "\n\n" not in self._buffer:
@@ -255,7 +255,7 @@ class HttpExchange:
             block, self._buffer = self._buffer.split("\n\n", 1)
             lines = block.split("\n")
             data = [line[5:].lstrip(" ") for line in lines if line.startswith("data:")]
-            if data:
+            if any(data):
                 names = [line[6:].strip() for line in lines if line.startswith("event:")]
                 return (names[0] if names else "message"), "\n".join(data)
 

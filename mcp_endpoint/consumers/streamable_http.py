@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 from typing import Any
 
 from django.conf import settings
@@ -20,7 +21,7 @@ from mcp.shared.inbound import (
     find_duplicated_routing_header,
     unsupported_protocol_version_rejection,
 )
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS, is_version_at_least
 
 from fedmcp_site.metrics import stream_open
 from mcp_endpoint import dispatcher, jsonrpc, sessions
@@ -36,14 +37,32 @@ SESSION_HEADER = b"mcp-session-id"
 ALLOW = [(b"allow", b"GET, POST, DELETE")]
 
 
-class PostStream:
-    """The reply channel of one POST: JSON, or SSE from the first related message on."""
+SSE_RETRY_MS = 1000
+"""The `retry` hint of a priming event: how long a host waits before resuming a broken stream."""
+PRIMING_SINCE = "2025-11-25"
+"""First revision whose clients expect (and can parse) a priming event (SEP-1699)."""
 
-    def __init__(self, consumer: McpHttpConsumer, *, sse_allowed: bool, can_request: bool, headers: list[tuple[bytes, bytes]]) -> None:
+
+def priming_event() -> bytes:
+    """Return an SSE priming event: a fresh id, empty data and the reconnection delay."""
+    return f"id: {secrets.token_urlsafe(12)}\nretry: {SSE_RETRY_MS}\ndata: \n\n".encode()
+
+
+class PostStream:
+    """The reply channel of one POST: JSON, or SSE from the first related message on.
+
+    `priming`: an SSE answer opens with a priming event (2025-11-25 sessions; the event's
+    empty data would confuse older clients, and 2026-07-28 dropped resumability).
+    """
+
+    def __init__(
+        self, consumer: McpHttpConsumer, *, sse_allowed: bool, can_request: bool, headers: list[tuple[bytes, bytes]], priming: bool = False
+    ) -> None:
         self.consumer = consumer
         self.sse_allowed = sse_allowed
         self.can_request = can_request and sse_allowed
         self.headers = headers
+        self.priming = priming
         self.streaming = False
         self._lock = asyncio.Lock()
 
@@ -51,6 +70,8 @@ class PostStream:
         if not self.streaming:
             self.streaming = True
             await self.consumer.send_headers(status=200, headers=[*SSE_HEADERS, *self.headers])
+            if self.priming:
+                await self.consumer.send_body(priming_event(), more_body=True)
 
     async def send(self, message: JsonDict) -> None:
         if not self.sse_allowed:
@@ -208,7 +229,8 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
             # Each message of a batch runs at once: the bound is the fan-out's bound.
             await self.send_error(400, jsonrpc.INVALID_REQUEST, batch_too_large())
             return
-        stream = PostStream(self, sse_allowed=self.accepts("text/event-stream"), can_request=True, headers=[])
+        priming = bool(session.protocol_version) and is_version_at_least(session.protocol_version, PRIMING_SINCE)
+        stream = PostStream(self, sse_allowed=self.accepts("text/event-stream"), can_request=True, headers=[], priming=priming)
         kinds = [dispatcher.classify(m) for m in messages]
         if "request" not in kinds and "invalid" not in kinds:
             for message in messages:

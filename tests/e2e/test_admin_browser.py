@@ -59,7 +59,7 @@ class Host:
         if reply.status_code == 202:
             return None
         if reply.headers["content-type"].startswith("text/event-stream"):
-            lines = [json.loads(line[5:]) for line in reply.text.splitlines() if line.startswith("data:")]
+            lines = [json.loads(line[5:]) for line in reply.text.splitlines() if line.startswith("data:") and line[5:].strip()]
             return next(m for m in lines if m.get("id") == message.get("id"))
         return reply.json()
 

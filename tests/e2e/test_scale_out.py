@@ -216,7 +216,7 @@ def reply_to(response: httpx.Response, request_id: int | str) -> JsonDict:
     if response.headers.get("content-type", "").startswith("application/json"):
         messages = [response.json()]
     else:
-        messages = [json.loads(line[5:]) for line in response.text.splitlines() if line.startswith("data:")]
+        messages = [json.loads(line[5:]) for line in response.text.splitlines() if line.startswith("data:") and line[5:].strip()]
     for message in messages:
         if message.get("id") == request_id and "method" not in message:
             return message

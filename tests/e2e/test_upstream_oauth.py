@@ -116,7 +116,7 @@ def legacy_host_call(gateway: Gateway, user: str, capabilities: dict[str, Any]) 
         client.post(gateway.url("/mcp"), json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
         reply = client.post(gateway.url("/mcp"), json={"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": ADD}, headers=headers)
         if reply.headers.get("content-type", "").startswith("text/event-stream"):
-            return [json.loads(line[5:]) for line in reply.text.splitlines() if line.startswith("data:")][-1]
+            return [json.loads(line[5:]) for line in reply.text.splitlines() if line.startswith("data:") and line[5:].strip()][-1]
         return reply.json()
 
 
