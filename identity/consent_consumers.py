@@ -1,8 +1,8 @@
 """/consent/ws: pushes a signed-in user's new and answered consent prompts to their open pages.
 
-Session-authenticated (channels.auth.AuthMiddlewareStack) behind an Origin check
-(AllowedHostsOriginValidator); see `consent_websocket` in fedmcp_site/asgi.py. It only
-pushes: answers go through the CSRF-protected POST forms.
+Session-authenticated (channels.auth.AuthMiddlewareStack) behind an Origin check: only the
+gateway's own pages, same scheme, host and port (`SameOriginOnly`); see `consent_websocket`
+in fedmcp_site/asgi.py. It only pushes: answers go through the CSRF-protected POST forms.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from typing import Any
 
 from channels.auth import AuthMiddlewareStack
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from channels.security.websocket import AllowedHostsOriginValidator
+from channels.security.websocket import WebsocketDenier
 
 from fedmcp_site.layers import Memberships
 from identity.consent import user_group
+from mcp_endpoint import security
 
 WS_POLICY_VIOLATION = 1008
 
@@ -51,6 +52,24 @@ class ConsentPromptConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json({"type": "decided", "id": event["id"], "status": event["status"]})
 
 
+class SameOriginOnly:
+    """Refuse WebSocket handshakes that do not come from the gateway's own origin.
+
+    Not channels' AllowedHostsOriginValidator, which compares the Origin's host name with
+    ALLOWED_HOSTS and ignores scheme and port: a page on another port of the gateway's host
+    could then open the feed with the user's cookie.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if security.same_origin_browser_request(scope):
+            await self.app(scope, receive, send)
+        else:
+            await WebsocketDenier()(scope, receive, send)
+
+
 def consent_websocket() -> Any:
     """The ASGI app for /consent/ws: Origin check, then session auth, then the consumer."""
-    return AllowedHostsOriginValidator(AuthMiddlewareStack(ConsentPromptConsumer.as_asgi()))
+    return SameOriginOnly(AuthMiddlewareStack(ConsentPromptConsumer.as_asgi()))

@@ -78,14 +78,17 @@ CACHEABLE_METHODS = ("resources/read", "tools/list", "resources/list", "resource
 
 
 def incoming_hops(ctx: HostContext) -> list[str]:
-    """Return the hop record the caller sent (empty from hosts), refusing loops and long chains.
+    """Return the gateways this request came through (empty from hosts), refusing loops and long chains.
+
+    Only a trusted peer gateway's hop record counts: identity/trust.py accepts it as part of
+    the gateway's verified assertion (whose `via` must equal `_meta["io.fedmcp/hops"]`) and
+    puts it on the acting identity. What anyone else sends under that key is ignored, so a
+    host can neither fake a loop nor tell peer gateways about gateways the call never passed.
 
     Raises:
         FederationLoopError: this gateway is already on the path, or the path is too long.
     """
-    hops = ctx.meta.get(HOPS_META_KEY, [])
-    if not isinstance(hops, list) or not all(isinstance(h, str) for h in hops):
-        raise jsonrpc.InvalidParamsError(f"_meta[{HOPS_META_KEY!r}] must be a list of gateway names")
+    hops = list(ctx.identity.via) if ctx.identity is not None else []
     own = settings.FEDMCP_GATEWAY_NAME
     if own in hops:
         path = " -> ".join([*hops, own])
