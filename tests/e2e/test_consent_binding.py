@@ -57,7 +57,8 @@ def test_an_approved_state_replayed_with_other_arguments_is_asked_again(default_
         replay = call_add(gateway, {"a": 1000, "b": 337}, requestState=first["result"]["requestState"], inputResponses=ANSWERED)
         assert replay["result"]["resultType"] == "input_required", replay
         assert "1337" not in str(replay)
-        new_prompt, _ = page.wait_for_prompt({prompt_id})
+        _, asked_again = page.wait_for_prompt({prompt_id})
+        assert "&quot;a&quot;: 1000," in asked_again, asked_again
 
         # The next plain call is asked too: nothing the user allowed has run on `web` yet.
         plain = call_add(gateway, {"a": 1000, "b": 337})
