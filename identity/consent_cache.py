@@ -2,8 +2,8 @@
 
 A decision depends on the consent policies, the user's groups and grants (domain "consent",
 bumped by their signals and by `consent_grant_revoke`) and, for the default "ask-new-peers",
-on whether the user has called a tool on the peer before (the audit trail, append-only: once
-used, a peer stays used). So:
+on whether a tool call of the user's that was allowed or approved has completed on the peer
+(the audit trail, append-only: once used, a peer stays used). So:
 
 * allow and deny are kept until a policy, grant, group or user changes in any process;
 * an allow that comes from a remembered grant is kept no longer than the grant lasts;

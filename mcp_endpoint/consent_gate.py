@@ -6,8 +6,8 @@ A call that must be asked creates a `ConsentPrompt` and points the host at /cons
   notifications if the host sent a progressToken, and a URL-mode `elicitation/create` if the
   host declared `elicitation.url`;
 * 2026-07-28: the call returns an `input_required` result whose input request is a URL
-  elicitation to the consent page and whose `requestState` names the prompt, signed; the
-  retry carrying that state waits for (or picks up) the answer.
+  elicitation to the consent page and whose `requestState` names the prompt and binds the
+  exact call (signed); the retry of that same call waits for (or picks up) the answer.
 
 When the upstream answers an approved 2026-07-28 call with `input_required` of its own, the
 host gets a continuation `requestState` instead of the upstream's, and its retry is not asked
@@ -315,8 +315,12 @@ async def consent_unasked(ctx: HostContext, peer: str, kind: str, name: str) -> 
 async def consent_gate(ctx: HostContext, route: Route, method: str, params: JsonDict, name: str) -> Gate:
     """Apply consent to one call about to be forwarded.
 
-    A 2026-07-28 retry carrying this gateway's continuation state (`continuation_wrap`) is not
-    asked about again while the continuation lasts; policies still apply to it.
+    A 2026-07-28 retry carrying this gateway's consent state waits for the user's answer only
+    when it is the exact call the prompt showed (caller, client, peer, kind, name, arguments:
+    `Approval.binding`); any other call carrying it is decided, and asked about, afresh.
+    A retry carrying this gateway's continuation state (`continuation_wrap`) is not asked
+    about again while the continuation lasts; policies still apply to it.
+    `completion/complete` gets the policy of the prompt or resource it completes (`consent_unasked`).
 
     Raises:
         ConsentDeniedError: a policy or the user refused (-32017).
@@ -326,7 +330,8 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
     kind = consent.KIND_FOR_METHOD.get(method)
     if kind is None:
         ref = params.get("ref") if method == "completion/complete" and isinstance(params.get("ref"), dict) else {}
-        looked_up = consent.KIND_FOR_COMPLETION_REF.get(ref.get("type"))  # type: ignore[arg-type]
+        ref_type = ref.get("type")
+        looked_up = consent.KIND_FOR_COMPLETION_REF.get(ref_type) if isinstance(ref_type, str) else None
         if looked_up is None:
             return Gate(params=params)
         return Gate(decision=await consent_unasked(ctx, route.peer.name, looked_up, name), params=params)

@@ -442,7 +442,8 @@ class ConsentCacheTests(TransactionTestCase):
     async def test_the_first_successful_call_counts_even_before_its_audit_row_is_written(self) -> None:
         assert (await self.decide()).action == ConsentDecision.ASK
         with override_settings(FEDMCP_AUDIT_FLUSH_INTERVAL=60):
-            audit.audit_record(identity=self.identity, peer="files", method="tools/call", name="read", error_code=None, latency_ms=1.0)
+            # The first call the user approved (only an allowed or approved call counts: identity/consent.py PEER_USED_DECISIONS).
+            audit.audit_record(identity=self.identity, peer="files", method="tools/call", name="read", error_code=None, latency_ms=1.0, decision="approved")
             assert (await self.decide()).action == ConsentDecision.ALLOW
 
     async def test_a_federated_users_decisions_are_not_kept(self) -> None:
