@@ -413,6 +413,14 @@ FEDMCP_CONSENT_ELICITATION_DEFAULT = os.environ.get("FEDMCP_CONSENT_ELICITATION_
 for _name in ("FEDMCP_CONSENT_SAMPLING_DEFAULT", "FEDMCP_CONSENT_ELICITATION_DEFAULT"):
     if globals()[_name] not in ("allow", "ask", "deny"):
         raise ImproperlyConfigured(f"{_name} must be allow, ask or deny")
+# Bounds on what one upstream answer can ask of a user (docs/CONSENT.md "Bounds"): requests in
+# one input_required round (and, in the handshake era, server->client requests in flight during
+# one call), and consent prompts waiting for one user at once.
+FEDMCP_MAX_INPUT_REQUESTS_PER_ROUND = env_int("FEDMCP_MAX_INPUT_REQUESTS_PER_ROUND", 16)
+FEDMCP_MAX_PENDING_PROMPTS_PER_USER = env_int("FEDMCP_MAX_PENDING_PROMPTS_PER_USER", 50)
+for _name in ("FEDMCP_MAX_INPUT_REQUESTS_PER_ROUND", "FEDMCP_MAX_PENDING_PROMPTS_PER_USER"):
+    if globals()[_name] < 1:
+        raise ImproperlyConfigured(f"{_name} must be at least 1")
 # Per-user OAuth peers (docs/IDENTITY.md): how long a 2026-07-28 retry waits for the user to
 # finish connecting their account on /connect/<peer> (seconds).
 FEDMCP_UPSTREAM_CONNECT_WAIT = env_float("FEDMCP_UPSTREAM_CONNECT_WAIT", 120.0)

@@ -101,6 +101,11 @@ def continue_timeout_setting() -> float:
     return float(getattr(settings, "FEDMCP_CONSENT_CONTINUE_TIMEOUT", 600.0))
 
 
+def pending_limit_setting() -> int:
+    """Most consent prompts one user may have waiting at once (FEDMCP_MAX_PENDING_PROMPTS_PER_USER)."""
+    return max(1, int(getattr(settings, "FEDMCP_MAX_PENDING_PROMPTS_PER_USER", 50)))
+
+
 # --- the rule --------------------------------------------------------------------------------
 
 
@@ -332,6 +337,7 @@ def prompt_summary(prompt: ConsentPrompt) -> dict[str, Any]:
         "created_at": prompt.created_at.isoformat() if prompt.created_at else "",
         "expires_at": prompt.expires_at.isoformat(),
         "status": prompt.status,
+        "call": prompt.call,
     }
 
 
@@ -344,10 +350,58 @@ def _publish(group: str, event: dict[str, Any]) -> None:
             logger.exception("could not publish %s to %s", event.get("type"), group)
 
 
+class TooManyPendingPromptsError(Exception):
+    """The user has as many prompts waiting as FEDMCP_MAX_PENDING_PROMPTS_PER_USER allows; no new one is made."""
+
+    def __init__(self, pending: int, limit: int) -> None:
+        super().__init__(f"{pending} consent requests are already waiting for this user (at most {limit})")
+        self.pending = pending
+        self.limit = limit
+
+
+def _pending_count(user_id: int) -> int:
+    return ConsentPrompt.objects.filter(user_id=user_id, status=ConsentPrompt.Status.PENDING, expires_at__gt=timezone.now()).count()
+
+
+def _make_room(user_id: int | None, needed: int = 1) -> None:
+    """Refuse to add `needed` prompts for a user who would then have more waiting than allowed.
+
+    Call inside the transaction that creates them: the user's row is locked (where the database
+    can), so concurrent calls for one user count one after another.
+
+    Raises:
+        TooManyPendingPromptsError: there is no room for them.
+    """
+    if user_id is None:
+        return
+    from django.contrib.auth import get_user_model
+
+    list(get_user_model().objects.select_for_update().filter(pk=user_id).values_list("pk", flat=True))
+    pending, limit = _pending_count(user_id), pending_limit_setting()
+    if pending + needed > limit:
+        raise TooManyPendingPromptsError(pending, limit)
+
+
+@database_sync_to_async
+def consent_prompt_room(*, identity: Identity | None, needed: int) -> None:
+    """Check, before asking a round of `needed` questions, that the user has room for all of them.
+
+    Raises:
+        TooManyPendingPromptsError: they would have more prompts waiting than allowed.
+    """
+    if identity is not None and identity.user_id is not None:
+        pending, limit = _pending_count(identity.user_id), pending_limit_setting()
+        if pending + needed > limit:
+            raise TooManyPendingPromptsError(pending, limit)
+
+
+@transaction.atomic
 def _prompt_create(
     identity: Identity | None, peer: str, kind: str, name: str, arguments: Any, decision: Decision, timeout: float,
     request: dict[str, Any] | None = None, held: dict[str, Any] | None = None, deferred_by: dict[str, Any] | None = None,
+    call: str = "",
 ) -> ConsentPrompt:
+    _make_room(identity.user_id if identity else None)
     client_name = ""
     if identity is not None and identity.application_id is not None:
         client_name = Application.objects.filter(pk=identity.application_id).values_list("name", flat=True).first() or ""
@@ -367,6 +421,7 @@ def _prompt_create(
         request=redact(request or {}, decision.redact_fields),
         held=held,
         deferred_by=deferred_by or {},
+        call=call,
         policy_id=decision.policy_id,
         expires_at=timezone.now() + timedelta(seconds=timeout),
     )
@@ -375,21 +430,28 @@ def _prompt_create(
 async def consent_prompt_create(
     *, identity: Identity | None, peer: str, kind: str, name: str, arguments: Any, decision: Decision, timeout: float,
     request: dict[str, Any] | None = None, held: dict[str, Any] | None = None, deferred_by: dict[str, Any] | None = None,
+    call: str = "",
 ) -> ConsentPrompt:
     """Create a pending prompt (arguments redacted) and show it on the user's open pages.
 
     `request` is what an upstream's sampling/elicitation request shows the user
     (identity/upstream_requests.py); `held` an input_required result kept for a 2026-07-28 host;
-    `deferred_by` where a request left to us by a gateway further along comes from (identity/deferral.py).
+    `deferred_by` where a request left to us by a gateway further along comes from (identity/deferral.py);
+    `call` the host call it came during, shown with the others of that call.
+
+    Raises:
+        TooManyPendingPromptsError: the user has FEDMCP_MAX_PENDING_PROMPTS_PER_USER prompts waiting already.
     """
-    prompt = await database_sync_to_async(_prompt_create)(identity, peer, kind, name, arguments, decision, timeout, request, held, deferred_by)
+    prompt = await database_sync_to_async(_prompt_create)(identity, peer, kind, name, arguments, decision, timeout, request, held, deferred_by, call)
     layer = get_channel_layer()
     if layer is not None and prompt.user_id is not None:
         await layer.group_send(user_group(prompt.user_id), {"type": "consent.prompt", "prompt": prompt_summary(prompt)})
     return prompt
 
 
+@transaction.atomic
 def _remote_prompt_create(identity: Identity, question: Any, challenge: str, expires_at: Any) -> ConsentPrompt:
+    _make_room(identity.user_id)
     client_name = ""
     if identity.application_id is not None:
         client_name = Application.objects.filter(pk=identity.application_id).values_list("name", flat=True).first() or ""
@@ -417,6 +479,9 @@ async def consent_remote_prompt_create(*, identity: Identity, question: Any, cha
 
     `question` is an `identity.remote_consent.Question` from a verified `challenge`; the
     arguments arrive already redacted by the owner's policies.
+
+    Raises:
+        TooManyPendingPromptsError: the user has FEDMCP_MAX_PENDING_PROMPTS_PER_USER prompts waiting already.
     """
     prompt = await database_sync_to_async(_remote_prompt_create)(identity, question, challenge, expires_at)
     layer = get_channel_layer()

@@ -54,11 +54,21 @@ def _context(**extra: Any) -> dict[str, Any]:
     return {"gateway_name": settings.FEDMCP_GATEWAY_NAME, "durations": consent.REMEMBER_CHOICES, **extra}
 
 
+def _by_call(prompts: Any) -> list[dict[str, Any]]:
+    """The prompts in groups, one per host call (`ConsentPrompt.call`), in the order they were asked."""
+    groups: dict[str, dict[str, Any]] = {}
+    for prompt in prompts:
+        key = prompt.call or f"prompt:{prompt.id}"
+        group = groups.setdefault(key, {"call": prompt.call, "peer": prompt.peer, "name": prompt.name, "prompts": []})
+        group["prompts"].append(_shown(prompt))
+    return list(groups.values())
+
+
 @_protected
 @require_GET
 def consent_list(request: HttpRequest) -> HttpResponse:
-    prompts = ConsentPrompt.objects.pending_for(request.user).order_by("created_at")
-    return render(request, "consent/list.html", _context(prompts=[_shown(p) for p in prompts]))
+    prompts = list(ConsentPrompt.objects.pending_for(request.user).order_by("created_at"))
+    return render(request, "consent/list.html", _context(prompts=prompts, calls=_by_call(prompts)))
 
 
 @_protected

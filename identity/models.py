@@ -279,6 +279,10 @@ class ConsentPrompt(models.Model):
             "and who vouches for them (peer, signature or reported; identity/deferral.py)."
         ),
     )
+    call = models.CharField(
+        max_length=64, blank=True,
+        help_text="Sampling/elicitation: the host call during which the upstream asked (random); /consent shows a call's prompts together.",
+    )
 
     objects = ConsentPromptQuerySet.as_manager()
 

@@ -109,7 +109,50 @@ def consent_url(ctx: HostContext, prompt_id: str) -> str:
     base = settings.FEDMCP_PUBLIC_URL.rstrip("/")
     if not base and ctx.headers.get("host"):
         base = f"http://{ctx.headers['host']}"
-    return f"{base}/consent/{prompt_id}"
+    return f"{base}/consent/{prompt_id}" if prompt_id else f"{base}/consent"
+
+
+def too_many_prompts(ctx: HostContext, exc: consent.TooManyPendingPromptsError) -> jsonrpc.RateLimitedError:
+    """The refusal when the user has as many consent prompts waiting as allowed (-32016)."""
+    refusal = jsonrpc.RateLimitedError(
+        f"{exc.pending} consent requests are already waiting for this user on {consent_url(ctx, '')}; answer them or let "
+        f"them expire before more can be asked (at most {exc.limit}: FEDMCP_MAX_PENDING_PROMPTS_PER_USER)",
+        {"reason": "too_many_pending_prompts", "pending": exc.pending, "limit": exc.limit, "retryAfterMs": int(consent.timeout_setting() * 1000)},
+    )
+    refusal.consent_decision = "deny"  # type: ignore[attr-defined]
+    return refusal
+
+
+async def prompt_or_refusal(ctx: HostContext, creating: Awaitable[ConsentPrompt]) -> ConsentPrompt:
+    """Await a prompt's creation; a user with too many waiting gets a refusal instead.
+
+    Raises:
+        RateLimitedError: FEDMCP_MAX_PENDING_PROMPTS_PER_USER prompts wait for the user already (-32016).
+    """
+    try:
+        return await creating
+    except consent.TooManyPendingPromptsError as exc:
+        raise too_many_prompts(ctx, exc) from exc
+
+
+def max_input_requests() -> int:
+    """Most requests one upstream answer may ask at once (FEDMCP_MAX_INPUT_REQUESTS_PER_ROUND)."""
+    return max(1, int(getattr(settings, "FEDMCP_MAX_INPUT_REQUESTS_PER_ROUND", 16)))
+
+
+def check_input_round(peer: str, name: str, requests: Any) -> None:
+    """Refuse an upstream's input_required round that asks for more requests than allowed.
+
+    Raises:
+        UpstreamFailedError: it asks for more than FEDMCP_MAX_INPUT_REQUESTS_PER_ROUND (-32010).
+    """
+    count, limit = len(requests) if isinstance(requests, dict) else 0, max_input_requests()
+    if count > limit:
+        raise jsonrpc.UpstreamFailedError(
+            f"peer '{peer}' asked for {count} inputs at once during '{name}'; this gateway passes at most {limit} "
+            "per round (FEDMCP_MAX_INPUT_REQUESTS_PER_ROUND)",
+            {"reason": "too_many_input_requests", "count": count, "limit": limit},
+        )
 
 
 def _state_for(prompt: ConsentPrompt, approval: Approval) -> str:
@@ -388,9 +431,12 @@ async def consent_gate(ctx: HostContext, route: Route, method: str, params: Json
         exc.consent_decision = "deny"  # type: ignore[attr-defined]
         raise exc
     approval = approval_for(ctx, peer, kind, name, _arguments(method, params))
-    prompt = await consent.consent_prompt_create(
-        identity=ctx.identity, peer=peer, kind=kind, name=name, arguments=_arguments(method, params),
-        decision=decision, timeout=consent.timeout_setting(),
+    prompt = await prompt_or_refusal(
+        ctx,
+        consent.consent_prompt_create(
+            identity=ctx.identity, peer=peer, kind=kind, name=name, arguments=_arguments(method, params),
+            decision=decision, timeout=consent.timeout_setting(),
+        ),
     )
     url = consent_url(ctx, prompt.id)
     elicitation = {"mode": "url", "message": _message(prompt, url), "url": url, "elicitationId": prompt.id}
@@ -452,6 +498,8 @@ class UpstreamCall:
         """Digest of this call by this caller (as `Approval.binding`): a held request's state must match it."""
         kind = consent.KIND_FOR_METHOD.get(self.method, self.method)
         return approval_for(ctx, self.peer, kind, self.name, self.arguments).binding(None)
+    call_id: str = ""
+    """Random, one per host call: the prompts it causes are shown together on /consent."""
 
 
 def _gated_kind(call: UpstreamCall, method: str, params: Any) -> str | None:
@@ -578,9 +626,13 @@ async def _request_prompt(
         deferred_by = await deferral.source_of(
             mark=mark, identity=ctx.identity, peer=call.peer, peer_origin=call.peer_origin, kind=kind, params=params
         )
-    return await consent.consent_prompt_create(
-        identity=ctx.identity, peer=call.peer, kind=kind, name=call.name, arguments={}, decision=decision,
-        timeout=consent.timeout_setting(), request=request_summary(method, params), held=held, deferred_by=deferred_by,
+    return await prompt_or_refusal(
+        ctx,
+        consent.consent_prompt_create(
+            identity=ctx.identity, peer=call.peer, kind=kind, name=call.name, arguments={}, decision=decision,
+            timeout=consent.timeout_setting(), request=request_summary(method, params), held=held, deferred_by=deferred_by,
+            call=call.call_id,
+        ),
     )
 
 
@@ -681,6 +733,7 @@ async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: Json
     requests = result.get("inputRequests")
     if result.get("resultType") != "input_required" or not isinstance(requests, dict):
         return result
+    check_input_round(call.peer, call.name, requests)
     passed: JsonDict = {}
     to_ask: list[tuple[JsonDict, str, consent.Decision]] = []
     for key, request in requests.items():
@@ -709,11 +762,22 @@ async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: Json
     if not to_ask:
         return result
     prompts: list[ConsentPrompt] = []
-    for request, kind, decision in to_ask:
-        started = time.monotonic()
-        prompts.append(await _request_prompt(ctx, call, kind, request["method"], request.get("params"), decision, None if prompts else result))
-        # The host is sent to /consent (the gateway's own input_required), not handed the request.
-        _audit_request(ctx, call, request["method"], "ask", None, started, input_required=True)
+    started = time.monotonic()
+    try:
+        # All of the round's questions or none: a round the user has no room for is refused whole.
+        await consent.consent_prompt_room(identity=ctx.identity, needed=len(to_ask))
+        for request, kind, decision in to_ask:
+            started = time.monotonic()
+            prompts.append(await _request_prompt(ctx, call, kind, request["method"], request.get("params"), decision, None if prompts else result))
+            # The host is sent to /consent (the gateway's own input_required), not handed the request.
+            _audit_request(ctx, call, request["method"], "ask", None, started, input_required=True)
+    except (consent.TooManyPendingPromptsError, jsonrpc.RateLimitedError) as exc:
+        refusal = too_many_prompts(ctx, exc) if isinstance(exc, consent.TooManyPendingPromptsError) else exc
+        # Another call of the user's may have taken the room meanwhile: take this round's questions back.
+        for prompt in prompts:
+            await consent.consent_prompt_expire(prompt_id=prompt.id)
+        _audit_request(ctx, call, to_ask[len(prompts)][0]["method"], "deny", refusal.code, started)
+        raise refusal from exc
     inputs: JsonDict = {}
     for index, prompt in enumerate(prompts):
         url = consent_url(ctx, prompt.id)

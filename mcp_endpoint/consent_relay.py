@@ -34,7 +34,7 @@ from identity import consent, remote_consent
 from identity.models import ConsentPrompt, RemoteConsent
 from identity.trust import assertion_subject
 from mcp_endpoint import jsonrpc, request_states
-from mcp_endpoint.consent_gate import INPUT_KEY, Approval, approval_for, consent_url, hold_for_answer, wait_for_answer
+from mcp_endpoint.consent_gate import INPUT_KEY, Approval, approval_for, consent_url, hold_for_answer, prompt_or_refusal, wait_for_answer
 from mcp_endpoint.context import HostContext
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,9 @@ async def _ask_our_user(
         timezone.now() + timedelta(seconds=consent.timeout_setting()),
         remote_consent.expires_at_of(claims) - timedelta(seconds=ANSWER_MARGIN),
     )
-    prompt = await consent.consent_remote_prompt_create(identity=ctx.identity, question=question, challenge=challenge, expires_at=expires_at)
+    prompt = await prompt_or_refusal(
+        ctx, consent.consent_remote_prompt_create(identity=ctx.identity, question=question, challenge=challenge, expires_at=expires_at)
+    )
     url = consent_url(ctx, prompt.id)
     elicitation = _elicitation(prompt, url)
     if ctx.era == "modern":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from typing import Any
 
@@ -48,8 +49,10 @@ from mcp_endpoint import consent_relay, jsonrpc
 from mcp_endpoint.consent_gate import (
     Approval,
     UpstreamCall,
+    check_input_round,
     consent_gate,
     continuation_wrap,
+    max_input_requests,
     upstream_input_gate,
     upstream_input_resume,
     upstream_request_relay,
@@ -203,12 +206,30 @@ async def ask_host(ctx: HostContext, method: str, params: Any) -> JsonDict:
 
 
 def relay_to(ctx: HostContext, call: UpstreamCall) -> Any:
-    """Return the on_message callback that relays upstream messages of one request to the host."""
+    """Return the on_message callback that relays upstream messages of one request to the host.
+
+    At most FEDMCP_MAX_INPUT_REQUESTS_PER_ROUND of the upstream's server->client requests are
+    relayed at once; the upstream gets a -32016 error for any beyond, which nobody is asked about.
+    """
+    in_flight = 0
+    limit = max_input_requests()
 
     async def relay(message: JsonDict) -> JsonDict | None:
+        nonlocal in_flight
         method = message.get("method")
         if "id" in message:
-            return await ask_upstreams_request(ctx, call, method, message.get("params"))  # type: ignore[arg-type]
+            if in_flight >= limit:
+                logger.warning("peer %s sent more than %d requests at once during %s; refused the excess", call.peer, limit, call.name)
+                return error_reply(
+                    jsonrpc.RATE_LIMITED,
+                    f"{limit} requests of this call are waiting already; this gateway relays at most {limit} at once "
+                    "(FEDMCP_MAX_INPUT_REQUESTS_PER_ROUND)",
+                )
+            in_flight += 1
+            try:
+                return await ask_upstreams_request(ctx, call, method, message.get("params"))  # type: ignore[arg-type]
+            finally:
+                in_flight -= 1
         if method == "notifications/progress":
             await ctx.outbound.send(message)
         elif method == "notifications/message":
@@ -256,6 +277,7 @@ async def _bridge_input_required(
     for _ in range(MAX_INPUT_ROUNDS):
         if result.get("resultType") != "input_required":
             return result
+        check_input_round(call.peer, call.name, result.get("inputRequests"))
         responses: JsonDict = {}
         for key, request in (result.get("inputRequests") or {}).items():
             if not isinstance(request, dict):
@@ -308,7 +330,10 @@ async def _exchange(ctx: HostContext, route: Route, method: str, params: JsonDic
         # Only a gateway this one believes is taken at its word about what it relays (identity/trust.py).
         trusted = route.peer.trusted_gateway
         origin = peer_audience(route.peer.url) if trusted else ""
-        call = UpstreamCall(route.peer.name, method, _audited_name(method, params), trusted, origin, _arguments(method, params))
+        call = UpstreamCall(
+            route.peer.name, method, _audited_name(method, params), trusted, origin,
+            arguments=_arguments(method, params), call_id=secrets.token_urlsafe(12),
+        )
         relay = relay_to(ctx, call)
         # A peer gateway may first ask for the user's consent at their home (mcp_endpoint/consent_relay.py).
         reply = await peer_request(ctx, connection, method, sent, relay)

@@ -528,7 +528,10 @@ def gateways(*names: str, env: dict[str, str] | None = None) -> Iterator[dict[st
 
 def trust(host: Gateway, guest: Gateway, name: str) -> tuple[str, str]:
     """`host` trusts `guest` as peer gateway `name` (`gateway trust`); return the client id and secret it printed."""
-    out = host.manage("gateway", "trust", name, "--issuer", guest.public_url).stdout
+    return _printed_credentials(host.manage("gateway", "trust", name, "--issuer", guest.public_url).stdout)
+
+
+def _printed_credentials(out: str) -> tuple[str, str]:
     client_id = re.search(r"^client_id: (\S+)$", out, re.M)
     secret = re.search(r"^client_secret: (\S+)$", out, re.M)
     assert client_id and secret, out
@@ -542,11 +545,38 @@ def register(guest: Gateway, host: Gateway, name: str, credentials: tuple[str, s
     guest.manage("peer", "add", name, "--url", f"{host.public_url}/mcp", "--gateway", "--client-id", credentials[0], "--client-secret-file", str(secret_file))
 
 
-def peer_gateway(guest: Gateway, host: Gateway) -> tuple[str, str]:
-    """`host` trusts `guest` and `guest` registers `host`, each under the other's gateway name.
+def _trust_once(host: Gateway, guest: Gateway, name: str) -> subprocess.CompletedProcess[str]:
+    return host.manage("gateway", "trust", name, "--issuer", guest.public_url, check=False)
 
-    Returns the client id and secret `guest` was given at `host`. `host` must be running.
+
+def trust_in_turn(guest: Gateway, host: Gateway) -> None:
+    """`guest` trusts `host` too, under `host`'s gateway name, unless it does already.
+
+    The second half of the mutual trust procedure (docs/IDENTITY.md): only then does `guest`
+    believe what peer gateway `host` asserts (its names, consent questions, deferral marks).
     """
-    credentials = trust(host, guest, guest.env["FEDMCP_GATEWAY_NAME"])
+    # What `gateway trust NAME --issuer URL` does, in the gateway's running interpreter: no
+    # process to start, and nobody needs the credentials it makes (`host` does not call `guest`).
+    guest.python(
+        "from identity.models import TrustedGateway; from identity.trust import gateway_trust\n"
+        f"name, issuer = {host.env['FEDMCP_GATEWAY_NAME']!r}, {host.public_url!r}\n"
+        "if not TrustedGateway.objects.filter(name=name).exists(): gateway_trust(name=name, issuer=issuer)"
+    )
+
+
+def peer_gateway(guest: Gateway, host: Gateway) -> tuple[str, str]:
+    """`host` trusts `guest`, `guest` trusts `host` in turn, and `guest` registers `host`, each under the other's gateway name.
+
+    Returns the client id and secret `guest` was given at `host` (a trust `host` had of `guest`
+    already is replaced, since its secret was printed only once). `host` must be running.
+    """
+    name = guest.env["FEDMCP_GATEWAY_NAME"]
+    result = _trust_once(host, guest, name)
+    if result.returncode == 0:
+        credentials = _printed_credentials(result.stdout)
+    else:
+        host.manage("gateway", "untrust", name)
+        credentials = trust(host, guest, name)
+    trust_in_turn(guest, host)
     register(guest, host, host.env["FEDMCP_GATEWAY_NAME"], credentials)
     return credentials

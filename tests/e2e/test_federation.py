@@ -6,8 +6,8 @@ published at its own origin (FEDMCP_PUBLIC_URL). Names on A say where a thing li
 list_changed cross both hops; a loop between gateways is refused at once.
 
 Trust is real, set up with the operator commands: C trusts B and B trusts A (`gateway trust`),
-and each registers the other with the client credentials it was given (`peer add --gateway
---client-id --client-secret-file`). Hosts send alice's token to A only; A calls B with its own
+each registers the other with the client credentials it was given (`peer add --gateway
+--client-id --client-secret-file`), and trusts it in turn, so it believes the names it lists. Hosts send alice's token to A only; A calls B with its own
 client-credentials token and a signed assertion that alice acts, B calls C likewise. No gateway
 accepts anonymous requests.
 """
@@ -25,7 +25,7 @@ import pytest
 
 from mcp_endpoint import jsonrpc
 from tests.e2e.conftest import sdk_client
-from tests.e2e.harness import Gateway, fixture_server, gateways, peer_gateway
+from tests.e2e.harness import Gateway, fixture_server, gateways, peer_gateway, trust_in_turn
 
 pytestmark = pytest.mark.e2e
 
@@ -288,6 +288,7 @@ def test_a_loop_between_two_gateways_is_refused(chain: dict[str, Any]) -> None:
     finally:
         b.manage("peer", "remove", "a")
         a.manage("gateway", "untrust", "b")
+        trust_in_turn(a, b)  # A believes its peer B again, as the chain set it up
 
     assert reply["error"]["code"] == jsonrpc.FEDERATION_LOOP
     assert reply["error"]["data"]["hops"] == ["a", "b", "a"]

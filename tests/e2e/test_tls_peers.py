@@ -187,9 +187,12 @@ def tls_gateway(pem_files: dict[str, Path]) -> Iterator[Gateway]:
 
 
 def test_a_gateway_served_by_daphne_over_tls_is_a_peer_over_https_and_wss(
-    gateway: Gateway, tls_gateway: Gateway, pem_files: dict[str, Path]
+    gateway: Gateway, tls_gateway: Gateway, pem_files: dict[str, Path], request: pytest.FixtureRequest
 ) -> None:
     client_id, secret = trust(tls_gateway, gateway, "tls")
+    # The mutual half: the gateway trusts b-tls in turn, so it believes b-tls's names (b-tls.*).
+    trust(gateway, tls_gateway, "b-tls")
+    request.addfinalizer(lambda: gateway.manage("gateway", "untrust", "b-tls"))
     secret_file = gateway.dir / "b-tls.client-secret"
     secret_file.write_text(secret)
     credentials = ["--gateway", "--client-id", client_id, "--client-secret-file", str(secret_file), "--ca-file", str(pem_files["ca"])]
