@@ -89,10 +89,11 @@ test-e2e: venv tools
 conformance: venv tools
 	FEDMCP_TOOLS=$(abspath $(TOOLS)) $(PY) -m pytest tests/e2e/test_conformance.py -v
 
-# Fuzzing (10,000 frames over the four MCP transports), API fuzzing and abuse probes; figures
-# in build/harden/*.json (docs/SECURITY.md quotes the last run).
+# Fuzzing (10,000 frames over the twelve states of the four MCP transports, 833 each), API
+# fuzzing and abuse probes; figures in build/harden/*.json (docs/SECURITY.md quotes the last run).
 harden: venv
 	@mkdir -p build/harden
+	@rm -f build/harden/fuzz-*.json
 	FEDMCP_FUZZ_EXAMPLES=10000 FEDMCP_HARDEN_DIR=$(abspath build/harden) $(PY) -m pytest tests/hardening -p no:cacheprovider -q
 
 # Direct-to-upstream against through-fedmcp, in one run (under 10 minutes); figures in

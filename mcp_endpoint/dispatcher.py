@@ -46,6 +46,34 @@ def classify(message: Any) -> str:
     return "invalid"
 
 
+def params_of(message: JsonDict) -> JsonDict:
+    """Return a message's params as an object ({} when absent or null): the one check of their shape.
+
+    Everything that reads params (the dispatcher, a consumer choosing the era) reads them
+    through here, so a string, number or list never reaches code that expects an object.
+
+    Raises:
+        InvalidParamsError: params are present and not an object.
+    """
+    params = message.get("params")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise jsonrpc.InvalidParamsError("Invalid params: params must be an object")
+    return params
+
+
+def has_modern_envelope(message: Any) -> bool:
+    """Whether a message carries the 2026-07-28 `_meta` envelope (its params are then an object)."""
+    if not isinstance(message, dict):
+        return False
+    try:
+        meta = params_of(message).get("_meta")
+    except jsonrpc.InvalidParamsError:
+        return False
+    return isinstance(meta, dict) and "io.modelcontextprotocol/protocolVersion" in meta
+
+
 def _validation_details(exc: ValidationError) -> list[JsonDict]:
     return [
         {"field": ".".join(str(p) for p in err["loc"] if p not in ("params",)), "problem": err["msg"]}
@@ -108,11 +136,10 @@ async def handle_request(ctx: HostContext, message: JsonDict) -> JsonDict:
     request_id = message.get("id")
     if not jsonrpc.is_valid_id(request_id):
         return jsonrpc.error_response(None, jsonrpc.InvalidRequestError("Invalid request: id must be a string or an integer").to_error())
-    params = message.get("params", {})
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        return jsonrpc.error_response(request_id, jsonrpc.InvalidParamsError("Invalid params: params must be an object").to_error())
+    try:
+        params = params_of(message)
+    except jsonrpc.InvalidParamsError as exc:
+        return jsonrpc.error_response(request_id, exc.to_error())
     ctx.request_id = request_id
     meta = params.get("_meta")
     ctx.meta = meta if isinstance(meta, dict) else {}
@@ -139,11 +166,15 @@ async def handle_request(ctx: HostContext, message: JsonDict) -> JsonDict:
 
 async def handle_notification(ctx: HostContext, message: JsonDict) -> None:
     method = message["method"]
-    params = message.get("params") if isinstance(message.get("params"), dict) else {}
+    try:
+        params = params_of(message)
+    except jsonrpc.InvalidParamsError:
+        logger.debug("ignoring notification %s: its params are not an object", method)
+        return
     if method == "notifications/initialized" and ctx.session is not None:
         await sessions.session_mark_initialized(session=ctx.session)
     elif method == "notifications/cancelled" and ctx.session is not None:
-        request_id = params.get("requestId")  # type: ignore[union-attr]
+        request_id = params.get("requestId")
         if jsonrpc.is_valid_id(request_id):
             await correlator.cancel(ctx.session.id, request_id)
     else:

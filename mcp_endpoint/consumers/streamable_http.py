@@ -167,7 +167,7 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
             await self.post_initialize(payload)
         elif session_id:
             await self.post_legacy(payload, session_id, version)
-        elif isinstance(payload, dict) and isinstance((payload.get("params") or {}).get("_meta"), dict) and "io.modelcontextprotocol/protocolVersion" in payload["params"]["_meta"]:
+        elif dispatcher.has_modern_envelope(payload):
             await self.post_modern(payload)
         else:
             await self.send_error(

@@ -27,8 +27,8 @@ error, an error with an integer code and a string message), every request carryi
 integer id is answered with that id, every error code is one of `ALLOWED_CODES` (-32603 means an
 unexpected exception: a failure), a request whose params are not an object never gets a result,
 states refuse what they must (no session: 400 -32600; unknown session: 404), and the gateway
-still answers afterwards (a ping on the stream, or on a canary session, after every frame; a
-fresh session and /healthz after the run).
+still answers afterwards (on streams a ping after every frame, on Streamable HTTP a canary
+session's ping after every `CANARY_EVERY` frames; a fresh session and /healthz after the run).
 
 Budget: `FEDMCP_FUZZ_EXAMPLES` (total over the states; default 200 per state, derandomized,
 for `make test`). `make harden` sets it to 10,000 and `FEDMCP_HARDEN_DIR=build/harden`, where
@@ -90,6 +90,8 @@ READ_TIMEOUT = 25.0
 HUGE = 256 * 1024 if TOTAL_EXAMPLES <= 1000 else 1024 * 1024
 """The longest fuzzed string (the body cap is 4 MiB)."""
 
+CANARY_EVERY = 5
+"""On Streamable HTTP, a canary session pings after every this many frames (streams do after each)."""
 ALLOWED_CODES = {
     value for name, value in vars(jsonrpc).items() if name.isupper() and isinstance(value, int)
 } - {jsonrpc.INTERNAL_ERROR}
@@ -527,7 +529,7 @@ class HttpState:
         self.path = path
         self.session = session
         self.version = version
-        self.strategy = strategy or (stateless_cases() if session == "stateless" else plain(any_frames()))
+        self.strategy = strategy if strategy is not None else (stateless_cases() if session == "stateless" else plain(any_frames()))
 
     async def open(self) -> None:
         self.client = McpClient(self.path)
@@ -537,12 +539,16 @@ class HttpState:
             self.client.session_id = "no-such-session-" + Sentinel.next()
         self.canary = McpClient(self.path)
         await self.canary.initialize()
+        self.cases = 0
 
     async def case(self, body: bytes, headers: dict[str, str | None], figures: Figures) -> None:
         reply = await self.client.post(body, headers, timeout=READ_TIMEOUT)
         found = http_reply_messages(reply, figures)
         check_messages(found, expected_ids(body) if reply.status == 200 else [], figures, is_batch(body), body)
         self.expect(body, reply, found)
+        self.cases += 1
+        if self.cases % CANARY_EVERY:
+            return
         ping = await self.canary.call("ping", timeout=READ_TIMEOUT)
         if ping.status != 200 or "result" not in ping.json():
             raise Problem(f"the gateway stopped answering: ping got HTTP {ping.status} {ping.body[:200]!r}")
