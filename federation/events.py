@@ -38,10 +38,11 @@ async def publish_catalog_changed(peer_name: str, kinds: list[str]) -> None:
         await layer.group_send(CATALOG_GROUP, {"type": "catalog.changed", "peer": peer_name, "kinds": list(kinds)})
 
 
-async def publish_resource_updated(peer_name: str, uri: str) -> None:
+async def publish_resource_updated(peer_name: str, uri: str, user_id: int | None = None) -> None:
+    """Tell hosts subscribed to `uri` at `peer_name` that it changed; only `user_id`'s sessions, if given."""
     layer = get_channel_layer()
     if layer is not None:
-        await layer.group_send(RESOURCES_GROUP, {"type": "resource.updated", "peer": peer_name, "uri": uri})
+        await layer.group_send(RESOURCES_GROUP, {"type": "resource.updated", "peer": peer_name, "uri": uri, "user": user_id})
 
 
 @database_sync_to_async
@@ -49,8 +50,12 @@ def _load_peer(peer_id: int) -> Peer | None:
     return Peer.objects.filter(pk=peer_id).first()
 
 
-async def on_upstream_event(peer: PeerConfig, message: JsonDict) -> None:
-    """Handle a notification an upstream sent outside any request."""
+async def on_upstream_event(peer: PeerConfig, message: JsonDict, user_id: int | None = None) -> None:
+    """Handle a notification an upstream sent outside any request.
+
+    `user_id`: the notification came on that user's own connection to a per-user OAuth peer,
+    so it is about their account and only their sessions hear of a resource update.
+    """
     from federation.pool import pool
     from federation.services import peer_sync_catalog
 
@@ -66,7 +71,11 @@ async def on_upstream_event(peer: PeerConfig, message: JsonDict) -> None:
             logger.warning("peer %s: re-sync after %s incomplete: %s", peer.name, method, report.errors)
         await publish_catalog_changed(peer.name, LIST_CHANGED_KINDS[method])
     elif method == "notifications/resources/updated" and isinstance(params.get("uri"), str):
+        if peer.user_oauth and user_id is None:
+            # The catalog account's connection subscribes to nothing for anyone else.
+            logger.debug("peer %s: ignoring a resource update on the catalog connection", peer.name)
+            return
         # Subscriptions are kept under the canonical URI (federation/router.py resolve).
-        await publish_resource_updated(peer.name, canonical_uri(params["uri"]))
+        await publish_resource_updated(peer.name, canonical_uri(params["uri"]), user_id)
     else:
         logger.debug("peer %s: ignoring unrelated %s", peer.name, method)

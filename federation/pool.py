@@ -22,7 +22,8 @@ from identity.upstream_oauth import upstream_auth
 
 logger = logging.getLogger(__name__)
 
-EventHandler = Callable[[PeerConfig, JsonDict], Awaitable[None]]
+EventHandler = Callable[[PeerConfig, JsonDict, "int | None"], Awaitable[None]]
+"""Called with the peer, the notification, and the user whose own connection it came on (per-user OAuth peers), else None."""
 USER_CONNECTIONS = 64
 """Most per-user connections to one per-user OAuth peer a worker keeps (least recently used closed first)."""
 CATALOG_OWNER = "catalog"
@@ -85,7 +86,8 @@ class UpstreamPool:
             kind = CONNECTION_KINDS.get(peer.transport)
             if kind is None:
                 raise UpstreamUnavailableError(f"peer '{peer.name}': transport {peer.transport!r} is not supported")
-            connection = kind(peer, era=era, on_event=self._event_sink(peer), auth=upstream_auth(peer, user_id=user_id))
+            sink = self._event_sink(peer, user_id if peer.user_oauth else None)
+            connection = kind(peer, era=era, on_event=sink, auth=upstream_auth(peer, user_id=user_id))
             await connection.start()
             self._connections[key] = connection
             if owner:
@@ -109,10 +111,10 @@ class UpstreamPool:
             self._locks.pop(key, None)
             await connection.close()
 
-    def _event_sink(self, peer: PeerConfig) -> Callable[[JsonDict], Awaitable[None]]:
+    def _event_sink(self, peer: PeerConfig, user_id: int | None) -> Callable[[JsonDict], Awaitable[None]]:
         async def sink(message: JsonDict) -> None:
             for handler in self.event_handlers:
-                await handler(peer, message)
+                await handler(peer, message, user_id)
 
         return sink
 

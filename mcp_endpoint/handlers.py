@@ -24,6 +24,8 @@ from fedmcp_site.layers import Memberships
 from identity import consent_cache
 from identity.audit import audit_record
 from mcp_endpoint import jsonrpc, sessions
+from identity.upstream_oauth import UpstreamAuthorizationRequiredError
+from mcp_endpoint.connect_gate import connect_required_error
 from mcp_endpoint.consent_gate import consent_unasked
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.forwarding import forward, gateway_meta, incoming_hops
@@ -278,26 +280,45 @@ async def resources_subscribe(ctx: HostContext, params: JsonDict) -> JsonDict:
             error_code=exc.code, latency_ms=(time.monotonic() - started) * 1000, decision=getattr(exc, "consent_decision", ""),
         )
         raise
-    first = await sessions.subscription_add(session=ctx.session, uri=uri, peer_name=route.peer.name, upstream_uri=route.upstream_name)
+    first = await sessions.subscription_add(
+        session=ctx.session, uri=uri, peer_name=route.peer.name, upstream_uri=route.upstream_name, per_user=route.peer.user_oauth
+    )
     if first:
-        await _upstream_subscription(ctx, route, "resources/subscribe")
+        try:
+            await _upstream_subscription(ctx, route, "resources/subscribe")
+        except jsonrpc.JsonRpcError:
+            # Not subscribed upstream: a retry (once the user connected, say) must try again.
+            await sessions.subscription_remove(session=ctx.session, uri=uri, per_user=route.peer.user_oauth)
+            raise
     return {}
 
 
 async def resources_unsubscribe(ctx: HostContext, params: JsonDict) -> JsonDict:
     assert ctx.session is not None
     uri = naming.canonical_uri(params["uri"])
-    removed = await sessions.subscription_remove(session=ctx.session, uri=uri)
-    if removed is not None and removed[2]:
-        route = await _route(ctx, CatalogKind.RESOURCE, uri)
+    try:
+        route: Route | None = await resolve(ctx.scope, CatalogKind.RESOURCE, uri)
+    except NotRoutableError:
+        route = None  # the peer or the resource is gone: only the local subscription is left to drop
+    removed = await sessions.subscription_remove(session=ctx.session, uri=uri, per_user=route is not None and route.peer.user_oauth)
+    if removed is not None and removed[2] and route is not None:
         await _upstream_subscription(ctx, route, "resources/unsubscribe")
     return {}
 
 
 async def _upstream_subscription(ctx: HostContext, route: Route, method: str) -> None:
-    """Subscribe or unsubscribe upstream, where the upstream supports it in the handshake era."""
+    """Subscribe or unsubscribe upstream, where the upstream supports it in the handshake era.
+
+    At a per-user OAuth peer, on the user's own connection: the subscription is theirs, made
+    with their token, and the updates that come back on it reach their sessions only.
+    """
+    user_id = ctx.identity.user_id if ctx.identity is not None and route.peer.user_oauth else None
+    if route.peer.user_oauth and user_id is None:
+        raise connect_required_error(ctx, route.peer.name, "a subscription needs a local user's own account")
     try:
-        connection = await pool.get(route.peer, prefer="legacy")
+        connection = await pool.get(route.peer, prefer="legacy", user_id=user_id)
+    except UpstreamAuthorizationRequiredError as exc:
+        raise connect_required_error(ctx, route.peer.name, exc.reason) from exc
     except UpstreamError as exc:
         raise jsonrpc.UpstreamFailedError(str(exc)) from exc
     resources = connection.description.capabilities.get("resources") or {}
@@ -362,6 +383,8 @@ async def _listen(ctx: HostContext, send: Any, honoured: JsonDict, routes: dict[
             for note in host_notifications_for(ctx.scope, event):
                 method = note["method"]
                 if method == "notifications/resources/updated":
+                    if event.get("user") is not None and (ctx.identity is None or event["user"] != ctx.identity.user_id):
+                        continue  # about another user's account at a per-user OAuth peer
                     uri = routes.get((event["peer"], event["uri"]))
                     if uri is not None:
                         await send(method, {"uri": uri})

@@ -139,35 +139,41 @@ def session_close(*, session_id: str) -> bool:
     return closed
 
 
+def _subscribers(session: McpSession, peer_name: str, upstream_uri: str, per_user: bool) -> Any:
+    rows = ResourceSubscription.objects.filter(session__closed_at__isnull=True, peer_name=peer_name, upstream_uri=upstream_uri)
+    # At a per-user OAuth peer each user subscribes upstream on their own connection.
+    return rows.filter(session__user_id=session.user_id) if per_user else rows
+
+
 @database_sync_to_async
-def subscription_add(*, session: McpSession, uri: str, peer_name: str, upstream_uri: str) -> bool:
-    """Record a subscription; returns True if it is the first for that upstream resource."""
-    first = not ResourceSubscription.objects.filter(
-        session__closed_at__isnull=True, peer_name=peer_name, upstream_uri=upstream_uri
-    ).exists()
+def subscription_add(*, session: McpSession, uri: str, peer_name: str, upstream_uri: str, per_user: bool = False) -> bool:
+    """Record a subscription; returns True if it is the first for that upstream resource (of that user, if `per_user`)."""
+    first = not _subscribers(session, peer_name, upstream_uri, per_user).exists()
     ResourceSubscription.objects.get_or_create(session=session, uri=uri, defaults={"peer_name": peer_name, "upstream_uri": upstream_uri})
     return first
 
 
 @database_sync_to_async
-def subscription_remove(*, session: McpSession, uri: str) -> tuple[str, str, bool] | None:
-    """Drop a subscription; returns (peer, upstream uri, was it the last one) or None."""
+def subscription_remove(*, session: McpSession, uri: str, per_user: bool = False) -> tuple[str, str, bool] | None:
+    """Drop a subscription; returns (peer, upstream uri, was it the last one (of that user, if `per_user`)) or None."""
     sub = ResourceSubscription.objects.filter(session=session, uri=uri).first()
     if sub is None:
         return None
     sub.delete()
-    last = not ResourceSubscription.objects.filter(
-        session__closed_at__isnull=True, peer_name=sub.peer_name, upstream_uri=sub.upstream_uri
-    ).exists()
+    last = not _subscribers(session, sub.peer_name, sub.upstream_uri, per_user).exists()
     return sub.peer_name, sub.upstream_uri, last
 
 
 @database_sync_to_async
-def subscribed_uris(*, session_id: str, peer_name: str, upstream_uri: str) -> list[str]:
-    """Return the URIs under which a session subscribed to an upstream resource."""
-    return list(
-        ResourceSubscription.objects.filter(session_id=session_id, peer_name=peer_name, upstream_uri=upstream_uri).values_list("uri", flat=True)
-    )
+def subscribed_uris(*, session_id: str, peer_name: str, upstream_uri: str, user_id: int | None = None) -> list[str]:
+    """Return the URIs under which a session subscribed to an upstream resource.
+
+    `user_id`: the update is about that user's account (per-user OAuth peer): other users' sessions get none.
+    """
+    rows = ResourceSubscription.objects.filter(session_id=session_id, peer_name=peer_name, upstream_uri=upstream_uri)
+    if user_id is not None:
+        rows = rows.filter(session__user_id=user_id)
+    return list(rows.values_list("uri", flat=True))
 
 
 _open_streams: Counter[str] = Counter()

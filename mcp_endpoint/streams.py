@@ -226,7 +226,7 @@ class SessionEvents:
                 for note in host_notifications_for(self.scope, event):
                     yield note
             elif kind == "resource.updated" and (not self.scope or event.get("peer") == self.scope):
-                uris = await subscribed_uris(session_id=self.session_id, peer_name=event["peer"], upstream_uri=event["uri"])
+                uris = await subscribed_uris(session_id=self.session_id, peer_name=event["peer"], upstream_uri=event["uri"], user_id=event.get("user"))
                 for uri in uris:
                     yield jsonrpc.notification("notifications/resources/updated", {"uri": uri})
 

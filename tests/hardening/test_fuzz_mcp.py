@@ -69,6 +69,7 @@ from tests.base import (
     SseClient,
     bearer,
     http,
+    mint_token,
     modern_meta,
     release_process_state,
     request,
@@ -690,8 +691,12 @@ class WebSocketState:
 
 
 async def healthy() -> bool:
-    """A fresh session still works end to end, and /healthz answers."""
-    client = McpClient()
+    """A fresh session still works end to end, and /healthz answers.
+
+    It is another user's: the fuzzed user may hold FEDMCP_MAX_SESSIONS_PER_USER sessions by now
+    (every fuzzed `initialize` opens one), and is then refused a new one, as designed.
+    """
+    client = McpClient(token=await database_sync_to_async(mint_token)("fuzz-check"))
     await client.initialize()
     listed = await client.call("tools/list")
     called = await client.call("tools/call", {"name": f"{PEER}__add", "arguments": {"a": 2, "b": 3}}, timeout=READ_TIMEOUT)

@@ -15,7 +15,7 @@ from channels.db import database_sync_to_async
 from django.test import override_settings
 
 from mcp_endpoint import jsonrpc
-from tests.base import BOB, HOST, AsgiTestCase, HttpExchange, McpClient, SseClient, bearer, http, mint_token, persona, request, ws_communicator
+from tests.base import BOB, HOST, MODERN, modern_meta, AsgiTestCase, HttpExchange, McpClient, SseClient, bearer, http, mint_token, persona, request, ws_communicator
 
 
 class SessionLimitTests(AsgiTestCase):
@@ -77,6 +77,22 @@ class SessionLimitTests(AsgiTestCase):
             async with HttpExchange("GET", "/mcp", headers) as three:
                 reply = await three.read_all()
             self.assertEqual((reply.status, reply.json()["error"]["code"]), (429, jsonrpc.TOO_MANY_SESSIONS))
+
+    async def test_listen_streams_per_user_are_bounded(self) -> None:
+        def listen(request_id: int) -> HttpExchange:
+            params = {"notifications": {"toolsListChanged": True}, "_meta": modern_meta()}
+            headers = {**McpClient().headers(), "mcp-protocol-version": MODERN, "mcp-method": "subscriptions/listen"}
+            return HttpExchange("POST", "/mcp", headers, json.dumps(request("subscriptions/listen", params, request_id)).encode())
+
+        async with listen(1) as one, listen(2) as two:
+            self.assertEqual((await one.start(), await two.start()), (200, 200))
+            self.assertEqual((await one.next_event())["method"], "notifications/subscriptions/acknowledged")
+            self.assertEqual((await two.next_event())["method"], "notifications/subscriptions/acknowledged")
+            async with listen(3) as three:
+                reply = await three.read_all()
+            self.assertEqual(reply.status, 429)
+            message = reply.json() if reply.body.startswith(b"{") else reply.events()[-1]
+            self.assertEqual(message["error"]["code"], jsonrpc.TOO_MANY_SESSIONS)
 
     async def test_a_batch_longer_than_the_limit_is_refused_whole(self) -> None:
         client = McpClient()
