@@ -248,6 +248,12 @@ MCP_LIST_TTL_MS = env_int("FEDMCP_LIST_TTL_MS", 60_000)
 MCP_SSE_KEEPALIVE = env_float("FEDMCP_SSE_KEEPALIVE", 15.0)
 # Idle handshake-era sessions older than this are expired (seconds).
 MCP_SESSION_IDLE_TIMEOUT = env_int("FEDMCP_SESSION_IDLE_TIMEOUT", 24 * 3600)
+# WebSocket and legacy SSE sessions live as long as their connection, on the worker holding it:
+# that worker renews their lease every third of this, and any worker closes a session whose lease
+# ran out (its worker was killed, or could not write the close). Seconds.
+MCP_SESSION_LEASE = env_float("FEDMCP_SESSION_LEASE", 90.0)
+# Rows of closed sessions are deleted after this long (seconds; default 7 days).
+MCP_SESSION_RETENTION = env_int("FEDMCP_SESSION_RETENTION", 7 * 24 * 3600)
 
 # --- Identity -------------------------------------------------------------------------------
 # This gateway's public origin (e.g. https://mcp.example.org). Tokens must name it as their
