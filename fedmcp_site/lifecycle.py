@@ -161,7 +161,16 @@ def install() -> None:
     if reactor is None:
         return
     reactor.callWhenRunning(_take_over_sigterm, reactor)
+    reactor.callWhenRunning(_start_upkeep)
     reactor.addSystemEventTrigger("before", "shutdown", _before_shutdown)
+
+
+def _start_upkeep() -> None:
+    # From the start, not on the first request: a worker that serves nothing must still close
+    # the sessions a killed worker left open.
+    from mcp_endpoint.sessions import ensure_upkeep
+
+    asyncio.get_event_loop().call_soon(contextvars.Context().run, ensure_upkeep)
 
 
 def _take_over_sigterm(reactor: Any) -> None:
@@ -240,12 +249,18 @@ async def release_worker() -> None:
     from federation.pool import pool
     from fedmcp_site import caching
     from identity.audit import audit_flush, audit_unwritten, describe
+    from mcp_endpoint.sessions import close_held_sessions
 
     pending = observability.in_flight_tasks(streams=True)
     for task in pending:
         task.cancel()
     if pending:
         await asyncio.wait(pending, timeout=CANCEL_TIMEOUT)
+    # Streams end with the process: their sessions are closed now, not when their leases expire.
+    try:
+        await asyncio.wait_for(close_held_sessions(), CANCEL_TIMEOUT)
+    except Exception:
+        logger.warning("could not close this worker's WebSocket and SSE sessions; their leases will expire", exc_info=True)
     # The audit trail is written off the response path; what the requests above recorded,
     # cancelled ones included, is written before the process exits.
     try:

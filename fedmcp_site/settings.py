@@ -255,6 +255,12 @@ MCP_SESSION_IDLE_TIMEOUT = env_int("FEDMCP_SESSION_IDLE_TIMEOUT", 24 * 3600)
 MCP_MAX_SESSIONS_PER_USER = env_int("FEDMCP_MAX_SESSIONS_PER_USER", 100)
 # Messages in one JSON-RPC batch (protocol 2025-03-26 only); a longer batch is refused whole (-32600).
 MCP_MAX_BATCH = env_int("FEDMCP_MAX_BATCH", 50)
+# WebSocket and legacy SSE sessions live as long as their connection, on the worker holding it:
+# that worker renews their lease every third of this, and any worker closes a session whose lease
+# ran out (its worker was killed, or could not write the close). Seconds.
+MCP_SESSION_LEASE = env_float("FEDMCP_SESSION_LEASE", 90.0)
+# Rows of closed sessions are deleted after this long (seconds; default 7 days).
+MCP_SESSION_RETENTION = env_int("FEDMCP_SESSION_RETENTION", 7 * 24 * 3600)
 
 # --- Identity -------------------------------------------------------------------------------
 # This gateway's public origin (e.g. https://mcp.example.org). Tokens must name it as their

@@ -22,6 +22,17 @@ class McpSessionQuerySet(models.QuerySet["McpSession"]):
     def idle_since(self, seconds: int) -> McpSessionQuerySet:
         return self.live().filter(last_seen_at__lt=timezone.now() - timedelta(seconds=seconds))
 
+    def lease_expired(self) -> McpSessionQuerySet:
+        """Open connection-bound sessions whose worker stopped renewing them."""
+        return self.live().filter(lease_until__lt=timezone.now())
+
+    def unleased_idle_since(self, seconds: int) -> McpSessionQuerySet:
+        """Open Streamable HTTP sessions nobody used for `seconds`."""
+        return self.idle_since(seconds).filter(lease_until__isnull=True)
+
+    def closed_before(self, seconds: int) -> McpSessionQuerySet:
+        return self.filter(closed_at__lt=timezone.now() - timedelta(seconds=seconds))
+
 
 class McpSession(models.Model):
     """One host session: created by `initialize` (or a WebSocket / SSE connection)."""
@@ -42,11 +53,15 @@ class McpSession(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     last_seen_at = models.DateTimeField(default=timezone.now)
     closed_at = models.DateTimeField(null=True, blank=True)
+    lease_until = models.DateTimeField(
+        null=True, blank=True,
+        help_text="WebSocket and SSE sessions: open while the worker holding the connection renews this; blank for Streamable HTTP.",
+    )
 
     objects = McpSessionQuerySet.as_manager()
 
     class Meta:
-        indexes = [models.Index(fields=["closed_at", "last_seen_at"])]
+        indexes = [models.Index(fields=["closed_at", "last_seen_at"]), models.Index(fields=["closed_at", "lease_until"])]
 
     def __str__(self) -> str:
         return f"{self.transport} session {self.id[:8]}…"

@@ -3,10 +3,20 @@
 Each worker keeps the open sessions it served in memory (fedmcp_site/caching.py, domain
 "sessions"); every change below publishes a new generation, so the next message on any worker
 reads the row again. Creating a session changes nothing cached: a new id is simply a miss.
+
+Nothing is left open for ever. A WebSocket or legacy SSE session lives as long as its
+connection: the worker holding it renews its lease (`lease_until`) every third of
+`MCP_SESSION_LEASE`, and closes it when the connection ends or the worker drains. A worker that
+is killed, or that cannot write the close (database down), stops renewing, and any worker's
+upkeep closes the session once the lease has run out. Streamable HTTP sessions close on DELETE
+or after `MCP_SESSION_IDLE_TIMEOUT` idle; a DELETE the database could not record is retried by
+the upkeep. Closed rows are deleted after `MCP_SESSION_RETENTION`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,12 +25,15 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db import Error as DatabaseError
 from django.db.models import Q
 from django.utils import timezone
 
 from fedmcp_site import caching
 from identity.tokens import Identity
 from mcp_endpoint.models import McpSession, ResourceSubscription
+
+logger = logging.getLogger(__name__)
 
 TOUCH_INTERVAL = timedelta(seconds=60)
 _open: caching.GenerationCache[McpSession] = caching.GenerationCache("sessions", ("sessions",))
@@ -47,6 +60,10 @@ def session_group(session_id: str) -> str:
     return f"fedmcp.session.{session_id}"
 
 
+HELD_TRANSPORTS = frozenset({"websocket", "sse"})
+"""Transports whose sessions live as long as one connection to one worker (leased)."""
+
+
 @database_sync_to_async
 def session_create(
     *, transport: str, scope: str, identity: Identity, protocol_version: str = "", client_capabilities: Any = None, client_info: Any = None
@@ -55,6 +72,7 @@ def session_create(
 
     Open means not closed and seen within MCP_SESSION_IDLE_TIMEOUT. Two workers may each let
     one more in at the same moment: the bound holds within a few sessions, which is its purpose.
+    A WebSocket or SSE session starts held by this worker (`session_release` when its connection ends).
 
     Raises:
         SessionLimitError: the caller holds MCP_MAX_SESSIONS_PER_USER open sessions already.
@@ -64,7 +82,9 @@ def session_create(
         fresh = timezone.now() - timedelta(seconds=settings.MCP_SESSION_IDLE_TIMEOUT)
         if McpSession.objects.live().filter(_owner(identity), last_seen_at__gte=fresh).count() >= limit:
             raise SessionLimitError(limit)
-    return McpSession.objects.create(
+    lease_until = timezone.now() + timedelta(seconds=settings.MCP_SESSION_LEASE) if transport in HELD_TRANSPORTS else None
+    session = McpSession.objects.create(
+        lease_until=lease_until,
         transport=transport,
         scope=scope,
         user_id=identity.user_id,
@@ -73,6 +93,9 @@ def session_create(
         client_capabilities=client_capabilities or {},
         client_info=client_info or {},
     )
+    if lease_until is not None:
+        _held.add(session.id)
+    return session
 
 
 async def session_load(session_id: str, identity: Identity) -> McpSession | None:
@@ -143,6 +166,92 @@ def _subscribers(session: McpSession, peer_name: str, upstream_uri: str, per_use
     rows = ResourceSubscription.objects.filter(session__closed_at__isnull=True, peer_name=peer_name, upstream_uri=upstream_uri)
     # At a per-user OAuth peer each user subscribes upstream on their own connection.
     return rows.filter(session__user_id=session.user_id) if per_user else rows
+
+
+async def session_release(*, session_id: str) -> None:
+    """The connection of a held session ended: stop renewing its lease and close it.
+
+    If the database cannot record the close, the lease (no longer renewed) runs out and the
+    upkeep of some worker closes it.
+    """
+    _held.discard(session_id)
+    try:
+        await session_close(session_id=session_id)
+    except DatabaseError:
+        logger.warning("session %s… not closed now (database unreachable); its lease will expire", session_id[:8], exc_info=True)
+
+
+def session_close_later(*, session_id: str, identity: Identity) -> None:
+    """Remember a DELETE the database could not record; the upkeep closes the session (if the caller owns it)."""
+    _close_later[session_id] = (identity.user_id, identity.client_id)
+
+
+# --- upkeep: leases, expiry, retention -----------------------------------------------------------
+
+_held: set[str] = set()
+"""Ids of the WebSocket and SSE sessions whose connection this worker holds."""
+_close_later: dict[str, tuple[int | None, str]] = {}
+"""Session id -> owner (user id, client id) of DELETEs to record once the database is back."""
+_upkeep_started: set[int] = set()
+
+
+@database_sync_to_async
+def session_upkeep() -> dict[str, int]:
+    """Renew this worker's leases, close expired and idle sessions, delete old closed rows.
+
+    Returns how many rows each step changed (for tests and the log).
+    """
+    now = timezone.now()
+    held = list(_held)
+    renewed = McpSession.objects.live().filter(pk__in=held).update(lease_until=now + timedelta(seconds=settings.MCP_SESSION_LEASE)) if held else 0
+    deferred = 0
+    for session_id, (user_id, client_id) in list(_close_later.items()):
+        deferred += McpSession.objects.live().filter(pk=session_id, user_id=user_id, client_id=client_id).update(closed_at=now)
+        _close_later.pop(session_id, None)
+    expired = McpSession.objects.lease_expired().update(closed_at=now)
+    idle = McpSession.objects.unleased_idle_since(settings.MCP_SESSION_IDLE_TIMEOUT).update(closed_at=now)
+    pruned, _ = McpSession.objects.closed_before(settings.MCP_SESSION_RETENTION).delete()
+    if deferred or expired or idle:
+        caching.bump("sessions")
+    report = {"renewed": renewed, "deferred": deferred, "expired": expired, "idle": idle, "pruned": pruned}
+    if deferred or expired or idle or pruned:
+        logger.info("session upkeep: %s", report)
+    return report
+
+
+async def close_held_sessions() -> None:
+    """Close every session this worker holds (it is shutting down; their connections end with it)."""
+    held = list(_held)
+    _held.clear()
+    if held:
+        await _close_many(held)
+
+
+@database_sync_to_async
+def _close_many(session_ids: list[str]) -> None:
+    if McpSession.objects.live().filter(pk__in=session_ids).update(closed_at=timezone.now()):
+        caching.bump("sessions")
+
+
+async def _upkeep_loop() -> None:
+    while True:
+        await asyncio.sleep(settings.MCP_SESSION_LEASE / 3)
+        try:
+            await session_upkeep()
+        except asyncio.CancelledError:
+            raise
+        except DatabaseError:
+            logger.warning("session upkeep skipped: database unreachable", exc_info=True)
+        except Exception:
+            logger.exception("session upkeep failed")
+
+
+def ensure_upkeep() -> None:
+    """Start this worker's session upkeep once per event loop."""
+    loop = asyncio.get_running_loop()
+    if id(loop) not in _upkeep_started:
+        _upkeep_started.add(id(loop))
+        loop.create_task(_upkeep_loop())
 
 
 @database_sync_to_async

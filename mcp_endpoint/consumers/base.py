@@ -21,7 +21,7 @@ from django.db import Error as DatabaseError
 
 from federation.health import ensure_background_tasks
 from identity.tokens import Identity
-from mcp_endpoint import jsonrpc
+from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_HEADERS, UNAVAILABLE_MESSAGE
 
 logger = logging.getLogger(__name__)
@@ -192,6 +192,7 @@ class McpHttpConsumer(DirectDispatchMixin, AsyncHttpConsumer):
 
     async def _run(self, body: bytes) -> None:
         ensure_background_tasks()
+        sessions.ensure_upkeep()
         try:
             # Host, Origin and the bearer token were checked by mcp_endpoint.auth.
             await self.handle(body)

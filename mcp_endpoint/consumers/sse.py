@@ -50,7 +50,7 @@ class McpSseConsumer(McpHttpConsumer):
                 async for message in events:
                     await self.send_body(sse_event(message) if message is not None else b": keepalive\n\n", more_body=True)
         finally:
-            await asyncio.shield(sessions.session_close(session_id=session.id))
+            await asyncio.shield(sessions.session_release(session_id=session.id))
 
 
 class McpSseMessageConsumer(McpHttpConsumer):

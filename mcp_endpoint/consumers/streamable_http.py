@@ -15,6 +15,7 @@ import secrets
 from typing import Any
 
 from django.conf import settings
+from django.db import Error as DatabaseError
 from mcp.shared.inbound import (
     InboundLadderRejection,
     classify_inbound_request,
@@ -323,10 +324,17 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
             # 2026-07-28 has no sessions to end: like GET, DELETE is not part of that era.
             await self.send_plain(405, "Method Not Allowed: protocol 2026-07-28 uses POST only", [(b"allow", b"POST")])
             return
-        session = await self._session_from_header()
-        if session is None:
-            return
-        await sessions.session_close(session_id=session.id)
+        try:
+            session = await self._session_from_header()
+            if session is None:
+                return
+            await sessions.session_close(session_id=session.id)
+        except DatabaseError:
+            # Answered 503 (base.py); the session is closed once the database is back, so a host
+            # that does not retry leaves nothing open.
+            if session_id := self.header("mcp-session-id"):
+                sessions.session_close_later(session_id=session_id, identity=self.identity)
+            raise
         await close_session_streams(session.id)
         await self.send_response(200, b"")
 

@@ -60,6 +60,7 @@ class McpWebSocketConsumer(DirectDispatchMixin, AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         ensure_background_tasks()
+        sessions.ensure_upkeep()
         if SUBPROTOCOL not in self.scope.get("subprotocols", []):
             # Refuse at the handshake (HTTP 403): without the subprotocol this is not an MCP client.
             await self.close()
@@ -79,7 +80,7 @@ class McpWebSocketConsumer(DirectDispatchMixin, AsyncWebsocketConsumer):
             if task is not None:
                 task.cancel()
         if self.session is not None:
-            await sessions.session_close(session_id=self.session.id)
+            await sessions.session_release(session_id=self.session.id)
 
     async def send_message(self, message: JsonDict) -> None:
         async with self._send_lock:
