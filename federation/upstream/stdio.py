@@ -48,6 +48,12 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def _signal_group(process: asyncio.subprocess.Process, sig: int) -> None:
+    """Send `sig` to the child's process group (its pid: it leads its own session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
 class StdioConnection(SingleStreamConnection):
     transport = "stdio"
 
@@ -137,20 +143,33 @@ class StdioConnection(SingleStreamConnection):
         await self._cancel_tasks()
 
     async def _stop_process(self, process: asyncio.subprocess.Process) -> None:
-        if process.returncode is not None:
-            return
-        if process.stdin is not None:
-            with contextlib.suppress(Exception):
-                process.stdin.close()
-        for action in (None, process.terminate, process.kill):
-            if action is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    action()
-            try:
-                await asyncio.wait_for(process.wait(), 2.0)
-                return
-            except TimeoutError:
-                continue
+        """Stop the child and whatever it started, and let go of its pipes.
+
+        The child leads a session of its own (`start_new_session`), so its process group is
+        everything it started: `npx` runs node, `uvx` runs python, a shell script runs its
+        commands. Signals go to the whole group; otherwise a grandchild outlives the gateway's
+        interest in it, holding the pipes open (and, in a short-lived `manage.py peer refresh`,
+        the pipe transports are then only collected after the event loop is closed: "Event loop
+        is closed" tracebacks on every run).
+        """
+        if process.returncode is None:
+            if process.stdin is not None:
+                with contextlib.suppress(Exception):
+                    process.stdin.close()
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if sig is not None:
+                    _signal_group(process, sig)
+                try:
+                    await asyncio.wait_for(process.wait(), 2.0)
+                    break
+                except TimeoutError:
+                    continue
+        # The child has exited; anything it left in its group goes too.
+        _signal_group(process, signal.SIGKILL)
+        # Close the pipes now, on this loop, rather than when the transport is collected.
+        transport = getattr(process, "_transport", None)
+        if transport is not None:
+            transport.close()
 
     def is_healthy(self) -> bool:
         # A dead child is the supervisor's to restart; the pool keeps this connection meanwhile.

@@ -31,7 +31,8 @@ from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
 from federation.credentials import PeerCredentialsError
-from federation.models import Peer, Transport
+from federation.events import publish_catalog_changed
+from federation.models import CatalogKind, Peer, Transport
 from federation.services import (
     PeerConfigError,
     SyncReport,
@@ -207,7 +208,7 @@ class Command(BaseCommand):
             return
         if peer.client_id and not peer.token_url:
             self._discover_token_url(peer)
-        report = async_to_sync(peer_sync_catalog)(peer=peer)
+        report = self._sync(peer)
         self._print_report(report)
         if "connect" in report.errors:
             self.stderr.write(f"Peer kept; run `manage.py peer refresh {peer.name}` once it is reachable.")
@@ -252,7 +253,7 @@ class Command(BaseCommand):
 
     def _refresh(self, options: dict[str, Any]) -> None:
         peer = self._get(options["name"])
-        report = async_to_sync(peer_sync_catalog)(peer=peer)
+        report = self._sync(peer)
         self._print_report(report)
         if "connect" in report.errors:
             raise CommandError(f"could not refresh {peer.name}: {report.errors['connect']}")
@@ -260,6 +261,8 @@ class Command(BaseCommand):
     def _remove(self, options: dict[str, Any]) -> None:
         peer = self._get(options["name"])
         peer_remove(peer=peer)
+        # As the REST API does: hosts connected to the workers drop the peer's tools from their lists.
+        async_to_sync(publish_catalog_changed)(options["name"], list(CatalogKind.values))
         self.stdout.write(f"Removed peer {options['name']}")
 
     def _credentials(self, options: dict[str, Any]) -> None:
@@ -292,10 +295,21 @@ class Command(BaseCommand):
         except PeerConfigError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"TLS settings of {peer.name} saved:{self._tls_summary(peer) or ' default trust store, no client certificate'}")
-        report = async_to_sync(peer_sync_catalog)(peer=peer)
+        report = self._sync(peer)
         self._print_report(report)
         if "connect" in report.errors:
             raise CommandError(f"the settings are saved, but {peer.name} cannot be reached with them")
+
+    def _sync(self, peer: Peer) -> SyncReport:
+        """Sync the catalog and, like the REST API, tell connected hosts what changed (list_changed).
+
+        The news travels over the channel layer: with REDIS_URL it reaches every worker's hosts;
+        with the in-memory layer (one process) only this command's own process hears it.
+        """
+        report = async_to_sync(peer_sync_catalog)(peer=peer)
+        if report.changed:
+            async_to_sync(publish_catalog_changed)(peer.name, report.changed)
+        return report
 
     def _tls_summary(self, peer: Peer) -> str:
         parts = (["ca-bundle"] if peer.tls_ca_bundle else []) + (["client-cert"] if peer.tls_client_cert else [])
