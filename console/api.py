@@ -14,7 +14,9 @@ from django.contrib.auth.models import Group
 from django.db.models import QuerySet
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404
+from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from oauth2_provider.contrib.rest_framework import OAuth2Authentication
@@ -67,6 +69,22 @@ class AdminApi(APIView):
     authentication_classes = [OAuth2Authentication, SessionAuthentication]
     permission_classes = [AdminToken | StaffSession]
     schema = AdminApiSchema()
+
+
+API_ROOT_LINKS = ("api-peers", "api-catalog", "api-policies", "api-grants", "api-audit", "api-config-export", "api-config-import")
+
+
+@require_GET
+def api_root(request: HttpRequest) -> JsonResponse:
+    """GET /api/: where the API's collections, schema and docs are (no data, so no token needed)."""
+    return JsonResponse(
+        {
+            "authentication": f"Authorization: Bearer <token with the {scopes.ADMIN!r} scope>, or a signed-in staff session",
+            "schema": reverse("api-schema"),
+            "docs": reverse("api-docs"),
+            "endpoints": {name.removeprefix("api-"): reverse(name) for name in API_ROOT_LINKS},
+        }
+    )
 
 
 @csrf_exempt

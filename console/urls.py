@@ -10,6 +10,7 @@ urlpatterns = [
     # Before admin.site.urls, so the admin's catch-all does not take them.
     path("admin/dashboard/", admin.site.admin_view(dashboard.dashboard), name="console-dashboard"),
     path("admin/dashboard/data", admin.site.admin_view(dashboard.dashboard_data), name="console-dashboard-data"),
+    path("api/", api.api_root, name="api-root"),
     path("api/peers/", api.PeerListApi.as_view(), name="api-peers"),
     path("api/peers/<int:peer_id>/", api.PeerDetailApi.as_view(), name="api-peer"),
     path("api/peers/<int:peer_id>/refresh/", api.PeerRefreshApi.as_view(), name="api-peer-refresh"),

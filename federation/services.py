@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shlex
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +69,9 @@ class SyncReport:
     """Catalog kinds whose stored items changed in this sync."""
     warnings: list[str] = field(default_factory=list)
     """What the operator should know though the sync worked (a gateway this one does not believe)."""
+    diagnostics: str = ""
+    """When the connection failed: what the upstream said about it (a stdio child's stderr), for
+    the operator only."""
 
     @property
     def ok(self) -> bool:
@@ -424,12 +429,16 @@ def _record_error(peer: Peer, message: str) -> None:
     Peer.objects.filter(pk=peer.pk).update(last_error=message)
 
 
-async def peer_sync_catalog(*, peer: Peer, connection: UpstreamConnection | None = None) -> SyncReport:
+async def peer_sync_catalog(
+    *, peer: Peer, connection: UpstreamConnection | None = None, connect_timeout: float | None = None, record_health: bool = False
+) -> SyncReport:
     """Fetch the peer's catalog and store it.
 
-    Uses `connection` when given (a warm one from the pool); otherwise opens a temporary one.
-    A failure to list a kind keeps what was stored for that kind: a transient error never
-    empties the catalog.
+    Uses `connection` when given (a warm one from the pool); otherwise opens a temporary one,
+    with `connect_timeout` instead of the peer's own when given (a first start that downloads
+    the server). With `record_health`, the outcome is also the peer's first health check
+    (the admin's health history, the dashboard). A failure to list a kind keeps what was stored
+    for that kind: a transient error never empties the catalog.
     """
     report = SyncReport(peer=peer.name)
     owned = connection is None
@@ -440,18 +449,26 @@ async def peer_sync_catalog(*, peer: Peer, connection: UpstreamConnection | None
             await _record_error(peer, report.errors["connect"])
             return report
         config = PeerConfig.from_peer(peer)
+        if connect_timeout is not None:
+            config = dataclasses.replace(config, connect_timeout=connect_timeout)
         connection = kind(config, auth=upstream_auth(config))
+    started = time.monotonic()
     try:
         if owned:
             await connection.start()
         found, report.errors = await fetch_catalog(connection)
     except UpstreamError as exc:
         report.errors["connect"] = str(exc)
+        report.diagnostics = connection.diagnostics()
         await _record_error(peer, str(exc))
+        if record_health:
+            await _record_health(peer, ok=False, latency_ms=None, error=str(exc))
         return report
     finally:
         if owned:
             await connection.close()
+    if record_health:
+        await _record_health(peer, ok=True, latency_ms=(time.monotonic() - started) * 1000, error="")
     if peer.is_gateway and gateway_identity(connection.description.capabilities) is None:
         report.errors["connect"] = f"peer '{peer.name}' was added as a gateway but does not identify as a fedmcp gateway"
         await _record_error(peer, report.errors["connect"])
@@ -460,6 +477,12 @@ async def peer_sync_catalog(*, peer: Peer, connection: UpstreamConnection | None
     report.protocol_version = connection.description.protocol_version
     report.counts = {kind: len(items) for kind, items in found.items()}
     return report
+
+
+async def _record_health(peer: Peer, *, ok: bool, latency_ms: float | None, error: str) -> None:
+    from federation.health import _record_check
+
+    await _record_check(peer.pk, ok, latency_ms, error)
 
 
 async def catalog_set_enabled(*, entry_ids: list[int], enabled: bool) -> dict[str, list[str]]:

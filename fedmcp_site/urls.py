@@ -11,6 +11,8 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("metrics", views.metrics_view, name="metrics"),
+    path("favicon.ico", views.favicon_ico, name="favicon-ico"),
+    path("favicon.svg", views.favicon_svg, name="favicon-svg"),
     path("", include("identity.urls")),
     path("", include("identity.jwks_urls")),
     path("", include("identity.consent_urls")),

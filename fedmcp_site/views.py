@@ -12,19 +12,23 @@ from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from federation.models import Peer
-from fedmcp_site import lifecycle, metrics
+from fedmcp_site import favicon, lifecycle, metrics
 
 logger = logging.getLogger(__name__)
 
 
 def healthz(request: HttpRequest) -> HttpResponse:
-    """Liveness: the process answers and the database is reachable (503 with a JSON body if not)."""
+    """Liveness: the process answers and the database is reachable (503 with a JSON body if not).
+
+    Anyone may ask, so the answer says only "ok": the query proves the database answers, and
+    its result (how many peers there are) is nobody's business here.
+    """
     try:
-        peers = Peer.objects.count()
+        Peer.objects.count()
     except DatabaseError as exc:
         logger.warning("healthz: database unreachable", exc_info=True)
         return JsonResponse({"status": "unavailable", "error": type(exc).__name__}, status=503)
-    return JsonResponse({"status": "ok", "peers": peers})
+    return JsonResponse({"status": "ok"})
 
 
 @never_cache
@@ -46,6 +50,23 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     if not metrics.scrape_allowed(request.META.get("REMOTE_ADDR")):
         return HttpResponse("Forbidden: /metrics is served to the monitoring network only\n", status=403, content_type="text/plain")
     return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+
+
+ICON_MAX_AGE = 86400
+
+
+@require_GET
+def favicon_ico(request: HttpRequest) -> HttpResponse:
+    response = HttpResponse(favicon.ico(), content_type="image/x-icon")
+    response["Cache-Control"] = f"public, max-age={ICON_MAX_AGE}"
+    return response
+
+
+@require_GET
+def favicon_svg(request: HttpRequest) -> HttpResponse:
+    response = HttpResponse(favicon.SVG, content_type="image/svg+xml")
+    response["Cache-Control"] = f"public, max-age={ICON_MAX_AGE}"
+    return response
 
 
 def index(request: HttpRequest) -> HttpResponse:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from django.urls import path
+from django.views.generic import RedirectView
 
 from identity import connect_views
 
 urlpatterns = [
     path("connect", connect_views.connect_list, name="connect"),
+    path("connect/", RedirectView.as_view(pattern_name="connect", query_string=True)),
     path("connect/callback", connect_views.connect_callback, name="connect-callback"),
     path("connect/client-metadata.json", connect_views.client_metadata_document, name="connect-client-metadata"),
     path("connect/<str:peer_name>", connect_views.connect_peer, name="connect-peer"),

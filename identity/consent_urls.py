@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from django.urls import path
+from django.views.generic import RedirectView
 
 from identity import consent_views
 
 urlpatterns = [
     path("consent", consent_views.consent_list, name="consent"),
+    # With a trailing slash too, as people type them (and the README once wrote them).
+    path("consent/", RedirectView.as_view(pattern_name="consent", query_string=True)),
     path("consent/grants", consent_views.grant_list, name="consent-grants"),
+    path("consent/grants/", RedirectView.as_view(pattern_name="consent-grants", query_string=True)),
     path("consent/grants/<int:grant_id>/revoke", consent_views.grant_revoke, name="consent-grant-revoke"),
     path("consent/<str:prompt_id>", consent_views.consent_detail, name="consent-detail"),
 ]

@@ -3,7 +3,8 @@
 * `LoginView` and `AuthorizationView`: the sign-in and consent pages people see.
 * `ProtectedResourceMetadataView`: RFC 9728 metadata for each MCP endpoint.
 * `ClientRegistrationView` / `ClientConfigurationView`: RFC 7591/7592 with the MCP rules
-  (`application_type` required, redirect URIs https or loopback, no machine grants).
+  (`application_type` "native" or "web", defaulted from the redirect URIs when absent;
+  redirect URIs https or loopback; no machine grants).
 
 DOT's own views do the protocol work; these add the gateway's policy and presentation only.
 """
@@ -36,6 +37,7 @@ from identity import scopes as scope_names
 from identity.oauth_validators import (
     foreign_resources,
     gateway_origin,
+    is_loopback_host,
     redirect_uri_acceptable,
 )
 from identity.tokens import scopes_allowed
@@ -283,6 +285,29 @@ def _registration_error(error: str, description: str) -> JsonResponse:
     return JsonResponse({"error": error, "error_description": description}, status=400)
 
 
+def default_application_type(redirect_uris: Any) -> str:
+    """The `application_type` of a registration that names none (RFC 7591 leaves it out; OIDC
+    Dynamic Registration defaults it to "web", which would call every desktop host a web app).
+
+    "native" when every redirect URI comes back to the user's own machine (http on loopback, or
+    a custom scheme such as `cursor://`), "web" otherwise, as OpenID Connect registration
+    servers tell the two apart. The MCP SDKs' `registerClient()` sends no application_type.
+    """
+    if not isinstance(redirect_uris, list) or not redirect_uris:
+        return "web"
+    for uri in redirect_uris:
+        if not isinstance(uri, str):
+            return "web"
+        try:
+            parts = urlsplit(uri)
+        except ValueError:
+            return "web"
+        loopback = parts.scheme == "http" and bool(parts.hostname) and is_loopback_host(parts.hostname)
+        if not (loopback or parts.scheme not in ("http", "https")):
+            return "web"
+    return "native"
+
+
 def registration_refusal(body: bytes) -> JsonResponse | None:
     """Return the 400 for client metadata the gateway refuses, or None to let DOT register it.
 
@@ -294,8 +319,9 @@ def registration_refusal(body: bytes) -> JsonResponse | None:
         return None
     if not isinstance(metadata, dict):
         return None
-    if metadata.get("application_type") not in DCR_APPLICATION_TYPES:
-        return _registration_error("invalid_client_metadata", 'application_type is required: "native" or "web"')
+    application_type = metadata.get("application_type", default_application_type(metadata.get("redirect_uris")))
+    if application_type not in DCR_APPLICATION_TYPES:
+        return _registration_error("invalid_client_metadata", 'application_type must be "native" or "web"')
     grant_types = metadata.get("grant_types", ["authorization_code"])
     if not isinstance(grant_types, list) or not all(isinstance(g, str) and g in DCR_GRANT_TYPES for g in grant_types):
         return _registration_error(

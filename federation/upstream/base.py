@@ -256,6 +256,11 @@ class UpstreamConnection(abc.ABC):
     def next_id(self) -> int:
         return next(self._ids)
 
+    def diagnostics(self) -> str:
+        """What the upstream said about itself when it failed, for the operator (a child's
+        stderr); "" when the kind has nothing. Never part of an error a host sees."""
+        return ""
+
     async def start(self) -> None:
         """Connect and handshake (or discover).
 

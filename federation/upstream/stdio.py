@@ -8,14 +8,17 @@ newline-delimited JSON-RPC.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from federation.upstream.base import (
@@ -23,6 +26,7 @@ from federation.upstream.base import (
     OnMessage,
     UpstreamProtocolError,
     UpstreamRestartingError,
+    UpstreamTimeoutError,
     UpstreamUnavailableError,
     describe_discover,
     modern_meta,
@@ -36,6 +40,37 @@ logger = logging.getLogger(__name__)
 INHERITED_ENV = ("HOME", "LANG", "LC_ALL", "LOGNAME", "PATH", "SHELL", "TERM", "TZ", "USER", "VIRTUAL_ENV")
 MAX_BACKOFF = 30.0
 _PR_SET_PDEATHSIG = 1
+STDERR_TAIL_LINES = 40
+"""Lines of a child's stderr kept for `diagnostics()` (the operator's view of why it failed)."""
+STDERR_LINE_CHARS = 500
+LAUNCHERS = frozenset({"npx", "uvx", "bunx", "pnpx", "pipx"})
+"""Programs that fetch the server they run, the first time: that start can take a minute."""
+FIRST_START_TIMEOUT = 120.0
+"""Connect timeout of the first start of a launcher's server when none was chosen (seconds)."""
+
+
+def program_dirs() -> list[str]:
+    """Where a bare program name is looked for, before PATH: the running interpreter's bin
+    folder (the gateway's virtualenv, where `pip install mcp-server-time` puts its script,
+    whether or not that folder is on PATH)."""
+    return [str(Path(sys.executable).parent)]
+
+
+def resolve_program(command: str, path: str | None) -> str | None:
+    """The file `command` runs: a path as given, else the first match in `program_dirs()`, then
+    `path` (the child's PATH). None if there is none."""
+    if os.sep in command:
+        return command if os.access(command, os.X_OK) and not os.path.isdir(command) else None
+    for directory in program_dirs():
+        found = shutil.which(command, path=directory)
+        if found:
+            return found
+    return shutil.which(command, path=path or os.defpath)
+
+
+def fetches_on_first_start(command: str) -> bool:
+    """Whether `command` is a launcher (`npx -y pkg`, `uvx pkg`) that may download before serving."""
+    return os.path.basename(command) in LAUNCHERS
 
 
 def _die_with_parent() -> None:
@@ -49,6 +84,12 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def _signal_group(process: asyncio.subprocess.Process, sig: int) -> None:
+    """Send `sig` to the child's process group (its pid: it leads its own session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
 class StdioConnection(SingleStreamConnection):
     transport = "stdio"
 
@@ -58,6 +99,8 @@ class StdioConnection(SingleStreamConnection):
         self._supervisor: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._write_lock = asyncio.Lock()
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._stderr_done = asyncio.Event()
         self.restarts = 0
 
     @property
@@ -70,12 +113,25 @@ class StdioConnection(SingleStreamConnection):
         await self._spawn_and_handshake()
         self._supervisor = asyncio.create_task(self._supervise())
 
+    def diagnostics(self) -> str:
+        """The last lines the child wrote to stderr (for operators: never sent to hosts)."""
+        return "\n".join(self._stderr_tail)
+
     async def _spawn_and_handshake(self) -> None:
         env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
         env.update(dict(self.peer.env))
+        program = resolve_program(self.peer.command, env.get("PATH"))
+        if program is None:
+            hint = "" if os.sep in self.peer.command else " (install it, or run it with `uvx NAME` / `npx -y PACKAGE`)"
+            raise UpstreamUnavailableError(
+                f"peer '{self.peer.name}': cannot start {self.peer.command!r}: no such program "
+                f"{'file' if os.sep in self.peer.command else 'in the gateway environment or on PATH'}{hint}"
+            )
+        self._stderr_tail.clear()
+        self._stderr_done = asyncio.Event()
         try:
             self._process = await asyncio.create_subprocess_exec(
-                self.peer.command,
+                program,
                 *self.peer.args,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
@@ -89,10 +145,41 @@ class StdioConnection(SingleStreamConnection):
             raise UpstreamUnavailableError(f"peer '{self.peer.name}': cannot start {self.peer.command!r}: {exc.strerror}") from exc
         process = self._process
         self._spawn(self._read_stdout(process))
-        self._spawn(self._drain_stderr(process))
-        async with self._handshaking(functools.partial(self._stop_process, process)):
-            await self._handshake()
+        self._spawn(self._drain_stderr(process, self._stderr_done))
+        try:
+            async with self._handshaking(functools.partial(self._stop_process, process)):
+                await self._handshake_while_running(process)
+        except UpstreamTimeoutError as exc:
+            if fetches_on_first_start(self.peer.command):
+                raise UpstreamTimeoutError(
+                    f"{exc} ({os.path.basename(self.peer.command)} downloads the server the first time it runs it; "
+                    "give it longer with --connect-timeout)"
+                ) from exc
+            raise
         self._ready.set()
+
+    async def _handshake_while_running(self, process: asyncio.subprocess.Process) -> None:
+        """The handshake, cut short when the child exits (a missing npm package, a crash):
+        waiting out the connect timeout would only hide why."""
+        handshake = asyncio.ensure_future(self._handshake())
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            await asyncio.wait({handshake, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (handshake, exited):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        if handshake.done() and not handshake.cancelled():
+            handshake.result()
+            return
+        # Let the stderr reader take in the child's last words (diagnostics()).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stderr_done.wait(), 1.0)
+        raise UpstreamUnavailableError(
+            f"peer '{self.peer.name}': {os.path.basename(self.peer.command)!r} exited with code {process.returncode} before completing the handshake"
+        )
 
     async def _handshake(self) -> None:
         if self.requested_era in (None, "modern"):
@@ -148,20 +235,33 @@ class StdioConnection(SingleStreamConnection):
         await self._cancel_tasks()
 
     async def _stop_process(self, process: asyncio.subprocess.Process) -> None:
-        if process.returncode is not None:
-            return
-        if process.stdin is not None:
-            with contextlib.suppress(Exception):
-                process.stdin.close()
-        for action in (None, process.terminate, process.kill):
-            if action is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    action()
-            try:
-                await asyncio.wait_for(process.wait(), 2.0)
-                return
-            except TimeoutError:
-                continue
+        """Stop the child and whatever it started, and let go of its pipes.
+
+        The child leads a session of its own (`start_new_session`), so its process group is
+        everything it started: `npx` runs node, `uvx` runs python, a shell script runs its
+        commands. Signals go to the whole group; otherwise a grandchild outlives the gateway's
+        interest in it, holding the pipes open (and, in a short-lived `manage.py peer refresh`,
+        the pipe transports are then only collected after the event loop is closed: "Event loop
+        is closed" tracebacks on every run).
+        """
+        if process.returncode is None:
+            if process.stdin is not None:
+                with contextlib.suppress(Exception):
+                    process.stdin.close()
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if sig is not None:
+                    _signal_group(process, sig)
+                try:
+                    await asyncio.wait_for(process.wait(), 2.0)
+                    break
+                except TimeoutError:
+                    continue
+        # The child has exited; anything it left in its group goes too.
+        _signal_group(process, signal.SIGKILL)
+        # Close the pipes now, on this loop, rather than when the transport is collected.
+        transport = getattr(process, "_transport", None)
+        if transport is not None:
+            transport.close()
 
     def is_healthy(self) -> bool:
         # A dead child is the supervisor's to restart; the pool keeps this connection meanwhile.
@@ -232,17 +332,22 @@ class StdioConnection(SingleStreamConnection):
         limit = max_message_bytes()
         self._refuse(UpstreamMessageError(f"peer '{self.peer.name}' sent a message larger than {limit} bytes", find_request_id(head, tail.rstrip())))
 
-    async def _drain_stderr(self, process: asyncio.subprocess.Process) -> None:
+    async def _drain_stderr(self, process: asyncio.subprocess.Process, done: asyncio.Event) -> None:
         assert process.stderr is not None
-        while True:
-            try:
-                line = await process.stderr.readline()
-            except ValueError:  # a line past the limit: dropped (a stopped drainer would block the child)
-                logger.debug("peer %s: dropping an overlong stderr line", self.peer.name)
-                continue
-            if not line:
-                return
-            logger.debug("peer %s stderr: %s", self.peer.name, line.decode(errors="replace").rstrip())
+        try:
+            while True:
+                try:
+                    line = await process.stderr.readline()
+                except ValueError:  # a line past the limit: dropped (a stopped drainer would block the child)
+                    logger.debug("peer %s: dropping an overlong stderr line", self.peer.name)
+                    continue
+                if not line:
+                    return
+                text = line.decode(errors="replace").rstrip()
+                self._stderr_tail.append(text[:STDERR_LINE_CHARS])
+                logger.debug("peer %s stderr: %s", self.peer.name, text)
+        finally:
+            done.set()
 
     async def _send_request(
         self, method: str, params: JsonDict | None, on_message: OnMessage | None, timeout: float

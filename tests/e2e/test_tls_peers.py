@@ -90,7 +90,7 @@ def assert_works(gateway: Gateway, peer_name: str) -> None:
 def test_a_streamable_http_peer_over_https_works_once_its_ca_is_configured(
     gateway: Gateway, upstreams: dict[str, str], pem_files: dict[str, Path]
 ) -> None:
-    refused = peer(gateway, "add", "web-noca", "--url", upstreams["http"])
+    refused = peer(gateway, "add", "web-noca", "--url", upstreams["http"], "--force")
     added = peer(gateway, "add", "web", "--url", upstreams["http"], "--ca-file", str(pem_files["ca"]))
 
     assert refused.returncode == 0, refused.stderr  # kept, to be fixed with `peer tls`

@@ -102,10 +102,10 @@ def test_add_rejects_an_env_pair_without_equals() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_add_keeps_an_unreachable_peer_and_says_to_refresh_it() -> None:
+def test_add_with_force_keeps_an_unreachable_peer_and_says_to_refresh_it() -> None:
     url = f"http://127.0.0.1:{free_port()}/mcp"  # bound and released: nothing listens
 
-    _, err = run("add", "later", "--url", url, "--connect-timeout", "2")
+    _, err = run("add", "later", "--url", url, "--connect-timeout", "2", "--force")
 
     peer = Peer.objects.get(name="later")
     assert peer.last_error

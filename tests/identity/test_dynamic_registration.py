@@ -64,8 +64,9 @@ class RegistrationTests(OAuthTestCase):
         metadata = host_metadata(application_type="web", redirect_uris=["https://app.example/cb"])
         assert register(metadata).status_code == 201
 
-    def test_application_type_is_required(self) -> None:
-        for value in (None, "", "service", ["native"]):
+    def test_application_type_must_be_native_or_web(self) -> None:
+        # Absent is fine (test_registration_defaults.py); anything else but the two is refused.
+        for value in ("", "service", ["native"]):
             response = register(host_metadata(application_type=value))
             assert response.status_code == 400, value
             assert response.json()["error"] == "invalid_client_metadata"

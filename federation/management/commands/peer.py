@@ -35,7 +35,9 @@ from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
 from federation.credentials import PeerCredentialsError
-from federation.models import Peer, Transport
+from federation.events import publish_catalog_changed
+from federation.models import CatalogKind, Peer, Transport
+from federation.upstream.stdio import FIRST_START_TIMEOUT, fetches_on_first_start
 from federation.services import (
     PeerConfigError,
     SyncReport,
@@ -46,6 +48,9 @@ from federation.services import (
     peer_set_tls,
     peer_sync_catalog,
 )
+
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
 
 
 class Command(BaseCommand):
@@ -76,7 +81,10 @@ class Command(BaseCommand):
         )
         add.add_argument("--max-processes", type=int, default=8, help="With --per-identity: most processes per worker (default 8).")
         add.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="Environment for stdio peers.")
-        add.add_argument("--connect-timeout", type=float, default=10.0)
+        add.add_argument(
+            "--connect-timeout", type=float, default=None,
+            help=f"Seconds to connect and handshake (default 10; {FIRST_START_TIMEOUT:g} for the first start of an npx/uvx server, which downloads it).",
+        )
         add.add_argument("--call-timeout", type=float, default=60.0)
         self._credential_arguments(add)
         add.add_argument(
@@ -89,6 +97,10 @@ class Command(BaseCommand):
         add.add_argument("--oauth-scope", default="", help="With --user-oauth: scopes to ask for (default: what the peer's challenge names).")
         self._tls_arguments(add)
         add.add_argument("--no-sync", action="store_true", help="Do not contact the peer now.")
+        add.add_argument(
+            "--force", action="store_true",
+            help="Keep the peer even if it cannot be reached now (default: a peer that fails its first connection is not added).",
+        )
         sub.add_parser("list", help="List peers and their catalog sizes.")
         refresh = sub.add_parser("refresh", help="Re-discover a peer's catalog.")
         refresh.add_argument("name")
@@ -189,7 +201,7 @@ class Command(BaseCommand):
                 url=options["url"] or "",
                 command=options["stdio_command"] or "",
                 env=env,
-                connect_timeout=options["connect_timeout"],
+                connect_timeout=options["connect_timeout"] if options["connect_timeout"] is not None else DEFAULT_CONNECT_TIMEOUT,
                 call_timeout=options["call_timeout"],
                 is_gateway=options["gateway"],
                 per_identity=options["per_identity"],
@@ -212,10 +224,27 @@ class Command(BaseCommand):
             return
         if peer.client_id and not peer.token_url:
             self._discover_token_url(peer)
-        report = async_to_sync(peer_sync_catalog)(peer=peer)
-        self._print_report(report)
-        if "connect" in report.errors:
-            self.stderr.write(f"Peer kept; run `manage.py peer refresh {peer.name}` once it is reachable.")
+        first_timeout = None
+        if peer.transport == Transport.STDIO and options["connect_timeout"] is None and fetches_on_first_start(peer.command):
+            first_timeout = FIRST_START_TIMEOUT
+            self.stdout.write(
+                f"{peer.command} downloads the server the first time it runs it: waiting up to {first_timeout:g}s for it to start"
+            )
+        # The first sync is the peer's first health check too: the admin shows its state at once.
+        report = self._sync(peer, connect_timeout=first_timeout, record_health=True)
+        if "connect" not in report.errors:
+            self._print_report(report)
+            return
+        self._print_diagnostics(report)
+        if options["force"]:
+            self._print_report(report)
+            self.stderr.write(f"Peer kept (--force); run `manage.py peer refresh {peer.name}` once it is reachable.")
+            return
+        peer_remove(peer=peer)
+        raise CommandError(
+            f"could not reach {peer.name}: {report.errors['connect']}\n"
+            f"The peer was not added; fix the command or URL and add it again, or add --force to keep it anyway."
+        )
 
     def _add_user_oauth(self, peer: Peer, options: dict[str, Any]) -> None:
         from identity import upstream_oauth
@@ -257,14 +286,17 @@ class Command(BaseCommand):
 
     def _refresh(self, options: dict[str, Any]) -> None:
         peer = self._get(options["name"])
-        report = async_to_sync(peer_sync_catalog)(peer=peer)
+        report = self._sync(peer)
         self._print_report(report)
         if "connect" in report.errors:
+            self._print_diagnostics(report)
             raise CommandError(f"could not refresh {peer.name}: {report.errors['connect']}")
 
     def _remove(self, options: dict[str, Any]) -> None:
         peer = self._get(options["name"])
         peer_remove(peer=peer)
+        # As the REST API does: hosts connected to the workers drop the peer's tools from their lists.
+        async_to_sync(publish_catalog_changed)(options["name"], list(CatalogKind.values))
         self.stdout.write(f"Removed peer {options['name']}")
 
     def _credentials(self, options: dict[str, Any]) -> None:
@@ -297,10 +329,25 @@ class Command(BaseCommand):
         except PeerConfigError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"TLS settings of {peer.name} saved:{self._tls_summary(peer) or ' default trust store, no client certificate'}")
-        report = async_to_sync(peer_sync_catalog)(peer=peer)
+        report = self._sync(peer)
         self._print_report(report)
         if "connect" in report.errors:
             raise CommandError(f"the settings are saved, but {peer.name} cannot be reached with them")
+
+    def _print_diagnostics(self, report: SyncReport) -> None:
+        if report.diagnostics:
+            self.stderr.write(f"{report.peer} wrote to stderr:\n" + "\n".join(f"  | {line}" for line in report.diagnostics.splitlines()))
+
+    def _sync(self, peer: Peer, **options: Any) -> SyncReport:
+        """Sync the catalog and, like the REST API, tell connected hosts what changed (list_changed).
+
+        The news travels over the channel layer: with REDIS_URL it reaches every worker's hosts;
+        with the in-memory layer (one process) only this command's own process hears it.
+        """
+        report = async_to_sync(peer_sync_catalog)(peer=peer, **options)
+        if report.changed:
+            async_to_sync(publish_catalog_changed)(peer.name, report.changed)
+        return report
 
     def _tls_summary(self, peer: Peer) -> str:
         parts = (["ca-bundle"] if peer.tls_ca_bundle else []) + (["client-cert"] if peer.tls_client_cert else [])
