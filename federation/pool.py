@@ -7,18 +7,25 @@ upstream connections, so a host request may land on any worker.
 When an upstream speaks both eras, the pool gives each host the era it speaks itself, so
 nothing has to be translated. When it speaks one era only, that connection serves every host
 and the router bridges.
+
+An upstream's `server/discover` does not tell the whole story: the SDK's `MCPServer` lists only
+2026-07-28 there, yet accepts `initialize`, and its tools that ask the client mid-call
+(`ctx.elicit`, sampling) work only on a handshake-era connection. So for a handshake-era host
+the pool tries the handshake with such an upstream too; one that refuses is bridged, and asked
+again only after `LEGACY_PROBE_RETRY_SECONDS`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from federation.upstream import CONNECTION_KINDS
-from federation.upstream.base import Era, JsonDict, PeerConfig, UpstreamConnection, UpstreamUnavailableError
-from identity.upstream_oauth import upstream_auth
+from federation.upstream.base import Era, JsonDict, PeerConfig, UpstreamConnection, UpstreamError, UpstreamUnavailableError
+from identity.upstream_oauth import UpstreamAuthorizationRequiredError, upstream_auth
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +35,8 @@ USER_CONNECTIONS = 64
 """Most per-user connections to one per-user OAuth peer a worker keeps (least recently used closed first)."""
 CATALOG_OWNER = "catalog"
 """Owner of the connection to a per-user OAuth peer that lists its catalog and probes its health."""
+LEGACY_PROBE_RETRY_SECONDS = 300.0
+"""After an upstream that did not list a handshake version refused `initialize`, seconds before trying again."""
 
 
 class UpstreamPool:
@@ -36,6 +45,8 @@ class UpstreamPool:
         # peer runs one process per identity or acts with each user's own token.
         self._connections: OrderedDict[tuple[PeerConfig, Era | None, str], UpstreamConnection] = OrderedDict()
         self._locks: dict[tuple[PeerConfig, Era | None, str], asyncio.Lock] = {}
+        # (peer, owner) -> when an upstream that listed no handshake version last refused initialize.
+        self._legacy_refused: dict[tuple[PeerConfig, str], float] = {}
         self.event_handlers: list[EventHandler] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -58,11 +69,27 @@ class UpstreamPool:
         else:
             owner = identity_key if peer.per_identity and peer.transport == "stdio" else ""
         primary = await self._ensure(peer, None, owner, user_id)
-        if primary.era == prefer or peer.transport == "stdio":
+        if primary.era == prefer or peer.transport == "stdio" or prefer != "legacy":
             return primary
-        if prefer == "legacy" and primary.description.supports_legacy:
+        if primary.description.supports_legacy:
             return await self._ensure(peer, "legacy", owner, user_id)
-        return primary
+        return await self._probe_legacy(peer, primary, owner, user_id)
+
+    async def _probe_legacy(self, peer: PeerConfig, primary: UpstreamConnection, owner: str, user_id: int | None) -> UpstreamConnection:
+        """Return a handshake-era connection to an upstream that did not list the era, or `primary` if it refuses."""
+        refused_at = self._legacy_refused.get((peer, owner))
+        if refused_at is not None and time.monotonic() - refused_at < LEGACY_PROBE_RETRY_SECONDS:
+            return primary
+        try:
+            connection = await self._ensure(peer, "legacy", owner, user_id)
+        except UpstreamAuthorizationRequiredError:
+            raise  # the user must connect again, whatever the era
+        except UpstreamError as exc:
+            self._legacy_refused[(peer, owner)] = time.monotonic()
+            logger.info("peer %s: no handshake era (%s); handshake-era hosts are bridged to %s", peer.name, exc, primary.protocol_version)
+            return primary
+        self._legacy_refused.pop((peer, owner), None)
+        return connection
 
     async def _ensure(self, peer: PeerConfig, era: Era | None, owner: str = "", user_id: int | None = None) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
@@ -71,6 +98,7 @@ class UpstreamPool:
             # management command) starts from an empty pool.
             self._connections.clear()
             self._locks.clear()
+            self._legacy_refused.clear()
             self._loop = loop
         key = (peer, era, owner)
         connection = self._connections.get(key)

@@ -177,9 +177,9 @@ def listen_filter(capabilities: JsonDict) -> JsonDict:
     return wanted
 
 
-def initialize_params() -> JsonDict:
+def initialize_params(version: str = LATEST_HANDSHAKE_VERSION) -> JsonDict:
     return {
-        "protocolVersion": LATEST_HANDSHAKE_VERSION,
+        "protocolVersion": version,
         "capabilities": LEGACY_CLIENT_CAPABILITIES,
         "clientInfo": GATEWAY_CLIENT_INFO,
     }

@@ -2,7 +2,13 @@
 
 Era negotiation follows the spec's fallback rule: probe with `server/discover`; a server that
 answers it with 2026-07-28 among its supported versions is modern; anything else gets the
-`initialize` handshake.
+`initialize` handshake. A server that refuses a version with the list of those it supports
+(`data.supported`, on `-32022` or on an `initialize` error) is asked again in the newest
+handshake version of that list the gateway speaks.
+
+A handshake-era call whose SSE stream ends before its answer, after the server gave its events
+ids (SEP-1699 polling, or a dropped connection), is resumed: after the stream's `retry` delay,
+`GET` with `Last-Event-ID` continues it, up to `MAX_RESUMES` times in a row.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 
 import httpx
 from mcp.shared.inbound import encode_header_value
-from mcp_types.version import LATEST_MODERN_VERSION
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, LATEST_MODERN_VERSION
 
 from federation.client import OutboundAddressError, check_url_allowed, checked_direct_context, describe_failure, outbound_client
 from federation.tls import PeerTlsError
@@ -45,6 +51,20 @@ logger = logging.getLogger(__name__)
 ACCEPT = "application/json, text/event-stream"
 NAME_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+MAX_RESUMES = 10
+"""Resumptions of one call's stream (GET + Last-Event-ID) in a row before the call fails."""
+DEFAULT_RETRY_MS = 1000
+"""Wait before resuming a stream whose server suggested no `retry` delay (milliseconds)."""
+MAX_RETRY_MS = 30_000
+"""Longest `retry` delay honoured; the call's own timeout bounds the whole exchange anyway."""
+
+
+def speakable_handshake_version(supported: Any) -> str | None:
+    """Return the newest handshake-era version in a server's `supported` list that the gateway speaks."""
+    if not isinstance(supported, list):
+        return None
+    ours = [v for v in HANDSHAKE_PROTOCOL_VERSIONS if v in supported]
+    return max(ours) if ours else None
 
 
 class SessionExpiredError(UpstreamError):
@@ -66,6 +86,8 @@ class StreamableHttpConnection(UpstreamConnection):
         self._get_stream: asyncio.Task[None] | None = None
         self._reopen_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
+        self._handshake_version = LATEST_HANDSHAKE_VERSION
+        """The version `initialize` asks for: the latest, or the best of what the upstream listed."""
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -120,16 +142,30 @@ class StreamableHttpConnection(UpstreamConnection):
             if "HTTP 4" in str(exc):
                 return None
             raise
+        error = reply.get("error")
+        if isinstance(error, dict) and isinstance(error.get("data"), dict):
+            # An unsupported-version refusal (-32022) lists what the server speaks.
+            self._handshake_version = speakable_handshake_version(error["data"].get("supported")) or self._handshake_version
         result = reply.get("result")
         return describe_discover(result) if isinstance(result, dict) else None
 
     async def _initialize(self) -> None:
         self._session_id = None
-        body = {"jsonrpc": "2.0", "id": self.next_id(), "method": "initialize", "params": initialize_params()}
+        body = {"jsonrpc": "2.0", "id": self.next_id(), "method": "initialize", "params": initialize_params(self._handshake_version)}
         reply = await self._post_and_collect(body, {}, None, capture_session=True)
+        error = reply.get("error")
+        data = error.get("data") if isinstance(error, dict) else None
+        offered = speakable_handshake_version(data.get("supported")) if isinstance(data, dict) else None
+        if offered is not None and offered != self._handshake_version:
+            # Refused for its version, with a list to choose from (instead of a counter-offer).
+            logger.info("peer %s: refused protocol %s; asking again with %s", self.peer.name, self._handshake_version, offered)
+            self._handshake_version = offered
+            body = {"jsonrpc": "2.0", "id": self.next_id(), "method": "initialize", "params": initialize_params(offered)}
+            reply = await self._post_and_collect(body, {}, None, capture_session=True)
         if "error" in reply:
+            error = reply["error"] if isinstance(reply["error"], dict) else {}
             raise UpstreamProtocolError(
-                f"peer '{self.peer.name}' refused initialize: {reply['error'].get('message', 'error')}"
+                f"peer '{self.peer.name}' refused initialize: {error.get('message', 'error')}"
             )
         self.description = describe_initialize(reply.get("result") or {})
         await self._post_notification("notifications/initialized", None)
@@ -289,23 +325,71 @@ class StreamableHttpConnection(UpstreamConnection):
         return b"".join(chunks)
 
     async def _collect_stream(self, response: httpx.Response | LeanResponse, request_id: Any, on_message: OnMessage | None) -> JsonDict:
+        """Read a call's SSE stream to its answer, resuming it (handshake era) if it ends early.
+
+        `response` is closed by the caller; resumed streams are closed here.
+        """
+        last_id: str | None = None
+        retry_ms = DEFAULT_RETRY_MS
+        resumed: httpx.Response | None = None
         try:
-            async for event in iter_sse(response.aiter_lines(), max_event_bytes=MAX_RESPONSE_BYTES):
-                if event.event != "message" or not event.data:
-                    continue
+            for resumes in range(MAX_RESUMES + 1):
+                stream = resumed or response
                 try:
-                    message = check_message(decode(event.data, peer=self.peer.name), peer=self.peer.name)
-                except UpstreamMessageError as exc:
-                    if exc.request_id == request_id:
-                        raise  # the reply itself: the call fails (-32010)
-                    logger.warning("peer %s: ignoring a message: %s", self.peer.name, exc)
-                    continue
-                if "method" not in message and message.get("id") == request_id:
-                    return message
-                await self._handle_incoming(message, on_message)
-        except ValueError as exc:
-            raise UpstreamProtocolError(f"peer '{self.peer.name}' sent an oversized event") from exc
+                    async for event in iter_sse(stream.aiter_lines(), max_event_bytes=MAX_RESPONSE_BYTES):
+                        last_id = event.id if event.id else last_id
+                        retry_ms = min(event.retry, MAX_RETRY_MS) if event.retry is not None else retry_ms
+                        if event.event != "message" or not event.data:
+                            continue  # a priming event (an id, empty data) or another kind
+                        try:
+                            message = check_message(decode(event.data, peer=self.peer.name), peer=self.peer.name)
+                        except UpstreamMessageError as exc:
+                            if exc.request_id == request_id:
+                                raise  # the reply itself: the call fails (-32010)
+                            logger.warning("peer %s: ignoring a message: %s", self.peer.name, exc)
+                            continue
+                        if "method" not in message and message.get("id") == request_id:
+                            return message
+                        await self._handle_incoming(message, on_message)
+                except ValueError as exc:
+                    raise UpstreamProtocolError(f"peer '{self.peer.name}' sent an oversized event") from exc
+                # 2026-07-28 has no resumability (a closed stream is a cancellation), and a stream
+                # whose events carried no id cannot be resumed.
+                if self.era != "legacy" or not self.description.protocol_version or last_id is None or resumes == MAX_RESUMES:
+                    break
+                if resumed is not None:
+                    await resumed.aclose()
+                    resumed = None
+                await asyncio.sleep(retry_ms / 1000)
+                resumed = await self._resume(last_id)
+        finally:
+            if resumed is not None:
+                await resumed.aclose()
         raise UpstreamUnavailableError(f"peer '{self.peer.name}' closed the stream before answering")
+
+    async def _resume(self, last_id: str) -> httpx.Response:
+        """Reopen a call's stream after the event `last_id` (GET + Last-Event-ID).
+
+        Raises:
+            UpstreamUnavailableError: the upstream cannot be reached or will not resume the stream.
+        """
+        assert self._client is not None
+        logger.info("peer %s: resuming a call's stream after event %s", self.peer.name, last_id)
+        headers = self._headers({"Accept": "text/event-stream", "Last-Event-ID": last_id})
+        del headers["Content-Type"]
+        try:
+            response = await self._client.send(self._client.build_request("GET", self._url, headers=headers), stream=True)
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailableError(
+                f"peer '{self.peer.name}' closed the stream before answering, and resuming it failed: {describe_failure(exc, over_tls=self._url.scheme == 'https')}"
+            ) from exc
+        content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if response.status_code != 200 or content_type != "text/event-stream":
+            await response.aclose()
+            raise UpstreamUnavailableError(
+                f"peer '{self.peer.name}' closed the stream before answering, and refused to resume it (HTTP {response.status_code})"
+            )
+        return response
 
     async def _handle_incoming(self, message: JsonDict, on_message: OnMessage | None) -> None:
         """Route a message the upstream sent on a request's stream or the GET stream."""

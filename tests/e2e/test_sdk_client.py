@@ -2,9 +2,10 @@
 
 Every behaviour runs over each way a host can reach the aggregated endpoint: Streamable HTTP
 at /mcp with `mode="auto"`, `"legacy"` and `"2026-07-28"`, and legacy HTTP+SSE at /sse. Both
-peers (conftest: `web` over Streamable HTTP, `local` over stdio) speak 2026-07-28, so
-handshake-era hosts also exercise the gateway's bridge between eras (input_required turned
-into sampling/elicitation requests to the host).
+peers (conftest: `web` over Streamable HTTP, `local` over stdio) speak both eras. The gateway
+gives a handshake-era host the handshake era of `web` (a connection of its own), but `local`
+is one process in 2026-07-28, so handshake-era hosts also exercise the gateway's bridge between
+eras there (input_required turned into sampling/elicitation requests to the host).
 """
 
 from __future__ import annotations
