@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('identity', '0009_consent_continuation'),
+        ('identity', '0010_audit_outcome_input'),
     ]
 
     operations = [
