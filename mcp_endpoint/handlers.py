@@ -23,8 +23,8 @@ from federation.upstream.base import UpstreamError
 from fedmcp_site.layers import Memberships
 from identity import consent_cache
 from identity.audit import audit_record
-from mcp_endpoint import jsonrpc, sessions
 from identity.upstream_oauth import UpstreamAuthorizationRequiredError
+from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.connect_gate import connect_required_error
 from mcp_endpoint.consent_gate import consent_unasked
 from mcp_endpoint.context import HostContext
