@@ -239,10 +239,11 @@ class RateLimitQuerySet(models.QuerySet["RateLimit"]):
 class RateLimit(models.Model):
     """A token-bucket limit on the calls this gateway forwards to upstreams.
 
-    Identity rules: a bucket per caller (the token's user and OAuth client). A row naming a
-    user, a client or both sets the rate for matching callers; the most specific row wins
-    (user and client, then user, then client); a row naming neither is the default for
-    everyone else. Peer rules: one bucket per peer, shared by all callers, to protect the
+    Identity rules: the most specific matching row applies (user and client, then user, then
+    client, then a row naming neither, the default), and its bucket belongs to what it names:
+    a user (all their clients together), a client (all its users together), or that pair. The
+    default gives each caller its own: a user (all their clients), a federated user, or a
+    client acting for nobody (federation/ratelimit.py `identity_bucket`). Peer rules: one bucket per peer, shared by all callers, to protect the
     upstream; a row without a peer is the default for every peer. No matching row: no limit.
     """
 

@@ -98,8 +98,8 @@ class Rules:
     identity: dict[tuple[int | None, str], Limit] = field(default_factory=dict)
     peer: dict[int | None, Limit] = field(default_factory=dict)
 
-    def for_identity(self, user_id: int | None, client_id: str) -> Limit | None:
-        """The most specific rule: user and client, user, client, then the default."""
+    def identity_rule(self, user_id: int | None, client_id: str) -> tuple[tuple[int | None, str], Limit] | None:
+        """The most specific rule, as (its user and client, its limit): user and client, user, client, then the default."""
         candidates: list[tuple[int | None, str]] = []
         if user_id is not None:
             if client_id:
@@ -111,8 +111,13 @@ class Rules:
         for key in candidates:
             limit = self.identity.get(key)
             if limit is not None:
-                return limit
+                return key, limit
         return None
+
+    def for_identity(self, user_id: int | None, client_id: str) -> Limit | None:
+        """The limit of the most specific rule (`identity_rule`)."""
+        matched = self.identity_rule(user_id, client_id)
+        return matched[1] if matched is not None else None
 
     def for_peer(self, peer_id: int) -> Limit | None:
         return self.peer.get(peer_id) or self.peer.get(None)
@@ -218,17 +223,27 @@ redis_buckets = RedisBuckets()
 _last_backend_warning = 0.0
 
 
-def identity_key(identity: Any) -> tuple[int | None, str, str]:
-    """(user id, client id, bucket name) of a caller; tokens without a user count as their client."""
+def identity_bucket(rule: tuple[int | None, str], identity: Any) -> str:
+    """Name the bucket a caller takes from under `rule`: whoever the rule names shares it.
+
+    A rule for a user is that user's, through every client they use (a user cannot escape it by
+    registering another client); a rule for a client is that client's, for all its users (a
+    peer gateway cannot escape it by asserting new users); a rule for both is that pair's. The
+    default rule gives each caller a bucket: a local user (all their clients together), a user
+    a peer gateway asserts (per gateway and subject), or a client acting for nobody.
+    """
+    rule_user, rule_client = rule
+    if rule_user is not None:
+        return f"u{rule_user}:c{rule_client}" if rule_client else f"u{rule_user}"
+    if rule_client:
+        return f"c{rule_client}"
     if identity is None:
-        return None, "", "anonymous"
-    user_id = identity.user_id
-    client_id = identity.client_id or ""
-    name = f"u{user_id if user_id is not None else '-'}:c{client_id}"
+        return "anonymous"
+    if identity.user_id is not None:
+        return f"u{identity.user_id}"
     if getattr(identity, "federated_subject", ""):
-        # A peer gateway acting for one of its users: that user, not the whole gateway.
-        name += f":f{identity.federated_issuer}|{identity.federated_subject}"
-    return user_id, client_id, name
+        return f"c{identity.client_id}:f{identity.federated_issuer}|{identity.federated_subject}"
+    return f"c{identity.client_id}"
 
 
 async def _take(bucket: str, limit: Limit) -> int:
@@ -259,10 +274,12 @@ async def check_call(*, identity: Any, peer: PeerConfig) -> None:
     current = await rules.get()
     if not current.identity and not current.peer:
         return
-    user_id, client_id, name = identity_key(identity)
-    limit = current.for_identity(user_id, client_id)
-    if limit is not None:
-        wait = await _take(f"identity:{name}", limit)
+    user_id = identity.user_id if identity is not None else None
+    client_id = (identity.client_id or "") if identity is not None else ""
+    matched = current.identity_rule(user_id, client_id)
+    if matched is not None:
+        rule, limit = matched
+        wait = await _take(f"identity:{identity_bucket(rule, identity)}", limit)
         if wait:
             metrics.RATE_LIMITED.labels("identity", peer.name).inc()
             raise RateLimitExceededError("identity", wait)
