@@ -256,9 +256,11 @@ def test_a_2026_host_is_asked_once_however_many_rounds_bs_upstream_asks(chain: d
 
     assert text_of(done) == "Alice's favorite color is green"
     # B, the owner, continued both rounds of the call alice approved at A; A asked her once.
-    match = {"peer": "tools", "name": "test_input_required_result_multi_round", "method": "tools/call", "decision": "continued", "outcome": "ok"}
+    match = {"peer": "tools", "name": "test_input_required_result_multi_round", "method": "tools/call", "decision": "continued"}
     continued = wait_for_audit(b, match, count=2)
     assert {(e["federated_subject"], e["federated_issuer"]) for e in continued} == {("alice", a.public_url)}
+    # The first retry was answered with the upstream's next question (outcome input), the second completed.
+    assert [e["outcome"] for e in continued] == ["input", "ok"]
     asked_at_a = a.python("from identity.models import ConsentPrompt; print(ConsentPrompt.objects.filter(name='test_input_required_result_multi_round').count())")
     assert asked_at_a.strip() == "1"
 
