@@ -105,8 +105,8 @@ class PeerOutput(serializers.ModelSerializer):
     class Meta:
         model = Peer
         fields = (
-            "id", "name", "transport", "url", "command", "args", "enabled", "is_gateway", "remote_gateway", "client_id",
-            "has_client_secret", "env_names", "token_url", "tls_ca_bundle", "tls_client_cert", "has_tls_client_key",
+            "id", "name", "transport", "url", "command", "args", "enabled", "is_gateway", "remote_gateway", "suggested_gateway",
+            "client_id", "has_client_secret", "env_names", "token_url", "tls_ca_bundle", "tls_client_cert", "has_tls_client_key",
             "per_identity", "max_processes", "connect_timeout",
             "call_timeout", "protocol_version", "server_info", "last_synced_at", "last_error", "reachable",
             "catalog_size", "created_at", "updated_at",
