@@ -135,6 +135,7 @@ class SyncOutput(serializers.Serializer):
     counts = serializers.DictField(child=serializers.IntegerField())
     errors = serializers.DictField(child=serializers.CharField())
     changed = serializers.ListField(child=serializers.CharField())
+    warnings = serializers.ListField(child=serializers.CharField(), help_text="What the operator should know though the sync worked (a gateway this one does not believe).")
 
 
 def _sync(peer: Peer) -> dict[str, Any]:
@@ -142,7 +143,7 @@ def _sync(peer: Peer) -> dict[str, Any]:
     if report.changed:
         async_to_sync(publish_catalog_changed)(peer.name, report.changed)
     return {"peer": report.peer, "ok": report.ok, "protocol_version": report.protocol_version, "counts": report.counts,
-            "errors": report.errors, "changed": report.changed}
+            "errors": report.errors, "changed": report.changed, "warnings": report.warnings}
 
 
 class PeerListApi(AdminApi):

@@ -162,6 +162,9 @@ def report_sync(request: HttpRequest, peer: Peer, report: SyncReport) -> None:
     else:
         failed = "; ".join(f"{kind}: {error}" for kind, error in report.errors.items())
         messages.warning(request, f"Connected to '{peer.name}', found {found}, but some lists failed: {failed}")
+    for warning in report.warnings:
+        # A peer that says it is a gateway, or a marked gateway this one does not believe yet.
+        messages.warning(request, f"'{peer.name}': {warning}")
 
 
 def sync_and_report(request: HttpRequest, peer: Peer) -> SyncReport:
