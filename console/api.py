@@ -138,8 +138,8 @@ class PeerOutput(serializers.ModelSerializer):
     class Meta:
         model = Peer
         fields = (
-            "id", "name", "transport", "url", "command", "args", "enabled", "is_gateway", "remote_gateway", "client_id",
-            "has_client_secret", "env_names", "token_url", "tls_ca_bundle", "tls_client_cert", "has_tls_client_key",
+            "id", "name", "transport", "url", "command", "args", "enabled", "is_gateway", "remote_gateway", "suggested_gateway",
+            "client_id", "has_client_secret", "env_names", "token_url", "tls_ca_bundle", "tls_client_cert", "has_tls_client_key",
             "per_identity", "max_processes", "connect_timeout",
             "call_timeout", "protocol_version", "server_info", "last_synced_at", "last_error", "reachable",
             "catalog_size", "created_at", "updated_at",
@@ -168,6 +168,7 @@ class SyncOutput(serializers.Serializer):
     counts = serializers.DictField(child=serializers.IntegerField())
     errors = serializers.DictField(child=serializers.CharField())
     changed = serializers.ListField(child=serializers.CharField())
+    warnings = serializers.ListField(child=serializers.CharField(), help_text="What the operator should know though the sync worked (a gateway this one does not believe).")
 
 
 def _sync(peer: Peer) -> dict[str, Any]:
@@ -175,7 +176,7 @@ def _sync(peer: Peer) -> dict[str, Any]:
     if report.changed:
         async_to_sync(publish_catalog_changed)(peer.name, report.changed)
     return {"peer": report.peer, "ok": report.ok, "protocol_version": report.protocol_version, "counts": report.counts,
-            "errors": report.errors, "changed": report.changed}
+            "errors": report.errors, "changed": report.changed, "warnings": report.warnings}
 
 
 class PeerListApi(AdminApi):

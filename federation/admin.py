@@ -58,7 +58,9 @@ class PeerAdminForm(forms.ModelForm):
 
     class Meta:
         model = Peer
-        exclude = ["client_secret", "env", "tls_client_key"]
+        # What a sync learns of a gateway peer is shown, never edited: believing one is for
+        # `is_gateway` and the trust records (identity/trust.py `peer_gateway_standing`).
+        exclude = ["client_secret", "env", "tls_client_key", "remote_gateway", "suggested_gateway"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -160,6 +162,9 @@ def report_sync(request: HttpRequest, peer: Peer, report: SyncReport) -> None:
     else:
         failed = "; ".join(f"{kind}: {error}" for kind, error in report.errors.items())
         messages.warning(request, f"Connected to '{peer.name}', found {found}, but some lists failed: {failed}")
+    for warning in report.warnings:
+        # A peer that says it is a gateway, or a marked gateway this one does not believe yet.
+        messages.warning(request, f"'{peer.name}': {warning}")
 
 
 def sync_and_report(request: HttpRequest, peer: Peer) -> SyncReport:
@@ -179,8 +184,8 @@ class PeerAdmin(admin.ModelAdmin):
     list_filter = ("transport", "enabled", "user_oauth")
     search_fields = ("name", "url", "command")
     readonly_fields = (
-        "circuit", "protocol_version", "server_info", "capabilities", "instructions", "last_synced_at",
-        "last_error", "created_at", "updated_at",
+        "circuit", "remote_gateway", "suggested_gateway", "protocol_version", "server_info", "capabilities", "instructions",
+        "last_synced_at", "last_error", "created_at", "updated_at",
     )
     inlines = [CatalogEntryInline, PeerHealthCheckInline]
     actions = ["refresh_catalog", "enable_peers", "disable_peers"]

@@ -488,7 +488,8 @@ class UpstreamCall:
     method: str
     name: str
     from_gateway: bool = False
-    """The peer is another fedmcp gateway, which has gated its own upstreams' requests already."""
+    """The peer is a fedmcp gateway this one believes (`PeerConfig.trusted_gateway`: marked by the
+    operator and trusted in turn), which has gated its own upstreams' requests already."""
     peer_origin: str = ""
     """A peer gateway's public origin: what signs as that peer (identity/deferral.py)."""
     arguments: Any = field(default=None, compare=False)
