@@ -438,8 +438,11 @@ class StreamableHttpConnection(UpstreamConnection):
                                 await self._handle_incoming(message, None)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except (httpx.HTTPError, UpstreamError, ValueError) as exc:  # the stream broke or ran over its bounds
                 logger.debug("peer %s: GET stream ended: %s", self.peer.name, exc)
+            except Exception:
+                # Not a broken stream: a bug. Said loudly, and the stream is opened again all the same.
+                logger.exception("peer %s: reading the GET stream failed", self.peer.name)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
             headers = self._headers({"Accept": "text/event-stream"})
@@ -470,8 +473,11 @@ class StreamableHttpConnection(UpstreamConnection):
                             await self._route_unrelated(message)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except (httpx.HTTPError, UpstreamError, ValueError) as exc:  # the stream broke or ran over its bounds
                 logger.debug("peer %s: listen stream ended: %s", self.peer.name, exc)
+            except Exception:
+                # Not a broken stream: a bug. Said loudly, and the stream is opened again all the same.
+                logger.exception("peer %s: reading the listen stream failed", self.peer.name)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
 
