@@ -138,8 +138,12 @@ class Breakers:
         return {peer_id: b.state for peer_id, b in self._by_peer.items()}
 
     def open_peers(self) -> frozenset[int]:
-        """Peers whose circuit is open: their items are left out of list results."""
-        return frozenset(peer_id for peer_id, b in self._by_peer.items() if b.state == CircuitState.OPEN)
+        """Peers whose circuit is not closed: their items are left out of list results.
+
+        Half-open counts: the worker probes open circuits every few seconds, and a probe of an
+        unreachable host may last the connect timeout; the items come back once a probe succeeds.
+        """
+        return frozenset(peer_id for peer_id, b in self._by_peer.items() if b.state != CircuitState.CLOSED)
 
     def forget(self, peer_id: int) -> None:
         """Drop a removed or disabled peer's breaker and stop probing it."""

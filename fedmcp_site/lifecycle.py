@@ -28,6 +28,7 @@ import contextvars
 import logging
 import signal
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -163,6 +164,7 @@ def install() -> None:
     reactor.callWhenRunning(_take_over_sigterm, reactor)
     reactor.callWhenRunning(_start_upkeep)
     reactor.addSystemEventTrigger("before", "shutdown", _before_shutdown)
+    reactor.addSystemEventTrigger("after", "shutdown", write_remaining_audit)
 
 
 def _start_upkeep() -> None:
@@ -224,6 +226,7 @@ async def _drain_then_stop(reactor: Any) -> None:
             await asyncio.wait(pending, timeout=remaining)
         await asyncio.sleep(max(0.0, min(REPLY_SETTLE_SECONDS, deadline - loop.time())))
         await _wait_for_writes(reactor, FLUSH_TIMEOUT)
+        await _flush_audit()  # while everything is still up; release_worker flushes again
     finally:
         _stop(reactor)
 
@@ -248,31 +251,66 @@ async def release_worker() -> None:
     from federation import ratelimit
     from federation.pool import pool
     from fedmcp_site import caching
-    from identity.audit import audit_flush, audit_unwritten, describe
     from mcp_endpoint.sessions import close_held_sessions
 
-    pending = observability.in_flight_tasks(streams=True)
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending, timeout=CANCEL_TIMEOUT)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CANCEL_TIMEOUT
+    # Until the reactor drops them, connections a balancer keeps alive may still bring requests:
+    # cancel and wait again until nothing runs, so each one's audit row is in the flush below.
+    while (pending := observability.in_flight_tasks(streams=True)) and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=max(0.01, deadline - loop.time()))
     # Streams end with the process: their sessions are closed now, not when their leases expire.
     try:
         await asyncio.wait_for(close_held_sessions(), CANCEL_TIMEOUT)
     except Exception:
         logger.warning("could not close this worker's WebSocket and SSE sessions; their leases will expire", exc_info=True)
-    # The audit trail is written off the response path; what the requests above recorded,
-    # cancelled ones included, is written before the process exits.
-    try:
-        await asyncio.wait_for(audit_flush(), CANCEL_TIMEOUT)
-    except TimeoutError:
-        logger.error("audit events were still being written at shutdown; some may be lost")
-    for event in audit_unwritten():
-        # The database is unreachable: the log is the last place these events can go.
-        logger.error("audit event not written at shutdown: %s", describe(event))
     try:
         await pool.close()
         await ratelimit.close()
         await caching.close()
     except Exception:
         logger.exception("releasing upstream connections failed")
+    # The audit trail is written off the response path; what the requests above recorded,
+    # cancelled ones included, is written before the process exits (last: nothing above records).
+    await _flush_audit()
+
+
+async def _flush_audit() -> None:
+    from identity.audit import audit_flush
+
+    try:
+        await asyncio.wait_for(audit_flush(), CANCEL_TIMEOUT)
+    except TimeoutError:
+        logger.error("audit events were still being written at shutdown; some may be lost")
+
+
+def write_remaining_audit() -> None:
+    """Write what is still queued (recorded after the last flush), and log in full what cannot be.
+
+    Runs after everything else at shutdown (a Twisted "after shutdown" trigger), on a thread of
+    its own because the ORM refuses the event loop's thread; nothing is lost silently.
+    """
+    from identity.audit import audit_pending, audit_write_remaining, describe
+
+    if not audit_pending():
+        return
+    unwritten: list[Any] = []
+
+    def write() -> None:
+        try:
+            unwritten.extend(audit_write_remaining())
+        finally:
+            from django.db import connections
+
+            connections.close_all()
+
+    writer = threading.Thread(target=write, name="fedmcp-audit-at-exit")
+    writer.start()
+    writer.join(CANCEL_TIMEOUT)
+    if writer.is_alive():
+        logger.error("audit events were still being written at exit; some may be lost")
+    for event in unwritten:
+        # The database is unreachable: the log is the last place these events can go.
+        logger.error("audit event not written at shutdown: %s", describe(event))

@@ -21,7 +21,9 @@ Each event carries the time it was recorded, not the time it was written. `audit
 writes everything recorded so far and returns when it is in the database (or, while the
 database is unreachable, after one attempt, keeping the events queued); the worker's shutdown
 (fedmcp_site/lifecycle.py `release_worker`) awaits it and logs in full what could not be
-written, and tests and readers that need the rows now await it too.
+written, and tests and readers that need the rows now await it too. An event recorded even
+later (a request that arrived on a kept-alive connection while the worker was being released)
+is written by `audit_write_remaining`, the last thing the worker does before it exits.
 """
 
 from __future__ import annotations
@@ -326,6 +328,25 @@ def _insert_rows(batch: list[PendingEvent]) -> None:
                     copy.write_row(row)
         else:
             cursor.executemany(insert.sql, rows)
+
+
+def audit_write_remaining() -> list[PendingEvent]:
+    """Write every queued event now, synchronously; return those the database would not take.
+
+    For the very end of a worker's life, after its event loop has stopped serving (call it from
+    a thread of its own: the ORM refuses to run in the event loop's thread). Batches the writer
+    task took are not touched; the shutdown's `audit_flush` waited for them.
+    """
+    unwritten: list[PendingEvent] = []
+    while _writer.queue:
+        batch = _writer.queue[: batch_size()]
+        del _writer.queue[: len(batch)]
+        left = _save_batch.func(batch)  # type: ignore[attr-defined]  # the sync function under database_sync_to_async
+        if left:
+            unwritten.extend(left)
+            unwritten.extend(_writer.queue)
+            _writer.queue.clear()
+    return unwritten
 
 
 def audit_unwritten() -> list[AuditEvent]:

@@ -78,6 +78,18 @@ class ProbeScheduleTests(SimpleTestCase):
         assert breaker.state == CircuitState.CLOSED
         assert not refused(breaker) and not refused(breaker)
 
+    def test_a_peer_being_probed_stays_out_of_lists_until_the_probe_succeeds(self) -> None:
+        breakers = health.Breakers()
+        with override_settings(FEDERATION_BREAKER_FAILURES=1):
+            breaker = breakers.for_peer(PEER)
+        breaker.clock = FakeClock()
+        breaker.record_failure(UpstreamUnavailableError("refused"))
+        breaker.clock.advance(0.5)  # type: ignore[attr-defined]
+        assert breaker.try_probe()
+        assert PEER.id in breakers.open_peers()
+        breaker.record_success()
+        assert PEER.id not in breakers.open_peers()
+
     def test_a_refusal_says_when_the_next_probe_is_due(self) -> None:
         clock = FakeClock()
         breaker = opened(clock)
