@@ -178,7 +178,7 @@ def _run_as() -> tuple[str, str] | None:
 
 def _reachable_by(user: str, path: Path) -> bool:
     """True if `user` can enter `path` (every parent must be searchable)."""
-    return subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(path)], capture_output=True).returncode == 0
+    return subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(path)], capture_output=True, check=False).returncode == 0
 
 
 def _wait_until(check, what: str, process: subprocess.Popen, log: Path) -> None:
@@ -219,12 +219,13 @@ def start_postgres(base: Path) -> Server:
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd="/",
+            check=False,
             **user_args,
         )
     if initdb.returncode != 0:
         raise ServiceError(f"initdb failed:\n{_tail(log)}")
     port = free_port()
-    out = open(log, "ab")
+    out = open(log, "ab")  # noqa: SIM115 - the server writes to it; closed here once it has it
     process = subprocess.Popen(
         [
             str(bin_dir / "postgres"), "-D", str(data_dir / "data"), "-k", str(data_dir), "-h", "127.0.0.1", "-p", str(port),
@@ -262,7 +263,7 @@ def start_redis(base: Path) -> Server:
     data_dir.mkdir(parents=True)
     port = free_port()
     log = base / "redis.log"
-    out = open(log, "wb")
+    out = open(log, "wb")  # noqa: SIM115 - as above
     process = subprocess.Popen(
         [program, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data_dir)],
         stdout=out,

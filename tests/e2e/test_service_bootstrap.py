@@ -71,7 +71,7 @@ def test_starts_uses_and_stops_its_own_servers_when_none_answer(tmp_path: Path) 
     env = _forced_env(tmp_path)
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--", sys.executable, "-c", CHILD, str(report)],
-        env=env, capture_output=True, text=True, timeout=180,
+        env=env, capture_output=True, text=True, timeout=180, check=False,
     )
     assert result.returncode == 0, result.stderr
     seen = json.loads(report.read_text())
@@ -87,7 +87,7 @@ def test_starts_uses_and_stops_its_own_servers_when_none_answer(tmp_path: Path) 
 def test_the_commands_exit_status_is_passed_on(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--", sys.executable, "-c", "raise SystemExit(3)"],
-        env=_forced_env(tmp_path), capture_output=True, text=True, timeout=180,
+        env=_forced_env(tmp_path), capture_output=True, text=True, timeout=180, check=False,
     )
     assert result.returncode == 3, result.stderr
     assert "stopped PostgreSQL" in result.stderr and "stopped Redis" in result.stderr
@@ -124,7 +124,7 @@ def test_uses_the_usual_servers_when_they_answer(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--", sys.executable, "-c",
          "import os, json; print(json.dumps([os.environ['FEDMCP_E2E_POSTGRES'], os.environ['FEDMCP_E2E_REDIS']]))"],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env, capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [harness.POSTGRES_ADMIN_DSN, harness.REDIS_URL]

@@ -82,7 +82,7 @@ def test_a_child_that_exits_shows_its_stderr_at_once_and_leaves_no_peer() -> Non
 
 @pytest.mark.django_db(transaction=True)
 def test_force_keeps_the_failing_peer_and_still_shows_why() -> None:
-    out, err = run("add", "broken", "--command", FAILING_CHILD, "--force")
+    _, err = run("add", "broken", "--command", FAILING_CHILD, "--force")
 
     assert NOT_FOUND_404 in err
     assert "manage.py peer refresh broken" in err

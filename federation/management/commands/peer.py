@@ -37,7 +37,6 @@ from django.core.management.base import BaseCommand, CommandError
 from federation.credentials import PeerCredentialsError
 from federation.events import publish_catalog_changed
 from federation.models import CatalogKind, Peer, Transport
-from federation.upstream.stdio import FIRST_START_TIMEOUT, fetches_on_first_start
 from federation.services import (
     PeerConfigError,
     SyncReport,
@@ -48,7 +47,7 @@ from federation.services import (
     peer_set_tls,
     peer_sync_catalog,
 )
-
+from federation.upstream.stdio import FIRST_START_TIMEOUT, fetches_on_first_start
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
