@@ -371,7 +371,7 @@ class AuditOutput(serializers.ModelSerializer):
         model = AuditEvent
         fields = (
             "id", "at", "user", "username", "federated_issuer", "federated_subject", "client_id", "via", "peer",
-            "method", "name", "decision", "outcome", "error_code", "latency_ms",
+            "method", "name", "arguments_hash", "decision", "outcome", "error_code", "latency_ms",
         )
 
 

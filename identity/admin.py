@@ -18,7 +18,7 @@ from identity.models import AuditEvent, FederatedIdentity, TrustedGateway, Upstr
 
 CSV_COLUMNS = (
     "at", "username", "federated_issuer", "federated_subject", "client_id", "via", "peer", "method", "name",
-    "decision", "outcome", "error_code", "latency_ms",
+    "arguments_hash", "decision", "outcome", "error_code", "latency_ms",
 )
 DECISIONS = (
     ("allow", "allow (policy or default)"),

@@ -40,6 +40,7 @@ from django.db import InterfaceError, OperationalError, connections, router, tra
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
+from identity.call_digest import arguments_hash
 from identity.models import AuditEvent
 from identity.tokens import Identity
 
@@ -66,6 +67,7 @@ class PendingEvent(NamedTuple):
     error_code: int | None
     decision: str
     latency_ms: float
+    arguments_hash: str = ""
 
     def model(self) -> AuditEvent:
         """The unsaved `AuditEvent` with these values."""
@@ -181,6 +183,7 @@ def describe(event: AuditEvent | PendingEvent) -> str:
         "at": event.at.isoformat() if event.at else None, "user": event.username, "federated": f"{event.federated_subject}@{event.federated_issuer}",
         "client": event.client_id, "via": event.via, "peer": event.peer, "method": event.method, "name": event.name,
         "outcome": event.outcome, "error_code": event.error_code, "decision": event.decision, "latency_ms": event.latency_ms,
+        "arguments_hash": event.arguments_hash,
     })
 
 
@@ -195,12 +198,14 @@ def audit_record(
     via: list[str] | tuple[str, ...] = (),
     decision: str = "",
     input_required: bool = False,
+    arguments: Any = None,
 ) -> None:
     """Record one forwarded call, without waiting.
 
     The outcome: `error` with `error_code`; else `input` when the host was answered
     `input_required` (the call has not run, or not finished: it waits for the host's retry);
-    else `ok`.
+    else `ok`. `arguments`: those of a tool call or prompt, recorded as their digest (the one
+    consent approvals are bound to), never in clear.
     """
     if identity is not None:
         who = (identity.user_id, identity.username, identity.federated_issuer, identity.federated_subject, identity.client_id)
@@ -210,6 +215,7 @@ def audit_record(
     _writer.add(PendingEvent(
         timezone.now(), *who, list(via), peer, method, name[:2000],
         _outcome(error_code, input_required), error_code, decision, round(latency_ms, 3),
+        "" if arguments is None else arguments_hash(arguments),
     ))
 
 

@@ -33,8 +33,8 @@ from typing import Any
 import jwt
 
 from identity import trust
+from identity.call_digest import arguments_hash
 from identity.models import TrustedGateway
-from identity.remote_consent import arguments_hash
 from identity.signing import ACCEPTED_ALGORITHMS, AssertionConfigError, issuer, signing_key
 from identity.tokens import Identity
 

@@ -121,6 +121,14 @@ class AuditEvent(models.Model):
     peer = models.CharField(max_length=48)
     method = models.CharField(max_length=64)
     name = models.CharField(max_length=2000, blank=True, help_text="Tool or prompt name, or resource URI, as the peer knows it.")
+    arguments_hash = models.CharField(
+        max_length=64, blank=True,
+        help_text=(
+            "SHA-256 of the canonical JSON arguments the call was decided on and sent with (tools/call, prompts/get; "
+            "identity/remote_consent.py `arguments_hash`): what a consent approval is bound to."
+        ),
+    )
+
     class Outcome(models.TextChoices):
         OK = "ok", "ok"
         ERROR = "error", "error"

@@ -22,8 +22,6 @@ B, B signs its own decision for C's nonce.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from identity import trust
+from identity.call_digest import arguments_hash
 from identity.consent import KIND_FOR_METHOD, REMEMBER_CHOICES
 from identity.models import ConsentGrant, RemoteConsent
 from identity.signing import ACCEPTED_ALGORITHMS, issuer, signing_key
@@ -61,12 +60,6 @@ class RemoteConsentError(Exception):
         super().__init__(description)
         self.reason = reason
         self.description = description
-
-
-def arguments_hash(arguments: Any) -> str:
-    """SHA-256 (hex) of the canonical JSON of a call's arguments: sorted keys, no spaces."""
-    canonical = json.dumps(arguments if arguments is not None else {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

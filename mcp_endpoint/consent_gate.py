@@ -41,9 +41,10 @@ from django.core import signing
 from federation.router import Route
 from identity import consent, consent_cache, deferral, remote_consent, trust
 from identity.audit import audit_record
+from identity.call_digest import arguments_hash
 from identity.models import ConsentDecision, ConsentPrompt
-from identity.upstream_requests import request_summary, source_text
 from identity.signing import AssertionConfigError, issuer
+from identity.upstream_requests import request_summary, source_text
 from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
 
@@ -261,7 +262,7 @@ def approval_for(ctx: HostContext, peer: str, kind: str, name: str, arguments: A
         who, client_id = f"user:{identity.user_id}", identity.client_id
     else:
         who, client_id = f"{identity.federated_issuer}#{identity.federated_subject}", identity.client_id
-    return Approval(who, client_id, peer, kind, name, remote_consent.arguments_hash(arguments))
+    return Approval(who, client_id, peer, kind, name, arguments_hash(arguments))
 
 
 def continue_prefix() -> str:

@@ -77,6 +77,8 @@ REQUEST_CAPABILITY = {
 }
 SAFE_TO_RETRY = frozenset({"resources/read", "prompts/get", "completion/complete"})
 """Methods without side effects: a broken connection may be retried once."""
+ARGUMENT_METHODS = frozenset({"tools/call", "prompts/get"})
+"""Calls whose arguments are part of what consent decides, so of what the audit row records (as a digest)."""
 CACHEABLE_METHODS = ("resources/read", "tools/list", "resources/list", "resources/templates/list", "prompts/list")
 
 
@@ -387,7 +389,9 @@ async def forward(ctx: HostContext, route: Route, method: str, params: JsonDict)
             result = gate.result
             return result
         consent_relay.home_answer_reset()
-        result = await _forward(ctx, route, method, gate.params if gate.params is not None else params, hops, gate.approval)
+        if gate.params is not None:
+            params = gate.params
+        result = await _forward(ctx, route, method, params, hops, gate.approval)
         # A peer gateway that owns the call may have asked our user (distributed consent).
         decision = consent_relay.home_answer(decision)
         return result
@@ -412,6 +416,7 @@ async def forward(ctx: HostContext, route: Route, method: str, params: JsonDict)
             decision=decision,
             # Not `ok`: nothing ran yet, or not to the end (docs/CONSENT.md "Outcomes").
             input_required=error_code is None and result is not None and result.get("resultType") == "input_required",
+            arguments=_arguments(method, params) if method in ARGUMENT_METHODS else None,
         )
 
 
