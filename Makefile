@@ -94,7 +94,7 @@ conformance: venv tools
 harden: venv
 	@mkdir -p build/harden
 	@rm -f build/harden/fuzz-*.json
-	FEDMCP_FUZZ_EXAMPLES=10000 FEDMCP_HARDEN_DIR=$(abspath build/harden) $(PY) -m pytest tests/hardening -p no:cacheprovider -q
+	FEDMCP_FUZZ_EXAMPLES=10000 FEDMCP_INVARIANT_EXAMPLES=200 FEDMCP_HARDEN_DIR=$(abspath build/harden) $(PY) -m pytest tests/hardening tests/security -p no:cacheprovider -q
 
 # Direct-to-upstream against through-fedmcp, in one run (under 10 minutes); figures in
 # bench/results/, table in docs/PERFORMANCE.md. wrk (Debian package) and py-spy are optional.
