@@ -342,6 +342,20 @@ class Interpreter:
         self._log.close()
 
 
+@contextlib.contextmanager
+def migrated_gateway(request: pytest.FixtureRequest, **options: object) -> Iterator[Gateway]:
+    """A migrated `Gateway(**options)` for a fixture: its logs go to stderr when a test using it failed; cleaned up after."""
+    gw = Gateway(**options)  # type: ignore[arg-type]
+    failed_before = request.session.testsfailed
+    try:
+        gw.migrate()
+        yield gw
+    finally:
+        if request.session.testsfailed > failed_before:
+            sys.stderr.write(gw.logs())
+        gw.cleanup()
+
+
 class Gateway:
     """A fedmcp gateway in its own folder and database, run as real daphne workers.
 

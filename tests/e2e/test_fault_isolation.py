@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,7 +33,15 @@ from mcp.shared.exceptions import MCPError
 
 from mcp_endpoint import jsonrpc
 from tests.e2e.conftest import stdio_fixture_command
-from tests.e2e.harness import ROOT, Gateway, fixture_command, free_port, stop, wait_http
+from tests.e2e.harness import (
+    ROOT,
+    Gateway,
+    fixture_command,
+    free_port,
+    migrated_gateway,
+    stop,
+    wait_http,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
@@ -110,15 +117,8 @@ def gateway(request: pytest.FixtureRequest, upstreams: Callable[[str], FixtureUp
     It stops before the test's upstreams do: an HTTP upstream still holding the gateway's
     streams would otherwise wait for them on SIGTERM.
     """
-    gw = Gateway(name="faults", env=FAULT_SETTINGS)
-    failed_before = request.session.testsfailed
-    try:
-        gw.migrate()
+    with migrated_gateway(request, name="faults", env=FAULT_SETTINGS) as gw:
         yield gw
-    finally:
-        if request.session.testsfailed > failed_before:
-            sys.stderr.write(gw.logs())
-        gw.cleanup()
 
 
 def worker_pid(gw: Gateway) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -25,7 +24,7 @@ from mcp.shared.exceptions import MCPError
 
 from mcp_endpoint import jsonrpc
 from tests.e2e.conftest import stdio_fixture_command
-from tests.e2e.harness import ROOT, Gateway
+from tests.e2e.harness import ROOT, Gateway, migrated_gateway
 from tests.e2e.test_fault_isolation import (  # noqa: F401  (fixtures)
     FixtureUpstream,
     add,
@@ -52,15 +51,8 @@ CIRCUIT_OPEN = "consecutive failures"
 @pytest.fixture
 def default_gateway(request: pytest.FixtureRequest, upstreams: Callable[[str], FixtureUpstream]) -> Iterator[Gateway]:
     """A migrated gateway with default fault settings (stopped before the upstreams are)."""
-    gw = Gateway(name="recovery")
-    failed_before = request.session.testsfailed
-    try:
-        gw.migrate()
+    with migrated_gateway(request, name="recovery") as gw:
         yield gw
-    finally:
-        if request.session.testsfailed > failed_before:
-            sys.stderr.write(gw.logs())
-        gw.cleanup()
 
 
 async def test_an_http_upstream_that_comes_back_is_listed_again_within_seconds(

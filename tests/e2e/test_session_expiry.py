@@ -21,7 +21,7 @@ import pytest
 from websockets.sync.client import connect
 from websockets.typing import Origin, Subprotocol
 
-from tests.e2e.harness import Gateway, wait_until
+from tests.e2e.harness import Gateway, migrated_gateway, wait_until
 
 pytestmark = [pytest.mark.e2e]
 
@@ -32,17 +32,8 @@ BOUND = 6 * LEASE
 
 @pytest.fixture
 def gateway(request: pytest.FixtureRequest) -> Iterator[Gateway]:
-    gw = Gateway(name="leases", env={"FEDMCP_SESSION_LEASE": str(LEASE)})
-    failed_before = request.session.testsfailed
-    try:
-        gw.migrate()
+    with migrated_gateway(request, name="leases", env={"FEDMCP_SESSION_LEASE": str(LEASE)}) as gw:
         yield gw
-    finally:
-        if request.session.testsfailed > failed_before:
-            import sys
-
-            sys.stderr.write(gw.logs())
-        gw.cleanup()
 
 
 def open_sessions(gw: Gateway) -> dict[str, int]:
