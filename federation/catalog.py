@@ -12,6 +12,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 
 from federation.models import CatalogEntry, CatalogKind, Peer
+from federation.services import PER_USER_KINDS
 from fedmcp_site import caching
 
 JsonDict = dict[str, Any]
@@ -27,6 +28,9 @@ NAME_FIELDS = {
 
 def _entries(scope: str, kind: str, skip_peers: frozenset[int]) -> list[JsonDict]:
     rows = CatalogEntry.objects.visible().filter(kind=kind).exclude(peer_id__in=skip_peers)
+    if kind in PER_USER_KINDS:
+        # Never one account's resources for everyone, even stored by an older sync (federation/user_lists.py).
+        rows = rows.exclude(peer__user_oauth=True)
     if scope:
         rows = rows.filter(peer__name=scope).order_by("position")
         return [payload for payload in rows.values_list("payload", flat=True)]

@@ -1,7 +1,9 @@
 """Resolve host-facing names to a peer and the upstream's own name.
 
 A request can only reach the peer that listed the thing it names: a tool or prompt must be in
-that peer's catalog, a resource URI must be listed or match one of that peer's templates.
+that peer's catalog, a resource URI must be listed or match one of that peer's templates. The
+resources of a per-user OAuth peer, each account's own, are not in the catalog: their URI names
+the peer, and the upstream decides with the caller's own token (`_per_user_route`).
 
 Routes (with the peer's decrypted credentials) are kept per worker until the catalog, any
 peer or any gateway trust changes in any process (fedmcp_site/caching.py, domain "catalog"); so are unknown names,
@@ -73,9 +75,30 @@ def _upstream_uri(entry: CatalogEntry, uri: str) -> str:
     return rest
 
 
+def _per_user_route(scope: str, qualified: str) -> Route | None:
+    """Route a resource URI of a per-user OAuth peer: by the peer it names, with no catalog entry.
+
+    Such a peer's resources are each account's own and never in the catalog
+    (federation/user_lists.py): `fedmcp://<peer>/<uri>` on /mcp, any URI on the peer's own
+    endpoint, goes to that peer on the caller's own connection, and the upstream decides with
+    the caller's token whether it exists for them.
+    """
+    if scope:
+        peer_name, upstream_uri = scope, qualified
+    elif (parts := naming.split_uri(qualified)) is not None:
+        peer_name, upstream_uri = parts
+    else:
+        return None
+    peer = Peer.objects.filter(name=peer_name, enabled=True, user_oauth=True).first()
+    return Route(peer_config(peer), upstream_uri) if peer is not None else None
+
+
 def _lookup(scope: str, kind: str, qualified: str) -> Route:
     noun = {"tool": "tool", "prompt": "prompt", "resource": "resource"}[kind]
     entries = CatalogEntry.objects.visible().select_related("peer").order_by("id")
+    if kind == CatalogKind.RESOURCE:
+        # A per-user OAuth peer's resources are routed by their name alone (`_per_user_route`).
+        entries = entries.exclude(peer__user_oauth=True)
     if scope:
         entry = entries.filter(peer__name=scope, kind=kind, upstream_name=qualified).first()
     else:
@@ -83,6 +106,8 @@ def _lookup(scope: str, kind: str, qualified: str) -> Route:
     if entry is not None:
         return Route(peer_config(entry.peer), entry.upstream_name, entry.payload)
     if kind == CatalogKind.RESOURCE:
+        if (own := _per_user_route(scope, qualified)) is not None:
+            return own
         templates = entries.filter(kind=CatalogKind.RESOURCE_TEMPLATE)
         if scope:
             for template in templates.filter(peer__name=scope):

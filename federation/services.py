@@ -36,6 +36,8 @@ LISTINGS: tuple[tuple[str, str, str, str, str], ...] = (
     (CatalogKind.PROMPT, "prompts/list", "prompts", "name", "prompts"),
 )
 MAX_PAGES = 100
+PER_USER_KINDS = frozenset({CatalogKind.RESOURCE, CatalogKind.RESOURCE_TEMPLATE})
+"""The kinds that are an account's own data at a per-user OAuth peer (federation/user_lists.py)."""
 GATEWAY_CAPABILITY = "io.fedmcp/gateway"
 """Key under `capabilities.experimental` where a fedmcp gateway names itself (and its scope)."""
 
@@ -298,7 +300,9 @@ async def fetch_catalog(connection: UpstreamConnection) -> tuple[dict[str, list[
     errors: dict[str, str] = {}
     budget = CatalogBudget(settings.FEDERATION_MAX_CATALOG_BYTES)
     for kind, method, key, _, capability in LISTINGS:
-        if capability not in capabilities:
+        if capability not in capabilities or (connection.peer.user_oauth and kind in PER_USER_KINDS):
+            # A per-user OAuth peer's resources are each account's own: listed per user, live,
+            # never stored from the one account the catalog is synced with (federation/user_lists.py).
             found[kind] = []
             continue
         try:

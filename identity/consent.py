@@ -295,6 +295,29 @@ def _hidden_names(identity: Identity | None, scope: str, kind: str) -> set[str]:
     return hidden
 
 
+def _denied_among(identity: Identity | None, scope: str, kind: str, items: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    policies = _policies_for(scope or None)
+    if not any(p.decision == ConsentDecision.DENY for p in policies):
+        return set()
+    groups = _group_ids(identity)
+    return {
+        (peer, upstream)
+        for peer, upstream in items
+        if decide(identity, peer, kind, upstream, policies=policies, groups=groups, default="allow").action == ConsentDecision.DENY
+    }
+
+
+async def consent_denied_among(*, identity: Identity | None, scope: str, kind: str, items: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Return which of `items` ((peer, upstream name) pairs) policies deny this caller.
+
+    What `consent_hidden_names` is for the catalog, for items listed outside it (a per-user
+    OAuth peer's resources, federation/user_lists.py).
+    """
+    if kind not in KIND_FOR_METHOD.values() or not items:
+        return set()
+    return await database_sync_to_async(_denied_among)(identity, scope, kind, items)
+
+
 async def consent_hidden_names(*, identity: Identity | None, scope: str, kind: str) -> set[str]:
     """Return the names a list of `kind` must leave out for this caller: what policies deny.
 

@@ -12,7 +12,7 @@ from django.conf import settings
 from mcp_types import SERVER_INFO_META_KEY
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 
-from federation import catalog, naming
+from federation import catalog, naming, user_lists
 from federation.events import CATALOG_GROUP, RESOURCES_GROUP
 from federation.health import breakers
 from federation.models import CatalogKind
@@ -173,12 +173,17 @@ async def list_catalog(ctx: HostContext, params: JsonDict, method: str) -> JsonD
     kind, key = LIST_KINDS[method]
     if ctx.scope and await peer_for_scope(ctx.scope) is None:
         raise jsonrpc.UpstreamFailedError(f"peer '{ctx.scope}' is not available")
-    items = await catalog.list_items(ctx.scope, kind, skip_peers=breakers.open_peers())
+    skip_peers = breakers.open_peers()
+    items = await catalog.list_items(ctx.scope, kind, skip_peers=skip_peers)
     # What a consent policy denies this caller is not listed (identity/consent.py).
     hidden = await consent_cache.consent_hidden_names(identity=ctx.identity, scope=ctx.scope, kind=kind)
     if hidden:
         field = catalog.NAME_FIELDS[kind]
         items = [item for item in items if item.get(field) not in hidden]
+    # A per-user OAuth peer's resources: the caller's own, from their own connection, never the catalog's.
+    own = await user_lists.user_items(identity=ctx.identity, scope=ctx.scope, kind=kind, era=ctx.era, skip_peers=skip_peers)
+    if own:
+        items = [*items, *own]
     offset = _decode_cursor(params.get("cursor"))
     page_size = settings.MCP_PAGE_SIZE
     result: JsonDict = {key: items[offset : offset + page_size]}

@@ -152,13 +152,11 @@ class PerUserSubscriptionTests(AsgiTestCase):
         self.assertEqual(reply, {"jsonrpc": "2.0", "id": reply["id"], "result": {}})
         self.assertEqual(self.upstream.subscribed_with, [(NOTES, "Bearer bob-upstream")])
 
-    async def test_known_limitation_the_catalog_of_a_per_user_peer_is_the_catalog_accounts_for_everyone(self) -> None:
-        """Issue 15 item 4, not fixed: catalog sync lists a per-user peer with ONE account's token.
+    async def test_the_catalog_account_of_a_per_user_peer_lists_no_resources_for_everyone(self) -> None:
+        """Issue 15 item 9: resources of a per-user peer are listed per user, never the catalog account's.
 
-        That account is the catalog user set in the admin, else the first user who connected
-        (docs/IDENTITY.md "The catalog"). Every user's lists show what that account sees: here
-        bob is shown alice's file, not his own. Reads still use each caller's own token. When
-        the catalog becomes per-user (or token-less), this test must be turned around.
+        The catalog account is the catalog user set in the admin, else the first user who
+        connected (docs/IDENTITY.md "The catalog"): here alice. Bob is shown his own file, never hers.
         """
         self.upstream.accounts = {
             "Bearer alice-upstream": [{"uri": "file:///alice-diary.txt", "name": "diary"}],
@@ -172,4 +170,4 @@ class PerUserSubscriptionTests(AsgiTestCase):
 
         listed = (await client.call("resources/list")).json()["result"]["resources"]
 
-        self.assertEqual([r["uri"] for r in listed], ["fedmcp://files/file:///alice-diary.txt"])
+        self.assertEqual([r["uri"] for r in listed], ["fedmcp://files/file:///bob-notes.txt"])
