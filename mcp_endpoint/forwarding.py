@@ -46,6 +46,7 @@ from identity.signing import AssertionConfigError, assertion_create
 from identity.trust import ASSERTION_META_KEY, assertion_subject
 from identity.upstream_oauth import UpstreamAuthorizationRequiredError
 from mcp_endpoint import consent_relay, jsonrpc
+from mcp_endpoint.connect_gate import connect_gate, connect_required_error
 from mcp_endpoint.consent_gate import (
     Approval,
     UpstreamCall,
@@ -57,7 +58,6 @@ from mcp_endpoint.consent_gate import (
     upstream_input_resume,
     upstream_request_relay,
 )
-from mcp_endpoint.connect_gate import connect_gate, connect_required_error
 from mcp_endpoint.consent_relay import peer_request
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator

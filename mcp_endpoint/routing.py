@@ -5,7 +5,6 @@ from __future__ import annotations
 from django.urls import path, re_path
 
 from federation.models import PEER_NAME_WORD
-
 from mcp_endpoint.auth import authenticated
 from mcp_endpoint.consumers.sse import McpSseConsumer, McpSseMessageConsumer
 from mcp_endpoint.consumers.streamable_http import McpStreamableHttpConsumer

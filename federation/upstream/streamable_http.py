@@ -381,7 +381,8 @@ class StreamableHttpConnection(UpstreamConnection):
             response = await self._client.send(self._client.build_request("GET", self._url, headers=headers), stream=True)
         except httpx.HTTPError as exc:
             raise UpstreamUnavailableError(
-                f"peer '{self.peer.name}' closed the stream before answering, and resuming it failed: {describe_failure(exc, over_tls=self._url.scheme == 'https')}"
+                f"peer '{self.peer.name}' closed the stream before answering, and resuming it failed: "
+                f"{describe_failure(exc, over_tls=self._url.scheme == 'https')}"
             ) from exc
         content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
         if response.status_code != 200 or content_type != "text/event-stream":
@@ -469,7 +470,11 @@ class StreamableHttpConnection(UpstreamConnection):
                     backoff = 1.0
                     async for event in iter_sse(response.aiter_lines()):
                         message = self._unrelated(event.data) if event.data else None
-                        if message is not None and message.get("method", "").startswith("notifications/") and message["method"] != "notifications/subscriptions/acknowledged":
+                        if (
+                            message is not None
+                            and message.get("method", "").startswith("notifications/")
+                            and message["method"] != "notifications/subscriptions/acknowledged"
+                        ):
                             await self._route_unrelated(message)
             except asyncio.CancelledError:
                 raise

@@ -13,9 +13,9 @@ import json
 import logging
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
 from channels.generic.http import AsyncHttpConsumer
-from channels.consumer import get_handler_name
 from django.conf import settings
 from django.db import Error as DatabaseError
 
@@ -139,7 +139,9 @@ class McpHttpConsumer(DirectDispatchMixin, AsyncHttpConsumer):
         body = jsonrpc.dumps(message).encode()
         await self.send_response(status, body, headers=[(b"content-type", b"application/json"), *(headers or [])])
 
-    async def send_error(self, status: int, code: int, message: str, request_id: Any = None, data: Any = None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def send_error(
+        self, status: int, code: int, message: str, request_id: Any = None, data: Any = None, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         error: JsonDict = {"code": code, "message": message}
         if data is not None:
             error["data"] = data

@@ -17,9 +17,9 @@ from django.conf import settings
 
 from fedmcp_site.metrics import stream_open
 from mcp_endpoint import dispatcher, jsonrpc, sessions
-from mcp_endpoint.correlation import correlator
 from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, batch_too_large, sse_event
 from mcp_endpoint.context import HostContext
+from mcp_endpoint.correlation import correlator
 from mcp_endpoint.streams import SessionEvents, SessionGroupOutbound, send_to_session
 
 logger = logging.getLogger(__name__)

@@ -263,7 +263,9 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
             await self.send_response(202, b"")
             return
         if kind != "request" or request_id is None:
-            await self.send_error(400, jsonrpc.INVALID_REQUEST, "Invalid request: POST one JSON-RPC request (clients do not post responses in 2026-07-28)", request_id)
+            await self.send_error(
+                400, jsonrpc.INVALID_REQUEST, "Invalid request: POST one JSON-RPC request (clients do not post responses in 2026-07-28)", request_id
+            )
             return
         duplicated = find_duplicated_routing_header([(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.scope.get("headers", [])])
         verdict = (

@@ -98,7 +98,9 @@ class McpWebSocketConsumer(DirectDispatchMixin, AsyncWebsocketConsumer):
             return
         if len(text_data) > settings.MCP_MAX_BODY_BYTES:
             await self.send_message(
-                jsonrpc.error_response(None, {"code": jsonrpc.INVALID_REQUEST, "message": f"Message too large: the limit is {settings.MCP_MAX_BODY_BYTES} bytes"})
+                jsonrpc.error_response(
+                    None, {"code": jsonrpc.INVALID_REQUEST, "message": f"Message too large: the limit is {settings.MCP_MAX_BODY_BYTES} bytes"}
+                )
             )
             await self.close(code=WS_1009_MESSAGE_TOO_BIG)
             return
@@ -149,7 +151,9 @@ class McpWebSocketConsumer(DirectDispatchMixin, AsyncWebsocketConsumer):
                 ctx = await self._context()
                 if ctx.protocol_version != "2025-03-26" or not payload:
                     await self.send_message(
-                        jsonrpc.error_response(None, jsonrpc.InvalidRequestError("JSON-RPC batches are only accepted in protocol version 2025-03-26").to_error())
+                        jsonrpc.error_response(
+                            None, jsonrpc.InvalidRequestError("JSON-RPC batches are only accepted in protocol version 2025-03-26").to_error()
+                        )
                     )
                     return
                 if len(payload) > settings.MCP_MAX_BATCH:

@@ -2,8 +2,9 @@
 
 import django.db.models.deletion
 import django.utils.timezone
-import mcp_endpoint.models
 from django.db import migrations, models
+
+import mcp_endpoint.models
 
 
 class Migration(migrations.Migration):

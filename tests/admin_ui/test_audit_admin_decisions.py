@@ -26,8 +26,12 @@ class AuditDecisionAdminTest(TestCase):
     def setUp(self) -> None:
         alice = get_user_model().objects.create_user("alice")
         event = AuditEvent.objects.create
-        self.sampled = event(user=alice, username="alice", peer="web", method="sampling/createMessage", name="summarize", outcome="ok", decision="approved", latency_ms=900.0)
-        self.refused = event(username="bob", peer="web", method="sampling/createMessage", name="summarize", outcome="error", error_code=-32017, decision="denied", latency_ms=4.0)
+        self.sampled = event(
+            user=alice, username="alice", peer="web", method="sampling/createMessage", name="summarize", outcome="ok", decision="approved", latency_ms=900.0
+        )
+        self.refused = event(
+            username="bob", peer="web", method="sampling/createMessage", name="summarize", outcome="error", error_code=-32017, decision="denied", latency_ms=4.0
+        )
         self.tool = event(user=alice, username="alice", peer="files", method="tools/call", name="read", outcome="ok", decision="allow", latency_ms=3.0)
         self.listed = event(username="alice", peer="files", method="tools/list", name="", outcome="ok", decision="", latency_ms=1.0)
         self.client = staff_client()
@@ -95,7 +99,10 @@ class AuditDecisionApiAndDashboardTest(ApiTestCase):
     def setUp(self) -> None:
         super().setUp()
         AuditEvent.objects.create(username="alice", peer="files", method="tools/call", name="read", outcome="ok", decision="allow", latency_ms=2.0)
-        AuditEvent.objects.create(username="alice", peer="files", method="sampling/createMessage", name="read", outcome="error", error_code=-32017, decision="denied", latency_ms=60_000.0)
+        AuditEvent.objects.create(
+            username="alice", peer="files", method="sampling/createMessage", name="read",
+            outcome="error", error_code=-32017, decision="denied", latency_ms=60_000.0,
+        )
 
     def test_the_api_shows_and_filters_the_decision(self) -> None:
         results = self.api.get("/api/audit/", {"decision": "denied"}).json()["results"]

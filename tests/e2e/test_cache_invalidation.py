@@ -180,7 +180,11 @@ def test_a_deny_policy_made_by_another_process_applies_to_the_next_call(cluster:
 
 
 def test_a_session_closed_by_another_process_is_gone_on_both_workers(cluster: Gateway, host: Host) -> None:
-    elsewhere(cluster, f"from asgiref.sync import async_to_sync; from mcp_endpoint.sessions import session_close; async_to_sync(session_close)(session_id={host.session!r})")
+    elsewhere(
+        cluster,
+        "from asgiref.sync import async_to_sync; from mcp_endpoint.sessions import session_close; "
+        f"async_to_sync(session_close)(session_id={host.session!r})",
+    )
 
     for worker in (A, B):
         status, _ = host.add(worker)

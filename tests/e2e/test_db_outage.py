@@ -42,8 +42,8 @@ from websockets.typing import Subprotocol
 
 from mcp_endpoint import jsonrpc
 from tests.base import modern_meta
-from tests.e2e.cuttable_proxy import CuttableProxy
 from tests.e2e import harness
+from tests.e2e.cuttable_proxy import CuttableProxy
 from tests.e2e.harness import Gateway
 from tests.e2e.test_fault_isolation import SHORT_TIMEOUTS, upstreams  # noqa: F401  (fixture)
 
@@ -146,7 +146,8 @@ def test_postgresql_unreachable_then_back_needs_no_worker_restart(database: tupl
 
         assert added(modern_call(gw, "beta__add", {"a": 1, "b": 2})) == "3"
         succeeded += 1
-        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+        params = {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}
         session = handshake_post(gw, init, None).headers["mcp-session-id"]
         assert handshake_post(gw, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session).status_code == 202
         call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "beta__add", "arguments": {"a": 2, "b": 2}}}

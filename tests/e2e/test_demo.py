@@ -41,7 +41,8 @@ def test_demo_starts_the_gateway_with_two_upstreams(tmp_path: Path) -> None:
         names = {tool["name"] for tool in reply["result"]["tools"]}
         assert "fixture__add" in names
         assert "time__get_current_time" in names
-        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "time__get_current_time", "arguments": {"timezone": "UTC"}, "_meta": META}}
+        params = {"name": "time__get_current_time", "arguments": {"timezone": "UTC"}, "_meta": META}
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}
         reply = httpx.post(
             f"http://127.0.0.1:{port}/mcp", json=call,
             headers={**headers, "Mcp-Method": "tools/call", "Mcp-Name": "time__get_current_time"}, timeout=30,

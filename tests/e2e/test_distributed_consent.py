@@ -38,8 +38,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 
 from mcp_endpoint import jsonrpc
-from tests.e2e.browser import screenshot, sign_in_on_consent_page
 from tests.e2e import harness
+from tests.e2e.browser import screenshot, sign_in_on_consent_page
 from tests.e2e.harness import Gateway, fixture_server, gateways, peer_gateway
 from tests.e2e.hosts import BackgroundHost
 from tests.e2e.test_consent_sampling import StreamingHost
@@ -62,7 +62,10 @@ CONSENT_ENV = {"FEDMCP_CONSENT_TIMEOUT": str(WAIT), "FEDMCP_CONSENT_POLL_INTERVA
 
 def ask_policy(gateway: Gateway, peer: str) -> None:
     """`gateway` asks before every call of `add` on `peer`, and hides argument `b` on the page."""
-    gateway.python(f"from identity.models import ConsentPolicy; ConsentPolicy.objects.create(peer={peer!r}, kind='tool', name_pattern='add', decision='ask', redact_fields=['b'])")
+    gateway.python(
+        "from identity.models import ConsentPolicy; "
+        f"ConsentPolicy.objects.create(peer={peer!r}, kind='tool', name_pattern='add', decision='ask', redact_fields=['b'])"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +264,9 @@ def test_a_2026_host_is_asked_once_however_many_rounds_bs_upstream_asks(chain: d
     assert {(e["federated_subject"], e["federated_issuer"]) for e in continued} == {("alice", a.public_url)}
     # The first retry was answered with the upstream's next question (outcome input), the second completed.
     assert [e["outcome"] for e in continued] == ["input", "ok"]
-    asked_at_a = a.python("from identity.models import ConsentPrompt; print(ConsentPrompt.objects.filter(name='test_input_required_result_multi_round').count())")
+    asked_at_a = a.python(
+        "from identity.models import ConsentPrompt; print(ConsentPrompt.objects.filter(name='test_input_required_result_multi_round').count())"
+    )
     assert asked_at_a.strip() == "1"
 
 
@@ -273,7 +278,12 @@ def test_remember_keeps_a_grant_for_alice_at_a_on_b(chain: dict[str, Any], page:
     assert page.answer(prompt_id, "remember", duration="3600") == 302
     assert text_of(host.wait()) == "7"
 
-    grants = json.loads(b.shell("import json; from identity.models import ConsentGrant; print(json.dumps(list(ConsentGrant.objects.active().values('user', 'federated_issuer', 'federated_subject', 'peer', 'name'))))"))
+    grants = json.loads(
+        b.shell(
+            "import json; from identity.models import ConsentGrant; "
+            "print(json.dumps(list(ConsentGrant.objects.active().values('user', 'federated_issuer', 'federated_subject', 'peer', 'name'))))"
+        )
+    )
     assert grants == [{"user": None, "federated_issuer": a.public_url, "federated_subject": "alice", "peer": "tools", "name": "add"}]
     # No grant at A: B owns the call and keeps it.
     assert a.shell("from identity.models import ConsentGrant; print(ConsentGrant.objects.count())") == "0"
@@ -328,7 +338,10 @@ def test_requests_c_leaves_to_alices_home_are_asked_at_a_naming_c_as_far_as_a_ca
         host.call_in_background({"name": "c.fixture__test_sampling", "arguments": {"prompt": "Capital of France?"}})
         prompt_id, section = page.wait_for_prompt()
         # A does not trust C: the source is B's report, and the page says so.
-        assert "Sampling request from <code>fixture</code> of gateway <code>c</code>, as reported by <code>b</code> during <code>test_sampling</code>" in section
+        assert (
+            "Sampling request from <code>fixture</code> of gateway <code>c</code>, as reported by <code>b</code> during <code>test_sampling</code>"
+            in section
+        )
         assert '<dd class="source" data-vouched="reported">' in section and "not verified: signed by a gateway this one does not trust" in section
         assert "Capital of France?" in section
         assert page.answer(prompt_id, "approve") == 302
@@ -336,7 +349,9 @@ def test_requests_c_leaves_to_alices_home_are_asked_at_a_naming_c_as_far_as_a_ca
     finally:
         host.close()
     assert host.methods() == ["elicitation/create", "sampling/createMessage"]  # A's pointer to its page, then the request
-    wait_for_audit(c, {"method": "sampling/createMessage", "peer": "fixture", "decision": "home", "outcome": "ok", "federated_subject": f"alice@{a.public_url}"})
+    wait_for_audit(
+        c, {"method": "sampling/createMessage", "peer": "fixture", "decision": "home", "outcome": "ok", "federated_subject": f"alice@{a.public_url}"}
+    )
     wait_for_audit(b, {"method": "sampling/createMessage", "peer": "c", "decision": "allow", "outcome": "ok"})
     wait_for_audit(a, {"method": "sampling/createMessage", "peer": "b", "decision": "approved", "outcome": "ok", "username": USERNAME})
 
@@ -355,7 +370,10 @@ def test_requests_c_leaves_to_alices_home_are_asked_at_a_naming_c_as_far_as_a_ca
         host.close()
         consent_policies(c, "fixture", None)
         consent_policies(a, "b", None)
-        a.python("from identity.models import TrustedGateway; from identity.trust import gateway_untrust; gateway_untrust(gateway=TrustedGateway.objects.get(name='c-corp'))")
+        a.python(
+            "from identity.models import TrustedGateway; from identity.trust import gateway_untrust; "
+            "gateway_untrust(gateway=TrustedGateway.objects.get(name='c-corp'))"
+        )
     assert host.methods() == ["elicitation/create"]  # only A's pointer: the request itself never reached the host
     assert "error" in reply or reply["result"].get("isError") is True, reply
     wait_for_audit(c, {"method": "elicitation/create", "decision": "home", "error_code": jsonrpc.CONSENT_DENIED})

@@ -204,10 +204,16 @@ async def test_a_huge_a_hanging_and_a_dripping_upstream_each_fail_with_32010_and
 
 def stats_through(gw: Gateway, token_headers: dict[str, str]) -> dict[str, int]:
     body = {"jsonrpc": "2.0", "id": "s", "method": "tools/call", "params": {"name": "beta__stats", "arguments": {}, "_meta": modern_meta()}}
-    headers = {**token_headers, "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "beta__stats"}
+    headers = {
+        **token_headers, "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "beta__stats",
+    }
     reply = httpx.post(gw.url("/mcp"), json=body, headers=headers, timeout=HOST_BOUND)
     text = reply.text
-    payload = json.loads(text) if reply.headers["content-type"].startswith("application/json") else json.loads([line[5:] for line in text.splitlines() if line.startswith("data:")][-1])
+    if reply.headers["content-type"].startswith("application/json"):
+        payload = json.loads(text)
+    else:
+        payload = json.loads([line[5:] for line in text.splitlines() if line.startswith("data:")][-1])
     return json.loads(payload["result"]["content"][0]["text"])
 
 
@@ -219,7 +225,10 @@ def test_a_host_that_disconnects_mid_call_cancels_the_upstream_call(gateway: Gat
     before = stats_through(gateway, auth)["slow_echo_cancelled"]
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
         "name": "beta__slow_echo", "arguments": {"text": "x", "delay_ms": 30000}, "_meta": {**modern_meta(), "progressToken": "p"}}}
-    headers = {**auth, "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "beta__slow_echo"}
+    headers = {
+        **auth, "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "beta__slow_echo",
+    }
     with httpx.Client(timeout=HOST_BOUND) as http, http.stream("POST", gateway.url("/mcp"), json=body, headers=headers) as response:
         assert response.status_code == 200
         for line in response.iter_lines():  # the first progress event: the upstream call is running
@@ -259,7 +268,8 @@ def test_a_restarted_worker_keeps_sessions_and_audit_rows(gateway: Gateway, upst
     beta = upstreams("beta")
     gateway.manage("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS)
     gateway.start_worker()
-    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+    params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}
     started = handshake_post(gateway, init, None)
     session = started.headers["mcp-session-id"]
     assert handshake_post(gateway, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session).status_code == 202
@@ -309,7 +319,10 @@ def redis_server(port: int) -> Iterator[subprocess.Popen[bytes]]:
 
 def modern_call(gw: Gateway, name: str, arguments: dict[str, Any]) -> httpx.Response:
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": arguments, "_meta": modern_meta()}}
-    headers = {**gw.auth_headers(), "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": name}
+    headers = {
+        **gw.auth_headers(), "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": name,
+    }
     return httpx.post(gw.url("/mcp"), json=body, headers=headers, timeout=HOST_BOUND)
 
 

@@ -64,7 +64,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 def add_call(gw: Gateway, a: int, b: int) -> str:
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "beta__add", "arguments": {"a": a, "b": b}, "_meta": modern_meta()}}
-    headers = {**gw.auth_headers(), "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "beta__add"}
+    headers = {
+        **gw.auth_headers(), "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "beta__add",
+    }
     reply = httpx.post(gw.url("/mcp"), json=body, headers=headers, timeout=HOST_BOUND)
     assert reply.status_code == 200, (reply.status_code, reply.text[:300])
     return reply.json()["result"]["content"][0]["text"]

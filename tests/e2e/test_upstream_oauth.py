@@ -189,7 +189,10 @@ def test_bob_who_has_not_connected_is_refused_and_nothing_runs_at_b_for_him(pair
 def test_an_expired_token_is_refreshed_with_rotation_without_alice_noticing(pair: Pair) -> None:
     read = "from identity.models import UpstreamToken; t = UpstreamToken.objects.get(user__username='alice'); print(t.generation, t.refresh_token)"
     generation, refresh = pair.a.shell(read).split()
-    pair.a.shell("from django.utils import timezone; from identity.models import UpstreamToken; UpstreamToken.objects.filter(user__username='alice').update(expires_at=timezone.now())")
+    pair.a.shell(
+        "from django.utils import timezone; from identity.models import UpstreamToken; "
+        "UpstreamToken.objects.filter(user__username='alice').update(expires_at=timezone.now())"
+    )
 
     reply = call_as(pair, "alice")
 
@@ -209,7 +212,10 @@ def test_a_token_b_no_longer_accepts_is_refreshed_once_on_the_401(pair: Pair) ->
 
 
 def test_when_b_refuses_to_refresh_alice_is_asked_to_connect_again(pair: Pair) -> None:
-    revoke = "from oauth2_provider.models import AccessToken, RefreshToken; u = 'alice'; AccessToken.objects.filter(user__username=u).delete(); RefreshToken.objects.filter(user__username=u).delete()"
+    revoke = (
+        "from oauth2_provider.models import AccessToken, RefreshToken; u = 'alice'; "
+        "AccessToken.objects.filter(user__username=u).delete(); RefreshToken.objects.filter(user__username=u).delete()"
+    )
     pair.b.shell(revoke)
 
     reply = legacy_host_call(pair.a, "alice", {})

@@ -36,7 +36,8 @@ def answer(message: dict[str, Any]) -> list[str]:
         return []
     params = message.get("params") or {}
     if method == "initialize":
-        result = {"protocolVersion": params.get("protocolVersion", "2025-06-18"), "capabilities": {"tools": {}}, "serverInfo": {"name": "hostile", "version": "1"}}
+        version = params.get("protocolVersion", "2025-06-18")
+        result = {"protocolVersion": version, "capabilities": {"tools": {}}, "serverInfo": {"name": "hostile", "version": "1"}}
         return [json.dumps({"jsonrpc": "2.0", "id": request_id, "result": result})]
     if method == "tools/list":
         tools = [{"name": name, "inputSchema": {"type": "object"}} for name in TOOLS]
@@ -51,16 +52,16 @@ def answer(message: dict[str, Any]) -> list[str]:
         return [text_result(request_id, str(arguments.get("a", 0) + arguments.get("b", 0)))]
     if name in ("deep", "deep_id_last"):
         depth = int(arguments.get("depth", 50_000))
-        result = '{"content":[{"type":"text","text":"deep"}],"structuredContent":{"x":%s%s}}' % ("[" * depth, "]" * depth)
+        result = '{"content":[{"type":"text","text":"deep"}],"structuredContent":{"x":' + "[" * depth + "]" * depth + "}}"
         if name == "deep":
-            return ['{"jsonrpc":"2.0","id":%s,"result":%s}' % (rid, result)]
-        return ['{"jsonrpc":"2.0","result":%s,"id":%s}' % (result, rid)]
+            return ['{"jsonrpc":"2.0","id":' + rid + ',"result":' + result + "}"]
+        return ['{"jsonrpc":"2.0","result":' + result + ',"id":' + rid + "}"]
     if name == "huge":
         return [text_result(request_id, "x" * int(arguments.get("size", 1024 * 1024)))]
     if name == "bad_params":
         return ['{"jsonrpc":"2.0","method":"notifications/progress","params":"nope"}', text_result(request_id, "after bad params")]
     if name == "bad_id":
-        return ['{"jsonrpc":"2.0","id":[%s],"result":{}}' % rid]
+        return ['{"jsonrpc":"2.0","id":[' + rid + '],"result":{}}']
     return [json.dumps({"jsonrpc": "2.0", "id": request_id, "error": {"code": -32602, "message": f"Unknown tool {name}"}})]
 
 

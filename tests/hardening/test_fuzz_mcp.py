@@ -120,7 +120,10 @@ scalars = st.one_of(
 )
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4), max_leaves=12)
 good_ids = st.one_of(st.integers(min_value=-(2**53), max_value=2**53), st.text(min_size=1, max_size=20))
-ids = st.one_of(good_ids, good_ids, good_ids, good_ids, good_ids, text, st.none(), st.booleans(), st.floats(allow_nan=False, allow_infinity=False), st.lists(scalars, max_size=2), st.dictionaries(text, scalars, max_size=2))
+ids = st.one_of(
+    good_ids, good_ids, good_ids, good_ids, good_ids,
+    text, st.none(), st.booleans(), st.floats(allow_nan=False, allow_infinity=False), st.lists(scalars, max_size=2), st.dictionaries(text, scalars, max_size=2),
+)
 known_methods = st.sampled_from(METHODS)
 methods = st.one_of(known_methods, known_methods, known_methods, known_methods, known_methods, known_methods, text, json_values)
 safe_tools = st.sampled_from([f"{PEER}__{t}" for t in SAFE_TOOLS])
@@ -140,7 +143,14 @@ def params(draw: st.DrawFn, method: Any) -> Any:
     found: dict[str, Any] = {}
     if method == "tools/call":
         found["name"] = draw(tool_names)
-        found["arguments"] = draw(st.one_of(st.fixed_dictionaries({"a": st.integers(-100, 100), "b": st.integers(-100, 100)}), st.fixed_dictionaries({"a": st.integers(-(2**40), 2**40), "b": st.integers(-(2**40), 2**40)}), st.dictionaries(text, json_values, max_size=3), json_values))
+        found["arguments"] = draw(
+            st.one_of(
+                st.fixed_dictionaries({"a": st.integers(-100, 100), "b": st.integers(-100, 100)}),
+                st.fixed_dictionaries({"a": st.integers(-(2**40), 2**40), "b": st.integers(-(2**40), 2**40)}),
+                st.dictionaries(text, json_values, max_size=3),
+                json_values,
+            )
+        )
     elif method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
         found["uri"] = draw(resource_uris)
     elif method == "prompts/get":
@@ -149,7 +159,11 @@ def params(draw: st.DrawFn, method: Any) -> Any:
     elif method == "logging/setLevel":
         found["level"] = draw(st.one_of(st.sampled_from(["debug", "info", "error", "emergency"]), json_values))
     elif method == "initialize":
-        found.update(protocolVersion=draw(st.one_of(st.sampled_from(["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25", MODERN]), text)), capabilities=draw(json_values), clientInfo=draw(json_values))
+        found.update(
+            protocolVersion=draw(st.one_of(st.sampled_from(["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25", MODERN]), text)),
+            capabilities=draw(json_values),
+            clientInfo=draw(json_values),
+        )
     elif method == "notifications/cancelled":
         found["requestId"] = draw(ids)
     else:
@@ -191,7 +205,8 @@ def valid_requests(draw: st.DrawFn) -> dict[str, Any]:
     method = draw(st.sampled_from(ROUTED))
     body = {"jsonrpc": "2.0", "id": draw(good_ids), "method": method, "params": {}}
     if method == "tools/call":
-        body["params"] = {"name": draw(safe_tools), "arguments": draw(st.one_of(st.fixed_dictionaries({"a": st.integers(-100, 100), "b": st.integers(-100, 100)}), st.dictionaries(text, json_values, max_size=3)))}
+        arguments = st.one_of(st.fixed_dictionaries({"a": st.integers(-100, 100), "b": st.integers(-100, 100)}), st.dictionaries(text, json_values, max_size=3))
+        body["params"] = {"name": draw(safe_tools), "arguments": draw(arguments)}
     elif method == "resources/read":
         body["params"] = {"uri": draw(resource_uris)}
     elif method == "prompts/get":
@@ -213,11 +228,15 @@ def frames(draw: st.DrawFn) -> bytes:
     if kind == "batch":  # interleaved and repeated ids
         return json.dumps(draw(st.lists(messages(), max_size=5))).encode()
     if kind == "raw":
-        return draw(st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode), st.just(b'{"jsonrpc":"2.0","id":1,"method":"ping"'), st.just(b"\xef\xbb\xbf{}")))
+        return draw(
+            st.one_of(
+                st.binary(max_size=200), st.text(max_size=200).map(str.encode), st.just(b'{"jsonrpc":"2.0","id":1,"method":"ping"'), st.just(b"\xef\xbb\xbf{}")
+            )
+        )
     if kind == "deep":
         depth = draw(st.integers(1, 100_000))
         inner = deep(depth, draw(st.sampled_from(["[", "{\"a\":"])))
-        return ('{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"everything__add","arguments":%s}}' % inner).encode()
+        return ('{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"everything__add","arguments":' + inner + "}}").encode()
     if kind == "huge":
         size = draw(st.integers(0, HUGE))
         where = draw(st.sampled_from(["method", "id", "name", "argument", "unknown"]))
@@ -298,7 +317,9 @@ VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25", MODERN)
 well_formed_initialize = st.fixed_dictionaries(
     {
         "protocolVersion": st.one_of(st.sampled_from(VERSIONS), text),
-        "capabilities": st.one_of(st.just({}), st.dictionaries(st.sampled_from(["roots", "sampling", "elicitation", "experimental"]), st.one_of(st.just({}), json_values), max_size=3)),
+        "capabilities": st.one_of(
+            st.just({}), st.dictionaries(st.sampled_from(["roots", "sampling", "elicitation", "experimental"]), st.one_of(st.just({}), json_values), max_size=3)
+        ),
         "clientInfo": st.fixed_dictionaries({"name": text, "version": text}),
     },
     optional={"_meta": meta_values},
@@ -669,7 +690,8 @@ class WebSocketState:
         connected, _ = await self.socket.connect(5)
         assert connected
         if self.version is not None:
-            await self.socket.send_json_to(request("initialize", {"protocolVersion": self.version, "capabilities": {}, "clientInfo": {"name": "fuzz", "version": "0"}}, "init"))
+            hello = {"protocolVersion": self.version, "capabilities": {}, "clientInfo": {"name": "fuzz", "version": "0"}}
+            await self.socket.send_json_to(request("initialize", hello, "init"))
             answer = await self.socket.receive_json_from(5)
             assert "result" in answer, answer
             await self.socket.send_json_to({"jsonrpc": "2.0", "method": "notifications/initialized"})

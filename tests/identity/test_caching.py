@@ -13,8 +13,8 @@ import os
 import subprocess
 import sys
 import tempfile
-from datetime import timedelta
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from unittest import mock
 

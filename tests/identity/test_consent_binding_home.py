@@ -28,7 +28,7 @@ from mcp_endpoint.consent_relay import peer_request
 from mcp_endpoint.context import HostContext
 from tests.base import AsgiTestCase, audience
 from tests.identity.test_assertions import Signer
-from tests.identity.test_distributed_consent_flow import A, B, WAIT, FakeConnection, NoOutbound
+from tests.identity.test_distributed_consent_flow import WAIT, A, B, FakeConnection, NoOutbound
 
 SHOWN = {"query": "weather"}
 CHANGED = {"query": "payroll"}

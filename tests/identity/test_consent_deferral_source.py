@@ -22,8 +22,8 @@ from django.test import TransactionTestCase, override_settings
 
 from identity import deferral, signing, trust
 from identity.models import TrustedGateway
-from identity.trust import gateway_trust
 from identity.tokens import Identity
+from identity.trust import gateway_trust
 from identity.upstream_requests import source_text
 from tests.base import persona
 

@@ -18,8 +18,8 @@ from channels.db import database_sync_to_async
 from django.test import TransactionTestCase, override_settings
 
 from identity import trust
-from identity.deferral import PROOF_TYPE, request_hash
 from identity.audit import audit_flush
+from identity.deferral import PROOF_TYPE, request_hash
 from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt, TrustedGateway
 from identity.signing import signing_key
 from identity.tokens import Identity

@@ -24,8 +24,8 @@ from django.test import AsyncClient, override_settings
 from federation.models import CatalogKind, Peer
 from federation.upstream.base import PeerConfig
 from identity import consent, trust
-from identity.deferral import request_hash
 from identity.audit import audit_flush
+from identity.deferral import request_hash
 from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt
 from identity.signing import signing_key
 from identity.trust import gateway_trust
@@ -76,7 +76,9 @@ class OwnerDefersFlowTests(FixturePeerTestCase):
     def setUp(self) -> None:
         super().setUp()
         origin = audience()
-        self.enterContext(override_settings(FEDMCP_PUBLIC_URL=origin, FEDMCP_ISSUER=origin, FEDMCP_GATEWAY_NAME="b", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, **ASK))
+        self.enterContext(
+            override_settings(FEDMCP_PUBLIC_URL=origin, FEDMCP_ISSUER=origin, FEDMCP_GATEWAY_NAME="b", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, **ASK)
+        )
         trust._jwks_cache.clear()
         self.a = Signer()
         gateway, _ = gateway_trust(name="a", issuer=A, jwks=self.a.jwks)
@@ -247,7 +249,8 @@ class HomeGatesFlowTests(HomeWithPeerB):
         self.assertEqual((event.peer, event.name, event.decision, event.outcome, event.username), ("b", "web__summarize", "approved", "ok", "alice"))
 
     async def test_a_denial_here_reaches_b_as_32017(self) -> None:
-        b = self.peer_b("sampling/createMessage", {"messages": [{"role": "user", "content": {"type": "text", "text": "hi"}}], "maxTokens": 5, "_meta": {DEFERRED_META_KEY: "b"}})
+        messages = [{"role": "user", "content": {"type": "text", "text": "hi"}}]
+        b = self.peer_b("sampling/createMessage", {"messages": messages, "maxTokens": 5, "_meta": {DEFERRED_META_KEY: "b"}})
         client = await self.host()
         async with await self.open_call(client) as call:
             self.assertEqual(await call.start(CALL_TIMEOUT), 200)
@@ -309,7 +312,9 @@ class HomeNamesTheSourceFlowTests(HomeWithPeerB):
         said = "server 'fixture' of gateway 'c', as reported by peer gateway 'b' (not verified: signed by a gateway this one does not trust)"
         self.assertEqual(consent.prompt_summary(prompt)["source_text"], said)  # what the live feed pushes too
         self.assertIn(f"elicitation request from {said} (during 'web__summarize')", message)
-        self.assertIn("Elicitation request from <code>fixture</code> of gateway <code>c</code>, as reported by <code>b</code> during <code>test_sampling</code>", page)
+        self.assertIn(
+            "Elicitation request from <code>fixture</code> of gateway <code>c</code>, as reported by <code>b</code> during <code>test_sampling</code>", page
+        )
         self.assertIn(f'<dd class="source" data-vouched="reported">{said}</dd>', page)
 
     async def test_a_gateway_we_trust_is_named_verified_by_our_name_for_it(self) -> None:

@@ -311,7 +311,9 @@ class RequestPageTests(TestCase):
     def test_images_are_named_and_long_text_is_folded(self) -> None:
         long = "x" * 1000
         messages = [{"role": "user", "content": [{"type": "image", "mimeType": "image/png", "data": "AAAA"}, {"type": "text", "text": long}]}]
-        prompt = self.prompt("sampling", "sampling/createMessage", {"messages": messages, "systemPrompt": "Be brief", "maxTokens": 7, "modelPreferences": {"hints": [{"name": "small"}], "speedPriority": 1}})
+        preferences = {"hints": [{"name": "small"}], "speedPriority": 1}
+        params = {"messages": messages, "systemPrompt": "Be brief", "maxTokens": 7, "modelPreferences": preferences}
+        prompt = self.prompt("sampling", "sampling/createMessage", params)
 
         page = self.client.get("/consent", headers={"host": HOST})
 

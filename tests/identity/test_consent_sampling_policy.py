@@ -65,7 +65,9 @@ TABLE = [
     [row[1:] for row in TABLE],
     ids=[row[0] for row in TABLE],
 )
-def test_the_rule(policies: list[str], identity: Identity, peer: str, kind: str, name: str, extra: dict[str, object], action: str, policy_id: int | None) -> None:
+def test_the_rule(
+    policies: list[str], identity: Identity, peer: str, kind: str, name: str, extra: dict[str, object], action: str, policy_id: int | None
+) -> None:
     with override_settings(FEDMCP_CONSENT_SAMPLING_DEFAULT="ask", FEDMCP_CONSENT_ELICITATION_DEFAULT="ask"):
         decision = decide(identity, peer, kind, name, policies=[P[p] for p in policies], **extra)  # type: ignore[arg-type]
     assert (decision.action, decision.policy_id) == (action, policy_id)
@@ -86,7 +88,10 @@ def test_the_summary_shows_each_message_and_the_sampling_parameters() -> None:
     params = {
         "messages": [
             {"role": "user", "content": {"type": "text", "text": "<b>Summarize</b> this"}},
-            {"role": "assistant", "content": [{"type": "text", "text": "Sure."}, {"type": "image", "mimeType": "image/png", "data": base64.b64encode(b"x" * 300).decode()}]},
+            {
+                "role": "assistant",
+                "content": [{"type": "text", "text": "Sure."}, {"type": "image", "mimeType": "image/png", "data": base64.b64encode(b"x" * 300).decode()}],
+            },
             {"role": "user", "content": {"type": "audio", "mimeType": "audio/wav", "data": "AAAA"}},
         ],
         "systemPrompt": "You are terse.",
@@ -109,7 +114,8 @@ def test_the_summary_shows_each_message_and_the_sampling_parameters() -> None:
 
 def test_the_summary_bounds_long_text_and_survives_junk() -> None:
     long = "a" * (TEXT_LIMIT + 500)
-    summary = request_summary("sampling/createMessage", {"messages": [{"role": "user", "content": {"type": "text", "text": long}}, "junk", {"content": 5}], "maxTokens": "many"})
+    messages = [{"role": "user", "content": {"type": "text", "text": long}}, "junk", {"content": 5}]
+    summary = request_summary("sampling/createMessage", {"messages": messages, "maxTokens": "many"})
 
     kept = summary["messages"][0]["content"][0]["text"]
     assert kept.startswith("a" * TEXT_LIMIT) and "500 more characters not kept" in kept

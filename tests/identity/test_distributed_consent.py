@@ -73,7 +73,10 @@ class OwnerTests(TransactionTestCase):
 
     def decision(self, challenge: dict[str, Any], *, key: Any = None, typ: str = DECISION_TYPE, **overrides: Any) -> str:
         now = int(time.time())
-        claims = {"iss": A, "aud": B, "sub": "alice", "iat": now, "exp": now + 60, "jti": f"d-{now}-{id(overrides)}", "nonce": challenge["jti"], "decision": "approve"}
+        claims = {
+            "iss": A, "aud": B, "sub": "alice", "iat": now, "exp": now + 60,
+            "jti": f"d-{now}-{id(overrides)}", "nonce": challenge["jti"], "decision": "approve",
+        }
         claims.update(overrides)
         return sign(self.a, {k: v for k, v in claims.items() if v is not None}, typ, key)
 

@@ -70,7 +70,10 @@ class OwnerFlowTests(FixturePeerTestCase):
     def decision(self, challenge: str, **overrides: Any) -> str:
         claims = jwt.decode(challenge, options={"verify_signature": False})
         now = int(time.time())
-        decision = {"iss": A, "aud": claims["iss"], "sub": claims["sub"], "iat": now, "exp": now + 60, "jti": f"d{now}{len(overrides)}", "nonce": claims["jti"], "decision": "approve"}
+        decision = {
+            "iss": A, "aud": claims["iss"], "sub": claims["sub"], "iat": now, "exp": now + 60,
+            "jti": f"d{now}{len(overrides)}", "nonce": claims["jti"], "decision": "approve",
+        }
         decision.update(overrides)
         return jwt.encode(decision, self.a.key, algorithm="EdDSA", headers={"kid": self.a.kid, "typ": DECISION_TYPE})
 
@@ -312,7 +315,8 @@ class HomeFlowTests(AsgiTestCase):
         ctx = await self.context(user_id=None, username="")
 
         with self.assertRaises(jsonrpc.ConsentDeniedError) as caught:
-            await peer_request(ctx, FakeConnection([self.challenge(sub=f"client:{ctx.identity.client_id}")]), "tools/call", {"name": "x", "arguments": self.ARGUMENTS}, None)  # type: ignore[arg-type]
+            connection = FakeConnection([self.challenge(sub=f"client:{ctx.identity.client_id}")])
+            await peer_request(ctx, connection, "tools/call", {"name": "x", "arguments": self.ARGUMENTS}, None)  # type: ignore[arg-type]
         self.assertEqual(caught.exception.data, {"reason": "no local user to ask"})
 
     async def test_a_user_of_another_gateway_is_relayed_to_their_home(self) -> None:

@@ -22,8 +22,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 from asgiref.sync import sync_to_async
 from cryptography.fernet import Fernet
-from django.core.management import call_command
 from django.contrib.auth import get_user_model
+from django.core.management import call_command
 from django.db import connection
 from django.test import TestCase, TransactionTestCase, override_settings
 from django.utils import timezone

@@ -15,7 +15,22 @@ from channels.db import database_sync_to_async
 from django.test import override_settings
 
 from mcp_endpoint import jsonrpc
-from tests.base import BOB, HOST, MODERN, modern_meta, AsgiTestCase, HttpExchange, McpClient, SseClient, bearer, http, mint_token, persona, request, ws_communicator
+from tests.base import (
+    BOB,
+    HOST,
+    MODERN,
+    AsgiTestCase,
+    HttpExchange,
+    McpClient,
+    SseClient,
+    bearer,
+    http,
+    mint_token,
+    modern_meta,
+    persona,
+    request,
+    ws_communicator,
+)
 
 
 class SessionLimitTests(AsgiTestCase):

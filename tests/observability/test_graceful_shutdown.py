@@ -169,7 +169,9 @@ def open_streams(gateway: Gateway, url: str) -> Iterator[list[threading.Thread]]
         listen_stream = stack.enter_context(
             client.stream("POST", f"{url}/mcp", json=listen, headers={**HEADERS, **gateway.auth_headers(), "Mcp-Method": "subscriptions/listen"})
         )
-        socket = stack.enter_context(ws_connect(f"ws://{url.removeprefix('http://')}/ws", subprotocols=[Subprotocol("mcp")], additional_headers=gateway.auth_headers()))
+        socket = stack.enter_context(
+            ws_connect(f"ws://{url.removeprefix('http://')}/ws", subprotocols=[Subprotocol("mcp")], additional_headers=gateway.auth_headers())
+        )
         assert get_stream.status_code == 200 and listen_stream.status_code == 200
         streams = (get_stream.iter_lines(), listen_stream.iter_lines(), iter(socket.recv, None))
         readers = [threading.Thread(target=read_until_closed, args=(stream,), daemon=True) for stream in streams]

@@ -91,7 +91,9 @@ class Command(BaseCommand):
             help="Each user connects their own account at the peer's OAuth authorization server (/connect/NAME); "
             "calls carry that user's token. The catalog is listed when the first user connects.",
         )
-        add.add_argument("--oauth-client-id", default="", help="With --user-oauth: a client registered for this gateway there (default: registered automatically).")
+        add.add_argument(
+            "--oauth-client-id", default="", help="With --user-oauth: a client registered for this gateway there (default: registered automatically)."
+        )
         add.add_argument("--oauth-client-secret-file", default="", metavar="PATH", help="With --oauth-client-id: file holding its secret.")
         add.add_argument("--oauth-scope", default="", help="With --user-oauth: scopes to ask for (default: what the peer's challenge names).")
         self._tls_arguments(add)
