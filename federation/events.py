@@ -30,12 +30,22 @@ LIST_CHANGED_KINDS = {
 
 
 async def publish_catalog_changed(peer_name: str, kinds: list[str]) -> None:
+    """Tell connected hosts that `peer_name`'s lists of `kinds` changed (list_changed), if the layer can.
+
+    The change itself is made already: an unreachable channel layer (Redis down) costs the
+    hosts only the notification, so it is logged, never raised to the caller (a CLI command,
+    the API or a sync).
+    """
     # Also for changes made with QuerySet.update(), which no signal reports: every worker's
     # cached routes and lists must go (fedmcp_site/caching.py).
     caching.bump("catalog")
     layer = get_channel_layer()
-    if layer is not None:
+    if layer is None:
+        return
+    try:
         await layer.group_send(CATALOG_GROUP, {"type": "catalog.changed", "peer": peer_name, "kinds": list(kinds)})
+    except Exception as exc:  # the layer's own errors (redis-py's) have no common base worth naming
+        logger.warning("peer %s: hosts were not told its %s changed (channel layer unreachable: %s)", peer_name, ", ".join(kinds), exc)
 
 
 async def publish_resource_updated(peer_name: str, uri: str, user_id: int | None = None) -> None:

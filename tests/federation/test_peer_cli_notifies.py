@@ -11,6 +11,7 @@ import asyncio
 import shlex
 from io import StringIO
 from typing import Any
+from unittest import mock
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -67,3 +68,19 @@ def test_remove_announces_that_everything_of_the_peer_is_gone() -> None:
 
     events = listener.events()
     assert [(e["type"], e["peer"], sorted(e["kinds"])) for e in events] == [("catalog.changed", "gone", sorted(CatalogKind.values))]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_remove_works_while_the_channel_layer_is_unreachable(caplog: pytest.LogCaptureFixture) -> None:
+    # Redis down: the peer is removed all the same; hosts miss only the notification, and the log says so.
+    Peer.objects.create(name="gone", transport=Transport.STREAMABLE_HTTP, url="http://127.0.0.1:9/mcp")
+    layer = get_channel_layer()
+
+    async def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 6379)")
+
+    with mock.patch.object(layer, "group_send", unreachable), caplog.at_level("WARNING", logger="federation.events"):
+        run("remove", "gone")
+
+    assert not Peer.objects.filter(name="gone").exists()
+    assert "hosts were not told" in caplog.text
