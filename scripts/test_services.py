@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -142,6 +142,21 @@ def ensure_programs(need_postgres: bool, need_redis: bool) -> None:
 # --- Servers ------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGTERM, SIGHUP and SIGINT back while a server process is started and registered.
+
+    They are delivered (and `main`'s handler raises) once the block is done, so no signal can
+    fall between the process starting and its being known to the cleanup.
+    """
+    held = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @dataclass
 class Server:
     name: str
@@ -197,7 +212,8 @@ def _tail(log: Path, lines: int = 20) -> str:
     return "(no log)"
 
 
-def start_postgres(base: Path) -> Server:
+def start_postgres(base: Path, register: Callable[[Server], None]) -> Server:
+    """Start PostgreSQL; `register` learns of the server as soon as its process exists (to stop it whatever happens)."""
     bin_dir = postgres_bin_dir()
     assert bin_dir is not None
     run_as = _run_as()
@@ -226,36 +242,34 @@ def start_postgres(base: Path) -> Server:
         raise ServiceError(f"initdb failed:\n{_tail(log)}")
     port = free_port()
     out = open(log, "ab")  # noqa: SIM115 - the server writes to it; closed here once it has it
-    process = subprocess.Popen(
-        [
-            str(bin_dir / "postgres"), "-D", str(data_dir / "data"), "-k", str(data_dir), "-h", "127.0.0.1", "-p", str(port),
-            # Throwaway data: durability buys nothing, and the tests run faster without it.
-            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-        ],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        cwd="/",
-        start_new_session=True,  # Ctrl-C reaches the tests, not the server: it is stopped in order
-        **user_args,
-    )
+    with _signals_held():
+        process = subprocess.Popen(
+            [
+                str(bin_dir / "postgres"), "-D", str(data_dir / "data"), "-k", str(data_dir), "-h", "127.0.0.1", "-p", str(port),
+                # Throwaway data: durability buys nothing, and the tests run faster without it.
+                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+            start_new_session=True,  # Ctrl-C reaches the tests, not the server: it is stopped in order
+            **user_args,
+        )
+        server = Server("PostgreSQL", f"postgresql://postgres@127.0.0.1:{port}/test", process, data_dir, log)
+        register(server)
     out.close()
-    url = f"postgresql://postgres@127.0.0.1:{port}/test"
-    server = Server("PostgreSQL", url, process, data_dir, log)
-    try:
-        admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        _wait_until(lambda: postgres_reachable(admin), f"PostgreSQL ({bin_dir})", process, log)
-        import psycopg
+    admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    _wait_until(lambda: postgres_reachable(admin), f"PostgreSQL ({bin_dir})", process, log)
+    import psycopg
 
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE test")
-    except BaseException:
-        server.stop(signal.SIGINT)
-        raise
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE test")
     say(f"started PostgreSQL ({bin_dir.parent.name}) on 127.0.0.1:{port}, pid {process.pid}, data in {data_dir}")
     return server
 
 
-def start_redis(base: Path) -> Server:
+def start_redis(base: Path, register: Callable[[Server], None]) -> Server:
+    """Start redis-server; `register` as for `start_postgres`."""
     program = redis_server()
     assert program is not None
     data_dir = base / "redis"
@@ -264,20 +278,18 @@ def start_redis(base: Path) -> Server:
     port = free_port()
     log = base / "redis.log"
     out = open(log, "wb")  # noqa: SIM115 - as above
-    process = subprocess.Popen(
-        [program, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data_dir)],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    out.close()
     url = f"redis://127.0.0.1:{port}/0"
-    server = Server("Redis", url, process, data_dir, log)
-    try:
-        _wait_until(lambda: redis_reachable(url), "redis-server", process, log)
-    except BaseException:
-        server.stop(signal.SIGTERM)
-        raise
+    with _signals_held():
+        process = subprocess.Popen(
+            [program, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data_dir)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        server = Server("Redis", url, process, data_dir, log)
+        register(server)
+    out.close()
+    _wait_until(lambda: redis_reachable(url), "redis-server", process, log)
     say(f"started Redis on 127.0.0.1:{port}, pid {process.pid}")
     return server
 
@@ -300,13 +312,13 @@ def services(base: Path) -> Iterator[dict[str, str]]:
             )
             base.mkdir(parents=True, exist_ok=True)
             ensure_programs(need_postgres, need_redis)
+        # Each server is registered for stopping the moment its process exists, so a SIGTERM that
+        # arrives while it starts (or just after it said so) still stops it.
         if need_postgres:
-            server = start_postgres(base)
-            started.append((server, signal.SIGINT))  # SIGINT: PostgreSQL's "fast" shutdown
+            server = start_postgres(base, lambda s: started.append((s, signal.SIGINT)))  # SIGINT: PostgreSQL's "fast" shutdown
             env["FEDMCP_E2E_POSTGRES"] = server.url
         if need_redis:
-            server = start_redis(base)
-            started.append((server, signal.SIGTERM))
+            server = start_redis(base, lambda s: started.append((s, signal.SIGTERM)))
             env["FEDMCP_E2E_REDIS"] = server.url
         yield env
     finally:

@@ -178,7 +178,7 @@ class EventStream:
             item = await self.next_event(remaining)
             if item is None:
                 raise AssertionError(f"the stream ended before a matching message; seen: {self.seen}")
-            if item[0] == "message":
+            if item[0] == "message" and item[1]:  # a priming event (an id, empty data) carries no message
                 message = json.loads(item[1])
                 if predicate(message):
                     return message
@@ -194,7 +194,7 @@ class EventStream:
             item = await self.next_event(remaining)
             if item is None:
                 return messages
-            if item[0] == "message":
+            if item[0] == "message" and item[1]:
                 messages.append(json.loads(item[1]))
 
     async def aclose(self) -> None:

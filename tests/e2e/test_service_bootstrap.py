@@ -60,8 +60,20 @@ def _port_of(url: str) -> int:
     return int(re.search(r":(\d+)/", url).group(1))
 
 
+def _exited(pid: int) -> bool:
+    """Whether `pid` has exited: no such process, or a zombie (dead; this container's init reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def _assert_gone(pid: int, port: int) -> None:
-    assert not Path(f"/proc/{pid}").exists(), f"process {pid} is still there"
+    deadline = time.monotonic() + 10
+    while not _exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _exited(pid), f"process {pid} is still there"
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
