@@ -75,10 +75,23 @@ def wait_until(check: Callable[[], T], *, timeout: float = 15.0, interval: float
         time.sleep(interval)
 
 
+_ports_given: set[int] = set()
+"""Ports `free_port` handed out in this process: the kernel may offer a port again once its socket is closed."""
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, and not one handed out before in this test run.
+
+    Two gateways given the same port would share a public URL, so one's trust of the other
+    would name an issuer it trusts already.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -588,9 +601,11 @@ def peer_gateway(guest: Gateway, host: Gateway) -> tuple[str, str]:
     result = _trust_once(host, guest, name)
     if result.returncode == 0:
         credentials = _printed_credentials(result.stdout)
-    else:
+    elif f"a gateway named {name!r} is already trusted" in result.stdout + result.stderr:
         host.manage("gateway", "untrust", name)
         credentials = trust(host, guest, name)
+    else:
+        raise RuntimeError(f"manage.py gateway trust {name} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     trust_in_turn(guest, host)
     register(guest, host, host.env["FEDMCP_GATEWAY_NAME"], credentials)
     return credentials
