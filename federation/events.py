@@ -7,14 +7,10 @@ Host-facing transports subscribe to these channel-layer groups and turn the even
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
-from federation.models import CatalogKind, Peer
-from federation.naming import canonical_uri
-from federation.upstream.base import JsonDict, PeerConfig
+from federation.models import CatalogKind
 from fedmcp_site import caching
 
 logger = logging.getLogger(__name__)
@@ -53,39 +49,3 @@ async def publish_resource_updated(peer_name: str, uri: str, user_id: int | None
     layer = get_channel_layer()
     if layer is not None:
         await layer.group_send(RESOURCES_GROUP, {"type": "resource.updated", "peer": peer_name, "uri": uri, "user": user_id})
-
-
-@database_sync_to_async
-def _load_peer(peer_id: int) -> Peer | None:
-    return Peer.objects.filter(pk=peer_id).first()
-
-
-async def on_upstream_event(peer: PeerConfig, message: JsonDict, user_id: int | None = None) -> None:
-    """Handle a notification an upstream sent outside any request.
-
-    `user_id`: the notification came on that user's own connection to a per-user OAuth peer,
-    so it is about their account and only their sessions hear of a resource update.
-    """
-    from federation.pool import pool
-    from federation.services import peer_sync_catalog
-
-    method = message.get("method")
-    params: Any = message.get("params") or {}
-    if method in LIST_CHANGED_KINDS:
-        row = await _load_peer(peer.id)
-        if row is None:
-            return
-        connection = await pool.get(peer, prefer="modern")
-        report = await peer_sync_catalog(peer=row, connection=connection)
-        if report.errors:
-            logger.warning("peer %s: re-sync after %s incomplete: %s", peer.name, method, report.errors)
-        await publish_catalog_changed(peer.name, LIST_CHANGED_KINDS[method])
-    elif method == "notifications/resources/updated" and isinstance(params.get("uri"), str):
-        if peer.user_oauth and user_id is None:
-            # The catalog account's connection subscribes to nothing for anyone else.
-            logger.debug("peer %s: ignoring a resource update on the catalog connection", peer.name)
-            return
-        # Subscriptions are kept under the canonical URI (federation/router.py resolve).
-        await publish_resource_updated(peer.name, canonical_uri(params["uri"]), user_id)
-    else:
-        logger.debug("peer %s: ignoring unrelated %s", peer.name, method)

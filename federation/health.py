@@ -1,4 +1,4 @@
-"""Per-peer circuit breakers and the health-check / refresh loop each worker runs.
+"""Per-peer circuit breakers and health probes (the loops that run them: federation/upkeep.py).
 
 A breaker is per peer and per worker: it opens after `FEDERATION_BREAKER_FAILURES` consecutive
 transport failures (connect errors, timeouts, broken streams — not JSON-RPC errors the upstream
@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -205,7 +204,7 @@ async def _still_enabled(peer_id: int) -> bool:
 
 
 @database_sync_to_async
-def _record_check(peer_id: int, ok: bool, latency_ms: float | None, error: str) -> None:
+def record_check(peer_id: int, ok: bool, latency_ms: float | None, error: str) -> None:
     from federation.models import PeerHealthCheck
 
     PeerHealthCheck.objects.create(peer_id=peer_id, ok=ok, latency_ms=latency_ms, error=error[:1000])
@@ -233,79 +232,19 @@ async def check_peer(peer: PeerConfig) -> bool:
     except UpstreamAuthorizationRequiredError as exc:
         # Nobody has connected an account at a per-user OAuth peer yet: nothing is known about
         # it, and that is no transport failure to open the circuit for.
-        await _record_check(peer.id, False, None, str(exc))
+        await record_check(peer.id, False, None, str(exc))
         return False
     except (UpstreamError, OSError) as exc:
         breaker.record_failure(exc)
-        await _record_check(peer.id, False, None, str(exc))
+        await record_check(peer.id, False, None, str(exc))
         return False
     except Exception as exc:
         # Anything else is a failed probe too, recorded and logged in full, never lost in the loop.
         logger.exception("peer %s: health probe failed unexpectedly", peer.name)
         breaker.record_failure()
-        await _record_check(peer.id, False, None, f"{type(exc).__name__}: {exc}")
+        await record_check(peer.id, False, None, f"{type(exc).__name__}: {exc}")
         return False
     latency = (time.monotonic() - started) * 1000
     breaker.record_success()
-    await _record_check(peer.id, True, latency, "")
+    await record_check(peer.id, True, latency, "")
     return True
-
-
-@database_sync_to_async
-def _enabled_peers() -> list[PeerConfig]:
-    from federation.models import Peer
-    from federation.router import peer_config
-
-    # As routes build them, so the pool keeps one connection per peer (federation/pool.py).
-    return [peer_config(p) for p in Peer.objects.enabled()]
-
-
-async def refresh_peer(peer: PeerConfig) -> None:
-    """Re-sync one peer's catalog on its warm connection and tell hosts what changed."""
-    from federation.events import _load_peer, publish_catalog_changed
-    from federation.pool import pool
-    from federation.services import peer_sync_catalog
-    from federation.upstream.base import UpstreamError
-
-    row = await _load_peer(peer.id)
-    if row is None:
-        return
-    try:
-        connection = await pool.get(peer, prefer="modern")
-    except UpstreamError as exc:
-        logger.info("peer %s: refresh skipped: %s", peer.name, exc)
-        return
-    report = await peer_sync_catalog(peer=row, connection=connection)
-    if report.changed:
-        await publish_catalog_changed(peer.name, report.changed)
-
-
-async def _every(interval: float, job: Any) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            peers = await _enabled_peers()
-            results = await asyncio.gather(*(job(p) for p in peers), return_exceptions=True)
-            for peer, result in zip(peers, results, strict=True):
-                if isinstance(result, Exception):
-                    logger.error("peer %s: periodic %s failed: %r", peer.name, getattr(job, "__name__", "job"), result)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("periodic %s round failed", getattr(job, "__name__", "job"))
-
-
-_started: dict[int, list[asyncio.Task[None]]] = {}
-
-
-def ensure_background_tasks() -> None:
-    """Start this worker's health-check and refresh loops once per event loop (0 = disabled)."""
-    loop = asyncio.get_running_loop()
-    if id(loop) in _started:
-        return
-    tasks = []
-    if settings.FEDERATION_HEALTH_INTERVAL > 0:
-        tasks.append(loop.create_task(_every(settings.FEDERATION_HEALTH_INTERVAL, check_peer)))
-    if settings.FEDERATION_REFRESH_INTERVAL > 0:
-        tasks.append(loop.create_task(_every(settings.FEDERATION_REFRESH_INTERVAL, refresh_peer)))
-    _started[id(loop)] = tasks

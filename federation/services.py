@@ -18,6 +18,8 @@ from django.utils import timezone
 
 from federation import naming
 from federation.credentials import discover_token_url
+from federation.events import publish_catalog_changed
+from federation.health import record_check
 from federation.models import CatalogEntry, CatalogKind, Peer, Transport
 from federation.tls import PeerTls, check_dates
 from federation.upstream import CONNECTION_KINDS
@@ -484,9 +486,7 @@ async def peer_sync_catalog(
 
 
 async def _record_health(peer: Peer, *, ok: bool, latency_ms: float | None, error: str) -> None:
-    from federation.health import _record_check
-
-    await _record_check(peer.pk, ok, latency_ms, error)
+    await record_check(peer.pk, ok, latency_ms, error)
 
 
 async def catalog_set_enabled(*, entry_ids: list[int], enabled: bool) -> dict[str, list[str]]:
@@ -495,8 +495,6 @@ async def catalog_set_enabled(*, entry_ids: list[int], enabled: bool) -> dict[st
     Returns the kinds that changed, per peer name.
     """
     changed = await database_sync_to_async(_set_entries_enabled)(entry_ids, enabled)
-    from federation.events import publish_catalog_changed
-
     for peer_name, kinds in changed.items():
         await publish_catalog_changed(peer_name, kinds)
     return changed
@@ -523,8 +521,6 @@ async def peer_set_enabled(*, peer_ids: list[int], enabled: bool) -> list[str]:
         return names
 
     names = await _switch()
-    from federation.events import publish_catalog_changed
-
     for name in names:
         await publish_catalog_changed(name, [kind for kind, *_ in LISTINGS])
     return names

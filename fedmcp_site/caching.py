@@ -21,7 +21,7 @@ change ever go unpublished (Redis unreachable from the process that made it).
 
 A change is published twice: at once (so this process and a test transaction that never
 commits see it) and again after the transaction commits (so another worker that re-read the
-old rows in between drops them). What changes is found by model signals (`connect_signals`)
+old rows in between drops them). What changes is found by model signals (`bump_on_change`, wired by each app's AppConfig.ready())
 and, for `QuerySet.update()` calls that signals cannot see, by explicit `bump()` calls.
 
 `refresh()` reads the shared generations; the MCP edge (mcp_endpoint/auth.py) calls it once
@@ -58,7 +58,7 @@ Stamp = tuple[Any, ...]
 
 _flags: tuple[bool, float] | None = None
 """(FEDMCP_CACHES_ENABLED, FEDMCP_CACHE_MAX_AGE), read once: they are asked several times a
-request. Forgotten by `clear_all`, which runs on every settings change (`connect_signals`)."""
+request. Forgotten by `clear_all`, which runs on every settings change (`clear_on_setting_change`)."""
 
 
 def _settings_flags() -> tuple[bool, float]:
@@ -474,48 +474,35 @@ async def close() -> None:
 # --- what changes which domain ------------------------------------------------------------------
 
 
-def connect_signals() -> None:
-    """Bump the domains whose rows change, in whatever process changes them (AppConfig.ready)."""
-    from django.contrib.auth import get_user_model
-    from django.contrib.auth.models import Group
+def bump_on_change(model: Any, *domains: str, skip_created: bool = False) -> None:
+    """Bump `domains` whenever a row of `model` is saved or deleted, in whatever process does it.
+
+    Each app calls this for its own models in its AppConfig.ready(). `skip_created`: a new row
+    is simply a cache miss (tokens, sessions); only changes and deletions invalidate.
+    """
+    from django.db.models.signals import post_delete, post_save
+
+    def receiver(sender: Any, created: bool = False, **kwargs: Any) -> None:
+        if skip_created and created:
+            return
+        bump(*domains)
+
+    uid = f"fedmcp.caching.{model._meta.label}"
+    post_save.connect(receiver, sender=model, weak=False, dispatch_uid=uid + ".save")
+    post_delete.connect(receiver, sender=model, weak=False, dispatch_uid=uid + ".delete")
+
+
+def bump_on_m2m_change(through: Any, *domains: str) -> None:
+    """Bump `domains` whenever the many-to-many relation `through` changes."""
+    from django.db.models.signals import m2m_changed
+
+    m2m_changed.connect(lambda **kwargs: bump(*domains), sender=through, weak=False, dispatch_uid=f"fedmcp.caching.{through._meta.label}")
+
+
+def clear_on_setting_change() -> None:
+    """Forget every cache when a setting changes (tests' override_settings): decisions depend on settings, the database may be another."""
     from django.core.signals import setting_changed
-    from django.db.models.signals import m2m_changed, post_delete, post_save
-    from oauth2_provider.models import AccessToken, Application
 
-    from federation.models import CatalogEntry, Peer
-    from identity.models import ConsentGrant, ConsentPolicy, TrustedGateway
-    from mcp_endpoint.models import McpSession
-
-    User = get_user_model()
-
-    def on_change(*domains: str, skip_created: bool = False) -> Callable[..., None]:
-        def receiver(sender: Any, created: bool = False, **kwargs: Any) -> None:
-            if skip_created and created:
-                return
-            bump(*domains)
-
-        return receiver
-
-    # A new token or session is simply a miss; only changes and deletions invalidate.
-    receivers = [
-        (AccessToken, on_change("tokens", skip_created=True)),
-        (Application, on_change("tokens", skip_created=True)),
-        (User, on_change("tokens", "consent", skip_created=True)),
-        (McpSession, on_change("sessions", skip_created=True)),
-        (ConsentPolicy, on_change("consent", "catalog")),
-        (ConsentGrant, on_change("consent")),
-        (Group, on_change("consent", skip_created=True)),
-        # Trusting a gateway is a credential; creating one turns a cached "not trusted" stale.
-        # Routes carry whether a peer gateway is believed (federation/router.py), so "catalog" too.
-        (TrustedGateway, on_change("tokens", "catalog")),
-        (Peer, on_change("catalog")),
-        (CatalogEntry, on_change("catalog")),
-    ]
-    for model, receiver in receivers:
-        uid = f"fedmcp.caching.{model._meta.label}"
-        post_save.connect(receiver, sender=model, weak=False, dispatch_uid=uid + ".save")
-        post_delete.connect(receiver, sender=model, weak=False, dispatch_uid=uid + ".delete")
-    m2m_changed.connect(on_change("consent"), sender=User.groups.through, weak=False, dispatch_uid="fedmcp.caching.groups")
     setting_changed.connect(_on_setting_changed, weak=False, dispatch_uid="fedmcp.caching.settings")
 
 

@@ -15,7 +15,7 @@ without `notifications/cancelled`, and upstream sessions are never closed.
    (a load balancer's next connection goes to another worker), and requests in progress, on
    connections already open, get up to `FEDMCP_SHUTDOWN_GRACE` seconds to finish.
 2. Then the reactor stops as before. Before daphne's connections are dropped, the requests still
-   running are cancelled (forwarding sends the upstream its cancellation) and the upstream pool
+   running are cancelled (the pipeline sends the upstream its cancellation) and the upstream pool
    is closed (upstream sessions end, stdio children exit).
 
 A second SIGTERM skips the rest of the grace period.

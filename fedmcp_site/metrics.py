@@ -104,7 +104,7 @@ def _child(metric: Any, *labels: str) -> Any:
 
 
 def instrument_forward(forward: F) -> F:
-    """Count, time and log each call of `forwarding.forward(ctx, route, method, params)`."""
+    """Count, time and log each call of `pipeline.flow.forward(ctx, route, method, params)`."""
 
     @functools.wraps(forward)
     async def instrumented(ctx: Any, route: Any, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -4,11 +4,11 @@ Every MCP request the dispatcher answers runs inside `request_scope`: it picks t
 (the one a peer gateway sent in `_meta["io.fedmcp/requestId"]`, else a sane `X-Request-Id`
 header, else a new one) and puts it, with the method, session, user and peer, in context
 variables. `ContextFilter` copies them onto every log record, so any line logged while the
-request runs (here, in forwarding, in an upstream connection) carries them, and
+request runs (here, in the call pipeline, in an upstream connection) carries them, and
 `JsonFormatter` writes one JSON object per line (`FEDMCP_LOG_FORMAT=json`).
 
 Forwarded requests to peer gateways carry the id in `_meta["io.fedmcp/requestId"]`
-(`mcp_endpoint.forwarding.upstream_params`): the same id is logged on every gateway a call
+(`mcp_endpoint.pipeline.envelope.upstream_params`): the same id is logged on every gateway a call
 crosses.
 
 This module is loaded while Django configures logging, before apps are ready: it must not

@@ -4,3 +4,24 @@ from django.apps import AppConfig
 class IdentityConfig(AppConfig):
     name = "identity"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from django.contrib.auth import get_user_model
+        from django.contrib.auth.models import Group
+        from oauth2_provider.models import AccessToken, Application
+
+        from fedmcp_site.caching import bump_on_change, bump_on_m2m_change
+        from identity.models import ConsentGrant, ConsentPolicy, TrustedGateway
+
+        # What each cached domain depends on here (fedmcp_site/caching.py); a new token is a miss.
+        user = get_user_model()
+        bump_on_change(AccessToken, "tokens", skip_created=True)
+        bump_on_change(Application, "tokens", skip_created=True)
+        bump_on_change(user, "tokens", "consent", skip_created=True)
+        bump_on_change(ConsentPolicy, "consent", "catalog")
+        bump_on_change(ConsentGrant, "consent")
+        bump_on_change(Group, "consent", skip_created=True)
+        bump_on_m2m_change(user.groups.through, "consent")
+        # Trusting a gateway is a credential; creating one turns a cached "not trusted" stale.
+        # Routes carry whether a peer gateway is believed (federation/router.py), so "catalog" too.
+        bump_on_change(TrustedGateway, "tokens", "catalog")

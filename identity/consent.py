@@ -49,7 +49,7 @@ KIND_FOR_METHOD = {"tools/call": "tool", "resources/read": "resource", "prompts/
 """The calls consent governs, and the policy `kind` each one is."""
 KIND_FOR_COMPLETION_REF = {"ref/prompt": "prompt", "ref/resource": "resource"}
 """`completion/complete` (by its `ref.type`) and `resources/subscribe` are never asked about, but
-a policy that denies the prompt or resource refuses them too (mcp_endpoint/consent_gate.py
+a policy that denies the prompt or resource refuses them too (mcp_endpoint/pipeline/decide.py
 `consent_unasked`)."""
 REQUEST_KIND_FOR_METHOD = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation"}
 """Server->client requests from upstreams that consent governs; their name is the call's."""
@@ -269,10 +269,11 @@ def _consent_decide(identity: Identity | None, peer: str, kind: str, name: str, 
     return decision
 
 
-async def consent_decide(*, identity: Identity | None, peer: str, kind: str, name: str, default: str | None = None) -> Decision:
-    """Return the decision for one call, with the user's active grants applied.
+async def decision_load(*, identity: Identity | None, peer: str, kind: str, name: str, default: str | None = None) -> Decision:
+    """Read the decision for one call from the database, with the user's active grants applied.
 
-    `default` replaces the setting that applies when no policy matches (`decide`).
+    The pipeline asks identity/consent_cache.py `consent_decide`, which calls this when its
+    cache cannot answer. `default` replaces the setting that applies when no policy matches (`decide`).
     """
     return await database_sync_to_async(_consent_decide)(identity, peer, kind, name, default)
 

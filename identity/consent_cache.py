@@ -44,21 +44,25 @@ def _grant_expiry(grant_id: int) -> datetime | None:
     return ConsentGrant.objects.active().filter(pk=grant_id).values_list("expires_at", flat=True).first()
 
 
-async def consent_decide(*, identity: Identity | None, peer: str, kind: str, name: str) -> consent.Decision:
-    """`consent.consent_decide`, answered from this worker's cache where that is safe."""
+async def consent_decide(*, identity: Identity | None, peer: str, kind: str, name: str, default: str | None = None) -> consent.Decision:
+    """The one consent decision for a call or an upstream's request: `consent.decision_load`, answered from this worker's cache where that is safe.
+
+    `default` replaces the setting that applies when no policy matches (an elicitation a
+    believed peer gateway gated already is allowed unless a policy names it).
+    """
     subject = _subject(identity)
-    key = (subject, peer, kind, name, consent.default_setting())
+    key = (subject, peer, kind, name, default or consent.default_setting())
     if subject is not None:
         hit = _decisions.get(key)
         if hit is not caching.MISSING and (hit[1] is None or timezone.now() < hit[1]):
             return hit[0]
     stamp = _decisions.stamp()
-    decision = await consent.consent_decide(identity=identity, peer=peer, kind=kind, name=name)
+    decision = await consent.decision_load(identity=identity, peer=peer, kind=kind, name=name, default=default)
     if decision.action == ConsentDecision.ASK and decision.policy_id is None and audit.audit_pending():
         # "A peer the user has used" is read from the audit trail: let this worker's pending
         # rows land first, so a second call right after an approved first one is not asked.
         await audit.audit_flush()
-        decision = await consent.consent_decide(identity=identity, peer=peer, kind=kind, name=name)
+        decision = await consent.decision_load(identity=identity, peer=peer, kind=kind, name=name, default=default)
     if subject is None or decision.action == ConsentDecision.ASK:
         return decision
     until = None

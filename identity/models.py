@@ -311,7 +311,7 @@ class UsedContinuation(models.Model):
 
     When an upstream answers a call the user approved with `input_required`, the gateway's
     `requestState` for that round carries the approval to the host's retry, which is then not
-    asked about again (mcp_endpoint/consent_gate.py; docs/CONSENT.md "Further rounds of an
+    asked about again (mcp_endpoint/pipeline/continuation.py; docs/CONSENT.md "Further rounds of an
     approved call"). Each such state names a fresh nonce; a retry spends it.
     """
 

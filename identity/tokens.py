@@ -42,6 +42,27 @@ class Identity:
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
 
+    @property
+    def is_local_user(self) -> bool:
+        """A user with an account here (possibly a federated identity linked to one)."""
+        return self.user_id is not None
+
+    @property
+    def is_federated_guest(self) -> bool:
+        """A user a trusted peer gateway asserted, with no account here: their home gateway speaks for them."""
+        return self.user_id is None and bool(self.federated_issuer)
+
+    def subject_key(self) -> str:
+        """One stable key for who acts: `user:<id>`, `<issuer>#<subject>` for a guest, or `client:<id>` for no user.
+
+        What consent approvals, per-identity upstream processes and per-user counters are keyed by.
+        """
+        if self.user_id is not None:
+            return f"user:{self.user_id}"
+        if self.federated_issuer:
+            return f"{self.federated_issuer}#{self.federated_subject}"
+        return f"client:{self.client_id}"
+
 
 class TokenError(Exception):
     """The bearer token cannot be used; `error` is the RFC 6750 error code."""

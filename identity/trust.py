@@ -371,7 +371,7 @@ async def home_gateway(identity: Identity | None) -> TrustedGateway | None:
 
     That gateway is the federated user's home (or the next gateway towards it): a fedmcp
     gateway that gates the sampling and elicitation requests it receives with its own users'
-    consent, so a question this gateway cannot ask may be left to it (mcp_endpoint/consent_gate.py).
+    consent, so a question this gateway cannot ask may be left to it (mcp_endpoint/pipeline/upstream_requests.py).
     A user linked to a local account is asked here, and has no home to defer to.
     """
     if identity is None or identity.user_id is not None or not identity.federated_issuer:

@@ -8,9 +8,12 @@ class McpEndpointConfig(AppConfig):
     def ready(self) -> None:
         from django.core.signals import request_finished
 
-        from fedmcp_site import caching
+        from fedmcp_site.caching import bump_on_change, clear_on_setting_change
         from fedmcp_site.request_connections import close_request_connections
+        from mcp_endpoint.models import McpSession
 
-        # Every process (workers, manage.py, the admin) publishes the changes it makes.
-        caching.connect_signals()
+        # Every process (workers, manage.py, the admin) publishes the changes it makes; the
+        # other apps wire their own models likewise.
+        bump_on_change(McpSession, "sessions", skip_created=True)
+        clear_on_setting_change()
         request_finished.connect(close_request_connections, dispatch_uid="fedmcp.close_request_connections")

@@ -25,9 +25,9 @@ from identity.tokens import Identity
 from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
-from mcp_endpoint.forwarding import HOPS_META_KEY
 from mcp_endpoint.handlers import fit_result_to_era
 from mcp_endpoint.methods import METHODS
+from mcp_endpoint.pipeline.envelope import HOPS_META_KEY
 
 logger = logging.getLogger(__name__)
 JsonDict = dict[str, Any]

@@ -25,10 +25,12 @@ from identity import consent_cache
 from identity.audit import audit_record
 from identity.upstream_oauth import UpstreamAuthorizationRequiredError
 from mcp_endpoint import jsonrpc, sessions
-from mcp_endpoint.connect_gate import connect_required_error
-from mcp_endpoint.consent_gate import consent_unasked
 from mcp_endpoint.context import HostContext
-from mcp_endpoint.forwarding import forward, gateway_meta, incoming_hops
+from mcp_endpoint.pipeline.admit import incoming_hops
+from mcp_endpoint.pipeline.connect import connect_required_error
+from mcp_endpoint.pipeline.decide import consent_unasked
+from mcp_endpoint.pipeline.envelope import gateway_meta
+from mcp_endpoint.pipeline.flow import forward
 
 JsonDict = dict[str, Any]
 GATEWAY_VERSION = "0.1.0"
@@ -276,15 +278,14 @@ async def resources_subscribe(ctx: HostContext, params: JsonDict) -> JsonDict:
     route = await _route(ctx, CatalogKind.RESOURCE, uri)
     assert ctx.session is not None
     started = time.monotonic()
-    try:
-        # What a policy denies reading is not watched either.
-        await consent_unasked(ctx, route.peer.name, "resource", route.upstream_name)
-    except jsonrpc.JsonRpcError as exc:
+    # What a policy denies reading is not watched either.
+    verdict = await consent_unasked(ctx, route.peer.name, "resource", route.upstream_name)
+    if verdict.refusal is not None:
         audit_record(
             identity=ctx.identity, peer=route.peer.name, method="resources/subscribe", name=route.upstream_name,
-            error_code=exc.code, latency_ms=(time.monotonic() - started) * 1000, decision=getattr(exc, "consent_decision", ""),
+            error_code=verdict.refusal.code, latency_ms=(time.monotonic() - started) * 1000, decision=verdict.word,
         )
-        raise
+        raise verdict.refusal
     first = await sessions.subscription_add(
         session=ctx.session, uri=uri, peer_name=route.peer.name, upstream_uri=route.upstream_name, per_user=route.peer.user_oauth
     )
@@ -353,9 +354,10 @@ async def subscriptions_listen(ctx: HostContext, params: JsonDict) -> JsonDict:
     for uri in uris:
         try:
             route = await resolve(ctx.scope, CatalogKind.RESOURCE, uri)
-            # As resources/subscribe: what a policy denies reading is not watched (left out of the acknowledgement).
-            await consent_unasked(ctx, route.peer.name, "resource", route.upstream_name)
-        except (NotRoutableError, jsonrpc.ConsentDeniedError):
+        except NotRoutableError:
+            continue
+        # As resources/subscribe: what a policy denies reading is not watched (left out of the acknowledgement).
+        if (await consent_unasked(ctx, route.peer.name, "resource", route.upstream_name)).refusal is not None:
             continue
         routes[(route.peer.name, route.upstream_name)] = uri
     if routes:

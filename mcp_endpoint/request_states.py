@@ -18,15 +18,15 @@ from django.core import signing
 from mcp_endpoint import jsonrpc
 
 CONSENT = "consent"
-"""The user's answer on /consent to a call this gateway asks about (mcp_endpoint/consent_gate.py)."""
+"""The user's answer on /consent to a call this gateway asks about (mcp_endpoint/pipeline/decide.py)."""
 HELD = "held"
-"""Upstream input requests held until the user allowed them (consent_gate.py)."""
+"""Upstream input requests held until the user allowed them (pipeline/upstream_requests.py)."""
 REMOTE_CONSENT = "remote-consent"
-"""A peer gateway's consent question, asked here as the user's home (consent_relay.py)."""
+"""A peer gateway's consent question, asked here as the user's home (pipeline/home_consent.py)."""
 CONNECT = "connect"
-"""The user's own account at a peer, connected on this gateway's page (connect_gate.py)."""
+"""The user's own account at a peer, connected on this gateway's page (pipeline/connect.py)."""
 CONTINUE = "continue"
-"""A further round of an approved call (consent_gate.py; signed and parsed there)."""
+"""A further round of an approved call (pipeline/continuation.py; signed and parsed there)."""
 
 
 def prefix(kind: str) -> str:

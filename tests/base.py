@@ -76,6 +76,14 @@ _default_token: str | None = None
 """Alice's token for the running test (set by `AsgiTestCase.setUp`); helpers send it by default."""
 
 
+async def verdict_of(step: Awaitable[Any]) -> Any:
+    """What a pipeline step's verdict gives the host: its answer, or its refusal raised (as `Outcome.unwrap` raises it)."""
+    verdict = await step
+    if verdict.refusal is not None:
+        raise verdict.refusal
+    return verdict.answer
+
+
 def audience() -> str:
     """The origin the in-process app answers as (RFC 8707 audience of its tokens)."""
     return public_base_url(http_scope("POST", "/mcp", {"host": HOST}))

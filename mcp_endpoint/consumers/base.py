@@ -19,7 +19,7 @@ from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
 from django.db import Error as DatabaseError
 
-from federation.health import ensure_background_tasks
+from federation.upkeep import ensure_background_tasks
 from identity.tokens import Identity
 from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_HEADERS, UNAVAILABLE_MESSAGE

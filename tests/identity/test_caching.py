@@ -413,7 +413,7 @@ class ConsentCacheTests(TransactionTestCase):
     @override_settings(FEDMCP_CONSENT_DEFAULT="allow")
     async def test_a_deny_policy_applies_to_the_next_call(self) -> None:
         assert (await self.decide()).action == ConsentDecision.ALLOW
-        with mock.patch("identity.consent.consent_decide", side_effect=AssertionError("decided again")):
+        with mock.patch("identity.consent.decision_load", side_effect=AssertionError("decided again")):
             assert (await self.decide()).action == ConsentDecision.ALLOW
         policy = await ConsentPolicy.objects.acreate(peer="files", decision="deny")
         assert (await self.decide()).action == ConsentDecision.DENY
@@ -450,7 +450,7 @@ class ConsentCacheTests(TransactionTestCase):
         federated = tokens.Identity(**{**self.identity.__dict__, "federated_issuer": "https://a.example", "federated_subject": "alice"})
         with override_settings(FEDMCP_CONSENT_DEFAULT="allow"):
             await consent_cache.consent_decide(identity=federated, peer="files", kind="tool", name="read")
-            with mock.patch("identity.consent.consent_decide", return_value=consent.Decision(ConsentDecision.DENY)) as decide:
+            with mock.patch("identity.consent.decision_load", return_value=consent.Decision(ConsentDecision.DENY)) as decide:
                 await consent_cache.consent_decide(identity=federated, peer="files", kind="tool", name="read")
             assert decide.called
 

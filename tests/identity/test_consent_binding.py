@@ -13,7 +13,7 @@ Found by an adversarial review on a running gateway (issue 15, "Trust boundaries
 
 The host is `McpClient` on the in-process app with the fixture server as peer `everything`;
 the user answers on /consent with a signed-in Django `AsyncClient`. What reaches the upstream
-is watched at `forwarding._forward`, the one place a consented call leaves for its peer.
+is watched at the pipeline's exchange step (mcp_endpoint/pipeline/flow.py), the one place a consented call leaves for its peer.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from oauth2_provider.models import Application
 
 from identity.audit import audit_flush
 from identity.models import AuditEvent, ConsentGrant, ConsentPolicy, ConsentPrompt
-from mcp_endpoint import forwarding, handlers, jsonrpc
-from mcp_endpoint.consent_gate import INPUT_KEY
+from mcp_endpoint import handlers, jsonrpc
 from mcp_endpoint.models import ResourceSubscription
+from mcp_endpoint.pipeline import flow
+from mcp_endpoint.pipeline.asking import INPUT_KEY
 from tests.base import MODERN, FixturePeerTestCase, HttpExchange, McpClient, mint_token, modern_meta, request
 from tests.identity.test_consent_flow import CALL_TIMEOUT, final_message
 
@@ -56,11 +57,11 @@ class BindingTestCase(FixturePeerTestCase):
         super().setUp()
         # The shipped default (tests/conftest.py allows): asked on a peer alice has not used.
         self.enterContext(override_settings(FEDMCP_CONSENT_DEFAULT="ask-new-peers", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, FEDMCP_CONSENT_POLL_INTERVAL=0.2))
-        self.forwarded = self.enterContext(mock.patch.object(forwarding, "_forward", wraps=forwarding._forward))
+        self.forwarded = self.enterContext(mock.patch.object(flow, "exchange", wraps=flow.exchange))
 
     def upstream_arguments(self) -> list[Any]:
         """The arguments of every tools/call that went on to the upstream."""
-        return [c.args[3].get("arguments") for c in self.forwarded.call_args_list if c.args[2] == "tools/call"]
+        return [c.args[3].get("arguments") for c in self.forwarded.call_args_list if c.args[2].method == "tools/call"]
 
     async def call(self, arguments: dict[str, Any], *, token: str | None = None, **extra: Any) -> dict[str, Any]:
         client = McpClient(token=token)
@@ -200,7 +201,7 @@ class UngovernedMethodsTests(BindingTestCase):
         params = {"ref": {"type": "ref/prompt", "name": "everything__test_prompt_with_arguments"}, "argument": {"name": "arg1", "value": ""}}
         reply = final_message(await client.call("completion/complete", params))
         self.assertEqual(reply["error"]["code"], jsonrpc.CONSENT_DENIED, reply)
-        self.assertEqual([c for c in self.forwarded.call_args_list if c.args[2] == "completion/complete"], [])
+        self.assertEqual([c for c in self.forwarded.call_args_list if c.args[2].method == "completion/complete"], [])
         self.assertEqual(await self.audit_rows("completion/complete"), [("deny", "error", jsonrpc.CONSENT_DENIED)])
 
         # Another prompt of the peer completes as before.

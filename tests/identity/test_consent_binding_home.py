@@ -24,9 +24,9 @@ from identity.remote_consent import CHALLENGE_TYPE, DECISION_META_KEY, arguments
 from identity.tokens import authenticate
 from identity.trust import gateway_trust
 from mcp_endpoint import jsonrpc
-from mcp_endpoint.consent_relay import peer_request
 from mcp_endpoint.context import HostContext
-from tests.base import AsgiTestCase, audience
+from mcp_endpoint.pipeline.home_consent import peer_request
+from tests.base import AsgiTestCase, audience, verdict_of
 from tests.identity.test_assertions import Signer
 from tests.identity.test_distributed_consent_flow import WAIT, A, B, FakeConnection, NoOutbound
 
@@ -60,7 +60,7 @@ class HomeBindingTests(AsgiTestCase):
 
     async def approved_state(self, connection: FakeConnection) -> tuple[str, ConsentPrompt]:
         """Call with SHOWN, approve on the page: return the host's requestState and the prompt."""
-        first = await peer_request(await self.context(), connection, "tools/call", {"name": "x", "arguments": SHOWN}, None)  # type: ignore[arg-type]
+        first = await verdict_of(peer_request(await self.context(), connection, "tools/call", {"name": "x", "arguments": SHOWN}, None))  # type: ignore[arg-type]
         self.assertEqual(first["result"]["resultType"], "input_required")
         prompt = await ConsentPrompt.objects.aget(status=ConsentPrompt.Status.PENDING)
         await database_sync_to_async(consent.consent_prompt_answer)(prompt_id=prompt.id, user=self.alice, approve=True)
@@ -74,7 +74,7 @@ class HomeBindingTests(AsgiTestCase):
         state, prompt = await self.approved_state(connection)
 
         retry = {"name": "x", "arguments": CHANGED, "requestState": state, "inputResponses": {}}
-        again = await asyncio.wait_for(peer_request(await self.context(), connection, "tools/call", retry, None), WAIT)  # type: ignore[arg-type]
+        again = await asyncio.wait_for(verdict_of(peer_request(await self.context(), connection, "tools/call", retry, None)), WAIT)  # type: ignore[arg-type]
 
         self.assertEqual(again["result"]["resultType"], "input_required")
         self.assertEqual(self.decisions_sent(connection), [])
@@ -86,7 +86,7 @@ class HomeBindingTests(AsgiTestCase):
 
         # The approved call itself still goes to B with alice's decision.
         retry = {"name": "x", "arguments": SHOWN, "requestState": state, "inputResponses": {}}
-        done = await asyncio.wait_for(peer_request(await self.context(), connection, "tools/call", retry, None), WAIT)  # type: ignore[arg-type]
+        done = await asyncio.wait_for(verdict_of(peer_request(await self.context(), connection, "tools/call", retry, None)), WAIT)  # type: ignore[arg-type]
         self.assertEqual(done, {"result": {"content": []}})
         self.assertEqual(self.decisions_sent(connection), [SHOWN])
 
@@ -96,7 +96,7 @@ class HomeBindingTests(AsgiTestCase):
 
         retry = {"name": "x", "arguments": SHOWN, "requestState": state, "inputResponses": {}}
         again = await asyncio.wait_for(
-            peer_request(await self.context(client_id="another-host"), connection, "tools/call", retry, None), WAIT  # type: ignore[arg-type]
+            verdict_of(peer_request(await self.context(client_id="another-host"), connection, "tools/call", retry, None)), WAIT  # type: ignore[arg-type]
         )
 
         self.assertEqual(again["result"]["resultType"], "input_required")

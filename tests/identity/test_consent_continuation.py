@@ -16,7 +16,8 @@ from django.test import AsyncClient, override_settings
 from identity.audit import audit_flush
 from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt
 from mcp_endpoint import jsonrpc
-from mcp_endpoint.consent_gate import CONTINUE_SEPARATOR, INPUT_KEY, continue_prefix
+from mcp_endpoint.pipeline.asking import INPUT_KEY
+from mcp_endpoint.pipeline.continuation import CONTINUE_SEPARATOR, continue_prefix
 from tests.base import MODERN, FixturePeerTestCase, McpClient, amint_token, modern_meta, request
 from tests.identity.test_consent_flow import CALL_TIMEOUT, final_message
 

@@ -22,8 +22,7 @@ from django.utils import timezone
 
 from identity.models import ConsentPrompt
 from mcp_endpoint import jsonrpc
-from mcp_endpoint.consent_gate import UpstreamCall
-from mcp_endpoint.forwarding import relay_to
+from mcp_endpoint.pipeline.upstream_requests import UpstreamCall, relay_to
 from tests.base import MODERN, AsgiTestCase, McpClient, modern_meta, register_peer, request
 from tests.federation.hostile_upstream import HostileUpstream, install
 from tests.identity.test_consent_flow import final_message
@@ -140,7 +139,7 @@ class HandshakeRelayTests(AsgiTestCase):
             return {"result": {}}
 
         relay = relay_to(context(), UpstreamCall("evil", "tools/call", "add"))
-        with mock.patch("mcp_endpoint.forwarding.ask_upstreams_request", asked):
+        with mock.patch("mcp_endpoint.pipeline.upstream_requests.ask_upstreams_request", asked):
             tasks = [asyncio.create_task(relay({"jsonrpc": "2.0", "id": i, "method": "sampling/createMessage", "params": {}})) for i in range(2000)]
             await asyncio.sleep(0.2)
             refused = [t.result() for t in tasks if t.done()]

@@ -275,16 +275,19 @@ class ConsentFlowTests(FixturePeerTestCase):
 
         from federation.router import resolve
         from identity.tokens import authenticate
-        from mcp_endpoint.consent_gate import consent_gate
         from mcp_endpoint.context import HostContext
+        from mcp_endpoint.pipeline.decide import decide
+        from mcp_endpoint.pipeline.values import CallSubject
         from tests.base import audience
 
         identity = await authenticate(self.token, await database_sync_to_async(audience)())
         remote = replace(identity, user_id=None, username="", federated_issuer="https://eu.example", federated_subject="carol")
         ctx = HostContext(era="legacy", protocol_version="2025-11-25", transport="test", scope="", outbound=None, identity=remote)  # type: ignore[arg-type]
         route = await resolve("", "tool", TOOL)
-        with self.assertRaises(jsonrpc.ConsentDeniedError):
-            await consent_gate(ctx, route, "tools/call", {"name": "test_simple_text", "arguments": {}}, "test_simple_text")
+        params = {"name": "test_simple_text", "arguments": {}}
+        verdict = await decide(ctx, route, CallSubject.of("tools/call", params), params)
+        self.assertIsInstance(verdict.refusal, jsonrpc.ConsentDeniedError)
+        self.assertEqual(verdict.word, "deny")
         self.assertFalse(await ConsentPrompt.objects.aexists())
 
     async def test_modern_input_required_then_retry_with_signed_state(self) -> None:

@@ -4,7 +4,7 @@ This gateway is B when the caller is trusted gateway A acting for alice@A (she h
 here): a request B's policy would ask about goes on to A marked `io.fedmcp/consent-deferred`
 (audit word `home`) instead of being refused. It is A when the request comes *from* a peer
 gateway: marked elicitations are gated with the user's policy, unmarked ones pass as before,
-and the mark never reaches the host. The host is a recording stand-in for `forwarding.ask_host`.
+and the mark never reaches the host. The host is a recording stand-in for `pipeline/host.py ask_host`.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from identity.signing import signing_key
 from identity.tokens import Identity
 from identity.trust import gateway_trust
 from mcp_endpoint import jsonrpc
-from mcp_endpoint.consent_gate import (
+from mcp_endpoint.pipeline.upstream_requests import (
     DEFERRED_META_KEY,
     UpstreamCall,
     upstream_input_gate,
     upstream_input_resume,
     upstream_request_relay,
 )
-from tests.base import persona
+from tests.base import persona, verdict_of
 from tests.identity.test_assertions import Signer
 from tests.identity.test_consent_sampling_relay import SAMPLING, Host, context
 
@@ -175,7 +175,7 @@ class OwnerDefersTests(Audited):
             "requestState": "upstream-state",
         }
 
-        passed = await upstream_input_gate(context("modern", self.alice_at_a), CALL, result)
+        passed = await verdict_of(upstream_input_gate(context("modern", self.alice_at_a), CALL, result))
 
         self.assertEqual(passed["inputRequests"]["llm"], {"method": "sampling/createMessage", "params": marked(SAMPLING)})
         self.assertEqual((passed["inputRequests"]["roots"], passed["requestState"]), ({"method": "roots/list"}, "upstream-state"))
@@ -188,7 +188,7 @@ class OwnerDefersTests(Audited):
         result = {"resultType": "input_required", "inputRequests": {"q": {"method": "elicitation/create", "params": ELICITATION}}}
 
         with self.assertRaises(jsonrpc.ConsentDeniedError):
-            await upstream_input_gate(context("modern", self.alice_at_a), CALL, result)
+            await verdict_of(upstream_input_gate(context("modern", self.alice_at_a), CALL, result))
         self.assertEqual(await self.audited(), [("elicitation/create", "summarize", "deny", jsonrpc.CONSENT_DENIED)])
 
     async def test_on_the_way_home_a_peer_gateways_mark_travels_on(self) -> None:
@@ -251,7 +251,7 @@ class HomeGatesTests(Audited):
         result = {"resultType": "input_required", "inputRequests": {"q": {"method": "elicitation/create", "params": MARKED}}, "requestState": "c-state"}
         ctx = context("modern", self.alice)
 
-        own = await upstream_input_gate(ctx, FROM_GATEWAY, result)
+        own = await verdict_of(upstream_input_gate(ctx, FROM_GATEWAY, result))
 
         prompt = await ConsentPrompt.objects.aget()
         self.assertEqual((prompt.peer, prompt.kind, prompt.name, prompt.request["message"]), ("c", "elicitation", "web__summarize", "Your name?"))
@@ -261,10 +261,10 @@ class HomeGatesTests(Audited):
         self.assertIn("from gateway 'c', as reported by peer gateway 'c' (not verified: not signed)", pointer["params"]["message"])
         self.assertEqual([r["params"]["elicitationId"] for r in own["inputRequests"].values()], [prompt.id])
         await ConsentPrompt.objects.filter(pk=prompt.id).aupdate(status=ConsentPrompt.Status.APPROVED)
-        held = await upstream_input_resume(ctx, FROM_GATEWAY, {"requestState": own["requestState"]})
+        held = await verdict_of(upstream_input_resume(ctx, FROM_GATEWAY, {"requestState": own["requestState"]}))
         self.assertEqual(held, {**result, "inputRequests": {"q": {"method": "elicitation/create", "params": {**ELICITATION, "_meta": {"other": 1}}}}})
 
     async def test_a_2026_unmarked_elicitation_from_a_peer_gateway_passes_unchanged(self) -> None:
         result = {"resultType": "input_required", "inputRequests": {"q": {"method": "elicitation/create", "params": ELICITATION}}}
         with override_settings(FEDMCP_CONSENT_ELICITATION_DEFAULT="deny"):
-            self.assertIs(await upstream_input_gate(context("modern", self.alice), FROM_GATEWAY, result), result)
+            self.assertIs(await verdict_of(upstream_input_gate(context("modern", self.alice), FROM_GATEWAY, result)), result)

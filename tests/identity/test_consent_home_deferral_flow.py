@@ -30,7 +30,7 @@ from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt
 from identity.signing import signing_key
 from identity.trust import gateway_trust
 from mcp_endpoint import jsonrpc
-from mcp_endpoint.consent_gate import DEFERRED_META_KEY
+from mcp_endpoint.pipeline.upstream_requests import DEFERRED_META_KEY
 from tests.base import (
     MODERN,
     AsgiTestCase,
@@ -208,7 +208,7 @@ class HomeWithPeerB(AsgiTestCase):
 
     def peer_b(self, method: str, params: dict[str, Any]) -> PeerGatewayB:
         fake = PeerGatewayB(PeerConfig.from_peer(self.b), method, params)
-        patcher = mock.patch("mcp_endpoint.forwarding.pool", fake)
+        patcher = mock.patch("mcp_endpoint.pipeline.exchange.pool", fake)
         patcher.start()
         self.addCleanup(patcher.stop)
         return fake

@@ -1,6 +1,6 @@
 """`upstream_request_relay` on its own: what reaches the host, what the upstream is answered, the audit.
 
-The host is a recording stand-in for `forwarding.ask_host`; the decisions come from the database.
+The host is a recording stand-in for `pipeline/host.py ask_host`; the decisions come from the database.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from identity.audit import audit_flush
 from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt
 from identity.tokens import Identity
 from mcp_endpoint import jsonrpc
-from mcp_endpoint.consent_gate import UpstreamCall, upstream_input_gate, upstream_request_relay
 from mcp_endpoint.context import HostContext
-from mcp_endpoint.forwarding import ask_upstreams_request
-from tests.base import persona
+from mcp_endpoint.pipeline.upstream_requests import UpstreamCall, ask_upstreams_request, upstream_input_gate, upstream_request_relay
+from tests.base import persona, verdict_of
 
 FEDERATED = Identity(
     token_id=3, user_id=None, username="", application_id=None, client_id="peer-gw", scopes=frozenset(),
@@ -92,15 +91,15 @@ class RelayTests(TransactionTestCase):
     async def test_a_modern_result_without_gated_requests_passes_unchanged(self) -> None:
         result = {"resultType": "input_required", "inputRequests": {"r": {"method": "roots/list"}}, "requestState": "s"}
         with override_settings(FEDMCP_CONSENT_SAMPLING_DEFAULT="deny"):
-            self.assertIs(await upstream_input_gate(context("modern"), CALL, result), result)
+            self.assertIs(await verdict_of(upstream_input_gate(context("modern"), CALL, result)), result)
             complete = {"resultType": "complete", "content": []}
-            self.assertIs(await upstream_input_gate(context("modern"), CALL, complete), complete)
+            self.assertIs(await verdict_of(upstream_input_gate(context("modern"), CALL, complete)), complete)
 
     async def test_a_modern_result_with_a_request_nobody_can_approve_is_refused(self) -> None:
         result = {"resultType": "input_required", "inputRequests": {"q": {"method": "sampling/createMessage", "params": SAMPLING}}}
         with override_settings(FEDMCP_CONSENT_SAMPLING_DEFAULT="ask"):
             with self.assertRaises(jsonrpc.ConsentDeniedError):
-                await upstream_input_gate(context("modern"), CALL, result)
+                await verdict_of(upstream_input_gate(context("modern"), CALL, result))
         self.assertEqual(await self.audited(), [("sampling/createMessage", "summarize", "deny", jsonrpc.CONSENT_DENIED)])
 
     async def test_elicitations_from_a_peer_gateway_pass_but_its_sampling_is_gated(self) -> None:

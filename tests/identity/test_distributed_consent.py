@@ -126,11 +126,11 @@ class OwnerTests(TransactionTestCase):
         grant = await ConsentGrant.objects.aget()
         assert (grant.user_id, grant.federated_issuer, grant.federated_subject, grant.peer, grant.name) == (None, A, "alice", "web", "search")
         await ConsentPolicy.objects.acreate(peer="web", decision="ask")
-        decided = await consent.consent_decide(identity=alice_at_a(), peer="web", kind="tool", name="search")
+        decided = await consent.decision_load(identity=alice_at_a(), peer="web", kind="tool", name="search")
         assert (decided.action, decided.label) == ("allow", "grant")
         # Someone else of A's, or alice through another client, is still asked.
         other = Identity(**{**alice_at_a().__dict__, "federated_subject": "bob"})
-        assert (await consent.consent_decide(identity=other, peer="web", kind="tool", name="search")).action == "ask"
+        assert (await consent.decision_load(identity=other, peer="web", kind="tool", name="search")).action == "ask"
 
     async def test_remember_must_be_an_offered_duration(self) -> None:
         assert await self.reason(self.decision(await self.open(), remember=10**9)) == "claims"

@@ -30,9 +30,9 @@ from identity.signing import signing_key
 from identity.tokens import authenticate
 from identity.trust import gateway_trust
 from mcp_endpoint import jsonrpc
-from mcp_endpoint.consent_relay import home_answer, home_answer_reset, peer_request
 from mcp_endpoint.context import HostContext
-from tests.base import AsgiTestCase, FixturePeerTestCase, McpClient, audience, mint_token, modern_meta, request
+from mcp_endpoint.pipeline.home_consent import peer_request
+from tests.base import AsgiTestCase, FixturePeerTestCase, McpClient, audience, mint_token, modern_meta, request, verdict_of
 from tests.identity.test_assertions import Signer
 from tests.identity.test_consent_flow import final_message
 
@@ -232,7 +232,7 @@ class HomeFlowTests(AsgiTestCase):
     async def test_alice_is_asked_here_and_her_approval_goes_to_b(self) -> None:
         connection = FakeConnection([self.challenge(), {"result": {"content": []}}])
         ctx = await self.context()
-        task = asyncio.create_task(peer_request(ctx, connection, "tools/call", {"name": "web__search", "arguments": self.ARGUMENTS}, None))  # type: ignore[arg-type]
+        task = asyncio.create_task(verdict_of(peer_request(ctx, connection, "tools/call", {"name": "web__search", "arguments": self.ARGUMENTS}, None)))  # type: ignore[arg-type]
         prompt = await self.prompt()
         self.assertEqual((prompt.owner_gateway, prompt.peer, prompt.name, prompt.via, prompt.user_id), ("b", "web", "search", ["a", "b"], self.alice.pk))
         await self.answer(prompt, approve=True, remember=3600)
@@ -250,26 +250,24 @@ class HomeFlowTests(AsgiTestCase):
         ctx = await self.context()
 
         async def call() -> str:
-            # What forwarding.forward does around the exchange: the word starts as its own policy's.
-            home_answer_reset()
-            await peer_request(ctx, connection, "tools/call", {"name": "web__search", "arguments": self.ARGUMENTS}, None)  # type: ignore[arg-type]
-            return home_answer("allow")
+            # What the pipeline does with the exchange's word: our user's answer, else its own policy's.
+            verdict = await peer_request(ctx, connection, "tools/call", {"name": "web__search", "arguments": self.ARGUMENTS}, None)  # type: ignore[arg-type]
+            return verdict.word or "allow"
 
         task = asyncio.create_task(call())
         await self.answer(await self.prompt(), approve=True)
         self.assertEqual(await asyncio.wait_for(task, WAIT), "approved")
 
         async def unasked() -> str:
-            home_answer_reset()
-            await peer_request(ctx, FakeConnection([{"result": {"content": []}}]), "tools/call", {"name": "x", "arguments": {}}, None)  # type: ignore[arg-type]
-            return home_answer("allow")
+            verdict = await peer_request(ctx, FakeConnection([{"result": {"content": []}}]), "tools/call", {"name": "x", "arguments": {}}, None)  # type: ignore[arg-type]
+            return verdict.word or "allow"
 
         self.assertEqual(await unasked(), "allow")
 
     async def test_a_denial_is_told_to_b_and_refused_here(self) -> None:
         b_refuses = {"error": {"code": jsonrpc.CONSENT_DENIED, "message": "denied at home"}}
         connection = FakeConnection([self.challenge(), b_refuses])
-        task = asyncio.create_task(peer_request(await self.context(), connection, "tools/call", {"name": "x", "arguments": self.ARGUMENTS}, None))  # type: ignore[arg-type]
+        task = asyncio.create_task(verdict_of(peer_request(await self.context(), connection, "tools/call", {"name": "x", "arguments": self.ARGUMENTS}, None)))  # type: ignore[arg-type]
         await self.answer(await self.prompt(), approve=False)
 
         with self.assertRaises(jsonrpc.ConsentDeniedError):
@@ -279,7 +277,7 @@ class HomeFlowTests(AsgiTestCase):
     async def test_a_2026_host_answers_on_the_page_and_retries_with_its_state(self) -> None:
         connection = FakeConnection([self.challenge(), {"result": {"content": []}}])
         ctx = await self.context("modern")
-        first = await peer_request(ctx, connection, "tools/call", {"name": "x", "arguments": self.ARGUMENTS}, None)  # type: ignore[arg-type]
+        first = await verdict_of(peer_request(ctx, connection, "tools/call", {"name": "x", "arguments": self.ARGUMENTS}, None))  # type: ignore[arg-type]
         result = first["result"]
         self.assertEqual(result["resultType"], "input_required")
         prompt = await self.prompt()
@@ -287,25 +285,25 @@ class HomeFlowTests(AsgiTestCase):
         await self.answer(prompt, approve=True)
 
         retry = {"name": "x", "arguments": self.ARGUMENTS, "requestState": result["requestState"], "inputResponses": {}}
-        done = await peer_request(await self.context("modern"), connection, "tools/call", retry, None)  # type: ignore[arg-type]
+        done = await verdict_of(peer_request(await self.context("modern"), connection, "tools/call", retry, None))  # type: ignore[arg-type]
 
         self.assertEqual(done, {"result": {"content": []}})
         self.assertNotIn("requestState", connection.sent[-1])
         self.assertEqual(self.sent_decision(connection)["decision"], "approve")
         with self.assertRaises(jsonrpc.InvalidParamsError):  # spent
-            await peer_request(await self.context("modern"), FakeConnection([]), "tools/call", retry, None)  # type: ignore[arg-type]
+            await verdict_of(peer_request(await self.context("modern"), FakeConnection([]), "tools/call", retry, None))  # type: ignore[arg-type]
 
     async def test_a_challenge_about_someone_else_is_an_upstream_error(self) -> None:
         connection = FakeConnection([self.challenge(sub="bob")])
 
         with self.assertRaises(jsonrpc.UpstreamFailedError) as caught:
-            await peer_request(await self.context(), connection, "tools/call", {"name": "x", "arguments": self.ARGUMENTS}, None)  # type: ignore[arg-type]
+            await verdict_of(peer_request(await self.context(), connection, "tools/call", {"name": "x", "arguments": self.ARGUMENTS}, None))  # type: ignore[arg-type]
         self.assertEqual(caught.exception.data, {"reason": "subject"})
         self.assertFalse(await ConsentPrompt.objects.aexists())
 
     async def test_a_peer_asking_twice_gets_no_second_answer(self) -> None:
         connection = FakeConnection([self.challenge(), self.challenge()])
-        task = asyncio.create_task(peer_request(await self.context(), connection, "tools/call", {"name": "x", "arguments": self.ARGUMENTS}, None))  # type: ignore[arg-type]
+        task = asyncio.create_task(verdict_of(peer_request(await self.context(), connection, "tools/call", {"name": "x", "arguments": self.ARGUMENTS}, None)))  # type: ignore[arg-type]
         await self.answer(await self.prompt(), approve=True)
 
         with self.assertRaises(jsonrpc.UpstreamFailedError):
@@ -316,7 +314,7 @@ class HomeFlowTests(AsgiTestCase):
 
         with self.assertRaises(jsonrpc.ConsentDeniedError) as caught:
             connection = FakeConnection([self.challenge(sub=f"client:{ctx.identity.client_id}")])
-            await peer_request(ctx, connection, "tools/call", {"name": "x", "arguments": self.ARGUMENTS}, None)  # type: ignore[arg-type]
+            await verdict_of(peer_request(ctx, connection, "tools/call", {"name": "x", "arguments": self.ARGUMENTS}, None))  # type: ignore[arg-type]
         self.assertEqual(caught.exception.data, {"reason": "no local user to ask"})
 
     async def test_a_user_of_another_gateway_is_relayed_to_their_home(self) -> None:
@@ -325,7 +323,7 @@ class HomeFlowTests(AsgiTestCase):
         connection = FakeConnection([self.challenge(sub=f"carol@{home}")])
 
         with self.assertRaises(jsonrpc.ConsentRequiredAtHomeError) as caught:
-            await peer_request(ctx, connection, "tools/call", {"name": "web__search", "arguments": self.ARGUMENTS}, None)  # type: ignore[arg-type]
+            await verdict_of(peer_request(ctx, connection, "tools/call", {"name": "web__search", "arguments": self.ARGUMENTS}, None))  # type: ignore[arg-type]
 
         ours = jwt.decode(caught.exception.data["challenge"], jwt.PyJWK(signing_key().public_jwk).key, algorithms=["EdDSA", "ES256"], audience=home, issuer=A)
         self.assertEqual((ours["sub"], ours["gateway"], ours["path"], ours["name"]), ("carol", "b", ["a", "b"], "search"))

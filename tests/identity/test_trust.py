@@ -45,7 +45,7 @@ from identity.models import AuditEvent, TrustedGateway
 from identity.signing import signing_key
 from identity.tokens import Identity, authenticate
 from mcp_endpoint.context import HostContext
-from mcp_endpoint.forwarding import forward
+from mcp_endpoint.pipeline.flow import forward
 from tests.identity.oauth import FAST_HASHERS, ORIGIN, TOKEN
 
 PEER_ORIGIN = "http://127.0.0.1:9"

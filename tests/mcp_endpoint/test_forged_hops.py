@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
-from mcp_endpoint.forwarding import HOPS_META_KEY
+from mcp_endpoint.pipeline.envelope import HOPS_META_KEY
 from tests.base import MODERN, FixturePeerTestCase, McpClient, modern_meta, request
 
 TOOL = "everything__add"

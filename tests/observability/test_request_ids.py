@@ -20,7 +20,7 @@ from typing import Any
 from fedmcp_site import observability
 from fedmcp_site.observability import REQUEST_ID_META_KEY, ContextFilter, JsonFormatter
 from mcp_endpoint.context import HostContext
-from mcp_endpoint.forwarding import HOPS_META_KEY, upstream_params
+from mcp_endpoint.pipeline.envelope import HOPS_META_KEY, upstream_params
 from tests.base import MODERN, FixturePeerTestCase, McpClient, modern_meta, request
 from tests.e2e.harness import PY, ROOT
 

@@ -56,8 +56,8 @@ from identity.call_digest import arguments_hash
 from identity.models import AuditEvent, ConsentGrant, ConsentPolicy, ConsentPrompt
 from identity.tokens import operator_application
 from identity.trust import gateway_trust
-from mcp_endpoint import forwarding
-from mcp_endpoint.consent_gate import INPUT_KEY
+from mcp_endpoint.pipeline import exchange as exchange_step
+from mcp_endpoint.pipeline.asking import INPUT_KEY
 from tests.base import (
     AsgiTestCase,
     FixturePeerTestCase,
@@ -132,7 +132,7 @@ class DecisionBindingInvariant(FixturePeerTestCase):
             authorization_grant_type=Application.GRANT_AUTHORIZATION_CODE, redirect_uris="http://127.0.0.1/callback",
         )
         self.tokens = {"alice": self.token, "alice-other-client": mint_token(application=other), "bob": mint_token("bob")}
-        self.sent = self.enterContext(mock.patch.object(forwarding, "peer_request", wraps=forwarding.peer_request))
+        self.sent = self.enterContext(mock.patch.object(exchange_step, "peer_request", wraps=exchange_step.peer_request))
 
     def test_no_call_reaches_an_upstream_without_a_recorded_decision_bound_to_it(self) -> None:
         run_property(self.check_program, policy=st.sampled_from(POLICIES), program=programs)

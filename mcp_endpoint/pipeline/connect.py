@@ -1,4 +1,4 @@
-"""The connect step of `forwarding.forward` for per-user OAuth peers (identity/upstream_oauth.py).
+"""Step 2: connect — for per-user OAuth peers (identity/upstream_oauth.py).
 
 A call to such a peer needs the acting user's own token there. A user who has not connected
 their account is pointed at /connect/<peer>, the way the host's era allows:
@@ -79,7 +79,7 @@ async def _wait_connected(user_id: int, peer: PeerConfig) -> bool:
         await asyncio.sleep(WAIT_POLL)
 
 
-async def connect_gate(ctx: HostContext, peer: PeerConfig, params: JsonDict) -> tuple[JsonDict, JsonDict | None]:
+async def connect(ctx: HostContext, peer: PeerConfig, params: JsonDict) -> tuple[JsonDict, JsonDict | None]:
     """Let a call through to a per-user OAuth peer only when its user has connected there.
 
     Returns (the params to go on with, None) or (params, an `input_required` result for a

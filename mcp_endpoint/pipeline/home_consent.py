@@ -1,7 +1,7 @@
 """Distributed consent on the way to a peer gateway: asking our user, or relaying the question home.
 
-`peer_request` sends one request to a peer gateway (forwarding.py `_exchange` calls it). When the
-peer owns the call and must ask the user first, it answers -32019 with a signed challenge
+`peer_request` sends one request to a peer gateway (exchange.py). When the peer owns the call
+and must ask the user first, it answers -32019 with a signed challenge
 (identity/remote_consent.py). Then, if the acting user is
 
 * **ours** (a local user, or a federated identity linked to one): we are the user's home. We
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any
 
@@ -34,8 +33,10 @@ from identity import consent, remote_consent
 from identity.models import ConsentPrompt, RemoteConsent
 from identity.trust import assertion_subject
 from mcp_endpoint import jsonrpc, request_states
-from mcp_endpoint.consent_gate import INPUT_KEY, Approval, approval_for, consent_url, hold_for_answer, prompt_or_refusal, wait_for_answer
 from mcp_endpoint.context import HostContext
+from mcp_endpoint.pipeline.asking import consent_url, hold_for_answer, input_required, settle, strip_state, too_many_prompts, url_elicitation, wait_for_answer
+from mcp_endpoint.pipeline.envelope import with_fresh_assertion
+from mcp_endpoint.pipeline.values import Approval, CallSubject, Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -44,93 +45,68 @@ ANSWER_MARGIN = 10
 """Seconds before the owner's challenge expires that our prompt closes, so the answer still arrives in time."""
 
 
-def _arguments(method: str, params: JsonDict) -> Any:
-    return {} if method == "resources/read" else params.get("arguments") or {}
-
-
-def _name(method: str, params: JsonDict) -> str:
-    value = params.get("uri") if method == "resources/read" else params.get("name")
-    return value if isinstance(value, str) else ""
-
-
 def _is_challenge(reply: JsonDict) -> bool:
     error = reply.get("error")
     return isinstance(error, dict) and error.get("code") == jsonrpc.CONSENT_REQUIRED_AT_HOME
 
 
-_home_answer: ContextVar[str] = ContextVar("fedmcp_home_answer", default="")
-"""What this gateway's user answered for the current call when a peer asked (read by forward's audit)."""
-
-
-def home_answer_reset() -> None:
-    """Start a call with no answer given here (forwarding.forward)."""
-    _home_answer.set("")
-
-
-def home_answer(default: str) -> str:
-    """The audit word for the current call: our user's answer to a peer's question, else `default`."""
-    return _home_answer.get() or default
-
-
 def _with_decision(params: JsonDict, decision: str) -> JsonDict:
-    params = {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}
+    params = strip_state(params)
     meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
     params["_meta"] = {**meta, remote_consent.DECISION_META_KEY: decision}
     return params
 
 
-def _refused(exc: jsonrpc.JsonRpcError, audit_word: str) -> jsonrpc.JsonRpcError:
-    exc.consent_decision = audit_word  # type: ignore[attr-defined]
-    return exc
-
-
-async def peer_request(ctx: HostContext, connection: UpstreamConnection, method: str, sent: JsonDict, relay: Any) -> JsonDict:
+async def peer_request(ctx: HostContext, connection: UpstreamConnection, method: str, sent: JsonDict, relay: Any) -> Verdict:
     """Send `method` to the connection's peer; answer its consent challenge if it sends one.
 
-    Returns the peer's reply ({"result"} or {"error"}), or an `input_required` result for a
-    2026-07-28 host that must answer on our consent page first.
+    Returns the peer's reply ({"result"} or {"error"}) as `answer`, or an `input_required`
+    result for a 2026-07-28 host that must answer on our consent page first; the word is our
+    user's answer when asked here (`ask`, `approved`). Or the refusal: `denied` or `timeout`
+    (our user), `deny` (nobody here can be asked), `ask-home` (-32019: the user's own home
+    gateway must be asked), `rejected` (the home's decision is not acceptable).
 
     Raises:
-        ConsentDeniedError: the user denied, or nobody here can be asked (-32017).
-        ConsentTimeoutError: the user did not answer in time (-32018).
-        ConsentRequiredAtHomeError: the user's own home gateway must be asked (relay, -32019).
         UpstreamFailedError: the peer's challenge is not acceptable, or it asked twice (-32010).
     """
     peer = connection.peer
     kind = consent.KIND_FOR_METHOD.get(method)
     # Only a peer gateway this one believes may ask our users about its calls (identity/trust.py).
     if not peer.trusted_gateway or kind is None:
-        return await connection.request(method, sent, on_message=relay)
-    sent, answered = await _resume(ctx, connection, method, kind, sent, relay)
-    reply = await connection.request(method, sent, on_message=relay)
+        return Verdict(answer=await connection.request(method, sent, on_message=relay))
+    resumed, answered = await _resume(ctx, connection, method, kind, sent, relay)
+    if resumed.refusal is not None:
+        return resumed
+    reply = await connection.request(method, resumed.params, on_message=relay)  # type: ignore[arg-type]
     if not _is_challenge(reply):
-        return reply
+        return Verdict(word=resumed.word, answer=reply)
     if answered:
         raise jsonrpc.UpstreamFailedError(f"peer '{peer.name}' asked for consent again after it was answered")
-    return await _answer_challenge(ctx, connection, method, kind, sent, reply["error"], relay)
+    return await _answer_challenge(ctx, connection, method, kind, resumed.params, reply["error"], relay)  # type: ignore[arg-type]
 
 
 async def _answer_challenge(
     ctx: HostContext, connection: UpstreamConnection, method: str, kind: str, sent: JsonDict, error: JsonDict, relay: Any
-) -> JsonDict:
+) -> Verdict:
     peer = connection.peer
     identity = ctx.identity
+    subject = CallSubject.of(method, sent)
     data = error.get("data") if isinstance(error.get("data"), dict) else {}
     try:
         claims, question = await remote_consent.challenge_verify(
             raw=data.get("challenge"), peer_origin=peer_audience(peer.url),
-            subject=assertion_subject(identity) if identity is not None else "", kind=kind, arguments=_arguments(method, sent),
+            subject=assertion_subject(identity) if identity is not None else "", kind=kind, arguments=subject.arguments,
         )
     except remote_consent.RemoteConsentError as exc:
         logger.warning("peer %s sent an unacceptable consent challenge: %s", peer.name, exc.description)
         raise jsonrpc.UpstreamFailedError(
             f"peer '{peer.name}' asked for consent with a challenge this gateway cannot accept: {exc.description}", {"reason": exc.reason}
         ) from exc
-    if identity is not None and identity.user_id is not None:
+    if identity is not None and identity.is_local_user:
         return await _ask_our_user(ctx, connection, method, sent, relay, data["challenge"], claims, question)
     if identity is not None and identity.federated_issuer:
-        await _relay_home(ctx, peer.name, method, kind, sent, claims, question)
-    raise _refused(
+        return await _relay_home(ctx, peer.name, kind, subject, claims, question)
+    return Verdict.refuse(
         jsonrpc.ConsentDeniedError(
             f"Gateway '{question.owner}' needs the user's consent for the {kind} call '{question.name}', and no local user can be asked",
             {"reason": "no local user to ask"},
@@ -142,80 +118,68 @@ async def _answer_challenge(
 # --- home: ask our user --------------------------------------------------------------------------
 
 
-def _elicitation(prompt: ConsentPrompt, url: str) -> JsonDict:
-    message = (
-        f"Gateway '{prompt.owner_gateway}' needs your approval to call {prompt.kind} '{prompt.name}' "
-        f"on '{prompt.peer}': open {url}"
-    )
-    return {"mode": "url", "message": message, "url": url, "elicitationId": prompt.id}
+def _message(prompt: ConsentPrompt, url: str) -> str:
+    return f"Gateway '{prompt.owner_gateway}' needs your approval to call {prompt.kind} '{prompt.name}' on '{prompt.peer}': open {url}"
 
 
 async def _ask_our_user(
     ctx: HostContext, connection: UpstreamConnection, method: str, sent: JsonDict, relay: Any,
     challenge: str, claims: dict[str, Any], question: remote_consent.Question,
-) -> JsonDict:
+) -> Verdict:
     expires_at = min(
         timezone.now() + timedelta(seconds=consent.timeout_setting()),
         remote_consent.expires_at_of(claims) - timedelta(seconds=ANSWER_MARGIN),
     )
-    prompt = await prompt_or_refusal(
-        ctx, consent.consent_remote_prompt_create(identity=ctx.identity, question=question, challenge=challenge, expires_at=expires_at)
-    )
+    try:
+        prompt = await consent.consent_remote_prompt_create(identity=ctx.identity, question=question, challenge=challenge, expires_at=expires_at)
+    except consent.TooManyPendingPromptsError as exc:
+        return Verdict.refuse(too_many_prompts(ctx, exc), "deny")
     url = consent_url(ctx, prompt.id)
-    elicitation = _elicitation(prompt, url)
+    elicitation = url_elicitation(prompt, url, _message(prompt, url))
     if ctx.era == "modern":
         binding = _approval(ctx, connection, method, sent).binding(None)
         state = request_states.issue(request_states.REMOTE_CONSENT, {"p": prompt.id, "b": binding}, salt=STATE_SALT)
-        result = {"resultType": "input_required", "inputRequests": {INPUT_KEY: {"method": "elicitation/create", "params": elicitation}}, "requestState": state}
-        _home_answer.set("ask")
-        return {"result": result}
+        return Verdict(word="ask", answer={"result": input_required(elicitation, state)})
     status = await hold_for_answer(ctx, prompt, url, elicitation)
     decided = await _decide(ctx, connection, method, sent, relay, prompt, claims, status, url)
-    reply = await connection.request(method, decided, on_message=relay)
+    if decided.refusal is not None:
+        return decided
+    reply = await connection.request(method, decided.params, on_message=relay)  # type: ignore[arg-type]
     if _is_challenge(reply):
         raise jsonrpc.UpstreamFailedError(f"peer '{connection.peer.name}' asked for consent again after it was answered")
-    return reply
+    return Verdict(word=decided.word, answer=reply)
 
 
 async def _decide(
     ctx: HostContext, connection: UpstreamConnection, method: str, sent: JsonDict, relay: Any,
     prompt: ConsentPrompt, claims: dict[str, Any], status: str, url: str,
-) -> JsonDict:
-    """Turn our user's answer into the params to send again (approved), or the host's error."""
-    from mcp_endpoint.forwarding import _with_fresh_assertion
-
-    if status == ConsentPrompt.Status.APPROVED:
-        if not await consent.consent_prompt_use(prompt_id=prompt.id):
-            raise jsonrpc.InvalidParamsError("this consent approval was already used")
-        remember = await ConsentPrompt.objects.filter(pk=prompt.id).values_list("remember_seconds", flat=True).afirst()
-        decision = remote_consent.decision_create(challenge=claims, approve=True, remember_seconds=remember or 0)
-        _home_answer.set("approved")
-        return _with_decision(_with_fresh_assertion(ctx, connection.peer, sent), decision)
-    if status == ConsentPrompt.Status.DENIED:
-        # Tell the owner, so its audit trail has the user's answer; the host's answer is ours.
-        decision = remote_consent.decision_create(challenge=claims, approve=False)
-        with contextlib.suppress(UpstreamError, jsonrpc.JsonRpcError):
-            await connection.request(method, _with_decision(_with_fresh_assertion(ctx, connection.peer, sent), decision), on_message=relay)
-        raise _refused(
-            jsonrpc.ConsentDeniedError(
-                f"The user denied the {prompt.kind} call '{prompt.name}' on peer '{prompt.peer}' of gateway '{prompt.owner_gateway}'",
-                {"consentId": prompt.id},
-            ),
-            "denied",
-        )
-    raise _refused(
-        jsonrpc.ConsentTimeoutError(
+) -> Verdict:
+    """Turn our user's answer into the params to send again (approved), or the refusal."""
+    verdict = await settle(
+        prompt, status,
+        denied=jsonrpc.ConsentDeniedError(
+            f"The user denied the {prompt.kind} call '{prompt.name}' on peer '{prompt.peer}' of gateway '{prompt.owner_gateway}'",
+            {"consentId": prompt.id},
+        ),
+        timeout=jsonrpc.ConsentTimeoutError(
             f"Nobody answered the consent request for '{prompt.name}' of gateway '{prompt.owner_gateway}' in time; see {url}",
             {"consentId": prompt.id, "url": url},
         ),
-        "timeout",
     )
+    if verdict.word == "denied":
+        # Tell the owner, so its audit trail has the user's answer; the host's answer is ours.
+        decision = remote_consent.decision_create(challenge=claims, approve=False)
+        with contextlib.suppress(UpstreamError, jsonrpc.JsonRpcError):
+            await connection.request(method, _with_decision(with_fresh_assertion(ctx, connection.peer, sent), decision), on_message=relay)
+    if verdict.refusal is not None:
+        return verdict
+    remember = await ConsentPrompt.objects.filter(pk=prompt.id).values_list("remember_seconds", flat=True).afirst()
+    decision = remote_consent.decision_create(challenge=claims, approve=True, remember_seconds=remember or 0)
+    return Verdict(word="approved", params=_with_decision(with_fresh_assertion(ctx, connection.peer, sent), decision))
 
 
-async def _resume(
-    ctx: HostContext, connection: UpstreamConnection, method: str, kind: str, sent: JsonDict, relay: Any
-) -> tuple[JsonDict, bool]:
-    """Return the params to send, with our decision if this call resumes an answered question.
+async def _resume(ctx: HostContext, connection: UpstreamConnection, method: str, kind: str, sent: JsonDict, relay: Any) -> tuple[Verdict, bool]:
+    """Return the params to send (the verdict's `params`, or its refusal), and whether they answer the peer's question.
 
     Two cases: a 2026-07-28 host retrying with our `requestState` (we are the user's home),
     and a home gateway's decision for a question we relayed (we answer the far peer in turn).
@@ -226,31 +190,32 @@ async def _resume(
         if not hmac.compare_digest(binding, _approval(ctx, connection, method, sent).binding(None)):
             # Our user approved the exact call shown (caller, client, peer, tool, arguments):
             # another call carrying the state goes to the peer as a new one, which asks afresh.
-            return {k: v for k, v in sent.items() if k not in ("requestState", "inputResponses")}, False
+            return Verdict(params=strip_state(sent)), False
         url = consent_url(ctx, prompt.id)
-        status = await wait_for_answer(ctx, prompt, url)
+        status = await wait_for_answer(ctx, prompt, url, _message(prompt, url))
         # Our own database's copy of a challenge we verified when it came.
         claims = jwt.decode(prompt.challenge, options={"verify_signature": False})
         return await _decide(ctx, connection, method, sent, relay, prompt, claims, status, url), True
     raw = ctx.meta.get(remote_consent.DECISION_META_KEY)
     identity = ctx.identity
     if raw is None or identity is None or not identity.federated_issuer:
-        return sent, False
+        return Verdict(params=sent), False
     record = await remote_consent.relay_record_for(raw)
     if record is None or record.peer != connection.peer.name:
-        return sent, False
+        return Verdict(params=sent), False
+    subject = CallSubject.of(method, sent)
     try:
         settled = await remote_consent.remote_consent_settle(
-            raw=raw, identity=identity, peer=record.peer, kind=kind, name=_name(method, sent), arguments=_arguments(method, sent),
+            raw=raw, identity=identity, peer=record.peer, kind=kind, name=subject.name, arguments=subject.arguments,
             role=RemoteConsent.Role.RELAY,
         )
     except remote_consent.RemoteConsentError as exc:
-        raise _refused(
+        return Verdict.refuse(
             jsonrpc.ConsentDeniedError(f"The consent decision from the home gateway is not acceptable: {exc.description}", {"reason": exc.reason}),
             "rejected",
-        ) from exc
+        ), True
     decision = remote_consent.decision_create(challenge=settled.record.upstream_claims, approve=settled.approved, remember_seconds=settled.remember_seconds)
-    return _with_decision(sent, decision), True
+    return Verdict(params=_with_decision(sent, decision)), True
 
 
 async def _own_remote_prompt(ctx: HostContext, state: str, kind: str) -> tuple[ConsentPrompt, str]:
@@ -270,27 +235,24 @@ async def _own_remote_prompt(ctx: HostContext, state: str, kind: str) -> tuple[C
 
 def _approval(ctx: HostContext, connection: UpstreamConnection, method: str, sent: JsonDict) -> Approval:
     """The call as our user approves it: caller, client, the peer gateway, kind, name and arguments as sent to it."""
-    return approval_for(ctx, connection.peer.name, consent.KIND_FOR_METHOD[method], _name(method, sent), _arguments(method, sent))
+    subject = CallSubject.of(method, sent)
+    return Approval.of(ctx.identity, connection.peer.name, consent.KIND_FOR_METHOD[method], subject.name, subject.arguments)
 
 
 # --- relay: ask the user's home ------------------------------------------------------------------
 
 
 async def _relay_home(
-    ctx: HostContext, peer: str, method: str, kind: str, sent: JsonDict, claims: dict[str, Any], question: remote_consent.Question
-) -> None:
-    """Ask the acting user's home gateway about the peer's question (we are only on the path).
-
-    Raises:
-        ConsentRequiredAtHomeError: always, carrying our own challenge.
-    """
+    ctx: HostContext, peer: str, kind: str, subject: CallSubject, claims: dict[str, Any], question: remote_consent.Question
+) -> Verdict:
+    """Ask the acting user's home gateway about the peer's question (we are only on the path): refused `ask-home`, with our own challenge."""
     identity = ctx.identity
     challenge = await remote_consent.remote_consent_open(
-        identity=identity, peer=peer, kind=kind, name=_name(method, sent), arguments=_arguments(method, sent),
+        identity=identity, peer=peer, kind=kind, name=subject.name, arguments=subject.arguments,
         redacted=question.arguments, expires_at=remote_consent.expires_at_of(claims) - timedelta(seconds=ANSWER_MARGIN),
         role=RemoteConsent.Role.RELAY, question=question, upstream_claims=claims,
     )
-    raise _refused(
+    return Verdict.refuse(
         jsonrpc.ConsentRequiredAtHomeError(
             f"Gateway '{question.owner}' needs the consent of {identity.federated_subject}, which their home gateway "
             f"{identity.federated_issuer} asks for",

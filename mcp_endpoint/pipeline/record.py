@@ -1,0 +1,36 @@
+"""Step 5: the audit row of a forwarded call, and of each request an upstream made during it."""
+
+from __future__ import annotations
+
+import time
+
+from identity.audit import audit_record
+from mcp_endpoint.context import HostContext
+from mcp_endpoint.pipeline.values import Outcome
+
+
+def record_call(ctx: HostContext, peer: str, outcome: Outcome, started: float) -> None:
+    """Queue the audit row of one forwarded call: who, what, the decision and how it ended."""
+    subject = outcome.subject
+    audit_record(
+        identity=ctx.identity,
+        peer=peer,
+        method=subject.method,
+        name=subject.name,
+        error_code=outcome.error_code,
+        latency_ms=(time.monotonic() - started) * 1000,
+        decision=outcome.decision,
+        # Not `ok`: nothing ran yet, or not to the end (docs/CONSENT.md "Outcomes").
+        input_required=outcome.input_required,
+        arguments=subject.audited_arguments,
+    )
+
+
+def record_request(
+    ctx: HostContext, peer: str, call_name: str, method: str, decision: str, error_code: int | None, started: float, *, input_required: bool = False
+) -> None:
+    """Queue the audit row of a sampling/elicitation request an upstream sent during the call `call_name`."""
+    audit_record(
+        identity=ctx.identity, peer=peer, method=method, name=call_name,
+        error_code=error_code, latency_ms=(time.monotonic() - started) * 1000, decision=decision, input_required=input_required,
+    )
