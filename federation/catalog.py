@@ -7,15 +7,12 @@ The items are shared between requests: callers slice the list, never change an i
 
 from __future__ import annotations
 
-from typing import Any
-
 from channels.db import database_sync_to_async
 
 from federation.models import CatalogEntry, CatalogKind, Peer
 from federation.services import PER_USER_KINDS
 from fedmcp_site import caching
-
-JsonDict = dict[str, Any]
+from fedmcp_site.json_types import JsonDict
 
 # The field of each kind that carries its name.
 NAME_FIELDS = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -133,9 +132,6 @@ class Peer(models.Model):
         last = self.health_checks.first()
         return None if last is None else last.ok
 
-    def has_credentials(self) -> bool:
-        return bool(self.client_id)
-
     def clean(self) -> None:
         # A certificate without its key is tolerated here (a configuration import leaves keys
         # out); connecting then says the key is missing. A key needs its certificate.
@@ -203,9 +199,6 @@ class CatalogEntry(models.Model):
     def __str__(self) -> str:
         return f"{self.peer.name}:{self.kind}:{self.upstream_name}"
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.payload)
-
 
 class PeerHealthCheck(models.Model):
     """One health probe of a peer: ping (handshake era) or server/discover (2026-07-28)."""
@@ -226,14 +219,6 @@ class PeerHealthCheck(models.Model):
 class RateLimitScope(models.TextChoices):
     IDENTITY = "identity", "Per identity (each user and client pair has its own bucket)"
     PEER = "peer", "Per peer (all callers of the peer share one bucket)"
-
-
-class RateLimitQuerySet(models.QuerySet["RateLimit"]):
-    def identity_rules(self) -> RateLimitQuerySet:
-        return self.filter(scope=RateLimitScope.IDENTITY)
-
-    def peer_rules(self) -> RateLimitQuerySet:
-        return self.filter(scope=RateLimitScope.PEER)
 
 
 class RateLimit(models.Model):
@@ -267,7 +252,6 @@ class RateLimit(models.Model):
     )
     updated_at = models.DateTimeField(auto_now=True)
 
-    objects = RateLimitQuerySet.as_manager()
 
     class Meta:
         ordering = ["scope", "peer__name", "user__username", "client_id"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -33,13 +32,13 @@ from federation.router import peer_config
 from federation.services import LISTINGS, PER_USER_KINDS, CatalogBudget, _list_all
 from federation.upstream.base import PeerConfig, UpstreamError
 from fedmcp_site import caching
+from fedmcp_site.json_types import JsonDict
 from identity.consent import consent_denied_among
 from identity.tokens import Identity
 from identity.upstream_oauth import UpstreamAuthorizationRequiredError
 
 logger = logging.getLogger(__name__)
 
-JsonDict = dict[str, Any]
 
 TTL = 10.0
 """Seconds a user's own list is reused (paging, repeated lists) before it is asked for again."""

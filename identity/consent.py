@@ -195,12 +195,6 @@ def redact(arguments: Any, fields: Iterable[str]) -> Any:
 # --- reading policies and grants -------------------------------------------------------------
 
 
-def _subject_filter(identity: Identity) -> Q:
-    if identity.user_id is not None:
-        return Q(user_id=identity.user_id)
-    return Q(federated_issuer=identity.federated_issuer, federated_subject=identity.federated_subject, user__isnull=True)
-
-
 def _group_ids(identity: Identity | None) -> frozenset[int]:
     if identity is None or identity.user_id is None:
         return frozenset()

@@ -35,7 +35,7 @@ import jwt
 from identity import trust
 from identity.call_digest import arguments_hash
 from identity.models import TrustedGateway
-from identity.signing import ACCEPTED_ALGORITHMS, AssertionConfigError, issuer, signing_key
+from identity.signing import ACCEPTED_ALGORITHMS, AssertionConfigError, JwtRejectedError, issuer, jwt_verify, signing_key
 from identity.tokens import Identity
 
 logger = logging.getLogger(__name__)
@@ -153,17 +153,10 @@ async def _verified(raw: Any, *, identity: Identity | None, peer_origin: str, ki
     if not isinstance(raw, str) or not raw:
         raise DeferralProofError(NOT_SIGNED)
     iss, gateway, key, header = await _signer(raw, peer_origin)
-    if key.algorithm_name != header["alg"]:
-        raise DeferralProofError("its signature does not verify")
     try:
-        claims = jwt.decode(
-            raw, key=key.key, algorithms=[header["alg"]], issuer=iss, leeway=trust.LEEWAY,
-            options={"require": ["iss", "sub", "iat", "exp", "kind", "request_hash"]},
-        )
-    except jwt.ExpiredSignatureError as exc:
-        raise DeferralProofError("its proof expired") from exc
-    except jwt.PyJWTError as exc:
-        raise DeferralProofError("its signature does not verify") from exc
+        claims = jwt_verify(raw, key, header["alg"], issuer=iss, leeway=trust.LEEWAY, required=["iss", "sub", "iat", "exp", "kind", "request_hash"])
+    except JwtRejectedError as exc:
+        raise DeferralProofError("its proof expired" if exc.reason == "expired" else "its signature does not verify") from exc
     if not isinstance(claims["iat"], int | float) or claims["exp"] - claims["iat"] > PROOF_LIFETIME:
         raise DeferralProofError(f"its proof lives longer than {PROOF_LIFETIME}s")
     if claims["kind"] != kind or claims["request_hash"] != request_hash(params):

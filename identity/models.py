@@ -26,12 +26,6 @@ class TrustedGatewayQuerySet(models.QuerySet["TrustedGateway"]):
         bump("tokens", "catalog")
         return count
 
-    def for_application(self, application_id: int | None) -> TrustedGateway | None:
-        """Return the enabled trusted gateway that authenticates as this OAuth application."""
-        if application_id is None:
-            return None
-        return self.filter(application_id=application_id, enabled=True).first()
-
 
 class TrustedGateway(models.Model):
     """Another fedmcp gateway allowed to call this one on behalf of its own users.

@@ -37,7 +37,7 @@ from identity import trust
 from identity.call_digest import arguments_hash
 from identity.consent import KIND_FOR_METHOD, REMEMBER_CHOICES
 from identity.models import ConsentGrant, RemoteConsent
-from identity.signing import ACCEPTED_ALGORITHMS, issuer, signing_key
+from identity.signing import ACCEPTED_ALGORITHMS, JwtRejectedError, issuer, jwt_verify, signing_key
 from identity.tokens import Identity
 
 CHALLENGE_TYPE = "fedmcp-consent-challenge+jwt"
@@ -107,28 +107,23 @@ def _unverified_issuer(raw: str) -> str:
     return value
 
 
+_REJECTIONS = {
+    "expired": "it expired",
+    "not_yet_valid": "it was issued in the future; check the gateways' clocks",
+    "audience": "it is addressed to another gateway",
+    "issuer": "its issuer is not the expected gateway",
+    "signature": "its signature does not verify",
+    "malformed": "it is not a valid JWT",
+}
+
+
 def _decode(raw: str, key: jwt.PyJWK, algorithm: str, *, iss: str, required: list[str]) -> dict[str, Any]:
-    if key.algorithm_name != algorithm:
-        raise RemoteConsentError("signature", "its algorithm does not fit its key")
     try:
-        return jwt.decode(
-            raw, key=key.key, algorithms=[algorithm], issuer=iss, audience=issuer(), leeway=LEEWAY,
-            options={"require": ["iss", "sub", "aud", "iat", "exp", "jti", *required]},
-        )
-    except jwt.ExpiredSignatureError as exc:
-        raise RemoteConsentError("expired", "it expired") from exc
-    except jwt.ImmatureSignatureError as exc:
-        raise RemoteConsentError("not_yet_valid", "it was issued in the future; check the gateways' clocks") from exc
-    except jwt.InvalidAudienceError as exc:
-        raise RemoteConsentError("audience", "it is addressed to another gateway") from exc
-    except jwt.InvalidIssuerError as exc:
-        raise RemoteConsentError("issuer", "its issuer is not the expected gateway") from exc
-    except jwt.InvalidSignatureError as exc:
-        raise RemoteConsentError("signature", "its signature does not verify") from exc
-    except jwt.MissingRequiredClaimError as exc:
-        raise RemoteConsentError("claims", f"it lacks the '{exc.claim}' claim") from exc
-    except jwt.PyJWTError as exc:
-        raise RemoteConsentError("malformed", "it is not a valid JWT") from exc
+        return jwt_verify(raw, key, algorithm, issuer=iss, audience=issuer(), leeway=LEEWAY, required=["iss", "sub", "aud", "iat", "exp", "jti", *required])
+    except JwtRejectedError as exc:
+        if exc.reason == "claims":
+            raise RemoteConsentError("claims", f"it lacks the '{exc.claim}' claim") from exc
+        raise RemoteConsentError(exc.reason, _REJECTIONS.get(exc.reason, _REJECTIONS["malformed"])) from exc
 
 
 def _rejected(exc: trust.AssertionRejectedError) -> RemoteConsentError:

@@ -135,3 +135,46 @@ def assertion_create(*, subject: str, audience: str, client_id: str, via: list[s
         "via": via,
     }
     return jwt.encode(claims, key.private_key, algorithm=key.algorithm, headers={"kid": key.kid, "typ": JWT_TYPE})
+
+
+class JwtRejectedError(Exception):
+    """A gateway JWT that does not verify; `reason` is one word for it, `claim` the missing claim's name."""
+
+    def __init__(self, reason: str, claim: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.claim = claim
+
+
+def jwt_verify(raw: str, key: jwt.PyJWK, algorithm: str, *, issuer: str, required: list[str], leeway: float, audience: str | None = None) -> dict[str, Any]:
+    """Verify a JWT another gateway signed: signature, issuer, the `required` claims, time, and `audience` if given.
+
+    The one place gateway JWTs (assertions, consent challenges and decisions, deferral proofs)
+    are verified; each caller words the reasons for its own readers.
+
+    Raises:
+        JwtRejectedError: reason `signature` (also an algorithm that does not fit the key),
+            `expired`, `not_yet_valid`, `audience`, `issuer`, `claims` (`claim` names it) or `malformed`.
+    """
+    if key.algorithm_name != algorithm:
+        raise JwtRejectedError("signature")
+    options: dict[str, Any] = {"require": required}
+    if audience is None:
+        options["verify_aud"] = False
+    try:
+        return jwt.decode(raw, key=key.key, algorithms=[algorithm], issuer=issuer, audience=audience, leeway=leeway, options=options)
+    except jwt.ExpiredSignatureError as exc:
+        raise JwtRejectedError("expired") from exc
+    except jwt.ImmatureSignatureError as exc:
+        raise JwtRejectedError("not_yet_valid") from exc
+    except jwt.InvalidAudienceError as exc:
+        raise JwtRejectedError("audience") from exc
+    except jwt.InvalidIssuerError as exc:
+        raise JwtRejectedError("issuer") from exc
+    except jwt.InvalidSignatureError as exc:
+        raise JwtRejectedError("signature") from exc
+    except jwt.MissingRequiredClaimError as exc:
+        raise JwtRejectedError("claims", exc.claim) from exc
+    except jwt.PyJWTError as exc:
+        raise JwtRejectedError("malformed") from exc
+

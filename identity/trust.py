@@ -37,7 +37,7 @@ from federation.client import OutboundAddressError, check_url_allowed, outbound_
 from fedmcp_site.caching import GenerationCache, cached
 from identity import scopes
 from identity.models import FederatedIdentity, TrustedGateway, UsedAssertion
-from identity.signing import ACCEPTED_ALGORITHMS, JWT_TYPE
+from identity.signing import ACCEPTED_ALGORITHMS, JWT_TYPE, JwtRejectedError, jwt_verify
 from identity.tokens import Identity, same_origin
 
 logger = logging.getLogger(__name__)
@@ -290,28 +290,23 @@ async def peer_gateway_key(issuer: str, peer_origin: str, kid: Any) -> jwt.PyJWK
 # --- checking a request ---------------------------------------------------------------------------
 
 
+_ASSERTION_REJECTIONS = {
+    "expired": "the assertion expired",
+    "not_yet_valid": "the assertion was issued in the future; check the gateways' clocks",
+    "issuer": "the assertion's issuer is not the trusted gateway's: a gateway can only assert its own users",
+    "signature": "the assertion's signature does not verify",
+    "malformed": "the assertion is not a valid JWT",
+}
+
+
 def _decode(raw: str, key: jwt.PyJWK, algorithm: str, gateway: TrustedGateway, audience: str) -> dict[str, Any]:
     try:
-        claims = jwt.decode(
-            raw,
-            key=key.key,
-            algorithms=[algorithm],
-            issuer=gateway.issuer,
-            leeway=LEEWAY,
-            options={"require": ["iss", "sub", "aud", "iat", "exp", "jti"], "verify_aud": False},
-        )
-    except jwt.ExpiredSignatureError as exc:
-        raise AssertionRejectedError("expired", "the assertion expired") from exc
-    except jwt.ImmatureSignatureError as exc:
-        raise AssertionRejectedError("not_yet_valid", "the assertion was issued in the future; check the gateways' clocks") from exc
-    except jwt.InvalidIssuerError as exc:
-        raise AssertionRejectedError("issuer", "the assertion's issuer is not the trusted gateway's: a gateway can only assert its own users") from exc
-    except jwt.InvalidSignatureError as exc:
-        raise AssertionRejectedError("signature", "the assertion's signature does not verify") from exc
-    except jwt.MissingRequiredClaimError as exc:
-        raise AssertionRejectedError("claims", f"the assertion lacks the '{exc.claim}' claim") from exc
-    except jwt.PyJWTError as exc:
-        raise AssertionRejectedError("malformed", "the assertion is not a valid JWT") from exc
+        # The audience is compared by origin below (an assertion may name the gateway's URL with a path).
+        claims = jwt_verify(raw, key, algorithm, issuer=gateway.issuer, required=["iss", "sub", "aud", "iat", "exp", "jti"], leeway=LEEWAY)
+    except JwtRejectedError as exc:
+        if exc.reason == "claims":
+            raise AssertionRejectedError("claims", f"the assertion lacks the '{exc.claim}' claim") from exc
+        raise AssertionRejectedError(exc.reason, _ASSERTION_REJECTIONS.get(exc.reason, _ASSERTION_REJECTIONS["malformed"])) from exc
     audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
     if not audience or not any(isinstance(a, str) and same_origin(a, audience) for a in audiences):
         raise AssertionRejectedError("audience", "the assertion is addressed to another gateway")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from fedmcp_site.json_types import JsonDict
 from mcp_endpoint.models import McpSession
 
 Era = Literal["legacy", "modern"]
-JsonDict = dict[str, Any]
 
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 
@@ -44,6 +44,44 @@ class HostContext:
     """Lower-cased HTTP request headers (empty for WebSocket frames)."""
     identity: Any = None
     """The authenticated caller; filled in by the authentication middleware."""
+
+    @classmethod
+    def of_session(
+        cls, session: McpSession, *, transport: str, scope: str, outbound: Outbound, identity: Any, headers: dict[str, str] | None = None
+    ) -> HostContext:
+        """A handshake-era message on `session`: what the host declared at initialize (and setLevel) comes from the session row."""
+        return cls(
+            era="legacy",
+            protocol_version=session.protocol_version,
+            transport=transport,
+            scope=scope,
+            outbound=outbound,
+            session=session,
+            client_capabilities=session.client_capabilities,
+            client_info=session.client_info,
+            log_level=session.log_level,
+            headers=headers or {},
+            identity=identity,
+        )
+
+    @classmethod
+    def of_envelope(
+        cls, *, protocol_version: str, capabilities: Any, client_info: Any, meta: JsonDict, transport: str, scope: str,
+        outbound: Outbound, identity: Any, headers: dict[str, str],
+    ) -> HostContext:
+        """A 2026-07-28 request: what the host declares travels in its `_meta` envelope."""
+        return cls(
+            era="modern",
+            protocol_version=protocol_version,
+            transport=transport,
+            scope=scope,
+            outbound=outbound,
+            client_capabilities=capabilities if isinstance(capabilities, dict) else {},
+            client_info=client_info if isinstance(client_info, dict) else {},
+            log_level=meta.get("io.modelcontextprotocol/logLevel") or "",
+            headers=headers,
+            identity=identity,
+        )
 
     def wants_log(self, level: str) -> bool:
         """Whether a log message at `level` should reach this host."""

@@ -21,12 +21,12 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
+from fedmcp_site.json_types import JsonDict
 from fedmcp_site.layers import Memberships
 
 logger = logging.getLogger(__name__)
 
 WORKERS_GROUP = "fedmcp.workers"
-JsonDict = dict[str, Any]
 
 
 class _Correlator:

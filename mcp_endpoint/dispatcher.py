@@ -19,6 +19,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERS
 from pydantic import ValidationError
 
 from fedmcp_site import observability
+from fedmcp_site.json_types import JsonDict
 from identity import trust
 from identity.scopes import required_scope
 from identity.tokens import Identity
@@ -30,7 +31,6 @@ from mcp_endpoint.methods import METHODS
 from mcp_endpoint.pipeline.envelope import HOPS_META_KEY
 
 logger = logging.getLogger(__name__)
-JsonDict = dict[str, Any]
 
 
 def classify(message: Any) -> str:

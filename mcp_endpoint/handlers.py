@@ -20,6 +20,7 @@ from federation.pool import pool
 from federation.router import AmbiguousUriError, NotRoutableError, Route, peer_for_scope, resolve
 from federation.services import GATEWAY_CAPABILITY
 from federation.upstream.base import UpstreamError
+from fedmcp_site.json_types import JsonDict
 from fedmcp_site.layers import Memberships
 from identity import consent_cache
 from identity.audit import audit_record
@@ -32,7 +33,6 @@ from mcp_endpoint.pipeline.decide import consent_unasked
 from mcp_endpoint.pipeline.envelope import gateway_meta
 from mcp_endpoint.pipeline.flow import forward
 
-JsonDict = dict[str, Any]
 GATEWAY_VERSION = "0.1.0"
 
 LIST_KINDS = {

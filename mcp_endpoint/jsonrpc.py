@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 from mcp.shared.inbound import ERROR_CODE_HTTP_STATUS
 from mcp_types import jsonrpc as codes
 
+from fedmcp_site.json_types import JsonDict
+
 PARSE_ERROR = codes.PARSE_ERROR
 """Invalid JSON was received (-32700)."""
 INVALID_REQUEST = codes.INVALID_REQUEST
@@ -54,7 +56,6 @@ MISSING_REQUIRED_CLIENT_CAPABILITY = codes.MISSING_REQUIRED_CLIENT_CAPABILITY
 UNSUPPORTED_PROTOCOL_VERSION = codes.UNSUPPORTED_PROTOCOL_VERSION
 """The protocol version is not one this gateway speaks (-32022)."""
 
-JsonDict = dict[str, Any]
 
 UNAVAILABLE_RETRY_AFTER = 5
 """Seconds a host is asked to wait (Retry-After, `data.retryAfterMs`) while the gateway's database is unreachable."""

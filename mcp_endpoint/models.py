@@ -66,9 +66,6 @@ class McpSession(models.Model):
     def __str__(self) -> str:
         return f"{self.transport} session {self.id[:8]}…"
 
-    def is_open(self) -> bool:
-        return self.closed_at is None
-
     def belongs_to(self, user_id: int | None, client_id: str) -> bool:
         return self.user_id == user_id and self.client_id == client_id
 

@@ -18,18 +18,17 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
 
 from channels.layers import get_channel_layer
 
 from federation.events import CATALOG_GROUP, RESOURCES_GROUP
+from fedmcp_site.json_types import JsonDict
 from fedmcp_site.layers import Memberships
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.handlers import host_notifications_for
 from mcp_endpoint.sessions import session_group, subscribed_uris
 
 logger = logging.getLogger(__name__)
-JsonDict = dict[str, Any]
 
 INBOX_CAPACITY = 1000
 """Events waiting for one stream, as the Redis layer's channel capacity; more are dropped (and logged)."""

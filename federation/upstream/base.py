@@ -19,11 +19,11 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERS
 
 from federation.client import AuthProvider
 from federation.tls import PeerTls
+from fedmcp_site.json_types import JsonDict
 
 logger = logging.getLogger(__name__)
 
 Era = Literal["legacy", "modern"]
-JsonDict = dict[str, Any]
 
 OnMessage = Callable[[JsonDict], Awaitable[JsonDict | None]]
 """Receives what the upstream sends in the context of one request.

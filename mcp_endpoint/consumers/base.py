@@ -20,12 +20,12 @@ from django.conf import settings
 from django.db import Error as DatabaseError
 
 from federation.upkeep import ensure_background_tasks
+from fedmcp_site.json_types import JsonDict
 from identity.tokens import Identity
 from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_HEADERS, UNAVAILABLE_MESSAGE
 
 logger = logging.getLogger(__name__)
-JsonDict = dict[str, Any]
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),

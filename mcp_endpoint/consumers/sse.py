@@ -23,7 +23,6 @@ from mcp_endpoint.correlation import correlator
 from mcp_endpoint.streams import SessionEvents, SessionGroupOutbound, send_to_session
 
 logger = logging.getLogger(__name__)
-JsonDict = dict[str, Any]
 
 # Replies to POSTed messages outlive the POST (it is answered 202 at once); keep their tasks.
 _background: set[asyncio.Task[Any]] = set()
@@ -80,18 +79,7 @@ class McpSseMessageConsumer(McpHttpConsumer):
             await self.send_error(400, jsonrpc.INVALID_REQUEST, batch_too_large())
             return
         for message in messages:
-            ctx = HostContext(
-                era="legacy",
-                protocol_version=session.protocol_version,
-                transport="sse",
-                scope=scope,
-                outbound=SessionGroupOutbound(session.id),
-                session=session,
-                client_capabilities=session.client_capabilities,
-                client_info=session.client_info,
-                log_level=session.log_level,
-                identity=self.identity,
-            )
+            ctx = HostContext.of_session(session, transport="sse", scope=scope, outbound=SessionGroupOutbound(session.id), identity=self.identity)
             # The answer outlives this POST (answered 202 below): a task of its own, which is
             # also what a later notifications/cancelled for the request cancels.
             task = asyncio.create_task(self._answer(ctx, message))

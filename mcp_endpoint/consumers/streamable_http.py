@@ -24,6 +24,7 @@ from mcp.shared.inbound import (
 )
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS, is_version_at_least
 
+from fedmcp_site.json_types import JsonDict
 from fedmcp_site.metrics import stream_open
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_HEADERS, challenge
@@ -33,7 +34,6 @@ from mcp_endpoint.models import McpSession
 from mcp_endpoint.streams import SessionEvents, close_session_streams
 
 logger = logging.getLogger(__name__)
-JsonDict = dict[str, Any]
 SESSION_HEADER = b"mcp-session-id"
 ALLOW = [(b"allow", b"GET, POST, DELETE")]
 
@@ -179,18 +179,8 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
             )
 
     def _legacy_context(self, session: McpSession, stream: PostStream) -> HostContext:
-        return HostContext(
-            era="legacy",
-            protocol_version=session.protocol_version,
-            transport="streamable-http",
-            scope=self.endpoint_scope,
-            outbound=stream,
-            session=session,
-            client_capabilities=session.client_capabilities,
-            client_info=session.client_info,
-            log_level=session.log_level,
-            headers=self.headers_dict(),
-            identity=self.identity,
+        return HostContext.of_session(
+            session, transport="streamable-http", scope=self.endpoint_scope, outbound=stream, identity=self.identity, headers=self.headers_dict()
         )
 
     async def refuse_too_many(self, exc: sessions.SessionLimitError, request_id: Any = None) -> None:
@@ -282,17 +272,9 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
             return
         meta = payload["params"]["_meta"]
         stream = PostStream(self, sse_allowed=self.accepts("text/event-stream"), can_request=False, headers=[])
-        ctx = HostContext(
-            era="modern",
-            protocol_version=verdict.protocol_version,
-            transport="streamable-http",
-            scope=self.endpoint_scope,
-            outbound=stream,
-            client_capabilities=verdict.client_capabilities if isinstance(verdict.client_capabilities, dict) else {},
-            client_info=verdict.client_info if isinstance(verdict.client_info, dict) else {},
-            log_level=meta.get("io.modelcontextprotocol/logLevel") or "",
-            headers=self.headers_dict(),
-            identity=self.identity,
+        ctx = HostContext.of_envelope(
+            protocol_version=verdict.protocol_version, capabilities=verdict.client_capabilities, client_info=verdict.client_info, meta=meta,
+            transport="streamable-http", scope=self.endpoint_scope, outbound=stream, identity=self.identity, headers=self.headers_dict(),
         )
         reply = await dispatcher.handle_request(ctx, payload)
         await stream.finish([reply], status=jsonrpc.http_status_for(reply))

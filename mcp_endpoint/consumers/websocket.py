@@ -17,6 +17,7 @@ from django.conf import settings
 from django.db import Error as DatabaseError
 
 from federation.upkeep import ensure_background_tasks
+from fedmcp_site.json_types import JsonDict
 from fedmcp_site.metrics import stream_open
 from identity.tokens import still_valid
 from mcp_endpoint import dispatcher, jsonrpc, sessions
@@ -27,7 +28,6 @@ from mcp_endpoint.models import McpSession
 from mcp_endpoint.streams import SessionEvents
 
 logger = logging.getLogger(__name__)
-JsonDict = dict[str, Any]
 
 SUBPROTOCOL = "mcp"
 WS_1003_UNSUPPORTED_DATA = 1003
@@ -132,17 +132,8 @@ class McpWebSocketConsumer(DirectDispatchMixin, AsyncWebsocketConsumer):
         # The session row is the source of truth (initialize and setLevel update it).
         session = await sessions.session_load(self.session.id, self.scope["fedmcp.identity"]) or self.session
         self.session = session
-        return HostContext(
-            era="legacy",
-            protocol_version=session.protocol_version,
-            transport="websocket",
-            scope=self.endpoint_scope,
-            outbound=self.outbound,
-            session=session,
-            client_capabilities=session.client_capabilities,
-            client_info=session.client_info,
-            log_level=session.log_level,
-            identity=self.scope["fedmcp.identity"],
+        return HostContext.of_session(
+            session, transport="websocket", scope=self.endpoint_scope, outbound=self.outbound, identity=self.scope["fedmcp.identity"]
         )
 
     async def _answer(self, payload: Any) -> None:

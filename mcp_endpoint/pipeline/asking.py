@@ -108,3 +108,15 @@ async def settle(prompt: ConsentPrompt, status: str, *, denied: jsonrpc.JsonRpcE
 def strip_state(params: JsonDict) -> JsonDict:
     """`params` without a retry's requestState and inputResponses."""
     return {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}
+
+
+def asked_at_home(identity: Any, challenge: str, gateway: str, what: str) -> Verdict:
+    """Refused `ask-home` (-32019): `what` needs the consent of a user another gateway asserted; `challenge` is for their home."""
+    return Verdict.refuse(
+        jsonrpc.ConsentRequiredAtHomeError(
+            f"{what} needs the consent of {identity.federated_subject}, which their home gateway {identity.federated_issuer} asks for",
+            {"challenge": challenge, "gateway": gateway, "home": identity.federated_issuer},
+        ),
+        "ask-home",
+    )
+

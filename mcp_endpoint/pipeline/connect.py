@@ -16,16 +16,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from typing import Any
 
 from django.conf import settings
 
 from federation.upstream.base import PeerConfig
+from fedmcp_site.json_types import JsonDict
 from identity import upstream_oauth
 from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
-
-JsonDict = dict[str, Any]
 
 STATE_SALT = "fedmcp.connect.request-state"
 INPUT_KEY = "fedmcp-connect"

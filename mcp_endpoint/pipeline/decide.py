@@ -31,6 +31,7 @@ from identity.signing import AssertionConfigError, issuer
 from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.asking import (
+    asked_at_home,
     consent_url,
     hold_for_answer,
     input_required,
@@ -88,6 +89,23 @@ async def _settle_call(ctx: HostContext, prompt: ConsentPrompt, status: str, url
     )
 
 
+async def _answered(ctx: HostContext, state: str, approval: Approval, params: JsonDict) -> Verdict | None:
+    """The user's answer to the prompt a 2026-07-28 retry's consent state names, if the retry is the call it was asked about (else None).
+
+    Raises:
+        InvalidParamsError: the state is not ours, or names a prompt of someone else's.
+    """
+    prompt_id, binding = _consent_state(state)
+    prompt = await consent.consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity)
+    if prompt is None or prompt.owner_gateway:
+        raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
+    if not hmac.compare_digest(binding, approval.binding(None)):
+        return None
+    url = consent_url(ctx, prompt.id)
+    verdict = await _settle_call(ctx, prompt, await wait_for_answer(ctx, prompt, url, _message(prompt, url)), url)
+    return verdict if not verdict.goes_on else Verdict(word=verdict.word, params=strip_state(params), approval=approval)
+
+
 async def consent_unasked(ctx: HostContext, peer: str, kind: str, name: str) -> Verdict:
     """Apply the policy to a request about a prompt or resource that is never asked about.
 
@@ -102,39 +120,37 @@ async def consent_unasked(ctx: HostContext, peer: str, kind: str, name: str) -> 
     return Verdict(word=decision.label if decision.action == ConsentDecision.ALLOW else "")
 
 
+async def _completion(ctx: HostContext, peer: str, subject: CallSubject, params: JsonDict) -> Verdict:
+    """`completion/complete` gets the policy of the prompt or resource it completes, never a question (`consent_unasked`)."""
+    ref = params.get("ref") if subject.method == "completion/complete" and isinstance(params.get("ref"), dict) else {}
+    ref_type = ref.get("type")
+    kind = consent.KIND_FOR_COMPLETION_REF.get(ref_type) if isinstance(ref_type, str) else None
+    if kind is None:
+        return Verdict(params=params)
+    verdict = await consent_unasked(ctx, peer, kind, subject.name)
+    return verdict if not verdict.goes_on else Verdict(word=verdict.word, params=params)
+
+
 async def decide(ctx: HostContext, route: Route, subject: CallSubject, params: JsonDict) -> Verdict:
     """Apply consent to one call about to be forwarded.
 
     A 2026-07-28 retry carrying this gateway's consent state waits for the user's answer only
-    when it is the exact call the prompt showed (caller, client, peer, kind, name, arguments:
-    `Approval.binding`); any other call carrying it is decided, and asked about, afresh.
+    when it is the exact call the prompt showed (`_answered`); any other is decided afresh.
     A retry carrying this gateway's continuation state (continuation.py) is not asked about
     again while the continuation lasts; policies still apply to it.
-    `completion/complete` gets the policy of the prompt or resource it completes (`consent_unasked`).
 
     Raises:
         InvalidParamsError: a requestState of this gateway's is forged, spent, or another call's (-32602).
     """
     kind, name, peer = subject.kind, subject.name, route.peer.name
     if kind is None:
-        ref = params.get("ref") if subject.method == "completion/complete" and isinstance(params.get("ref"), dict) else {}
-        ref_type = ref.get("type")
-        looked_up = consent.KIND_FOR_COMPLETION_REF.get(ref_type) if isinstance(ref_type, str) else None
-        if looked_up is None:
-            return Verdict(params=params)
-        verdict = await consent_unasked(ctx, peer, looked_up, name)
-        return verdict if not verdict.goes_on else Verdict(word=verdict.word, params=params)
+        return await _completion(ctx, peer, subject, params)
     approval = Approval.of(ctx.identity, peer, kind, name, subject.arguments)
     state = params.get("requestState")
     if ctx.era == "modern" and request_states.is_ours(request_states.CONSENT, state):
-        prompt_id, binding = _consent_state(state)
-        prompt = await consent.consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity)
-        if prompt is None or prompt.owner_gateway:
-            raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
-        if hmac.compare_digest(binding, approval.binding(None)):
-            url = consent_url(ctx, prompt.id)
-            verdict = await _settle_call(ctx, prompt, await wait_for_answer(ctx, prompt, url, _message(prompt, url)), url)
-            return verdict if not verdict.goes_on else Verdict(word=verdict.word, params=strip_state(params), approval=approval)
+        answered = await _answered(ctx, state, approval, params)
+        if answered is not None:
+            return answered
         # The user approves the exact call shown on /consent: this caller (user or federated
         # identity and client application), peer, tool and arguments. Any other call carrying
         # the state is a new call, decided and, if need be, asked about afresh; the approval
@@ -174,9 +190,14 @@ async def decide(ctx: HostContext, route: Route, subject: CallSubject, params: J
             ),
             "deny",
         )
+    return await _ask_user(ctx, peer, subject, params, decision, approval)
+
+
+async def _ask_user(ctx: HostContext, peer: str, subject: CallSubject, params: JsonDict, decision: consent.Decision, approval: Approval) -> Verdict:
+    """Ask our user on /consent: a 2026-07-28 host is sent there at once (`ask`); a handshake-era call waits for the answer."""
     try:
         prompt = await consent.consent_prompt_create(
-            identity=ctx.identity, peer=peer, kind=kind, name=name, arguments=subject.arguments,
+            identity=ctx.identity, peer=peer, kind=approval.kind, name=subject.name, arguments=subject.arguments,
             decision=decision, timeout=consent.timeout_setting(),
         )
     except consent.TooManyPendingPromptsError as exc:
@@ -185,7 +206,6 @@ async def decide(ctx: HostContext, route: Route, subject: CallSubject, params: J
     elicitation = url_elicitation(prompt, url, _message(prompt, url))
     if ctx.era == "modern":
         return Verdict(word="ask", answer=input_required(elicitation, _state_for(prompt, approval)))
-
     # Handshake era: this very call waits on the prompt it created, with its own params, so the
     # answer can't reach another call.
     verdict = await _settle_call(ctx, prompt, await hold_for_answer(ctx, prompt, url, elicitation), url)
@@ -234,11 +254,5 @@ async def _ask_home(ctx: HostContext, peer: str, kind: str, name: str, arguments
         identity=identity, peer=peer, kind=kind, name=name, arguments=arguments,
         redacted=consent.redact(arguments, decision.redact_fields), expires_at=remote_consent.owner_expiry(consent.timeout_setting()),
     )
-    return Verdict.refuse(
-        jsonrpc.ConsentRequiredAtHomeError(
-            f"The {kind} call '{name}' on peer '{peer}' at gateway '{settings.FEDMCP_GATEWAY_NAME}' needs the consent of "
-            f"{identity.federated_subject}, which their home gateway {identity.federated_issuer} asks for",
-            {"challenge": challenge, "gateway": settings.FEDMCP_GATEWAY_NAME, "home": identity.federated_issuer},
-        ),
-        "ask-home",
-    )
+    gateway = settings.FEDMCP_GATEWAY_NAME
+    return asked_at_home(identity, challenge, gateway, f"The {kind} call '{name}' on peer '{peer}' at gateway '{gateway}'")

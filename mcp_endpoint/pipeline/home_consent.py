@@ -34,7 +34,17 @@ from identity.models import ConsentPrompt, RemoteConsent
 from identity.trust import assertion_subject
 from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
-from mcp_endpoint.pipeline.asking import consent_url, hold_for_answer, input_required, settle, strip_state, too_many_prompts, url_elicitation, wait_for_answer
+from mcp_endpoint.pipeline.asking import (
+    asked_at_home,
+    consent_url,
+    hold_for_answer,
+    input_required,
+    settle,
+    strip_state,
+    too_many_prompts,
+    url_elicitation,
+    wait_for_answer,
+)
 from mcp_endpoint.pipeline.envelope import with_fresh_assertion
 from mcp_endpoint.pipeline.values import Approval, CallSubject, Verdict
 
@@ -252,11 +262,4 @@ async def _relay_home(
         redacted=question.arguments, expires_at=remote_consent.expires_at_of(claims) - timedelta(seconds=ANSWER_MARGIN),
         role=RemoteConsent.Role.RELAY, question=question, upstream_claims=claims,
     )
-    return Verdict.refuse(
-        jsonrpc.ConsentRequiredAtHomeError(
-            f"Gateway '{question.owner}' needs the consent of {identity.federated_subject}, which their home gateway "
-            f"{identity.federated_issuer} asks for",
-            {"challenge": challenge, "gateway": question.owner, "home": identity.federated_issuer},
-        ),
-        "ask-home",
-    )
+    return asked_at_home(identity, challenge, question.owner, f"Gateway '{question.owner}'")

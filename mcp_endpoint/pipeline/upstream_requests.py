@@ -379,10 +379,19 @@ async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: Json
         result = {**result, "inputRequests": passed}
     if not to_ask:
         return Verdict(answer=result)
+    return await _held_for_prompts(ctx, call, result, to_ask)
+
+
+async def _held_for_prompts(ctx: HostContext, call: UpstreamCall, result: JsonDict, to_ask: list[tuple[JsonDict, str, consent.Decision]]) -> Verdict:
+    """Ask the user about `to_ask` (all of the round's questions or none) and keep `result` until they answer.
+
+    The host gets the gateway's own input_required: URL elicitations to the prompts, and a
+    signed state its retry carries (`upstream_input_resume`).
+    """
     prompts: list[ConsentPrompt] = []
     started = time.monotonic()
     try:
-        # All of the round's questions or none: a round the user has no room for is refused whole.
+        # A round the user has no room for is refused whole.
         await consent.consent_prompt_room(identity=ctx.identity, needed=len(to_ask))
         for request, kind, decision in to_ask:
             started = time.monotonic()

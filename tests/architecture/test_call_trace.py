@@ -63,7 +63,7 @@ class CallTracer:
         sys.setprofile(None)
 
     def figures(self) -> dict[str, Any]:
-        modules = sorted({f.rsplit(".", 1)[0] if "." in f else f for f in (self._module(f) for f in self.functions)})
+        modules = sorted({self._module(f) for f in self.functions})
         crossings = sorted({(a, b) for a, b in self.edges if a.split(".")[0] != b.split(".")[0]})
         return {
             "functions": len(self.functions),
