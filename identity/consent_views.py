@@ -35,7 +35,8 @@ def _shown(prompt: ConsentPrompt) -> dict[str, Any]:
     return {
         **consent.prompt_summary(prompt),
         **consent_display.prompt_display(prompt),
-        "arguments_json": json.dumps(prompt.arguments, indent=2, ensure_ascii=False),
+        # As a text block (consent/_text.html): a long argument is folded, so the buttons stay near.
+        "arguments_block": {"text": json.dumps(prompt.arguments, indent=2, ensure_ascii=False)},
         "request": _shown_request(prompt.request),
     }
 
