@@ -16,6 +16,8 @@ from django.db import transaction
 from django.utils import timezone
 from oauth2_provider.models import AccessToken, Grant, RefreshToken
 
+from identity import scopes as scope_names
+
 
 @dataclass(frozen=True)
 class Authorization:
@@ -27,6 +29,10 @@ class Authorization:
     since: datetime
     until: datetime | None
     """When its last access token expires; None while a refresh token can renew it."""
+
+    def described_scopes(self) -> list[tuple[str, str]]:
+        """(scope, what it lets the application do) for each scope, in words a person reads."""
+        return [(scope, scope_names.SCOPES.get(scope, scope)) for scope in self.scopes]
 
 
 def authorizations_for(user: Any) -> list[Authorization]:

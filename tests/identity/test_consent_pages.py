@@ -221,7 +221,8 @@ class ApplicationsPageTests(TestCase):
     def test_it_lists_the_users_applications_by_name_with_what_they_may_do(self) -> None:
         html = self.browser.get("/consent/applications").content.decode()
 
-        self.assertRegex(html, rf'id="application-{self.app.pk}">[\s\S]*?<strong>Desk Host</strong>[\s\S]*?<code>mcp:resources</code> <code>mcp:tools</code>')
+        may = '<span title="mcp:resources">List, read and subscribe to resources</span>; <span title="mcp:tools">List and call tools</span>'
+        self.assertRegex(html, rf'id="application-{self.app.pk}">[\s\S]*?<strong>Desk Host</strong>[\s\S]*?{re.escape(may)}')
         self.assertIn("renewed while you allow it", html)
         self.assertNotIn("Other Host", html)
 
