@@ -2,7 +2,8 @@
 
 * A call whose argument is a 2,000-character URL: the page (as pushed live, and as served after
   a reload) is never wider than the screen, at 1366 px and at 390 px (a phone, emulated with
-  `Emulation.setDeviceMetricsOverride`); screenshots go to build/screenshots/.
+  `Emulation.setDeviceMetricsOverride`), nor is the remembered approval's page; screenshots go
+  to build/screenshots/.
 * A prompt nobody answers leaves the live page when it expires, without a reload, even when no
   worker is left waiting on it (a 2026-07-28 host is sent to the page and the call returns).
 * The authorised-applications page: revoking an application signs its tokens out, so the host's
@@ -98,12 +99,18 @@ def test_a_long_url_argument_never_makes_the_page_wider_than_the_screen(
         prompt = wait.until(expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, "#prompts .prompt")))
         assert_fits(browser, "consent")
 
-        prompt.find_element(By.CSS_SELECTOR, "button[value=deny]").click()
+        prompt.find_element(By.CSS_SELECTOR, "button[value=remember]").click()
         wait.until(expected_conditions.presence_of_element_located((By.ID, "consent-messages")))
         reply = host.wait()
     finally:
         host.close()
-    assert "error" in reply, reply
+    assert reply["result"]["content"][0]["text"] == LONG_URL, reply
+
+    # The approval it remembers, named by application, readable on a phone too.
+    browser.find_element(By.CSS_SELECTOR, "nav a[href='/consent/grants']").click()
+    row = wait.until(expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, "#grants tbody tr")))
+    assert OPERATOR_APPLICATION in row.find_element(By.CSS_SELECTOR, ".application").text
+    assert_fits(browser, "consent-grants")
 
 
 @pytest.fixture(scope="module")
