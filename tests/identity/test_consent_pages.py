@@ -78,7 +78,7 @@ class ConsentPromptPageTests(TestCase):
         catalog_tool(self.web, "fetch")
 
     def test_a_prompt_says_what_the_tool_does_how_long_it_waits_and_what_remember_covers(self) -> None:
-        prompt = make_prompt(self.alice)
+        prompt = make_prompt(self.alice, expires_at=timezone.now() + timedelta(minutes=10))
 
         html = self.browser.get("/consent").content.decode()
 
@@ -86,8 +86,8 @@ class ConsentPromptPageTests(TestCase):
         self.assertIn(DESCRIPTION, shown)
         waits = re.search(r'data-expires-in="(\d+)"', shown)
         assert waits is not None
-        self.assertTrue(80 <= int(waits.group(1)) <= 90, waits.group(1))
-        self.assertRegex(shown, r"data-countdown>1 min \d\d s<")
+        self.assertTrue(0 < int(waits.group(1)) <= 600, waits.group(1))
+        self.assertRegex(shown, r"data-countdown>\d min \d\d s</span> more, then the call fails")
         self.assertIn("later calls of tool fetch on web from Desk Host go ahead without asking you, whatever their arguments", shown)
         self.assertIn("Approve once: only this call, with exactly these arguments.", shown)
 
@@ -315,3 +315,44 @@ class RevokedApplicationAtMcpTests(AsgiTestCase):
         self.assertEqual(refused.status, 401)
         again = await host.post({"jsonrpc": "2.0", "id": 2, "method": "ping"})
         self.assertEqual(again.status, 401)
+
+
+class LiveFeedDisplayTests(AsgiTestCase):
+    """A prompt pushed to an open page carries what a rendered one shows: description, countdown, remember's scope."""
+
+    async def test_a_pushed_prompt_says_what_the_tool_does_and_how_long_it_waits(self) -> None:
+        from channels.testing import WebsocketCommunicator
+
+        from fedmcp_site.asgi import application
+        from identity import consent
+        from identity.tokens import Identity
+
+        @sync_to_async
+        def setup() -> Application:
+            catalog_tool(make_peer("web"), "fetch")
+            return make_application("Desk Host")
+
+        app = await setup()
+        browser = AsyncClient()
+        await browser.aforce_login(self.alice)
+        headers = [(b"host", b"127.0.0.1"), (b"origin", b"http://127.0.0.1"), (b"cookie", f"sessionid={browser.cookies['sessionid'].value}".encode())]
+        feed = WebsocketCommunicator(application, "/consent/ws", headers=headers)
+        connected, _ = await feed.connect(5)
+        self.assertTrue(connected)
+        try:
+            caller = Identity(
+                token_id=1, user_id=self.alice.pk, username="alice", application_id=app.pk, client_id=app.client_id,
+                scopes=frozenset(), expires=timezone.now() + timedelta(hours=1),
+            )
+            await consent.consent_prompt_create(
+                identity=caller, peer="web", kind="tool", name="fetch", arguments={"url": LONG_URL},
+                decision=consent.Decision("ask"), timeout=300,
+            )
+            pushed = (await feed.receive_json_from(5))["prompt"]
+        finally:
+            await feed.disconnect()
+
+        self.assertEqual(pushed["description"], DESCRIPTION)
+        self.assertTrue(0 < pushed["expires_in"] <= 300, pushed["expires_in"])
+        self.assertIn("later calls of tool fetch on web from Desk Host go ahead without asking you", pushed["remember_text"])
+        self.assertEqual(pushed["asked_again"], "")
