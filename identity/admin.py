@@ -10,7 +10,7 @@ from django import forms
 from django.contrib import admin
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.urls import URLPattern, path
 
@@ -178,17 +178,42 @@ class ConsentPolicyAdmin(admin.ModelAdmin):
         return policy.specificity()
 
 
+class ConsentPromptStatusFilter(admin.SimpleListFilter):
+    """Status as of now: a pending prompt past its expiry is listed as expired (`ConsentPrompt.current_status`)."""
+
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(value, label) for value, label in ConsentPrompt.Status.choices]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[ConsentPrompt]) -> QuerySet[ConsentPrompt]:
+        now = timezone.now()
+        waiting = Q(status=ConsentPrompt.Status.PENDING, expires_at__gt=now)
+        if self.value() == ConsentPrompt.Status.PENDING:
+            return queryset.filter(waiting)
+        if self.value() == ConsentPrompt.Status.EXPIRED:
+            return queryset.filter(Q(status=ConsentPrompt.Status.EXPIRED) | Q(status=ConsentPrompt.Status.PENDING, expires_at__lte=now))
+        if self.value() in ConsentPrompt.Status.values:
+            return queryset.filter(status=self.value())
+        return queryset
+
+
 @admin.register(ConsentPrompt)
 class ConsentPromptAdmin(admin.ModelAdmin):
     """Prompts are created by calls and answered by their user; admins can see and expire them."""
 
-    list_display = ("created_at", "username", "client_name", "owner_gateway", "peer", "kind", "name", "status", "decided_at")
-    list_filter = ("status", "kind", "peer", "owner_gateway")
+    list_display = ("created_at", "username", "client_name", "owner_gateway", "peer", "kind", "name", "current_status", "expires_at", "decided_at")
+    list_filter = (ConsentPromptStatusFilter, "kind", "peer", "owner_gateway")
     search_fields = ("username", "federated_subject", "peer", "name", "client_id")
     actions = ["expire"]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
-        return [f.name for f in ConsentPrompt._meta.fields]
+        return ["current_status", *(f.name for f in ConsentPrompt._meta.fields if f.name != "status")]
+
+    @admin.display(description="status", ordering="status")
+    def current_status(self, prompt: ConsentPrompt) -> str:
+        return ConsentPrompt.Status(prompt.current_status()).label
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -117,7 +117,8 @@ def connect_disconnect(request: HttpRequest, peer_name: str) -> HttpResponse:
     peer = get_object_or_404(Peer, name=peer_name, user_oauth=True)
     if async_to_sync(upstream_oauth.connection_remove)(user=request.user, peer_id=peer.pk):
         messages.success(request, f"Disconnected: {peer.name} no longer acts with your account.")
-    return redirect("connect")
+    # Two pages offer this button; the way back is one of them by name, never a URL from the form.
+    return redirect("consent-applications" if request.POST.get("from") == "applications" else "connect")
 
 
 def _failure(request: HttpRequest, message: str, peer_name: str | None, *, status: int) -> HttpResponse:

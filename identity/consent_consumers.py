@@ -11,11 +11,14 @@ import asyncio
 from typing import Any
 
 from channels.auth import AuthMiddlewareStack
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.security.websocket import WebsocketDenier
 
 from fedmcp_site.layers import Memberships
 from identity.consent import user_group
+from identity.consent_display import prompt_display
+from identity.models import ConsentPrompt
 from mcp_endpoint import security
 
 WS_POLICY_VIOLATION = 1008
@@ -46,10 +49,19 @@ class ConsentPromptConsumer(AsyncJsonWebsocketConsumer):
         """Ignore anything the page sends."""
 
     async def consent_prompt(self, event: dict[str, Any]) -> None:
-        await self.send_json({"type": "prompt", "prompt": event["prompt"]})
+        summary = event["prompt"]
+        await self.send_json({"type": "prompt", "prompt": {**summary, **await _display(summary["id"])}})
 
     async def consent_decided(self, event: dict[str, Any]) -> None:
         await self.send_json({"type": "decided", "id": event["id"], "status": event["status"]})
+
+
+@database_sync_to_async
+def _display(prompt_id: str) -> dict[str, Any]:
+    """What the page shows besides the summary (identity/consent_display.py), as of now: the
+    countdown starts from the seconds left when the page hears of the prompt."""
+    prompt = ConsentPrompt.objects.filter(pk=prompt_id).first()
+    return prompt_display(prompt) if prompt is not None else {}
 
 
 class SameOriginOnly:

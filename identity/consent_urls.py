@@ -14,5 +14,8 @@ urlpatterns = [
     path("consent/grants", consent_views.grant_list, name="consent-grants"),
     path("consent/grants/", RedirectView.as_view(pattern_name="consent-grants", query_string=True)),
     path("consent/grants/<int:grant_id>/revoke", consent_views.grant_revoke, name="consent-grant-revoke"),
+    path("consent/applications", consent_views.application_list, name="consent-applications"),
+    path("consent/applications/", RedirectView.as_view(pattern_name="consent-applications", query_string=True)),
+    path("consent/applications/<int:application_id>/revoke", consent_views.application_revoke, name="consent-application-revoke"),
     path("consent/<str:prompt_id>", consent_views.consent_detail, name="consent-detail"),
 ]

@@ -1,4 +1,5 @@
-"""The consent pages: a user's pending prompts (/consent, /consent/<id>) and grants (/consent/grants).
+"""The consent pages: a user's pending prompts (/consent, /consent/<id>), grants (/consent/grants)
+and the applications and accounts they connected (/consent/applications).
 
 Interface code only: answering and revoking are `identity.consent` services. Every page is
 login-required, refuses framing (X-Frame-Options DENY and CSP frame-ancestors 'none'), and
@@ -15,9 +16,10 @@ from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
+from oauth2_provider.models import Application
 
-from identity import consent
-from identity.models import ConsentGrant, ConsentPrompt
+from identity import authorizations, consent, consent_display
+from identity.models import ConsentGrant, ConsentPrompt, UpstreamToken
 from identity.pages import protected_page
 
 CSP = (
@@ -32,7 +34,9 @@ _protected = protected_page(CSP)
 def _shown(prompt: ConsentPrompt) -> dict[str, Any]:
     return {
         **consent.prompt_summary(prompt),
-        "arguments_json": json.dumps(prompt.arguments, indent=2, ensure_ascii=False),
+        **consent_display.prompt_display(prompt),
+        # As a text block (consent/_text.html): a long argument is folded, so the buttons stay near.
+        "arguments_block": {"text": json.dumps(prompt.arguments, indent=2, ensure_ascii=False)},
         "request": _shown_request(prompt.request),
     }
 
@@ -81,7 +85,8 @@ def consent_detail(request: HttpRequest, prompt_id: str) -> HttpResponse:
     if request.method != "GET":
         return HttpResponse(status=405, headers={"Allow": "GET, POST"})
     prompt = get_object_or_404(ConsentPrompt, pk=prompt_id, user=request.user)
-    return render(request, "consent/detail.html", _context(prompt=_shown(prompt), pending=prompt.is_pending()))
+    shown = {**_shown(prompt), "status": prompt.current_status()}
+    return render(request, "consent/detail.html", _context(prompt=shown, pending=prompt.is_pending()))
 
 
 def _answer(request: HttpRequest, prompt_id: str) -> HttpResponse:
@@ -116,8 +121,11 @@ def _answer(request: HttpRequest, prompt_id: str) -> HttpResponse:
 @_protected
 @require_GET
 def grant_list(request: HttpRequest) -> HttpResponse:
-    grants = ConsentGrant.objects.active().filter(user=request.user)
-    return render(request, "consent/grants.html", _context(grants=grants))
+    grants = list(ConsentGrant.objects.active().filter(user=request.user))
+    # Grants keep the client id; people know the application by its name.
+    names = dict(Application.objects.filter(client_id__in={g.client_id for g in grants if g.client_id}).values_list("client_id", "name"))
+    rows = [{"grant": g, "application": (names.get(g.client_id) or g.client_id) if g.client_id else "any application"} for g in grants]
+    return render(request, "consent/grants.html", _context(grants=rows))
 
 
 @_protected
@@ -127,3 +135,25 @@ def grant_revoke(request: HttpRequest, grant_id: int) -> HttpResponse:
     consent.consent_grant_revoke(grant=grant)
     messages.success(request, f"Revoked: {grant.kind} {grant.name} on {grant.peer}.")
     return redirect("consent-grants")
+
+
+@_protected
+@require_GET
+def application_list(request: HttpRequest) -> HttpResponse:
+    """The applications the user authorised over OAuth, and the accounts they connected at peers."""
+    connections = UpstreamToken.objects.filter(user=request.user).select_related("peer").order_by("peer__name")
+    return render(
+        request,
+        "consent/applications.html",
+        _context(applications=authorizations.authorizations_for(request.user), connections=connections),
+    )
+
+
+@_protected
+@require_POST
+def application_revoke(request: HttpRequest, application_id: int) -> HttpResponse:
+    application = get_object_or_404(Application, pk=application_id)
+    if not authorizations.authorization_revoke(user=request.user, application_id=application.pk):
+        raise Http404("this application holds no access of yours")
+    messages.success(request, f"Revoked: {application.name or application.client_id} can no longer act as you; it has to ask you again.")
+    return redirect("consent-applications")

@@ -299,6 +299,15 @@ class ConsentPrompt(models.Model):
 
         return self.status == self.Status.PENDING and self.expires_at > timezone.now()
 
+    def current_status(self) -> str:
+        """The status as of now: pending past `expires_at` is expired, even before a worker marks it so.
+
+        A 2026-07-28 host's prompt has no worker waiting on it, so nothing rewrites its row.
+        """
+        if self.status == self.Status.PENDING and not self.is_pending():
+            return self.Status.EXPIRED
+        return self.status
+
 
 class UsedContinuation(models.Model):
     """The nonce of a continuation a 2026-07-28 host came back with, kept until it expires so it is used once.

@@ -54,7 +54,7 @@ def staff_client(*, csrf: bool = False) -> tuple[Client, Any]:
 
 def html_pages() -> list[str]:
     """Every parameterless HTML page a signed-in operator can open, admin changelists included."""
-    pages = ["/", "/admin/", "/admin/dashboard/", "/consent", "/consent/grants", "/api/docs/", "/api/redoc/", "/no-such-page"]
+    pages = ["/", "/admin/", "/admin/dashboard/", "/consent", "/consent/grants", "/consent/applications", "/api/docs/", "/api/redoc/", "/no-such-page"]
     for model in admin.site._registry:
         meta = model._meta
         pages += [reverse(f"admin:{meta.app_label}_{meta.model_name}_changelist"), reverse(f"admin:{meta.app_label}_{meta.model_name}_add")]
