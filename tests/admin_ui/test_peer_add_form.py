@@ -59,7 +59,8 @@ class PeerAddFormTest(AsgiTestCase):
     def test_a_stdio_peer_takes_a_command_line_like_the_cli(self) -> None:
         server = "tests/fixtures/everything_server.py"
         command = f"{sys.executable} {server} --stdio"
-        reply = staff_client().post(ADD, {"transport": "stdio", "call_timeout": "20", "name": "local", "command": command, "url": "http://left.over/"}, follow=True)
+        form = {"transport": "stdio", "call_timeout": "20", "name": "local", "command": command, "url": "http://left.over/"}
+        reply = staff_client().post(ADD, form, follow=True)
 
         peer = Peer.objects.get(name="local")
         assert (peer.command, peer.args, peer.url) == (sys.executable, [server, "--stdio"], "")
