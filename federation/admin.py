@@ -527,10 +527,51 @@ class CatalogEntryAdmin(admin.ModelAdmin):
         self._switch(request, queryset, False)
 
 
+class RateLimitForm(forms.ModelForm):
+    """The user is named, not given by id; unknown users and clients are refused."""
+
+    username = forms.CharField(
+        label="User", required=False, help_text="Identity rules: this user only (blank: any user). Pick from the list."
+    )
+
+    class Meta:
+        model = RateLimit
+        fields = ("scope", "client_id", "peer", "rate_per_minute", "burst")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from console import forms as listed
+
+        super().__init__(*args, **kwargs)
+        self.fields["username"].widget = listed.ListedInput(listed.usernames)
+        self.fields["client_id"].widget = listed.ListedInput(listed.client_ids)
+        if self.instance.user_id:
+            self.initial["username"] = self.instance.user.get_username()
+        self.order_fields(["scope", "username", "client_id", "peer", "rate_per_minute", "burst"])
+
+    def clean_username(self) -> Any:
+        from console.forms import user_named
+
+        username = self.cleaned_data["username"].strip()
+        return user_named(username) if username else None
+
+    def clean_client_id(self) -> str:
+        from oauth2_provider.models import Application
+
+        client_id = self.cleaned_data["client_id"].strip()
+        if client_id and not Application.objects.filter(client_id=client_id).exists():
+            raise forms.ValidationError(f"No OAuth client has the id '{client_id}'; pick one from the list.")
+        return client_id
+
+    def _post_clean(self) -> None:
+        # Before the model's validation, which checks the user against the scope.
+        self.instance.user = self.cleaned_data.get("username") if "username" in self.cleaned_data else self.instance.user
+        super()._post_clean()
+
+
 @admin.register(RateLimit)
 class RateLimitAdmin(admin.ModelAdmin):
+    form = RateLimitForm
     list_display = ("__str__", "scope", "rate_per_minute", "burst", "updated_at")
     list_filter = ("scope",)
     search_fields = ("client_id", "user__username", "peer__name")
-    raw_id_fields = ("user",)
-    fields = ("scope", "user", "client_id", "peer", "rate_per_minute", "burst")
+    fields = ("scope", "username", "client_id", "peer", "rate_per_minute", "burst")
