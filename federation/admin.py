@@ -11,7 +11,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from console.schema import schema_rows
 from federation.health import breakers
@@ -490,8 +490,35 @@ class CatalogEntryAdmin(admin.ModelAdmin):
     list_display = ("name", "kind", "peer", "enabled_badge", "updated_at")
     list_filter = ("kind", "enabled", "peer")
     search_fields = ("name", "upstream_name", "payload__description")
-    readonly_fields = ("peer", "kind", "name", "home", "upstream_name", "position", "payload", "updated_at")
-    fields = ("peer", "kind", "name", "home", "upstream_name", "enabled", "position", "payload", "updated_at")
+    readonly_fields = ("peer", "kind", "name", "home", "upstream_name", "description", "takes", "position", "payload", "updated_at")
+    fieldsets = (
+        (None, {"fields": ("peer", "kind", "name", "enabled", "description", "takes")}),
+        ("Where it comes from", {"fields": ("home", "upstream_name", "position", "updated_at")}),
+        ("As the peer lists it (JSON)", {"fields": ("payload",), "classes": ("collapse",)}),
+    )
+
+    @admin.display(description="description")
+    def description(self, entry: CatalogEntry) -> str:
+        payload = entry.payload if isinstance(entry.payload, dict) else {}
+        return payload.get("description") if isinstance(payload.get("description"), str) else "-"
+
+    @admin.display(description="takes")
+    def takes(self, entry: CatalogEntry) -> str:
+        """The input schema (tools) or arguments (prompts) as a table."""
+        item = catalog_items([entry])[0]
+        if item.get("rows"):
+            rows = format_html_join(
+                "", "<tr><td style=\"padding-left:{}rem\"><code>{}</code></td><td>{}</td><td>{}</td><td>{} {}</td></tr>",
+                ((r.depth + 0.5, r.name, r.type, "required" if r.required else "optional", r.description, r.details) for r in item["rows"]),
+            )
+        elif item.get("prompt_arguments"):
+            rows = format_html_join(
+                "", "<tr><td><code>{}</code></td><td>string</td><td>{}</td><td>{}</td></tr>",
+                ((a.get("name", ""), "required" if a.get("required") else "optional", a.get("description", "")) for a in item["prompt_arguments"]),
+            )
+        else:
+            return "-"
+        return format_html('<table class="schema"><tr><th>argument</th><th>type</th><th></th><th>description</th></tr>{}</table>', rows)
     actions = ["enable_entries", "disable_entries"]
     list_select_related = ("peer",)
 

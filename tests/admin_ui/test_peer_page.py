@@ -74,3 +74,11 @@ class PeerPageTest(FixturePeerTestCase):
 
         await sync_to_async(admin.post)(url, {"enabled": "1"})
         assert TOOL in tool_names(await client.call("tools/list"))
+
+    def test_a_catalog_entry_page_shows_the_schema_as_a_table(self) -> None:
+        entry = CatalogEntry.objects.get(peer=self.peer, upstream_name="add")
+        page = staff_client().get(f"/admin/federation/catalogentry/{entry.pk}/change/").content.decode()
+
+        assert '<table class="schema">' in page and entry.payload["description"] in page
+        for argument in entry.payload["inputSchema"]["properties"]:
+            assert f"<code>{argument}</code>" in page
