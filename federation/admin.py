@@ -1,4 +1,5 @@
 import json
+import shlex
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -29,7 +30,7 @@ from federation.services import (
 from federation.tls import check_current, validate_client_key
 
 SYNC_FIELDS = (
-    "transport", "url", "command", "args", "is_gateway", "client_id", "token_url", "tls_ca_bundle", "tls_client_cert",
+    "transport", "url", "command_line", "is_gateway", "client_id", "token_url", "tls_ca_bundle", "tls_client_cert",
     "new_client_secret", "new_tls_client_key", "clear_tls_client_key",
 )
 """Changing any of these re-runs the connection test when a peer is saved in the admin."""
@@ -69,15 +70,22 @@ class PeerAdminForm(forms.ModelForm):
         help_text="Write-only: the PEM private key of the TLS client certificate. Leave blank to keep the stored key.",
     )
     clear_tls_client_key = forms.BooleanField(label="Remove the TLS client certificate and key", required=False)
+    command_line = forms.CharField(
+        label="Command line", required=False, max_length=2000, widget=forms.TextInput(attrs={"size": 70}),
+        help_text="stdio peers: as you would type it in a shell (`uvx mcp-server-fetch`, `npx -y @scope/server --flag`).",
+    )
 
     class Meta:
         model = Peer
         # What a sync learns of a gateway peer is shown, never edited: believing one is for
         # `is_gateway` and the trust records (identity/trust.py `peer_gateway_standing`).
-        exclude = ["client_secret", "env", "tls_client_key", "remote_gateway", "suggested_gateway"]
+        # The command and its arguments are edited as one command line.
+        exclude = ["client_secret", "env", "tls_client_key", "remote_gateway", "suggested_gateway", "command", "args"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.instance.pk and self.instance.command:
+            self.initial["command_line"] = shlex.join([self.instance.command, *self.instance.args])
         if self.instance.pk:
             stored = "a secret is stored" if self.instance.client_secret else "no secret is stored"
             self.fields["new_client_secret"].help_text += f" (Now: {stored}.)"
@@ -88,6 +96,19 @@ class PeerAdminForm(forms.ModelForm):
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
+        transport = cleaned.get("transport")
+        if transport == Transport.STDIO:
+            try:
+                parts = shlex.split(cleaned.get("command_line") or "")
+            except ValueError as exc:
+                self.add_error("command_line", f"Cannot read this command line: {exc}.")
+                parts = None
+            if parts == []:
+                self.add_error("command_line", "A stdio peer needs the command line that starts it.")
+            elif parts:
+                self.instance.command, self.instance.args = parts[0], parts[1:]
+        elif transport and not cleaned.get("url"):
+            self.add_error("url", f"A {Transport(transport).label} peer needs the URL of its MCP endpoint.")
         # Dates are checked only for what is being entered: a certificate that expired since must
         # not block disabling the peer or other edits.
         for name, what in (("tls_ca_bundle", "CA bundle"), ("tls_client_cert", "client certificate")):
@@ -307,6 +328,26 @@ class PeerAdmin(admin.ModelAdmin):
     readonly_fields = (
         "circuit", "remote_gateway", "suggested_gateway", "protocol_version", "server_info", "capabilities", "instructions",
         "last_synced_at", "last_error", "created_at", "updated_at",
+    )
+    fieldsets = (
+        (None, {"fields": ("name", "transport", "enabled")}),
+        ("Where it is", {"fields": ("url",), "classes": ("fedmcp-http",)}),
+        ("How it starts", {"fields": ("command_line", "new_env", "clear_env", "per_identity", "max_processes"), "classes": ("fedmcp-stdio",)}),
+        ("Authentication and TLS", {
+            "fields": (
+                "is_gateway", "client_id", "new_client_secret", "clear_client_secret", "token_url", "user_oauth", "tls_ca_bundle",
+                "tls_client_cert", "new_tls_client_key", "clear_tls_client_key",
+            ),
+            "classes": ("fedmcp-http",),
+        }),
+        ("Timeouts", {"fields": ("connect_timeout", "call_timeout")}),
+        ("What the last connection learned", {
+            "fields": (
+                "circuit", "protocol_version", "server_info", "capabilities", "instructions", "remote_gateway", "suggested_gateway",
+                "last_synced_at", "last_error", "created_at", "updated_at",
+            ),
+            "classes": ("collapse",),
+        }),
     )
     # The catalog is shown readable below the form (templates/admin/federation/peer/change_form.html).
     inlines = [PeerHealthCheckInline]

@@ -82,3 +82,33 @@ class PeerPageTest(FixturePeerTestCase):
         assert '<table class="schema">' in page and entry.payload["description"] in page
         for argument in entry.payload["inputSchema"]["properties"]:
             assert f"<code>{argument}</code>" in page
+
+
+class PeerChangeFormTest(FixturePeerTestCase):
+    def change(self, peer: Peer, **fields: str) -> object:
+        form = {
+            "name": peer.name, "transport": peer.transport, "enabled": "on", "url": peer.url, "command_line": "",
+            "max_processes": "8", "connect_timeout": "10", "call_timeout": "20",
+            "health_checks-TOTAL_FORMS": "0", "health_checks-INITIAL_FORMS": "0", "health_checks-MIN_NUM_FORMS": "0",
+            "health_checks-MAX_NUM_FORMS": "0", **fields,
+        }
+        return staff_client().post(f"/admin/federation/peer/{peer.pk}/change/", form)
+
+    def test_a_stdio_peer_is_edited_as_one_command_line(self) -> None:
+        peer = Peer.objects.create(name="local", transport="stdio", command="uvx", args=["mcp-server-time", "--tz", "Europe/Oslo"])
+        page = staff_client().get(f"/admin/federation/peer/{peer.pk}/change/").content.decode()
+        assert 'value="uvx mcp-server-time --tz Europe/Oslo"' in page
+        assert 'class="module aligned fedmcp-stdio' in page and 'class="module aligned fedmcp-http' in page
+
+        reply = self.change(peer, url="", command_line="no-such-fedmcp-server -y '@scope/server' --flag 'two words'")
+
+        assert reply.status_code == 302, reply.context["adminform"].form.errors
+        peer.refresh_from_db()
+        assert (peer.command, peer.args) == ("no-such-fedmcp-server", ["-y", "@scope/server", "--flag", "two words"])
+
+    def test_an_http_peer_without_url_is_refused(self) -> None:
+        reply = self.change(self.peer, url="")
+
+        assert reply.status_code == 200
+        assert "needs the URL" in " ".join(reply.context["adminform"].form.errors["url"])
+        assert Peer.objects.get(pk=self.peer.pk).url
