@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
 from django.test import Client, override_settings
 
 from federation.models import CatalogEntry
+from identity.consent import consent_prompt_answer
 from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt
 from tests.admin_ui.common import STAFF, staff_client
 from tests.base import HOST, FixturePeerTestCase, persona
@@ -65,6 +67,21 @@ class PlaygroundTest(FixturePeerTestCase):
         prompt = await ConsentPrompt.objects.aget()
         assert prompt.username == STAFF
         assert 'id="playground-consent"' in reply.content.decode()
+
+    async def test_after_approving_on_the_consent_page_continue_finishes_the_call(self) -> None:
+        with override_settings(FEDMCP_CONSENT_DEFAULT="ask"):
+            asked = await self.post("add", {"arg_a": "40", "arg_b": "2"})
+            state = asked.context["outcome"].request_state
+            assert state and 'id="playground-continue"' in asked.content.decode()
+            prompt = await ConsentPrompt.objects.aget()
+            operator = await sync_to_async(get_user_model().objects.get)(username=STAFF)
+            await sync_to_async(consent_prompt_answer)(prompt_id=prompt.id, user=operator, approve=True)
+
+            done = await self.post("add", {"arg_a": "40", "arg_b": "2", "requestState": state, "continue": "1"})
+
+        outcome = done.context["outcome"]
+        assert not outcome.error and "42" in "".join(outcome.texts()), outcome.reply
+        assert await AuditEvent.objects.filter(name="add", decision="approved", outcome="ok").aexists()
 
     async def test_a_prompt_and_a_resource_can_be_tried(self) -> None:
         prompt = await CatalogEntry.objects.filter(peer=self.peer, kind="prompt").afirst()
