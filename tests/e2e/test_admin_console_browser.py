@@ -4,7 +4,8 @@ The add-peer form shows only the chosen transport's fields; a good peer is added
 shows the catalog with each tool's input schema as a table; a broken stdio server is not added,
 and the page shows its error and what it wrote to stderr, with no "added successfully" beside
 it; the playground calls a tool through the gateway and shows the result and the time it took.
-Screenshots: build/screenshots/admin-add-peer*.png, admin-peer-page.png, admin-playground.png.
+Screenshots: build/screenshots/admin-add-peer*.png, admin-peer-page.png, admin-peer-catalog.png,
+admin-playground.png.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def test_a_good_peer_is_added_and_its_catalog_is_readable(console: tuple[harness
     assert not browser.find_elements(By.CSS_SELECTOR, ".messagelist .error, .errornote")
     add = browser.find_element(By.CSS_SELECTOR, "article.fedmcp-item[data-name='web__add']")
     assert add.find_elements(By.CSS_SELECTOR, "table.schema td code")
+    browser.execute_script("arguments[0].scrollIntoView();", add)
+    screenshot(browser, "admin-peer-catalog.png")
 
     browser.find_element(By.ID, "peer-test").click()
     message = wait(browser).until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".messagelist li")))
