@@ -4,12 +4,14 @@ from django.contrib import admin
 from django.urls import path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from console import api, dashboard
+from console import api, dashboard, playground
 
 urlpatterns = [
     # Before admin.site.urls, so the admin's catch-all does not take them.
     path("admin/dashboard/", admin.site.admin_view(dashboard.dashboard), name="console-dashboard"),
     path("admin/dashboard/data", admin.site.admin_view(dashboard.dashboard_data), name="console-dashboard-data"),
+    path("admin/playground/", admin.site.admin_view(playground.playground), name="console-playground"),
+    path("admin/playground/<int:entry_id>/", admin.site.admin_view(playground.playground_item), name="console-playground-item"),
     path("api/", api.api_root, name="api-root"),
     path("api/peers/", api.PeerListApi.as_view(), name="api-peers"),
     path("api/peers/<int:peer_id>/", api.PeerDetailApi.as_view(), name="api-peer"),

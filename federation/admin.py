@@ -1,21 +1,36 @@
+import json
+import shlex
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.db.models import QuerySet
-from django.http import HttpRequest
-from django.utils.html import format_html
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils.html import format_html, format_html_join
 
+from console.schema import schema_rows
 from federation.health import breakers
-from federation.models import CatalogEntry, CatalogKind, Peer, PeerHealthCheck, RateLimit
-from federation.services import SyncReport, catalog_set_enabled, peer_set_enabled, peer_sync_catalog
+from federation.models import CatalogEntry, CatalogKind, Peer, PeerHealthCheck, RateLimit, Transport, peer_name_validator
+from federation.services import (
+    PeerConfigError,
+    SyncReport,
+    catalog_set_enabled,
+    peer_add,
+    peer_connect_first,
+    peer_probe,
+    peer_set_enabled,
+    peer_sync_catalog,
+)
 from federation.tls import check_current, validate_client_key
 
 SYNC_FIELDS = (
-    "transport", "url", "command", "args", "is_gateway", "client_id", "token_url", "tls_ca_bundle", "tls_client_cert",
+    "transport", "url", "command_line", "is_gateway", "client_id", "token_url", "tls_ca_bundle", "tls_client_cert",
     "new_client_secret", "new_tls_client_key", "clear_tls_client_key",
 )
 """Changing any of these re-runs the connection test when a peer is saved in the admin."""
@@ -55,15 +70,22 @@ class PeerAdminForm(forms.ModelForm):
         help_text="Write-only: the PEM private key of the TLS client certificate. Leave blank to keep the stored key.",
     )
     clear_tls_client_key = forms.BooleanField(label="Remove the TLS client certificate and key", required=False)
+    command_line = forms.CharField(
+        label="Command line", required=False, max_length=2000, widget=forms.TextInput(attrs={"size": 70}),
+        help_text="stdio peers: as you would type it in a shell (`uvx mcp-server-fetch`, `npx -y @scope/server --flag`).",
+    )
 
     class Meta:
         model = Peer
         # What a sync learns of a gateway peer is shown, never edited: believing one is for
         # `is_gateway` and the trust records (identity/trust.py `peer_gateway_standing`).
-        exclude = ["client_secret", "env", "tls_client_key", "remote_gateway", "suggested_gateway"]
+        # The command and its arguments are edited as one command line.
+        exclude = ["client_secret", "env", "tls_client_key", "remote_gateway", "suggested_gateway", "command", "args"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.instance.pk and self.instance.command:
+            self.initial["command_line"] = shlex.join([self.instance.command, *self.instance.args])
         if self.instance.pk:
             stored = "a secret is stored" if self.instance.client_secret else "no secret is stored"
             self.fields["new_client_secret"].help_text += f" (Now: {stored}.)"
@@ -74,6 +96,19 @@ class PeerAdminForm(forms.ModelForm):
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
+        transport = cleaned.get("transport")
+        if transport == Transport.STDIO:
+            try:
+                parts = shlex.split(cleaned.get("command_line") or "")
+            except ValueError as exc:
+                self.add_error("command_line", f"Cannot read this command line: {exc}.")
+                parts = None
+            if parts == []:
+                self.add_error("command_line", "A stdio peer needs the command line that starts it.")
+            elif parts:
+                self.instance.command, self.instance.args = parts[0], parts[1:]
+        elif transport and not cleaned.get("url"):
+            self.add_error("url", f"A {Transport(transport).label} peer needs the URL of its MCP endpoint.")
         # Dates are checked only for what is being entered: a certificate that expired since must
         # not block disabling the peer or other edits.
         for name, what in (("tls_ca_bundle", "CA bundle"), ("tls_client_cert", "client certificate")):
@@ -127,16 +162,104 @@ class PeerAdminForm(forms.ModelForm):
         return peer
 
 
-class CatalogEntryInline(admin.TabularInline):
-    model = CatalogEntry
-    fields = ("kind", "name", "upstream_name", "enabled")
-    # Read-only here: switches go through the catalog's actions, which tell hosts (list_changed).
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
+HTTP_TRANSPORTS = (Transport.STREAMABLE_HTTP, Transport.SSE, Transport.WEBSOCKET)
+STDIO_FIELDS = ("command", "env", "per_identity", "max_processes")
+BLANK: dict[str, Any] = {"env": {}, "per_identity": False, "max_processes": 8, "is_gateway": False, "user_oauth": False}
+"""What a field of another transport is taken as (others: empty text)."""
+HTTP_FIELDS = ("url", "is_gateway", "client_id", "client_secret", "token_url", "user_oauth", "tls_ca_bundle", "tls_client_cert", "tls_client_key")
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
+
+class PeerAddForm(forms.Form):
+    """Add a peer as `manage.py peer add` does: the transport first, then only its fields; a stdio
+    server as a command line. What the fields mean and how they are checked is `peer_add`'s."""
+
+    name = forms.CharField(
+        max_length=48, validators=[peer_name_validator],
+        help_text="Lowercase letters, digits and single hyphens; hosts see its tools as NAME__tool.",
+    )
+    transport = forms.ChoiceField(choices=Transport.choices, initial=Transport.STREAMABLE_HTTP)
+    url = forms.CharField(
+        label="URL", required=False, max_length=2000,
+        help_text="The server's MCP endpoint, e.g. https://mcp.example.com/mcp (ws:// or wss:// for WebSocket).",
+    )
+    command = forms.CharField(
+        label="Command line", required=False, max_length=2000,
+        widget=forms.TextInput(attrs={"size": 70, "placeholder": "mcp-server-time --local-timezone UTC"}),
+        help_text="As you would type it in a shell, e.g. `mcp-server-time`, `uvx mcp-server-fetch` or "
+        "`npx -y @modelcontextprotocol/server-everything`. Programs are looked up in the gateway's virtualenv, "
+        "then on PATH; npx and uvx download the server on its first start (the first connect waits up to 120 s).",
+    )
+    env = forms.CharField(
+        label="Environment", required=False, widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="KEY=VALUE per line (API keys the server reads); stored encrypted, never shown again.",
+    )
+    per_identity = forms.BooleanField(required=False, help_text=Peer._meta.get_field("per_identity").help_text)
+    max_processes = forms.IntegerField(required=False, min_value=1, initial=8, help_text=Peer._meta.get_field("max_processes").help_text)
+    is_gateway = forms.BooleanField(label="Another fedmcp gateway", required=False, help_text=Peer._meta.get_field("is_gateway").help_text)
+    client_id = forms.CharField(required=False, max_length=255, help_text="With a peer gateway: the client id this gateway has there.")
+    client_secret = forms.CharField(required=False, widget=forms.PasswordInput(render_value=False), help_text="Its secret (stored encrypted).")
+    token_url = forms.CharField(label="Token URL", required=False, max_length=2000, help_text="Discovered from the peer's metadata when blank.")
+    user_oauth = forms.BooleanField(label="Per-user OAuth", required=False, help_text=Peer._meta.get_field("user_oauth").help_text)
+    tls_ca_bundle = PemField(label="TLS CA bundle", help_text=Peer._meta.get_field("tls_ca_bundle").help_text)
+    tls_client_cert = PemField(label="TLS client certificate", help_text=Peer._meta.get_field("tls_client_cert").help_text)
+    tls_client_key = PemField(label="TLS client key", help_text="PEM private key of the client certificate (stored encrypted).")
+    connect_timeout = forms.FloatField(
+        required=False, min_value=0.1,
+        help_text="Seconds to connect and handshake. Blank: 10 (120 for the first start of an npx/uvx server).",
+    )
+    call_timeout = forms.FloatField(initial=60.0, min_value=0.1, help_text="Seconds one call may take.")
+    force = forms.BooleanField(
+        label="Keep it even if it cannot be reached now", required=False,
+        help_text="Otherwise a peer whose first connection fails is not added.",
+    )
+
+    def clean_env(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for line in self.cleaned_data["env"].splitlines():
+            if not line.strip():
+                continue
+            key, sep, value = line.partition("=")
+            if not sep or not key.strip():
+                raise forms.ValidationError("Write one KEY=VALUE per line.")
+            env[key.strip()] = value
+        return env
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        transport = cleaned.get("transport")
+        if transport in HTTP_TRANSPORTS and not cleaned.get("url"):
+            self.add_error("url", f"A {Transport(transport).label} peer needs the URL of its MCP endpoint.")
+        if transport == Transport.STDIO and not (cleaned.get("command") or "").strip():
+            self.add_error("command", "A stdio peer needs the command line that starts it.")
+        # The fields of the other transports are left out (the page hides them; without
+        # JavaScript they may still hold text).
+        for name in HTTP_FIELDS if transport == Transport.STDIO else STDIO_FIELDS:
+            cleaned[name] = BLANK.get(name, "")
+        return cleaned
+
+    def service_arguments(self) -> dict[str, Any]:
+        """The arguments of `peer_add`."""
+        data = self.cleaned_data
+        return {
+            "name": data["name"], "transport": data["transport"], "url": data["url"], "command": data["command"], "env": data["env"],
+            "connect_timeout": data["connect_timeout"] if data["connect_timeout"] is not None else 10.0,
+            "call_timeout": data["call_timeout"], "is_gateway": data["is_gateway"], "per_identity": data["per_identity"],
+            "max_processes": data["max_processes"] or 8, "client_id": data["client_id"], "client_secret": data["client_secret"],
+            "token_url": data["token_url"], "user_oauth": data["user_oauth"], "tls_ca_bundle": data["tls_ca_bundle"],
+            "tls_client_cert": data["tls_client_cert"], "tls_client_key": data["tls_client_key"],
+        }
+
+    def groups(self) -> list[tuple[str, str, list[forms.BoundField]]]:
+        """(title, the transports it is for, its fields) for the template."""
+        http = " ".join(HTTP_TRANSPORTS)
+        return [
+            ("", "", [self[n] for n in ("name", "transport")]),
+            ("Where it is", http, [self["url"]]),
+            ("How it starts", Transport.STDIO, [self[n] for n in STDIO_FIELDS]),
+            ("Authentication and TLS", http, [self[n] for n in HTTP_FIELDS if n != "url"]),
+            ("Timeouts", "", [self["connect_timeout"], self["call_timeout"]]),
+            ("", "", [self["force"]]),
+        ]
 
 
 class PeerHealthCheckInline(admin.TabularInline):
@@ -177,6 +300,25 @@ def sync_and_report(request: HttpRequest, peer: Peer) -> SyncReport:
     return report
 
 
+def catalog_items(entries: Any) -> list[dict[str, Any]]:
+    """What the peer page shows of each catalog item: name, description, its input rendered."""
+    items = []
+    for entry in entries:
+        payload = entry.payload if isinstance(entry.payload, dict) else {}
+        description = payload.get("description") if isinstance(payload.get("description"), str) else ""
+        item: dict[str, Any] = {"entry": entry, "description": description, "title": payload.get("title") or ""}
+        if entry.kind == CatalogKind.TOOL:
+            item["rows"] = schema_rows(payload.get("inputSchema"))
+        elif entry.kind == CatalogKind.PROMPT:
+            arguments = payload.get("arguments") if isinstance(payload.get("arguments"), list) else []
+            item["prompt_arguments"] = [a for a in arguments if isinstance(a, dict)]
+        else:
+            item["mime_type"] = payload.get("mimeType") or ""
+        item["json"] = json.dumps(payload, indent=2, ensure_ascii=False)
+        items.append(item)
+    return items
+
+
 @admin.register(Peer)
 class PeerAdmin(admin.ModelAdmin):
     form = PeerAdminForm
@@ -187,8 +329,150 @@ class PeerAdmin(admin.ModelAdmin):
         "circuit", "remote_gateway", "suggested_gateway", "protocol_version", "server_info", "capabilities", "instructions",
         "last_synced_at", "last_error", "created_at", "updated_at",
     )
-    inlines = [CatalogEntryInline, PeerHealthCheckInline]
+    fieldsets = (
+        (None, {"fields": ("name", "transport", "enabled")}),
+        ("Where it is", {"fields": ("url",), "classes": ("fedmcp-http",)}),
+        ("How it starts", {"fields": ("command_line", "new_env", "clear_env", "per_identity", "max_processes"), "classes": ("fedmcp-stdio",)}),
+        ("Authentication and TLS", {
+            "fields": (
+                "is_gateway", "client_id", "new_client_secret", "clear_client_secret", "token_url", "user_oauth", "tls_ca_bundle",
+                "tls_client_cert", "new_tls_client_key", "clear_tls_client_key",
+            ),
+            "classes": ("fedmcp-http",),
+        }),
+        ("Timeouts", {"fields": ("connect_timeout", "call_timeout")}),
+        ("What the last connection learned", {
+            "fields": (
+                "circuit", "protocol_version", "server_info", "capabilities", "instructions", "remote_gateway", "suggested_gateway",
+                "last_synced_at", "last_error", "created_at", "updated_at",
+            ),
+            "classes": ("collapse",),
+        }),
+    )
+    # The catalog is shown readable below the form (templates/admin/federation/peer/change_form.html).
+    inlines = [PeerHealthCheckInline]
     actions = ["refresh_catalog", "enable_peers", "disable_peers"]
+    change_form_template = "admin/federation/peer/change_form.html"
+
+    def get_urls(self) -> list[URLPattern]:
+        view = self.admin_site.admin_view
+        return [
+            path("<int:peer_id>/test/", view(self.test_view), name="federation_peer_test"),
+            path("<int:peer_id>/refresh/", view(self.refresh_view), name="federation_peer_refresh"),
+            path("<int:peer_id>/catalog/<int:entry_id>/switch/", view(self.switch_view), name="federation_peer_catalog_switch"),
+            *super().get_urls(),
+        ]
+
+    # --- adding: the CLI's rule (federation/services.py `peer_add`, `peer_connect_first`) ------
+
+    def add_view(self, request: HttpRequest, form_url: str = "", extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        """Add a peer and connect to it at once; one that cannot be reached is not added (unless forced).
+
+        Not the admin's generic add view: that saves first and reports after, inside a
+        transaction the first connection cannot run in, and says "added successfully" beside
+        a failed connection.
+        """
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        form = PeerAddForm(request.POST if request.method == "POST" else None)
+        diagnostics = ""
+        if request.method == "POST" and form.is_valid():
+            try:
+                peer = peer_add(**form.service_arguments())
+            except PeerConfigError as exc:
+                form.add_error(None, f"The peer was not added: {exc}.")
+            else:
+                if peer.user_oauth:
+                    return self._added_user_oauth(request, peer)
+                first = async_to_sync(peer_connect_first)(
+                    peer=peer, force=form.cleaned_data["force"], connect_timeout_chosen=form.cleaned_data["connect_timeout"] is not None
+                )
+                if first.kept:
+                    self.log_addition(request, peer, [{"added": {}}])
+                    for note in first.notes:
+                        messages.info(request, note)
+                    report_sync(request, peer, first.report)
+                    if not first.connected:
+                        messages.warning(request, f"'{peer.name}' was kept as asked, though it cannot be reached now: use Test or Refresh once it is up.")
+                    return HttpResponseRedirect(reverse("admin:federation_peer_change", args=[peer.pk]))
+                diagnostics = first.report.diagnostics
+                form.add_error(
+                    None,
+                    f"Could not reach '{peer.name}': {first.report.errors['connect']}. The peer was not added: fix the "
+                    f"{'command line' if peer.transport == Transport.STDIO else 'URL'} and try again, or tick "
+                    "“Keep it even if it cannot be reached now”.",
+                )
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Add peer",
+            "opts": self.opts,
+            "form": form,
+            "diagnostics": diagnostics,
+            "transport_groups": form.groups(),
+            **(extra_context or {}),
+        }
+        return TemplateResponse(request, "admin/federation/peer/add_peer.html", context)
+
+    def _added_user_oauth(self, request: HttpRequest, peer: Peer) -> HttpResponse:
+        from identity import upstream_oauth
+
+        self.log_addition(request, peer, [{"added": {}}])
+        upstream_oauth.oauth_client_configure(peer=peer)
+        try:
+            client = async_to_sync(upstream_oauth.oauth_client_discover)(peer=peer)
+        except upstream_oauth.UpstreamOAuthError as exc:
+            messages.warning(request, f"Added '{peer.name}', but could not discover how it is authorized: {exc}")
+        else:
+            messages.success(request, f"Added '{peer.name}'; its authorization server is {client.issuer}.")
+        where = upstream_oauth.connect_page_url(upstream_oauth.public_base() or request.build_absolute_uri("/").rstrip("/"), peer.name)
+        messages.info(request, f"Users connect their accounts at {where}; the catalog is listed when the first one connects.")
+        return HttpResponseRedirect(reverse("admin:federation_peer_change", args=[peer.pk]))
+
+    # --- the peer page: Test, Refresh, the catalog ----------------------------------------------
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        peer = self.get_object(request, object_id)
+        extra = dict(extra_context or {})
+        if peer is not None:
+            extra["catalog"] = catalog_items(peer.catalog.all())
+            extra["can_switch"] = self.has_change_permission(request, peer)
+        return super().change_view(request, object_id, form_url, extra)
+
+    def _peer_for_action(self, request: HttpRequest, peer_id: int) -> Peer:
+        peer = get_object_or_404(Peer, pk=peer_id)
+        if request.method != "POST" or not self.has_change_permission(request, peer):
+            raise PermissionDenied
+        return peer
+
+    def _back(self, peer: Peer) -> HttpResponse:
+        return HttpResponseRedirect(reverse("admin:federation_peer_change", args=[peer.pk]))
+
+    def test_view(self, request: HttpRequest, peer_id: int) -> HttpResponse:
+        """Check the peer's health now and say how it went."""
+        peer = self._peer_for_action(request, peer_id)
+        result = async_to_sync(peer_probe)(peer=peer)
+        if result.ok:
+            messages.success(request, f"Test of '{peer.name}': reachable, answered in {round(result.latency_ms or 0)} ms.")
+        else:
+            messages.error(request, f"Test of '{peer.name}' failed: {result.error}")
+            if result.diagnostics:
+                messages.error(request, f"It wrote to stderr: {result.diagnostics[-2000:]}")
+        return self._back(peer)
+
+    def refresh_view(self, request: HttpRequest, peer_id: int) -> HttpResponse:
+        """List the peer's catalog again (hosts hear of changes)."""
+        peer = self._peer_for_action(request, peer_id)
+        sync_and_report(request, peer)
+        return self._back(peer)
+
+    def switch_view(self, request: HttpRequest, peer_id: int, entry_id: int) -> HttpResponse:
+        """Switch one catalog item on or off (hosts get list_changed)."""
+        peer = self._peer_for_action(request, peer_id)
+        entry = get_object_or_404(CatalogEntry, pk=entry_id, peer=peer)
+        enabled = request.POST.get("enabled") == "1"
+        async_to_sync(catalog_set_enabled)(entry_ids=[entry.pk], enabled=enabled)
+        messages.success(request, f"{'Enabled' if enabled else 'Disabled'} {entry.get_kind_display().lower()} '{entry.name}'; connected hosts were told.")
+        return HttpResponseRedirect(reverse("admin:federation_peer_change", args=[peer.pk]) + f"#catalog-{entry.pk}")
 
     @admin.display(description="health")
     def health(self, peer: Peer) -> str:
@@ -247,8 +531,35 @@ class CatalogEntryAdmin(admin.ModelAdmin):
     list_display = ("name", "kind", "peer", "enabled_badge", "updated_at")
     list_filter = ("kind", "enabled", "peer")
     search_fields = ("name", "upstream_name", "payload__description")
-    readonly_fields = ("peer", "kind", "name", "home", "upstream_name", "position", "payload", "updated_at")
-    fields = ("peer", "kind", "name", "home", "upstream_name", "enabled", "position", "payload", "updated_at")
+    readonly_fields = ("peer", "kind", "name", "home", "upstream_name", "description", "takes", "position", "payload", "updated_at")
+    fieldsets = (
+        (None, {"fields": ("peer", "kind", "name", "enabled", "description", "takes")}),
+        ("Where it comes from", {"fields": ("home", "upstream_name", "position", "updated_at")}),
+        ("As the peer lists it (JSON)", {"fields": ("payload",), "classes": ("collapse",)}),
+    )
+
+    @admin.display(description="description")
+    def description(self, entry: CatalogEntry) -> str:
+        payload = entry.payload if isinstance(entry.payload, dict) else {}
+        return payload.get("description") if isinstance(payload.get("description"), str) else "-"
+
+    @admin.display(description="takes")
+    def takes(self, entry: CatalogEntry) -> str:
+        """The input schema (tools) or arguments (prompts) as a table."""
+        item = catalog_items([entry])[0]
+        if item.get("rows"):
+            rows = format_html_join(
+                "", "<tr><td style=\"padding-left:{}rem\"><code>{}</code></td><td>{}</td><td>{}</td><td>{} {}</td></tr>",
+                ((r.depth + 0.5, r.name, r.type, "required" if r.required else "optional", r.description, r.details) for r in item["rows"]),
+            )
+        elif item.get("prompt_arguments"):
+            rows = format_html_join(
+                "", "<tr><td><code>{}</code></td><td>string</td><td>{}</td><td>{}</td></tr>",
+                ((a.get("name", ""), "required" if a.get("required") else "optional", a.get("description", "")) for a in item["prompt_arguments"]),
+            )
+        else:
+            return "-"
+        return format_html('<table class="schema"><tr><th>argument</th><th>type</th><th></th><th>description</th></tr>{}</table>', rows)
     actions = ["enable_entries", "disable_entries"]
     list_select_related = ("peer",)
 
@@ -284,10 +595,51 @@ class CatalogEntryAdmin(admin.ModelAdmin):
         self._switch(request, queryset, False)
 
 
+class RateLimitForm(forms.ModelForm):
+    """The user is named, not given by id; unknown users and clients are refused."""
+
+    username = forms.CharField(
+        label="User", required=False, help_text="Identity rules: this user only (blank: any user). Pick from the list."
+    )
+
+    class Meta:
+        model = RateLimit
+        fields = ("scope", "client_id", "peer", "rate_per_minute", "burst")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from console import forms as listed
+
+        super().__init__(*args, **kwargs)
+        self.fields["username"].widget = listed.ListedInput(listed.usernames)
+        self.fields["client_id"].widget = listed.ListedInput(listed.client_ids)
+        if self.instance.user_id:
+            self.initial["username"] = self.instance.user.get_username()
+        self.order_fields(["scope", "username", "client_id", "peer", "rate_per_minute", "burst"])
+
+    def clean_username(self) -> Any:
+        from console.forms import user_named
+
+        username = self.cleaned_data["username"].strip()
+        return user_named(username) if username else None
+
+    def clean_client_id(self) -> str:
+        from oauth2_provider.models import Application
+
+        client_id = self.cleaned_data["client_id"].strip()
+        if client_id and not Application.objects.filter(client_id=client_id).exists():
+            raise forms.ValidationError(f"No OAuth client has the id '{client_id}'; pick one from the list.")
+        return client_id
+
+    def _post_clean(self) -> None:
+        # Before the model's validation, which checks the user against the scope.
+        self.instance.user = self.cleaned_data.get("username") if "username" in self.cleaned_data else self.instance.user
+        super()._post_clean()
+
+
 @admin.register(RateLimit)
 class RateLimitAdmin(admin.ModelAdmin):
+    form = RateLimitForm
     list_display = ("__str__", "scope", "rate_per_minute", "burst", "updated_at")
     list_filter = ("scope",)
     search_fields = ("client_id", "user__username", "peer__name")
-    raw_id_fields = ("user",)
-    fields = ("scope", "user", "client_id", "peer", "rate_per_minute", "burst")
+    fields = ("scope", "username", "client_id", "peer", "rate_per_minute", "burst")

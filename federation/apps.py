@@ -3,6 +3,7 @@ from django.apps import AppConfig
 
 class FederationConfig(AppConfig):
     name = "federation"
+    verbose_name = "Peers and catalog"
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:

@@ -191,6 +191,7 @@ class CatalogEntry(models.Model):
 
     class Meta:
         ordering = ["peer__name", "kind", "position"]
+        verbose_name_plural = "catalog entries"
         constraints = [
             models.UniqueConstraint(fields=["peer", "kind", "upstream_name"], name="catalog_unique_item")
         ]

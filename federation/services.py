@@ -524,3 +524,106 @@ async def peer_set_enabled(*, peer_ids: list[int], enabled: bool) -> list[str]:
     for name in names:
         await publish_catalog_changed(name, [kind for kind, *_ in LISTINGS])
     return names
+
+
+@dataclass
+class FirstConnect:
+    """What happened when a newly added peer was contacted for the first time."""
+
+    report: SyncReport
+    kept: bool
+    """False when the peer could not be reached and was removed again (no `force`)."""
+    notes: list[str] = field(default_factory=list)
+    """What the operator should read besides the report (the token endpoint found, a download wait)."""
+
+    @property
+    def connected(self) -> bool:
+        return "connect" not in self.report.errors
+
+
+def first_start_timeout(peer: Peer, connect_timeout_chosen: bool) -> float | None:
+    """The connect timeout of a peer's first start: longer for a launcher (npx, uvx) that downloads
+    the server, unless the operator chose one; None keeps the peer's own."""
+    from federation.upstream.stdio import FIRST_START_TIMEOUT, fetches_on_first_start
+
+    if peer.transport == Transport.STDIO and not connect_timeout_chosen and fetches_on_first_start(peer.command):
+        return FIRST_START_TIMEOUT
+    return None
+
+
+async def peer_connect_first(
+    *, peer: Peer, force: bool = False, connect_timeout_chosen: bool = True, on_note: Any = None
+) -> FirstConnect:
+    """Contact a peer just added (`peer_add`): its catalog is listed and the outcome is its first
+    health check. A peer that cannot be reached is removed again unless `force`: an operator is
+    never left with an enabled peer that fails every call.
+
+    The same rule for `manage.py peer add` and the admin's add form. `on_note(text)` hears each
+    note as it happens (a CLI prints the download wait before it waits).
+    """
+    from federation.credentials import PeerCredentialsError
+    from federation.events import publish_catalog_changed
+
+    notes: list[str] = []
+
+    def note(text: str) -> None:
+        notes.append(text)
+        if on_note is not None:
+            on_note(text)
+
+    if peer.client_id and not peer.token_url:
+        try:
+            token_url = await peer_discover_token_url(peer=peer)
+        except PeerCredentialsError as exc:
+            note(f"Could not discover the token endpoint: {exc}")
+        else:
+            note(f"Token endpoint of {peer.name}: {token_url}")
+    timeout = first_start_timeout(peer, connect_timeout_chosen)
+    if timeout is not None:
+        note(f"{peer.command} downloads the server the first time it runs it: waiting up to {timeout:g}s for it to start")
+    report = await peer_sync_catalog(peer=peer, connect_timeout=timeout, record_health=True)
+    if report.changed:
+        await publish_catalog_changed(peer.name, report.changed)
+    kept = "connect" not in report.errors or force
+    if not kept:
+        await database_sync_to_async(peer_remove)(peer=peer)
+    return FirstConnect(report=report, kept=kept, notes=notes)
+
+
+@dataclass
+class ProbeResult:
+    ok: bool
+    latency_ms: float | None
+    error: str = ""
+    diagnostics: str = ""
+
+
+async def peer_probe(*, peer: Peer) -> ProbeResult:
+    """Check a peer's health now, on a connection of its own (the operator's "Test"), and record it.
+
+    Connects and handshakes, then pings (handshake era) or asks server/discover (2026-07-28),
+    as the background probe does (federation/health.py); the pool and its circuit breakers are
+    left alone.
+    """
+    kind = CONNECTION_KINDS.get(peer.transport)
+    if kind is None:
+        return ProbeResult(ok=False, latency_ms=None, error=f"transport {peer.transport!r} is not supported yet")
+    config = PeerConfig.from_peer(peer)
+    connection = kind(config, auth=upstream_auth(config))
+    started = time.monotonic()
+    try:
+        await connection.start()
+        if connection.era == "modern":
+            reply = await connection.request("server/discover", {"_meta": modern_meta()}, timeout=config.connect_timeout)
+        else:
+            reply = await connection.request("ping", None, timeout=config.connect_timeout)
+        if "error" in reply:
+            raise UpstreamError(f"health probe answered an error: {reply['error'].get('message', '')}")
+    except (UpstreamError, OSError) as exc:
+        result = ProbeResult(ok=False, latency_ms=None, error=str(exc) or type(exc).__name__, diagnostics=connection.diagnostics())
+    else:
+        result = ProbeResult(ok=True, latency_ms=(time.monotonic() - started) * 1000)
+    finally:
+        await connection.close()
+    await _record_health(peer, ok=result.ok, latency_ms=result.latency_ms, error=result.error)
+    return result

@@ -164,9 +164,51 @@ from identity import consent as consent_services  # noqa: E402  (also connects t
 from identity.models import ConsentGrant, ConsentPolicy, ConsentPrompt, RemoteConsent  # noqa: E402
 
 
+class ConsentPolicyForm(forms.ModelForm):
+    """Peers, users, clients and names are chosen from what exists; a typo is refused, not saved to match nothing."""
+
+    peer = forms.ChoiceField(required=False, help_text=ConsentPolicy._meta.get_field("peer").help_text)
+
+    class Meta:
+        model = ConsentPolicy
+        fields = "__all__"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from console import forms as listed
+
+        super().__init__(*args, **kwargs)
+        self.fields["peer"].choices = listed.peer_choices(self.instance.peer if self.instance.pk else "")
+        self.fields["username"].widget = listed.ListedInput(listed.usernames)
+        self.fields["client_id"].widget = listed.ListedInput(listed.client_ids)
+        self.fields["name_pattern"].widget = listed.ListedInput(listed.catalog_names, attrs={"size": 60})
+        self.fields["name_pattern"].help_text += " Pick a name from the list, or write a pattern with * or ?."
+
+    def clean_username(self) -> str:
+        from console.forms import user_named
+
+        username = self.cleaned_data["username"].strip()
+        if username:
+            user_named(username)
+        return username
+
+    def clean(self) -> dict[str, Any]:
+        from console.forms import check_name_pattern
+
+        cleaned = super().clean()
+        pattern = cleaned.get("name_pattern") or ""
+        if "name_pattern" in self.changed_data or "peer" in self.changed_data or "kind" in self.changed_data:
+            try:
+                check_name_pattern(pattern, peer=cleaned.get("peer") or "", kind=cleaned.get("kind") or "")
+            except forms.ValidationError as exc:
+                self.add_error("name_pattern", exc)
+        return cleaned
+
+
 @admin.register(ConsentPolicy)
 class ConsentPolicyAdmin(admin.ModelAdmin):
     """Policies; the precedence is: most specific first, then priority, then deny > ask > allow."""
+
+    form = ConsentPolicyForm
 
     list_display = ("__str__", "decision", "peer", "kind", "name_pattern", "username", "group", "client_id", "priority", "specificity", "enabled")
     list_filter = ("decision", "kind", "enabled", "peer")

@@ -3,6 +3,7 @@ from django.apps import AppConfig
 
 class McpEndpointConfig(AppConfig):
     name = "mcp_endpoint"
+    verbose_name = "MCP sessions"
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:

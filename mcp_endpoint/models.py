@@ -62,6 +62,7 @@ class McpSession(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["closed_at", "last_seen_at"]), models.Index(fields=["closed_at", "lease_until"])]
+        verbose_name = "MCP session"
 
     def __str__(self) -> str:
         return f"{self.transport} session {self.id[:8]}…"

@@ -22,6 +22,7 @@ from mcp_types.version import LATEST_HANDSHAKE_VERSION
 from websockets.asyncio.server import ServerConnection, serve
 
 from federation import credentials
+from federation.models import Peer
 from federation.tls import PeerTls
 from federation.upstream import CONNECTION_KINDS
 from federation.upstream.base import PeerConfig, UpstreamUnavailableError, modern_meta
@@ -271,8 +272,10 @@ class TlsPeerAdminTest(AsgiTestCase):
     def test_adding_an_https_peer_without_its_ca_shows_why_it_cannot_connect(self) -> None:
         reply = staff_client().post("/admin/federation/peer/add/", {**ADD_FORM, "name": NAME, "url": self.https_url}, follow=True)
 
-        errors = [text for level, text in messages_of(reply) if level == "error"]
-        assert len(errors) == 1 and "TLS certificate verify failed" in errors[0], messages_of(reply)
+        # Not added (as `peer add` without --force): the form says why, on the page.
+        errors = reply.context["form"].non_field_errors()
+        assert len(errors) == 1 and "TLS certificate verify failed" in errors[0], errors
+        assert not Peer.objects.filter(name=NAME).exists()
 
     def test_adding_an_https_peer_with_its_ca_connects(self) -> None:
         form = {**ADD_FORM, "name": NAME, "url": self.https_url, "tls_ca_bundle": self.pki.ca.pem.replace("\n", "\r\n")}

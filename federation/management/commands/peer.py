@@ -41,13 +41,14 @@ from federation.services import (
     PeerConfigError,
     SyncReport,
     peer_add,
+    peer_connect_first,
     peer_discover_token_url,
     peer_remove,
     peer_set_credentials,
     peer_set_tls,
     peer_sync_catalog,
 )
-from federation.upstream.stdio import FIRST_START_TIMEOUT, fetches_on_first_start
+from federation.upstream.stdio import FIRST_START_TIMEOUT
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
@@ -223,27 +224,21 @@ class Command(BaseCommand):
             return
         if options["no_sync"]:
             return
-        if peer.client_id and not peer.token_url:
-            self._discover_token_url(peer)
-        first_timeout = None
-        if peer.transport == Transport.STDIO and options["connect_timeout"] is None and fetches_on_first_start(peer.command):
-            first_timeout = FIRST_START_TIMEOUT
-            self.stdout.write(
-                f"{peer.command} downloads the server the first time it runs it: waiting up to {first_timeout:g}s for it to start"
-            )
         # The first sync is the peer's first health check too: the admin shows its state at once.
-        report = self._sync(peer, connect_timeout=first_timeout, record_health=True)
-        if "connect" not in report.errors:
-            self._print_report(report)
+        # A peer that cannot be reached is removed again unless --force (the admin's rule too).
+        first = async_to_sync(peer_connect_first)(
+            peer=peer, force=options["force"], connect_timeout_chosen=options["connect_timeout"] is not None, on_note=self.stdout.write
+        )
+        if first.connected:
+            self._print_report(first.report)
             return
-        self._print_diagnostics(report)
-        if options["force"]:
-            self._print_report(report)
+        self._print_diagnostics(first.report)
+        if first.kept:
+            self._print_report(first.report)
             self.stderr.write(f"Peer kept (--force); run `manage.py peer refresh {peer.name}` once it is reachable.")
             return
-        peer_remove(peer=peer)
         raise CommandError(
-            f"could not reach {peer.name}: {report.errors['connect']}\n"
+            f"could not reach {peer.name}: {first.report.errors['connect']}\n"
             f"The peer was not added; fix the command or URL and add it again, or add --force to keep it anyway."
         )
 
