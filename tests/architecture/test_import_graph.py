@@ -6,7 +6,8 @@ that hides a cycle counts as much as a module-level one. The layers, lowest firs
 1. library   helpers any app may use, importing no app (`LIBRARY`)
 2. upstream  federation/upstream/: the transports to upstream servers (with the TLS and HTTP client they use)
 3. domain    identity/ and federation/: models, services, policy, trust
-4. endpoint  mcp_endpoint/ (the MCP endpoints and the call pipeline) and console/ (dashboard, REST API)
+4. endpoint  mcp_endpoint/ (the MCP endpoints and the call pipeline), console/ (dashboard, REST API,
+             admin forms and playground), and each app's admin.py (the operator's UI, where Django looks for it)
 5. shell     fedmcp_site/ settings, URLs, ASGI, server runtime: wires everything, imported by nothing
 
 Inside the call pipeline (mcp_endpoint/pipeline/), flow.py calls the steps in order: no step
@@ -130,6 +131,8 @@ def layer_of(name: str) -> str:
         return "library"
     if name.startswith(UPSTREAM):
         return "upstream"
+    if name.endswith(".admin"):
+        return "endpoint"
     top = name.split(".")[0]
     if top in ("identity", "federation"):
         return "domain"
