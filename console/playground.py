@@ -136,17 +136,11 @@ class Outcome:
 
 def playground_call(*, user: AbstractBaseUser, method: str, params: dict[str, Any], host: str) -> Outcome:
     """Run one request through the dispatcher as `user` and wait until its audit event is written."""
-    ctx = HostContext(
-        era="modern",
-        protocol_version=LATEST_MODERN_VERSION,
-        transport="admin",
-        scope="",
-        outbound=Collected(),
-        client_info=CLIENT_INFO,
-        headers={"host": host},
-        identity=playground_identity(user),
-    )
     meta = modern_meta(extra={"io.modelcontextprotocol/clientInfo": CLIENT_INFO})
+    ctx = HostContext.of_envelope(
+        protocol_version=LATEST_MODERN_VERSION, capabilities={}, client_info=CLIENT_INFO, meta=meta, transport="admin", scope="",
+        outbound=Collected(), identity=playground_identity(user), headers={"host": host},
+    )
     message = {"jsonrpc": "2.0", "id": 1, "method": method, "params": {**params, "_meta": meta}}
 
     async def run() -> tuple[dict[str, Any], float]:
