@@ -34,9 +34,23 @@ SSE_HEADERS = [
 ]
 
 
-def batch_too_large() -> str:
-    """The message for a 2025-03-26 batch over MCP_MAX_BATCH (every message of a batch runs at once)."""
-    return f"Bad Request: a JSON-RPC batch may hold at most {settings.MCP_MAX_BATCH} messages (FEDMCP_MAX_BATCH)"
+BATCH_VERSION = "2025-03-26"
+"""The one protocol version whose hosts may send JSON-RPC batches."""
+
+
+def batch_refusal(payload: Any, protocol_version: str) -> str | None:
+    """Why a JSON-RPC batch is refused on a session of `protocol_version` (None: not a batch, or a fine one).
+
+    Only 2025-03-26 has batches; an empty one is no request at all; every message of a batch
+    runs at once, so MCP_MAX_BATCH bounds the fan-out.
+    """
+    if not isinstance(payload, list):
+        return None
+    if protocol_version != BATCH_VERSION or not payload:
+        return f"Bad Request: JSON-RPC batches are only accepted in protocol version {BATCH_VERSION} (non-empty)"
+    if len(payload) > settings.MCP_MAX_BATCH:
+        return f"Bad Request: a JSON-RPC batch may hold at most {settings.MCP_MAX_BATCH} messages (FEDMCP_MAX_BATCH)"
+    return None
 
 
 def sse_event(message: JsonDict | None = None, *, event: str = "message", data: str | None = None) -> bytes:

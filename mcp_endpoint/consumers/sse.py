@@ -17,7 +17,7 @@ from django.conf import settings
 
 from fedmcp_site.metrics import stream_open
 from mcp_endpoint import dispatcher, jsonrpc, sessions
-from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, batch_too_large, sse_event
+from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, batch_refusal, sse_event
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
 from mcp_endpoint.streams import SessionEvents, SessionGroupOutbound, send_to_session
@@ -72,11 +72,8 @@ class McpSseMessageConsumer(McpHttpConsumer):
             await self.send_error(400, exc.code, exc.message)
             return
         messages = payload if isinstance(payload, list) else [payload]
-        if isinstance(payload, list) and (session.protocol_version != "2025-03-26" or not messages):
-            await self.send_error(400, jsonrpc.INVALID_REQUEST, "Bad Request: JSON-RPC batches are only accepted in protocol version 2025-03-26")
-            return
-        if len(messages) > settings.MCP_MAX_BATCH:
-            await self.send_error(400, jsonrpc.INVALID_REQUEST, batch_too_large())
+        if (refusal := batch_refusal(payload, session.protocol_version)) is not None:
+            await self.send_error(400, jsonrpc.INVALID_REQUEST, refusal)
             return
         for message in messages:
             ctx = HostContext.of_session(session, transport="sse", scope=scope, outbound=SessionGroupOutbound(session.id), identity=self.identity)

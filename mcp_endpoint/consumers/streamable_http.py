@@ -28,7 +28,7 @@ from fedmcp_site.json_types import JsonDict
 from fedmcp_site.metrics import stream_open
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_HEADERS, challenge
-from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, batch_too_large, sse_event
+from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, batch_refusal, sse_event
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.models import McpSession
 from mcp_endpoint.streams import SessionEvents, close_session_streams
@@ -213,12 +213,8 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
             return
         batch = isinstance(payload, list)
         messages = payload if batch else [payload]
-        if batch and (session.protocol_version != "2025-03-26" or not messages):
-            await self.send_error(400, jsonrpc.INVALID_REQUEST, "Bad Request: JSON-RPC batches are only accepted in protocol version 2025-03-26 (non-empty)")
-            return
-        if len(messages) > settings.MCP_MAX_BATCH:
-            # Each message of a batch runs at once: the bound is the fan-out's bound.
-            await self.send_error(400, jsonrpc.INVALID_REQUEST, batch_too_large())
+        if (refusal := batch_refusal(payload, session.protocol_version)) is not None:
+            await self.send_error(400, jsonrpc.INVALID_REQUEST, refusal)
             return
         priming = bool(session.protocol_version) and is_version_at_least(session.protocol_version, PRIMING_SINCE)
         stream = PostStream(self, sse_allowed=self.accepts("text/event-stream"), can_request=True, headers=[], priming=priming)

@@ -22,7 +22,7 @@ from fedmcp_site.metrics import stream_open
 from identity.tokens import still_valid
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_MESSAGE
-from mcp_endpoint.consumers.base import DirectDispatchMixin, batch_too_large
+from mcp_endpoint.consumers.base import DirectDispatchMixin, batch_refusal
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.models import McpSession
 from mcp_endpoint.streams import SessionEvents
@@ -140,15 +140,8 @@ class McpWebSocketConsumer(DirectDispatchMixin, AsyncWebsocketConsumer):
         try:
             if isinstance(payload, list):
                 ctx = await self._context()
-                if ctx.protocol_version != "2025-03-26" or not payload:
-                    await self.send_message(
-                        jsonrpc.error_response(
-                            None, jsonrpc.InvalidRequestError("JSON-RPC batches are only accepted in protocol version 2025-03-26").to_error()
-                        )
-                    )
-                    return
-                if len(payload) > settings.MCP_MAX_BATCH:
-                    await self.send_message(jsonrpc.error_response(None, jsonrpc.InvalidRequestError(batch_too_large()).to_error()))
+                if (refusal := batch_refusal(payload, ctx.protocol_version)) is not None:
+                    await self.send_message(jsonrpc.error_response(None, jsonrpc.InvalidRequestError(refusal).to_error()))
                     return
                 replies = await asyncio.gather(*(self._one(m) for m in payload))
                 answered = [r for r in replies if r is not None]
