@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import Error as DatabaseError
@@ -26,8 +28,8 @@ from identity.tokens import Identity
 from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
-from mcp_endpoint.handlers import fit_result_to_era
-from mcp_endpoint.methods import METHODS
+from mcp_endpoint.handlers import HANDLERS, fit_result_to_era
+from mcp_endpoint.methods import ERAS
 from mcp_endpoint.pipeline.envelope import HOPS_META_KEY
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,19 @@ def validate_params(method: str, version: str, params: JsonDict) -> None:
         raise jsonrpc.InvalidParamsError(f"Invalid params for {method}", _validation_details(exc)) from exc
     except (ValueError, RecursionError) as exc:
         raise jsonrpc.InvalidParamsError(f"Invalid params for {method}") from exc
+
+
+Handler = Callable[[HostContext, JsonDict], Awaitable[JsonDict]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    handler: Handler
+    eras: frozenset[str]
+
+
+METHODS: dict[str, MethodSpec] = {name: MethodSpec(HANDLERS[name], eras) for name, eras in ERAS.items()}
+"""The method table (methods.py) with who answers each method (handlers.py)."""
 
 
 async def call(ctx: HostContext, method: str, params: JsonDict) -> JsonDict:

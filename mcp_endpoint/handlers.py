@@ -25,7 +25,7 @@ from fedmcp_site.layers import Memberships
 from identity import consent_cache
 from identity.audit import audit_record
 from identity.upstream_oauth import UpstreamAuthorizationRequiredError
-from mcp_endpoint import jsonrpc, sessions
+from mcp_endpoint import jsonrpc, methods, sessions
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.admit import incoming_hops
 from mcp_endpoint.pipeline.connect import connect_required_error
@@ -54,14 +54,7 @@ LIST_CHANGED_METHOD = {
 
 async def server_capabilities(ctx: HostContext) -> JsonDict:
     """Return what this endpoint offers: everything on /mcp, what the peer has per peer."""
-    full: JsonDict = {
-        "tools": {"listChanged": True},
-        "resources": {"subscribe": True, "listChanged": True},
-        "prompts": {"listChanged": True},
-        "completions": {},
-    }
-    if ctx.era == "legacy":
-        full["logging"] = {}
+    full = methods.capabilities(ctx.era)
     # Other fedmcp gateways recognise us by this and import our catalog under stable names.
     identity = {GATEWAY_CAPABILITY: {"name": settings.FEDMCP_GATEWAY_NAME, "scope": ctx.scope or None}}
     if not ctx.scope:
@@ -413,3 +406,24 @@ def host_notifications_for(scope: str, event: JsonDict) -> list[JsonDict]:
         uri = event["uri"] if scope else naming.qualify_uri(peer, event["uri"])  # type: ignore[arg-type]
         return [jsonrpc.notification("notifications/resources/updated", {"uri": uri})]
     return []
+
+
+HANDLERS = {
+    "initialize": initialize,
+    "ping": ping,
+    "logging/setLevel": set_level,
+    "resources/subscribe": resources_subscribe,
+    "resources/unsubscribe": resources_unsubscribe,
+    "server/discover": discover,
+    "subscriptions/listen": subscriptions_listen,
+    "tools/list": tools_list,
+    "tools/call": tools_call,
+    "resources/list": resources_list,
+    "resources/templates/list": resource_templates_list,
+    "resources/read": resources_read,
+    "prompts/list": prompts_list,
+    "prompts/get": prompts_get,
+    "completion/complete": complete,
+}
+"""Who answers each method of the table (methods.py)."""
+

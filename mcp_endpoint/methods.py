@@ -1,41 +1,55 @@
-"""The method table: which MCP methods exist in which era, and who answers them."""
+"""The method table: which MCP methods exist in which era, and the capabilities that follows.
+
+Who answers each method is `handlers.HANDLERS`; the dispatcher joins the two (`dispatcher.METHODS`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
-
-from mcp_endpoint import handlers
-from mcp_endpoint.context import HostContext
-
-Handler = Callable[[HostContext, dict[str, Any]], Awaitable[dict[str, Any]]]
+from fedmcp_site.json_types import JsonDict
 
 LEGACY = frozenset({"legacy"})
 MODERN = frozenset({"modern"})
 BOTH = LEGACY | MODERN
 
-
-@dataclass(frozen=True)
-class MethodSpec:
-    handler: Handler
-    eras: frozenset[str]
-
-
-METHODS: dict[str, MethodSpec] = {
-    "initialize": MethodSpec(handlers.initialize, LEGACY),
-    "ping": MethodSpec(handlers.ping, LEGACY),
-    "logging/setLevel": MethodSpec(handlers.set_level, LEGACY),
-    "resources/subscribe": MethodSpec(handlers.resources_subscribe, LEGACY),
-    "resources/unsubscribe": MethodSpec(handlers.resources_unsubscribe, LEGACY),
-    "server/discover": MethodSpec(handlers.discover, MODERN),
-    "subscriptions/listen": MethodSpec(handlers.subscriptions_listen, MODERN),
-    "tools/list": MethodSpec(handlers.tools_list, BOTH),
-    "tools/call": MethodSpec(handlers.tools_call, BOTH),
-    "resources/list": MethodSpec(handlers.resources_list, BOTH),
-    "resources/templates/list": MethodSpec(handlers.resource_templates_list, BOTH),
-    "resources/read": MethodSpec(handlers.resources_read, BOTH),
-    "prompts/list": MethodSpec(handlers.prompts_list, BOTH),
-    "prompts/get": MethodSpec(handlers.prompts_get, BOTH),
-    "completion/complete": MethodSpec(handlers.complete, BOTH),
+ERAS: dict[str, frozenset[str]] = {
+    "initialize": LEGACY,
+    "ping": LEGACY,
+    "logging/setLevel": LEGACY,
+    "resources/subscribe": LEGACY,
+    "resources/unsubscribe": LEGACY,
+    "server/discover": MODERN,
+    "subscriptions/listen": MODERN,
+    "tools/list": BOTH,
+    "tools/call": BOTH,
+    "resources/list": BOTH,
+    "resources/templates/list": BOTH,
+    "resources/read": BOTH,
+    "prompts/list": BOTH,
+    "prompts/get": BOTH,
+    "completion/complete": BOTH,
 }
+
+
+def offers(method: str, era: str) -> bool:
+    return era in ERAS.get(method, ())
+
+
+def capabilities(era: str) -> JsonDict:
+    """The server capabilities the table gives an era: a capability for each group of methods it serves.
+
+    Lists change (`listChanged`) whenever peers or their catalogs do; resource updates are
+    subscribed to with resources/subscribe (handshake era) or subscriptions/listen (2026-07-28).
+    """
+    offered: JsonDict = {}
+    if offers("tools/list", era):
+        offered["tools"] = {"listChanged": True}
+    if offers("resources/list", era):
+        watchable = offers("resources/subscribe", era) or offers("subscriptions/listen", era)
+        offered["resources"] = {"subscribe": watchable, "listChanged": True}
+    if offers("prompts/list", era):
+        offered["prompts"] = {"listChanged": True}
+    if offers("completion/complete", era):
+        offered["completions"] = {}
+    if offers("logging/setLevel", era):
+        offered["logging"] = {}
+    return offered

@@ -81,3 +81,20 @@ class DispatcherCheckOrder(SimpleTestCase):
         message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "x", "arguments": {}}}
         reply = await dispatcher.handle_message(context(caller=identity("mcp:tools")), message)
         self.assertEqual(reply, {"jsonrpc": "2.0", "id": 1, "result": {"content": []}})
+
+
+class MethodTable(SimpleTestCase):
+    def test_every_method_of_the_table_has_a_handler_and_every_handler_a_method(self) -> None:
+        from mcp_endpoint.handlers import HANDLERS
+        from mcp_endpoint.methods import ERAS
+
+        self.assertEqual(set(HANDLERS), set(ERAS))
+
+    def test_the_capabilities_follow_the_table(self) -> None:
+        from mcp_endpoint.methods import capabilities
+
+        legacy, modern = capabilities("legacy"), capabilities("modern")
+        self.assertEqual(legacy["resources"], {"subscribe": True, "listChanged": True})
+        self.assertIn("logging", legacy)
+        self.assertNotIn("logging", modern)  # logging/setLevel is handshake-era only
+        self.assertEqual(set(modern), {"tools", "resources", "prompts", "completions"})
