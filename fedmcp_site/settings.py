@@ -409,6 +409,13 @@ if FEDMCP_CONSENT_DEFAULT not in ("ask-new-peers", "allow", "ask", "deny"):
     raise ImproperlyConfigured("FEDMCP_CONSENT_DEFAULT must be ask-new-peers, allow, ask or deny")
 FEDMCP_CONSENT_TIMEOUT = env_float("FEDMCP_CONSENT_TIMEOUT", 120.0)
 FEDMCP_CONSENT_POLL_INTERVAL = env_float("FEDMCP_CONSENT_POLL_INTERVAL", 2.0)
+# Which calls wait while the user is asked (docs/CONSENT.md "Hosts that cannot show a URL"):
+# url-hosts (default): only those whose host is shown the consent page (URL elicitation); any
+# other is refused at once with the page's URL (-32032) and its retry goes through once approved.
+# all: every handshake-era call waits, up to FEDMCP_CONSENT_TIMEOUT.
+FEDMCP_CONSENT_HOLD = os.environ.get("FEDMCP_CONSENT_HOLD", "url-hosts")
+if FEDMCP_CONSENT_HOLD not in ("url-hosts", "all"):
+    raise ImproperlyConfigured("FEDMCP_CONSENT_HOLD must be url-hosts or all")
 # How long (seconds) a 2026-07-28 host has to retry an approved call's further input_required
 # round without being asked again (docs/CONSENT.md "Further rounds of an approved call").
 FEDMCP_CONSENT_CONTINUE_TIMEOUT = env_float("FEDMCP_CONSENT_CONTINUE_TIMEOUT", 600.0)

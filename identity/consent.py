@@ -417,7 +417,7 @@ def consent_prompt_room(*, identity: Identity | None, needed: int) -> None:
 def _prompt_create(
     identity: Identity | None, peer: str, kind: str, name: str, arguments: Any, decision: Decision, timeout: float,
     request: dict[str, Any] | None = None, held: dict[str, Any] | None = None, deferred_by: dict[str, Any] | None = None,
-    call: str = "",
+    call: str = "", binding: str = "",
 ) -> ConsentPrompt:
     _make_room(identity.user_id if identity else None)
     client_name = ""
@@ -440,6 +440,7 @@ def _prompt_create(
         held=held,
         deferred_by=deferred_by or {},
         call=call,
+        binding=binding,
         policy_id=decision.policy_id,
         expires_at=timezone.now() + timedelta(seconds=timeout),
     )
@@ -448,19 +449,22 @@ def _prompt_create(
 async def consent_prompt_create(
     *, identity: Identity | None, peer: str, kind: str, name: str, arguments: Any, decision: Decision, timeout: float,
     request: dict[str, Any] | None = None, held: dict[str, Any] | None = None, deferred_by: dict[str, Any] | None = None,
-    call: str = "",
+    call: str = "", binding: str = "",
 ) -> ConsentPrompt:
     """Create a pending prompt (arguments redacted) and show it on the user's open pages.
 
     `request` is what an upstream's sampling/elicitation request shows the user
     (identity/upstream_requests.py); `held` an input_required result kept for a 2026-07-28 host;
     `deferred_by` where a request left to us by a gateway further along comes from (identity/deferral.py);
-    `call` the host call it came during, shown with the others of that call.
+    `call` the host call it came during, shown with the others of that call; `binding` the exact
+    call asked about, by which its retry finds it (`consent_prompt_for_retry`).
 
     Raises:
         TooManyPendingPromptsError: the user has FEDMCP_MAX_PENDING_PROMPTS_PER_USER prompts waiting already.
     """
-    prompt = await database_sync_to_async(_prompt_create)(identity, peer, kind, name, arguments, decision, timeout, request, held, deferred_by, call)
+    prompt = await database_sync_to_async(_prompt_create)(
+        identity, peer, kind, name, arguments, decision, timeout, request, held, deferred_by, call, binding
+    )
     layer = get_channel_layer()
     if layer is not None and prompt.user_id is not None:
         await layer.group_send(user_group(prompt.user_id), {"type": "consent.prompt", "prompt": prompt_summary(prompt)})
@@ -595,6 +599,20 @@ async def consent_prompt_wait(prompt_id: str, *, until: Any, on_tick: Callable[[
     finally:
         if layer is not None:
             await asyncio.shield(layer.group_discard(prompt_group(prompt_id), channel))
+
+
+@database_sync_to_async
+def consent_prompt_for_retry(*, identity: Identity, binding: str) -> ConsentPrompt | None:
+    """The user's prompt about this very call that its retry may use: approved (not yet used) within
+    FEDMCP_CONSENT_TIMEOUT of the answer, else one still waiting; None if there is neither."""
+    if not binding or identity.user_id is None:
+        return None
+    now = timezone.now()
+    mine = ConsentPrompt.objects.filter(user_id=identity.user_id, client_id=identity.client_id, binding=binding, owner_gateway="")
+    approved = mine.filter(
+        status=ConsentPrompt.Status.APPROVED, used_at__isnull=True, decided_at__gt=now - timedelta(seconds=timeout_setting())
+    ).order_by("-decided_at").first()
+    return approved or mine.filter(status=ConsentPrompt.Status.PENDING, expires_at__gt=now).order_by("-created_at").first()
 
 
 @database_sync_to_async

@@ -262,6 +262,10 @@ class ConsentPrompt(models.Model):
     )
     policy = models.ForeignKey(ConsentPolicy, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
+    binding = models.CharField(
+        max_length=64, blank=True, db_index=True, editable=False,
+        help_text="The exact call asked about (caller, client, peer, kind, name, arguments digest): its retry finds this prompt.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField()
     decided_at = models.DateTimeField(null=True, blank=True)

@@ -40,6 +40,9 @@ CONSENT_DENIED = -32017
 """Implementation-defined: the user (or a consent policy) refused the call."""
 CONSENT_TIMEOUT = -32018
 """Implementation-defined: the user did not answer the consent prompt in time."""
+CONSENT_REQUIRED = -32032
+"""Implementation-defined: the user must approve the call first, on the page `data.url`; the same call retried
+after the approval goes through (a structured authorization denial after SEP-2643, docs/CONSENT.md)."""
 TOO_MANY_SESSIONS = -32031
 """Implementation-defined: the user holds FEDMCP_MAX_SESSIONS_PER_USER open sessions or streams; `data.limit` (HTTP 429)."""
 UPSTREAM_AUTHORIZATION_REQUIRED = -32030
@@ -141,6 +144,11 @@ class CancelledError(JsonRpcError):
 class ConsentDeniedError(JsonRpcError):
     code = CONSENT_DENIED
     default_message = "Consent denied"
+
+
+class ConsentRequiredError(JsonRpcError):
+    code = CONSENT_REQUIRED
+    default_message = "Consent required"
 
 
 class ConsentTimeoutError(JsonRpcError):

@@ -194,22 +194,59 @@ async def decide(ctx: HostContext, route: Route, subject: CallSubject, params: J
 
 
 async def _ask_user(ctx: HostContext, peer: str, subject: CallSubject, params: JsonDict, decision: consent.Decision, approval: Approval) -> Verdict:
-    """Ask our user on /consent: a 2026-07-28 host is sent there at once (`ask`); a handshake-era call waits for the answer."""
-    try:
-        prompt = await consent.consent_prompt_create(
-            identity=ctx.identity, peer=peer, kind=approval.kind, name=subject.name, arguments=subject.arguments,
-            decision=decision, timeout=consent.timeout_setting(),
-        )
-    except consent.TooManyPendingPromptsError as exc:
-        return Verdict.refuse(too_many_prompts(ctx, exc), "deny")
+    """Ask our user on /consent, in the way the host can take it.
+
+    A host shown the page (it declared URL elicitation) is sent there: a 2026-07-28 host at once
+    (`ask`, input_required), a handshake-era call waits for the answer. Any other host is
+    refused at once with the page's URL (-32032, `ask`: docs/CONSENT.md "Hosts that cannot show
+    a URL"), unless FEDMCP_CONSENT_HOLD=all keeps handshake-era calls waiting; the same call
+    sent again once the user approved goes through (`approved`), and while the question is
+    open, sending it again asks nothing new.
+    """
+    prompt = await consent.consent_prompt_for_retry(identity=ctx.identity, binding=approval.binding(None))
+    if prompt is not None and prompt.status == ConsentPrompt.Status.APPROVED:
+        verdict = await _settle_call(ctx, prompt, prompt.status, consent_url(ctx, prompt.id))
+        return Verdict(word=verdict.word, params=params, approval=approval)
+    shown = ctx.has_capability("elicitation", "url")
+    if ctx.era == "modern":
+        waits = shown
+    else:
+        waits = (shown and ctx.outbound.can_request) or settings.FEDMCP_CONSENT_HOLD == "all"
+    if prompt is None or waits:
+        # A call that waits (or is sent to the page) has a prompt of its own; a refused one
+        # sent again while its question is open points at the same page.
+        try:
+            prompt = await consent.consent_prompt_create(
+                identity=ctx.identity, peer=peer, kind=approval.kind, name=subject.name, arguments=subject.arguments,
+                decision=decision, timeout=consent.timeout_setting(), binding=approval.binding(None),
+            )
+        except consent.TooManyPendingPromptsError as exc:
+            return Verdict.refuse(too_many_prompts(ctx, exc), "deny")
     url = consent_url(ctx, prompt.id)
     elicitation = url_elicitation(prompt, url, _message(prompt, url))
+    if not waits:
+        return Verdict.refuse(_approval_needed(prompt, url), "ask")
     if ctx.era == "modern":
         return Verdict(word="ask", answer=input_required(elicitation, _state_for(prompt, approval)))
     # Handshake era: this very call waits on the prompt it created, with its own params, so the
     # answer can't reach another call.
     verdict = await _settle_call(ctx, prompt, await hold_for_answer(ctx, prompt, url, elicitation), url)
     return verdict if not verdict.goes_on else Verdict(word=verdict.word, params=params, approval=approval)
+
+
+def _approval_needed(prompt: ConsentPrompt, url: str) -> jsonrpc.ConsentRequiredError:
+    """The refusal that tells a person where to approve the call, and that sending it again then works (-32032)."""
+    return jsonrpc.ConsentRequiredError(
+        f"Approval needed: fedmcp asks you before it calls {prompt.kind} '{prompt.name}' on '{prompt.peer}'. "
+        f"Open {url} , approve, then send the same request again.",
+        {
+            "consentId": prompt.id,
+            "url": url,
+            "expiresAt": prompt.expires_at.isoformat(),
+            # After SEP-2643 (structured authorization denials): why, and what remedies it.
+            "authorization": {"status": "consent_required", "remediation": [{"type": "url", "url": url}], "retry": "same request"},
+        },
+    )
 
 
 async def _ask_home(ctx: HostContext, peer: str, kind: str, name: str, arguments: Any, decision: consent.Decision) -> Verdict:
