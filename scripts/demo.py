@@ -64,7 +64,10 @@ def main() -> None:
         subprocess.run([PY, "manage.py", "bootstrap", "--host", options.host, "--port", str(options.port)], cwd=ROOT, check=True)
         resource = os.environ.get("FEDMCP_PUBLIC_URL") or f"http://{options.host}:{options.port}"
         token = manage("token", "--user", "demo", "--create-user", "--expires", "12h", "--resource", resource).stdout.strip()
-        sys.stdout.write(f"  Demo token (12 h, user 'demo'): {token}\n\n")
+        sys.stdout.write(
+            f"  Demo token (12 h, user 'demo'):  export TOKEN={token}\n"
+            f"  Sign in as 'demo' to answer its consent prompts: .venv/bin/python manage.py changepassword demo, then {resource}/consent/\n\n"
+        )
         daphne = Path(PY).with_name("daphne")
         gateway = subprocess.Popen([str(daphne), "-b", options.host, "-p", str(options.port), "fedmcp_site.asgi:application"], cwd=ROOT)
         try:

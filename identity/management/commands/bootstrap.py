@@ -42,8 +42,11 @@ class Command(BaseCommand):
                     f"  One peer, unprefixed:                {base}/peers/<name>/mcp  (…/ws, …/sse)",
                     f"  Admin:                               {base}/admin/  (user 'admin', password in {password_file})",
                     "  Add an upstream:  .venv/bin/python manage.py peer add NAME --url URL   (or --command \"CMD ARGS\")",
-                    f"  Get a token:      .venv/bin/python manage.py token --user admin --resource {base}",
+                    f"  Get a token:      TOKEN=$(.venv/bin/python manage.py token --user admin --resource {base})",
                     "  Hosts with OAuth support sign in through the browser instead (docs/IDENTITY.md).",
+                    f"  Consent:          a user's first tool call on a peer is asked about on {base}/consent/",
+                    "                    (hosts that cannot show a URL get it in the error: approve, then call again);",
+                    f"                    to allow a peer for everyone: {base}/admin/identity/consentpolicy/add/ (peer, decision allow)",
                     "",
                 ]
             )
