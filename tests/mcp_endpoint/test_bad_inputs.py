@@ -19,7 +19,8 @@ from django.test import override_settings
 
 from federation.models import CatalogKind
 from mcp_endpoint import jsonrpc
-from mcp_endpoint.methods import BOTH, METHODS, MethodSpec
+from mcp_endpoint.dispatcher import METHODS, MethodSpec
+from mcp_endpoint.methods import BOTH
 from tests.base import (
     HANDSHAKE,
     HOST,
