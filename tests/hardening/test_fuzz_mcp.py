@@ -58,7 +58,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from mcp_endpoint import jsonrpc
-from mcp_endpoint.methods import METHODS as METHOD_TABLE
+from mcp_endpoint.methods import ERAS as METHOD_TABLE
 from tests.base import (
     ACCEPT,
     HANDSHAKE,
