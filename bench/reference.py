@@ -5,8 +5,8 @@ servers show what is reachable at all, measured in the same run:
 
 * `application` — the fast upstream's own MCP answers (`bench.fast_upstream.streamable_http`)
   served as an ASGI application by daphne, started exactly like a gateway worker (fedmcp's
-  server-level changes installed: the request deadlines of `fedmcp_site.request_guard` and the
-  collector settings of `fedmcp_site.gc_tuning`). No authentication, no routing, no upstream:
+  server-level changes installed: the request deadlines of `fedmcp_site.runtime.request_guard` and the
+  collector settings of `fedmcp_site.runtime.gc_tuning`). No authentication, no routing, no upstream:
   the most any application on this server can serve. Run::
 
       .venv/bin/daphne -b 127.0.0.1 -p 9200 bench.reference:application
@@ -63,7 +63,7 @@ def _install_server_changes() -> None:
     import django
 
     django.setup()
-    from fedmcp_site import gc_tuning, request_guard
+    from fedmcp_site.runtime import gc_tuning, request_guard
 
     request_guard.install()
     gc_tuning.install()

@@ -13,7 +13,7 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
-from fedmcp_site import access_log, gc_tuning, lifecycle, request_guard, websocket_close  # noqa: E402
+from fedmcp_site.runtime import access_log, gc_tuning, lifecycle, request_guard, websocket_close  # noqa: E402
 from identity.consent_consumers import consent_websocket  # noqa: E402
 from mcp_endpoint.routing import http_urlpatterns, websocket_urlpatterns  # noqa: E402
 
@@ -31,7 +31,7 @@ lifecycle.install()
 request_guard.install()
 # Under daphne: the application's WebSocket close codes (1003, 1008, 1009) reach the host.
 websocket_close.install()
-# Under daphne: no credentials from query strings in the access log (fedmcp_site/access_log.py).
+# Under daphne: no credentials from query strings in the access log (fedmcp_site/runtime/access_log.py).
 access_log.install()
-# Under daphne: startup objects frozen, fewer young collections (fedmcp_site/gc_tuning.py).
+# Under daphne: startup objects frozen, fewer young collections (fedmcp_site/runtime/gc_tuning.py).
 gc_tuning.install()

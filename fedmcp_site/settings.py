@@ -233,7 +233,7 @@ CSRF_COOKIE_HTTPONLY = True
 # Largest request body accepted on any MCP transport (bytes); larger bodies get 413.
 MCP_MAX_BODY_BYTES = env_int("FEDMCP_MAX_BODY_BYTES", 4 * 1024 * 1024)
 # Under daphne, a request's head and its body must each arrive within these totals (seconds),
-# or the client gets 408 (fedmcp_site/request_guard.py): slowloris clients are cut off.
+# or the client gets 408 (fedmcp_site/runtime/request_guard.py): slowloris clients are cut off.
 FEDMCP_REQUEST_HEADER_TIMEOUT = env_float("FEDMCP_REQUEST_HEADER_TIMEOUT", 10.0)
 FEDMCP_REQUEST_BODY_TIMEOUT = env_float("FEDMCP_REQUEST_BODY_TIMEOUT", 30.0)
 # Origins accepted on MCP transports besides same-host ones (e.g. "https://app.example").

@@ -12,7 +12,8 @@ from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from federation.models import Peer
-from fedmcp_site import favicon, lifecycle, metrics
+from fedmcp_site import favicon, metrics
+from fedmcp_site.runtime import lifecycle
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ async def readyz(request: HttpRequest) -> HttpResponse:
     """Readiness: 200 while this worker can serve (database and migrations, not draining).
 
     503 otherwise. The JSON body names the failed checks; a channel-layer outage leaves the
-    worker ready with `status: degraded` (fedmcp_site/lifecycle.py `readiness`).
+    worker ready with `status: degraded` (fedmcp_site/runtime/lifecycle.py `readiness`).
     """
     ready, report = await lifecycle.readiness()
     return JsonResponse(report, status=200 if ready else 503)

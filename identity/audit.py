@@ -20,7 +20,7 @@ Nothing is dropped:
 Each event carries the time it was recorded, not the time it was written. `audit_flush`
 writes everything recorded so far and returns when it is in the database (or, while the
 database is unreachable, after one attempt, keeping the events queued); the worker's shutdown
-(fedmcp_site/lifecycle.py `release_worker`) awaits it and logs in full what could not be
+(fedmcp_site/runtime/lifecycle.py `release_worker`) awaits it and logs in full what could not be
 written, and tests and readers that need the rows now await it too. An event recorded even
 later (a request that arrived on a kept-alive connection while the worker was being released)
 is written by `audit_write_remaining`, the last thing the worker does before it exits.

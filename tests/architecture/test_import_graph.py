@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("fedmcp_site", "federation", "identity", "mcp_endpoint", "console")
 LIBRARY = frozenset({
     "fedmcp_site.caching", "fedmcp_site.observability", "fedmcp_site.request_connections", "fedmcp_site.layers",
-    "fedmcp_site.websocket_close", "fedmcp_site.access_log", "fedmcp_site.request_guard", "fedmcp_site.metrics",
+    "fedmcp_site.metrics",
     "mcp_endpoint.security", "fedmcp_site.json_types",
 })
 """Shared helpers. fedmcp_site.metrics still reads app models for its collectors (see docs/ARCHITECTURE.md)."""

@@ -1,4 +1,4 @@
-"""Slow and oversize requests against a real daphne worker (fedmcp_site/request_guard.py).
+"""Slow and oversize requests against a real daphne worker (fedmcp_site/runtime/request_guard.py).
 
 Raw sockets, so the test controls every byte and when it is sent:
 

@@ -1,4 +1,4 @@
-"""fedmcp_site/gc_tuning.py: a daphne worker's collector settings, and only a daphne worker's."""
+"""fedmcp_site/runtime/gc_tuning.py: a daphne worker's collector settings, and only a daphne worker's."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmcp_site import gc_tuning
+from fedmcp_site.runtime import gc_tuning
 
 ROOT = Path(__file__).resolve().parents[2]
 

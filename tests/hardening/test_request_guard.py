@@ -1,4 +1,4 @@
-"""The request deadlines of fedmcp_site/request_guard.py, on a Twisted channel with a fake clock.
+"""The request deadlines of fedmcp_site/runtime/request_guard.py, on a Twisted channel with a fake clock.
 
 No sockets and no real time: bytes go in through a `StringTransport`, time passes with
 `Clock.advance`. tests/e2e/test_slow_requests.py proves the same against a real daphne worker.
@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.web.http import HTTPChannel, HTTPFactory, Request
 from twisted.web.test.requesthelper import DummyChannel
 
-from fedmcp_site.request_guard import BODY_FRAMING_ALLOWANCE, GuardedChannel, guarded_factory
+from fedmcp_site.runtime.request_guard import BODY_FRAMING_ALLOWANCE, GuardedChannel, guarded_factory
 
 HEADER_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0

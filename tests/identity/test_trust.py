@@ -39,7 +39,7 @@ from federation.router import Route
 from federation.upstream.base import PeerConfig
 from federation.upstream.sse import SseConnection
 from federation.upstream.websocket import WebSocketConnection
-from fedmcp_site.lifecycle import release_worker
+from fedmcp_site.runtime.lifecycle import release_worker
 from identity.audit import audit_flush, audit_record
 from identity.models import AuditEvent, TrustedGateway
 from identity.signing import signing_key

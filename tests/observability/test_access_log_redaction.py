@@ -13,7 +13,7 @@ import io
 from daphne.access import AccessLogGenerator
 
 import fedmcp_site.asgi  # noqa: F401 - loading the application is what daphne does first
-from fedmcp_site.access_log import redact_query
+from fedmcp_site.runtime.access_log import redact_query
 
 SECRET = "tok-3b1f9c0e7d2a"
 

@@ -14,7 +14,7 @@ from unittest import mock
 from django.db import OperationalError
 from django.test import TransactionTestCase
 
-from fedmcp_site import lifecycle, observability
+from fedmcp_site.runtime import lifecycle, observability
 from identity import audit
 from identity.models import AuditEvent
 
@@ -41,7 +41,7 @@ class AuditAtShutdownTests(TransactionTestCase):
     async def test_what_the_database_refuses_at_exit_is_logged_in_full(self) -> None:
         record("lost-to-an-outage")
         with mock.patch.object(audit, "_insert_rows", side_effect=OperationalError("database down")), \
-                self.assertLogs("fedmcp_site.lifecycle", "ERROR") as logs:
+                self.assertLogs("fedmcp_site.runtime.lifecycle", "ERROR") as logs:
             lifecycle.write_remaining_audit()
         assert any("audit event not written at shutdown" in line and "lost-to-an-outage" in line for line in logs.output)
 

@@ -15,7 +15,7 @@ from unittest import mock
 from channels.layers import get_channel_layer
 from django.test import override_settings
 
-from fedmcp_site import lifecycle
+from fedmcp_site.runtime import lifecycle
 from tests.base import AsgiTestCase, Reply, http
 from tests.observability.scrape import scrape, value
 

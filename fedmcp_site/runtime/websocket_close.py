@@ -14,6 +14,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+TARGETS = {"daphne": "4.2.3", "autobahn": "26.11.1"}
+"""The versions this module was written against (tests/architecture/test_runtime_patches.py)."""
+
 MAX_REASON_BYTES = 123
 """A close frame's payload is at most 125 bytes: the 2-byte code and up to 123 of UTF-8 reason."""
 SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 1012, 1013, 1014}) | frozenset(range(3000, 5000))

@@ -41,6 +41,9 @@ from django.db.migrations.executor import MigrationExecutor
 
 from fedmcp_site import metrics, observability
 
+TARGETS = {"daphne": "4.2.3", "twisted": "26.10.0", "channels": "4.3.2"}
+"""The versions this module was written against (tests/architecture/test_runtime_patches.py)."""
+
 logger = logging.getLogger(__name__)
 
 CANCEL_TIMEOUT = 5.0

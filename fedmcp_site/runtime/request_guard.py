@@ -32,6 +32,9 @@ from twisted.internet import tcp
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 
+TARGETS = {"daphne": "4.2.3", "twisted": "26.10.0"}
+"""The versions this module was written against (tests/architecture/test_runtime_patches.py)."""
+
 logger = logging.getLogger(__name__)
 
 BODY_FRAMING_ALLOWANCE = 64 * 1024

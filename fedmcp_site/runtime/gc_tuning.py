@@ -22,6 +22,9 @@ import logging
 import os
 import sys
 
+TARGETS = {"daphne": "4.2.3"}
+"""The versions this module was written against (tests/architecture/test_runtime_patches.py)."""
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = (20000, 20, 20)

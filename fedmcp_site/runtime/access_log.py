@@ -15,6 +15,9 @@ import re
 from typing import Any
 from urllib.parse import unquote_plus
 
+TARGETS = {"daphne": "4.2.3"}
+"""The versions this module was written against (tests/architecture/test_runtime_patches.py)."""
+
 REDACTED = "[redacted]"
 SECRET_PARAMETER = re.compile(r"(?:.*token|.*secret|password|passwd|api[-_]?key|apikey|code|assertion)", re.IGNORECASE)
 """Query parameter names whose values are credentials: any *token (access_token, refresh_token,
