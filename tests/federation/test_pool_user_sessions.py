@@ -9,7 +9,10 @@ host sessions declaring roots) call it through the one peer `everything`.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+from federation.pool import UpstreamPool
+from federation.upstream.base import PeerConfig
 from tests.base import BOB, TIMEOUT, FixturePeerTestCase, HttpExchange, McpClient, mint_token, request
 
 TOOL = "everything__session_roots"
@@ -86,3 +89,37 @@ class PerUserUpstreamSessionTests(FixturePeerTestCase):
 
         self.assertEqual((bob_text, bob_asked), ("Client roots: file:///home/bob/other", 1))
         self.assertEqual((alice_text, alice_asked), ("Client roots: file:///home/alice/project", 0))
+
+
+class ConnectionOwnerTests(FixturePeerTestCase):
+    """Which connection the pool hands each user of the fixture peer (Streamable HTTP, both eras)."""
+
+    async def connections(self, *, per_identity: bool, prefer: str) -> tuple[object, object, object]:
+        peer = replace(PeerConfig.from_peer(self.peer), per_identity=per_identity)
+        pool = UpstreamPool()
+        try:
+            alice = await pool.get(peer, prefer=prefer, identity_key="user:1")  # type: ignore[arg-type]
+            bob = await pool.get(peer, prefer=prefer, identity_key="user:2")  # type: ignore[arg-type]
+            nobody = await pool.get(peer, prefer=prefer)  # type: ignore[arg-type]
+            return alice, bob, nobody
+        finally:
+            await pool.close()
+
+    async def test_handshake_era_sessions_are_each_users_own(self) -> None:
+        alice, bob, nobody = await self.connections(per_identity=False, prefer="legacy")
+
+        self.assertEqual({alice.era, bob.era, nobody.era}, {"legacy"})  # type: ignore[attr-defined]
+        self.assertEqual(len({id(alice), id(bob), id(nobody)}), 3)
+
+    async def test_2026_connections_keep_nothing_and_are_shared(self) -> None:
+        alice, bob, nobody = await self.connections(per_identity=False, prefer="modern")
+
+        self.assertEqual(alice.era, "modern")  # type: ignore[attr-defined]
+        self.assertIs(alice, bob)
+        self.assertIs(alice, nobody)
+
+    async def test_a_per_identity_network_peer_gives_each_user_their_own_in_both_eras(self) -> None:
+        alice, bob, nobody = await self.connections(per_identity=True, prefer="modern")
+
+        self.assertEqual(alice.era, "modern")  # type: ignore[attr-defined]
+        self.assertEqual(len({id(alice), id(bob), id(nobody)}), 3)
