@@ -163,7 +163,7 @@ class PeerAdminForm(forms.ModelForm):
 
 
 HTTP_TRANSPORTS = (Transport.STREAMABLE_HTTP, Transport.SSE, Transport.WEBSOCKET)
-STDIO_FIELDS = ("command", "env", "per_identity", "max_processes")
+STDIO_FIELDS = ("command", "env", "max_processes")
 BLANK: dict[str, Any] = {"env": {}, "per_identity": False, "max_processes": 8, "is_gateway": False, "user_oauth": False}
 """What a field of another transport is taken as (others: empty text)."""
 HTTP_FIELDS = ("url", "is_gateway", "client_id", "client_secret", "token_url", "user_oauth", "tls_ca_bundle", "tls_client_cert", "tls_client_key")
@@ -256,6 +256,7 @@ class PeerAddForm(forms.Form):
             ("", "", [self[n] for n in ("name", "transport")]),
             ("Where it is", http, [self["url"]]),
             ("How it starts", Transport.STDIO, [self[n] for n in STDIO_FIELDS]),
+            ("Upstream sessions", "", [self["per_identity"]]),
             ("Authentication and TLS", http, [self[n] for n in HTTP_FIELDS if n != "url"]),
             ("Timeouts", "", [self["connect_timeout"], self["call_timeout"]]),
             ("", "", [self["force"]]),
@@ -332,7 +333,8 @@ class PeerAdmin(admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("name", "transport", "enabled")}),
         ("Where it is", {"fields": ("url",), "classes": ("fedmcp-http",)}),
-        ("How it starts", {"fields": ("command_line", "new_env", "clear_env", "per_identity", "max_processes"), "classes": ("fedmcp-stdio",)}),
+        ("How it starts", {"fields": ("command_line", "new_env", "clear_env", "max_processes"), "classes": ("fedmcp-stdio",)}),
+        ("Upstream sessions", {"fields": ("per_identity",)}),
         ("Authentication and TLS", {
             "fields": (
                 "is_gateway", "client_id", "new_client_secret", "clear_client_secret", "token_url", "user_oauth", "tls_ca_bundle",

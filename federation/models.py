@@ -95,7 +95,9 @@ class Peer(models.Model):
     )
     per_identity = models.BooleanField(
         default=False,
-        help_text="stdio peers: one process per user (for servers that hold a user's state or credentials) instead of one shared.",
+        help_text="Give each user their own connection in both protocol eras (stdio: their own process), for servers "
+        "that hold a user's state in the process. Without it each user still gets their own handshake-era session, "
+        "and 2026-07-28 connections, which keep nothing between requests, are shared.",
     )
     user_oauth = models.BooleanField(
         default=False,
@@ -103,7 +105,7 @@ class Peer(models.Model):
         "calls carry that user's token (identity/upstream_oauth.py).",
     )
     max_processes = models.PositiveIntegerField(
-        default=8, help_text="With per_identity: most processes per worker; the least recently used is stopped beyond it."
+        default=8, help_text="stdio: most per-user processes per worker; beyond it the least recently used idle one is stopped."
     )
     connect_timeout = models.FloatField(default=10.0, help_text="Seconds to connect and handshake.")
     call_timeout = models.FloatField(default=60.0, help_text="Seconds one call may take.")

@@ -1,8 +1,18 @@
 """The per-worker pool of warm upstream connections.
 
-Each worker keeps at most one connection per peer and era, created on first use and reused by
-every host session: no handshake and no process spawn per call. Host sessions never own
-upstream connections, so a host request may land on any worker.
+Each worker keeps its connections warm, created on first use and reused: no handshake and no
+process spawn per call. Host sessions never own upstream connections, so a host request may
+land on any worker.
+
+Who shares a connection (`connection_owner`, the one place that decides): a 2026-07-28
+connection keeps nothing between requests (each carries its client's capabilities, and what the
+upstream asks comes back in the same request), so every user shares one per peer. A
+handshake-era connection is a session the upstream may keep client state in: the roots it asked
+for (server-everything's `get-roots-list` answers from the first `roots/list` it got), its
+logging level, anything it keys by session. So each user gets their own handshake-era session
+(stdio: their own process); the unowned one lists the catalog, probes health and serves calls
+without an identity. A peer configured `per_identity` gives each user their own connection in
+either era; a per-user OAuth peer, one carrying that user's token.
 
 When an upstream speaks both eras, the pool gives each host the era it speaks itself, so
 nothing has to be translated. When it speaks one era only, that connection serves every host
@@ -32,7 +42,8 @@ logger = logging.getLogger(__name__)
 EventHandler = Callable[[PeerConfig, JsonDict, "int | None"], Awaitable[None]]
 """Called with the peer, the notification, and the user whose own connection it came on (per-user OAuth peers), else None."""
 USER_CONNECTIONS = 64
-"""Most per-user connections to one per-user OAuth peer a worker keeps (least recently used closed first)."""
+"""Most per-user connections to one network peer a worker keeps (least recently used idle one closed first);
+a stdio peer's bound is its `max_processes`."""
 CATALOG_OWNER = "catalog"
 """Owner of the connection to a per-user OAuth peer that lists its catalog and probes its health."""
 LEGACY_PROBE_RETRY_SECONDS = 300.0
@@ -41,8 +52,8 @@ LEGACY_PROBE_RETRY_SECONDS = 300.0
 
 class UpstreamPool:
     def __init__(self) -> None:
-        # (peer, era, owner) -> connection, least recently used first; owner is "" unless the
-        # peer runs one process per identity or acts with each user's own token.
+        # (peer, era, owner) -> connection, least recently used first; owner is "" for a shared
+        # connection, else its user (`connection_owner`).
         self._connections: OrderedDict[tuple[PeerConfig, Era | None, str], UpstreamConnection] = OrderedDict()
         self._locks: dict[tuple[PeerConfig, Era | None, str], asyncio.Lock] = {}
         # (peer, owner) -> when an upstream that listed no handshake version last refused initialize.
@@ -51,44 +62,47 @@ class UpstreamPool:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def get(self, peer: PeerConfig, *, prefer: Era, identity_key: str = "", user_id: int | None = None) -> UpstreamConnection:
-        """Return a warm connection to `peer`, in the host's era when the upstream offers it.
+        """Return a warm connection to `peer` for the user `identity_key`, in the host's era when the upstream offers it.
 
-        `identity_key` names the acting user; it matters for stdio peers configured
-        `per_identity`, which get one process per user (at most `max_processes`, least
-        recently used stopped first). Per-user OAuth peers get one connection per local user
-        (`user_id`), carrying that user's own token, because the upstream binds its sessions to
-        the token's user; without a user, the catalog's connection. Every other peer shares one
-        connection per era.
+        Whose connection it is follows `connection_owner`: the user's own for a handshake-era
+        session, a shared one for 2026-07-28. Per-user OAuth peers get one connection per local
+        user (`user_id`), carrying that user's own token; without a user, the catalog's. Owned
+        connections are bounded per worker and peer (`max_processes` for stdio,
+        `USER_CONNECTIONS` otherwise): the least recently used idle one is closed beyond it.
 
         Raises:
             UpstreamError: the upstream cannot be reached or refuses the handshake
                 (`UpstreamAuthorizationRequiredError` when the user has no token there).
         """
-        if peer.user_oauth:
-            owner = f"user:{user_id}" if user_id is not None else CATALOG_OWNER
-        else:
-            owner = identity_key if peer.per_identity and peer.transport == "stdio" else ""
-        primary = await self._ensure(peer, None, owner, user_id)
-        if primary.era == prefer or peer.transport == "stdio" or prefer != "legacy":
+        shared = connection_owner(peer, "modern", identity_key, user_id)
+        primary = await self._ensure(peer, None, shared, user_id)
+        own = connection_owner(peer, "legacy", identity_key, user_id)
+        if primary.era == "legacy":
+            # A handshake-era upstream (or a stdio one that answered the handshake): the user's own session.
+            return primary if own == shared else await self._ensure(peer, "legacy", own, user_id)
+        if prefer != "legacy" or peer.transport == "stdio":
             return primary
         if primary.description.supports_legacy:
-            return await self._ensure(peer, "legacy", owner, user_id)
-        return await self._probe_legacy(peer, primary, owner, user_id)
+            return await self._ensure(peer, "legacy", own, user_id)
+        return await self._probe_legacy(peer, primary, shared, own, user_id)
 
-    async def _probe_legacy(self, peer: PeerConfig, primary: UpstreamConnection, owner: str, user_id: int | None) -> UpstreamConnection:
-        """Return a handshake-era connection to an upstream that did not list the era, or `primary` if it refuses."""
-        refused_at = self._legacy_refused.get((peer, owner))
+    async def _probe_legacy(self, peer: PeerConfig, primary: UpstreamConnection, shared: str, own: str, user_id: int | None) -> UpstreamConnection:
+        """Return `own`'s handshake-era connection to an upstream that did not list the era, or `primary` if it refuses.
+
+        A refusal is remembered for everyone who shares `primary`.
+        """
+        refused_at = self._legacy_refused.get((peer, shared))
         if refused_at is not None and time.monotonic() - refused_at < LEGACY_PROBE_RETRY_SECONDS:
             return primary
         try:
-            connection = await self._ensure(peer, "legacy", owner, user_id)
+            connection = await self._ensure(peer, "legacy", own, user_id)
         except UpstreamAuthorizationRequiredError:
             raise  # the user must connect again, whatever the era
         except UpstreamError as exc:
-            self._legacy_refused[(peer, owner)] = time.monotonic()
+            self._legacy_refused[(peer, shared)] = time.monotonic()
             logger.info("peer %s: no handshake era (%s); handshake-era hosts are bridged to %s", peer.name, exc, primary.protocol_version)
             return primary
-        self._legacy_refused.pop((peer, owner), None)
+        self._legacy_refused.pop((peer, shared), None)
         return connection
 
     async def _ensure(self, peer: PeerConfig, era: Era | None, owner: str = "", user_id: int | None = None) -> UpstreamConnection:
@@ -119,17 +133,28 @@ class UpstreamPool:
             await connection.start()
             self._connections[key] = connection
             if owner:
-                await self._evict_beyond(peer)
+                await self._evict_beyond(peer, keep=key)
             logger.info("peer %s: connected (%s, %s %s)", peer.name, peer.transport, connection.era, connection.protocol_version)
             return connection
 
-    async def _evict_beyond(self, peer: PeerConfig) -> None:
-        """Stop the least recently used per-identity processes (or per-user connections) of `peer` beyond its bound."""
+    async def _evict_beyond(self, peer: PeerConfig, keep: tuple[PeerConfig, Era | None, str]) -> None:
+        """Close the least recently used idle connections `peer` has owned by a user beyond its bound.
+
+        One with a request in flight is kept (the bound is passed for a while): closing it
+        would fail that user's call. `keep` (the one just made for the caller) is never closed.
+        """
         owned = [k for k in self._connections if k[0] == peer and k[2]]
-        bound = USER_CONNECTIONS if peer.user_oauth else peer.max_processes
-        for key in owned[: max(0, len(owned) - bound)]:
-            connection = self._connections.pop(key)
+        bound = peer.max_processes if peer.transport == "stdio" and not peer.user_oauth else USER_CONNECTIONS
+        excess = len(owned) - bound
+        for key in owned:
+            if excess <= 0:
+                return
+            connection = self._connections[key]
+            if key == keep or connection.in_flight:
+                continue
+            del self._connections[key]
             self._locks.pop(key, None)
+            excess -= 1
             await connection.close()
 
     async def _retire_stale(self, peer: PeerConfig) -> None:
@@ -146,6 +171,18 @@ class UpstreamPool:
 
         return sink
 
+    async def notify_owner(self, owner: str, method: str, params: JsonDict | None = None) -> int:
+        """Send a host's notification (`notifications/roots/list_changed`) to the handshake-era
+        sessions `owner` has on this worker; return how many got it.
+
+        Only this worker's: the user's sessions on other workers keep what they learned until
+        they ask again.
+        """
+        sessions = [c for (_, _, who), c in self._connections.items() if who and who == owner and c.era == "legacy"]
+        for connection in sessions:
+            await connection.notify(method, params)
+        return len(sessions)
+
     async def drop(self, peer_id: int) -> None:
         """Close every connection to a peer (removed or disabled)."""
         for key in [k for k in self._connections if k[0].id == peer_id]:
@@ -158,6 +195,24 @@ class UpstreamPool:
 
     def connections(self) -> list[UpstreamConnection]:
         return list(self._connections.values())
+
+
+def connection_owner(peer: PeerConfig, era: Era, identity_key: str, user_id: int | None) -> str:
+    """Who a connection to `peer` in `era` belongs to: "" when every user shares it, else its user.
+
+    * per-user OAuth peer: the local user whose token it carries (`CATALOG_OWNER` without one);
+    * `per_identity` peer: the acting user, in either era;
+    * otherwise a handshake-era session is the acting user's own, because the upstream may keep
+      what one client told it (roots above all) for the whole session; a 2026-07-28 connection,
+      which keeps nothing between requests, is shared.
+
+    Without an identity (the catalog sync, health probes) the connection is the shared one.
+    """
+    if peer.user_oauth:
+        return f"user:{user_id}" if user_id is not None else CATALOG_OWNER
+    if peer.per_identity or era == "legacy":
+        return identity_key
+    return ""
 
 
 pool = UpstreamPool()

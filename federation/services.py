@@ -126,8 +126,6 @@ def peer_add(
         url = ""
     elif not url:
         raise PeerConfigError(f"a {transport} peer needs --url")
-    if per_identity and transport != Transport.STDIO:
-        raise PeerConfigError("--per-identity applies to stdio peers only")
     if max_processes < 1:
         raise PeerConfigError("--max-processes must be at least 1")
     if bool(client_id) != bool(client_secret):

@@ -20,6 +20,7 @@ from mcp_types.methods import validate_client_request
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 from pydantic import ValidationError
 
+from federation.pool import pool
 from fedmcp_site import observability
 from fedmcp_site.json_types import JsonDict
 from identity import trust
@@ -192,6 +193,10 @@ async def handle_notification(ctx: HostContext, message: JsonDict) -> None:
         request_id = params.get("requestId")
         if jsonrpc.is_valid_id(request_id):
             await correlator.cancel(ctx.session.id, request_id)
+    elif method == "notifications/roots/list_changed" and ctx.identity is not None:
+        # To the user's own handshake-era upstream sessions (federation/pool.py
+        # `connection_owner`): an upstream that keeps roots asks again on its next call.
+        await pool.notify_owner(ctx.identity.subject_key(), method)
     else:
         logger.debug("ignoring notification %s", method)
 

@@ -1,7 +1,8 @@
 """The contract every upstream connection kind fulfils.
 
-An upstream connection is one warm MCP client session to one peer, shared by every host
-session that calls that peer from this worker. It speaks one protocol era, chosen when it
+An upstream connection is one warm MCP client session to one peer, shared by the host sessions
+that call that peer from this worker (every user's, or one user's: federation/pool.py
+`connection_owner`). It speaks one protocol era, chosen when it
 starts. Messages are plain JSON-RPC dicts: the gateway passes upstream JSON through verbatim
 and only rewrites what it must (ids, progress tokens, names).
 """
@@ -241,6 +242,8 @@ class UpstreamConnection(abc.ABC):
         self._ids = itertools.count(1)
         self._progress: dict[str, tuple[Any, OnMessage]] = {}
         self.closed = False
+        self.in_flight = 0
+        """Requests sent and not yet answered: the pool does not close a connection while it has any."""
 
     @property
     def protocol_version(self) -> str:
@@ -296,9 +299,11 @@ class UpstreamConnection(abc.ABC):
             self._progress[token] = (meta["progressToken"], on_message)
             params = {**(params or {}), "_meta": {**meta, "progressToken": token}}
             on_message = self._restore_progress(on_message)
+        self.in_flight += 1
         try:
             return await self._send_request(method, params, on_message, timeout or self.peer.call_timeout)
         finally:
+            self.in_flight -= 1
             if token is not None:
                 self._progress.pop(token, None)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 from federation.pool import UpstreamPool
@@ -73,3 +74,32 @@ def test_a_per_identity_peer_runs_one_process_per_user_and_stops_the_least_recen
     assert outcome["count"] == 2
     assert not process_alive(pids["bob"])  # type: ignore[index]
     assert "result" in outcome["reply"]  # type: ignore[operator]
+
+
+def test_a_process_with_a_call_in_flight_is_not_stopped_to_make_room() -> None:
+    peer = stdio_peer(per_identity=True, max_processes=1)
+
+    async def scenario() -> dict[str, object]:
+        pool = UpstreamPool()
+        try:
+            alice = await pool.get(peer, prefer="legacy", identity_key="user:1")
+            params = {"name": "slow_echo", "arguments": {"text": "hi", "delay_ms": 60000}, "_meta": modern_meta()}
+            call = asyncio.create_task(alice.request("tools/call", params))
+            while not alice.in_flight:
+                await asyncio.sleep(0.01)
+            bob = await pool.get(peer, prefer="legacy", identity_key="user:2")
+            during = {"alice_closed": alice.closed, "count": len(pool.connections())}
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
+            carol = await pool.get(peer, prefer="legacy", identity_key="user:3")
+            after = {"alice_closed": alice.closed, "bob_closed": bob.closed, "carol_open": not carol.closed}
+            return {"during": during, "after": after}
+        finally:
+            await pool.close()
+
+    outcome = asyncio.run(asyncio.wait_for(scenario(), 90))
+
+    # Alice's call kept her process past the bound; once idle, the least recently used go.
+    assert outcome["during"] == {"alice_closed": False, "count": 2}
+    assert outcome["after"] == {"alice_closed": True, "bob_closed": True, "carol_open": True}

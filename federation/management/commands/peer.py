@@ -77,9 +77,10 @@ class Command(BaseCommand):
         )
         add.add_argument(
             "--per-identity", action="store_true",
-            help="stdio only: run one process per user instead of one shared process.",
+            help="Each user gets their own connection in both eras (stdio: their own process). Without it only "
+            "handshake-era sessions are per user; 2026-07-28 connections are shared.",
         )
-        add.add_argument("--max-processes", type=int, default=8, help="With --per-identity: most processes per worker (default 8).")
+        add.add_argument("--max-processes", type=int, default=8, help="stdio: most per-user processes per worker (default 8).")
         add.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="Environment for stdio peers.")
         add.add_argument(
             "--connect-timeout", type=float, default=None,
