@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from prometheus_client.core import GaugeMetricFamily
 
 from federation.upstream.base import PeerConfig, UpstreamRestartingError
 
@@ -248,3 +249,21 @@ async def check_peer(peer: PeerConfig) -> bool:
     breaker.record_success()
     await record_check(peer.id, True, latency, "")
     return True
+
+
+def circuit_states_metric() -> Iterable[GaugeMetricFamily]:
+    """`fedmcp_circuit_state` at scrape time (registered in FederationConfig.ready)."""
+    from federation.models import Peer
+
+    family = GaugeMetricFamily(
+        "fedmcp_circuit_state",
+        "Circuit breaker of each enabled peer on this worker: 1 for its current state.",
+        labels=["peer", "state"],
+    )
+    states = breakers.states()
+    for peer_id, name in Peer.objects.enabled().values_list("id", "name"):
+        current = states.get(peer_id, CircuitState.CLOSED)
+        for state in CircuitState:
+            family.add_metric([name, state.value], 1.0 if state == current else 0.0)
+    yield family
+

@@ -76,21 +76,6 @@ OUTCOME_UNREACHED = frozenset({"rate_limited", "circuit_open"})
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-def _outcome(exc: BaseException) -> str:
-    from federation.health import CircuitOpenError
-    from mcp_endpoint import jsonrpc
-
-    if isinstance(exc, jsonrpc.RateLimitedError):
-        return "rate_limited"
-    if isinstance(exc, jsonrpc.CancelledError):
-        return "cancelled"
-    if isinstance(exc, jsonrpc.UpstreamFailedError):
-        return "circuit_open" if isinstance(exc.__cause__, CircuitOpenError) else "unavailable"
-    if isinstance(exc, jsonrpc.JsonRpcError):
-        return "error"
-    return "internal"
-
-
 _children: dict[tuple[Any, ...], Any] = {}
 """(metric, label values) -> the metric's child: `labels()` validates and locks on every call."""
 
@@ -103,9 +88,19 @@ def _child(metric: Any, *labels: str) -> Any:
     return child
 
 
-def instrument_forward(forward: F) -> F:
-    """Count, time and log each call of `pipeline.flow.forward(ctx, route, method, params)`."""
+def instrument_forward(classify: Callable[[Exception], str]) -> Callable[[F], F]:
+    """Count, time and log each call of a forward(ctx, route, method, params) (mcp_endpoint/pipeline/flow.py).
 
+    `classify` names the outcome of an exception it raised (mcp_endpoint/pipeline/record.py `metric_outcome`).
+    """
+
+    def decorate(forward: F) -> F:
+        return _instrumented(forward, classify)
+
+    return decorate
+
+
+def _instrumented(forward: F, classify: Callable[[Exception], str]) -> F:
     @functools.wraps(forward)
     async def instrumented(ctx: Any, route: Any, method: str, *args: Any, **kwargs: Any) -> Any:
         peer = route.peer.name
@@ -117,7 +112,7 @@ def instrument_forward(forward: F) -> F:
             with observability.peer_scope(peer):
                 return await forward(ctx, route, method, *args, **kwargs)
         except BaseException as exc:
-            outcome = _outcome(exc) if isinstance(exc, Exception) else "cancelled"
+            outcome = classify(exc) if isinstance(exc, Exception) else "cancelled"
             raise
         finally:
             elapsed = time.perf_counter() - started
@@ -157,84 +152,37 @@ class stream_open:  # noqa: N801 - used like a function: `async with stream_open
 
 # --- read at scrape time -------------------------------------------------------------------------
 
-PendingPrompts = Callable[[], int]
-_pending_consent_prompts: PendingPrompts | None = None
+ScrapeSource = Callable[[], Iterable[GaugeMetricFamily]]
+_sources: dict[str, ScrapeSource] = {}
 
 
-def register_pending_consent_prompts(count: PendingPrompts | None) -> None:
-    """Export `fedmcp_consent_prompts_pending` from `count()`, called at every scrape (None: stop).
+def register_scrape(name: str, source: ScrapeSource | None) -> None:
+    """Export the series `name` from `source()`, called at every scrape (None: stop).
 
-    TODO(consent): the consent feature calls this once (e.g. in its AppConfig.ready) with a
-    function returning the number of prompts waiting for a user's decision. Until then the
-    metric is not exported at all, rather than reporting a made-up 0.
+    Each app registers what it knows in its AppConfig.ready(): host sessions (mcp_endpoint),
+    circuit states (federation), pending consent prompts (identity). A series nobody
+    registered is not exported at all, rather than reporting a made-up 0.
     """
-    global _pending_consent_prompts
-    _pending_consent_prompts = count
+    if source is None:
+        _sources.pop(name, None)
+    else:
+        _sources[name] = source
 
 
 class ScrapeTimeCollector(Collector):
-    """Series computed when Prometheus scrapes: sessions, circuits, consent prompts."""
+    """Series computed when Prometheus scrapes, from the registered sources."""
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         # Without this the registry calls collect() on registration: database queries at import.
-        return [GaugeMetricFamily(name, "") for name in ("fedmcp_host_sessions", "fedmcp_circuit_state", "fedmcp_consent_prompts_pending")]
+        return [GaugeMetricFamily(name, "") for name in _sources]
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        yield from self._guarded("host sessions", self._host_sessions)
-        yield from self._guarded("circuit states", self._circuits)
-        if _pending_consent_prompts is not None:
-            yield from self._guarded("consent prompts", self._consent_prompts)
-
-    @staticmethod
-    def _guarded(what: str, collect: Callable[[], Iterable[GaugeMetricFamily]]) -> Iterable[GaugeMetricFamily]:
-        # A scrape must not fail because the database is down: /readyz says that.
-        try:
-            yield from list(collect())
-        except Exception:
-            logger.warning("metrics: could not read %s", what, exc_info=True)
-
-    @staticmethod
-    def _host_sessions() -> Iterable[GaugeMetricFamily]:
-        from django.db.models import Count
-
-        from mcp_endpoint.models import McpSession
-
-        family = GaugeMetricFamily(
-            "fedmcp_host_sessions",
-            "Open handshake-era host sessions in the database, by transport (cluster-wide: every worker reports the same).",
-            labels=["transport"],
-        )
-        rows = McpSession.objects.live().order_by().values("transport").annotate(n=Count("id"))
-        counts = {row["transport"]: row["n"] for row in rows}
-        for transport, _label in McpSession.TRANSPORTS:
-            family.add_metric([transport], counts.get(transport, 0))
-        yield family
-
-    @staticmethod
-    def _circuits() -> Iterable[GaugeMetricFamily]:
-        from federation.health import CircuitState, breakers
-        from federation.models import Peer
-
-        family = GaugeMetricFamily(
-            "fedmcp_circuit_state",
-            "Circuit breaker of each enabled peer on this worker: 1 for its current state.",
-            labels=["peer", "state"],
-        )
-        states = breakers.states()
-        for peer_id, name in Peer.objects.enabled().values_list("id", "name"):
-            current = states.get(peer_id, CircuitState.CLOSED)
-            for state in CircuitState:
-                family.add_metric([name, state.value], 1.0 if state == current else 0.0)
-        yield family
-
-    @staticmethod
-    def _consent_prompts() -> Iterable[GaugeMetricFamily]:
-        assert _pending_consent_prompts is not None
-        yield GaugeMetricFamily(
-            "fedmcp_consent_prompts_pending",
-            "Consent prompts waiting for a user's decision.",
-            value=_pending_consent_prompts(),
-        )
+        for name, source in list(_sources.items()):
+            # A scrape must not fail because the database is down: /readyz says that.
+            try:
+                yield from list(source())
+            except Exception:
+                logger.warning("metrics: could not read %s", name, exc_info=True)
 
 
 _collector = ScrapeTimeCollector()

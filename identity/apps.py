@@ -11,7 +11,9 @@ class IdentityConfig(AppConfig):
         from django.contrib.auth.models import Group
         from oauth2_provider.models import AccessToken, Application
 
+        from fedmcp_site import metrics
         from fedmcp_site.caching import bump_on_change, bump_on_m2m_change
+        from identity.consent import pending_prompts_metric
         from identity.models import ConsentGrant, ConsentPolicy, TrustedGateway
 
         # What each cached domain depends on here (fedmcp_site/caching.py); a new token is a miss.
@@ -26,3 +28,4 @@ class IdentityConfig(AppConfig):
         # Trusting a gateway is a credential; creating one turns a cached "not trusted" stale.
         # Routes carry whether a peer gateway is believed (federation/router.py), so "catalog" too.
         bump_on_change(TrustedGateway, "tokens", "catalog")
+        metrics.register_scrape("fedmcp_consent_prompts_pending", pending_prompts_metric)

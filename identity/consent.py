@@ -29,6 +29,7 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
 from oauth2_provider.models import Application
+from prometheus_client.core import GaugeMetricFamily
 
 from federation.naming import canonical_uri
 from fedmcp_site import caching
@@ -691,3 +692,10 @@ def _announce_policy_change(policy: ConsentPolicy) -> None:
 def _policy_changed(sender: type, instance: ConsentPolicy, **kwargs: Any) -> None:
     # Lists hide what policies deny, so a policy change is a list change for hosts.
     transaction.on_commit(lambda: _announce_policy_change(instance))
+
+
+def pending_prompts_metric() -> Iterable[GaugeMetricFamily]:
+    """`fedmcp_consent_prompts_pending` at scrape time (registered in IdentityConfig.ready)."""
+    waiting = ConsentPrompt.objects.filter(status=ConsentPrompt.Status.PENDING, expires_at__gt=timezone.now()).count()
+    yield GaugeMetricFamily("fedmcp_consent_prompts_pending", "Consent prompts waiting for a user's decision.", value=waiting)
+

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -28,6 +28,7 @@ from django.conf import settings
 from django.db import Error as DatabaseError
 from django.db.models import Q
 from django.utils import timezone
+from prometheus_client.core import GaugeMetricFamily
 
 from fedmcp_site import caching
 from identity.tokens import Identity
@@ -310,3 +311,19 @@ def stream_slot(identity: Identity | None) -> Iterator[None]:
         _open_streams[key] -= 1
         if _open_streams[key] <= 0:
             del _open_streams[key]
+
+
+def host_sessions_metric() -> Iterable[GaugeMetricFamily]:
+    """`fedmcp_host_sessions` at scrape time (registered in McpEndpointConfig.ready)."""
+    from django.db.models import Count
+    family = GaugeMetricFamily(
+        "fedmcp_host_sessions",
+        "Open handshake-era host sessions in the database, by transport (cluster-wide: every worker reports the same).",
+        labels=["transport"],
+    )
+    rows = McpSession.objects.live().order_by().values("transport").annotate(n=Count("id"))
+    counts = {row["transport"]: row["n"] for row in rows}
+    for transport, _label in McpSession.TRANSPORTS:
+        family.add_metric([transport], counts.get(transport, 0))
+    yield family
+

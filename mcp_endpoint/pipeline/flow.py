@@ -16,7 +16,7 @@ from mcp_endpoint.pipeline.admit import admit
 from mcp_endpoint.pipeline.connect import connect
 from mcp_endpoint.pipeline.decide import decide
 from mcp_endpoint.pipeline.exchange import exchange, shape_result
-from mcp_endpoint.pipeline.record import record_call
+from mcp_endpoint.pipeline.record import metric_outcome, record_call
 from mcp_endpoint.pipeline.upstream_requests import UpstreamCall, holds_input, upstream_input_resume
 from mcp_endpoint.pipeline.values import CallSubject, Outcome
 
@@ -60,7 +60,7 @@ async def run_call(ctx: HostContext, route: Route, method: str, params: JsonDict
     return outcome
 
 
-@metrics.instrument_forward
+@metrics.instrument_forward(metric_outcome)
 async def forward(ctx: HostContext, route: Route, method: str, params: JsonDict) -> JsonDict:
     """Forward one call (`run_call`); return its result.
 

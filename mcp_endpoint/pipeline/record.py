@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
+from federation.health import CircuitOpenError
 from identity.audit import audit_record
+from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.values import Outcome
 
@@ -34,3 +36,17 @@ def record_request(
         identity=ctx.identity, peer=peer, method=method, name=call_name,
         error_code=error_code, latency_ms=(time.monotonic() - started) * 1000, decision=decision, input_required=input_required,
     )
+
+
+def metric_outcome(exc: Exception) -> str:
+    """The `outcome` label of fedmcp_forwarded_calls_total for a call that raised `exc` (fedmcp_site/metrics.py)."""
+    if isinstance(exc, jsonrpc.RateLimitedError):
+        return "rate_limited"
+    if isinstance(exc, jsonrpc.CancelledError):
+        return "cancelled"
+    if isinstance(exc, jsonrpc.UpstreamFailedError):
+        return "circuit_open" if isinstance(exc.__cause__, CircuitOpenError) else "unavailable"
+    if isinstance(exc, jsonrpc.JsonRpcError):
+        return "error"
+    return "internal"
+

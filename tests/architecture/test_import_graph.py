@@ -27,11 +27,9 @@ LIBRARY = frozenset({
     "fedmcp_site.metrics",
     "mcp_endpoint.security", "fedmcp_site.json_types",
 })
-"""Shared helpers. fedmcp_site.metrics still reads app models for its collectors (see docs/ARCHITECTURE.md)."""
+"""Shared helpers."""
 UPSTREAM = ("federation.upstream", "federation.client", "federation.tls")
 LAYERS = {"library": 1, "upstream": 2, "domain": 3, "endpoint": 4, "shell": 5}
-KNOWN_UPWARD = frozenset({("fedmcp_site.metrics", "federation"), ("fedmcp_site.metrics", "mcp_endpoint")})
-"""Library modules still reaching into apps; each is named in docs/ARCHITECTURE.md "What is left"."""
 
 
 def product_modules() -> dict[str, Path]:
@@ -145,7 +143,7 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     found = []
     for name, targets in sorted(graph.items()):
         for target in sorted(targets):
-            if LAYERS[layer_of(target)] > LAYERS[layer_of(name)] and (name, target.split(".")[0]) not in KNOWN_UPWARD:
+            if LAYERS[layer_of(target)] > LAYERS[layer_of(name)]:
                 found.append(f"{name} ({layer_of(name)}) imports {target} ({layer_of(target)})")
     return found
 

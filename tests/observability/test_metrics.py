@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import secrets
+from datetime import timedelta
+
 from channels.db import database_sync_to_async
 from channels.testing import ApplicationCommunicator
 from django.test import override_settings
+from django.utils import timezone
 
 from federation.models import CatalogKind
 from fedmcp_site import metrics
 from fedmcp_site.asgi import application
+from identity.models import ConsentPrompt
 from mcp_endpoint import jsonrpc
-from tests.base import HOST, TIMEOUT, FixturePeerTestCase, HttpExchange, McpClient, add_catalog_entry, http_scope, register_peer
+from tests.base import HOST, TIMEOUT, FixturePeerTestCase, HttpExchange, McpClient, add_catalog_entry, http_scope, persona, register_peer
 from tests.e2e.harness import free_port
 from tests.observability.scrape import has, scrape, value
 
@@ -86,16 +91,23 @@ class MetricsAfterCallsTest(FixturePeerTestCase):
 
 
 class MetricsHooksAndAccessTest(FixturePeerTestCase):
-    async def test_pending_consent_prompts_appear_only_once_a_counter_is_registered(self) -> None:
-        assert not has(await scrape(), "fedmcp_consent_prompts_pending")
+    async def test_pending_consent_prompts_are_counted_at_scrape_time(self) -> None:
+        assert value(await scrape(), "fedmcp_consent_prompts_pending") == 0
 
-        metrics.register_pending_consent_prompts(lambda: 3)
+        alice = await database_sync_to_async(persona)("alice")
+        now = timezone.now()
+        for expires in (now + timedelta(minutes=2), now + timedelta(minutes=2), now - timedelta(seconds=1)):
+            await ConsentPrompt.objects.acreate(id=secrets.token_urlsafe(8), user=alice, peer="everything", kind="tool", name="add", expires_at=expires)
+
+        assert value(await scrape(), "fedmcp_consent_prompts_pending") == 2  # the expired one waits for nobody
+
+    async def test_a_series_nobody_registers_is_not_exported(self) -> None:
+        source = metrics._sources["fedmcp_consent_prompts_pending"]
+        metrics.register_scrape("fedmcp_consent_prompts_pending", None)
         try:
-            samples = await scrape()
+            assert not has(await scrape(), "fedmcp_consent_prompts_pending")
         finally:
-            metrics.register_pending_consent_prompts(None)
-
-        assert value(samples, "fedmcp_consent_prompts_pending") == 3
+            metrics.register_scrape("fedmcp_consent_prompts_pending", source)
 
     async def test_it_refuses_clients_outside_the_allowed_networks(self) -> None:
         scope = {**http_scope("GET", "/metrics", {"host": HOST}), "client": ("192.0.2.10", 40000)}
