@@ -1,7 +1,7 @@
 """A consent approval covers the exact call the user saw, on a real gateway with the shipped default.
 
 One daphne worker with `FEDMCP_CONSENT_DEFAULT=ask-new-peers` (the product's default) and the
-fixture server as peer `web`. A 2026-07-28 host (plain HTTP) calls `web__add {"a": 1, "b": 2}`
+fixture server as peer `web`. A 2026-07-28 host that shows URL elicitations (plain HTTP) calls `web__add {"a": 1, "b": 2}`
 and is sent to /consent; alice approves it there (signed in over HTTP, the page's forms). The
 host then replays the approved `requestState` with `{"a": 1000, "b": 337}`: it must be asked
 again, the tool must not run, and the audit trail must say so (issue 15, "Trust boundaries").
@@ -39,9 +39,13 @@ def default_gateway(web_upstream_url: str) -> Iterator[tuple[harness.Gateway, st
         yield gateway, password
 
 
+SHOWS_URLS = {"io.modelcontextprotocol/clientCapabilities": {"elicitation": {"url": {}}}}
+"""The host shows URL elicitations, so it is sent to /consent (input_required) rather than refused with the URL."""
+
+
 def call_add(gateway: harness.Gateway, arguments: dict[str, Any], **extra: Any) -> dict[str, Any]:
     params = {"name": ADD, "arguments": arguments, **extra}
-    return modern_call(gateway, "tools/call", params, name=ADD, headers=gateway.auth_headers(USERNAME), timeout=WAIT)
+    return modern_call(gateway, "tools/call", params, name=ADD, headers=gateway.auth_headers(USERNAME), timeout=WAIT, meta=SHOWS_URLS)
 
 
 def test_an_approved_state_replayed_with_other_arguments_is_asked_again(default_gateway: tuple[harness.Gateway, str]) -> None:

@@ -38,7 +38,8 @@ TOOL = "web__test_simple_text"
 def consent_gateway(web_upstream_url: str) -> Iterator[tuple[harness.Gateway, str]]:
     """A gateway that asks before every tool call, with user alice and the fixture as peer `web`."""
     password = secrets.token_urlsafe(16)
-    env = {"FEDMCP_CONSENT_DEFAULT": "ask", "FEDMCP_CONSENT_TIMEOUT": str(WAIT * 2), "FEDMCP_CONSENT_POLL_INTERVAL": "1"}
+    # The host shows no URLs; FEDMCP_CONSENT_HOLD=all has its call wait for the page's answer (docs/CONSENT.md).
+    env = {"FEDMCP_CONSENT_DEFAULT": "ask", "FEDMCP_CONSENT_HOLD": "all", "FEDMCP_CONSENT_TIMEOUT": str(WAIT * 2), "FEDMCP_CONSENT_POLL_INTERVAL": "1"}
     with harness.Gateway(name="consent", env=env) as gateway:
         gateway.migrate()
         gateway.create_users({USERNAME: password})
@@ -93,6 +94,8 @@ def consent_cluster(web_upstream_url: str) -> Iterator[tuple[harness.Gateway, st
             "FEDERATION_HEALTH_INTERVAL": "0",
             "FEDERATION_REFRESH_INTERVAL": "0",
             "FEDMCP_CONSENT_DEFAULT": "ask",
+            # The host shows no URLs; with this its call waits for the page's answer (docs/CONSENT.md).
+            "FEDMCP_CONSENT_HOLD": "all",
             "FEDMCP_CONSENT_TIMEOUT": str(WAIT * 2),
             "FEDMCP_CONSENT_POLL_INTERVAL": "600",
         }
