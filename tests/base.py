@@ -84,6 +84,10 @@ async def verdict_of(step: Awaitable[Any]) -> Any:
     return verdict.answer
 
 
+SHOWS_URLS: JsonDict = {"elicitation": {"url": {}}}
+"""The client capability of a host that shows URL elicitations: consent sends it to /consent instead of refusing with the URL."""
+
+
 def audience() -> str:
     """The origin the in-process app answers as (RFC 8707 audience of its tokens)."""
     return public_base_url(http_scope("POST", "/mcp", {"host": HOST}))
@@ -314,9 +318,11 @@ class McpClient:
     It sends `token` (default: the running test's alice token) on every request.
     """
 
-    def __init__(self, path: str = "/mcp", *, token: str | None = None) -> None:
+    def __init__(self, path: str = "/mcp", *, token: str | None = None, capabilities: JsonDict | None = None) -> None:
         self.path = path
         self.token = token
+        self.capabilities = capabilities or {}
+        """What the host declares (at initialize, or in each 2026-07-28 envelope); none by default, as the SDK's clients."""
         self.session_id: str | None = None
         self.protocol_version: str | None = None
         self._ids = 0
@@ -343,7 +349,7 @@ class McpClient:
         """Run the handshake; keep the session id and version for later requests."""
         params = {
             "protocolVersion": version,
-            "capabilities": capabilities or {},
+            "capabilities": capabilities if capabilities is not None else self.capabilities,
             "clientInfo": {"name": "fedmcp-tests", "version": "0"},
         }
         reply = await self.post(request("initialize", params, self.next_id()))
@@ -369,7 +375,7 @@ class McpClient:
         timeout: float = TIMEOUT,
     ) -> Reply:
         """Send a 2026-07-28 request: `_meta` envelope plus the routing headers."""
-        body = request(method, {**(params or {}), "_meta": modern_meta()}, self.next_id())
+        body = request(method, {**(params or {}), "_meta": modern_meta(self.capabilities)}, self.next_id())
         routing: Headers = {"mcp-protocol-version": MODERN, "mcp-method": method}
         if name is not None:
             routing["mcp-name"] = name

@@ -32,30 +32,32 @@ def shipped_gateway(web_upstream_url: str) -> Iterator[tuple[harness.Gateway, st
     with harness.Gateway(name="first-call", env=SHIPPED) as gateway:
         gateway.migrate()
         gateway.create_users({USERNAME: password})
+        # A peer per era: once a call on a peer completed, the user has used it and is not asked again.
         gateway.manage("peer", "add", "web", "--url", web_upstream_url)
+        gateway.manage("peer", "add", "web2", "--url", web_upstream_url)
         gateway.auth_headers(USERNAME)
         gateway.start_worker()
         yield gateway, password
 
 
-@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+@pytest.mark.parametrize(("mode", "peer"), [("legacy", "web"), ("2026-07-28", "web2")])
 async def test_the_first_call_names_the_page_at_once_and_goes_through_after_the_approval(
-    shipped_gateway: tuple[harness.Gateway, str], mode: str
+    shipped_gateway: tuple[harness.Gateway, str], mode: str, peer: str
 ) -> None:
     gateway, password = shipped_gateway
-    arguments = {"a": 20, "b": 22 if mode == "legacy" else 23}  # a call of its own per era
+    arguments = {"a": 20, "b": 22}
     page = ConsentPage(gateway, password)
     try:
         async with sdk_client(gateway.url("/mcp"), headers=gateway.auth_headers(USERNAME), mode=mode) as client:
             # Answered before anyone decided: held, the call would end in -32018, not -32032.
             with pytest.raises(MCPError) as refused:
-                await client.call_tool("web__add", arguments)
+                await client.call_tool(f"{peer}__add", arguments)
             assert refused.value.code == jsonrpc.CONSENT_REQUIRED
             url = refused.value.data["url"]
             assert url in refused.value.message  # the words the person reads name the page
             assert page.answer(url.rsplit("/", 1)[1], "approve") == 302
 
-            result = await client.call_tool("web__add", arguments)
+            result = await client.call_tool(f"{peer}__add", arguments)
         assert result.content[0].text == str(sum(arguments.values()))
     finally:
         page.close()

@@ -32,7 +32,7 @@ from mcp_endpoint import handlers, jsonrpc
 from mcp_endpoint.models import ResourceSubscription
 from mcp_endpoint.pipeline import flow
 from mcp_endpoint.pipeline.asking import INPUT_KEY
-from tests.base import MODERN, FixturePeerTestCase, HttpExchange, McpClient, mint_token, modern_meta, request
+from tests.base import MODERN, SHOWS_URLS, FixturePeerTestCase, HttpExchange, McpClient, mint_token, modern_meta, request
 from tests.identity.test_consent_flow import CALL_TIMEOUT, final_message
 
 ADD = "everything__add"
@@ -55,8 +55,12 @@ def other_client_token() -> str:
 class BindingTestCase(FixturePeerTestCase):
     def setUp(self) -> None:
         super().setUp()
-        # The shipped default (tests/conftest.py allows): asked on a peer alice has not used.
-        self.enterContext(override_settings(FEDMCP_CONSENT_DEFAULT="ask-new-peers", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, FEDMCP_CONSENT_POLL_INTERVAL=0.2))
+        # The shipped default (tests/conftest.py allows): asked on a peer alice has not used. The
+        # 2026-07-28 hosts here show URLs (sent to /consent); the handshake-era ones do not, and
+        # FEDMCP_CONSENT_HOLD=all has them wait for the page's answer.
+        self.enterContext(override_settings(
+            FEDMCP_CONSENT_DEFAULT="ask-new-peers", FEDMCP_CONSENT_HOLD="all", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, FEDMCP_CONSENT_POLL_INTERVAL=0.2
+        ))
         self.forwarded = self.enterContext(mock.patch.object(flow, "exchange", wraps=flow.exchange))
 
     def upstream_arguments(self) -> list[Any]:
@@ -64,7 +68,7 @@ class BindingTestCase(FixturePeerTestCase):
         return [c.args[3].get("arguments") for c in self.forwarded.call_args_list if c.args[2].method == "tools/call"]
 
     async def call(self, arguments: dict[str, Any], *, token: str | None = None, **extra: Any) -> dict[str, Any]:
-        client = McpClient(token=token)
+        client = McpClient(token=token, capabilities=SHOWS_URLS)
         return final_message(await client.call_modern("tools/call", {"name": ADD, "arguments": arguments, **extra}, name=ADD, timeout=CALL_TIMEOUT))
 
     async def asked(self, arguments: dict[str, Any], *, token: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from identity.audit import audit_flush
 from identity.models import AuditEvent, ConsentGrant, ConsentPolicy, ConsentPrompt
 from mcp_endpoint import jsonrpc
 from tests.base import (
+    SHOWS_URLS,
     TIMEOUT,
     FixturePeerTestCase,
     HttpExchange,
@@ -59,8 +60,12 @@ async def wait_for_prompt(count: int = 1) -> ConsentPrompt:
 class ConsentFlowTests(FixturePeerTestCase):
     def setUp(self) -> None:
         super().setUp()
-        # tests/conftest.py allows by default; here the shipped default applies.
-        self.enterContext(override_settings(FEDMCP_CONSENT_DEFAULT="ask-new-peers", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, FEDMCP_CONSENT_POLL_INTERVAL=0.2))
+        # tests/conftest.py allows by default; here the shipped default applies. The hosts here
+        # show no URLs: FEDMCP_CONSENT_HOLD=all has their calls wait for the page's answer (the
+        # shipped url-hosts refuses them at once with the URL: tests/identity/test_first_call.py).
+        self.enterContext(override_settings(
+            FEDMCP_CONSENT_DEFAULT="ask-new-peers", FEDMCP_CONSENT_HOLD="all", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, FEDMCP_CONSENT_POLL_INTERVAL=0.2
+        ))
 
     async def browser(self) -> AsyncClient:
         client = AsyncClient()
@@ -291,7 +296,7 @@ class ConsentFlowTests(FixturePeerTestCase):
         self.assertFalse(await ConsentPrompt.objects.aexists())
 
     async def test_modern_input_required_then_retry_with_signed_state(self) -> None:
-        client = McpClient()
+        client = McpClient(capabilities=SHOWS_URLS)
         first = final_message(await client.call_modern("tools/call", {"name": TOOL, "arguments": {}}, name=TOOL))
         result = first["result"]
         self.assertEqual(result["resultType"], "input_required")
@@ -318,7 +323,10 @@ class ConsentPageTests(FixturePeerTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.enterContext(override_settings(FEDMCP_CONSENT_DEFAULT="ask", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, FEDMCP_CONSENT_POLL_INTERVAL=0.2))
+        # A waiting handshake-era call (FEDMCP_CONSENT_HOLD=all) makes the prompt these tests look at.
+        self.enterContext(override_settings(
+            FEDMCP_CONSENT_DEFAULT="ask", FEDMCP_CONSENT_HOLD="all", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, FEDMCP_CONSENT_POLL_INTERVAL=0.2
+        ))
 
     async def test_protections(self) -> None:
         client = McpClient()
@@ -358,7 +366,10 @@ class ConsentLiveFeedTests(FixturePeerTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.enterContext(override_settings(FEDMCP_CONSENT_DEFAULT="ask", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, FEDMCP_CONSENT_POLL_INTERVAL=0.2))
+        # A waiting handshake-era call (FEDMCP_CONSENT_HOLD=all) makes the prompt these tests look at.
+        self.enterContext(override_settings(
+            FEDMCP_CONSENT_DEFAULT="ask", FEDMCP_CONSENT_HOLD="all", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, FEDMCP_CONSENT_POLL_INTERVAL=0.2
+        ))
 
     def feed(self, *, cookie: str = "", origin: str = "http://127.0.0.1") -> Any:
         from channels.testing import WebsocketCommunicator
