@@ -62,8 +62,8 @@ def register_fixture_peers(gateway: harness.Gateway, *, web_url: str) -> None:
     (federation/upstream/stdio.py INHERITED_ENV) and run in the gateway's working directory;
     PYTHONPATH makes `-m tests.fixtures.everything_server` importable whatever that is.
     """
-    gateway.manage("peer", "add", WEB_PEER, "--url", web_url)
-    gateway.manage(
+    gateway.command("peer", "add", WEB_PEER, "--url", web_url)
+    gateway.command(
         "peer",
         "add",
         LOCAL_PEER,

@@ -79,17 +79,37 @@ _ports_given: set[int] = set()
 """Ports `free_port` handed out in this process: the kernel may offer a port again once its socket is closed."""
 
 
+def port_share() -> tuple[int, int]:
+    """Which ports `free_port` may hand out in this process: those with `port % count == index`.
+
+    Test processes that run side by side (`make test`: the unit tests, and the end-to-end tests
+    in several pytest-xdist workers) would otherwise be offered the same port by the kernel, one
+    after the other closed its probe socket and before either's server listened on it.
+    FEDMCP_TEST_PORTS="first/count" gives this run the shares first, first+1, ... (one per xdist
+    worker, PYTEST_XDIST_WORKER=gw<n>); without it, the xdist workers of this run share out the ports.
+    """
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    first, _, count = os.environ.get("FEDMCP_TEST_PORTS", f"0/{workers}").partition("/")
+    index, total = int(first) + worker, int(count)
+    if index >= total:
+        raise RuntimeError(f"FEDMCP_TEST_PORTS={first}/{count} has no share for xdist worker {worker} of {workers}")
+    return index, total
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on, and not one handed out before in this test run.
+    """A loopback port nothing listens on, not one handed out before in this test run, and in
+    this process's share (`port_share()`), so no other test process is handed it either.
 
     Two gateways given the same port would share a public URL, so one's trust of the other
     would name an issuer it trusts already.
     """
+    index, count = port_share()
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port not in _ports_given:
+        if port % count == index and port not in _ports_given:
             _ports_given.add(port)
             return port
 
@@ -409,6 +429,30 @@ class Gateway:
             raise RuntimeError(f"manage.py {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result
 
+    def command(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run the management command `args` as `manage()` does (its argument parsing, output,
+        errors and exit status), but in this gateway's `Interpreter` (`python()`) instead of a
+        process of its own: milliseconds, not the seconds of CPU a new Django process costs.
+
+        For the set-up steps of tests (`peer add`, `gateway trust`); a test of a command's
+        process itself uses `manage()`.
+        """
+        code = (
+            "import contextlib, io, json; from django.core.management import ManagementUtility\n"
+            f"argv = ['manage.py', *{list(args)!r}]; out, err = io.StringIO(), io.StringIO(); status = 0\n"
+            "try:\n"
+            "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+            "        ManagementUtility(argv).fetch_command(argv[1]).run_from_argv(argv)\n"
+            "except SystemExit as exc:\n"
+            "    status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)\n"
+            "print(json.dumps([status, out.getvalue(), err.getvalue()]))"
+        )
+        status, out, err = json.loads(self.python(code))
+        result = subprocess.CompletedProcess(["manage.py", *args], status, out, err)
+        if check and status != 0:
+            raise RuntimeError(f"manage.py {' '.join(args)} failed ({status}):\n{out}\n{err}")
+        return result
+
     def migrate(self) -> Gateway:
         """Give this gateway a database with every migration applied.
 
@@ -423,9 +467,10 @@ class Gateway:
         return self
 
     def shell(self, code: str) -> str:
-        """Run Python in this gateway's environment (its database, keys and settings), in a new
-        `manage.py shell` process; return what it printed."""
-        return self.manage("shell", "--no-imports", "-c", code).stdout.strip()
+        """Run Python in this gateway's environment (its database, keys and settings); return
+        what it printed. The same as `python()`: each snippet gets fresh globals, as with
+        `manage.py shell -c`, without the seconds of CPU a new process costs."""
+        return self.python(code)
 
     def python(self, code: str) -> str:
         """Run Python as `shell()` does, but in this gateway's `Interpreter`: milliseconds, not
@@ -555,7 +600,7 @@ def gateways(*names: str, env: dict[str, str] | None = None) -> Iterator[dict[st
 
 def trust(host: Gateway, guest: Gateway, name: str) -> tuple[str, str]:
     """`host` trusts `guest` as peer gateway `name` (`gateway trust`); return the client id and secret it printed."""
-    return _printed_credentials(host.manage("gateway", "trust", name, "--issuer", guest.public_url).stdout)
+    return _printed_credentials(host.command("gateway", "trust", name, "--issuer", guest.public_url).stdout)
 
 
 def _printed_credentials(out: str) -> tuple[str, str]:
@@ -569,11 +614,11 @@ def register(guest: Gateway, host: Gateway, name: str, credentials: tuple[str, s
     """`guest` registers `host` as peer gateway `name` with its credentials there (`peer add`)."""
     secret_file = guest.dir / f"{name}.client-secret"
     secret_file.write_text(credentials[1])
-    guest.manage("peer", "add", name, "--url", f"{host.public_url}/mcp", "--gateway", "--client-id", credentials[0], "--client-secret-file", str(secret_file))
+    guest.command("peer", "add", name, "--url", f"{host.public_url}/mcp", "--gateway", "--client-id", credentials[0], "--client-secret-file", str(secret_file))
 
 
 def _trust_once(host: Gateway, guest: Gateway, name: str) -> subprocess.CompletedProcess[str]:
-    return host.manage("gateway", "trust", name, "--issuer", guest.public_url, check=False)
+    return host.command("gateway", "trust", name, "--issuer", guest.public_url, check=False)
 
 
 def trust_in_turn(guest: Gateway, host: Gateway) -> None:
@@ -602,7 +647,7 @@ def peer_gateway(guest: Gateway, host: Gateway) -> tuple[str, str]:
     if result.returncode == 0:
         credentials = _printed_credentials(result.stdout)
     elif f"a gateway named {name!r} is already trusted" in result.stdout + result.stderr:
-        host.manage("gateway", "untrust", name)
+        host.command("gateway", "untrust", name)
         credentials = trust(host, guest, name)
     else:
         raise RuntimeError(f"manage.py gateway trust {name} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -85,7 +85,7 @@ def gateway(everything_url: str) -> Iterator[harness.Gateway]:
     """Run a fedmcp gateway with the fixture server as peer `fx`: a WebSocket MCP server."""
     with harness.Gateway(name="transports") as gw:
         gw.migrate()
-        gw.manage("peer", "add", FIXTURE_PEER, "--url", everything_url)
+        gw.command("peer", "add", FIXTURE_PEER, "--url", everything_url)
         gw.start_worker()
         yield gw
 
