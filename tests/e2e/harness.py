@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import re
@@ -194,18 +196,61 @@ def copy_migrated_sqlite(path: Path) -> None:
 
 
 def _sqlite_template() -> Path:
-    """Return a SQLite database file with every migration applied, made on first use."""
+    """Return a SQLite database file with every migration applied, made on first use.
+
+    The pytest-xdist workers of one run share one (`shared_template_dir()`): the first to need
+    it migrates, the others wait for it.
+    """
     if "sqlite" not in _migrated:
-        folder = Path(tempfile.mkdtemp(prefix="fedmcp-migrated-"))
-        atexit.register(shutil.rmtree, folder, True)
-        path = folder / "db.sqlite3"
-        _run_migrate(f"sqlite:///{path}")
-        # The settings put SQLite in WAL mode: move everything into the main file, so copying
-        # that one file copies the whole database.
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        _migrated["sqlite"] = str(path)
+        shared = shared_template_dir()
+        if shared is None:
+            folder = Path(tempfile.mkdtemp(prefix="fedmcp-migrated-"))
+            atexit.register(shutil.rmtree, folder, True)
+            _migrated["sqlite"] = str(_migrate_sqlite(folder / "db.sqlite3"))
+        else:
+            shared.mkdir(exist_ok=True)
+            path = shared / "db.sqlite3"
+            with open(shared / "sqlite.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not path.exists():
+                    _migrate_sqlite(shared / "migrating.sqlite3").rename(path)
+            _migrated["sqlite"] = str(path)
     return Path(_migrated["sqlite"])
+
+
+def _migrate_sqlite(path: Path) -> Path:
+    _run_migrate(f"sqlite:///{path}")
+    # The settings put SQLite in WAL mode: move everything into the main file, so copying
+    # that one file copies the whole database.
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path
+
+
+SHARED_TEMPLATES = "FEDMCP_E2E_SHARED_TEMPLATES"
+"""Set by the pytest-xdist controller (tests/e2e/conftest.py) to a name for this run: its workers share the migrated templates."""
+
+
+def shared_template_dir() -> Path | None:
+    """Where the pytest-xdist workers of this run keep the migrated SQLite template they share; None outside xdist."""
+    run = os.environ.get(SHARED_TEMPLATES)
+    return Path(tempfile.gettempdir()) / f"fedmcp-migrated-{run}" if run else None
+
+
+def _shared_postgres_template() -> str | None:
+    run = os.environ.get(SHARED_TEMPLATES)
+    return f"fedmcp_e2e_migrated_{run}" if run else None
+
+
+def remove_shared_templates() -> None:
+    """Remove the templates the xdist workers shared (the controller calls it once they are done)."""
+    folder = shared_template_dir()
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+    name = _shared_postgres_template()
+    if name is not None:
+        with contextlib.suppress(psycopg.OperationalError):
+            _drop_postgres_database(name)
 
 
 def _postgres_admin() -> psycopg.Connection:
@@ -226,12 +271,34 @@ def _drop_postgres_database(name: str) -> None:
 
 
 def _postgres_template(admin: psycopg.Connection) -> str:
-    """Return the name of a PostgreSQL database with every migration applied, made on first use."""
+    """Return the name of a PostgreSQL database with every migration applied, made on first use.
+
+    The pytest-xdist workers of one run share one, made under an advisory lock by the first
+    to need it (migrated under another name, then renamed: a template that exists is complete).
+    """
     if "postgres" not in _migrated:
-        name = f"fedmcp_e2e_migrated_{secrets.token_hex(6)}"
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        atexit.register(_drop_postgres_database, name)
-        _run_migrate(_postgres_url(name))
+        shared = _shared_postgres_template()
+        if shared is None:
+            name = f"fedmcp_e2e_migrated_{secrets.token_hex(6)}"
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            atexit.register(_drop_postgres_database, name)
+            _run_migrate(_postgres_url(name))
+        else:
+            name = shared
+            lock = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+            admin.execute("SELECT pg_advisory_lock(%s)", [lock])
+            try:
+                if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is None:
+                    migrating = f"fedmcp_e2e_migrating_{secrets.token_hex(6)}"
+                    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(migrating)))
+                    try:
+                        _run_migrate(_postgres_url(migrating))
+                        admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(migrating), sql.Identifier(name)))
+                    except BaseException:
+                        _drop_postgres_database(migrating)
+                        raise
+            finally:
+                admin.execute("SELECT pg_advisory_unlock(%s)", [lock])
         _migrated["postgres"] = name
     return _migrated["postgres"]
 
