@@ -7,9 +7,15 @@ the `token` management command; `Gateway.auth_headers()` is the `Authorization` 
 token. Tokens name the gateway's public URL (`Gateway.public_url`, fixed before any worker
 starts) as their audience, so one token works on every worker of the gateway.
 
-`manage.py migrate` runs once per test session and database engine, into a template database;
-every gateway's database starts as a copy of it (`Gateway.migrate()`, `postgres_database()`).
-A migration takes seconds of CPU, a copy milliseconds, and the schema is the same.
+`manage.py migrate` runs once per test run and database engine, into a template database (the
+pytest-xdist workers of a run share it); every gateway's database starts as a copy of it
+(`Gateway.migrate()`, `postgres_database()`). A migration takes seconds of CPU, a copy
+milliseconds, and the schema is the same.
+
+Starting a Django process costs ~4 s of CPU, and `make test` runs on two cores: set-up steps run
+as management commands in the gateway's own `Interpreter` (`Gateway.command()`), and snippets
+there too (`Gateway.python()`, `Gateway.shell()`); `Gateway.manage()` starts a process, for
+tests about the command's process itself. `free_port()` gives each test process its own ports.
 """
 
 from __future__ import annotations
