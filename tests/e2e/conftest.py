@@ -21,6 +21,8 @@ Every test under tests/e2e is marked `e2e` here, so `-m "not e2e"` skips them al
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import shlex
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -43,11 +45,49 @@ LOCAL_PEER = "local"
 PEERS = (WEB_PEER, LOCAL_PEER)
 
 
+SLOWEST_FIRST = (
+    "test_distributed_consent.py",
+    "test_conformance.py",
+    "test_faults.py",
+    "test_fault_isolation.py",
+    "test_sdk_client.py",
+    "test_scale_out.py",
+    "test_service_bootstrap.py",
+    "test_tls_peers.py",
+    "test_audit_on_drain.py",
+    "test_consent_browser.py",
+    "test_federation.py",
+    "test_fault_recovery.py",
+    "test_cache_invalidation.py",
+    "test_upstream_oauth.py",
+    "test_demo.py",
+    "test_db_outage.py",
+)
+"""The test files that take longest, longest first: they start first, so `make test`'s pytest-xdist
+workers (`--dist loadfile --no-loadscope-reorder`, a file at a time each) end at about the same
+time. The other files follow in their usual order. Only the balance depends on this list."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:
         if here in item.path.parents:
             item.add_marker(pytest.mark.e2e)
+    rank = {name: place for place, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)) if here in item.path.parents else len(rank))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In a pytest-xdist controller: name this run, so its workers share the migrated templates (harness.py)."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        os.environ[harness.SHARED_TEMPLATES] = secrets.token_hex(8)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In the pytest-xdist controller, once every worker is done: remove the templates they shared."""
+    if os.environ.get(harness.SHARED_TEMPLATES) and not hasattr(session.config, "workerinput"):
+        harness.remove_shared_templates()
+        del os.environ[harness.SHARED_TEMPLATES]
 
 
 def stdio_fixture_command(name: str) -> str:
@@ -62,8 +102,8 @@ def register_fixture_peers(gateway: harness.Gateway, *, web_url: str) -> None:
     (federation/upstream/stdio.py INHERITED_ENV) and run in the gateway's working directory;
     PYTHONPATH makes `-m tests.fixtures.everything_server` importable whatever that is.
     """
-    gateway.manage("peer", "add", WEB_PEER, "--url", web_url)
-    gateway.manage(
+    gateway.command("peer", "add", WEB_PEER, "--url", web_url)
+    gateway.command(
         "peer",
         "add",
         LOCAL_PEER,

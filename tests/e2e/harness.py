@@ -7,15 +7,23 @@ the `token` management command; `Gateway.auth_headers()` is the `Authorization` 
 token. Tokens name the gateway's public URL (`Gateway.public_url`, fixed before any worker
 starts) as their audience, so one token works on every worker of the gateway.
 
-`manage.py migrate` runs once per test session and database engine, into a template database;
-every gateway's database starts as a copy of it (`Gateway.migrate()`, `postgres_database()`).
-A migration takes seconds of CPU, a copy milliseconds, and the schema is the same.
+`manage.py migrate` runs once per test run and database engine, into a template database (the
+pytest-xdist workers of a run share it); every gateway's database starts as a copy of it
+(`Gateway.migrate()`, `postgres_database()`). A migration takes seconds of CPU, a copy
+milliseconds, and the schema is the same.
+
+Starting a Django process costs ~4 s of CPU, and `make test` runs on two cores: set-up steps run
+as management commands in the gateway's own `Interpreter` (`Gateway.command()`), and snippets
+there too (`Gateway.python()`, `Gateway.shell()`); `Gateway.manage()` starts a process, for
+tests about the command's process itself. `free_port()` gives each test process its own ports.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import re
@@ -79,17 +87,37 @@ _ports_given: set[int] = set()
 """Ports `free_port` handed out in this process: the kernel may offer a port again once its socket is closed."""
 
 
+def port_share() -> tuple[int, int]:
+    """Which ports `free_port` may hand out in this process: those with `port % count == index`.
+
+    Test processes that run side by side (`make test`: the unit tests, and the end-to-end tests
+    in several pytest-xdist workers) would otherwise be offered the same port by the kernel, one
+    after the other closed its probe socket and before either's server listened on it.
+    FEDMCP_TEST_PORTS="first/count" gives this run the shares first, first+1, ... (one per xdist
+    worker, PYTEST_XDIST_WORKER=gw<n>); without it, the xdist workers of this run share out the ports.
+    """
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    first, _, count = os.environ.get("FEDMCP_TEST_PORTS", f"0/{workers}").partition("/")
+    index, total = int(first) + worker, int(count)
+    if index >= total:
+        raise RuntimeError(f"FEDMCP_TEST_PORTS={first}/{count} has no share for xdist worker {worker} of {workers}")
+    return index, total
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on, and not one handed out before in this test run.
+    """A loopback port nothing listens on, not one handed out before in this test run, and in
+    this process's share (`port_share()`), so no other test process is handed it either.
 
     Two gateways given the same port would share a public URL, so one's trust of the other
     would name an issuer it trusts already.
     """
+    index, count = port_share()
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port not in _ports_given:
+        if port % count == index and port not in _ports_given:
             _ports_given.add(port)
             return port
 
@@ -174,18 +202,61 @@ def copy_migrated_sqlite(path: Path) -> None:
 
 
 def _sqlite_template() -> Path:
-    """Return a SQLite database file with every migration applied, made on first use."""
+    """Return a SQLite database file with every migration applied, made on first use.
+
+    The pytest-xdist workers of one run share one (`shared_template_dir()`): the first to need
+    it migrates, the others wait for it.
+    """
     if "sqlite" not in _migrated:
-        folder = Path(tempfile.mkdtemp(prefix="fedmcp-migrated-"))
-        atexit.register(shutil.rmtree, folder, True)
-        path = folder / "db.sqlite3"
-        _run_migrate(f"sqlite:///{path}")
-        # The settings put SQLite in WAL mode: move everything into the main file, so copying
-        # that one file copies the whole database.
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        _migrated["sqlite"] = str(path)
+        shared = shared_template_dir()
+        if shared is None:
+            folder = Path(tempfile.mkdtemp(prefix="fedmcp-migrated-"))
+            atexit.register(shutil.rmtree, folder, True)
+            _migrated["sqlite"] = str(_migrate_sqlite(folder / "db.sqlite3"))
+        else:
+            shared.mkdir(exist_ok=True)
+            path = shared / "db.sqlite3"
+            with open(shared / "sqlite.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not path.exists():
+                    _migrate_sqlite(shared / "migrating.sqlite3").rename(path)
+            _migrated["sqlite"] = str(path)
     return Path(_migrated["sqlite"])
+
+
+def _migrate_sqlite(path: Path) -> Path:
+    _run_migrate(f"sqlite:///{path}")
+    # The settings put SQLite in WAL mode: move everything into the main file, so copying
+    # that one file copies the whole database.
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path
+
+
+SHARED_TEMPLATES = "FEDMCP_E2E_SHARED_TEMPLATES"
+"""Set by the pytest-xdist controller (tests/e2e/conftest.py) to a name for this run: its workers share the migrated templates."""
+
+
+def shared_template_dir() -> Path | None:
+    """Where the pytest-xdist workers of this run keep the migrated SQLite template they share; None outside xdist."""
+    run = os.environ.get(SHARED_TEMPLATES)
+    return Path(tempfile.gettempdir()) / f"fedmcp-migrated-{run}" if run else None
+
+
+def _shared_postgres_template() -> str | None:
+    run = os.environ.get(SHARED_TEMPLATES)
+    return f"fedmcp_e2e_migrated_{run}" if run else None
+
+
+def remove_shared_templates() -> None:
+    """Remove the templates the xdist workers shared (the controller calls it once they are done)."""
+    folder = shared_template_dir()
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+    name = _shared_postgres_template()
+    if name is not None:
+        with contextlib.suppress(psycopg.OperationalError):
+            _drop_postgres_database(name)
 
 
 def _postgres_admin() -> psycopg.Connection:
@@ -206,12 +277,34 @@ def _drop_postgres_database(name: str) -> None:
 
 
 def _postgres_template(admin: psycopg.Connection) -> str:
-    """Return the name of a PostgreSQL database with every migration applied, made on first use."""
+    """Return the name of a PostgreSQL database with every migration applied, made on first use.
+
+    The pytest-xdist workers of one run share one, made under an advisory lock by the first
+    to need it (migrated under another name, then renamed: a template that exists is complete).
+    """
     if "postgres" not in _migrated:
-        name = f"fedmcp_e2e_migrated_{secrets.token_hex(6)}"
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        atexit.register(_drop_postgres_database, name)
-        _run_migrate(_postgres_url(name))
+        shared = _shared_postgres_template()
+        if shared is None:
+            name = f"fedmcp_e2e_migrated_{secrets.token_hex(6)}"
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            atexit.register(_drop_postgres_database, name)
+            _run_migrate(_postgres_url(name))
+        else:
+            name = shared
+            lock = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+            admin.execute("SELECT pg_advisory_lock(%s)", [lock])
+            try:
+                if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is None:
+                    migrating = f"fedmcp_e2e_migrating_{secrets.token_hex(6)}"
+                    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(migrating)))
+                    try:
+                        _run_migrate(_postgres_url(migrating))
+                        admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(migrating), sql.Identifier(name)))
+                    except BaseException:
+                        _drop_postgres_database(migrating)
+                        raise
+            finally:
+                admin.execute("SELECT pg_advisory_unlock(%s)", [lock])
         _migrated["postgres"] = name
     return _migrated["postgres"]
 
@@ -409,6 +502,30 @@ class Gateway:
             raise RuntimeError(f"manage.py {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result
 
+    def command(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run the management command `args` as `manage()` does (its argument parsing, output,
+        errors and exit status), but in this gateway's `Interpreter` (`python()`) instead of a
+        process of its own: milliseconds, not the seconds of CPU a new Django process costs.
+
+        For the set-up steps of tests (`peer add`, `gateway trust`); a test of a command's
+        process itself uses `manage()`.
+        """
+        code = (
+            "import contextlib, io, json; from django.core.management import ManagementUtility\n"
+            f"argv = ['manage.py', *{list(args)!r}]; out, err = io.StringIO(), io.StringIO(); status = 0\n"
+            "try:\n"
+            "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+            "        ManagementUtility(argv).fetch_command(argv[1]).run_from_argv(argv)\n"
+            "except SystemExit as exc:\n"
+            "    status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)\n"
+            "print(json.dumps([status, out.getvalue(), err.getvalue()]))"
+        )
+        status, out, err = json.loads(self.python(code))
+        result = subprocess.CompletedProcess(["manage.py", *args], status, out, err)
+        if check and status != 0:
+            raise RuntimeError(f"manage.py {' '.join(args)} failed ({status}):\n{out}\n{err}")
+        return result
+
     def migrate(self) -> Gateway:
         """Give this gateway a database with every migration applied.
 
@@ -423,9 +540,10 @@ class Gateway:
         return self
 
     def shell(self, code: str) -> str:
-        """Run Python in this gateway's environment (its database, keys and settings), in a new
-        `manage.py shell` process; return what it printed."""
-        return self.manage("shell", "--no-imports", "-c", code).stdout.strip()
+        """Run Python in this gateway's environment (its database, keys and settings); return
+        what it printed. The same as `python()`: each snippet gets fresh globals, as with
+        `manage.py shell -c`, without the seconds of CPU a new process costs."""
+        return self.python(code)
 
     def python(self, code: str) -> str:
         """Run Python as `shell()` does, but in this gateway's `Interpreter`: milliseconds, not
@@ -555,7 +673,7 @@ def gateways(*names: str, env: dict[str, str] | None = None) -> Iterator[dict[st
 
 def trust(host: Gateway, guest: Gateway, name: str) -> tuple[str, str]:
     """`host` trusts `guest` as peer gateway `name` (`gateway trust`); return the client id and secret it printed."""
-    return _printed_credentials(host.manage("gateway", "trust", name, "--issuer", guest.public_url).stdout)
+    return _printed_credentials(host.command("gateway", "trust", name, "--issuer", guest.public_url).stdout)
 
 
 def _printed_credentials(out: str) -> tuple[str, str]:
@@ -569,11 +687,11 @@ def register(guest: Gateway, host: Gateway, name: str, credentials: tuple[str, s
     """`guest` registers `host` as peer gateway `name` with its credentials there (`peer add`)."""
     secret_file = guest.dir / f"{name}.client-secret"
     secret_file.write_text(credentials[1])
-    guest.manage("peer", "add", name, "--url", f"{host.public_url}/mcp", "--gateway", "--client-id", credentials[0], "--client-secret-file", str(secret_file))
+    guest.command("peer", "add", name, "--url", f"{host.public_url}/mcp", "--gateway", "--client-id", credentials[0], "--client-secret-file", str(secret_file))
 
 
 def _trust_once(host: Gateway, guest: Gateway, name: str) -> subprocess.CompletedProcess[str]:
-    return host.manage("gateway", "trust", name, "--issuer", guest.public_url, check=False)
+    return host.command("gateway", "trust", name, "--issuer", guest.public_url, check=False)
 
 
 def trust_in_turn(guest: Gateway, host: Gateway) -> None:
@@ -602,7 +720,7 @@ def peer_gateway(guest: Gateway, host: Gateway) -> tuple[str, str]:
     if result.returncode == 0:
         credentials = _printed_credentials(result.stdout)
     elif f"a gateway named {name!r} is already trusted" in result.stdout + result.stderr:
-        host.manage("gateway", "untrust", name)
+        host.command("gateway", "untrust", name)
         credentials = trust(host, guest, name)
     else:
         raise RuntimeError(f"manage.py gateway trust {name} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -29,7 +29,7 @@ def gateway(request: pytest.FixtureRequest) -> Iterator[Gateway]:
     env = getattr(request, "param", {})
     with fixture_server(name="fixture") as url, Gateway(name="audit-drain", env=env) as gateway:
         gateway.migrate()
-        gateway.manage("peer", "add", "fixture", "--url", url)
+        gateway.command("peer", "add", "fixture", "--url", url)
         gateway.auth_headers()
         yield gateway
 

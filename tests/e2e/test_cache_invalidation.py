@@ -55,7 +55,7 @@ def cluster(request: pytest.FixtureRequest, upstream: str) -> Iterator[Gateway]:
         gateway = Gateway(name=f"cachegen-{request.param.replace('+', '-')}", env=env, database_url=database_url)
         stack.callback(gateway.cleanup)
         gateway.migrate()
-        gateway.manage("peer", "add", PEER, "--url", upstream)
+        gateway.command("peer", "add", PEER, "--url", upstream)
         gateway.start_worker()
         gateway.start_worker()
         yield gateway
@@ -72,8 +72,8 @@ def _worker_logs(cluster: Gateway) -> Iterator[None]:
 
 
 def elsewhere(gateway: Gateway, code: str) -> str:
-    """Run Python in a separate `manage.py shell` process on the gateway's database; return its last line."""
-    lines = gateway.manage("shell", "-c", code).stdout.strip().splitlines()
+    """Run Python in a process other than the workers (the gateway's `Interpreter`), on the gateway's database; return its last line."""
+    lines = gateway.python(code).splitlines()
     return lines[-1] if lines else ""
 
 

@@ -164,7 +164,7 @@ def conformance_gateway(fixture_url: str) -> Iterator[tuple[Gateway, str]]:
     gateway = Gateway(name="conformance", env={"FEDMCP_PUBLIC_URL": proxy_url})
     try:
         gateway.migrate()
-        gateway.manage("peer", "add", PEER, "--url", fixture_url)
+        gateway.command("peer", "add", PEER, "--url", fixture_url)
         gateway.start_worker()
         token = gateway.token(user="conformance", resource=proxy_url)
         with auth_proxy(gateway.url(""), token, proxy_port) as base:

@@ -33,7 +33,7 @@ def default_gateway(web_upstream_url: str) -> Iterator[tuple[harness.Gateway, st
     with harness.Gateway(name="binding", env=env) as gateway:
         gateway.migrate()
         gateway.create_users({USERNAME: password})
-        gateway.manage("peer", "add", "web", "--url", web_upstream_url)
+        gateway.command("peer", "add", "web", "--url", web_upstream_url)
         gateway.auth_headers(USERNAME)
         gateway.start_worker()
         yield gateway, password

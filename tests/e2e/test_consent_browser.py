@@ -43,7 +43,7 @@ def consent_gateway(web_upstream_url: str) -> Iterator[tuple[harness.Gateway, st
     with harness.Gateway(name="consent", env=env) as gateway:
         gateway.migrate()
         gateway.create_users({USERNAME: password})
-        gateway.manage("peer", "add", "web", "--url", web_upstream_url)
+        gateway.command("peer", "add", "web", "--url", web_upstream_url)
         gateway.auth_headers(USERNAME)
         gateway.start_worker()
         yield gateway, password
@@ -102,7 +102,7 @@ def consent_cluster(web_upstream_url: str) -> Iterator[tuple[harness.Gateway, st
         with harness.Gateway(name="consent-cluster", env=env, database_url=database_url) as gateway:
             gateway.migrate()
             gateway.create_users({USERNAME: password})
-            gateway.manage("peer", "add", "web", "--url", web_upstream_url)
+            gateway.command("peer", "add", "web", "--url", web_upstream_url)
             gateway.auth_headers(USERNAME)
             gateway.start_worker()
             gateway.start_worker()

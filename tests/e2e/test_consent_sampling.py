@@ -67,7 +67,7 @@ def sampling_gateway(sse_upstream_url: str) -> Iterator[tuple[harness.Gateway, s
     with harness.Gateway(name="consent-sampling", env=env) as gateway:
         gateway.migrate()
         gateway.create_users({USERNAME: password})
-        gateway.manage("peer", "add", PEER, "--url", sse_upstream_url, "--transport", "sse", "--call-timeout", str(WAIT * 3))
+        gateway.command("peer", "add", PEER, "--url", sse_upstream_url, "--transport", "sse", "--call-timeout", str(WAIT * 3))
         gateway.auth_headers(USERNAME)
         gateway.start_worker()
         yield gateway, password

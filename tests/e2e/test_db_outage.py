@@ -139,7 +139,7 @@ def test_postgresql_unreachable_then_back_needs_no_worker_restart(database: tupl
     beta = upstreams("beta")
     with CuttableProxy((host, port)) as proxy, Gateway(name="db-outage", database_url=f"postgres://postgres@127.0.0.1:{proxy.port}/{name}") as gw:
         gw.migrate()
-        gw.manage("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS)
+        gw.command("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS)
         gw.start_worker()
         worker = gw.workers[0][0]
         succeeded = 0

@@ -35,7 +35,10 @@ def test_demo_starts_the_gateway_with_two_upstreams(tmp_path: Path) -> None:
     log = open(workdir / "demo.log", "wb")  # noqa: SIM115
     demo = subprocess.Popen([PY, "scripts/demo.py", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60, process=demo)
+        # A bound on a hang, not on speed: before daphne starts, the demo runs six Django
+        # processes one after another (~30 s of CPU), and `make test` shares two cores among
+        # the unit tests and two e2e workers.
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=180, process=demo)
         body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": META}}
         reply = httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers={**headers, "Mcp-Method": "tools/list"}, timeout=30).json()
         names = {tool["name"] for tool in reply["result"]["tools"]}

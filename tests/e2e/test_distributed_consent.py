@@ -77,11 +77,11 @@ def chain() -> Iterator[dict[str, Any]]:
         a.create_users(passwords)
         for user in passwords:
             a.auth_headers(user)
-        c.manage("peer", "add", "fixture", "--url", fixture_url)
+        c.command("peer", "add", "fixture", "--url", fixture_url)
         ask_policy(c, "fixture")
         c.start_worker()
         peer_gateway(b, c)
-        b.manage("peer", "add", "tools", "--url", fixture_url)
+        b.command("peer", "add", "tools", "--url", fixture_url)
         ask_policy(b, "tools")
         b.start_worker()
         a_at_b = peer_gateway(a, b)

@@ -155,7 +155,7 @@ def health_checks(gw: Gateway, peer: str) -> dict[str, int]:
         f"rows = H.objects.filter(peer__name={peer!r});"
         "print(json.dumps({'failed': rows.filter(ok=False).count(), 'ok': rows.filter(ok=True).count()}))"
     )
-    return json.loads(gw.manage("shell", "-c", script).stdout.strip().splitlines()[-1])
+    return json.loads(gw.python(script).splitlines()[-1])
 
 
 # --- host helpers --------------------------------------------------------------------------------
@@ -212,8 +212,8 @@ async def test_an_upstream_killed_mid_call_fails_only_its_calls_and_recovers_whe
     gateway: Gateway, upstreams: Callable[[str], FixtureUpstream]
 ) -> None:
     alpha, beta = upstreams("alpha"), upstreams("beta")
-    gateway.manage("peer", "add", "alpha", "--url", alpha.url, "--call-timeout", str(ALPHA_CALL_TIMEOUT), "--connect-timeout", "2")
-    gateway.manage("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS)
+    gateway.command("peer", "add", "alpha", "--url", alpha.url, "--call-timeout", str(ALPHA_CALL_TIMEOUT), "--connect-timeout", "2")
+    gateway.command("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS)
     gateway.start_worker()
 
     async with host_session(gateway) as client:
@@ -391,7 +391,7 @@ def add_catalog_entries(gw: Gateway, peers: list[str], tool: str) -> None:
         f"    CatalogEntry.objects.create(peer=peer, kind='tool', upstream_name={tool!r}, name=peer.name + '__' + {tool!r},"
         f" home=peer.name, payload={{'name': {tool!r}, 'inputSchema': {{'type': 'object'}}}})\n"
     )
-    gw.manage("shell", "-c", script)
+    gw.python(script)
 
 
 async def test_a_peer_answering_junk_fails_with_upstream_error_while_the_rest_keeps_working(
@@ -399,9 +399,9 @@ async def test_a_peer_answering_junk_fails_with_upstream_error_while_the_rest_ke
 ) -> None:
     beta = upstreams("beta")
     with JunkServer() as junk:
-        gateway.manage("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS)
+        gateway.command("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS)
         for peer, path in (("junkhtml", "/html"), ("junkjson", "/json")):
-            gateway.manage("peer", "add", peer, "--url", junk.url(path), "--no-sync", *SHORT_TIMEOUTS)
+            gateway.command("peer", "add", peer, "--url", junk.url(path), "--no-sync", *SHORT_TIMEOUTS)
         add_catalog_entries(gateway, ["junkhtml", "junkjson"], "add")
         gateway.start_worker()
 

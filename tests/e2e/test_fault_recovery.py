@@ -59,7 +59,7 @@ async def test_an_http_upstream_that_comes_back_is_listed_again_within_seconds(
     default_gateway: Gateway, upstreams: Callable[[str], FixtureUpstream]
 ) -> None:
     alpha = upstreams("alpha")
-    default_gateway.manage("peer", "add", "alpha", "--url", alpha.url, "--call-timeout", "3", "--connect-timeout", "2")
+    default_gateway.command("peer", "add", "alpha", "--url", alpha.url, "--call-timeout", "3", "--connect-timeout", "2")
     default_gateway.start_worker()
 
     async with host_session(default_gateway) as client:

@@ -177,8 +177,8 @@ async def test_a_huge_a_hanging_and_a_dripping_upstream_each_fail_with_32010_and
 ) -> None:
     beta = upstreams("beta")
     with Misfit() as misfit:
-        gateway.manage("peer", "add", "misfit", "--url", misfit.url, *SHORT_TIMEOUTS)
-        gateway.manage("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS)
+        gateway.command("peer", "add", "misfit", "--url", misfit.url, *SHORT_TIMEOUTS)
+        gateway.command("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS)
         gateway.start_worker()
         pid = worker_pid(gateway)
         codes: dict[str, int] = {}
@@ -219,7 +219,7 @@ def stats_through(gw: Gateway, token_headers: dict[str, str]) -> dict[str, int]:
 
 def test_a_host_that_disconnects_mid_call_cancels_the_upstream_call(gateway: Gateway, upstreams: Any) -> None:
     beta = upstreams("beta")
-    gateway.manage("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS[2:], "--call-timeout", "60")
+    gateway.command("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS[2:], "--call-timeout", "60")
     gateway.start_worker()
     auth = gateway.auth_headers()
     before = stats_through(gateway, auth)["slow_echo_cancelled"]
@@ -266,7 +266,7 @@ def answer(response: httpx.Response) -> dict[str, Any]:
 
 def test_a_restarted_worker_keeps_sessions_and_audit_rows(gateway: Gateway, upstreams: Any) -> None:
     beta = upstreams("beta")
-    gateway.manage("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS)
+    gateway.command("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS)
     gateway.start_worker()
     params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}
     init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}
@@ -332,7 +332,7 @@ def test_redis_stopped_and_started_again_needs_no_worker_restart(upstreams: Any)
     port = free_port()
     with Gateway(name="redis-fault", env={"REDIS_URL": f"redis://127.0.0.1:{port}/0", "FEDMCP_REDIS_PREFIX": f"fault{port}"}) as gw:
         gw.migrate()
-        gw.manage("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS)
+        gw.command("peer", "add", "beta", "--url", beta.url, *SHORT_TIMEOUTS)
         with redis_server(port):
             gw.start_worker()
             assert answer(modern_call(gw, "beta__add", {"a": 1, "b": 2}))["result"]["content"][0]["text"] == "3"

@@ -114,7 +114,7 @@ def chain() -> Iterator[dict[str, Any]]:
     with fixture_server(name="fixture") as fixture_url, gateways("c", "b", "a") as made:
         c, b, a = made["c"], made["b"], made["a"]
         a.auth_headers()  # alice's token on A, minted before any test runs
-        c.manage("peer", "add", "fixture", "--url", fixture_url)
+        c.command("peer", "add", "fixture", "--url", fixture_url)
         c.start_worker()
         b_at_c = peer_gateway(b, c)  # B discovers C's token endpoint from its metadata
         b.start_worker()
@@ -286,8 +286,8 @@ def test_a_loop_between_two_gateways_is_refused(chain: dict[str, Any]) -> None:
         # The short client timeout turns a hang into a failure; the refusal itself is immediate.
         reply = modern_call(a, "tools/call", {"name": "z.ghost__vanish", "arguments": {}}, name="z.ghost__vanish", timeout=5)
     finally:
-        b.manage("peer", "remove", "a")
-        a.manage("gateway", "untrust", "b")
+        b.command("peer", "remove", "a")
+        a.command("gateway", "untrust", "b")
         trust_in_turn(a, b)  # A believes its peer B again, as the chain set it up
 
     assert reply["error"]["code"] == jsonrpc.FEDERATION_LOOP
@@ -306,7 +306,7 @@ def test_no_database_holds_a_peer_secret_or_an_access_token_in_the_clear(chain: 
     assert modern_call(a, "tools/call", ADD, name=ADD["name"])["result"]  # A and B hold live peer tokens now
 
     for gateway in (a, b, c):
-        dump = gateway.manage("dumpdata", "--natural-foreign").stdout
+        dump = gateway.command("dumpdata", "--natural-foreign").stdout
         raw = (gateway.dir / "db.sqlite3").read_bytes()
         for value in [*secrets, *tokens]:
             assert value not in dump

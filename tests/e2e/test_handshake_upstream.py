@@ -62,7 +62,7 @@ def gateway(context_upstream_url: str) -> Iterator[harness.Gateway]:
     }
     with harness.Gateway(name="handshake-upstream", env=shipped_consent) as gw:
         gw.migrate()
-        gw.manage("peer", "add", PEER, "--url", context_upstream_url)
+        gw.command("peer", "add", PEER, "--url", context_upstream_url)
         gw.python(
             "from identity.models import ConsentPolicy\n"
             + "".join(

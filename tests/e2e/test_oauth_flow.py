@@ -66,7 +66,7 @@ def oauth_gateway(web_upstream_url: str) -> Iterator[OAuthGateway]:
     with harness.Gateway(name="oauth") as gateway:
         gateway.migrate()
         gateway.create_users({USERNAME: password})
-        gateway.manage("peer", "add", "web", "--url", web_upstream_url)
+        gateway.command("peer", "add", "web", "--url", web_upstream_url)
         gateway.start_worker()
         yield OAuthGateway(gateway, password)
 

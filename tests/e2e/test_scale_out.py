@@ -104,7 +104,7 @@ def cluster(database_url: str, redis_prefix: str, upstream: Upstream) -> Iterato
     gateway = Gateway(name="scale-out", env=env, database_url=database_url)
     try:
         gateway.migrate()
-        gateway.manage("peer", "add", PEER, "--url", upstream.url)
+        gateway.command("peer", "add", PEER, "--url", upstream.url)
         gateway.start_worker()
         gateway.start_worker()
         yield gateway

@@ -41,17 +41,11 @@ json.dump(out, open(sys.argv[1], "w"))
 """
 
 
-def _unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _forced_env(tmp_path: Path) -> dict[str, str]:
     return {
         **os.environ,
-        "FEDMCP_E2E_POSTGRES": f"postgresql://postgres@127.0.0.1:{_unused_port()}/test",
-        "FEDMCP_E2E_REDIS": f"redis://127.0.0.1:{_unused_port()}/0",
+        "FEDMCP_E2E_POSTGRES": f"postgresql://postgres@127.0.0.1:{harness.free_port()}/test",
+        "FEDMCP_E2E_REDIS": f"redis://127.0.0.1:{harness.free_port()}/0",
         "FEDMCP_TEST_SERVICES_DIR": str(tmp_path / "services"),
     }
 

@@ -57,7 +57,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     }
     with fixture_server("beta", log_dir=tmp_path_factory.mktemp("slow-requests")) as beta_url, Gateway(name="slow-requests", env=env) as gw:
         gw.migrate()
-        gw.manage("peer", "add", "beta", "--url", beta_url, *SHORT_TIMEOUTS)
+        gw.command("peer", "add", "beta", "--url", beta_url, *SHORT_TIMEOUTS)
         gw.start_worker()
         yield gw
 

@@ -181,7 +181,7 @@ def tls_gateway(pem_files: dict[str, Path]) -> Iterator[Gateway]:
     with fixture_server(name="fixture") as fixture_url, Gateway(name="b-tls", env=own_keys()) as gw:
         gw.env["FEDMCP_PUBLIC_URL"] = gw.public_url = f"https://127.0.0.1:{gw.port}"
         gw.migrate()
-        gw.manage("peer", "add", "fixture", "--url", fixture_url)
+        gw.command("peer", "add", "fixture", "--url", fixture_url)
         serve_over_tls(gw, pem_files)
         yield gw
 

@@ -59,7 +59,7 @@ def pair() -> Iterator[Pair]:
         passwords = {user: secrets.token_urlsafe(12) for user in ("ops", "alice", "bob")}
         for gateway in (a, b):
             gateway.create_users(passwords)
-        b.manage("peer", "add", "fixture", "--url", fixture_url)
+        b.command("peer", "add", "fixture", "--url", fixture_url)
         b.start_worker()
         added = a.manage("peer", "add", "files", "--url", f"{b.public_url}/peers/fixture/mcp", "--user-oauth")
         assert f"Authorization server of files: {b.public_url}" in added.stdout, added.stdout + added.stderr
@@ -233,7 +233,7 @@ def test_no_dump_of_a_holds_an_upstream_token_or_client_secret(pair: Pair) -> No
     secrets_ = json.loads(pair.a.shell(read))
     assert all(secrets_)
 
-    dump = pair.a.manage("dumpdata", "--natural-foreign").stdout
+    dump = pair.a.command("dumpdata", "--natural-foreign").stdout
     raw = (pair.a.dir / "db.sqlite3").read_bytes()
 
     for value in secrets_:

@@ -85,7 +85,7 @@ def gateway(everything_url: str) -> Iterator[harness.Gateway]:
     """Run a fedmcp gateway with the fixture server as peer `fx`: a WebSocket MCP server."""
     with harness.Gateway(name="transports") as gw:
         gw.migrate()
-        gw.manage("peer", "add", FIXTURE_PEER, "--url", everything_url)
+        gw.command("peer", "add", FIXTURE_PEER, "--url", everything_url)
         gw.start_worker()
         yield gw
 
@@ -230,13 +230,13 @@ def test_peer_add_syncs_a_catalog(request: pytest.FixtureRequest, gateway: harne
     if transport == "websocket":
         url = gateway.ws_url(f"/peers/{FIXTURE_PEER}/ws")
         # The gateway itself is the upstream: it lets this client in as a trusted gateway would.
-        trusted = gateway.manage("gateway", "trust", "self", "--issuer", gateway.public_url).stdout
+        trusted = gateway.command("gateway", "trust", "self", "--issuer", gateway.public_url).stdout
         client_id, secret = (line.split(": ", 1)[1] for line in trusted.splitlines() if line.startswith(("client_id:", "client_secret:")))
         (gateway.dir / "client-secret").write_text(secret)
         credentials = ["--client-id", client_id, "--client-secret-file", str(gateway.dir / "client-secret")]
     else:
         url = request.getfixturevalue("sse_url")
-    result = gateway.manage("peer", "add", f"via-{transport}", "--url", url, "--transport", transport, *credentials, check=False)
+    result = gateway.command("peer", "add", f"via-{transport}", "--url", url, "--transport", transport, *credentials, check=False)
 
     assert result.returncode == 0, result.stderr
     assert f"Synced via-{transport} (protocol {LATEST_HANDSHAKE_VERSION}): {len(FIXTURE_TOOLS) + len(SCHEMA_TOOLS)} tools" in result.stdout

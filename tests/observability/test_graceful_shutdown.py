@@ -95,7 +95,7 @@ def fixture_url() -> Iterator[str]:
 def gateway(fixture_url: str) -> Iterator[Gateway]:
     with Gateway(name="drain", env={"FEDMCP_LOG_FORMAT": "json"}) as gateway:
         gateway.migrate()
-        gateway.manage("peer", "add", "fixture", "--url", fixture_url)
+        gateway.command("peer", "add", "fixture", "--url", fixture_url)
         gateway.auth_headers()
         yield gateway
 
