@@ -126,7 +126,6 @@ def test_uses_the_usual_servers_when_they_answer(tmp_path: Path) -> None:
     env["FEDMCP_E2E_POSTGRES"] = harness.POSTGRES_ADMIN_DSN
     env["FEDMCP_E2E_REDIS"] = harness.REDIS_URL
     env["FEDMCP_TEST_SERVICES_DIR"] = str(tmp_path / "services")
-    started = time.monotonic()
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--", sys.executable, "-c",
          "import os, json; print(json.dumps([os.environ['FEDMCP_E2E_POSTGRES'], os.environ['FEDMCP_E2E_REDIS']]))"],
@@ -136,4 +135,3 @@ def test_uses_the_usual_servers_when_they_answer(tmp_path: Path) -> None:
     assert json.loads(result.stdout) == [harness.POSTGRES_ADMIN_DSN, harness.REDIS_URL]
     assert "started" not in result.stderr
     assert not (tmp_path / "services").exists()
-    assert time.monotonic() - started < 30
