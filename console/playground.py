@@ -136,9 +136,11 @@ class Outcome:
 
 def playground_call(*, user: AbstractBaseUser, method: str, params: dict[str, Any], host: str) -> Outcome:
     """Run one request through the dispatcher as `user` and wait until its audit event is written."""
-    meta = modern_meta(extra={"io.modelcontextprotocol/clientInfo": CLIENT_INFO})
+    # The page shows URLs: a call that needs consent is answered input_required with the page's URL.
+    capabilities = {"elicitation": {"url": {}}}
+    meta = modern_meta(capabilities, extra={"io.modelcontextprotocol/clientInfo": CLIENT_INFO})
     ctx = HostContext.of_envelope(
-        protocol_version=LATEST_MODERN_VERSION, capabilities={}, client_info=CLIENT_INFO, meta=meta, transport="admin", scope="",
+        protocol_version=LATEST_MODERN_VERSION, capabilities=capabilities, client_info=CLIENT_INFO, meta=meta, transport="admin", scope="",
         outbound=Collected(), identity=playground_identity(user), headers={"host": host},
     )
     message = {"jsonrpc": "2.0", "id": 1, "method": method, "params": {**params, "_meta": meta}}
