@@ -58,6 +58,8 @@ class UpstreamPool:
         self._locks: dict[tuple[PeerConfig, Era | None, str], asyncio.Lock] = {}
         # (peer, owner) -> when an upstream that listed no handshake version last refused initialize.
         self._legacy_refused: dict[tuple[PeerConfig, str], float] = {}
+        # peer -> when its connection last came up in the handshake era (users then open only their own).
+        self._handshake_only: dict[PeerConfig, float] = {}
         self.event_handlers: list[EventHandler] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -75,11 +77,25 @@ class UpstreamPool:
                 (`UpstreamAuthorizationRequiredError` when the user has no token there).
         """
         shared = connection_owner(peer, "modern", identity_key, user_id)
-        primary = await self._ensure(peer, None, shared, user_id)
         own = connection_owner(peer, "legacy", identity_key, user_id)
+        seen = self._handshake_only.get(peer)
+        if own != shared and seen is not None and time.monotonic() - seen < LEGACY_PROBE_RETRY_SECONDS:
+            # Known to answer in the handshake era: the user's own session, nothing shared to open.
+            return await self._ensure(peer, "legacy", own, user_id)
+        opened = (peer, None, shared) not in self._connections
+        primary = await self._ensure(peer, None, shared, user_id)
         if primary.era == "legacy":
             # A handshake-era upstream (or a stdio one that answered the handshake): the user's own session.
-            return primary if own == shared else await self._ensure(peer, "legacy", own, user_id)
+            self._handshake_only[peer] = time.monotonic()
+            if own == shared:
+                return primary
+            if opened and self._connections.get((peer, None, shared)) is primary and (peer, "legacy", own) not in self._connections:
+                # Opened for this user and used by nobody yet: it becomes theirs (one session, not two).
+                del self._connections[(peer, None, shared)]
+                self._connections[(peer, "legacy", own)] = primary
+                await self._evict_beyond(peer, keep=(peer, "legacy", own))
+                return primary
+            return await self._ensure(peer, "legacy", own, user_id)
         if prefer != "legacy" or peer.transport == "stdio":
             return primary
         if primary.description.supports_legacy:
@@ -113,6 +129,7 @@ class UpstreamPool:
             self._connections.clear()
             self._locks.clear()
             self._legacy_refused.clear()
+            self._handshake_only.clear()
             self._loop = loop
         key = (peer, era, owner)
         connection = self._connections.get(key)
