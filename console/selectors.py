@@ -5,13 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from django.apps import apps
 from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
 from federation.models import Peer, PeerHealthCheck
-from identity.models import AuditEvent
+from identity.models import AuditEvent, ConsentPrompt
 from mcp_endpoint import jsonrpc
 
 WINDOW_MINUTES = 15
@@ -27,26 +26,9 @@ def percentile(values: list[float], fraction: float) -> float | None:
     return round(ordered[rank - 1], 1)
 
 
-def consent_model(name: str) -> Any:
-    """Return a consent model if the consent feature is installed, else None."""
-    try:
-        return apps.get_model("identity", name)
-    except LookupError:
-        return None
-
-
 def pending_prompts_count() -> int:
-    prompt = consent_model("ConsentPrompt")
-    if prompt is None:
-        return 0
-    field_names = {f.name for f in prompt._meta.get_fields()}
-    if "status" in field_names and "expires_at" in field_names:
-        return int(prompt.objects.filter(status="pending", expires_at__gt=timezone.now()).count())
-    if "status" in field_names:
-        return int(prompt.objects.filter(status="pending").count())
-    if "decided_at" in field_names:
-        return int(prompt.objects.filter(decided_at__isnull=True).count())
-    return int(prompt.objects.count())
+    """Consent prompts waiting for a user's answer now (expired ones wait for nobody)."""
+    return ConsentPrompt.objects.filter(status=ConsentPrompt.Status.PENDING, expires_at__gt=timezone.now()).count()
 
 
 HUMAN_WAIT = frozenset({"approved", "denied", "timeout", "ask-home", "rejected"})

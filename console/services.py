@@ -13,8 +13,8 @@ from django.contrib.auth.models import Group
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db import IntegrityError, transaction
 
-from console.selectors import consent_model
 from federation.models import CatalogEntry, Peer, RateLimit
+from identity.models import ConsentPolicy
 
 FORMAT = "fedmcp-config/1"
 SECRET_FIELDS = ("client_secret", "tls_client_key", "env")
@@ -31,9 +31,7 @@ class ConfigImportError(Exception):
 
 
 def _policy_rows() -> list[dict[str, Any]]:
-    policy = consent_model("ConsentPolicy")
-    if policy is None:
-        return []
+    policy = ConsentPolicy
     skip = {"id", "created_at", "updated_at"}
     rows = []
     for obj in policy.objects.all():
@@ -132,8 +130,8 @@ def _import(document: dict[str, Any]) -> dict[str, int]:
 
 
 def _import_policies(rows: list[dict[str, Any]]) -> int:
-    policy = consent_model("ConsentPolicy")
-    if policy is None or not rows:
+    policy = ConsentPolicy
+    if not rows:
         return 0
     users = get_user_model()
     count = 0

@@ -1,4 +1,25 @@
+from typing import Any
+
+from asgiref.sync import async_to_sync
 from django.apps import AppConfig
+from django.db import transaction
+from django.db.models.signals import post_delete, post_save
+
+
+def _announce(peer_id: int) -> None:
+    from federation.events import publish_peer_retired
+
+    # After the commit, so no worker reconnects to what the transaction still shows.
+    transaction.on_commit(lambda: async_to_sync(publish_peer_retired)(peer_id))
+
+
+def _peer_retired(sender: Any, instance: Any, **kwargs: Any) -> None:
+    _announce(instance.pk)
+
+
+def _peer_saved(sender: Any, instance: Any, created: bool = False, **kwargs: Any) -> None:
+    if not created and not instance.enabled:
+        _announce(instance.pk)
 
 
 class FederationConfig(AppConfig):
@@ -17,6 +38,9 @@ class FederationConfig(AppConfig):
         bump_on_change(Peer, "catalog")
         bump_on_change(CatalogEntry, "catalog")
         metrics.register_scrape("fedmcp_circuit_state", circuit_states_metric)
+        # A removed or disabled peer's connections close in every worker (federation/upkeep.py).
+        post_delete.connect(_peer_retired, sender=Peer, weak=False, dispatch_uid="fedmcp.peer.retired.delete")
+        post_save.connect(_peer_saved, sender=Peer, weak=False, dispatch_uid="fedmcp.peer.retired.save")
 
         if on_upstream_event not in pool.event_handlers:
             pool.event_handlers.append(on_upstream_event)

@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 CATALOG_GROUP = "fedmcp.catalog"
 RESOURCES_GROUP = "fedmcp.resources"
+PEERS_GROUP = "fedmcp.peers"
+"""Every worker listens here (federation/upkeep.py `listen_for_retired_peers`): a removed or disabled peer's connections close."""
 
 LIST_CHANGED_KINDS = {
     "notifications/tools/list_changed": [CatalogKind.TOOL],
@@ -49,3 +51,19 @@ async def publish_resource_updated(peer_name: str, uri: str, user_id: int | None
     layer = get_channel_layer()
     if layer is not None:
         await layer.group_send(RESOURCES_GROUP, {"type": "resource.updated", "peer": peer_name, "uri": uri, "user": user_id})
+
+
+async def publish_peer_retired(peer_id: int) -> None:
+    """Tell every worker to close its connections to a peer that was removed or disabled.
+
+    Logged, never raised, when the layer is unreachable: each worker's pool also retires such
+    connections itself (federation/upkeep.py).
+    """
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        await layer.group_send(PEERS_GROUP, {"type": "peer.retired", "peer": peer_id})
+    except Exception as exc:
+        logger.warning("peer #%s: workers were not told to close its connections (channel layer unreachable: %s)", peer_id, exc)
+

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from federation import naming
 from federation.credentials import discover_token_url
-from federation.events import publish_catalog_changed
+from federation.events import publish_catalog_changed, publish_peer_retired
 from federation.health import record_check
 from federation.models import CatalogEntry, CatalogKind, Peer, Transport
 from federation.tls import PeerTls, check_dates
@@ -521,6 +521,10 @@ async def peer_set_enabled(*, peer_ids: list[int], enabled: bool) -> list[str]:
     names = await _switch()
     for name in names:
         await publish_catalog_changed(name, [kind for kind, *_ in LISTINGS])
+    if not enabled:
+        # QuerySet.update() sends no post_save: tell the workers here (federation/apps.py does for saves).
+        for peer_id in await database_sync_to_async(lambda: list(Peer.objects.filter(name__in=names).values_list("pk", flat=True)))():
+            await publish_peer_retired(peer_id)
     return names
 
 
@@ -560,7 +564,6 @@ async def peer_connect_first(
     note as it happens (a CLI prints the download wait before it waits).
     """
     from federation.credentials import PeerCredentialsError
-    from federation.events import publish_catalog_changed
 
     notes: list[str] = []
 

@@ -11,9 +11,10 @@ import logging
 from typing import Any
 
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from django.conf import settings
 
-from federation.events import LIST_CHANGED_KINDS, publish_catalog_changed, publish_resource_updated
+from federation.events import LIST_CHANGED_KINDS, PEERS_GROUP, publish_catalog_changed, publish_resource_updated
 from federation.health import check_peer
 from federation.models import Peer
 from federation.naming import canonical_uri
@@ -21,6 +22,7 @@ from federation.pool import pool
 from federation.router import peer_config
 from federation.services import peer_sync_catalog
 from federation.upstream.base import JsonDict, PeerConfig, UpstreamError
+from fedmcp_site.layers import Memberships
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +99,34 @@ async def _every(interval: float, job: Any) -> None:
 _started: dict[int, list[asyncio.Task[None]]] = {}
 
 
+async def listen_for_retired_peers(layer: Any) -> None:
+    """Close this worker's connections to each peer another process removed or disabled (`publish_peer_retired`)."""
+    channel = await layer.new_channel()
+    memberships = Memberships(layer, channel, (PEERS_GROUP,))
+    await memberships.join()
+    while True:
+        try:
+            message = await memberships.receive()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("retired-peers channel failed; retrying")
+            await asyncio.sleep(1)
+            continue
+        if message.get("type") == "peer.retired" and isinstance(message.get("peer"), int):
+            await pool.drop(message["peer"])
+            logger.info("peer #%s: removed or disabled; this worker's connections to it are closed", message["peer"])
+
+
 def ensure_background_tasks() -> None:
-    """Start this worker's health-check and refresh loops once per event loop (0 = disabled)."""
+    """Start this worker's health-check and refresh loops (0 = disabled) and its retired-peers listener, once per event loop."""
     loop = asyncio.get_running_loop()
     if id(loop) in _started:
         return
     tasks = []
+    layer = get_channel_layer()
+    if layer is not None:
+        tasks.append(loop.create_task(listen_for_retired_peers(layer)))
     if settings.FEDERATION_HEALTH_INTERVAL > 0:
         tasks.append(loop.create_task(_every(settings.FEDERATION_HEALTH_INTERVAL, check_peer)))
     if settings.FEDERATION_REFRESH_INTERVAL > 0:

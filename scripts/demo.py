@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,13 @@ def wait_for(url: str, timeout: float = 20.0) -> None:
     raise SystemExit(f"{url} did not come up within {timeout:g}s")
 
 
+def _free_port() -> int:
+    """A loopback port nothing listens on now (the demo upstream's: the gateway's port + 1 may be taken)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def manage(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PY, "manage.py", *args], cwd=ROOT, text=True, capture_output=True)
 
@@ -45,8 +53,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--fixture-port", type=int, default=0, help="the demo upstream's port (default: a free one)")
     options = parser.parse_args()
-    fixture_port = options.port + 1
+    fixture_port = options.fixture_port or _free_port()
     fixture = subprocess.Popen(
         [PY, "-m", "tests.fixtures.everything_server", "--port", str(fixture_port), "--name", "demo"], cwd=ROOT
     )

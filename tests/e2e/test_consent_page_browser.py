@@ -26,6 +26,7 @@ from identity.tokens import OPERATOR_APPLICATION
 from tests.e2e import harness
 from tests.e2e.browser import screenshot, sign_in_on_consent_page
 from tests.e2e.hosts import BackgroundHost
+from tests.e2e.test_consent_binding import SHOWS_URLS
 from tests.e2e.test_federation import modern_call
 
 pytestmark = pytest.mark.e2e
@@ -69,7 +70,8 @@ def assert_fits(browser: webdriver.Chrome, name: str) -> None:
 def consent_gateway(web_upstream_url: str) -> Iterator[tuple[harness.Gateway, str]]:
     """A gateway that asks before every tool call, with user alice and the fixture as peer `web`."""
     password = secrets.token_urlsafe(16)
-    env = {"FEDMCP_CONSENT_DEFAULT": "ask", "FEDMCP_CONSENT_TIMEOUT": str(WAIT * 3), "FEDMCP_CONSENT_POLL_INTERVAL": "1"}
+    # The host shows no URLs; FEDMCP_CONSENT_HOLD=all has its call wait for the page's answer.
+    env = {"FEDMCP_CONSENT_DEFAULT": "ask", "FEDMCP_CONSENT_HOLD": "all", "FEDMCP_CONSENT_TIMEOUT": str(WAIT * 3), "FEDMCP_CONSENT_POLL_INTERVAL": "1"}
     with harness.Gateway(name="consent-page", env=env) as gateway:
         gateway.migrate()
         gateway.create_users({USERNAME: password})
@@ -128,11 +130,11 @@ def expiring_gateway(web_upstream_url: str) -> Iterator[tuple[harness.Gateway, s
 
 
 def test_an_expired_prompt_leaves_the_live_page(expiring_gateway: tuple[harness.Gateway, str], browser: webdriver.Chrome) -> None:
-    """A 2026-07-28 host is sent to the page and its call returns: no worker waits to say the prompt expired."""
+    """A 2026-07-28 host that shows URLs is sent to the page and its call returns: no worker waits to say the prompt expired."""
     gateway, password = expiring_gateway
     wait = sign_in_on_consent_page(browser, gateway.url("/consent"), password)
     params = {"name": "web__add", "arguments": {"a": 1, "b": 2}}
-    reply = modern_call(gateway, "tools/call", params, name="web__add", headers=gateway.auth_headers(USERNAME), timeout=WAIT)
+    reply = modern_call(gateway, "tools/call", params, name="web__add", headers=gateway.auth_headers(USERNAME), timeout=WAIT, meta=SHOWS_URLS)
     assert reply["result"]["resultType"] == "input_required", reply
     wait.until(expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, "#prompts .prompt")))
 
