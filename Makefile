@@ -54,19 +54,22 @@ WITH_SERVICES := $(PY) scripts/test_services.py --
 test: lint venv tools
 	@$(WITH_SERVICES) $(MAKE) --no-print-directory test-with-services
 
-# The unit tests (CPU-bound, one process) and the end-to-end tests (mostly waiting on the
-# processes they start, so in E2E_WORKERS pytest-xdist workers, a test file at a time each,
-# slowest files first) run side by side. FEDMCP_TEST_PORTS gives each process a share of the
+# The unit tests (CPU-bound, in UNIT_WORKERS pytest-xdist workers) and the end-to-end tests
+# (mostly waiting on the processes they start, in E2E_WORKERS workers, a test file at a time
+# each, slowest files first) run side by side. FEDMCP_TEST_PORTS gives each process a share of the
 # loopback ports of its own (tests/e2e/harness.py `free_port`). The e2e output goes to
 # build/test-e2e.log and is printed after the unit tests; either failing fails the target.
 # About 13 minutes on 2 cores: unit ~11.5, e2e ~12 beside them (~22 CPU-minutes in all).
 E2E_WORKERS ?= 2
+UNIT_WORKERS ?= 2
 E2E_XDIST = -n $(E2E_WORKERS) --dist loadfile --no-loadscope-reorder
+UNIT_XDIST = -n $(UNIT_WORKERS) --dist loadfile
+PORT_SHARES = $$(($(UNIT_WORKERS) + $(E2E_WORKERS)))
 test-with-services:
 	@mkdir -p build
-	@FEDMCP_TOOLS=$(abspath $(TOOLS)) FEDMCP_TEST_PORTS=1/$$(($(E2E_WORKERS) + 1)) $(PY) -m pytest tests/e2e $(E2E_XDIST) --durations=15 > build/test-e2e.log 2>&1 & e2e=$$!; \
+	@FEDMCP_TOOLS=$(abspath $(TOOLS)) FEDMCP_TEST_PORTS=$(UNIT_WORKERS)/$(PORT_SHARES) $(PY) -m pytest tests/e2e $(E2E_XDIST) --durations=15 > build/test-e2e.log 2>&1 & e2e=$$!; \
 	echo "end-to-end tests running alongside in $(E2E_WORKERS) workers (pid $$e2e, output in build/test-e2e.log)"; \
-	FEDMCP_TEST_PORTS=0/$$(($(E2E_WORKERS) + 1)) $(PY) -m pytest --ignore=tests/e2e --durations=10; unit=$$?; \
+	FEDMCP_TEST_PORTS=0/$(PORT_SHARES) $(PY) -m pytest --ignore=tests/e2e $(UNIT_XDIST) --durations=10; unit=$$?; \
 	echo "--- waiting for the end-to-end tests ---"; \
 	wait $$e2e; e2e_status=$$?; cat build/test-e2e.log; \
 	echo "unit tests: exit $$unit; end-to-end tests: exit $$e2e_status"; \

@@ -1,16 +1,27 @@
+import asyncio
 from typing import Any
 
-from asgiref.sync import async_to_sync
+from asgiref.sync import SyncToAsync, async_to_sync
 from django.apps import AppConfig
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 
 
 def _announce(peer_id: int) -> None:
+    # After the commit, so no worker reconnects to what the transaction still shows.
+    transaction.on_commit(lambda: _publish_retired(peer_id))
+
+
+def _publish_retired(peer_id: int) -> None:
+    """Send `peer.retired` without holding up the save: handed to the server's event loop when this
+    thread runs for it (a view, a sync_to_async call), else sent on a loop of its own (a command)."""
     from federation.events import publish_peer_retired
 
-    # After the commit, so no worker reconnects to what the transaction still shows.
-    transaction.on_commit(lambda: async_to_sync(publish_peer_retired)(peer_id))
+    loop = getattr(SyncToAsync.threadlocal, "main_event_loop", None)
+    if loop is not None and loop.is_running():
+        asyncio.run_coroutine_threadsafe(publish_peer_retired(peer_id), loop)
+    else:
+        async_to_sync(publish_peer_retired)(peer_id)
 
 
 def _peer_retired(sender: Any, instance: Any, **kwargs: Any) -> None:

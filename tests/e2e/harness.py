@@ -113,13 +113,17 @@ def free_port() -> int:
     would name an issuer it trusts already.
     """
     index, count = port_share()
-    while True:
+    for _ in range(100_000):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port % count == index and port not in _ports_given:
+        # Linux hands out ports of one parity for bind(0) (the other is kept for connect()), so
+        # shares go by port // 2: with `port % count`, an even share count left half the shares
+        # without any port, and their processes looped here for ever.
+        if (port >> 1) % count == index and port not in _ports_given:
             _ports_given.add(port)
             return port
+    raise RuntimeError(f"no free loopback port in share {index} of {count}")
 
 
 def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
