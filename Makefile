@@ -59,7 +59,7 @@ test: lint venv tools
 # each, slowest files first) run side by side. FEDMCP_TEST_PORTS gives each process a share of the
 # loopback ports of its own (tests/e2e/harness.py `free_port`). The e2e output goes to
 # build/test-e2e.log and is printed after the unit tests; either failing fails the target.
-# About 13 minutes on 2 cores: unit ~11.5, e2e ~12 beside them (~22 CPU-minutes in all).
+# On a clean clone of a 2-core machine: 14 min 45 s for both side by side (~25 CPU-minutes in all).
 E2E_WORKERS ?= 2
 UNIT_WORKERS ?= 2
 E2E_XDIST = -n $(E2E_WORKERS) --dist loadfile --no-loadscope-reorder
