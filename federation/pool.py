@@ -201,10 +201,16 @@ class UpstreamPool:
         return len(sessions)
 
     async def drop(self, peer_id: int) -> None:
-        """Close every connection to a peer (removed or disabled)."""
-        for key in [k for k in self._connections if k[0].id == peer_id]:
-            connection = self._connections.pop(key)
-            await connection.close()
+        """Close every connection to a peer (removed or disabled), side by side.
+
+        Each stays listed until its close has finished, so `connections()` never reports a peer
+        gone while its streams and child processes are still being shut down.
+        """
+        doomed = [(k, c) for k, c in self._connections.items() if k[0].id == peer_id]
+        await asyncio.gather(*(c.close() for _, c in doomed), return_exceptions=True)
+        for key, connection in doomed:
+            if self._connections.get(key) is connection:
+                del self._connections[key]
 
     async def close(self) -> None:
         connections, self._connections = list(self._connections.values()), OrderedDict()
