@@ -14,7 +14,7 @@ from typing import Any
 from django.test import AsyncClient, override_settings
 
 from identity.audit import audit_flush
-from identity.models import AuditEvent, ConsentPrompt
+from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt
 from mcp_endpoint import jsonrpc
 from tests.base import FixturePeerTestCase, McpClient
 from tests.identity.test_consent_flow import CALL_TIMEOUT, TOOL, final_message
@@ -102,3 +102,15 @@ class FirstCallTests(FixturePeerTestCase):
         reply = await client.post(body, {"mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call", "mcp-name": ADD})
 
         self.assertEqual(final_message(reply)["result"]["resultType"], "input_required")
+
+    async def test_a_2026_refusal_is_a_json_rpc_error_at_http_200_without_an_authentication_challenge(self) -> None:
+        # A consent refusal is a decided request, not a malformed one: the SDK's status table
+        # gives it 200, and a 401/403 would start the SDK client's OAuth step-up instead of
+        # showing the refusal (docs/CONSENT.md "Outcomes").
+        await ConsentPolicy.objects.acreate(peer="everything", kind="tool", name_pattern="add", decision="deny")
+        reply = await McpClient().call_modern("tools/call", {"name": ADD, "arguments": ARGUMENTS}, name=ADD, timeout=CALL_TIMEOUT)
+
+        self.assertEqual(reply.status, 200)
+        self.assertNotIn("www-authenticate", {k.lower() for k in reply.headers})
+        self.assertEqual(final_message(reply)["error"]["code"], jsonrpc.CONSENT_DENIED)
+        self.assertEqual(await self.audited(), [("deny", "error", jsonrpc.CONSENT_DENIED)])
