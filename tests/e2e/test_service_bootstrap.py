@@ -33,7 +33,8 @@ out = {"postgres": os.environ["FEDMCP_E2E_POSTGRES"], "redis": os.environ["FEDMC
 with psycopg.connect(out["postgres"]) as conn:
     out["database"], backend = conn.execute("SELECT current_database(), pg_backend_pid()").fetchone()
     conn.execute("CREATE TABLE bootstrap_probe (n int)")  # the server is the test's own
-out["postmaster"] = int(open(f"/proc/{backend}/status").read().split("PPid:")[1].split()[0])
+    # While the connection is open: its backend process exits once it closes.
+    out["postmaster"] = int(open(f"/proc/{backend}/status").read().split("PPid:")[1].split()[0])
 client = redis.Redis.from_url(out["redis"])
 out["ping"] = client.ping()
 out["redis_pid"] = client.info("server")["process_id"]
