@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -51,6 +52,14 @@ def wait(driver: webdriver.Chrome) -> WebDriverWait:
     return WebDriverWait(driver, WAIT)
 
 
+def submit(driver: webdriver.Chrome, button: WebElement) -> None:
+    """Press a button that loads a new page, and wait until the old page is gone: an element
+    looked for next (a message list) may be on both pages."""
+    page = driver.find_element(By.TAG_NAME, "html")
+    button.click()
+    wait(driver).until(expected_conditions.staleness_of(page))
+
+
 def sign_in(driver: webdriver.Chrome, gateway: harness.Gateway, password: str) -> None:
     driver.get(gateway.url("/admin/login/?next=/admin/"))
     if driver.find_elements(By.NAME, "username"):
@@ -83,7 +92,7 @@ def test_a_good_peer_is_added_and_its_catalog_is_readable(console: tuple[harness
     browser.find_element(By.NAME, "name").send_keys("web")
     browser.find_element(By.NAME, "url").send_keys(gateway.upstream_url)  # type: ignore[attr-defined]
     screenshot(browser, "admin-add-peer.png")
-    browser.find_element(By.NAME, "_save").click()
+    submit(browser, browser.find_element(By.NAME, "_save"))
 
     wait(browser).until(expected_conditions.presence_of_element_located((By.ID, "peer-catalog")))
     assert "/change/" in browser.current_url, problems(browser)
@@ -94,7 +103,7 @@ def test_a_good_peer_is_added_and_its_catalog_is_readable(console: tuple[harness
     browser.execute_script("arguments[0].scrollIntoView();", add)
     screenshot(browser, "admin-peer-catalog.png")
 
-    browser.find_element(By.ID, "peer-test").click()
+    submit(browser, browser.find_element(By.ID, "peer-test"))
     message = wait(browser).until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".messagelist li")))
     assert "reachable, answered in" in message.text, problems(browser)
     screenshot(browser, "admin-peer-page.png")
@@ -107,7 +116,7 @@ def test_a_broken_peer_is_not_added_and_the_page_says_why(console: tuple[harness
     browser.get(gateway.url("/admin/federation/peer/add/"))
     Select(browser.find_element(By.NAME, "transport")).select_by_value("streamable-http")
     browser.find_element(By.NAME, "name").send_keys("nourl")
-    browser.find_element(By.NAME, "_save").click()
+    submit(browser, browser.find_element(By.NAME, "_save"))
     error = wait(browser).until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".field-url .errorlist")))
     assert "needs the URL" in error.text
 
@@ -116,7 +125,7 @@ def test_a_broken_peer_is_not_added_and_the_page_says_why(console: tuple[harness
     browser.find_element(By.NAME, "name").send_keys("broken")
     failing = f"{sys.executable} -c \"import sys; sys.stderr.write('npm error 404 Not Found - @nope/server'); sys.exit(1)\""
     browser.find_element(By.NAME, "command").send_keys(failing)
-    browser.find_element(By.NAME, "_save").click()
+    submit(browser, browser.find_element(By.NAME, "_save"))
 
     note = wait(browser).until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".errornote")))
     assert "Could not reach 'broken'" in note.text and "was not added" in note.text
@@ -138,7 +147,7 @@ def test_the_playground_calls_a_tool_through_the_gateway(console: tuple[harness.
 
     wait(browser).until(expected_conditions.presence_of_element_located((By.NAME, "arg_a"))).send_keys("20")
     browser.find_element(By.NAME, "arg_b").send_keys("22")
-    browser.find_element(By.ID, "playground-run").click()
+    submit(browser, browser.find_element(By.ID, "playground-run"))
 
     result = wait(browser).until(expected_conditions.presence_of_element_located((By.ID, "playground-result")))
     assert result.get_attribute("data-outcome") == "ok", result.text
@@ -146,6 +155,6 @@ def test_the_playground_calls_a_tool_through_the_gateway(console: tuple[harness.
     assert browser.find_element(By.ID, "playground-elapsed").text.endswith(" ms")
     screenshot(browser, "admin-playground.png")
 
-    browser.find_element(By.LINK_TEXT, "See it in the audit log").click()
+    submit(browser, browser.find_element(By.LINK_TEXT, "See it in the audit log"))
     rows = wait(browser).until(expected_conditions.presence_of_element_located((By.ID, "result_list")))
     assert ADMIN in rows.text and "add" in rows.text
