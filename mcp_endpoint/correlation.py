@@ -1,9 +1,11 @@
 """In-flight correlation that works across workers.
 
-Two things must find their way to the worker that holds the waiting task:
+Three things must find their way to the worker that holds the waiting task:
 
-* a host's answer to a server->client request (sampling, elicitation, roots), and
-* a host's `notifications/cancelled` for a request it sent earlier.
+* a host's answer to a server->client request (sampling, elicitation, roots),
+* a host's `notifications/cancelled` for a request it sent earlier, and
+* a 2026-07-28 host's retry of a call whose upstream call is held open on one worker
+  (`hold` / `resume`: mcp_endpoint/pipeline/held_calls.py).
 
 The answer or the cancellation may arrive at any worker. Each worker first looks in its own
 table of waiting tasks (the common, single-process case, no round trip); if the task is not
@@ -17,22 +19,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.layers import get_channel_layer
 
 from fedmcp_site.json_types import JsonDict
 from fedmcp_site.layers import Memberships
+from mcp_endpoint import jsonrpc
 
 logger = logging.getLogger(__name__)
 
 WORKERS_GROUP = "fedmcp.workers"
+RESUME_ACK_TIMEOUT = 2.0
+"""Seconds a worker waits for the worker holding a call to say it has it."""
+
+Resume = Callable[[JsonDict], Awaitable[JsonDict]]
 
 
 class _Correlator:
     def __init__(self) -> None:
         self._waiting: dict[str, asyncio.Future[JsonDict]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[Any]] = {}
+        self._held: dict[str, Resume] = {}
         self._listener: asyncio.Task[None] | None = None
         self._listener_loop: asyncio.AbstractEventLoop | None = None
         self._joined = asyncio.Event()
@@ -70,6 +79,8 @@ class _Correlator:
                 self._resolve_local(message["key"], message["message"])
             elif kind == "correlation.cancel":
                 self._cancel_local(message["session"], message["request"])
+            elif kind == "correlation.resume" and message.get("key") in self._held:
+                asyncio.create_task(self._resume_for(message))
 
     async def _broadcast(self, message: JsonDict) -> None:
         layer = get_channel_layer()
@@ -127,6 +138,54 @@ class _Correlator:
         """Cancel the host request `request_id` of `session_id`, wherever it runs."""
         if not self._cancel_local(session_id, repr(request_id)):
             await self._broadcast({"type": "correlation.cancel", "session": session_id, "request": repr(request_id)})
+
+    # --- held calls ------------------------------------------------------------------------------
+
+    async def hold(self, key: str, resume: Resume) -> None:
+        """Say this worker holds `key`: a `resume(key, payload)` from any worker runs `resume(payload)` here."""
+        await self._ensure_listener()
+        self._held[key] = resume
+
+    def release(self, key: str) -> None:
+        self._held.pop(key, None)
+
+    async def resume(self, key: str, payload: JsonDict, timeout: float) -> JsonDict | None:
+        """Run the holder's `resume(payload)` for `key`, here or on the worker that holds it; return its answer.
+
+        None when no worker says it holds `key` within RESUME_ACK_TIMEOUT (its worker stopped, or
+        it expired), or the holder did not answer within `timeout`.
+        """
+        local = self._held.get(key)
+        if local is not None:
+            return await local(payload)
+        reply_key = self.new_request_id()
+        ack = await self.expect_reply(f"{reply_key}-ack")
+        answer = await self.expect_reply(reply_key)
+        try:
+            await self._broadcast({"type": "correlation.resume", "key": key, "payload": payload, "reply": reply_key})
+            if get_channel_layer() is None:
+                return None
+            await asyncio.wait_for(ack, RESUME_ACK_TIMEOUT)
+            return await asyncio.wait_for(answer, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            self.forget_reply(f"{reply_key}-ack")
+            self.forget_reply(reply_key)
+
+    async def _resume_for(self, message: JsonDict) -> None:
+        """On the worker holding `message["key"]`: acknowledge, resume it, send the answer back."""
+        resume = self._held.get(message["key"])
+        if resume is None:
+            return
+        reply = message.get("reply")
+        await self._broadcast({"type": "correlation.reply", "key": f"{reply}-ack", "message": {}})
+        try:
+            answer = await resume(message.get("payload") or {})
+        except Exception:
+            logger.exception("resuming held call %s failed", message["key"])
+            answer = {"error": jsonrpc.JsonRpcError("the gateway failed to resume the held call").to_error()}
+        await self._broadcast({"type": "correlation.reply", "key": reply, "message": answer})
 
 
 correlator = _Correlator()

@@ -25,6 +25,8 @@ REMOTE_CONSENT = "remote-consent"
 """A peer gateway's consent question, asked here as the user's home (pipeline/home_consent.py)."""
 CONNECT = "connect"
 """The user's own account at a peer, connected on this gateway's page (pipeline/connect.py)."""
+BRIDGE = "bridge"
+"""A handshake-era upstream's call held open while the host answers its requests (pipeline/held_calls.py)."""
 CONTINUE = "continue"
 """A further round of an approved call (pipeline/continuation.py; signed and parsed there)."""
 

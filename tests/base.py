@@ -521,8 +521,8 @@ class AsgiTestCase(TransactionTestCase):
 
 
 def register_peer(name: str, url: str, *, sync: bool = True, **fields: Any) -> Peer:
-    """Create a Streamable HTTP peer and (by default) store its catalog; fails if the sync fails."""
-    peer = peer_add(name=name, transport=Transport.STREAMABLE_HTTP, url=url, **fields)
+    """Create a peer (Streamable HTTP unless `transport` says otherwise) and (by default) store its catalog; fails if the sync fails."""
+    peer = peer_add(name=name, url=url, **{"transport": Transport.STREAMABLE_HTTP, **fields})
     if sync:
         report = async_to_sync(peer_sync_catalog)(peer=peer)
         assert report.ok, report.errors

@@ -20,6 +20,30 @@ def everything_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def handshake_only_url() -> Iterator[str]:
+    """Run the fixture server over legacy HTTP+SSE (handshake era only) once per session; yield its GET /sse URL."""
+    import subprocess
+
+    from tests.e2e import harness
+
+    port = harness.free_port()
+    command = [*harness.fixture_command(port=port), "--transport", "sse"]
+    process = subprocess.Popen(command, cwd=harness.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # Not /sse itself: that answers with a stream that never ends.
+        harness.wait_http(f"http://127.0.0.1:{port}/", process=process)
+        yield f"http://127.0.0.1:{port}/sse"
+    finally:
+        harness.stop(process)
+
+
+@pytest.fixture(scope="class")
+def handshake_only_on_class(request: pytest.FixtureRequest, handshake_only_url: str) -> None:
+    """Give a test case class the handshake-era-only fixture server's URL as `handshake_only_url`."""
+    request.cls.handshake_only_url = handshake_only_url
+
+
 @pytest.fixture(scope="class")
 def everything_on_class(request: pytest.FixtureRequest, everything_url: str) -> None:
     """Give a test case class the fixture server's URL as `everything_url`."""

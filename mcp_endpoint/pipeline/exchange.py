@@ -8,8 +8,8 @@ This is where the eras meet:
   into server->client requests to the host, and the request is retried upstream with the
   answers (`inputResponses`, `requestState` untouched);
 * a 2026-07-28 host and a handshake-era-only upstream: results gain `resultType` and cache
-  hints; server->client requests from the upstream are refused, because a 2026-07-28 host
-  cannot be asked mid-request.
+  hints; the upstream call is held open while the host answers what it asks mid-call, in
+  `input_required` rounds (held_calls.py).
 
 Sampling and elicitation requests from upstreams pass consent first, in every case
 (upstream_requests.py; a 2026-07-28 host's input_required included). A peer gateway's consent
@@ -33,6 +33,7 @@ from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.connect import connect_required_error
 from mcp_endpoint.pipeline.continuation import continuation_wrap
 from mcp_endpoint.pipeline.envelope import gateway_meta, upstream_params, with_fresh_assertion
+from mcp_endpoint.pipeline.held_calls import held_request, held_resume, is_held_retry
 from mcp_endpoint.pipeline.home_consent import peer_request
 from mcp_endpoint.pipeline.upstream_requests import UpstreamCall, ask_upstreams_request, check_input_round, relay_to, upstream_input_gate
 from mcp_endpoint.pipeline.values import Approval, CallSubject, Verdict
@@ -110,19 +111,28 @@ async def _attempt(ctx: HostContext, route: Route, subject: CallSubject, params:
     """
     method = subject.method
     identity = ctx.identity
+    # Only a gateway this one believes is taken at its word about what it relays (identity/trust.py).
+    trusted = route.peer.trusted_gateway
+    origin = peer_audience(route.peer.url) if trusted else ""
+    call = UpstreamCall(route.peer.name, method, subject.name, trusted, origin, arguments=subject.arguments, call_id=secrets.token_urlsafe(12))
+    relay = relay_to(ctx, call)
+    connection: UpstreamConnection | None = None
     try:
-        connection = await pool.get(
-            route.peer, prefer=ctx.era, identity_key=identity.subject_key() if identity is not None else "",
-            user_id=identity.user_id if identity is not None else None,
-        )
-        sent = upstream_params(ctx, connection, params, gateway_meta(ctx, route.peer, hops) if route.peer.is_gateway else None)
-        # Only a gateway this one believes is taken at its word about what it relays (identity/trust.py).
-        trusted = route.peer.trusted_gateway
-        origin = peer_audience(route.peer.url) if trusted else ""
-        call = UpstreamCall(route.peer.name, method, subject.name, trusted, origin, arguments=subject.arguments, call_id=secrets.token_urlsafe(12))
-        relay = relay_to(ctx, call)
-        # A peer gateway may first ask for the user's consent at their home (home_consent.py).
-        asked = await peer_request(ctx, connection, method, sent, relay)
+        if is_held_retry(ctx, params):
+            # A 2026-07-28 host answering what a handshake-era upstream asked mid-call (held_calls.py).
+            asked = Verdict(answer=await held_resume(ctx, call, params))
+        else:
+            connection = await pool.get(
+                route.peer, prefer=ctx.era, identity_key=identity.subject_key() if identity is not None else "",
+                user_id=identity.user_id if identity is not None else None,
+            )
+            sent = upstream_params(ctx, connection, params, gateway_meta(ctx, route.peer, hops) if route.peer.is_gateway else None)
+            if ctx.era == "modern" and connection.era == "legacy" and not route.peer.is_gateway:
+                # What the upstream asks mid-call comes back to the host as input_required rounds.
+                asked = Verdict(answer=await held_request(ctx, call, connection, method, sent))
+            else:
+                # A peer gateway may first ask for the user's consent at their home (home_consent.py).
+                asked = await peer_request(ctx, connection, method, sent, relay)
     except UpstreamAuthorizationRequiredError as exc:
         # The user's token at a per-user OAuth peer is gone or could not be renewed.
         raise connect_required_error(ctx, route.peer.name, exc.reason) from exc
@@ -134,7 +144,7 @@ async def _attempt(ctx: HostContext, route: Route, subject: CallSubject, params:
     result = reply.get("result")
     if not isinstance(result, dict):
         raise UpstreamProtocolError(f"peer '{route.peer.name}' answered {method} without a result")
-    if ctx.era == "legacy" and connection.era == "modern":
+    if ctx.era == "legacy" and connection is not None and connection.era == "modern":
         result = await _bridge_input_required(ctx, connection, call, sent, result, relay)
     elif ctx.era == "modern":
         if approval is not None:

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -67,20 +66,6 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = TIMEOUT) -> Any:
 
 
 @pytest.fixture(scope="module")
-def sse_url() -> Iterator[str]:
-    """Run the fixture server over legacy HTTP+SSE; yield its GET /sse URL."""
-    port = harness.free_port()
-    command = [*harness.fixture_command(port=port), "--transport", "sse"]
-    process = subprocess.Popen(command, cwd=harness.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        # Not /sse itself: that answers with a stream that never ends.
-        harness.wait_http(f"http://127.0.0.1:{port}/", process=process)
-        yield f"http://127.0.0.1:{port}/sse"
-    finally:
-        harness.stop(process)
-
-
-@pytest.fixture(scope="module")
 def gateway(everything_url: str) -> Iterator[harness.Gateway]:
     """Run a fedmcp gateway with the fixture server as peer `fx`: a WebSocket MCP server."""
     with harness.Gateway(name="transports") as gw:
@@ -124,7 +109,7 @@ def _upstream(request: pytest.FixtureRequest, kind: str) -> Upstream:
             return Upstream(peer, "legacy", "legacy", LATEST_HANDSHAKE_VERSION)
         return Upstream(peer, "modern", "modern", LATEST_MODERN_VERSION)
     if kind == "sse":
-        peer = PeerConfig(id=2, name="legacy-sse", transport="sse", url=request.getfixturevalue("sse_url"))
+        peer = PeerConfig(id=2, name="legacy-sse", transport="sse", url=request.getfixturevalue("handshake_only_url"))
         return Upstream(peer, None, "legacy", LATEST_HANDSHAKE_VERSION)
     if kind == "websocket":
         gateway = request.getfixturevalue("gateway")
@@ -235,7 +220,7 @@ def test_peer_add_syncs_a_catalog(request: pytest.FixtureRequest, gateway: harne
         (gateway.dir / "client-secret").write_text(secret)
         credentials = ["--client-id", client_id, "--client-secret-file", str(gateway.dir / "client-secret")]
     else:
-        url = request.getfixturevalue("sse_url")
+        url = request.getfixturevalue("handshake_only_url")
     result = gateway.command("peer", "add", f"via-{transport}", "--url", url, "--transport", transport, *credentials, check=False)
 
     assert result.returncode == 0, result.stderr
