@@ -33,7 +33,7 @@ from federation.services import LISTINGS, PER_USER_KINDS, CatalogBudget, _list_a
 from federation.upstream.base import PeerConfig, UpstreamError
 from fedmcp_site import caching
 from fedmcp_site.json_types import JsonDict
-from identity.consent import consent_denied_among
+from identity.consent.policy import consent_denied_among
 from identity.tokens import Identity
 from identity.upstream_oauth import UpstreamAuthorizationRequiredError
 

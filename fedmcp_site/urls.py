@@ -15,7 +15,7 @@ urlpatterns = [
     path("favicon.svg", views.favicon_svg, name="favicon-svg"),
     path("", include("identity.urls")),
     path("", include("identity.jwks_urls")),
-    path("", include("identity.consent_urls")),
+    path("", include("identity.consent.urls")),
     path("", include("identity.connect_urls")),
     path("", views.index, name="index"),
 ]

@@ -13,7 +13,7 @@ class IdentityConfig(AppConfig):
 
         from fedmcp_site import metrics
         from fedmcp_site.caching import bump_on_change, bump_on_m2m_change
-        from identity.consent import pending_prompts_metric
+        from identity.consent.prompts import pending_prompts_metric
         from identity.models import ConsentGrant, ConsentPolicy, TrustedGateway
 
         # What each cached domain depends on here (fedmcp_site/caching.py); a new token is a miss.

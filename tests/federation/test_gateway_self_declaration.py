@@ -24,7 +24,7 @@ from identity.trust import gateway_trust, gateway_untrust
 from mcp_endpoint import jsonrpc
 from tests.base import MODERN, AsgiTestCase, McpClient, modern_meta, register_peer, request
 from tests.federation.hostile_upstream import ORIGIN, PASSWORD_FORM, HostileUpstream, install
-from tests.identity.test_consent_flow import final_message
+from tests.identity.consent.test_flow import final_message
 
 GB_ORIGIN = "http://127.0.0.1:10"
 GX_ORIGIN = "http://127.0.0.1:11"

@@ -29,7 +29,9 @@ from federation import catalog, router
 from federation.models import CatalogEntry, CatalogKind, Peer
 from federation.services import catalog_set_enabled, peer_set_enabled
 from fedmcp_site import caching
-from identity import audit, consent, consent_cache, tokens
+from identity import audit, tokens
+from identity.consent import decisions
+from identity.consent.policy import Decision, consent_grant_revoke
 from identity.models import AuditEvent, ConsentDecision, ConsentGrant, ConsentPolicy
 from mcp_endpoint import sessions
 from tests.base import ALICE, audience, mint_token, persona
@@ -407,13 +409,13 @@ class ConsentCacheTests(TransactionTestCase):
             scopes=frozenset(), expires=timezone.now() + timedelta(hours=1),
         )
 
-    async def decide(self) -> consent.Decision:
-        return await consent_cache.consent_decide(identity=self.identity, peer="files", kind="tool", name="read")
+    async def decide(self) -> Decision:
+        return await decisions.consent_decide(identity=self.identity, peer="files", kind="tool", name="read")
 
     @override_settings(FEDMCP_CONSENT_DEFAULT="allow")
     async def test_a_deny_policy_applies_to_the_next_call(self) -> None:
         assert (await self.decide()).action == ConsentDecision.ALLOW
-        with mock.patch("identity.consent.decision_load", side_effect=AssertionError("decided again")):
+        with mock.patch("identity.consent.policy.decision_load", side_effect=AssertionError("decided again")):
             assert (await self.decide()).action == ConsentDecision.ALLOW
         policy = await ConsentPolicy.objects.acreate(peer="files", decision="deny")
         assert (await self.decide()).action == ConsentDecision.DENY
@@ -427,7 +429,7 @@ class ConsentCacheTests(TransactionTestCase):
             user=self.user, peer="files", kind="tool", name="read", expires_at=timezone.now() + timedelta(hours=1)
         )
         assert (await self.decide()).grant_id == grant.pk
-        await database_sync_to_async(consent.consent_grant_revoke)(grant=grant)  # a QuerySet.update()
+        await database_sync_to_async(consent_grant_revoke)(grant=grant)  # a QuerySet.update()
         assert (await self.decide()).action == ConsentDecision.ASK
 
     async def test_a_cached_grant_is_not_used_past_its_expiry(self) -> None:
@@ -442,16 +444,16 @@ class ConsentCacheTests(TransactionTestCase):
     async def test_the_first_successful_call_counts_even_before_its_audit_row_is_written(self) -> None:
         assert (await self.decide()).action == ConsentDecision.ASK
         with override_settings(FEDMCP_AUDIT_FLUSH_INTERVAL=60):
-            # The first call the user approved (only an allowed or approved call counts: identity/consent.py PEER_USED_DECISIONS).
+            # The first call the user approved (only an allowed or approved call counts: identity/consent/policy.py PEER_USED_DECISIONS).
             audit.audit_record(identity=self.identity, peer="files", method="tools/call", name="read", error_code=None, latency_ms=1.0, decision="approved")
             assert (await self.decide()).action == ConsentDecision.ALLOW
 
     async def test_a_federated_users_decisions_are_not_kept(self) -> None:
         federated = tokens.Identity(**{**self.identity.__dict__, "federated_issuer": "https://a.example", "federated_subject": "alice"})
         with override_settings(FEDMCP_CONSENT_DEFAULT="allow"):
-            await consent_cache.consent_decide(identity=federated, peer="files", kind="tool", name="read")
-            with mock.patch("identity.consent.decision_load", return_value=consent.Decision(ConsentDecision.DENY)) as decide:
-                await consent_cache.consent_decide(identity=federated, peer="files", kind="tool", name="read")
+            await decisions.consent_decide(identity=federated, peer="files", kind="tool", name="read")
+            with mock.patch("identity.consent.policy.decision_load", return_value=Decision(ConsentDecision.DENY)) as decide:
+                await decisions.consent_decide(identity=federated, peer="files", kind="tool", name="read")
             assert decide.called
 
 

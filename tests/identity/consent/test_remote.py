@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.test import TransactionTestCase, override_settings
 from django.utils import timezone
 
-from identity import consent, trust
-from identity.models import ConsentGrant, ConsentPolicy, RemoteConsent
-from identity.remote_consent import (
+from identity import trust
+from identity.consent.policy import decision_load, redact
+from identity.consent.remote import (
     CHALLENGE_TYPE,
     DECISION_TYPE,
     RemoteConsentError,
@@ -30,6 +30,7 @@ from identity.remote_consent import (
     remote_consent_open,
     remote_consent_settle,
 )
+from identity.models import ConsentGrant, ConsentPolicy, RemoteConsent
 from identity.signing import jwks, signing_key
 from identity.tokens import Identity
 from identity.trust import gateway_trust
@@ -65,7 +66,7 @@ class OwnerTests(TransactionTestCase):
     async def open(self, arguments: Any = ARGS, identity: Identity | None = None) -> dict[str, Any]:
         raw = await remote_consent_open(
             identity=identity or alice_at_a(), peer="web", kind="tool", name="search", arguments=arguments,
-            redacted=consent.redact(arguments, ["token"]), expires_at=owner_expiry(60),
+            redacted=redact(arguments, ["token"]), expires_at=owner_expiry(60),
         )
         public = jwt.PyJWK(signing_key().public_jwk).key
         assert jwt.get_unverified_header(raw)["typ"] == CHALLENGE_TYPE
@@ -126,11 +127,11 @@ class OwnerTests(TransactionTestCase):
         grant = await ConsentGrant.objects.aget()
         assert (grant.user_id, grant.federated_issuer, grant.federated_subject, grant.peer, grant.name) == (None, A, "alice", "web", "search")
         await ConsentPolicy.objects.acreate(peer="web", decision="ask")
-        decided = await consent.decision_load(identity=alice_at_a(), peer="web", kind="tool", name="search")
+        decided = await decision_load(identity=alice_at_a(), peer="web", kind="tool", name="search")
         assert (decided.action, decided.label) == ("allow", "grant")
         # Someone else of A's, or alice through another client, is still asked.
         other = Identity(**{**alice_at_a().__dict__, "federated_subject": "bob"})
-        assert (await consent.decision_load(identity=other, peer="web", kind="tool", name="search")).action == "ask"
+        assert (await decision_load(identity=other, peer="web", kind="tool", name="search")).action == "ask"
 
     async def test_remember_must_be_an_offered_duration(self) -> None:
         assert await self.reason(self.decision(await self.open(), remember=10**9)) == "claims"

@@ -23,9 +23,10 @@ from django.test import AsyncClient, override_settings
 
 from federation.models import CatalogKind, Peer
 from federation.upstream.base import PeerConfig
-from identity import consent, trust
+from identity import trust
 from identity.audit import audit_flush
-from identity.deferral import request_hash
+from identity.consent.deferral import request_hash
+from identity.consent.prompts import prompt_summary
 from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt
 from identity.signing import signing_key
 from identity.trust import gateway_trust
@@ -44,10 +45,10 @@ from tests.base import (
     register_peer,
     request,
 )
+from tests.identity.consent.test_deferral_source import Gateway
+from tests.identity.consent.test_flow import CALL_TIMEOUT, final_message, wait_for_prompt
+from tests.identity.consent.test_sampling_flow import SAMPLED
 from tests.identity.test_assertions import Signer
-from tests.identity.test_consent_deferral_source import Gateway
-from tests.identity.test_consent_flow import CALL_TIMEOUT, final_message, wait_for_prompt
-from tests.identity.test_consent_sampling_flow import SAMPLED
 
 A = "https://a.example"
 ASK = {"FEDMCP_CONSENT_SAMPLING_DEFAULT": "ask", "FEDMCP_CONSENT_ELICITATION_DEFAULT": "ask"}
@@ -310,7 +311,7 @@ class HomeNamesTheSourceFlowTests(HomeWithPeerB):
             await next_message(call)
 
         said = "server 'fixture' of gateway 'c', as reported by peer gateway 'b' (not verified: signed by a gateway this one does not trust)"
-        self.assertEqual(consent.prompt_summary(prompt)["source_text"], said)  # what the live feed pushes too
+        self.assertEqual(prompt_summary(prompt)["source_text"], said)  # what the live feed pushes too
         self.assertIn(f"elicitation request from {said} (during 'web__summarize')", message)
         self.assertIn(
             "Elicitation request from <code>fixture</code> of gateway <code>c</code>, as reported by <code>b</code> during <code>test_sampling</code>", page

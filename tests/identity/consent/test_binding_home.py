@@ -1,7 +1,7 @@
 """At the user's home gateway, too, an approval on /consent covers the exact call it was shown.
 
 This gateway is A; alice calls a tool of peer gateway B (faked at the connection seam, as in
-tests/identity/test_distributed_consent_flow.py `HomeFlowTests`), B challenges, alice approves
+tests/identity/consent/test_remote_flow.py `HomeFlowTests`), B challenges, alice approves
 on A's page, and her 2026-07-28 host retries with A's `requestState`. A retry with other
 arguments, or from another OAuth client of alice's, must not carry her signed decision to B:
 it is sent as a new call, so B asks afresh (issue 15, "Trust boundaries").
@@ -18,17 +18,18 @@ import jwt
 from channels.db import database_sync_to_async
 from django.test import override_settings
 
-from identity import consent, trust
+from identity import trust
+from identity.consent.prompts import consent_prompt_answer
+from identity.consent.remote import CHALLENGE_TYPE, DECISION_META_KEY, arguments_hash
 from identity.models import ConsentPrompt
-from identity.remote_consent import CHALLENGE_TYPE, DECISION_META_KEY, arguments_hash
 from identity.tokens import authenticate
 from identity.trust import gateway_trust
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.home_consent import peer_request
 from tests.base import AsgiTestCase, audience, verdict_of
+from tests.identity.consent.test_remote_flow import WAIT, A, B, FakeConnection, NoOutbound
 from tests.identity.test_assertions import Signer
-from tests.identity.test_distributed_consent_flow import WAIT, A, B, FakeConnection, NoOutbound
 
 SHOWN = {"query": "weather"}
 CHANGED = {"query": "payroll"}
@@ -63,7 +64,7 @@ class HomeBindingTests(AsgiTestCase):
         first = await verdict_of(peer_request(await self.context(), connection, "tools/call", {"name": "x", "arguments": SHOWN}, None))  # type: ignore[arg-type]
         self.assertEqual(first["result"]["resultType"], "input_required")
         prompt = await ConsentPrompt.objects.aget(status=ConsentPrompt.Status.PENDING)
-        await database_sync_to_async(consent.consent_prompt_answer)(prompt_id=prompt.id, user=self.alice, approve=True)
+        await database_sync_to_async(consent_prompt_answer)(prompt_id=prompt.id, user=self.alice, approve=True)
         return first["result"]["requestState"], prompt
 
     def decisions_sent(self, connection: FakeConnection) -> list[Any]:

@@ -22,10 +22,11 @@ from channels.db import database_sync_to_async
 from django.test import override_settings
 
 from federation.upstream.base import PeerConfig
-from identity import consent, trust
+from identity import trust
 from identity.audit import audit_flush
+from identity.consent.prompts import consent_prompt_answer
+from identity.consent.remote import CHALLENGE_TYPE, DECISION_META_KEY, DECISION_TYPE, arguments_hash
 from identity.models import AuditEvent, ConsentGrant, ConsentPolicy, ConsentPrompt, RemoteConsent
-from identity.remote_consent import CHALLENGE_TYPE, DECISION_META_KEY, DECISION_TYPE, arguments_hash
 from identity.signing import signing_key
 from identity.tokens import authenticate
 from identity.trust import gateway_trust
@@ -33,8 +34,8 @@ from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.home_consent import peer_request
 from tests.base import AsgiTestCase, FixturePeerTestCase, McpClient, audience, mint_token, modern_meta, request, verdict_of
+from tests.identity.consent.test_flow import final_message
 from tests.identity.test_assertions import Signer
-from tests.identity.test_consent_flow import final_message
 
 TOOL = "everything__test_simple_text"
 A = "https://a.example"
@@ -223,7 +224,7 @@ class HomeFlowTests(AsgiTestCase):
         raise AssertionError("no prompt")
 
     async def answer(self, prompt: ConsentPrompt, approve: bool, remember: int | None = None) -> None:
-        await database_sync_to_async(consent.consent_prompt_answer)(prompt_id=prompt.id, user=self.alice, approve=approve, remember_seconds=remember)
+        await database_sync_to_async(consent_prompt_answer)(prompt_id=prompt.id, user=self.alice, approve=approve, remember_seconds=remember)
 
     def sent_decision(self, connection: FakeConnection) -> dict[str, Any]:
         raw = connection.sent[-1]["_meta"][DECISION_META_KEY]

@@ -25,8 +25,8 @@ from mcp_endpoint import jsonrpc
 from mcp_endpoint.pipeline.upstream_requests import UpstreamCall, relay_to
 from tests.base import MODERN, AsgiTestCase, McpClient, modern_meta, register_peer, request
 from tests.federation.hostile_upstream import HostileUpstream, install
-from tests.identity.test_consent_flow import final_message
-from tests.identity.test_consent_sampling_relay import context
+from tests.identity.consent.test_flow import final_message
+from tests.identity.consent.test_sampling_relay import context
 
 TOOL = "evil__add"
 # Tools are allowed without asking; the upstream's sampling and elicitation are asked (the shipped default).

@@ -18,11 +18,11 @@ from django.test import AsyncClient, TestCase, override_settings
 from django.utils import timezone
 
 from identity.audit import audit_flush
+from identity.consent.upstream_requests import request_summary
 from identity.models import AuditEvent, ConsentGrant, ConsentPolicy, ConsentPrompt
-from identity.upstream_requests import request_summary
 from mcp_endpoint import jsonrpc
 from tests.base import HOST, MODERN, FixturePeerTestCase, HttpExchange, McpClient, modern_meta, request
-from tests.identity.test_consent_flow import CALL_TIMEOUT, final_message, wait_for_prompt
+from tests.identity.consent.test_flow import CALL_TIMEOUT, final_message, wait_for_prompt
 
 TOOL = "everything__test_sampling"
 QUESTION = "<script>alert(1)</script> What is the capital of France?"

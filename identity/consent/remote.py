@@ -35,7 +35,7 @@ from django.utils import timezone
 
 from identity import trust
 from identity.call_digest import arguments_hash
-from identity.consent import KIND_FOR_METHOD, REMEMBER_CHOICES
+from identity.consent.policy import KIND_FOR_METHOD, REMEMBER_CHOICES
 from identity.models import ConsentGrant, RemoteConsent
 from identity.signing import ACCEPTED_ALGORITHMS, JwtRejectedError, issuer, jwt_verify, signing_key
 from identity.tokens import Identity

@@ -33,7 +33,7 @@ from mcp_endpoint.models import ResourceSubscription
 from mcp_endpoint.pipeline import flow
 from mcp_endpoint.pipeline.asking import INPUT_KEY
 from tests.base import MODERN, SHOWS_URLS, FixturePeerTestCase, HttpExchange, McpClient, mint_token, modern_meta, request
-from tests.identity.test_consent_flow import CALL_TIMEOUT, final_message
+from tests.identity.consent.test_flow import CALL_TIMEOUT, final_message
 
 ADD = "everything__add"
 SHOWN = {"a": 1, "b": 2}

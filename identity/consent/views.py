@@ -1,7 +1,7 @@
 """The consent pages: a user's pending prompts (/consent, /consent/<id>), grants (/consent/grants)
 and the applications and accounts they connected (/consent/applications).
 
-Interface code only: answering and revoking are `identity.consent` services. Every page is
+Interface code only: answering and revoking are `identity.consent` services (policy.py, prompts.py). Every page is
 login-required, refuses framing (X-Frame-Options DENY and CSP frame-ancestors 'none'), and
 every POST is CSRF-protected and redirects to a fixed page (no `next`, no open redirect).
 """
@@ -18,7 +18,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 from oauth2_provider.models import Application
 
-from identity import authorizations, consent, consent_display
+from identity import authorizations
+from identity.consent.display import prompt_display
+from identity.consent.policy import REMEMBER_CHOICES, consent_grant_revoke
+from identity.consent.prompts import ConsentAnswerError, consent_prompt_answer, prompt_summary
 from identity.models import ConsentGrant, ConsentPrompt, UpstreamToken
 from identity.pages import protected_page
 
@@ -33,8 +36,8 @@ _protected = protected_page(CSP)
 
 def _shown(prompt: ConsentPrompt) -> dict[str, Any]:
     return {
-        **consent.prompt_summary(prompt),
-        **consent_display.prompt_display(prompt),
+        **prompt_summary(prompt),
+        **prompt_display(prompt),
         # As a text block (consent/_text.html): a long argument is folded, so the buttons stay near.
         "arguments_block": {"text": json.dumps(prompt.arguments, indent=2, ensure_ascii=False)},
         "request": _shown_request(prompt.request),
@@ -58,7 +61,7 @@ def _shown_request(request: Any) -> dict[str, Any]:
 
 
 def _context(**extra: Any) -> dict[str, Any]:
-    return {"gateway_name": settings.FEDMCP_GATEWAY_NAME, "durations": consent.REMEMBER_CHOICES, **extra}
+    return {"gateway_name": settings.FEDMCP_GATEWAY_NAME, "durations": REMEMBER_CHOICES, **extra}
 
 
 def _by_call(prompts: Any) -> list[dict[str, Any]]:
@@ -97,15 +100,15 @@ def _answer(request: HttpRequest, prompt_id: str) -> HttpResponse:
             remember = int(request.POST.get("duration", ""))
         except ValueError:
             remember = -1
-        if remember not in dict(consent.REMEMBER_CHOICES):
+        if remember not in dict(REMEMBER_CHOICES):
             return HttpResponse("Choose one of the offered durations.", status=400, content_type="text/plain")
     elif action not in ("approve", "deny"):
         return HttpResponse("Unknown action.", status=400, content_type="text/plain")
     if not ConsentPrompt.objects.filter(pk=prompt_id, user=request.user).exists():
         raise Http404("no such consent request")
     try:
-        prompt = consent.consent_prompt_answer(prompt_id=prompt_id, user=request.user, approve=action != "deny", remember_seconds=remember)
-    except consent.ConsentAnswerError as exc:
+        prompt = consent_prompt_answer(prompt_id=prompt_id, user=request.user, approve=action != "deny", remember_seconds=remember)
+    except ConsentAnswerError as exc:
         # Single-use: a second answer (another tab, a replayed form) changes nothing.
         return HttpResponse(str(exc), status=409, content_type="text/plain")
     verb = {"approve": "Approved once", "remember": "Approved and remembered", "deny": "Denied"}[action]
@@ -132,7 +135,7 @@ def grant_list(request: HttpRequest) -> HttpResponse:
 @require_POST
 def grant_revoke(request: HttpRequest, grant_id: int) -> HttpResponse:
     grant = get_object_or_404(ConsentGrant, pk=grant_id, user=request.user)
-    consent.consent_grant_revoke(grant=grant)
+    consent_grant_revoke(grant=grant)
     messages.success(request, f"Revoked: {grant.kind} {grant.name} on {grant.peer}.")
     return redirect("consent-grants")
 

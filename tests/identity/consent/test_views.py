@@ -324,7 +324,8 @@ class LiveFeedDisplayTests(AsgiTestCase):
         from channels.testing import WebsocketCommunicator
 
         from fedmcp_site.asgi import application
-        from identity import consent
+        from identity.consent.policy import Decision
+        from identity.consent.prompts import consent_prompt_create
         from identity.tokens import Identity
 
         @sync_to_async
@@ -344,9 +345,9 @@ class LiveFeedDisplayTests(AsgiTestCase):
                 token_id=1, user_id=self.alice.pk, username="alice", application_id=app.pk, client_id=app.client_id,
                 scopes=frozenset(), expires=timezone.now() + timedelta(hours=1),
             )
-            await consent.consent_prompt_create(
+            await consent_prompt_create(
                 identity=caller, peer="web", kind="tool", name="fetch", arguments={"url": LONG_URL},
-                decision=consent.Decision("ask"), timeout=300,
+                decision=Decision("ask"), timeout=300,
             )
             pushed = (await feed.receive_json_from(5))["prompt"]
         finally:

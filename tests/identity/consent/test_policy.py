@@ -1,4 +1,4 @@
-"""`identity.consent.decide`: the consent rule as a table (no database), and argument redaction.
+"""`identity.consent.policy.decide`: the consent rule as a table (no database), and argument redaction.
 
 Rows that rely on the default pass it explicitly: tests/conftest.py sets FEDMCP_CONSENT_DEFAULT
 to "allow" for every test.
@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from identity.consent import decide, redact
+from identity.consent.policy import decide, redact
 from identity.models import ConsentPolicy
 from identity.tokens import Identity
 

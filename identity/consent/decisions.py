@@ -1,4 +1,4 @@
-"""Consent decisions and hidden names, kept per worker in front of identity/consent.py.
+"""Consent decisions and hidden names, kept per worker in front of identity/consent/policy.py.
 
 A decision depends on the consent policies, the user's groups and grants (domain "consent",
 bumped by their signals and by `consent_grant_revoke`) and, for the default "ask-new-peers",
@@ -22,11 +22,12 @@ from channels.db import database_sync_to_async
 from django.utils import timezone
 
 from fedmcp_site import caching
-from identity import audit, consent
+from identity import audit
+from identity.consent import policy
 from identity.models import ConsentDecision, ConsentGrant
 from identity.tokens import Identity
 
-_decisions: caching.GenerationCache[tuple[consent.Decision, datetime | None]] = caching.GenerationCache("consent decisions", ("consent",))
+_decisions: caching.GenerationCache[tuple[policy.Decision, datetime | None]] = caching.GenerationCache("consent decisions", ("consent",))
 _hidden: caching.GenerationCache[set[str]] = caching.GenerationCache("hidden names", ("consent", "catalog"), maxsize=1000)
 
 
@@ -44,25 +45,25 @@ def _grant_expiry(grant_id: int) -> datetime | None:
     return ConsentGrant.objects.active().filter(pk=grant_id).values_list("expires_at", flat=True).first()
 
 
-async def consent_decide(*, identity: Identity | None, peer: str, kind: str, name: str, default: str | None = None) -> consent.Decision:
-    """The one consent decision for a call or an upstream's request: `consent.decision_load`, answered from this worker's cache where that is safe.
+async def consent_decide(*, identity: Identity | None, peer: str, kind: str, name: str, default: str | None = None) -> policy.Decision:
+    """The one consent decision for a call or an upstream's request: `policy.decision_load`, answered from this worker's cache where that is safe.
 
     `default` replaces the setting that applies when no policy matches (an elicitation a
     believed peer gateway gated already is allowed unless a policy names it).
     """
     subject = _subject(identity)
-    key = (subject, peer, kind, name, default or consent.default_setting())
+    key = (subject, peer, kind, name, default or policy.default_setting())
     if subject is not None:
         hit = _decisions.get(key)
         if hit is not caching.MISSING and (hit[1] is None or timezone.now() < hit[1]):
             return hit[0]
     stamp = _decisions.stamp()
-    decision = await consent.decision_load(identity=identity, peer=peer, kind=kind, name=name, default=default)
+    decision = await policy.decision_load(identity=identity, peer=peer, kind=kind, name=name, default=default)
     if decision.action == ConsentDecision.ASK and decision.policy_id is None and audit.audit_pending():
         # "A peer the user has used" is read from the audit trail: let this worker's pending
         # rows land first, so a second call right after an approved first one is not asked.
         await audit.audit_flush()
-        decision = await consent.decision_load(identity=identity, peer=peer, kind=kind, name=name, default=default)
+        decision = await policy.decision_load(identity=identity, peer=peer, kind=kind, name=name, default=default)
     if subject is None or decision.action == ConsentDecision.ASK:
         return decision
     until = None
@@ -75,9 +76,9 @@ async def consent_decide(*, identity: Identity | None, peer: str, kind: str, nam
 
 
 async def consent_hidden_names(*, identity: Identity | None, scope: str, kind: str) -> set[str]:
-    """`consent.consent_hidden_names`, kept until consent or the catalog changes. Do not change the set."""
+    """`policy.hidden_names_load`, kept until consent or the catalog changes. Do not change the set."""
     subject = _subject(identity)
     if subject is None:
-        return await consent.consent_hidden_names(identity=identity, scope=scope, kind=kind)
+        return await policy.hidden_names_load(identity=identity, scope=scope, kind=kind)
     key = (subject, scope, kind)
-    return await caching.cached(_hidden, key, lambda: consent.consent_hidden_names(identity=identity, scope=scope, kind=kind))
+    return await caching.cached(_hidden, key, lambda: policy.hidden_names_load(identity=identity, scope=scope, kind=kind))

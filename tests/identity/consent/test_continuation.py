@@ -19,7 +19,7 @@ from mcp_endpoint import jsonrpc
 from mcp_endpoint.pipeline.asking import INPUT_KEY
 from mcp_endpoint.pipeline.continuation import CONTINUE_SEPARATOR, continue_prefix
 from tests.base import MODERN, FixturePeerTestCase, McpClient, amint_token, modern_meta, request
-from tests.identity.test_consent_flow import CALL_TIMEOUT, final_message
+from tests.identity.consent.test_flow import CALL_TIMEOUT, final_message
 
 MULTI_ROUND = "everything__test_input_required_result_multi_round"
 ONE_QUESTION = "everything__test_input_required_result_elicitation"

@@ -1,4 +1,4 @@
-"""Where a request left to the user's home comes from, as far as the home can vouch for it (identity/deferral.py).
+"""Where a request left to the user's home comes from, as far as the home can vouch for it (identity/consent/deferral.py).
 
 Gateways A (alice's home), B (the peer A's call went to) and C (B's peer, which deferred an
 upstream's sampling request): each signs with its own key, played here by switching settings.
@@ -20,11 +20,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.test import TransactionTestCase, override_settings
 
-from identity import deferral, signing, trust
+from identity import signing, trust
+from identity.consent import deferral
+from identity.consent.upstream_requests import source_text
 from identity.models import TrustedGateway
 from identity.tokens import Identity
 from identity.trust import gateway_trust
-from identity.upstream_requests import source_text
 from tests.base import persona
 
 A, B, C = "https://a.example", "https://b.example", "https://c.example"
@@ -168,7 +169,7 @@ class DeferralSourceTests(TransactionTestCase):
 
     async def test_an_expired_proof_is_not_used(self) -> None:
         await self.trust_c()
-        with mock.patch("identity.deferral.time.time", return_value=time.time() - 600):
+        with mock.patch("identity.consent.deferral.time.time", return_value=time.time() - 600):
             stale = self.c.mark(f"alice@{A}")
 
         source = await self.source(stale)

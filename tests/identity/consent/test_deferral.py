@@ -19,7 +19,7 @@ from django.test import TransactionTestCase, override_settings
 
 from identity import trust
 from identity.audit import audit_flush
-from identity.deferral import PROOF_TYPE, request_hash
+from identity.consent.deferral import PROOF_TYPE, request_hash
 from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt, TrustedGateway
 from identity.signing import signing_key
 from identity.tokens import Identity
@@ -33,8 +33,8 @@ from mcp_endpoint.pipeline.upstream_requests import (
     upstream_request_relay,
 )
 from tests.base import persona, verdict_of
+from tests.identity.consent.test_sampling_relay import SAMPLING, Host, context
 from tests.identity.test_assertions import Signer
-from tests.identity.test_consent_sampling_relay import SAMPLING, Host, context
 
 A = "https://a.example"
 B = "https://b.example"

@@ -47,7 +47,7 @@ PROOF_LIFETIME = 60
 PEER = "peer"
 SIGNATURE = "signature"
 REPORTED = "reported"
-"""How far the home vouches for a source (module docstring); identity/upstream_requests.py `source_text` says it in words."""
+"""How far the home vouches for a source (module docstring); identity/consent/upstream_requests.py `source_text` says it in words."""
 UNTRUSTED = "signed by a gateway this one does not trust"
 NOT_SIGNED = "not signed"
 LIMITS = {"gateway": 48, "issuer": 2000, "server": 48, "call": 2000}

@@ -1,9 +1,9 @@
-"""What the consent page tells its user about a prompt beyond `consent.prompt_summary`.
+"""What the consent page tells its user about a prompt beyond `prompts.prompt_summary`.
 
 What the tool does (its catalog description), what "approve and remember" covers (the grant
-`consent.consent_prompt_answer` would create), why a question about a call comes a second time,
-and how long the call still waits. Shared by the page (identity/consent_views.py) and its live
-feed (identity/consent_consumers.py), so a prompt reads the same rendered or pushed.
+`prompts.consent_prompt_answer` would create), why a question about a call comes a second time,
+and how long the call still waits. Shared by the page (identity/consent/views.py) and its live
+feed (identity/consent/consumers.py), so a prompt reads the same rendered or pushed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
-from identity import consent
+from identity.consent.policy import REQUEST_KIND_FOR_METHOD
+from identity.consent.prompts import timeout_setting
 from identity.models import ConsentPrompt
 
 DESCRIPTION_LIMIT = 600
@@ -50,7 +51,7 @@ def _description(entry: Any) -> str:
 
 
 def _what(prompt: ConsentPrompt) -> str:
-    if prompt.kind in consent.REQUEST_KIND_FOR_METHOD.values():
+    if prompt.kind in REQUEST_KIND_FOR_METHOD.values():
         return f"{prompt.kind} requests during {prompt.name} on {prompt.peer}"
     return f"calls of {prompt.kind} {prompt.name} on {prompt.peer}"
 
@@ -81,7 +82,7 @@ def asked_again(prompt: ConsentPrompt, entry: Any) -> str:
         return ""
     # The question this gateway asked first, for its own policy, about the same call: approved
     # (or the call would not have reached the owner) within one prompt's lifetime before this one.
-    since = (prompt.created_at or timezone.now()) - timedelta(seconds=consent.timeout_setting() + 60)
+    since = (prompt.created_at or timezone.now()) - timedelta(seconds=timeout_setting() + 60)
     earlier = ConsentPrompt.objects.filter(
         user_id=prompt.user_id, owner_gateway="", peer=entry.peer.name, kind=prompt.kind, name=entry.upstream_name,
         client_id=prompt.client_id, status=ConsentPrompt.Status.APPROVED, decided_at__gte=since,

@@ -16,8 +16,8 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.security.websocket import WebsocketDenier
 
 from fedmcp_site.layers import Memberships
-from identity.consent import user_group
-from identity.consent_display import prompt_display
+from identity.consent.display import prompt_display
+from identity.consent.prompts import user_group
 from identity.models import ConsentPrompt
 from mcp_endpoint import security
 
@@ -58,7 +58,7 @@ class ConsentPromptConsumer(AsyncJsonWebsocketConsumer):
 
 @database_sync_to_async
 def _display(prompt_id: str) -> dict[str, Any]:
-    """What the page shows besides the summary (identity/consent_display.py), as of now: the
+    """What the page shows besides the summary (identity/consent/display.py), as of now: the
     countdown starts from the seconds left when the page hears of the prompt."""
     prompt = ConsentPrompt.objects.filter(pk=prompt_id).first()
     return prompt_display(prompt) if prompt is not None else {}

@@ -274,7 +274,7 @@ class ConsentFlowTests(FixturePeerTestCase):
         """Nobody here can answer, and no trusted home gateway can be asked: refused, no prompt.
 
         (A user asserted by a trusted gateway is asked at their home instead:
-        tests/identity/test_distributed_consent_flow.py.)
+        tests/identity/consent/test_remote_flow.py.)
         """
         from dataclasses import replace
 

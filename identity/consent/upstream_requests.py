@@ -6,7 +6,7 @@ shown), the system prompt, maxTokens and model preferences; for elicitation the 
 requested schema. The pages escape all of it; long text is kept (up to a cap) and folded there.
 
 `source_text` says where a request left to this gateway by one further along comes from, as far
-as this gateway vouches for it (identity/deferral.py).
+as this gateway vouches for it (identity/consent/deferral.py).
 """
 
 from __future__ import annotations

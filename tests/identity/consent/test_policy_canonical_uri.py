@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from identity.consent import decide
+from identity.consent.policy import decide
 from identity.models import ConsentPolicy
 from identity.tokens import Identity
 
