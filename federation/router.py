@@ -22,7 +22,7 @@ from federation import naming
 from federation.models import CatalogEntry, CatalogKind, Peer
 from federation.upstream.base import PeerConfig
 from fedmcp_site import caching
-from identity.trust import peer_gateway_standing
+from identity.trust.gateways import peer_gateway_standing
 
 
 class NotRoutableError(Exception):
@@ -57,7 +57,7 @@ def peer_config(peer: Peer) -> PeerConfig:
     """The peer's configuration for a route: its gateway name only while this gateway still believes it.
 
     The name stored at the last sync is checked against the trust records again
-    (identity/trust.py `peer_gateway_standing`), so revoking trust takes effect at once.
+    (identity/trust/gateways.py `peer_gateway_standing`), so revoking trust takes effect at once.
     """
     config = PeerConfig.from_peer(peer)
     if config.remote_gateway:

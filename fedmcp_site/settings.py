@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from identity import scopes as scope_names
+from identity.hostauth import scopes as scope_names
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -268,7 +268,7 @@ MCP_SESSION_RETENTION = env_int("FEDMCP_SESSION_RETENTION", 7 * 24 * 3600)
 FEDMCP_PUBLIC_URL = os.environ.get("FEDMCP_PUBLIC_URL", "")
 
 OAUTH2_PROVIDER = {
-    # One list of scopes, with their descriptions: identity/scopes.py (no Django imports there).
+    # One list of scopes, with their descriptions: identity/hostauth/scopes.py (no Django imports there).
     "SCOPES": dict(scope_names.SCOPES),
     "DEFAULT_SCOPES": list(scope_names.MCP_SCOPES),
     "PKCE_REQUIRED": True,
@@ -287,9 +287,9 @@ OAUTH2_PROVIDER = {
     "COMPLIANT_BCP_RFC9700_ACCESS_TOKEN_TRANSPORT": True,
     # Redirect URIs match exactly and are https or loopback http; tokens are only minted for
     # this gateway's origin (the default audience when a client names none).
-    "OAUTH2_VALIDATOR_CLASS": "identity.oauth_validators.GatewayOAuth2Validator",
-    # /api/ checks a token's audience with the MCP endpoints' rule (identity.tokens.audience_error).
-    "RESOURCE_SERVER_TOKEN_RESOURCE_VALIDATOR": "identity.oauth_validators.token_fits_gateway",
+    "OAUTH2_VALIDATOR_CLASS": "identity.hostauth.oauth_validators.GatewayOAuth2Validator",
+    # /api/ checks a token's audience with the MCP endpoints' rule (identity.hostauth.tokens.audience_error).
+    "RESOURCE_SERVER_TOKEN_RESOURCE_VALIDATOR": "identity.hostauth.oauth_validators.token_fits_gateway",
     # Refresh tokens rotate on every use; an unused one lapses after this long.
     "REFRESH_TOKEN_EXPIRE_SECONDS": env_int("FEDMCP_REFRESH_TOKEN_SECONDS", 30 * 86400),
     # The issuer: FEDMCP_PUBLIC_URL when set, else the origin each request came to.

@@ -20,11 +20,11 @@ from federation.pool import pool
 from federation.router import AmbiguousUriError, NotRoutableError, Route, peer_for_scope, resolve
 from federation.services import GATEWAY_CAPABILITY
 from federation.upstream.base import UpstreamError
+from federation.upstream_oauth import UpstreamAuthorizationRequiredError
 from fedmcp_site.json_types import JsonDict
 from fedmcp_site.layers import Memberships
 from identity.audit import audit_record
 from identity.consent import decisions
-from identity.upstream_oauth import UpstreamAuthorizationRequiredError
 from mcp_endpoint import jsonrpc, methods, sessions
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.admit import incoming_hops

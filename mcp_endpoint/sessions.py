@@ -31,7 +31,7 @@ from django.utils import timezone
 from prometheus_client.core import GaugeMetricFamily
 
 from fedmcp_site import caching
-from identity.tokens import Identity
+from identity.hostauth.tokens import Identity
 from mcp_endpoint.models import McpSession, ResourceSubscription
 
 logger = logging.getLogger(__name__)

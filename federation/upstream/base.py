@@ -108,7 +108,7 @@ class PeerConfig:
 
     @property
     def trusted_gateway(self) -> bool:
-        """A peer gateway whose assertions this gateway believes: marked by the operator and trusted (identity/trust.py).
+        """A peer gateway whose assertions this gateway believes: marked by the operator and trusted (identity/trust/gateways.py).
 
         Routes carry it only while the trust holds (federation/router.py); `remote_gateway` is then its name.
         """

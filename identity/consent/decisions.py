@@ -24,8 +24,8 @@ from django.utils import timezone
 from fedmcp_site import caching
 from identity import audit
 from identity.consent import policy
+from identity.hostauth.tokens import Identity
 from identity.models import ConsentDecision, ConsentGrant
-from identity.tokens import Identity
 
 _decisions: caching.GenerationCache[tuple[policy.Decision, datetime | None]] = caching.GenerationCache("consent decisions", ("consent",))
 _hidden: caching.GenerationCache[set[str]] = caching.GenerationCache("hidden names", ("consent", "catalog"), maxsize=1000)

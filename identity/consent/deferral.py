@@ -14,7 +14,7 @@ it asks its user, it names the source as far as it can check it (`source_of`):
 * `peer`: the proof is signed by the peer gateway the call went to (keys as for a consent
   challenge: its trust record, else its origin's JWKS). The peer deferred the request itself.
 * `signature`: the proof is signed by another gateway, one this gateway trusts (an enabled
-  `TrustedGateway`, identity/trust.py; shown by the name the administrator gave it). It came
+  `TrustedGateway`, identity/trust/gateways.py; shown by the name the administrator gave it). It came
   through the peer, which could not have forged it.
 * `reported`: anything else (no proof, one signed by a gateway this one does not trust, one
   that does not verify, or a bare name from an older gateway): the mark's claims are shown as
@@ -32,11 +32,11 @@ from typing import Any
 
 import jwt
 
-from identity import trust
 from identity.call_digest import arguments_hash
+from identity.hostauth.tokens import Identity
 from identity.models import TrustedGateway
-from identity.signing import ACCEPTED_ALGORITHMS, AssertionConfigError, JwtRejectedError, issuer, jwt_verify, signing_key
-from identity.tokens import Identity
+from identity.trust import gateways
+from identity.trust.signing import ACCEPTED_ALGORITHMS, AssertionConfigError, JwtRejectedError, issuer, jwt_verify, signing_key
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +103,11 @@ def _names_our_user(subject: Any, identity: Identity | None) -> bool:
     """Whether `subject` is our user as a gateway further along knows them.
 
     We assert them as `assertion_subject`; each gateway after the next one knows them as its
-    neighbour asserted them, `<subject>@<issuer>` once per hop (identity/trust.py).
+    neighbour asserted them, `<subject>@<issuer>` once per hop (identity/trust/gateways.py).
     """
     if identity is None or not isinstance(subject, str):
         return False
-    ours = trust.assertion_subject(identity)
+    ours = gateways.assertion_subject(identity)
     try:
         qualified = f"{ours}@{issuer()}"
     except AssertionConfigError:
@@ -132,13 +132,13 @@ async def _signer(raw: str, peer_origin: str) -> tuple[str, TrustedGateway | Non
     gateway = None
     try:
         if peer_origin and iss.rstrip("/") == peer_origin.rstrip("/"):
-            key = await trust.peer_gateway_key(iss, peer_origin, header.get("kid"))
+            key = await gateways.peer_gateway_key(iss, peer_origin, header.get("kid"))
         else:
             gateway = await TrustedGateway.objects.filter(issuer=iss.rstrip("/"), enabled=True).afirst()
             if gateway is None:
                 raise DeferralProofError(UNTRUSTED)
-            key = await trust.trusted_gateway_key(gateway.issuer, header.get("kid"))
-    except trust.AssertionRejectedError as exc:
+            key = await gateways.trusted_gateway_key(gateway.issuer, header.get("kid"))
+    except gateways.AssertionRejectedError as exc:
         raise DeferralProofError(f"its signer's key cannot be checked ({exc.reason})") from exc
     return iss, gateway, key, header
 
@@ -154,7 +154,7 @@ async def _verified(raw: Any, *, identity: Identity | None, peer_origin: str, ki
         raise DeferralProofError(NOT_SIGNED)
     iss, gateway, key, header = await _signer(raw, peer_origin)
     try:
-        claims = jwt_verify(raw, key, header["alg"], issuer=iss, leeway=trust.LEEWAY, required=["iss", "sub", "iat", "exp", "kind", "request_hash"])
+        claims = jwt_verify(raw, key, header["alg"], issuer=iss, leeway=gateways.LEEWAY, required=["iss", "sub", "iat", "exp", "kind", "request_hash"])
     except JwtRejectedError as exc:
         raise DeferralProofError("its proof expired" if exc.reason == "expired" else "its signature does not verify") from exc
     if not isinstance(claims["iat"], int | float) or claims["exp"] - claims["iat"] > PROOF_LIFETIME:

@@ -25,8 +25,8 @@ from django.utils import timezone
 
 from federation.naming import canonical_uri
 from fedmcp_site import caching
+from identity.hostauth.tokens import Identity
 from identity.models import AuditEvent, ConsentDecision, ConsentGrant, ConsentPolicy
-from identity.tokens import Identity
 
 logger = logging.getLogger(__name__)
 

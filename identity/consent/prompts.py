@@ -27,8 +27,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 from identity.consent.policy import REMEMBER_CHOICES, Decision, redact
 from identity.consent.upstream_requests import source_text
+from identity.hostauth.tokens import Identity
 from identity.models import ConsentGrant, ConsentPrompt, UsedContinuation
-from identity.tokens import Identity
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Distributed consent: the gateway that owns a call asks the user's home gateway, and trusts its answer.
 
-A call that reaches gateway B from peer gateway A acts for `alice@A` (identity/trust.py). When
+A call that reaches gateway B from peer gateway A acts for `alice@A` (identity/trust/gateways.py). When
 B's policy says "ask", nobody at B can answer, so B asks A:
 
 1. B (the *owner*) keeps a pending `RemoteConsent` (who, which call, a hash of its arguments,
@@ -33,12 +33,12 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from identity import trust
 from identity.call_digest import arguments_hash
 from identity.consent.policy import KIND_FOR_METHOD, REMEMBER_CHOICES
+from identity.hostauth.tokens import Identity
 from identity.models import ConsentGrant, RemoteConsent
-from identity.signing import ACCEPTED_ALGORITHMS, JwtRejectedError, issuer, jwt_verify, signing_key
-from identity.tokens import Identity
+from identity.trust import gateways
+from identity.trust.signing import ACCEPTED_ALGORITHMS, JwtRejectedError, issuer, jwt_verify, signing_key
 
 CHALLENGE_TYPE = "fedmcp-consent-challenge+jwt"
 """`typ` of a challenge, so no other JWT of the same key passes for one (and vice versa)."""
@@ -49,7 +49,7 @@ DECISION_LIFETIME = 60
 """Longest accepted decision lifetime (exp - iat), seconds: it is used at once."""
 CHALLENGE_GRACE = 30
 """Seconds a challenge outlives the consent timeout, for the answer's trip back to the owner."""
-LEEWAY = trust.LEEWAY
+LEEWAY = gateways.LEEWAY
 KINDS = frozenset(KIND_FOR_METHOD.values())
 
 
@@ -126,7 +126,7 @@ def _decode(raw: str, key: jwt.PyJWK, algorithm: str, *, iss: str, required: lis
         raise RemoteConsentError(exc.reason, _REJECTIONS.get(exc.reason, _REJECTIONS["malformed"])) from exc
 
 
-def _rejected(exc: trust.AssertionRejectedError) -> RemoteConsentError:
+def _rejected(exc: gateways.AssertionRejectedError) -> RemoteConsentError:
     return RemoteConsentError(exc.reason, exc.description)
 
 
@@ -220,8 +220,8 @@ async def remote_consent_settle(
     if not home or _unverified_issuer(raw) != home:
         raise RemoteConsentError("issuer", "the decision was not signed by the user's home gateway")
     try:
-        key = await trust.trusted_gateway_key(home, header.get("kid"))
-    except trust.AssertionRejectedError as exc:
+        key = await gateways.trusted_gateway_key(home, header.get("kid"))
+    except gateways.AssertionRejectedError as exc:
         raise _rejected(exc) from exc
     claims = _decode(raw, key, header["alg"], iss=home, required=["nonce", "decision"])
     if not isinstance(claims["iat"], int | float) or claims["exp"] - claims["iat"] > DECISION_LIFETIME:
@@ -299,8 +299,8 @@ async def challenge_verify(*, raw: Any, peer_origin: str, subject: str, kind: st
     header = _header(raw, CHALLENGE_TYPE)
     iss = _unverified_issuer(raw)
     try:
-        key = await trust.peer_gateway_key(iss, peer_origin, header.get("kid"))
-    except trust.AssertionRejectedError as exc:
+        key = await gateways.peer_gateway_key(iss, peer_origin, header.get("kid"))
+    except gateways.AssertionRejectedError as exc:
         raise _rejected(exc) from exc
     claims = _decode(raw, key, header["alg"], iss=iss, required=["gateway", "peer", "kind", "name", "arguments_hash", "path"])
     if claims["sub"] != subject:

@@ -1,4 +1,4 @@
-"""URLs of the consent pages (identity/views.py); the live feed is /consent/ws (asgi.py)."""
+"""URLs of the consent pages (identity/hostauth/views.py); the live feed is /consent/ws (asgi.py)."""
 
 from __future__ import annotations
 

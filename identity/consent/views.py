@@ -18,10 +18,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 from oauth2_provider.models import Application
 
-from identity import authorizations
 from identity.consent.display import prompt_display
 from identity.consent.policy import REMEMBER_CHOICES, consent_grant_revoke
 from identity.consent.prompts import ConsentAnswerError, consent_prompt_answer, prompt_summary
+from identity.hostauth import authorizations
 from identity.models import ConsentGrant, ConsentPrompt, UpstreamToken
 from identity.pages import protected_page
 

@@ -21,7 +21,7 @@ from django.db import Error as DatabaseError
 
 from federation.upkeep import ensure_background_tasks
 from fedmcp_site.json_types import JsonDict
-from identity.tokens import Identity
+from identity.hostauth.tokens import Identity
 from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_HEADERS, UNAVAILABLE_MESSAGE
 

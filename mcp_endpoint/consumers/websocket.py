@@ -19,7 +19,7 @@ from django.db import Error as DatabaseError
 from federation.upkeep import ensure_background_tasks
 from fedmcp_site.json_types import JsonDict
 from fedmcp_site.metrics import stream_open
-from identity.tokens import still_valid
+from identity.hostauth.tokens import still_valid
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_MESSAGE
 from mcp_endpoint.consumers.base import DirectDispatchMixin, batch_refusal

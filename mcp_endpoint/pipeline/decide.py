@@ -30,7 +30,7 @@ from identity.consent.policy import KIND_FOR_COMPLETION_REF, Decision, redact
 from identity.consent.prompts import TooManyPendingPromptsError, consent_prompt_create, consent_prompt_for, consent_prompt_for_retry, timeout_setting
 from identity.consent.remote import DECISION_META_KEY, RemoteConsentError, owner_expiry, remote_consent_open, remote_consent_settle
 from identity.models import ConsentDecision, ConsentPrompt
-from identity.signing import AssertionConfigError, issuer
+from identity.trust.signing import AssertionConfigError, issuer
 from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.asking import (

@@ -43,7 +43,7 @@ from identity.consent.remote import (
     remote_consent_settle,
 )
 from identity.models import ConsentPrompt, RemoteConsent
-from identity.trust import assertion_subject
+from identity.trust.gateways import assertion_subject
 from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.asking import (
@@ -93,7 +93,7 @@ async def peer_request(ctx: HostContext, connection: UpstreamConnection, method:
     """
     peer = connection.peer
     kind = KIND_FOR_METHOD.get(method)
-    # Only a peer gateway this one believes may ask our users about its calls (identity/trust.py).
+    # Only a peer gateway this one believes may ask our users about its calls (identity/trust/gateways.py).
     if not peer.trusted_gateway or kind is None:
         return Verdict(answer=await connection.request(method, sent, on_message=relay))
     resumed, answered = await _resume(ctx, connection, method, kind, sent, relay)

@@ -26,7 +26,6 @@ from typing import Any
 from django.conf import settings
 
 from federation.upstream.base import JsonDict, error_reply
-from identity import trust
 from identity.consent import decisions, deferral
 from identity.consent.policy import KIND_FOR_METHOD, REQUEST_KIND_FOR_METHOD, Decision
 from identity.consent.prompts import (
@@ -39,6 +38,7 @@ from identity.consent.prompts import (
 )
 from identity.consent.upstream_requests import request_summary, source_text
 from identity.models import ConsentDecision, ConsentPrompt
+from identity.trust import gateways
 from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.asking import INPUT_KEY, consent_url, hold_for_answer, settle, too_many_prompts, url_elicitation, wait_for_answer
@@ -56,7 +56,7 @@ DEFERRED_META_KEY = "io.fedmcp/consent-deferred"
 
 Its value says where the request comes from (gateway, server, call) with a signed proof
 (identity/consent/deferral.py `mark_create`); older gateways set just their name. Set by a gateway whose
-decision is *ask* for a user it cannot ask but whose home gateway gates (`trust.home_gateway`);
+decision is *ask* for a user it cannot ask but whose home gateway gates (`gateways.home_gateway`);
 kept unchanged by gateways on the way towards the home; honoured only from a peer gateway (a
 plain upstream's is dropped); removed where the request reaches the user's host, whose gateway
 shows the user the source as far as it can vouch for it (`deferral.source_of`).
@@ -243,7 +243,7 @@ async def _request_decide(ctx: HostContext, call: UpstreamCall, kind: str, param
         return None
     if decision.action == ConsentDecision.DENY:
         return _refused(kind, call, "deny", "A consent policy refuses", {"reason": decision.reason})
-    if _defers(ctx, decision) and await trust.home_gateway(ctx.identity) is None:
+    if _defers(ctx, decision) and await gateways.home_gateway(ctx.identity) is None:
         return _refused(kind, call, "deny", "No local user can be asked about", {"reason": "no local user to ask"})
     return decision
 

@@ -127,7 +127,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def layer_of(name: str) -> str:
     if name in LIBRARY:
         return "library"
-    if name.startswith(UPSTREAM):
+    if any(name == module or name.startswith(f"{module}.") for module in UPSTREAM):
         return "upstream"
     if name.endswith(".admin"):
         return "endpoint"
@@ -170,6 +170,8 @@ def test_the_checks_see_what_they_look_for() -> None:
     assert upward_imports({"identity.consent": {"mcp_endpoint.handlers"}}) == [
         "identity.consent (domain) imports mcp_endpoint.handlers (endpoint)"
     ]
+    assert layer_of("federation.upstream.base") == "upstream"
+    assert layer_of("federation.upstream_oauth") == "domain"  # a name that starts like a layer's is not in it
     modules = product_modules()
     lazy = set(imports_of("federation.upkeep", modules["federation.upkeep"], modules))
     assert "federation.services" in lazy

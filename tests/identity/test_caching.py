@@ -29,9 +29,10 @@ from federation import catalog, router
 from federation.models import CatalogEntry, CatalogKind, Peer
 from federation.services import catalog_set_enabled, peer_set_enabled
 from fedmcp_site import caching
-from identity import audit, tokens
+from identity import audit
 from identity.consent import decisions
 from identity.consent.policy import Decision, consent_grant_revoke
+from identity.hostauth import tokens
 from identity.models import AuditEvent, ConsentDecision, ConsentGrant, ConsentPolicy
 from mcp_endpoint import sessions
 from tests.base import ALICE, audience, mint_token, persona
@@ -291,7 +292,7 @@ class TokenCacheTests(TransactionTestCase):
 
     async def test_a_warm_token_is_not_read_from_the_database_again(self) -> None:
         await self.authenticate()
-        with mock.patch("identity.tokens._authenticate", side_effect=AssertionError("read again")):
+        with mock.patch("identity.hostauth.tokens._authenticate", side_effect=AssertionError("read again")):
             identity = await self.authenticate()
         assert identity.username == ALICE
 
@@ -306,10 +307,10 @@ class TokenCacheTests(TransactionTestCase):
 
     async def test_expiry_is_honoured_exactly_on_a_cached_token(self) -> None:
         identity = await self.authenticate()
-        with mock.patch("identity.tokens.timezone.now", return_value=identity.expires - timedelta(microseconds=1)):
+        with mock.patch("identity.hostauth.tokens.timezone.now", return_value=identity.expires - timedelta(microseconds=1)):
             assert (await self.authenticate()).token_id == identity.token_id
             assert await tokens.still_valid(identity)
-        with mock.patch("identity.tokens.timezone.now", return_value=identity.expires):
+        with mock.patch("identity.hostauth.tokens.timezone.now", return_value=identity.expires):
             with pytest.raises(tokens.TokenError, match="expired"):
                 await self.authenticate()
             assert not await tokens.still_valid(identity)

@@ -13,7 +13,7 @@ from unittest import mock
 from django.test import SimpleTestCase
 from django.utils import timezone
 
-from identity.tokens import Identity
+from identity.hostauth.tokens import Identity
 from mcp_endpoint import dispatcher, jsonrpc
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.models import McpSession

@@ -62,7 +62,7 @@ class RequestStateTests(FixturePeerTestCase):
 
     async def test_forgeries_of_this_gateways_states_are_refused(self) -> None:
         # The kinds this call could carry (the connect and remote-consent states are checked on calls
-        # to peers that need them: tests/identity/test_upstream_oauth_gate.py, tests/identity/consent/test_remote_flow.py).
+        # to peers that need them: tests/federation/test_upstream_oauth_gate.py, tests/identity/consent/test_remote_flow.py).
         answers = {}
         for kind in CHECKED_ON_EVERY_CALL:
             reply = await self.call(requestState=f"{request_states.prefix(kind)}forged", inputResponses={"confirm": {"action": "accept"}})

@@ -50,13 +50,14 @@ from federation import naming
 from federation.models import CatalogEntry, Peer
 from federation.upstream.base import PeerConfig
 from fedmcp_site import caching
-from identity import audit, scopes
+from identity import audit
 from identity.audit import audit_flush
 from identity.call_digest import arguments_hash
 from identity.consent import decisions
+from identity.hostauth import scopes
+from identity.hostauth.tokens import operator_application
 from identity.models import AuditEvent, ConsentGrant, ConsentPolicy, ConsentPrompt
-from identity.tokens import operator_application
-from identity.trust import gateway_trust
+from identity.trust.gateways import gateway_trust
 from mcp_endpoint.pipeline import exchange as exchange_step
 from mcp_endpoint.pipeline.asking import INPUT_KEY
 from tests.base import (

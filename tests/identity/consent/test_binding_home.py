@@ -18,12 +18,12 @@ import jwt
 from channels.db import database_sync_to_async
 from django.test import override_settings
 
-from identity import trust
 from identity.consent.prompts import consent_prompt_answer
 from identity.consent.remote import CHALLENGE_TYPE, DECISION_META_KEY, arguments_hash
+from identity.hostauth.tokens import authenticate
 from identity.models import ConsentPrompt
-from identity.tokens import authenticate
-from identity.trust import gateway_trust
+from identity.trust import gateways
+from identity.trust.gateways import gateway_trust
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.home_consent import peer_request
@@ -39,7 +39,7 @@ CHANGED = {"query": "payroll"}
 class HomeBindingTests(AsgiTestCase):
     def setUp(self) -> None:
         super().setUp()
-        trust._jwks_cache.clear()
+        gateways._jwks_cache.clear()
         self.b = Signer()
         gateway_trust(name="b", issuer=B, jwks=self.b.jwks)
 

@@ -17,13 +17,13 @@ import jwt
 from channels.db import database_sync_to_async
 from django.test import TransactionTestCase, override_settings
 
-from identity import trust
 from identity.audit import audit_flush
 from identity.consent.deferral import PROOF_TYPE, request_hash
+from identity.hostauth.tokens import Identity
 from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt, TrustedGateway
-from identity.signing import signing_key
-from identity.tokens import Identity
-from identity.trust import gateway_trust
+from identity.trust import gateways
+from identity.trust.gateways import gateway_trust
+from identity.trust.signing import signing_key
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.pipeline.upstream_requests import (
     DEFERRED_META_KEY,
@@ -159,14 +159,14 @@ class OwnerDefersTests(Audited):
         other, _ = await database_sync_to_async(gateway_trust)(name="z", issuer="https://z.example", jwks=Signer().jwks)
         borrowed = replace(self.alice_at_a, application_id=other.application_id)
 
-        self.assertIsNone(await trust.home_gateway(borrowed))
-        self.assertEqual(await trust.home_gateway(self.alice_at_a), self.gateway)
+        self.assertIsNone(await gateways.home_gateway(borrowed))
+        self.assertEqual(await gateways.home_gateway(self.alice_at_a), self.gateway)
 
     async def test_a_linked_user_is_asked_here_not_at_home(self) -> None:
         alice = await database_sync_to_async(persona)("alice")
         linked = replace(self.alice_at_a, user_id=alice.pk, username="alice")
 
-        self.assertIsNone(await trust.home_gateway(linked))
+        self.assertIsNone(await gateways.home_gateway(linked))
 
     async def test_a_2026_result_goes_on_with_the_deferred_requests_marked(self) -> None:
         result = {

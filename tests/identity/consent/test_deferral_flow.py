@@ -23,13 +23,13 @@ from django.test import AsyncClient, override_settings
 
 from federation.models import CatalogKind, Peer
 from federation.upstream.base import PeerConfig
-from identity import trust
 from identity.audit import audit_flush
 from identity.consent.deferral import request_hash
 from identity.consent.prompts import prompt_summary
 from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt
-from identity.signing import signing_key
-from identity.trust import gateway_trust
+from identity.trust import gateways
+from identity.trust.gateways import gateway_trust
+from identity.trust.signing import signing_key
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.pipeline.upstream_requests import DEFERRED_META_KEY
 from tests.base import (
@@ -80,7 +80,7 @@ class OwnerDefersFlowTests(FixturePeerTestCase):
         self.enterContext(
             override_settings(FEDMCP_PUBLIC_URL=origin, FEDMCP_ISSUER=origin, FEDMCP_GATEWAY_NAME="b", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, **ASK)
         )
-        trust._jwks_cache.clear()
+        gateways._jwks_cache.clear()
         self.a = Signer()
         gateway, _ = gateway_trust(name="a", issuer=A, jwks=self.a.jwks)
         self.gateway_token = mint_token("a-gateway", scope="gateway mcp:tools", application=gateway.application)
@@ -201,7 +201,7 @@ class HomeWithPeerB(AsgiTestCase):
         super().setUp()
         self.enterContext(override_settings(FEDMCP_GATEWAY_NAME="a", FEDMCP_CONSENT_TIMEOUT=CALL_TIMEOUT, FEDMCP_CONSENT_POLL_INTERVAL=0.2, **ASK))
         self.b = register_peer("b", "https://b.example/mcp", sync=False, is_gateway=True)
-        # A trusts B in turn, and a sync found B calling itself "b": B is believed (identity/trust.py).
+        # A trusts B in turn, and a sync found B calling itself "b": B is believed (identity/trust/gateways.py).
         gateway_trust(name="b", issuer="https://b.example")
         Peer.objects.filter(pk=self.b.pk).update(remote_gateway="b")
         self.b.refresh_from_db()
@@ -289,7 +289,7 @@ class HomeNamesTheSourceFlowTests(HomeWithPeerB):
         super().setUp()
         # A has an issuer here, so it can recognise alice as C knows her: alice@<A's issuer>.
         self.enterContext(override_settings(FEDMCP_PUBLIC_URL=audience(), FEDMCP_ISSUER=audience()))
-        trust._jwks_cache.clear()
+        gateways._jwks_cache.clear()
         self.c = Gateway("c", "https://c.example")
         self.peer_b("elicitation/create", {**QUESTION, "_meta": {DEFERRED_META_KEY: self.c.mark(f"alice@{audience()}", QUESTION, "elicitation")}})
 

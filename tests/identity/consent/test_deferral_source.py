@@ -20,12 +20,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.test import TransactionTestCase, override_settings
 
-from identity import signing, trust
 from identity.consent import deferral
 from identity.consent.upstream_requests import source_text
+from identity.hostauth.tokens import Identity
 from identity.models import TrustedGateway
-from identity.tokens import Identity
-from identity.trust import gateway_trust
+from identity.trust import gateways, signing
+from identity.trust.gateways import gateway_trust
 from tests.base import persona
 
 A, B, C = "https://a.example", "https://b.example", "https://c.example"
@@ -66,7 +66,7 @@ class Gateway:
 
 class DeferralSourceTests(TransactionTestCase):
     def setUp(self) -> None:
-        trust._jwks_cache.clear()
+        gateways._jwks_cache.clear()
         self.a, self.b, self.c = Gateway("a", A), Gateway("b", B), Gateway("c", C)
         user = persona("alice")
         self.alice = Identity(token_id=2, user_id=user.pk, username="alice", application_id=None, client_id="desk", scopes=frozenset(), expires=EXPIRES)

@@ -279,7 +279,7 @@ class ConsentFlowTests(FixturePeerTestCase):
         from dataclasses import replace
 
         from federation.router import resolve
-        from identity.tokens import authenticate
+        from identity.hostauth.tokens import authenticate
         from mcp_endpoint.context import HostContext
         from mcp_endpoint.pipeline.decide import decide
         from mcp_endpoint.pipeline.values import CallSubject

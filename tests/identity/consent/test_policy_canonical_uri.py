@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import pytest
 
 from identity.consent.policy import decide
+from identity.hostauth.tokens import Identity
 from identity.models import ConsentPolicy
-from identity.tokens import Identity
 
 ALICE = Identity(token_id=1, user_id=1, username="alice", application_id=1, client_id="claude", scopes=frozenset(), expires=datetime(2100, 1, 1, tzinfo=UTC))
 

@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.test import TransactionTestCase, override_settings
 from django.utils import timezone
 
-from identity import trust
 from identity.consent.policy import decision_load, redact
 from identity.consent.remote import (
     CHALLENGE_TYPE,
@@ -30,10 +29,11 @@ from identity.consent.remote import (
     remote_consent_open,
     remote_consent_settle,
 )
+from identity.hostauth.tokens import Identity
 from identity.models import ConsentGrant, ConsentPolicy, RemoteConsent
-from identity.signing import jwks, signing_key
-from identity.tokens import Identity
-from identity.trust import gateway_trust
+from identity.trust import gateways
+from identity.trust.gateways import gateway_trust
+from identity.trust.signing import jwks, signing_key
 from tests.identity.oauth import FAST_HASHERS
 from tests.identity.test_assertions import Signer
 
@@ -59,7 +59,7 @@ class OwnerTests(TransactionTestCase):
     """B asks alice@A's home about a call of `search` on B's peer `web`, and checks the answer."""
 
     def setUp(self) -> None:
-        trust._jwks_cache.clear()
+        gateways._jwks_cache.clear()
         self.a = Signer()
         gateway_trust(name="a", issuer=A, jwks=self.a.jwks)
 
@@ -204,7 +204,7 @@ class HomeTests(TransactionTestCase):
     """A checks B's challenge about the call A sent B for alice, and signs alice's answer."""
 
     def setUp(self) -> None:
-        trust._jwks_cache.clear()
+        gateways._jwks_cache.clear()
         self.b = Signer()
         gateway_trust(name="b", issuer=B, jwks=self.b.jwks)
 
@@ -275,7 +275,7 @@ class RoundTripTests(TransactionTestCase):
     """The same process signs as A and verifies as B: a real decision is accepted where it belongs."""
 
     async def test_a_decision_signed_at_home_settles_the_owners_question(self) -> None:
-        trust._jwks_cache.clear()
+        gateways._jwks_cache.clear()
         await gateway_trust_async(name="a", issuer=A, jwks=jwks())  # A's key is this process's key
         with override_settings(FEDMCP_PUBLIC_URL=B, FEDMCP_ISSUER=B, FEDMCP_GATEWAY_NAME="b"):
             raw = await remote_consent_open(

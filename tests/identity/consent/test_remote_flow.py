@@ -22,14 +22,14 @@ from channels.db import database_sync_to_async
 from django.test import override_settings
 
 from federation.upstream.base import PeerConfig
-from identity import trust
 from identity.audit import audit_flush
 from identity.consent.prompts import consent_prompt_answer
 from identity.consent.remote import CHALLENGE_TYPE, DECISION_META_KEY, DECISION_TYPE, arguments_hash
+from identity.hostauth.tokens import authenticate
 from identity.models import AuditEvent, ConsentGrant, ConsentPolicy, ConsentPrompt, RemoteConsent
-from identity.signing import signing_key
-from identity.tokens import authenticate
-from identity.trust import gateway_trust
+from identity.trust import gateways
+from identity.trust.gateways import gateway_trust
+from identity.trust.signing import signing_key
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.home_consent import peer_request
@@ -51,7 +51,7 @@ class OwnerFlowTests(FixturePeerTestCase):
         super().setUp()
         origin = audience()
         self.enterContext(override_settings(FEDMCP_PUBLIC_URL=origin, FEDMCP_ISSUER=origin, FEDMCP_CONSENT_TIMEOUT=WAIT))
-        trust._jwks_cache.clear()
+        gateways._jwks_cache.clear()
         self.a = Signer()
         gateway, _ = gateway_trust(name="a", issuer=A, jwks=self.a.jwks)
         self.gateway_token = mint_token("a-gateway", scope="gateway mcp:tools", application=gateway.application)
@@ -173,7 +173,7 @@ class FakeConnection:
     """Peer gateway B at the connection seam: answers each request with the next scripted reply."""
 
     def __init__(self, replies: list[dict[str, Any]]) -> None:
-        # A gateway this one believes: marked by the operator and trusted in turn (identity/trust.py).
+        # A gateway this one believes: marked by the operator and trusted in turn (identity/trust/gateways.py).
         self.peer = PeerConfig(id=1, name="b", transport="streamable_http", url=f"{B}/mcp", is_gateway=True, remote_gateway="b")
         self.era = "modern"
         self.replies = replies
@@ -197,7 +197,7 @@ class HomeFlowTests(AsgiTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        trust._jwks_cache.clear()
+        gateways._jwks_cache.clear()
         self.b = Signer()
         gateway_trust(name="b", issuer=B, jwks=self.b.jwks)
 

@@ -13,8 +13,8 @@ from django.test import override_settings
 
 from identity.consent.policy import decide
 from identity.consent.upstream_requests import TEXT_LIMIT, request_summary
+from identity.hostauth.tokens import Identity
 from identity.models import ConsentPolicy
-from identity.tokens import Identity
 
 ALICE = Identity(token_id=1, user_id=1, username="alice", application_id=1, client_id="claude", scopes=frozenset(), expires=datetime(2100, 1, 1, tzinfo=UTC))
 BOB = Identity(token_id=2, user_id=2, username="bob", application_id=2, client_id="cursor", scopes=frozenset(), expires=datetime(2100, 1, 1, tzinfo=UTC))

@@ -12,8 +12,8 @@ from channels.db import database_sync_to_async
 from django.test import TransactionTestCase, override_settings
 
 from identity.audit import audit_flush
+from identity.hostauth.tokens import Identity
 from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt
-from identity.tokens import Identity
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.upstream_requests import UpstreamCall, ask_upstreams_request, upstream_input_gate, upstream_request_relay

@@ -326,7 +326,7 @@ class LiveFeedDisplayTests(AsgiTestCase):
         from fedmcp_site.asgi import application
         from identity.consent.policy import Decision
         from identity.consent.prompts import consent_prompt_create
-        from identity.tokens import Identity
+        from identity.hostauth.tokens import Identity
 
         @sync_to_async
         def setup() -> Application:

@@ -1,6 +1,6 @@
 """The connect pages: sign-in required, CSRF, no framing, the flow through the browser's redirects, disconnect.
 
-The peer's authorization server is `FakeUpstream` (tests/identity/test_upstream_oauth.py) at
+The peer's authorization server is `FakeUpstream` (tests/federation/test_upstream_oauth.py) at
 the outbound seam.
 """
 
@@ -14,20 +14,20 @@ from django.test import Client, TransactionTestCase, override_settings
 
 from federation.services import peer_add
 from identity.models import UpstreamOAuthClient, UpstreamToken
+from tests.federation.test_upstream_oauth import GATEWAY, ISSUER, MCP_URL, FakeUpstream
 from tests.identity.oauth import FAST_HASHERS
-from tests.identity.test_upstream_oauth import GATEWAY, ISSUER, MCP_URL, FakeUpstream
 
 
 @override_settings(PASSWORD_HASHERS=FAST_HASHERS, FEDMCP_PUBLIC_URL=GATEWAY, ALLOWED_HOSTS=["gateway.test", "testserver"])
 class ConnectPageTests(TransactionTestCase):
     def setUp(self) -> None:
         self.upstream = FakeUpstream()
-        for target in ("identity.upstream_oauth.outbound_client",):
+        for target in ("federation.upstream_oauth.outbound_client",):
             patcher = mock.patch(target, self.upstream.client)
             patcher.start()
             self.addCleanup(patcher.stop)
         # The first connection lists the catalog; that sync is not what these tests are about.
-        patcher = mock.patch("identity.connect_views._first_catalog")
+        patcher = mock.patch("federation.connect_views._first_catalog")
         self.first_catalog = patcher.start()
         self.addCleanup(patcher.stop)
         self.peer = peer_add(name="files", transport="streamable-http", url=MCP_URL, user_oauth=True)

@@ -1,7 +1,7 @@
 """Per-user upstream credentials: discovery, PKCE, the connect flow's checks, refresh rotation.
 
 The upstream (an MCP endpoint and its authorization server) is faked at the one outbound seam
-(`identity.upstream_oauth.outbound_client`) with an httpx MockTransport that really checks PKCE,
+(`federation.upstream_oauth.outbound_client`) with an httpx MockTransport that really checks PKCE,
 `resource`, client authentication and refresh-token rotation.
 """
 
@@ -28,10 +28,10 @@ from django.db import connection
 from django.test import TestCase, TransactionTestCase, override_settings
 from django.utils import timezone
 
+from federation import upstream_oauth
 from federation.client import ProviderAuth
 from federation.services import peer_add
 from federation.upstream.base import PeerConfig
-from identity import upstream_oauth
 from identity.crypto import fernet
 from identity.models import UpstreamAuthorizationRequest, UpstreamOAuthClient, UpstreamToken
 from tests.identity.oauth import FAST_HASHERS
@@ -150,7 +150,7 @@ def raw_tokens() -> str:
 class UpstreamOAuthTestCase(TransactionTestCase):
     def setUp(self) -> None:
         self.upstream = FakeUpstream()
-        patcher = mock.patch("identity.upstream_oauth.outbound_client", self.upstream.client)
+        patcher = mock.patch("federation.upstream_oauth.outbound_client", self.upstream.client)
         patcher.start()
         self.addCleanup(patcher.stop)
         self.peer = peer_add(name="files", transport="streamable-http", url=MCP_URL, user_oauth=True)
@@ -411,7 +411,7 @@ class ProviderTests(UpstreamOAuthTestCase):
         async def other_worker_finishes(*args: Any) -> None:
             await UpstreamToken.objects.filter(pk=first.pk).aupdate(generation=first.generation + 1, access_token="new", refreshing_until=None)
 
-        with mock.patch("identity.upstream_oauth.asyncio.sleep", other_worker_finishes):
+        with mock.patch("federation.upstream_oauth.asyncio.sleep", other_worker_finishes):
             access = await self.provider(self.alice).access_token()
 
         assert access == "new"
@@ -483,7 +483,7 @@ class PeerCommandTests(TransactionTestCase):
 
     def setUp(self) -> None:
         self.upstream = FakeUpstream()
-        patcher = mock.patch("identity.upstream_oauth.outbound_client", self.upstream.client)
+        patcher = mock.patch("federation.upstream_oauth.outbound_client", self.upstream.client)
         patcher.start()
         self.addCleanup(patcher.stop)
 

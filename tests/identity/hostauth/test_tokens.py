@@ -18,7 +18,7 @@ from django.test import TestCase, override_settings
 from django.utils import timezone
 from oauth2_provider.models import AccessToken
 
-from identity import scopes
+from identity.hostauth import scopes
 from tests.base import ALICE, AsgiTestCase, McpClient, audience
 
 PUBLIC_URL = "https://gateway.example"

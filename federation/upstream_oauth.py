@@ -1,7 +1,7 @@
 """Per-user upstream credentials: this gateway as the OAuth client of an upstream's authorization server.
 
 A peer marked `user_oauth` is an MCP server that wants each user's own authorization. Each user
-connects their account once in the browser (identity/connect_views.py); calls they make to the
+connects their account once in the browser (federation/connect_views.py); calls they make to the
 peer then carry their own token there, never the host's token (no token passthrough).
 
     discovery     401 `WWW-Authenticate: Bearer resource_metadata=…` (or the well-known URI) ->

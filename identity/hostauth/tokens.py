@@ -16,7 +16,7 @@ from django.utils import timezone
 from oauth2_provider.models import AccessToken, Application, set_token_value
 
 from fedmcp_site import caching
-from identity import scopes as scope_names
+from identity.hostauth import scopes as scope_names
 from identity.models import TrustedGateway
 
 OPERATOR_APPLICATION = "fedmcp operator tokens"
@@ -89,7 +89,7 @@ def same_origin(uri: str, base: str) -> bool:
 def scopes_allowed(*, user: AbstractBaseUser | None, application: Application | None) -> frozenset[str]:
     """Return the scopes a token of `application` acting for `user` may carry, as things are now.
 
-    The one place the rule of identity/scopes.py `allowed_scopes` meets the database: the token
+    The one place the rule of identity/hostauth/scopes.py `allowed_scopes` meets the database: the token
     endpoint narrows what it issues with it, and every use of a token (MCP endpoints, /api/)
     narrows what the token holds with it, so a user who lost staff loses `admin` at once.
     """
@@ -116,7 +116,7 @@ def audience_error(audiences: list[str], gateway: str) -> str | None:
     """Return why a token naming `audiences` cannot be used at `gateway` (its audience), or None.
 
     The one audience rule of every endpoint: the MCP transports (mcp_endpoint/auth.py) and the
-    REST API (identity/oauth_validators.py) both ask it, so a token is accepted or refused
+    REST API (identity/hostauth/oauth_validators.py) both ask it, so a token is accepted or refused
     the same way on /mcp, /ws, /sse, /peers/* and /api/.
     """
     if not audiences:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from django.urls import include, path, re_path
 from oauth2_provider import views as dot_views
 
-from identity import views
+from identity.hostauth import views
 
 oauth_urlpatterns = [
     path(

@@ -1,4 +1,4 @@
-"""The connect pages: users connect their own accounts at per-user OAuth peers (identity/upstream_oauth.py).
+"""The connect pages: users connect their own accounts at per-user OAuth peers (federation/upstream_oauth.py).
 
     /connect                         the user's connections, with connect and disconnect buttons
     /connect/<peer>                  what connecting means; its form starts the OAuth flow
@@ -6,7 +6,7 @@
     /connect/<peer>/disconnect       forget the user's tokens there (POST)
     /connect/client-metadata.json    this gateway's Client ID Metadata Document (public)
 
-Interface code only: the flow is `identity.upstream_oauth`. Every page but the metadata document
+Interface code only: the flow is `federation.upstream_oauth`. Every page but the metadata document
 is login-required, never framed, never cached, and every POST is CSRF-protected.
 """
 
@@ -22,8 +22,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonRes
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from federation import upstream_oauth
 from federation.models import Peer
-from identity import upstream_oauth
 from identity.models import UpstreamOAuthClient, UpstreamToken
 from identity.pages import protected_page
 

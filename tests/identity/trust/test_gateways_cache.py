@@ -1,4 +1,4 @@
-"""The per-worker cache of "which trusted gateway is this application" (identity/trust.py).
+"""The per-worker cache of "which trusted gateway is this application" (identity/trust/gateways.py).
 
 A peer gateway's calls no longer read its `TrustedGateway` row each time; what must not weaken:
 disabling, deleting or creating a trust takes effect at the next call, whichever way the row
@@ -15,10 +15,10 @@ from asgiref.sync import sync_to_async
 from django.test import TransactionTestCase, override_settings
 
 from fedmcp_site import caching
-from identity import trust
+from identity.hostauth.tokens import Identity
 from identity.models import TrustedGateway
-from identity.tokens import Identity
-from identity.trust import AssertionRejectedError, gateway_trust, gateway_untrust, identity_for_call
+from identity.trust import gateways
+from identity.trust.gateways import AssertionRejectedError, gateway_trust, gateway_untrust, identity_for_call
 from tests.identity.oauth import FAST_HASHERS
 from tests.identity.test_assertions import A, B, Signer, caller_for, meta_with
 
@@ -26,7 +26,7 @@ from tests.identity.test_assertions import A, B, Signer, caller_for, meta_with
 @override_settings(FEDMCP_PUBLIC_URL=B, PASSWORD_HASHERS=FAST_HASHERS)
 class TrustedGatewayCacheTests(TransactionTestCase):
     def setUp(self) -> None:
-        trust._jwks_cache.clear()
+        gateways._jwks_cache.clear()
         self.signer = Signer()
         self.gateway, _ = gateway_trust(name="a", issuer=A, jwks=self.signer.jwks)
         self.caller = caller_for(self.gateway)

@@ -7,10 +7,10 @@ MCP authorization spec closes, is decided here:
   RFC 8252 would let vary) and be either `https` or `http` on a loopback host.
 * Tokens are only minted for this gateway: every RFC 8707 `resource` must be on the gateway's
   own origin (`invalid_target` otherwise), and a request that names none gets the gateway's
-  origin, so no token leaves the token endpoint without an audience (identity/tokens.py refuses
+  origin, so no token leaves the token endpoint without an audience (identity/hostauth/tokens.py refuses
   those).
 * A token carries only the scopes its user and client may have *when it is issued*
-  (identity/tokens.py `scopes_allowed`): `admin` only for an active staff user, never for a
+  (identity/hostauth/tokens.py `scopes_allowed`): `admin` only for an active staff user, never for a
   token without a user (client credentials), and a trusted gateway only what peer gateways
   need. Every grant type ends in `_save_bearer_token`, so the rule is applied there once: a
   scope the client asks for in this request and may not have is `invalid_scope`; one carried
@@ -29,7 +29,7 @@ from oauth2_provider.oauth2_validators import OAuth2Validator
 from oauthlib.common import Request as OauthlibRequest
 from oauthlib.oauth2.rfc6749 import errors
 
-from identity.tokens import audience_error, gateway_audience, same_origin, scopes_allowed
+from identity.hostauth.tokens import audience_error, gateway_audience, same_origin, scopes_allowed
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -127,7 +127,7 @@ class GatewayOAuth2Validator(OAuth2Validator):
 
     def validate_bearer_token(self, token: str, scopes: list[str], request: OauthlibRequest) -> bool:
         # DOT lets a token that names no audience through anywhere; the MCP endpoints refuse it
-        # (identity.tokens.audience_error), and so does the API. Named audiences are checked by
+        # (identity.hostauth.tokens.audience_error), and so does the API. Named audiences are checked by
         # DOT through `token_fits_gateway`.
         access_token = self._load_access_token(token) if token else None
         if access_token is not None and not access_token.resource:

@@ -21,7 +21,7 @@ from django.test import override_settings
 from mcp_endpoint import jsonrpc
 from tests.base import BOB, AsgiTestCase, McpClient, mint_token, register_peer
 from tests.federation.test_catalog_sync import FakeUpstream
-from tests.identity.test_upstream_oauth_subscriptions import connect
+from tests.federation.test_upstream_oauth_subscriptions import connect
 
 ALICE_FILE = "file:///alice-diary.txt"
 BOB_FILE = "file:///bob-notes.txt"

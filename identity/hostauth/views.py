@@ -33,14 +33,14 @@ from oauth2_provider.settings import oauth2_settings
 from oauthlib.oauth2.rfc6749.errors import CustomOAuth2Error, InvalidScopeError
 
 from federation.models import PEER_NAME_WORD
-from identity import scopes as scope_names
-from identity.oauth_validators import (
+from identity.hostauth import scopes as scope_names
+from identity.hostauth.oauth_validators import (
     foreign_resources,
     gateway_origin,
     is_loopback_host,
     redirect_uri_acceptable,
 )
-from identity.tokens import scopes_allowed
+from identity.hostauth.tokens import scopes_allowed
 
 PAGE_CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'"

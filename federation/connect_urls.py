@@ -1,11 +1,11 @@
-"""URLs of the connect pages (identity/connect_views.py); fixed paths come before /connect/<peer>."""
+"""URLs of the connect pages (federation/connect_views.py); fixed paths come before /connect/<peer>."""
 
 from __future__ import annotations
 
 from django.urls import path
 from django.views.generic import RedirectView
 
-from identity import connect_views
+from federation import connect_views
 
 urlpatterns = [
     path("connect", connect_views.connect_list, name="connect"),

@@ -16,7 +16,7 @@ from django.db import transaction
 from django.utils import timezone
 from oauth2_provider.models import AccessToken, Grant, RefreshToken
 
-from identity import scopes as scope_names
+from identity.hostauth import scopes as scope_names
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A trusted gateway calls this one with its own client-credentials token (scope `gateway`),
 never with its users' tokens. On every call it makes on a user's behalf it adds a signed
-assertion in `_meta["io.fedmcp/assertion"]` (identity/signing.py). `identity_for_call` is the
+assertion in `_meta["io.fedmcp/assertion"]` (identity/trust/signing.py). `identity_for_call` is the
 one place that checks it, called by the dispatcher for every request:
 
 * a caller that is not a trusted gateway may not send an assertion;
@@ -35,10 +35,10 @@ from oauth2_provider.models import Application
 
 from federation.client import OutboundAddressError, check_url_allowed, outbound_client
 from fedmcp_site.caching import GenerationCache, cached
-from identity import scopes
+from identity.hostauth import scopes
+from identity.hostauth.tokens import Identity, same_origin
 from identity.models import FederatedIdentity, TrustedGateway, UsedAssertion
-from identity.signing import ACCEPTED_ALGORITHMS, JWT_TYPE, JwtRejectedError, jwt_verify
-from identity.tokens import Identity, same_origin
+from identity.trust.signing import ACCEPTED_ALGORITHMS, JWT_TYPE, JwtRejectedError, jwt_verify
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from django.http import HttpRequest, JsonResponse
 from django.urls import path
 from django.views.decorators.http import require_GET
 
-from identity.signing import jwks
+from identity.trust.signing import jwks
 
 
 @require_GET

@@ -41,9 +41,9 @@ from federation.upstream.sse import SseConnection
 from federation.upstream.websocket import WebSocketConnection
 from fedmcp_site.runtime.lifecycle import release_worker
 from identity.audit import audit_flush, audit_record
+from identity.hostauth.tokens import Identity, authenticate
 from identity.models import AuditEvent, TrustedGateway
-from identity.signing import signing_key
-from identity.tokens import Identity, authenticate
+from identity.trust.signing import signing_key
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.flow import forward
 from tests.identity.oauth import FAST_HASHERS, ORIGIN, TOKEN
