@@ -25,7 +25,7 @@ from federation.tls import PeerTls, check_dates
 from federation.upstream import CONNECTION_KINDS
 from federation.upstream.base import JsonDict, PeerConfig, UpstreamConnection, UpstreamError, modern_meta
 from federation.upstream_oauth import upstream_auth
-from fedmcp_site import caching
+from fedmcp_lib import caching
 from identity.trust.gateways import GatewayStanding, peer_gateway_standing
 
 logger = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ async def peer_discover_token_url(*, peer: Peer) -> str:
     token_url = await discover_token_url(peer.url, tls=PeerTls(peer.tls_ca_bundle, peer.tls_client_cert, peer.tls_client_key))
     peer.token_url = token_url
     await Peer.objects.filter(pk=peer.pk).aupdate(token_url=token_url)
-    caching.bump("catalog")  # workers' cached peer configs (fedmcp_site/caching.py)
+    caching.bump("catalog")  # workers' cached peer configs (fedmcp_lib/caching.py)
     return token_url
 
 

@@ -32,8 +32,8 @@ from federation.router import peer_config
 from federation.services import LISTINGS, PER_USER_KINDS, CatalogBudget, _list_all
 from federation.upstream.base import PeerConfig, UpstreamError
 from federation.upstream_oauth import UpstreamAuthorizationRequiredError
-from fedmcp_site import caching
-from fedmcp_site.json_types import JsonDict
+from fedmcp_lib import caching
+from fedmcp_lib.json_types import JsonDict
 from identity.consent.policy import consent_denied_among
 from identity.hostauth.tokens import Identity
 

@@ -206,8 +206,8 @@ if REDIS_URL:
     }
 else:
     # Channels' in-memory layer, sweeping for expired entries once a second, not on every
-    # receive (fedmcp_site/layers.py: O(open sessions) per request otherwise).
-    CHANNEL_LAYERS = {"default": {"BACKEND": "fedmcp_site.layers.InMemoryChannelLayer"}}
+    # receive (fedmcp_lib/layers.py: O(open sessions) per request otherwise).
+    CHANNEL_LAYERS = {"default": {"BACKEND": "fedmcp_lib.layers.InMemoryChannelLayer"}}
 
 # --- Static files, i18n ---------------------------------------------------------------------
 STATIC_URL = "static/"
@@ -371,7 +371,7 @@ FEDMCP_RATE_LIMIT_CACHE_SECONDS = env_float("FEDMCP_RATE_LIMIT_CACHE_SECONDS", 1
 # Redis key prefix of the buckets.
 FEDMCP_RATE_LIMIT_PREFIX = os.environ.get("FEDMCP_RATE_LIMIT_PREFIX") or f"{os.environ.get('FEDMCP_REDIS_PREFIX', 'fedmcp')}:ratelimit"
 
-# --- Per-worker caches and the audit writer (fedmcp_site/caching.py, identity/audit.py) ----------
+# --- Per-worker caches and the audit writer (fedmcp_lib/caching.py, identity/audit.py) ----------
 # Tokens, sessions, routes, lists and consent decisions are cached per worker and dropped when
 # a shared generation changes: Redis keys under FEDMCP_CACHE_REDIS_PREFIX with REDIS_URL, else
 # the file FEDMCP_CACHE_GENERATION_FILE (default: next to the SQLite database). Every process
@@ -456,10 +456,10 @@ if FEDMCP_LOG_FORMAT not in ("plain", "json"):
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"request_context": {"()": "fedmcp_site.observability.ContextFilter"}},
+    "filters": {"request_context": {"()": "fedmcp_lib.observability.ContextFilter"}},
     "formatters": {
-        "plain": {"()": "fedmcp_site.observability.PlainFormatter"},
-        "json": {"()": "fedmcp_site.observability.JsonFormatter"},
+        "plain": {"()": "fedmcp_lib.observability.PlainFormatter"},
+        "json": {"()": "fedmcp_lib.observability.JsonFormatter"},
     },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": FEDMCP_LOG_FORMAT, "filters": ["request_context"]},

@@ -20,7 +20,7 @@ gateway_name_validator = RegexValidator(
 class TrustedGatewayQuerySet(models.QuerySet["TrustedGateway"]):
     def update(self, **kwargs: Any) -> int:
         """Update, and drop the workers' cached trust and routes (signals do not see `QuerySet.update`)."""
-        from fedmcp_site.caching import bump
+        from fedmcp_lib.caching import bump
 
         count = super().update(**kwargs)
         bump("tokens", "catalog")

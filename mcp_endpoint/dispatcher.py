@@ -21,8 +21,8 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERS
 from pydantic import ValidationError
 
 from federation.pool import pool
-from fedmcp_site import observability
-from fedmcp_site.json_types import JsonDict
+from fedmcp_lib import observability
+from fedmcp_lib.json_types import JsonDict
 from identity.hostauth.scopes import required_scope
 from identity.hostauth.tokens import Identity
 from identity.trust import gateways

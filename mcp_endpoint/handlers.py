@@ -21,8 +21,8 @@ from federation.router import AmbiguousUriError, NotRoutableError, Route, peer_f
 from federation.services import GATEWAY_CAPABILITY
 from federation.upstream.base import UpstreamError
 from federation.upstream_oauth import UpstreamAuthorizationRequiredError
-from fedmcp_site.json_types import JsonDict
-from fedmcp_site.layers import Memberships
+from fedmcp_lib.json_types import JsonDict
+from fedmcp_lib.layers import Memberships
 from identity.audit import audit_record
 from identity.consent import decisions
 from mcp_endpoint import jsonrpc, methods, sessions

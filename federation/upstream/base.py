@@ -20,7 +20,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERS
 
 from federation.client import AuthProvider
 from federation.tls import PeerTls
-from fedmcp_site.json_types import JsonDict
+from fedmcp_lib.json_types import JsonDict
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.security.websocket import WebsocketDenier
 
-from fedmcp_site.layers import Memberships
+from fedmcp_lib import security
+from fedmcp_lib.layers import Memberships
 from identity.consent.display import prompt_display
 from identity.consent.prompts import user_group
 from identity.models import ConsentPrompt
-from mcp_endpoint import security
 
 WS_POLICY_VIOLATION = 1008
 

@@ -21,7 +21,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.utils import timezone
 
-from fedmcp_site import caching
+from fedmcp_lib import caching
 from identity import audit
 from identity.consent import policy
 from identity.hostauth.tokens import Identity

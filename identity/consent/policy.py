@@ -24,7 +24,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from federation.naming import canonical_uri
-from fedmcp_site import caching
+from fedmcp_lib import caching
 from identity.hostauth.tokens import Identity
 from identity.models import AuditEvent, ConsentDecision, ConsentGrant, ConsentPolicy
 
@@ -297,7 +297,7 @@ async def hidden_names_load(*, identity: Identity | None, scope: str, kind: str)
 def consent_grant_revoke(*, grant: ConsentGrant) -> None:
     """Revoke a remembered approval; the next matching call is asked again."""
     ConsentGrant.objects.filter(pk=grant.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
-    caching.bump("consent")  # every worker's cached decisions (fedmcp_site/caching.py)
+    caching.bump("consent")  # every worker's cached decisions (fedmcp_lib/caching.py)
 
 
 # --- list_changed when policies change -------------------------------------------------------

@@ -68,7 +68,7 @@ def authorization_revoke(*, user: Any, application_id: int) -> int:
     """Delete every token and unspent code `application_id` holds for `user`; return how many tokens went.
 
     Deleting (not marking) the access tokens is what makes the next request fail at once: the
-    token caches are invalidated by the deletion (fedmcp_site/caching.py) in every process.
+    token caches are invalidated by the deletion (fedmcp_lib/caching.py) in every process.
     """
     with transaction.atomic():
         refresh = RefreshToken.objects.filter(user=user, application_id=application_id)

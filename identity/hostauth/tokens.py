@@ -15,7 +15,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.utils import timezone
 from oauth2_provider.models import AccessToken, Application, set_token_value
 
-from fedmcp_site import caching
+from fedmcp_lib import caching
 from identity.hostauth import scopes as scope_names
 from identity.models import TrustedGateway
 
@@ -169,7 +169,7 @@ async def authenticate(raw: str, base_url: str) -> Identity:
     """Return the identity behind a bearer token presented to this gateway at `base_url`.
 
     Served from this worker's cache while no token, application or user changed anywhere
-    (fedmcp_site/caching.py); the expiry is checked every time.
+    (fedmcp_lib/caching.py); the expiry is checked every time.
 
     Raises:
         TokenError: unknown, revoked, expired, or for another audience.

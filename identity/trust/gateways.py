@@ -34,7 +34,7 @@ from django.utils import timezone
 from oauth2_provider.models import Application
 
 from federation.client import OutboundAddressError, check_url_allowed, outbound_client
-from fedmcp_site.caching import GenerationCache, cached
+from fedmcp_lib.caching import GenerationCache, cached
 from identity.hostauth import scopes
 from identity.hostauth.tokens import Identity, same_origin
 from identity.models import FederatedIdentity, TrustedGateway, UsedAssertion

@@ -17,8 +17,8 @@ from django.conf import settings
 from django.db import Error as DatabaseError
 
 from federation.upkeep import ensure_background_tasks
-from fedmcp_site.json_types import JsonDict
-from fedmcp_site.metrics import stream_open
+from fedmcp_lib.json_types import JsonDict
+from fedmcp_lib.metrics import stream_open
 from identity.hostauth.tokens import still_valid
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_MESSAGE

@@ -21,7 +21,7 @@ from django.conf import settings
 
 from federation import upstream_oauth
 from federation.upstream.base import PeerConfig
-from fedmcp_site.json_types import JsonDict
+from fedmcp_lib.json_types import JsonDict
 from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
 

@@ -6,7 +6,7 @@ from django.conf import settings
 
 from federation.credentials import peer_audience
 from federation.upstream.base import JsonDict, PeerConfig, UpstreamConnection, modern_meta
-from fedmcp_site import observability
+from fedmcp_lib import observability
 from identity.trust.gateways import ASSERTION_META_KEY, assertion_subject
 from identity.trust.signing import AssertionConfigError, assertion_create
 from mcp_endpoint import jsonrpc

@@ -1,4 +1,4 @@
-"""The per-worker caches of the call path (fedmcp_site/caching.py) and the batched audit trail.
+"""The per-worker caches of the call path (fedmcp_lib/caching.py) and the batched audit trail.
 
 What must never weaken: a revoked token, a revoked grant, a new deny policy, a disabled peer
 or a closed session take effect at the next message, in whichever process the change was
@@ -28,7 +28,7 @@ from oauth2_provider.models import AccessToken
 from federation import catalog, router
 from federation.models import CatalogEntry, CatalogKind, Peer
 from federation.services import catalog_set_enabled, peer_set_enabled
-from fedmcp_site import caching
+from fedmcp_lib import caching
 from identity import audit
 from identity.consent import decisions
 from identity.consent.policy import Decision, consent_grant_revoke
@@ -241,7 +241,7 @@ class FileGenerationTests(SimpleTestCase):
         async_to_sync(worker.refresh)()
         before = worker.stamp(("tokens", "catalog"))
 
-        code = f"from pathlib import Path; from fedmcp_site.caching import _FileGenerations; _FileGenerations(Path({str(self.path)!r})).bump(['tokens'])"
+        code = f"from pathlib import Path; from fedmcp_lib.caching import _FileGenerations; _FileGenerations(Path({str(self.path)!r})).bump(['tokens'])"
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
         assert worker.stamp(("tokens", "catalog")) == before, "not seen before the request reads them"
 
@@ -253,7 +253,7 @@ class FileGenerationTests(SimpleTestCase):
         backend = caching._FileGenerations(self.path)
         backend.bump(["sessions"])
         first = backend.read_sync()
-        with mock.patch("fedmcp_site.caching.os.open", wraps=os.open) as opened:
+        with mock.patch("fedmcp_lib.caching.os.open", wraps=os.open) as opened:
             assert [backend.read_sync() for _ in range(5)] == [first] * 5
             assert opened.call_count == 0
             backend.bump(["catalog"])  # a new file renamed over the old one (its own open: the lock)

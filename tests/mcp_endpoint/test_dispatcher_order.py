@@ -43,7 +43,7 @@ class DispatcherCheckOrder(SimpleTestCase):
         # Any handler reached is a failure of the order; the scope check reads no database.
         self.handler = mock.AsyncMock(side_effect=AssertionError("the handler ran"))
         self.enterContext(mock.patch.dict(dispatcher.METHODS, {"tools/call": dataclasses.replace(dispatcher.METHODS["tools/call"], handler=self.handler)}))
-        self.enterContext(mock.patch.object(dispatcher.trust, "identity_for_call", mock.AsyncMock(side_effect=lambda caller, **_: caller)))
+        self.enterContext(mock.patch.object(dispatcher.gateways, "identity_for_call", mock.AsyncMock(side_effect=lambda caller, **_: caller)))
 
     async def code(self, message: object, ctx: HostContext | None = None) -> int:
         reply = await dispatcher.handle_message(ctx or context(caller=identity()), message)

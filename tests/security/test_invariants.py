@@ -49,7 +49,7 @@ from oauth2_provider.models import AccessToken, Application, set_token_value
 from federation import naming
 from federation.models import CatalogEntry, Peer
 from federation.upstream.base import PeerConfig
-from fedmcp_site import caching
+from fedmcp_lib import caching
 from identity import audit
 from identity.audit import audit_flush
 from identity.call_digest import arguments_hash

@@ -14,7 +14,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.test import TransactionTestCase, override_settings
 
-from fedmcp_site import caching
+from fedmcp_lib import caching
 from identity.hostauth.tokens import Identity
 from identity.models import TrustedGateway
 from identity.trust import gateways

@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_creat
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from fedmcp_site import observability
+from fedmcp_lib import observability
 
 logger = logging.getLogger(__name__)
 call_logger = logging.getLogger("fedmcp.calls")
