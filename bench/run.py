@@ -568,7 +568,9 @@ SEED = """
 import django, json, sys
 django.setup()
 from django.utils import timezone
-from federation.models import CatalogEntry, CatalogKind, Peer
+from federation.models import CatalogEntry
+from federation.models import CatalogKind
+from federation.models import Peer
 from federation.naming import qualify_name
 peers, tools_per_peer, url = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 tools = [{"name": f"tool-{i}", "description": f"Benchmark tool number {i}: echoes its message.",

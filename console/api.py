@@ -36,10 +36,10 @@ from federation.events import publish_catalog_changed
 from federation.models import CatalogEntry, CatalogKind, Peer, Transport
 from federation.services import PeerConfigError, catalog_set_enabled, peer_add, peer_remove, peer_sync_catalog
 from federation.tls import check_current_ca_bundle, check_current_client_cert
-from identity import scopes
-from identity.consent import consent_grant_revoke
+from identity.consent.policy import consent_grant_revoke
+from identity.hostauth import scopes
+from identity.hostauth.tokens import effective_scopes
 from identity.models import AuditEvent, ConsentGrant, ConsentPolicy
-from identity.tokens import effective_scopes
 
 
 class StaffSession(BasePermission):
@@ -51,7 +51,7 @@ class StaffSession(BasePermission):
 
 
 class AdminToken(BasePermission):
-    """An access token that holds `admin` at this moment (identity/tokens.py `effective_scopes`).
+    """An access token that holds `admin` at this moment (identity/hostauth/tokens.py `effective_scopes`).
 
     Not DOT's TokenHasScope, which reads the scopes the token was issued with: what the token
     holds also depends on its user, who must still be active and staff, as the request's user
@@ -492,7 +492,7 @@ class PolicyListApi(AdminApi):
     def post(self, request: Request) -> Response:
         data = PolicyInput(data=request.data)
         data.is_valid(raise_exception=True)
-        # Saving announces the change to waiting calls (identity/consent.py's post_save receiver).
+        # Saving announces the change to waiting calls (identity/consent/policy.py's post_save receiver).
         policy = data.save()
         return Response(PolicyOutput(policy).data, status=status.HTTP_201_CREATED)
 

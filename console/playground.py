@@ -31,7 +31,7 @@ from console import schema
 from federation.models import CatalogEntry, CatalogKind
 from federation.upstream.base import modern_meta
 from identity.audit import audit_flush
-from identity.tokens import Identity, scopes_allowed
+from identity.hostauth.tokens import Identity, scopes_allowed
 from mcp_endpoint import dispatcher
 from mcp_endpoint.context import HostContext
 

@@ -78,7 +78,7 @@ class PeerAdminForm(forms.ModelForm):
     class Meta:
         model = Peer
         # What a sync learns of a gateway peer is shown, never edited: believing one is for
-        # `is_gateway` and the trust records (identity/trust.py `peer_gateway_standing`).
+        # `is_gateway` and the trust records (identity/trust/gateways.py `peer_gateway_standing`).
         # The command and its arguments are edited as one command line.
         exclude = ["client_secret", "env", "tls_client_key", "remote_gateway", "suggested_gateway", "command", "args"]
 
@@ -416,7 +416,7 @@ class PeerAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/federation/peer/add_peer.html", context)
 
     def _added_user_oauth(self, request: HttpRequest, peer: Peer) -> HttpResponse:
-        from identity import upstream_oauth
+        from federation import upstream_oauth
 
         self.log_addition(request, peer, [{"added": {}}])
         upstream_oauth.oauth_client_configure(peer=peer)

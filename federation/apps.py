@@ -43,8 +43,8 @@ class FederationConfig(AppConfig):
         from federation.models import CatalogEntry, Peer
         from federation.pool import pool
         from federation.upkeep import on_upstream_event
-        from fedmcp_site import metrics
-        from fedmcp_site.caching import bump_on_change
+        from fedmcp_lib import metrics
+        from fedmcp_lib.caching import bump_on_change
 
         bump_on_change(Peer, "catalog")
         bump_on_change(CatalogEntry, "catalog")

@@ -1,7 +1,7 @@
 """Read the catalog as hosts see it: namespaced on the aggregated endpoints, verbatim per peer.
 
 The built lists are kept per worker until the catalog or a peer changes in any process
-(fedmcp_site/caching.py, domain "catalog"), so paging through 10,000 tools reads them once.
+(fedmcp_lib/caching.py, domain "catalog"), so paging through 10,000 tools reads them once.
 The items are shared between requests: callers slice the list, never change an item.
 """
 
@@ -11,8 +11,8 @@ from channels.db import database_sync_to_async
 
 from federation.models import CatalogEntry, CatalogKind, Peer
 from federation.services import PER_USER_KINDS
-from fedmcp_site import caching
-from fedmcp_site.json_types import JsonDict
+from fedmcp_lib import caching
+from fedmcp_lib.json_types import JsonDict
 
 # The field of each kind that carries its name.
 NAME_FIELDS = {

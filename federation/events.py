@@ -11,7 +11,7 @@ import logging
 from channels.layers import get_channel_layer
 
 from federation.models import CatalogKind
-from fedmcp_site import caching
+from fedmcp_lib import caching
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ async def publish_catalog_changed(peer_name: str, kinds: list[str]) -> None:
     the API or a sync).
     """
     # Also for changes made with QuerySet.update(), which no signal reports: every worker's
-    # cached routes and lists must go (fedmcp_site/caching.py).
+    # cached routes and lists must go (fedmcp_lib/caching.py).
     caching.bump("catalog")
     layer = get_channel_layer()
     if layer is None:

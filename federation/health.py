@@ -218,7 +218,7 @@ async def check_peer(peer: PeerConfig) -> bool:
     """Probe one peer (ping in the handshake era, server/discover in 2026-07-28) and record it."""
     from federation.pool import pool
     from federation.upstream.base import UpstreamError, modern_meta
-    from identity.upstream_oauth import UpstreamAuthorizationRequiredError
+    from federation.upstream_oauth import UpstreamAuthorizationRequiredError
 
     breaker = breakers.for_peer(peer)
     started = time.monotonic()

@@ -63,7 +63,7 @@ class Peer(models.Model):
     remote_gateway = models.CharField(
         max_length=48, blank=True,
         help_text="The peer gateway's own name, set on sync only while it is believed: marked a gateway and trusted "
-        "under this name (identity/trust.py `peer_gateway_standing`).",
+        "under this name (identity/trust/gateways.py `peer_gateway_standing`).",
     )
     suggested_gateway = models.CharField(
         max_length=48, blank=True,
@@ -102,7 +102,7 @@ class Peer(models.Model):
     user_oauth = models.BooleanField(
         default=False,
         help_text="Each user connects their own account at the peer's OAuth authorization server (/connect/<peer>); "
-        "calls carry that user's token (identity/upstream_oauth.py).",
+        "calls carry that user's token (federation/upstream_oauth.py).",
     )
     max_processes = models.PositiveIntegerField(
         default=8, help_text="stdio: most per-user processes per worker; beyond it the least recently used idle one is stopped."

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 
 from federation.upstream import CONNECTION_KINDS
 from federation.upstream.base import Era, JsonDict, PeerConfig, UpstreamConnection, UpstreamError, UpstreamUnavailableError
-from identity.upstream_oauth import UpstreamAuthorizationRequiredError, upstream_auth
+from federation.upstream_oauth import UpstreamAuthorizationRequiredError, upstream_auth
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from federation.upstream.base import PeerConfig
-from fedmcp_site import metrics
+from fedmcp_lib import metrics
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ resources of a per-user OAuth peer, each account's own, are not in the catalog: 
 the peer, and the upstream decides with the caller's own token (`_per_user_route`).
 
 Routes (with the peer's decrypted credentials) are kept per worker until the catalog, any
-peer or any gateway trust changes in any process (fedmcp_site/caching.py, domain "catalog"); so are unknown names,
+peer or any gateway trust changes in any process (fedmcp_lib/caching.py, domain "catalog"); so are unknown names,
 so a host repeating a bad name costs no query either.
 """
 
@@ -21,8 +21,8 @@ from channels.db import database_sync_to_async
 from federation import naming
 from federation.models import CatalogEntry, CatalogKind, Peer
 from federation.upstream.base import PeerConfig
-from fedmcp_site import caching
-from identity.trust import peer_gateway_standing
+from fedmcp_lib import caching
+from identity.trust.gateways import peer_gateway_standing
 
 
 class NotRoutableError(Exception):
@@ -57,7 +57,7 @@ def peer_config(peer: Peer) -> PeerConfig:
     """The peer's configuration for a route: its gateway name only while this gateway still believes it.
 
     The name stored at the last sync is checked against the trust records again
-    (identity/trust.py `peer_gateway_standing`), so revoking trust takes effect at once.
+    (identity/trust/gateways.py `peer_gateway_standing`), so revoking trust takes effect at once.
     """
     config = PeerConfig.from_peer(peer)
     if config.remote_gateway:

@@ -24,9 +24,9 @@ from federation.models import CatalogEntry, CatalogKind, Peer, Transport
 from federation.tls import PeerTls, check_dates
 from federation.upstream import CONNECTION_KINDS
 from federation.upstream.base import JsonDict, PeerConfig, UpstreamConnection, UpstreamError, modern_meta
-from fedmcp_site import caching
-from identity.trust import GatewayStanding, peer_gateway_standing
-from identity.upstream_oauth import upstream_auth
+from federation.upstream_oauth import upstream_auth
+from fedmcp_lib import caching
+from identity.trust.gateways import GatewayStanding, peer_gateway_standing
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ async def peer_discover_token_url(*, peer: Peer) -> str:
     token_url = await discover_token_url(peer.url, tls=PeerTls(peer.tls_ca_bundle, peer.tls_client_cert, peer.tls_client_key))
     peer.token_url = token_url
     await Peer.objects.filter(pk=peer.pk).aupdate(token_url=token_url)
-    caching.bump("catalog")  # workers' cached peer configs (fedmcp_site/caching.py)
+    caching.bump("catalog")  # workers' cached peer configs (fedmcp_lib/caching.py)
     return token_url
 
 
@@ -373,7 +373,7 @@ def _store_catalog(
     changed: list[str] = []
     claimed = claimed_gateway(description)
     standing, taken = _gateway_standing(peer, claimed)
-    # Only what this gateway believes decides the homes (identity/trust.py); what the peer
+    # Only what this gateway believes decides the homes (identity/trust/gateways.py); what the peer
     # says of itself is kept as a suggestion for the operator, never as trust.
     peer.remote_gateway = standing.name
     peer.suggested_gateway = claimed if claimed and not standing.trusted else ""

@@ -22,7 +22,7 @@ from federation.pool import pool
 from federation.router import peer_config
 from federation.services import peer_sync_catalog
 from federation.upstream.base import JsonDict, PeerConfig, UpstreamError
-from fedmcp_site.layers import Memberships
+from fedmcp_lib.layers import Memberships
 
 logger = logging.getLogger(__name__)
 

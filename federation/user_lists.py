@@ -31,11 +31,11 @@ from federation.pool import pool
 from federation.router import peer_config
 from federation.services import LISTINGS, PER_USER_KINDS, CatalogBudget, _list_all
 from federation.upstream.base import PeerConfig, UpstreamError
-from fedmcp_site import caching
-from fedmcp_site.json_types import JsonDict
-from identity.consent import consent_denied_among
-from identity.tokens import Identity
-from identity.upstream_oauth import UpstreamAuthorizationRequiredError
+from federation.upstream_oauth import UpstreamAuthorizationRequiredError
+from fedmcp_lib import caching
+from fedmcp_lib.json_types import JsonDict
+from identity.consent.policy import consent_denied_among
+from identity.hostauth.tokens import Identity
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
 from fedmcp_site.runtime import access_log, gc_tuning, lifecycle, request_guard, websocket_close  # noqa: E402
-from identity.consent_consumers import consent_websocket  # noqa: E402
+from identity.consent.consumers import consent_websocket  # noqa: E402
 from mcp_endpoint.routing import http_urlpatterns, websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(

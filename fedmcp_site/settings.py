@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from identity import scopes as scope_names
+from identity.hostauth import scopes as scope_names
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -206,8 +206,8 @@ if REDIS_URL:
     }
 else:
     # Channels' in-memory layer, sweeping for expired entries once a second, not on every
-    # receive (fedmcp_site/layers.py: O(open sessions) per request otherwise).
-    CHANNEL_LAYERS = {"default": {"BACKEND": "fedmcp_site.layers.InMemoryChannelLayer"}}
+    # receive (fedmcp_lib/layers.py: O(open sessions) per request otherwise).
+    CHANNEL_LAYERS = {"default": {"BACKEND": "fedmcp_lib.layers.InMemoryChannelLayer"}}
 
 # --- Static files, i18n ---------------------------------------------------------------------
 STATIC_URL = "static/"
@@ -268,7 +268,7 @@ MCP_SESSION_RETENTION = env_int("FEDMCP_SESSION_RETENTION", 7 * 24 * 3600)
 FEDMCP_PUBLIC_URL = os.environ.get("FEDMCP_PUBLIC_URL", "")
 
 OAUTH2_PROVIDER = {
-    # One list of scopes, with their descriptions: identity/scopes.py (no Django imports there).
+    # One list of scopes, with their descriptions: identity/hostauth/scopes.py (no Django imports there).
     "SCOPES": dict(scope_names.SCOPES),
     "DEFAULT_SCOPES": list(scope_names.MCP_SCOPES),
     "PKCE_REQUIRED": True,
@@ -287,9 +287,9 @@ OAUTH2_PROVIDER = {
     "COMPLIANT_BCP_RFC9700_ACCESS_TOKEN_TRANSPORT": True,
     # Redirect URIs match exactly and are https or loopback http; tokens are only minted for
     # this gateway's origin (the default audience when a client names none).
-    "OAUTH2_VALIDATOR_CLASS": "identity.oauth_validators.GatewayOAuth2Validator",
-    # /api/ checks a token's audience with the MCP endpoints' rule (identity.tokens.audience_error).
-    "RESOURCE_SERVER_TOKEN_RESOURCE_VALIDATOR": "identity.oauth_validators.token_fits_gateway",
+    "OAUTH2_VALIDATOR_CLASS": "identity.hostauth.oauth_validators.GatewayOAuth2Validator",
+    # /api/ checks a token's audience with the MCP endpoints' rule (identity.hostauth.tokens.audience_error).
+    "RESOURCE_SERVER_TOKEN_RESOURCE_VALIDATOR": "identity.hostauth.oauth_validators.token_fits_gateway",
     # Refresh tokens rotate on every use; an unused one lapses after this long.
     "REFRESH_TOKEN_EXPIRE_SECONDS": env_int("FEDMCP_REFRESH_TOKEN_SECONDS", 30 * 86400),
     # The issuer: FEDMCP_PUBLIC_URL when set, else the origin each request came to.
@@ -371,7 +371,7 @@ FEDMCP_RATE_LIMIT_CACHE_SECONDS = env_float("FEDMCP_RATE_LIMIT_CACHE_SECONDS", 1
 # Redis key prefix of the buckets.
 FEDMCP_RATE_LIMIT_PREFIX = os.environ.get("FEDMCP_RATE_LIMIT_PREFIX") or f"{os.environ.get('FEDMCP_REDIS_PREFIX', 'fedmcp')}:ratelimit"
 
-# --- Per-worker caches and the audit writer (fedmcp_site/caching.py, identity/audit.py) ----------
+# --- Per-worker caches and the audit writer (fedmcp_lib/caching.py, identity/audit.py) ----------
 # Tokens, sessions, routes, lists and consent decisions are cached per worker and dropped when
 # a shared generation changes: Redis keys under FEDMCP_CACHE_REDIS_PREFIX with REDIS_URL, else
 # the file FEDMCP_CACHE_GENERATION_FILE (default: next to the SQLite database). Every process
@@ -456,10 +456,10 @@ if FEDMCP_LOG_FORMAT not in ("plain", "json"):
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"request_context": {"()": "fedmcp_site.observability.ContextFilter"}},
+    "filters": {"request_context": {"()": "fedmcp_lib.observability.ContextFilter"}},
     "formatters": {
-        "plain": {"()": "fedmcp_site.observability.PlainFormatter"},
-        "json": {"()": "fedmcp_site.observability.JsonFormatter"},
+        "plain": {"()": "fedmcp_lib.observability.PlainFormatter"},
+        "json": {"()": "fedmcp_lib.observability.JsonFormatter"},
     },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": FEDMCP_LOG_FORMAT, "filters": ["request_context"]},

@@ -1,4 +1,4 @@
-"""Django URLs: the admin, OAuth (identity.urls) and the health endpoints (MCP transports are routed in asgi.py)."""
+"""Django URLs: the admin, OAuth (identity.hostauth.urls) and the health endpoints (MCP transports are routed in asgi.py)."""
 
 from django.contrib import admin
 from django.urls import include, path
@@ -13,9 +13,9 @@ urlpatterns = [
     path("metrics", views.metrics_view, name="metrics"),
     path("favicon.ico", views.favicon_ico, name="favicon-ico"),
     path("favicon.svg", views.favicon_svg, name="favicon-svg"),
-    path("", include("identity.urls")),
-    path("", include("identity.jwks_urls")),
-    path("", include("identity.consent_urls")),
-    path("", include("identity.connect_urls")),
+    path("", include("identity.hostauth.urls")),
+    path("", include("identity.trust.urls")),
+    path("", include("identity.consent.urls")),
+    path("", include("federation.connect_urls")),
     path("", views.index, name="index"),
 ]

@@ -12,7 +12,8 @@ from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from federation.models import Peer
-from fedmcp_site import favicon, metrics
+from fedmcp_lib import metrics
+from fedmcp_site import favicon
 from fedmcp_site.runtime import lifecycle
 
 logger = logging.getLogger(__name__)

@@ -156,11 +156,11 @@ class AuditEventAdmin(admin.ModelAdmin):
         return _csv_response(queryset)
 
 
-# --- consent (identity/consent.py, docs/CONSENT.md) ------------------------------------------
+# --- consent (identity/consent/, docs/CONSENT.md) ------------------------------------------
 
 from django.utils import timezone  # noqa: E402
 
-from identity import consent as consent_services  # noqa: E402  (also connects the policy-change signal)
+from identity.consent.policy import consent_grant_revoke  # noqa: E402  (also connects the policy-change signal)
 from identity.models import ConsentGrant, ConsentPolicy, ConsentPrompt, RemoteConsent  # noqa: E402
 
 
@@ -278,7 +278,7 @@ class ConsentGrantAdmin(admin.ModelAdmin):
     @admin.action(description="Revoke the selected approvals")
     def revoke(self, request: HttpRequest, queryset: QuerySet[ConsentGrant]) -> None:
         for grant in queryset:
-            consent_services.consent_grant_revoke(grant=grant)
+            consent_grant_revoke(grant=grant)
 
 
 # --- per-user upstream credentials ----------------------------------------------------------

@@ -11,12 +11,12 @@ class IdentityConfig(AppConfig):
         from django.contrib.auth.models import Group
         from oauth2_provider.models import AccessToken, Application
 
-        from fedmcp_site import metrics
-        from fedmcp_site.caching import bump_on_change, bump_on_m2m_change
-        from identity.consent import pending_prompts_metric
+        from fedmcp_lib import metrics
+        from fedmcp_lib.caching import bump_on_change, bump_on_m2m_change
+        from identity.consent.prompts import pending_prompts_metric
         from identity.models import ConsentGrant, ConsentPolicy, TrustedGateway
 
-        # What each cached domain depends on here (fedmcp_site/caching.py); a new token is a miss.
+        # What each cached domain depends on here (fedmcp_lib/caching.py); a new token is a miss.
         user = get_user_model()
         bump_on_change(AccessToken, "tokens", skip_created=True)
         bump_on_change(Application, "tokens", skip_created=True)

@@ -41,8 +41,8 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
 from identity.call_digest import arguments_hash
+from identity.hostauth.tokens import Identity
 from identity.models import AuditEvent
-from identity.tokens import Identity
 
 logger = logging.getLogger(__name__)
 

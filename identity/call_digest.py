@@ -1,7 +1,7 @@
 """The digest a call's arguments are known by: what consent approvals bind and the audit trail records.
 
 One function, so that an approval (mcp_endpoint/pipeline/values.py `Approval`), a remote consent
-(identity/remote_consent.py) and an audit row (identity/audit.py) name the same arguments with
+(identity/consent/remote.py) and an audit row (identity/audit.py) name the same arguments with
 the same value, and an auditor can tell which exact call a decision covered.
 """
 

@@ -20,7 +20,7 @@ gateway_name_validator = RegexValidator(
 class TrustedGatewayQuerySet(models.QuerySet["TrustedGateway"]):
     def update(self, **kwargs: Any) -> int:
         """Update, and drop the workers' cached trust and routes (signals do not see `QuerySet.update`)."""
-        from fedmcp_site.caching import bump
+        from fedmcp_lib.caching import bump
 
         count = super().update(**kwargs)
         bump("tokens", "catalog")
@@ -119,7 +119,7 @@ class AuditEvent(models.Model):
         max_length=64, blank=True,
         help_text=(
             "SHA-256 of the canonical JSON arguments the call was decided on and sent with (tools/call, prompts/get; "
-            "identity/remote_consent.py `arguments_hash`): what a consent approval is bound to."
+            "identity/call_digest.py `arguments_hash`): what a consent approval is bound to."
         ),
     )
 
@@ -183,7 +183,7 @@ class ConsentKind(models.TextChoices):
 class ConsentPolicy(models.Model):
     """An administrator's rule: calls matching every non-blank field get `decision`.
 
-    Precedence (identity/consent.py `decide`, docs/CONSENT.md): the policy matching with the
+    Precedence (identity/consent/policy.py `decide`, docs/CONSENT.md): the policy matching with the
     most specific fields wins, then the higher `priority`, then deny over ask over allow.
     """
 
@@ -282,7 +282,7 @@ class ConsentPrompt(models.Model):
         default=dict, blank=True,
         help_text=(
             "Sampling/elicitation left to this gateway by one further along: that gateway, its server and call, "
-            "and who vouches for them (peer, signature or reported; identity/deferral.py)."
+            "and who vouches for them (peer, signature or reported; identity/consent/deferral.py)."
         ),
     )
     call = models.CharField(
@@ -381,7 +381,7 @@ class UpstreamOAuthClient(models.Model):
 
     Filled in by discovery (RFC 9728 protected-resource metadata, then RFC 8414 server metadata)
     and by registration: an operator-supplied client, a Client ID Metadata Document, or RFC 7591
-    dynamic registration (identity/upstream_oauth.py).
+    dynamic registration (federation/upstream_oauth.py).
     """
 
     class Registration(models.TextChoices):

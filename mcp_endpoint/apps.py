@@ -9,9 +9,9 @@ class McpEndpointConfig(AppConfig):
     def ready(self) -> None:
         from django.core.signals import request_finished
 
-        from fedmcp_site import metrics
-        from fedmcp_site.caching import bump_on_change, clear_on_setting_change
-        from fedmcp_site.request_connections import close_request_connections
+        from fedmcp_lib import metrics
+        from fedmcp_lib.caching import bump_on_change, clear_on_setting_change
+        from fedmcp_lib.request_connections import close_request_connections
         from mcp_endpoint.models import McpSession
         from mcp_endpoint.sessions import host_sessions_metric
 

@@ -18,10 +18,10 @@ from urllib.parse import parse_qs
 
 from django.db import Error as DatabaseError
 
-from fedmcp_site import caching
-from identity import scopes
-from identity.tokens import TokenError, authenticate, gateway_audience
-from mcp_endpoint import jsonrpc, security
+from fedmcp_lib import caching, security
+from identity.hostauth import scopes
+from identity.hostauth.tokens import TokenError, authenticate, gateway_audience
+from mcp_endpoint import jsonrpc
 
 logger = logging.getLogger(__name__)
 ASGIApp = Any

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from fedmcp_site.json_types import JsonDict
+from fedmcp_lib.json_types import JsonDict
 from mcp_endpoint.models import McpSession
 
 Era = Literal["legacy", "modern"]

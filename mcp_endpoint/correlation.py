@@ -24,8 +24,8 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
-from fedmcp_site.json_types import JsonDict
-from fedmcp_site.layers import Memberships
+from fedmcp_lib.json_types import JsonDict
+from fedmcp_lib.layers import Memberships
 from mcp_endpoint import jsonrpc
 
 logger = logging.getLogger(__name__)

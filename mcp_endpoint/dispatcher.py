@@ -21,11 +21,11 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERS
 from pydantic import ValidationError
 
 from federation.pool import pool
-from fedmcp_site import observability
-from fedmcp_site.json_types import JsonDict
-from identity import trust
-from identity.scopes import required_scope
-from identity.tokens import Identity
+from fedmcp_lib import observability
+from fedmcp_lib.json_types import JsonDict
+from identity.hostauth.scopes import required_scope
+from identity.hostauth.tokens import Identity
+from identity.trust import gateways
 from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
@@ -136,14 +136,14 @@ async def call(ctx: HostContext, method: str, params: JsonDict) -> JsonDict:
 
 
 async def _acting_identity(ctx: HostContext, method: str) -> Identity | None:
-    """Return who acts: the caller, or the user a trusted peer gateway asserts (identity/trust.py).
+    """Return who acts: the caller, or the user a trusted peer gateway asserts (identity/trust/gateways.py).
 
     Raises:
         InvalidAssertionError: a peer gateway's assertion is missing or not acceptable.
     """
     try:
-        return await trust.identity_for_call(caller=ctx.identity, method=method, meta=ctx.meta, hops=ctx.meta.get(HOPS_META_KEY))
-    except trust.AssertionRejectedError as exc:
+        return await gateways.identity_for_call(caller=ctx.identity, method=method, meta=ctx.meta, hops=ctx.meta.get(HOPS_META_KEY))
+    except gateways.AssertionRejectedError as exc:
         raise jsonrpc.InvalidAssertionError(f"Invalid identity assertion: {exc.description}", {"reason": exc.reason}) from exc
 
 

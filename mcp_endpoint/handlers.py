@@ -20,11 +20,11 @@ from federation.pool import pool
 from federation.router import AmbiguousUriError, NotRoutableError, Route, peer_for_scope, resolve
 from federation.services import GATEWAY_CAPABILITY
 from federation.upstream.base import UpstreamError
-from fedmcp_site.json_types import JsonDict
-from fedmcp_site.layers import Memberships
-from identity import consent_cache
+from federation.upstream_oauth import UpstreamAuthorizationRequiredError
+from fedmcp_lib.json_types import JsonDict
+from fedmcp_lib.layers import Memberships
 from identity.audit import audit_record
-from identity.upstream_oauth import UpstreamAuthorizationRequiredError
+from identity.consent import decisions
 from mcp_endpoint import jsonrpc, methods, sessions
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.admit import incoming_hops
@@ -170,8 +170,8 @@ async def list_catalog(ctx: HostContext, params: JsonDict, method: str) -> JsonD
         raise jsonrpc.UpstreamFailedError(f"peer '{ctx.scope}' is not available")
     skip_peers = breakers.open_peers()
     items = await catalog.list_items(ctx.scope, kind, skip_peers=skip_peers)
-    # What a consent policy denies this caller is not listed (identity/consent.py).
-    hidden = await consent_cache.consent_hidden_names(identity=ctx.identity, scope=ctx.scope, kind=kind)
+    # What a consent policy denies this caller is not listed (identity/consent/policy.py).
+    hidden = await decisions.consent_hidden_names(identity=ctx.identity, scope=ctx.scope, kind=kind)
     if hidden:
         field = catalog.NAME_FIELDS[kind]
         items = [item for item in items if item.get(field) not in hidden]

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from mcp.shared.inbound import ERROR_CODE_HTTP_STATUS
 from mcp_types import jsonrpc as codes
 
-from fedmcp_site.json_types import JsonDict
+from fedmcp_lib.json_types import JsonDict
 
 PARSE_ERROR = codes.PARSE_ERROR
 """Invalid JSON was received (-32700)."""

@@ -5,7 +5,7 @@ Who answers each method is `handlers.HANDLERS`; the dispatcher joins the two (`d
 
 from __future__ import annotations
 
-from fedmcp_site.json_types import JsonDict
+from fedmcp_lib.json_types import JsonDict
 
 LEGACY = frozenset({"legacy"})
 MODERN = frozenset({"modern"})

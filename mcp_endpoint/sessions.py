@@ -1,6 +1,6 @@
 """Handshake-era host sessions: create, load, update and close, from async code.
 
-Each worker keeps the open sessions it served in memory (fedmcp_site/caching.py, domain
+Each worker keeps the open sessions it served in memory (fedmcp_lib/caching.py, domain
 "sessions"); every change below publishes a new generation, so the next message on any worker
 reads the row again. Creating a session changes nothing cached: a new id is simply a miss.
 
@@ -30,8 +30,8 @@ from django.db.models import Q
 from django.utils import timezone
 from prometheus_client.core import GaugeMetricFamily
 
-from fedmcp_site import caching
-from identity.tokens import Identity
+from fedmcp_lib import caching
+from identity.hostauth.tokens import Identity
 from mcp_endpoint.models import McpSession, ResourceSubscription
 
 logger = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator
 from channels.layers import get_channel_layer
 
 from federation.events import CATALOG_GROUP, RESOURCES_GROUP
-from fedmcp_site.json_types import JsonDict
-from fedmcp_site.layers import Memberships
+from fedmcp_lib.json_types import JsonDict
+from fedmcp_lib.layers import Memberships
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.handlers import host_notifications_for
 from mcp_endpoint.sessions import session_group, subscribed_uris

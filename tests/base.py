@@ -47,8 +47,8 @@ from federation.models import CatalogEntry, CatalogKind, Peer, Transport
 from federation.pool import pool
 from federation.services import peer_add, peer_sync_catalog
 from fedmcp_site.asgi import application
-from identity import scopes
-from identity.tokens import token_create
+from identity.hostauth import scopes
+from identity.hostauth.tokens import token_create
 from mcp_endpoint.auth import public_base_url
 
 HOST = "127.0.0.1"

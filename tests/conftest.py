@@ -70,9 +70,9 @@ def fresh_worker_caches() -> Iterator[None]:
     """Start every test with empty per-worker caches and audit queue.
 
     A rolled-back test transaction sends no signals, so what an earlier test cached
-    (fedmcp_site/caching.py) would otherwise look current to the next one.
+    (fedmcp_lib/caching.py) would otherwise look current to the next one.
     """
-    from fedmcp_site import caching
+    from fedmcp_lib import caching
     from identity import audit
 
     caching.clear_all()

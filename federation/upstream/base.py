@@ -20,7 +20,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERS
 
 from federation.client import AuthProvider
 from federation.tls import PeerTls
-from fedmcp_site.json_types import JsonDict
+from fedmcp_lib.json_types import JsonDict
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class PeerConfig:
 
     @property
     def trusted_gateway(self) -> bool:
-        """A peer gateway whose assertions this gateway believes: marked by the operator and trusted (identity/trust.py).
+        """A peer gateway whose assertions this gateway believes: marked by the operator and trusted (identity/trust/gateways.py).
 
         Routes carry it only while the trust holds (federation/router.py); `remote_gateway` is then its name.
         """

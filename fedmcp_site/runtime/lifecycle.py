@@ -39,7 +39,7 @@ from django.conf import settings
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
-from fedmcp_site import metrics, observability
+from fedmcp_lib import metrics, observability
 
 TARGETS = {"daphne": "4.2.3", "twisted": "26.10.0", "channels": "4.3.2"}
 """The versions this module was written against (tests/architecture/test_runtime_patches.py)."""
@@ -253,7 +253,7 @@ async def release_worker() -> None:
     """Cancel the requests still running, then close upstream connections and Redis clients."""
     from federation import ratelimit
     from federation.pool import pool
-    from fedmcp_site import caching
+    from fedmcp_lib import caching
     from mcp_endpoint.sessions import close_held_sessions
 
     loop = asyncio.get_running_loop()

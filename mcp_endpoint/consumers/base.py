@@ -20,8 +20,8 @@ from django.conf import settings
 from django.db import Error as DatabaseError
 
 from federation.upkeep import ensure_background_tasks
-from fedmcp_site.json_types import JsonDict
-from identity.tokens import Identity
+from fedmcp_lib.json_types import JsonDict
+from identity.hostauth.tokens import Identity
 from mcp_endpoint import jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_HEADERS, UNAVAILABLE_MESSAGE
 

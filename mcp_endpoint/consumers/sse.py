@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 
 from django.conf import settings
 
-from fedmcp_site.metrics import stream_open
+from fedmcp_lib.metrics import stream_open
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, batch_refusal, sse_event
 from mcp_endpoint.context import HostContext

@@ -24,8 +24,8 @@ from mcp.shared.inbound import (
 )
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS, is_version_at_least
 
-from fedmcp_site.json_types import JsonDict
-from fedmcp_site.metrics import stream_open
+from fedmcp_lib.json_types import JsonDict
+from fedmcp_lib.metrics import stream_open
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_HEADERS, challenge
 from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, batch_refusal, sse_event

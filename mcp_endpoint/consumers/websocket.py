@@ -17,9 +17,9 @@ from django.conf import settings
 from django.db import Error as DatabaseError
 
 from federation.upkeep import ensure_background_tasks
-from fedmcp_site.json_types import JsonDict
-from fedmcp_site.metrics import stream_open
-from identity.tokens import still_valid
+from fedmcp_lib.json_types import JsonDict
+from fedmcp_lib.metrics import stream_open
+from identity.hostauth.tokens import still_valid
 from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.auth import UNAVAILABLE_MESSAGE
 from mcp_endpoint.consumers.base import DirectDispatchMixin, batch_refusal

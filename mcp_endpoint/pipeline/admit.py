@@ -13,7 +13,7 @@ from mcp_endpoint.context import HostContext
 def incoming_hops(ctx: HostContext) -> list[str]:
     """Return the gateways this request came through (empty from hosts), refusing loops and long chains.
 
-    Only a trusted peer gateway's hop record counts: identity/trust.py accepts it as part of
+    Only a trusted peer gateway's hop record counts: identity/trust/gateways.py accepts it as part of
     the gateway's verified assertion (whose `via` must equal `_meta["io.fedmcp/hops"]`) and
     puts it on the acting identity. What anyone else sends under that key is ignored, so a
     host can neither fake a loop nor tell peer gateways about gateways the call never passed.

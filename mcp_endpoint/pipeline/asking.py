@@ -13,7 +13,7 @@ from typing import Any
 from django.conf import settings
 
 from federation.upstream.base import JsonDict
-from identity import consent
+from identity.consent.prompts import TooManyPendingPromptsError, consent_prompt_expire, consent_prompt_use, consent_prompt_wait, timeout_setting
 from identity.models import ConsentPrompt
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
@@ -41,12 +41,12 @@ def input_required(elicitation: JsonDict, state: str) -> JsonDict:
     return {"resultType": "input_required", "inputRequests": {INPUT_KEY: {"method": "elicitation/create", "params": elicitation}}, "requestState": state}
 
 
-def too_many_prompts(ctx: HostContext, exc: consent.TooManyPendingPromptsError) -> jsonrpc.RateLimitedError:
+def too_many_prompts(ctx: HostContext, exc: TooManyPendingPromptsError) -> jsonrpc.RateLimitedError:
     """The refusal when the user has as many consent prompts waiting as allowed (-32016; audit word `deny`)."""
     return jsonrpc.RateLimitedError(
         f"{exc.pending} consent requests are already waiting for this user on {consent_url(ctx, '')}; answer them or let "
         f"them expire before more can be asked (at most {exc.limit}: FEDMCP_MAX_PENDING_PROMPTS_PER_USER)",
-        {"reason": "too_many_pending_prompts", "pending": exc.pending, "limit": exc.limit, "retryAfterMs": int(consent.timeout_setting() * 1000)},
+        {"reason": "too_many_pending_prompts", "pending": exc.pending, "limit": exc.limit, "retryAfterMs": int(timeout_setting() * 1000)},
     )
 
 
@@ -65,7 +65,7 @@ async def wait_for_answer(ctx: HostContext, prompt: ConsentPrompt, url: str, mes
         ticks += 1
         await ctx.outbound.send(jsonrpc.notification("notifications/progress", {"progressToken": token, "progress": ticks, "message": message}))
 
-    return await consent.consent_prompt_wait(prompt.id, until=prompt.expires_at, on_tick=tick)
+    return await consent_prompt_wait(prompt.id, until=prompt.expires_at, on_tick=tick)
 
 
 async def hold_for_answer(ctx: HostContext, prompt: ConsentPrompt, url: str, elicitation: JsonDict) -> str:
@@ -81,7 +81,7 @@ async def hold_for_answer(ctx: HostContext, prompt: ConsentPrompt, url: str, eli
     try:
         return await wait_for_answer(ctx, prompt, url, elicitation["message"])
     except asyncio.CancelledError:
-        await asyncio.shield(consent.consent_prompt_expire(prompt_id=prompt.id))
+        await asyncio.shield(consent_prompt_expire(prompt_id=prompt.id))
         raise
     finally:
         if asking is not None and not asking.done():
@@ -97,7 +97,7 @@ async def settle(prompt: ConsentPrompt, status: str, *, denied: jsonrpc.JsonRpcE
         InvalidParamsError: the approval was spent already (a replay).
     """
     if status == ConsentPrompt.Status.APPROVED:
-        if not await consent.consent_prompt_use(prompt_id=prompt.id):
+        if not await consent_prompt_use(prompt_id=prompt.id):
             raise jsonrpc.InvalidParamsError("this consent approval was already used")
         return Verdict(word="approved")
     if status == ConsentPrompt.Status.DENIED:

@@ -1,4 +1,4 @@
-"""Step 2: connect — for per-user OAuth peers (identity/upstream_oauth.py).
+"""Step 2: connect — for per-user OAuth peers (federation/upstream_oauth.py).
 
 A call to such a peer needs the acting user's own token there. A user who has not connected
 their account is pointed at /connect/<peer>, the way the host's era allows:
@@ -19,9 +19,9 @@ import time
 
 from django.conf import settings
 
+from federation import upstream_oauth
 from federation.upstream.base import PeerConfig
-from fedmcp_site.json_types import JsonDict
-from identity import upstream_oauth
+from fedmcp_lib.json_types import JsonDict
 from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from django.core import signing
 
 from federation.upstream.base import JsonDict
-from identity import consent
+from identity.consent.prompts import consent_continuation_spend, continue_timeout_setting
 from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.pipeline.values import Approval
 
@@ -70,7 +70,7 @@ def continuation_wrap(approval: Approval, result: JsonDict) -> JsonDict:
         raise jsonrpc.UpstreamFailedError("the upstream answered input_required with a requestState that is not a string")
     claims = {
         "n": secrets.token_urlsafe(16),
-        "e": int(time.time() + consent.continue_timeout_setting()),
+        "e": int(time.time() + continue_timeout_setting()),
         "b": approval.binding(upstream_state),
     }
     state = continue_prefix() + signing.dumps(claims, salt=CONTINUE_SALT)
@@ -114,5 +114,5 @@ async def continuation_spend(continuation: Continuation) -> None:
         InvalidParamsError: it was spent before (a replay).
     """
     expires_at = datetime.fromtimestamp(continuation.expires, tz=UTC)
-    if not await consent.consent_continuation_spend(nonce=continuation.nonce, expires_at=expires_at):
+    if not await consent_continuation_spend(nonce=continuation.nonce, expires_at=expires_at):
         raise jsonrpc.InvalidParamsError("this requestState was already used")

@@ -25,9 +25,12 @@ from django.conf import settings
 
 from federation.router import Route
 from federation.upstream.base import JsonDict
-from identity import consent, consent_cache, remote_consent
+from identity.consent import decisions
+from identity.consent.policy import KIND_FOR_COMPLETION_REF, Decision, redact
+from identity.consent.prompts import TooManyPendingPromptsError, consent_prompt_create, consent_prompt_for, consent_prompt_for_retry, timeout_setting
+from identity.consent.remote import DECISION_META_KEY, RemoteConsentError, owner_expiry, remote_consent_open, remote_consent_settle
 from identity.models import ConsentDecision, ConsentPrompt
-from identity.signing import AssertionConfigError, issuer
+from identity.trust.signing import AssertionConfigError, issuer
 from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.asking import (
@@ -67,7 +70,7 @@ def _consent_state(state: str) -> tuple[str, str]:
     Raises:
         InvalidParamsError: not a consent state this gateway issued.
     """
-    data = request_states.read(request_states.CONSENT, state, salt=STATE_SALT, max_age=consent.timeout_setting() + 3600)
+    data = request_states.read(request_states.CONSENT, state, salt=STATE_SALT, max_age=timeout_setting() + 3600)
     if not isinstance(data, dict) or not isinstance(data.get("p"), str):
         raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued")
     binding = data.get("b")
@@ -96,7 +99,7 @@ async def _answered(ctx: HostContext, state: str, approval: Approval, params: Js
         InvalidParamsError: the state is not ours, or names a prompt of someone else's.
     """
     prompt_id, binding = _consent_state(state)
-    prompt = await consent.consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity)
+    prompt = await consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity)
     if prompt is None or prompt.owner_gateway:
         raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
     if not hmac.compare_digest(binding, approval.binding(None)):
@@ -114,7 +117,7 @@ async def consent_unasked(ctx: HostContext, peer: str, kind: str, name: str) -> 
     user is asked when the prompt is got or the resource read; a prompt for each completion
     would be no use), audited with no decision word; an allow as `allow` (or `grant`).
     """
-    decision = await consent_cache.consent_decide(identity=ctx.identity, peer=peer, kind=kind, name=name)
+    decision = await decisions.consent_decide(identity=ctx.identity, peer=peer, kind=kind, name=name)
     if decision.action == ConsentDecision.DENY:
         return Verdict.refuse(jsonrpc.ConsentDeniedError(f"A consent policy refuses the {kind} '{name}' on peer '{peer}'", {"reason": decision.reason}), "deny")
     return Verdict(word=decision.label if decision.action == ConsentDecision.ALLOW else "")
@@ -124,7 +127,7 @@ async def _completion(ctx: HostContext, peer: str, subject: CallSubject, params:
     """`completion/complete` gets the policy of the prompt or resource it completes, never a question (`consent_unasked`)."""
     ref = params.get("ref") if subject.method == "completion/complete" and isinstance(params.get("ref"), dict) else {}
     ref_type = ref.get("type")
-    kind = consent.KIND_FOR_COMPLETION_REF.get(ref_type) if isinstance(ref_type, str) else None
+    kind = KIND_FOR_COMPLETION_REF.get(ref_type) if isinstance(ref_type, str) else None
     if kind is None:
         return Verdict(params=params)
     verdict = await consent_unasked(ctx, peer, kind, subject.name)
@@ -162,7 +165,7 @@ async def decide(ctx: HostContext, route: Route, subject: CallSubject, params: J
         continuation = continuation_read(approval, state)
         params = with_upstream_state(params, continuation.upstream_state)
 
-    decision = await consent_cache.consent_decide(identity=ctx.identity, peer=peer, kind=kind, name=name)
+    decision = await decisions.consent_decide(identity=ctx.identity, peer=peer, kind=kind, name=name)
     if decision.action == ConsentDecision.ALLOW:
         return Verdict(word=decision.label, params=params)
     if decision.action == ConsentDecision.DENY:
@@ -193,7 +196,7 @@ async def decide(ctx: HostContext, route: Route, subject: CallSubject, params: J
     return await _ask_user(ctx, peer, subject, params, decision, approval)
 
 
-async def _ask_user(ctx: HostContext, peer: str, subject: CallSubject, params: JsonDict, decision: consent.Decision, approval: Approval) -> Verdict:
+async def _ask_user(ctx: HostContext, peer: str, subject: CallSubject, params: JsonDict, decision: Decision, approval: Approval) -> Verdict:
     """Ask our user on /consent, in the way the host can take it.
 
     A host shown the page (it declared URL elicitation) is sent there: a 2026-07-28 host at once
@@ -203,7 +206,7 @@ async def _ask_user(ctx: HostContext, peer: str, subject: CallSubject, params: J
     sent again once the user approved goes through (`approved`), and while the question is
     open, sending it again asks nothing new.
     """
-    prompt = await consent.consent_prompt_for_retry(identity=ctx.identity, binding=approval.binding(None))
+    prompt = await consent_prompt_for_retry(identity=ctx.identity, binding=approval.binding(None))
     if prompt is not None and prompt.status == ConsentPrompt.Status.APPROVED:
         verdict = await _settle_call(ctx, prompt, prompt.status, consent_url(ctx, prompt.id))
         return Verdict(word=verdict.word, params=params, approval=approval)
@@ -216,11 +219,11 @@ async def _ask_user(ctx: HostContext, peer: str, subject: CallSubject, params: J
         # A call that waits (or is sent to the page) has a prompt of its own; a refused one
         # sent again while its question is open points at the same page.
         try:
-            prompt = await consent.consent_prompt_create(
+            prompt = await consent_prompt_create(
                 identity=ctx.identity, peer=peer, kind=approval.kind, name=subject.name, arguments=subject.arguments,
-                decision=decision, timeout=consent.timeout_setting(), binding=approval.binding(None),
+                decision=decision, timeout=timeout_setting(), binding=approval.binding(None),
             )
-        except consent.TooManyPendingPromptsError as exc:
+        except TooManyPendingPromptsError as exc:
             return Verdict.refuse(too_many_prompts(ctx, exc), "deny")
     url = consent_url(ctx, prompt.id)
     elicitation = url_elicitation(prompt, url, _message(prompt, url))
@@ -249,20 +252,20 @@ def _approval_needed(prompt: ConsentPrompt, url: str) -> jsonrpc.ConsentRequired
     )
 
 
-async def _ask_home(ctx: HostContext, peer: str, kind: str, name: str, arguments: Any, decision: consent.Decision) -> Verdict:
+async def _ask_home(ctx: HostContext, peer: str, kind: str, name: str, arguments: Any, decision: Decision) -> Verdict:
     """Distributed consent, at the owner: settle the home gateway's decision, or send it our question.
 
     The first call is refused with -32019 (`ask-home`) carrying a challenge for the user's home
-    gateway (identity/remote_consent.py); the home asks its user and calls again with its signed
+    gateway (identity/consent/remote.py); the home asks its user and calls again with its signed
     decision in `_meta["io.fedmcp/consent-decision"]`: `approved`, or refused `denied`, or
     `rejected` when the decision is not acceptable.
     """
     identity = ctx.identity
-    raw = ctx.meta.get(remote_consent.DECISION_META_KEY)
+    raw = ctx.meta.get(DECISION_META_KEY)
     if raw is not None:
         try:
-            settled = await remote_consent.remote_consent_settle(raw=raw, identity=identity, peer=peer, kind=kind, name=name, arguments=arguments)
-        except remote_consent.RemoteConsentError as exc:
+            settled = await remote_consent_settle(raw=raw, identity=identity, peer=peer, kind=kind, name=name, arguments=arguments)
+        except RemoteConsentError as exc:
             return Verdict.refuse(
                 jsonrpc.ConsentDeniedError(f"The consent decision from the home gateway is not acceptable: {exc.description}", {"reason": exc.reason}),
                 "rejected",
@@ -287,9 +290,9 @@ async def _ask_home(ctx: HostContext, peer: str, kind: str, name: str, arguments
             ),
             "deny",
         )
-    challenge = await remote_consent.remote_consent_open(
+    challenge = await remote_consent_open(
         identity=identity, peer=peer, kind=kind, name=name, arguments=arguments,
-        redacted=consent.redact(arguments, decision.redact_fields), expires_at=remote_consent.owner_expiry(consent.timeout_setting()),
+        redacted=redact(arguments, decision.redact_fields), expires_at=owner_expiry(timeout_setting()),
     )
     gateway = settings.FEDMCP_GATEWAY_NAME
     return asked_at_home(identity, challenge, gateway, f"The {kind} call '{name}' on peer '{peer}' at gateway '{gateway}'")

@@ -6,9 +6,9 @@ from django.conf import settings
 
 from federation.credentials import peer_audience
 from federation.upstream.base import JsonDict, PeerConfig, UpstreamConnection, modern_meta
-from fedmcp_site import observability
-from identity.signing import AssertionConfigError, assertion_create
-from identity.trust import ASSERTION_META_KEY, assertion_subject
+from fedmcp_lib import observability
+from identity.trust.gateways import ASSERTION_META_KEY, assertion_subject
+from identity.trust.signing import AssertionConfigError, assertion_create
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
 
@@ -22,7 +22,7 @@ def gateway_meta(ctx: HostContext, peer: PeerConfig, hops: list[str]) -> JsonDic
     """Return fedmcp's own `_meta` keys for a request to a peer gateway.
 
     The hop record extended with this gateway, and, when this gateway holds credentials at
-    the peer, a fresh signed assertion of the acting user (identity/signing.py): the peer
+    the peer, a fresh signed assertion of the acting user (identity/trust/signing.py): the peer
     learns who acts from it, never from the host's token, which stays here.
 
     Raises:

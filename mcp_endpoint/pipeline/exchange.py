@@ -27,7 +27,7 @@ from federation.health import CircuitOpenError, breakers
 from federation.pool import pool
 from federation.router import Route
 from federation.upstream.base import JsonDict, UpstreamConnection, UpstreamError, UpstreamProtocolError, UpstreamUnavailableError
-from identity.upstream_oauth import UpstreamAuthorizationRequiredError
+from federation.upstream_oauth import UpstreamAuthorizationRequiredError
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.connect import connect_required_error
@@ -111,7 +111,7 @@ async def _attempt(ctx: HostContext, route: Route, subject: CallSubject, params:
     """
     method = subject.method
     identity = ctx.identity
-    # Only a gateway this one believes is taken at its word about what it relays (identity/trust.py).
+    # Only a gateway this one believes is taken at its word about what it relays (identity/trust/gateways.py).
     trusted = route.peer.trusted_gateway
     origin = peer_audience(route.peer.url) if trusted else ""
     call = UpstreamCall(route.peer.name, method, subject.name, trusted, origin, arguments=subject.arguments, call_id=secrets.token_urlsafe(12))

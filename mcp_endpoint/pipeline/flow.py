@@ -10,7 +10,7 @@ import time
 
 from federation.router import Route
 from federation.upstream.base import JsonDict
-from fedmcp_site import metrics
+from fedmcp_lib import metrics
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.admit import admit
 from mcp_endpoint.pipeline.connect import connect

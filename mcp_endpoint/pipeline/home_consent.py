@@ -2,7 +2,7 @@
 
 `peer_request` sends one request to a peer gateway (exchange.py). When the peer owns the call
 and must ask the user first, it answers -32019 with a signed challenge
-(identity/remote_consent.py). Then, if the acting user is
+(identity/consent/remote.py). Then, if the acting user is
 
 * **ours** (a local user, or a federated identity linked to one): we are the user's home. We
   ask on /consent exactly as for a local prompt (showing the owner gateway and the path) and,
@@ -29,9 +29,21 @@ from django.utils import timezone
 
 from federation.credentials import peer_audience
 from federation.upstream.base import JsonDict, UpstreamConnection, UpstreamError
-from identity import consent, remote_consent
+from identity.consent.policy import KIND_FOR_METHOD
+from identity.consent.prompts import TooManyPendingPromptsError, consent_prompt_for, consent_remote_prompt_create, timeout_setting
+from identity.consent.remote import (
+    DECISION_META_KEY,
+    Question,
+    RemoteConsentError,
+    challenge_verify,
+    decision_create,
+    expires_at_of,
+    relay_record_for,
+    remote_consent_open,
+    remote_consent_settle,
+)
 from identity.models import ConsentPrompt, RemoteConsent
-from identity.trust import assertion_subject
+from identity.trust.gateways import assertion_subject
 from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.asking import (
@@ -63,7 +75,7 @@ def _is_challenge(reply: JsonDict) -> bool:
 def _with_decision(params: JsonDict, decision: str) -> JsonDict:
     params = strip_state(params)
     meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
-    params["_meta"] = {**meta, remote_consent.DECISION_META_KEY: decision}
+    params["_meta"] = {**meta, DECISION_META_KEY: decision}
     return params
 
 
@@ -80,8 +92,8 @@ async def peer_request(ctx: HostContext, connection: UpstreamConnection, method:
         UpstreamFailedError: the peer's challenge is not acceptable, or it asked twice (-32010).
     """
     peer = connection.peer
-    kind = consent.KIND_FOR_METHOD.get(method)
-    # Only a peer gateway this one believes may ask our users about its calls (identity/trust.py).
+    kind = KIND_FOR_METHOD.get(method)
+    # Only a peer gateway this one believes may ask our users about its calls (identity/trust/gateways.py).
     if not peer.trusted_gateway or kind is None:
         return Verdict(answer=await connection.request(method, sent, on_message=relay))
     resumed, answered = await _resume(ctx, connection, method, kind, sent, relay)
@@ -103,11 +115,11 @@ async def _answer_challenge(
     subject = CallSubject.of(method, sent)
     data = error.get("data") if isinstance(error.get("data"), dict) else {}
     try:
-        claims, question = await remote_consent.challenge_verify(
+        claims, question = await challenge_verify(
             raw=data.get("challenge"), peer_origin=peer_audience(peer.url),
             subject=assertion_subject(identity) if identity is not None else "", kind=kind, arguments=subject.arguments,
         )
-    except remote_consent.RemoteConsentError as exc:
+    except RemoteConsentError as exc:
         logger.warning("peer %s sent an unacceptable consent challenge: %s", peer.name, exc.description)
         raise jsonrpc.UpstreamFailedError(
             f"peer '{peer.name}' asked for consent with a challenge this gateway cannot accept: {exc.description}", {"reason": exc.reason}
@@ -134,15 +146,15 @@ def _message(prompt: ConsentPrompt, url: str) -> str:
 
 async def _ask_our_user(
     ctx: HostContext, connection: UpstreamConnection, method: str, sent: JsonDict, relay: Any,
-    challenge: str, claims: dict[str, Any], question: remote_consent.Question,
+    challenge: str, claims: dict[str, Any], question: Question,
 ) -> Verdict:
     expires_at = min(
-        timezone.now() + timedelta(seconds=consent.timeout_setting()),
-        remote_consent.expires_at_of(claims) - timedelta(seconds=ANSWER_MARGIN),
+        timezone.now() + timedelta(seconds=timeout_setting()),
+        expires_at_of(claims) - timedelta(seconds=ANSWER_MARGIN),
     )
     try:
-        prompt = await consent.consent_remote_prompt_create(identity=ctx.identity, question=question, challenge=challenge, expires_at=expires_at)
-    except consent.TooManyPendingPromptsError as exc:
+        prompt = await consent_remote_prompt_create(identity=ctx.identity, question=question, challenge=challenge, expires_at=expires_at)
+    except TooManyPendingPromptsError as exc:
         return Verdict.refuse(too_many_prompts(ctx, exc), "deny")
     url = consent_url(ctx, prompt.id)
     elicitation = url_elicitation(prompt, url, _message(prompt, url))
@@ -178,13 +190,13 @@ async def _decide(
     )
     if verdict.word == "denied":
         # Tell the owner, so its audit trail has the user's answer; the host's answer is ours.
-        decision = remote_consent.decision_create(challenge=claims, approve=False)
+        decision = decision_create(challenge=claims, approve=False)
         with contextlib.suppress(UpstreamError, jsonrpc.JsonRpcError):
             await connection.request(method, _with_decision(with_fresh_assertion(ctx, connection.peer, sent), decision), on_message=relay)
     if verdict.refusal is not None:
         return verdict
     remember = await ConsentPrompt.objects.filter(pk=prompt.id).values_list("remember_seconds", flat=True).afirst()
-    decision = remote_consent.decision_create(challenge=claims, approve=True, remember_seconds=remember or 0)
+    decision = decision_create(challenge=claims, approve=True, remember_seconds=remember or 0)
     return Verdict(word="approved", params=_with_decision(with_fresh_assertion(ctx, connection.peer, sent), decision))
 
 
@@ -206,25 +218,25 @@ async def _resume(ctx: HostContext, connection: UpstreamConnection, method: str,
         # Our own database's copy of a challenge we verified when it came.
         claims = jwt.decode(prompt.challenge, options={"verify_signature": False})
         return await _decide(ctx, connection, method, sent, relay, prompt, claims, status, url), True
-    raw = ctx.meta.get(remote_consent.DECISION_META_KEY)
+    raw = ctx.meta.get(DECISION_META_KEY)
     identity = ctx.identity
     if raw is None or identity is None or not identity.federated_issuer:
         return Verdict(params=sent), False
-    record = await remote_consent.relay_record_for(raw)
+    record = await relay_record_for(raw)
     if record is None or record.peer != connection.peer.name:
         return Verdict(params=sent), False
     subject = CallSubject.of(method, sent)
     try:
-        settled = await remote_consent.remote_consent_settle(
+        settled = await remote_consent_settle(
             raw=raw, identity=identity, peer=record.peer, kind=kind, name=subject.name, arguments=subject.arguments,
             role=RemoteConsent.Role.RELAY,
         )
-    except remote_consent.RemoteConsentError as exc:
+    except RemoteConsentError as exc:
         return Verdict.refuse(
             jsonrpc.ConsentDeniedError(f"The consent decision from the home gateway is not acceptable: {exc.description}", {"reason": exc.reason}),
             "rejected",
         ), True
-    decision = remote_consent.decision_create(challenge=settled.record.upstream_claims, approve=settled.approved, remember_seconds=settled.remember_seconds)
+    decision = decision_create(challenge=settled.record.upstream_claims, approve=settled.approved, remember_seconds=settled.remember_seconds)
     return Verdict(params=_with_decision(sent, decision)), True
 
 
@@ -234,9 +246,9 @@ async def _own_remote_prompt(ctx: HostContext, state: str, kind: str) -> tuple[C
     Raises:
         InvalidParamsError: not our state, or not a remote prompt of this caller's.
     """
-    data = request_states.read(request_states.REMOTE_CONSENT, state, salt=STATE_SALT, max_age=consent.timeout_setting() + 3600)
+    data = request_states.read(request_states.REMOTE_CONSENT, state, salt=STATE_SALT, max_age=timeout_setting() + 3600)
     prompt_id = data.get("p") if isinstance(data, dict) else None
-    prompt = await consent.consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity) if isinstance(prompt_id, str) else None
+    prompt = await consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity) if isinstance(prompt_id, str) else None
     if prompt is None or not prompt.owner_gateway or prompt.kind != kind:
         raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
     binding = data.get("b")
@@ -246,20 +258,20 @@ async def _own_remote_prompt(ctx: HostContext, state: str, kind: str) -> tuple[C
 def _approval(ctx: HostContext, connection: UpstreamConnection, method: str, sent: JsonDict) -> Approval:
     """The call as our user approves it: caller, client, the peer gateway, kind, name and arguments as sent to it."""
     subject = CallSubject.of(method, sent)
-    return Approval.of(ctx.identity, connection.peer.name, consent.KIND_FOR_METHOD[method], subject.name, subject.arguments)
+    return Approval.of(ctx.identity, connection.peer.name, KIND_FOR_METHOD[method], subject.name, subject.arguments)
 
 
 # --- relay: ask the user's home ------------------------------------------------------------------
 
 
 async def _relay_home(
-    ctx: HostContext, peer: str, kind: str, subject: CallSubject, claims: dict[str, Any], question: remote_consent.Question
+    ctx: HostContext, peer: str, kind: str, subject: CallSubject, claims: dict[str, Any], question: Question
 ) -> Verdict:
     """Ask the acting user's home gateway about the peer's question (we are only on the path): refused `ask-home`, with our own challenge."""
     identity = ctx.identity
-    challenge = await remote_consent.remote_consent_open(
+    challenge = await remote_consent_open(
         identity=identity, peer=peer, kind=kind, name=subject.name, arguments=subject.arguments,
-        redacted=question.arguments, expires_at=remote_consent.expires_at_of(claims) - timedelta(seconds=ANSWER_MARGIN),
+        redacted=question.arguments, expires_at=expires_at_of(claims) - timedelta(seconds=ANSWER_MARGIN),
         role=RemoteConsent.Role.RELAY, question=question, upstream_claims=claims,
     )
     return asked_at_home(identity, challenge, question.owner, f"Gateway '{question.owner}'")

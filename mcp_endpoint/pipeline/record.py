@@ -39,7 +39,7 @@ def record_request(
 
 
 def metric_outcome(exc: Exception) -> str:
-    """The `outcome` label of fedmcp_forwarded_calls_total for a call that raised `exc` (fedmcp_site/metrics.py)."""
+    """The `outcome` label of fedmcp_forwarded_calls_total for a call that raised `exc` (fedmcp_lib/metrics.py)."""
     if isinstance(exc, jsonrpc.RateLimitedError):
         return "rate_limited"
     if isinstance(exc, jsonrpc.CancelledError):

@@ -1,7 +1,7 @@
 """Sampling and elicitation requests an upstream sends during a call, gated by consent before the host sees them.
 
 Consent decides (kinds `sampling` / `elicitation`, named by the call's tool) with the same
-function as for calls (identity/consent_cache.py `consent_decide`): allowed requests are
+function as for calls (identity/consent/decisions.py `consent_decide`): allowed requests are
 relayed; refused ones are answered with an error the host never sees; asked ones wait for the
 user on /consent, where the page shows what would be sent. A user of a trusted peer gateway,
 who has nobody to ask here, is asked by that gateway instead: the request goes on to it marked
@@ -26,9 +26,19 @@ from typing import Any
 from django.conf import settings
 
 from federation.upstream.base import JsonDict, error_reply
-from identity import consent, consent_cache, deferral, trust
+from identity.consent import decisions, deferral
+from identity.consent.policy import KIND_FOR_METHOD, REQUEST_KIND_FOR_METHOD, Decision
+from identity.consent.prompts import (
+    TooManyPendingPromptsError,
+    consent_prompt_create,
+    consent_prompt_expire,
+    consent_prompt_for,
+    consent_prompt_room,
+    timeout_setting,
+)
+from identity.consent.upstream_requests import request_summary, source_text
 from identity.models import ConsentDecision, ConsentPrompt
-from identity.upstream_requests import request_summary, source_text
+from identity.trust import gateways
 from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.asking import INPUT_KEY, consent_url, hold_for_answer, settle, too_many_prompts, url_elicitation, wait_for_answer
@@ -45,8 +55,8 @@ DEFERRED_META_KEY = "io.fedmcp/consent-deferred"
 """Marks a request a gateway left to the caller's home gateway to ask about.
 
 Its value says where the request comes from (gateway, server, call) with a signed proof
-(identity/deferral.py `mark_create`); older gateways set just their name. Set by a gateway whose
-decision is *ask* for a user it cannot ask but whose home gateway gates (`trust.home_gateway`);
+(identity/consent/deferral.py `mark_create`); older gateways set just their name. Set by a gateway whose
+decision is *ask* for a user it cannot ask but whose home gateway gates (`gateways.home_gateway`);
 kept unchanged by gateways on the way towards the home; honoured only from a peer gateway (a
 plain upstream's is dropped); removed where the request reaches the user's host, whose gateway
 shows the user the source as far as it can vouch for it (`deferral.source_of`).
@@ -66,7 +76,7 @@ class UpstreamCall:
     """The peer is a fedmcp gateway this one believes (`PeerConfig.trusted_gateway`: marked by the
     operator and trusted in turn), which has gated its own upstreams' requests already."""
     peer_origin: str = ""
-    """A peer gateway's public origin: what signs as that peer (identity/deferral.py)."""
+    """A peer gateway's public origin: what signs as that peer (identity/consent/deferral.py)."""
     arguments: Any = field(default=None, compare=False)
     """The call's arguments as sent upstream: requests held for consent go back only to this call."""
     call_id: str = ""
@@ -74,7 +84,7 @@ class UpstreamCall:
 
     def binding(self, ctx: HostContext) -> str:
         """Digest of this call by this caller (as `Approval.binding`): a held request's state must match it."""
-        kind = consent.KIND_FOR_METHOD.get(self.method, self.method)
+        kind = KIND_FOR_METHOD.get(self.method, self.method)
         return Approval.of(ctx.identity, self.peer, kind, self.name, self.arguments).binding(None)
 
 
@@ -181,7 +191,7 @@ def _with_mark(params: Any, mark: Any) -> Any:
     return changed
 
 
-def _defers(ctx: HostContext, decision: consent.Decision) -> bool:
+def _defers(ctx: HostContext, decision: Decision) -> bool:
     """Whether the request is left to the caller's home gateway: *ask*, and nobody to ask here.
 
     `_request_decide` has refused the case where the caller has no home gateway that gates.
@@ -217,7 +227,7 @@ def _request_message(prompt: ConsentPrompt, url: str) -> str:
     return f"fedmcp needs your approval to pass a {prompt.kind} request from {source} (during '{prompt.name}') to you: open {url}"
 
 
-async def _request_decide(ctx: HostContext, call: UpstreamCall, kind: str, params: Any) -> consent.Decision | Verdict | None:
+async def _request_decide(ctx: HostContext, call: UpstreamCall, kind: str, params: Any) -> Decision | Verdict | None:
     """Return the decision for an upstream request, or the refusal of what a policy or nobody can allow.
 
     An *ask* comes back for a local user (asked here) and for a user whose home gateway gates
@@ -226,20 +236,20 @@ async def _request_decide(ctx: HostContext, call: UpstreamCall, kind: str, param
     (`_gated_at_peer`), relayed unasked.
     """
     at_peer = _gated_at_peer(call, kind, params)
-    decision = await consent_cache.consent_decide(
+    decision = await decisions.consent_decide(
         identity=ctx.identity, peer=call.peer, kind=kind, name=call.name, default=ConsentDecision.ALLOW if at_peer else None
     )
     if at_peer and decision.policy_id is None:
         return None
     if decision.action == ConsentDecision.DENY:
         return _refused(kind, call, "deny", "A consent policy refuses", {"reason": decision.reason})
-    if _defers(ctx, decision) and await trust.home_gateway(ctx.identity) is None:
+    if _defers(ctx, decision) and await gateways.home_gateway(ctx.identity) is None:
         return _refused(kind, call, "deny", "No local user can be asked about", {"reason": "no local user to ask"})
     return decision
 
 
 async def _request_prompt(
-    ctx: HostContext, call: UpstreamCall, kind: str, method: str, params: Any, decision: consent.Decision, held: JsonDict | None = None
+    ctx: HostContext, call: UpstreamCall, kind: str, method: str, params: Any, decision: Decision, held: JsonDict | None = None
 ) -> ConsentPrompt:
     """Ask our user about an upstream's request, naming its source as far as we can vouch for it.
 
@@ -252,9 +262,9 @@ async def _request_prompt(
         deferred_by = await deferral.source_of(
             mark=mark, identity=ctx.identity, peer=call.peer, peer_origin=call.peer_origin, kind=kind, params=params
         )
-    return await consent.consent_prompt_create(
+    return await consent_prompt_create(
         identity=ctx.identity, peer=call.peer, kind=kind, name=call.name, arguments={}, decision=decision,
-        timeout=consent.timeout_setting(), request=request_summary(method, params), held=held, deferred_by=deferred_by,
+        timeout=timeout_setting(), request=request_summary(method, params), held=held, deferred_by=deferred_by,
         call=call.call_id,
     )
 
@@ -272,11 +282,11 @@ async def _request_settle(prompt: ConsentPrompt, status: str, url: str) -> Verdi
     )
 
 
-async def _request_ask_user(ctx: HostContext, call: UpstreamCall, kind: str, method: str, params: Any, decision: consent.Decision) -> Verdict:
+async def _request_ask_user(ctx: HostContext, call: UpstreamCall, kind: str, method: str, params: Any, decision: Decision) -> Verdict:
     """Hold a handshake-era request until the user answers on /consent."""
     try:
         prompt = await _request_prompt(ctx, call, kind, method, params, decision)
-    except consent.TooManyPendingPromptsError as exc:
+    except TooManyPendingPromptsError as exc:
         return Verdict.refuse(too_many_prompts(ctx, exc), "deny")
     url = consent_url(ctx, prompt.id)
     status = await hold_for_answer(ctx, prompt, url, url_elicitation(prompt, url, _request_message(prompt, url)))
@@ -292,7 +302,7 @@ async def upstream_request_relay(ctx: HostContext, call: UpstreamCall, method: s
     the reply. Each gated request leaves one audit event: method, the call's peer and name,
     decision and outcome.
     """
-    kind = consent.REQUEST_KIND_FOR_METHOD.get(method)
+    kind = REQUEST_KIND_FOR_METHOD.get(method)
     if kind is None:
         return await ask(ctx, method, params)
     started = time.monotonic()
@@ -354,9 +364,9 @@ async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: Json
         return Verdict(answer=result)
     check_input_round(call.peer, call.name, requests)
     passed: JsonDict = {}
-    to_ask: list[tuple[JsonDict, str, consent.Decision]] = []
+    to_ask: list[tuple[JsonDict, str, Decision]] = []
     for key, request in requests.items():
-        kind = consent.REQUEST_KIND_FOR_METHOD.get(str(request.get("method"))) if isinstance(request, dict) else None
+        kind = REQUEST_KIND_FOR_METHOD.get(str(request.get("method"))) if isinstance(request, dict) else None
         if kind is None:
             passed[key] = request
             continue
@@ -382,7 +392,7 @@ async def upstream_input_gate(ctx: HostContext, call: UpstreamCall, result: Json
     return await _held_for_prompts(ctx, call, result, to_ask)
 
 
-async def _held_for_prompts(ctx: HostContext, call: UpstreamCall, result: JsonDict, to_ask: list[tuple[JsonDict, str, consent.Decision]]) -> Verdict:
+async def _held_for_prompts(ctx: HostContext, call: UpstreamCall, result: JsonDict, to_ask: list[tuple[JsonDict, str, Decision]]) -> Verdict:
     """Ask the user about `to_ask` (all of the round's questions or none) and keep `result` until they answer.
 
     The host gets the gateway's own input_required: URL elicitations to the prompts, and a
@@ -392,17 +402,17 @@ async def _held_for_prompts(ctx: HostContext, call: UpstreamCall, result: JsonDi
     started = time.monotonic()
     try:
         # A round the user has no room for is refused whole.
-        await consent.consent_prompt_room(identity=ctx.identity, needed=len(to_ask))
+        await consent_prompt_room(identity=ctx.identity, needed=len(to_ask))
         for request, kind, decision in to_ask:
             started = time.monotonic()
             prompts.append(await _request_prompt(ctx, call, kind, request["method"], request.get("params"), decision, None if prompts else result))
             # The host is sent to /consent (the gateway's own input_required), not handed the request.
             record_request(ctx, call.peer, call.name, request["method"], "ask", None, started, input_required=True)
-    except consent.TooManyPendingPromptsError as exc:
+    except TooManyPendingPromptsError as exc:
         refusal = too_many_prompts(ctx, exc)
         # Another call of the user's may have taken the room meanwhile: take this round's questions back.
         for prompt in prompts:
-            await consent.consent_prompt_expire(prompt_id=prompt.id)
+            await consent_prompt_expire(prompt_id=prompt.id)
         record_request(ctx, call.peer, call.name, to_ask[len(prompts)][0]["method"], "deny", refusal.code, started)
         return Verdict.refuse(refusal, "deny")
     inputs: JsonDict = {}
@@ -419,7 +429,7 @@ def _held_prompt_ids(ctx: HostContext, call: UpstreamCall, state: str) -> list[s
     Raises:
         InvalidParamsError: not our state, or one for another call, arguments or client.
     """
-    data = request_states.read(request_states.HELD, state, salt=HELD_SALT, max_age=consent.timeout_setting() + 3600)
+    data = request_states.read(request_states.HELD, state, salt=HELD_SALT, max_age=timeout_setting() + 3600)
     ids = data.get("p") if isinstance(data, dict) else None
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
         raise jsonrpc.InvalidParamsError("requestState is not one this gateway issued")
@@ -445,8 +455,8 @@ async def upstream_input_resume(ctx: HostContext, call: UpstreamCall, params: Js
     """
     prompts: list[ConsentPrompt] = []
     for prompt_id in _held_prompt_ids(ctx, call, params["requestState"]):
-        prompt = await consent.consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity)
-        if prompt is None or prompt.peer != call.peer or prompt.name != call.name or prompt.kind not in consent.REQUEST_KIND_FOR_METHOD.values():
+        prompt = await consent_prompt_for(prompt_id=prompt_id, identity=ctx.identity)
+        if prompt is None or prompt.peer != call.peer or prompt.name != call.name or prompt.kind not in REQUEST_KIND_FOR_METHOD.values():
             raise jsonrpc.InvalidParamsError("requestState does not belong to this call")
         prompts.append(prompt)
     held = prompts[0].held

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from federation.upstream.base import JsonDict
-from identity import consent
 from identity.call_digest import arguments_hash
+from identity.consent.policy import KIND_FOR_METHOD
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.jsonrpc import JsonRpcError
 
@@ -40,7 +40,7 @@ class CallSubject:
     @property
     def kind(self) -> str | None:
         """The consent kind (tool, prompt, resource), or None for a call consent does not ask about."""
-        return consent.KIND_FOR_METHOD.get(self.method)
+        return KIND_FOR_METHOD.get(self.method)
 
     @property
     def audited_arguments(self) -> Any:

@@ -10,7 +10,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client, override_settings
 
 from federation.models import CatalogEntry
-from identity.consent import consent_prompt_answer
+from identity.consent.prompts import consent_prompt_answer
 from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt
 from tests.admin_ui.common import STAFF, staff_client
 from tests.base import HOST, FixturePeerTestCase, persona

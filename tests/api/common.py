@@ -9,7 +9,7 @@ from django.test import Client, TransactionTestCase
 from django.utils import timezone
 
 from federation.models import CatalogKind, Peer, Transport
-from identity import scopes
+from identity.hostauth import scopes
 from identity.models import AuditEvent, ConsentGrant, ConsentPolicy
 from tests.base import HOST, add_catalog_entry, mint_token, persona
 

@@ -3,7 +3,7 @@
 Behind nginx with `proxy_set_header Host $host`, the port of the public URL is dropped from the
 Host header. /mcp compared the token with FEDMCP_PUBLIC_URL and accepted it; /api/ (DOT's
 prefix match of the request URL) refused it, "not valid for this resource". Both now ask
-identity.tokens.audience_error, with or without FEDMCP_PUBLIC_URL, whatever the Host.
+identity.hostauth.tokens.audience_error, with or without FEDMCP_PUBLIC_URL, whatever the Host.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from asgiref.sync import sync_to_async
 from django.test import Client, override_settings
 from oauth2_provider.models import AccessToken
 
-from identity import scopes
+from identity.hostauth import scopes
 from tests.base import MCP_SCOPE, AsgiTestCase, http, mint_token, persona
 
 PUBLIC = "http://127.0.0.1:8443"

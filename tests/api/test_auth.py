@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.test import Client
 
-from identity import scopes
+from identity.hostauth import scopes
 from tests.api.common import ApiTestCase, api_client
 from tests.base import MCP_SCOPE, mint_token
 

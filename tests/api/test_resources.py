@@ -8,7 +8,7 @@ from datetime import timezone as dt_timezone
 from asgiref.sync import sync_to_async
 
 from federation.models import CatalogEntry, Peer
-from identity import scopes
+from identity.hostauth import scopes
 from identity.models import AuditEvent
 from tests.api.common import ApiTestCase, api_client
 from tests.base import FixturePeerTestCase, HttpExchange, McpClient, mint_token, persona

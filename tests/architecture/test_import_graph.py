@@ -3,7 +3,7 @@
 Read from the source (every `import`, at module level or inside a function), so a lazy import
 that hides a cycle counts as much as a module-level one. The layers, lowest first:
 
-1. library   helpers any app may use, importing no app (`LIBRARY`)
+1. library   fedmcp_lib/: helpers any app may use, importing no app (`LIBRARY`)
 2. upstream  federation/upstream/: the transports to upstream servers (with the TLS and HTTP client they use)
 3. domain    identity/ and federation/: models, services, policy, trust
 4. endpoint  mcp_endpoint/ (the MCP endpoints and the call pipeline), console/ (dashboard, REST API,
@@ -21,13 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("fedmcp_site", "federation", "identity", "mcp_endpoint", "console")
-LIBRARY = frozenset({
-    "fedmcp_site.caching", "fedmcp_site.observability", "fedmcp_site.request_connections", "fedmcp_site.layers",
-    "fedmcp_site.metrics",
-    "mcp_endpoint.security", "fedmcp_site.json_types",
-})
-"""Shared helpers."""
+PACKAGES = ("fedmcp_lib", "fedmcp_site", "federation", "identity", "mcp_endpoint", "console")
+LIBRARY = "fedmcp_lib"
+"""The package of shared helpers: every module in it is the library layer."""
 UPSTREAM = ("federation.upstream", "federation.client", "federation.tls")
 LAYERS = {"library": 1, "upstream": 2, "domain": 3, "endpoint": 4, "shell": 5}
 
@@ -125,9 +121,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def layer_of(name: str) -> str:
-    if name in LIBRARY:
+    if name == LIBRARY or name.startswith(f"{LIBRARY}."):
         return "library"
-    if name.startswith(UPSTREAM):
+    if any(name == module or name.startswith(f"{module}.") for module in UPSTREAM):
         return "upstream"
     if name.endswith(".admin"):
         return "endpoint"
@@ -170,6 +166,10 @@ def test_the_checks_see_what_they_look_for() -> None:
     assert upward_imports({"identity.consent": {"mcp_endpoint.handlers"}}) == [
         "identity.consent (domain) imports mcp_endpoint.handlers (endpoint)"
     ]
+    assert layer_of("federation.upstream.base") == "upstream"
+    assert layer_of("fedmcp_lib.caching") == "library"
+    assert upward_imports({"fedmcp_lib.metrics": {"identity.models"}}) == ["fedmcp_lib.metrics (library) imports identity.models (domain)"]
+    assert layer_of("federation.upstream_oauth") == "domain"  # a name that starts like a layer's is not in it
     modules = product_modules()
     lazy = set(imports_of("federation.upkeep", modules["federation.upkeep"], modules))
     assert "federation.services" in lazy

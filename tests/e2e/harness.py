@@ -707,7 +707,7 @@ def trust_in_turn(guest: Gateway, host: Gateway) -> None:
     # What `gateway trust NAME --issuer URL` does, in the gateway's running interpreter: no
     # process to start, and nobody needs the credentials it makes (`host` does not call `guest`).
     guest.python(
-        "from identity.models import TrustedGateway; from identity.trust import gateway_trust\n"
+        "from identity.models import TrustedGateway; from identity.trust.gateways import gateway_trust\n"
         f"name, issuer = {host.env['FEDMCP_GATEWAY_NAME']!r}, {host.public_url!r}\n"
         "if not TrustedGateway.objects.filter(name=name).exists(): gateway_trust(name=name, issuer=issuer)"
     )

@@ -1,4 +1,4 @@
-"""Per-worker caches (fedmcp_site/caching.py) never outlive a change made in another process.
+"""Per-worker caches (fedmcp_lib/caching.py) never outlive a change made in another process.
 
 Two real daphne workers on one database, each warmed so it holds the token, the session, the
 route and the consent decision in memory; then a *separate* `manage.py` process changes the

@@ -22,7 +22,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from identity.tokens import OPERATOR_APPLICATION
+from identity.hostauth.tokens import OPERATOR_APPLICATION
 from tests.e2e import harness
 from tests.e2e.browser import screenshot, sign_in_on_consent_page
 from tests.e2e.hosts import BackgroundHost

@@ -7,7 +7,7 @@ shared server is never stopped: cutting the proxy drops every connection the wor
 
 While the database is unreachable:
 
-* what the worker holds in its caches (fedmcp_site/caching.py) keeps working: a call with a
+* what the worker holds in its caches (fedmcp_lib/caching.py) keeps working: a call with a
   token, route and consent decision it has already checked is served, and its audit row is
   queued (identity/audit.py) and written once the database is back;
 * whatever needs the database gets HTTP 503 with a JSON-RPC error body and `Retry-After`,

@@ -371,7 +371,7 @@ def test_requests_c_leaves_to_alices_home_are_asked_at_a_naming_c_as_far_as_a_ca
         consent_policies(c, "fixture", None)
         consent_policies(a, "b", None)
         a.python(
-            "from identity.models import TrustedGateway; from identity.trust import gateway_untrust; "
+            "from identity.models import TrustedGateway; from identity.trust.gateways import gateway_untrust; "
             "gateway_untrust(gateway=TrustedGateway.objects.get(name='c-corp'))"
         )
     assert host.methods() == ["elicitation/create"]  # only A's pointer: the request itself never reached the host
@@ -392,7 +392,7 @@ class PlayingA:
 
     def sign(self, code: str) -> str:
         """Run `code` on A (with `claims`-building helpers imported); return what it printed."""
-        return self.a.python("import jwt, json, time, secrets; from identity import remote_consent; from identity.signing import *; " + code)
+        return self.a.python("import jwt, json, time, secrets; from identity.consent import remote; from identity.trust.signing import *; " + code)
 
     def assertion(self) -> str:
         return self.sign(f"print(assertion_create(subject='alice', audience={self.b.public_url!r}, client_id='host', via=['a']))")
@@ -400,9 +400,9 @@ class PlayingA:
     def decision(self, challenge: str, **overrides: Any) -> str:
         """A's decision (approve) for `challenge`, with claims overridden as given."""
         return self.sign(
-            f"claims = jwt.decode({challenge!r}, options={{'verify_signature': False}}); d = remote_consent.decision_create(challenge=claims, approve=True);"
+            f"claims = jwt.decode({challenge!r}, options={{'verify_signature': False}}); d = remote.decision_create(challenge=claims, approve=True);"
             f"c = jwt.decode(d, options={{'verify_signature': False}}); c.update({overrides!r}); key = signing_key();"
-            "print(jwt.encode(c, key.private_key, algorithm=key.algorithm, headers={'kid': key.kid, 'typ': remote_consent.DECISION_TYPE}))"
+            "print(jwt.encode(c, key.private_key, algorithm=key.algorithm, headers={'kid': key.kid, 'typ': remote.DECISION_TYPE}))"
         )
 
     def call(self, arguments: dict[str, Any], decision: str | None = None) -> dict[str, Any]:
@@ -443,9 +443,9 @@ def test_a_decision_is_good_once_for_its_call_and_only_from_alices_home(chain: d
     assert refusal(a_side.call(arguments, expired)) == (jsonrpc.CONSENT_DENIED, "expired")
     # Forged: alice's home claimed, but signed with B's own key (which A's JWKS lacks).
     forged = chain["b"].python(
-        "import jwt; from identity import remote_consent; from identity.signing import signing_key; key = signing_key();"
+        "import jwt; from identity.consent import remote; from identity.trust.signing import signing_key; key = signing_key();"
         f"c = jwt.decode({a_side.decision(fresh)!r}, options={{'verify_signature': False}});"
-        "print(jwt.encode(c, key.private_key, algorithm=key.algorithm, headers={'kid': key.kid, 'typ': remote_consent.DECISION_TYPE}))"
+        "print(jwt.encode(c, key.private_key, algorithm=key.algorithm, headers={'kid': key.kid, 'typ': remote.DECISION_TYPE}))"
     )
     assert refusal(a_side.call(arguments, forged))[0] == jsonrpc.CONSENT_DENIED
     assert refusal(a_side.call(arguments, forged))[1] in ("signature", "keys_unavailable")

@@ -78,7 +78,7 @@ def gateway_token(host: Gateway, credentials: tuple[str, str]) -> str:
 def sign_assertion(signer: Gateway, *, audience: str, via: list[str], issuer: str | None = None) -> str:
     """An assertion that alice acts, signed with `signer`'s own key (claiming `issuer` if given)."""
     code = (
-        "import jwt, time, secrets; from identity.signing import JWT_TYPE, issuer, signing_key; key = signing_key(); now = int(time.time());"
+        "import jwt, time, secrets; from identity.trust.signing import JWT_TYPE, issuer, signing_key; key = signing_key(); now = int(time.time());"
         f"claims = {{'iss': {issuer!r} or issuer(), 'sub': 'alice', 'aud': {audience!r}, 'iat': now, 'exp': now + 60,"
         f" 'jti': secrets.token_urlsafe(16), 'client_id': 'host', 'via': {via!r}}};"
         "print(jwt.encode(claims, key.private_key, algorithm=key.algorithm, headers={'kid': key.kid, 'typ': JWT_TYPE}))"

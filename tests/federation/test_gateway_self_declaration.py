@@ -2,7 +2,7 @@
 
 Only the operator makes a peer a gateway (`peer add --gateway`, the admin, the API), and what a
 gateway peer asserts (its name and the homes of its catalog, what it relays) counts only once
-this gateway trusts it in turn (`gateway trust NAME --issuer ORIGIN`: identity/trust.py
+this gateway trusts it in turn (`gateway trust NAME --issuer ORIGIN`: identity/trust/gateways.py
 `peer_gateway_standing`). Whatever it is, an upstream's elicitations pass this gateway's
 consent policies. The upstreams are `HostileUpstream`s at the HTTP seam; the host is a
 2026-07-28 client on /mcp, acting as alice.
@@ -20,11 +20,11 @@ from federation.models import CatalogEntry, Peer
 from federation.router import resolve
 from federation.services import peer_add, peer_sync_catalog
 from identity.models import ConsentPolicy, ConsentPrompt, TrustedGateway
-from identity.trust import gateway_trust, gateway_untrust
+from identity.trust.gateways import gateway_trust, gateway_untrust
 from mcp_endpoint import jsonrpc
 from tests.base import MODERN, AsgiTestCase, McpClient, modern_meta, register_peer, request
 from tests.federation.hostile_upstream import ORIGIN, PASSWORD_FORM, HostileUpstream, install
-from tests.identity.test_consent_flow import final_message
+from tests.identity.consent.test_flow import final_message
 
 GB_ORIGIN = "http://127.0.0.1:10"
 GX_ORIGIN = "http://127.0.0.1:11"

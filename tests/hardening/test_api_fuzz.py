@@ -27,7 +27,7 @@ from django.core.handlers.wsgi import WSGIHandler
 from django.test import Client
 from hypothesis import HealthCheck, given, settings
 
-from identity.tokens import token_create
+from identity.hostauth.tokens import token_create
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis.checks import not_a_server_error  # noqa: E402

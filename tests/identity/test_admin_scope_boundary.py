@@ -15,7 +15,7 @@ from django.test import Client, override_settings
 from oauth2_provider.models import Application
 
 from federation.models import Peer
-from identity import scopes
+from identity.hostauth import scopes
 from tests.identity.oauth import (
     FAST_HASHERS,
     ORIGIN,
@@ -28,7 +28,7 @@ from tests.identity.oauth import (
     query,
     token_row,
 )
-from tests.identity.test_trust import trust_command
+from tests.identity.trust.test_gateways import trust_command
 
 STDIO_PEER = {"name": "pwned", "transport": "stdio", "command": "/bin/true", "args": []}
 """What the attacker adds: a stdio peer is a command the gateway runs as itself (harmless here)."""

@@ -25,11 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from django.test import Client, TestCase, TransactionTestCase, override_settings
 from jwt.algorithms import OKPAlgorithm
 
-from identity import trust
+from identity.hostauth.tokens import Identity
 from identity.models import FederatedIdentity, TrustedGateway, UsedAssertion
-from identity.signing import JWT_TYPE, assertion_create, jwk_thumbprint, jwks, signing_key
-from identity.tokens import Identity
-from identity.trust import AssertionRejectedError, gateway_trust, identity_for_call
+from identity.trust import gateways
+from identity.trust.gateways import AssertionRejectedError, gateway_trust, identity_for_call
+from identity.trust.signing import JWT_TYPE, assertion_create, jwk_thumbprint, jwks, signing_key
 from mcp_endpoint import dispatcher, jsonrpc
 from mcp_endpoint.context import HostContext
 from tests.identity.oauth import FAST_HASHERS
@@ -79,7 +79,7 @@ def meta_with(assertion: str | None, hops: list[str] | None = None) -> dict[str,
 @override_settings(FEDMCP_PUBLIC_URL=B, PASSWORD_HASHERS=FAST_HASHERS)
 class AcceptingAssertionsTests(TransactionTestCase):
     def setUp(self) -> None:
-        trust._jwks_cache.clear()
+        gateways._jwks_cache.clear()
         self.signer = Signer()
         self.gateway, _ = gateway_trust(name="a", issuer=A, jwks=self.signer.jwks)
         self.caller = caller_for(self.gateway)
@@ -146,7 +146,7 @@ class AcceptingAssertionsTests(TransactionTestCase):
         assert await self.rejected(self.signer.sign(via=["a"]), hops=["x", "a"]) == "via"
 
     async def test_a_trusted_gateway_must_assert_someone_to_call_a_tool(self) -> None:
-        for method in trust.USER_ACTING_METHODS:
+        for method in gateways.USER_ACTING_METHODS:
             assert await self.rejected(None, method=method) == "missing"
 
     async def test_a_trusted_gateway_lists_without_an_assertion(self) -> None:
@@ -171,7 +171,7 @@ class AcceptingAssertionsTests(TransactionTestCase):
 
     async def test_used_assertions_are_pruned_after_they_expire(self) -> None:
         await UsedAssertion.objects.acreate(issuer=A, jti="old", expires_at=datetime.now(UTC) - timedelta(minutes=5))
-        trust._last_prune = 0.0
+        gateways._last_prune = 0.0
 
         await self.check(self.signer.sign())
 
@@ -198,12 +198,12 @@ class FakeJwks:
 @override_settings(FEDMCP_PUBLIC_URL=B, PASSWORD_HASHERS=FAST_HASHERS)
 class FetchedKeysTests(TransactionTestCase):
     def setUp(self) -> None:
-        trust._jwks_cache.clear()
+        gateways._jwks_cache.clear()
         self.signer = Signer()
         self.gateway, _ = gateway_trust(name="a", issuer="http://127.0.0.1:9")
         self.caller = caller_for(self.gateway)
         self.jwks = FakeJwks(self.signer.jwks)
-        patcher = mock.patch("identity.trust.outbound_client", self.jwks.client)
+        patcher = mock.patch("identity.trust.gateways.outbound_client", self.jwks.client)
         patcher.start()
         self.addCleanup(patcher.stop)
 
@@ -221,7 +221,7 @@ class FetchedKeysTests(TransactionTestCase):
         await self.check(self.signer.sign(iss="http://127.0.0.1:9"))
         rotated = Signer()
         self.jwks.document = rotated.jwks
-        trust._jwks_cache[self.gateway.pk].fetched_at -= trust.JWKS_REFETCH_INTERVAL + 1
+        gateways._jwks_cache[self.gateway.pk].fetched_at -= gateways.JWKS_REFETCH_INTERVAL + 1
 
         identity = await self.check(rotated.sign(iss="http://127.0.0.1:9"))
 
@@ -269,7 +269,7 @@ class SigningTests(TestCase):
             assert jwks()["keys"][0]["kty"] == "EC"
 
     def test_without_an_issuer_no_assertion_is_made(self) -> None:
-        from identity.signing import AssertionConfigError
+        from identity.trust.signing import AssertionConfigError
 
         with override_settings(FEDMCP_ISSUER="", FEDMCP_PUBLIC_URL=""), pytest.raises(AssertionConfigError):
             assertion_create(subject="alice", audience=B, client_id="desk", via=["a"])
@@ -294,7 +294,7 @@ class NullOutbound:
 @override_settings(FEDMCP_PUBLIC_URL=B, PASSWORD_HASHERS=FAST_HASHERS)
 class DispatcherTests(TransactionTestCase):
     def setUp(self) -> None:
-        trust._jwks_cache.clear()
+        gateways._jwks_cache.clear()
         self.signer = Signer()
         self.gateway, _ = gateway_trust(name="a", issuer=A, jwks=self.signer.jwks)
 

@@ -17,8 +17,8 @@ from django.test import TransactionTestCase, override_settings
 from django.utils import timezone
 
 from identity import audit
+from identity.hostauth.tokens import Identity
 from identity.models import AuditEvent
-from identity.tokens import Identity
 
 
 def _identity(user_id: int | None, **overrides: Any) -> Identity:

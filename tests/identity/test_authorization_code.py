@@ -5,7 +5,7 @@ from __future__ import annotations
 from asgiref.sync import async_to_sync
 from django.test import Client
 
-from identity.tokens import Identity, TokenError, authenticate
+from identity.hostauth.tokens import Identity, TokenError, authenticate
 from tests.identity.oauth import (
     ORIGIN,
     RESOURCE,

@@ -1,4 +1,4 @@
-"""The per-worker caches of the call path (fedmcp_site/caching.py) and the batched audit trail.
+"""The per-worker caches of the call path (fedmcp_lib/caching.py) and the batched audit trail.
 
 What must never weaken: a revoked token, a revoked grant, a new deny policy, a disabled peer
 or a closed session take effect at the next message, in whichever process the change was
@@ -28,8 +28,11 @@ from oauth2_provider.models import AccessToken
 from federation import catalog, router
 from federation.models import CatalogEntry, CatalogKind, Peer
 from federation.services import catalog_set_enabled, peer_set_enabled
-from fedmcp_site import caching
-from identity import audit, consent, consent_cache, tokens
+from fedmcp_lib import caching
+from identity import audit
+from identity.consent import decisions
+from identity.consent.policy import Decision, consent_grant_revoke
+from identity.hostauth import tokens
 from identity.models import AuditEvent, ConsentDecision, ConsentGrant, ConsentPolicy
 from mcp_endpoint import sessions
 from tests.base import ALICE, audience, mint_token, persona
@@ -238,7 +241,7 @@ class FileGenerationTests(SimpleTestCase):
         async_to_sync(worker.refresh)()
         before = worker.stamp(("tokens", "catalog"))
 
-        code = f"from pathlib import Path; from fedmcp_site.caching import _FileGenerations; _FileGenerations(Path({str(self.path)!r})).bump(['tokens'])"
+        code = f"from pathlib import Path; from fedmcp_lib.caching import _FileGenerations; _FileGenerations(Path({str(self.path)!r})).bump(['tokens'])"
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
         assert worker.stamp(("tokens", "catalog")) == before, "not seen before the request reads them"
 
@@ -250,7 +253,7 @@ class FileGenerationTests(SimpleTestCase):
         backend = caching._FileGenerations(self.path)
         backend.bump(["sessions"])
         first = backend.read_sync()
-        with mock.patch("fedmcp_site.caching.os.open", wraps=os.open) as opened:
+        with mock.patch("fedmcp_lib.caching.os.open", wraps=os.open) as opened:
             assert [backend.read_sync() for _ in range(5)] == [first] * 5
             assert opened.call_count == 0
             backend.bump(["catalog"])  # a new file renamed over the old one (its own open: the lock)
@@ -289,7 +292,7 @@ class TokenCacheTests(TransactionTestCase):
 
     async def test_a_warm_token_is_not_read_from_the_database_again(self) -> None:
         await self.authenticate()
-        with mock.patch("identity.tokens._authenticate", side_effect=AssertionError("read again")):
+        with mock.patch("identity.hostauth.tokens._authenticate", side_effect=AssertionError("read again")):
             identity = await self.authenticate()
         assert identity.username == ALICE
 
@@ -304,10 +307,10 @@ class TokenCacheTests(TransactionTestCase):
 
     async def test_expiry_is_honoured_exactly_on_a_cached_token(self) -> None:
         identity = await self.authenticate()
-        with mock.patch("identity.tokens.timezone.now", return_value=identity.expires - timedelta(microseconds=1)):
+        with mock.patch("identity.hostauth.tokens.timezone.now", return_value=identity.expires - timedelta(microseconds=1)):
             assert (await self.authenticate()).token_id == identity.token_id
             assert await tokens.still_valid(identity)
-        with mock.patch("identity.tokens.timezone.now", return_value=identity.expires):
+        with mock.patch("identity.hostauth.tokens.timezone.now", return_value=identity.expires):
             with pytest.raises(tokens.TokenError, match="expired"):
                 await self.authenticate()
             assert not await tokens.still_valid(identity)
@@ -407,13 +410,13 @@ class ConsentCacheTests(TransactionTestCase):
             scopes=frozenset(), expires=timezone.now() + timedelta(hours=1),
         )
 
-    async def decide(self) -> consent.Decision:
-        return await consent_cache.consent_decide(identity=self.identity, peer="files", kind="tool", name="read")
+    async def decide(self) -> Decision:
+        return await decisions.consent_decide(identity=self.identity, peer="files", kind="tool", name="read")
 
     @override_settings(FEDMCP_CONSENT_DEFAULT="allow")
     async def test_a_deny_policy_applies_to_the_next_call(self) -> None:
         assert (await self.decide()).action == ConsentDecision.ALLOW
-        with mock.patch("identity.consent.decision_load", side_effect=AssertionError("decided again")):
+        with mock.patch("identity.consent.policy.decision_load", side_effect=AssertionError("decided again")):
             assert (await self.decide()).action == ConsentDecision.ALLOW
         policy = await ConsentPolicy.objects.acreate(peer="files", decision="deny")
         assert (await self.decide()).action == ConsentDecision.DENY
@@ -427,7 +430,7 @@ class ConsentCacheTests(TransactionTestCase):
             user=self.user, peer="files", kind="tool", name="read", expires_at=timezone.now() + timedelta(hours=1)
         )
         assert (await self.decide()).grant_id == grant.pk
-        await database_sync_to_async(consent.consent_grant_revoke)(grant=grant)  # a QuerySet.update()
+        await database_sync_to_async(consent_grant_revoke)(grant=grant)  # a QuerySet.update()
         assert (await self.decide()).action == ConsentDecision.ASK
 
     async def test_a_cached_grant_is_not_used_past_its_expiry(self) -> None:
@@ -442,16 +445,16 @@ class ConsentCacheTests(TransactionTestCase):
     async def test_the_first_successful_call_counts_even_before_its_audit_row_is_written(self) -> None:
         assert (await self.decide()).action == ConsentDecision.ASK
         with override_settings(FEDMCP_AUDIT_FLUSH_INTERVAL=60):
-            # The first call the user approved (only an allowed or approved call counts: identity/consent.py PEER_USED_DECISIONS).
+            # The first call the user approved (only an allowed or approved call counts: identity/consent/policy.py PEER_USED_DECISIONS).
             audit.audit_record(identity=self.identity, peer="files", method="tools/call", name="read", error_code=None, latency_ms=1.0, decision="approved")
             assert (await self.decide()).action == ConsentDecision.ALLOW
 
     async def test_a_federated_users_decisions_are_not_kept(self) -> None:
         federated = tokens.Identity(**{**self.identity.__dict__, "federated_issuer": "https://a.example", "federated_subject": "alice"})
         with override_settings(FEDMCP_CONSENT_DEFAULT="allow"):
-            await consent_cache.consent_decide(identity=federated, peer="files", kind="tool", name="read")
-            with mock.patch("identity.consent.decision_load", return_value=consent.Decision(ConsentDecision.DENY)) as decide:
-                await consent_cache.consent_decide(identity=federated, peer="files", kind="tool", name="read")
+            await decisions.consent_decide(identity=federated, peer="files", kind="tool", name="read")
+            with mock.patch("identity.consent.policy.decision_load", return_value=Decision(ConsentDecision.DENY)) as decide:
+                await decisions.consent_decide(identity=federated, peer="files", kind="tool", name="read")
             assert decide.called
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from django.test import Client, TransactionTestCase, override_settings
 
-from identity.tokens import authenticate
+from identity.hostauth.tokens import authenticate
 from tests.identity.oauth import (
     FAST_HASHERS,
     ORIGIN,

@@ -9,7 +9,7 @@ from asgiref.sync import async_to_sync
 from django.test import Client
 from oauth2_provider.models import Application
 
-from identity.tokens import TokenError, authenticate
+from identity.hostauth.tokens import TokenError, authenticate
 from tests.identity.oauth import ORIGIN, REDIRECT_URI, REGISTER, OAuthTestCase, OAuthTransactionTestCase
 
 

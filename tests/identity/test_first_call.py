@@ -17,7 +17,7 @@ from identity.audit import audit_flush
 from identity.models import AuditEvent, ConsentPolicy, ConsentPrompt
 from mcp_endpoint import jsonrpc
 from tests.base import FixturePeerTestCase, McpClient
-from tests.identity.test_consent_flow import CALL_TIMEOUT, TOOL, final_message
+from tests.identity.consent.test_flow import CALL_TIMEOUT, TOOL, final_message
 
 ARGUMENTS = {"a": 2, "b": 3}
 ADD = "everything__add"

@@ -8,7 +8,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from django.test import Client, TestCase
 
-from identity import scopes
+from identity.hostauth import scopes
 from tests.base import http
 from tests.identity.oauth import ORIGIN, public_url
 

@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 
 from django.test import Client, override_settings
 
-from identity import scopes
+from identity.hostauth import scopes
 from tests.identity.oauth import (
     FAST_HASHERS,
     REDIRECT_URI,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from identity.oauth_validators import redirect_uri_acceptable
+from identity.hostauth.oauth_validators import redirect_uri_acceptable
 from tests.identity.oauth import (
     REDIRECT_URI,
     OAuthTestCase,

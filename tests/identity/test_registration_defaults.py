@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from oauth2_provider.models import Application
 
-from identity.views import default_application_type
+from identity.hostauth.views import default_application_type
 from tests.identity.oauth import OAuthTestCase
 from tests.identity.test_dynamic_registration import host_metadata, register
 

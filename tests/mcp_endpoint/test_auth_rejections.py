@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from channels.testing import WebsocketCommunicator
 from oauth2_provider.models import Application
 
-from identity import scopes
+from identity.hostauth import scopes
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.consumers.websocket import WS_1008_POLICY_VIOLATION
 from tests.base import (

@@ -13,7 +13,7 @@ from unittest import mock
 from django.test import SimpleTestCase
 from django.utils import timezone
 
-from identity.tokens import Identity
+from identity.hostauth.tokens import Identity
 from mcp_endpoint import dispatcher, jsonrpc
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.models import McpSession
@@ -43,7 +43,7 @@ class DispatcherCheckOrder(SimpleTestCase):
         # Any handler reached is a failure of the order; the scope check reads no database.
         self.handler = mock.AsyncMock(side_effect=AssertionError("the handler ran"))
         self.enterContext(mock.patch.dict(dispatcher.METHODS, {"tools/call": dataclasses.replace(dispatcher.METHODS["tools/call"], handler=self.handler)}))
-        self.enterContext(mock.patch.object(dispatcher.trust, "identity_for_call", mock.AsyncMock(side_effect=lambda caller, **_: caller)))
+        self.enterContext(mock.patch.object(dispatcher.gateways, "identity_for_call", mock.AsyncMock(side_effect=lambda caller, **_: caller)))
 
     async def code(self, message: object, ctx: HostContext | None = None) -> int:
         reply = await dispatcher.handle_message(ctx or context(caller=identity()), message)

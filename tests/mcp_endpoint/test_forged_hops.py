@@ -4,7 +4,7 @@
 path-length refusals and is passed on (extended) to peer gateways. A plain host could set it
 to anything: make the gateway refuse its own calls as loops, or tell a peer gateway the call
 had passed gateways it never saw. Now a hop record is honoured only as part of a trusted
-gateway's verified assertion (its `via` must equal the record, identity/trust.py); from
+gateway's verified assertion (its `via` must equal the record, identity/trust/gateways.py); from
 anyone else it is ignored, like the other fedmcp keys hosts send.
 """
 

@@ -2,7 +2,7 @@
 
 Both channels-redis and the in-memory layer drop a membership `group_expiry` seconds after it
 was added (a day by default). Streams, `subscriptions/listen`, the consent page and each
-worker's correlation channel can all listen longer than that; fedmcp_site.layers.Memberships
+worker's correlation channel can all listen longer than that; fedmcp_lib.layers.Memberships
 renews them. Here the expiry is one second, so the tests take a few seconds, not a day.
 """
 
@@ -14,7 +14,7 @@ from unittest import mock
 from django.test import SimpleTestCase
 
 from federation.events import CATALOG_GROUP
-from fedmcp_site.layers import InMemoryChannelLayer, Memberships, renew_interval
+from fedmcp_lib.layers import InMemoryChannelLayer, Memberships, renew_interval
 from mcp_endpoint.streams import SessionEvents
 
 EXPIRY = 1

@@ -18,7 +18,7 @@ from django.test import override_settings
 
 from mcp_endpoint import jsonrpc, request_states
 from tests.base import MODERN, FixturePeerTestCase, McpClient, modern_meta, request
-from tests.identity.test_consent_flow import CALL_TIMEOUT, final_message
+from tests.identity.consent.test_flow import CALL_TIMEOUT, final_message
 
 ECHOED_STATE = "everything__test_input_required_result_request_state"
 OURS_REFUSED = "requestState is not one this gateway issued"
@@ -62,7 +62,7 @@ class RequestStateTests(FixturePeerTestCase):
 
     async def test_forgeries_of_this_gateways_states_are_refused(self) -> None:
         # The kinds this call could carry (the connect and remote-consent states are checked on calls
-        # to peers that need them: tests/identity/test_upstream_oauth_gate.py, test_distributed_consent_flow.py).
+        # to peers that need them: tests/federation/test_upstream_oauth_gate.py, tests/identity/consent/test_remote_flow.py).
         answers = {}
         for kind in CHECKED_ON_EVERY_CALL:
             reply = await self.call(requestState=f"{request_states.prefix(kind)}forged", inputResponses={"confirm": {"action": "accept"}})

@@ -17,7 +17,7 @@ from unittest import mock
 from django.test import SimpleTestCase
 
 from federation.events import CATALOG_GROUP
-from fedmcp_site.layers import InMemoryChannelLayer
+from fedmcp_lib.layers import InMemoryChannelLayer
 from mcp_endpoint import streams
 from mcp_endpoint.sessions import session_group
 from mcp_endpoint.streams import SessionEvents, close_session_streams, send_to_session

@@ -14,7 +14,7 @@ from unittest import mock
 from django.db import OperationalError
 from django.test import TransactionTestCase
 
-from fedmcp_site import observability
+from fedmcp_lib import observability
 from fedmcp_site.runtime import lifecycle
 from identity import audit
 from identity.models import AuditEvent

@@ -11,7 +11,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from federation.models import CatalogKind
-from fedmcp_site import metrics
+from fedmcp_lib import metrics
 from fedmcp_site.asgi import application
 from identity.models import ConsentPrompt
 from mcp_endpoint import jsonrpc

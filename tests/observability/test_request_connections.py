@@ -1,4 +1,4 @@
-"""A Django view's request closes the database connection it opened (fedmcp_site/request_connections.py).
+"""A Django view's request closes the database connection it opened (fedmcp_lib/request_connections.py).
 
 Under ASGI each Django request runs on a thread of its own that ends with it, so a connection
 kept for reuse there would stay open until the garbage collector found it.

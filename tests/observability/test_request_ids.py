@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fedmcp_site import observability
-from fedmcp_site.observability import REQUEST_ID_META_KEY, ContextFilter, JsonFormatter
+from fedmcp_lib import observability
+from fedmcp_lib.observability import REQUEST_ID_META_KEY, ContextFilter, JsonFormatter
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.envelope import HOPS_META_KEY, upstream_params
 from tests.base import MODERN, FixturePeerTestCase, McpClient, modern_meta, request

@@ -49,13 +49,15 @@ from oauth2_provider.models import AccessToken, Application, set_token_value
 from federation import naming
 from federation.models import CatalogEntry, Peer
 from federation.upstream.base import PeerConfig
-from fedmcp_site import caching
-from identity import audit, consent_cache, scopes
+from fedmcp_lib import caching
+from identity import audit
 from identity.audit import audit_flush
 from identity.call_digest import arguments_hash
+from identity.consent import decisions
+from identity.hostauth import scopes
+from identity.hostauth.tokens import operator_application
 from identity.models import AuditEvent, ConsentGrant, ConsentPolicy, ConsentPrompt
-from identity.tokens import operator_application
-from identity.trust import gateway_trust
+from identity.trust.gateways import gateway_trust
 from mcp_endpoint.pipeline import exchange as exchange_step
 from mcp_endpoint.pipeline.asking import INPUT_KEY
 from tests.base import (
@@ -68,7 +70,7 @@ from tests.base import (
     release_process_state,
 )
 from tests.federation.hostile_upstream import HostileUpstream, install
-from tests.identity.test_consent_flow import CALL_TIMEOUT, final_message
+from tests.identity.consent.test_flow import CALL_TIMEOUT, final_message
 
 EXAMPLES = int(os.environ.get("FEDMCP_INVARIANT_EXAMPLES", "12"))
 INVARIANT_SETTINGS = settings(
@@ -348,7 +350,7 @@ class CanonicalUriInvariant(FixturePeerTestCase):
     def setUp(self) -> None:
         super().setUp()
         ConsentPolicy.objects.create(peer=self.peer_name, kind="resource", name_pattern=DENIED, decision="deny")
-        self.seen = self.enterContext(mock.patch.object(consent_cache, "consent_decide", wraps=consent_cache.consent_decide))
+        self.seen = self.enterContext(mock.patch.object(decisions, "consent_decide", wraps=decisions.consent_decide))
 
     def test_policy_sees_canonical_uris_only(self) -> None:
         run_property(self.check_spelling, spelling=spellings(DENIED), aggregated=st.booleans())

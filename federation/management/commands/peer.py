@@ -6,7 +6,7 @@ operator ran `manage.py gateway trust` and sent them):
     peer add acme --url https://mcp.acme.example/mcp --gateway --client-id ID --client-secret-file PATH
 
 and trusted here in turn (`manage.py gateway trust acme --issuer https://mcp.acme.example`): only
-then are its names, consent questions and deferral marks believed (identity/trust.py
+then are its names, consent questions and deferral marks believed (identity/trust/gateways.py
 `peer_gateway_standing`). A peer that merely says it is a gateway stays a plain MCP server.
 
 The secret is read from a file (never from the command line, where `ps` would show it) and
@@ -244,7 +244,7 @@ class Command(BaseCommand):
         )
 
     def _add_user_oauth(self, peer: Peer, options: dict[str, Any]) -> None:
-        from identity import upstream_oauth
+        from federation import upstream_oauth
 
         secret = ""
         if options["oauth_client_secret_file"]:

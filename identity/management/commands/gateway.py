@@ -18,7 +18,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from identity.models import TrustedGateway
-from identity.trust import TrustConfigError, gateway_trust, gateway_untrust
+from identity.trust.gateways import TrustConfigError, gateway_trust, gateway_untrust
 
 
 class Command(BaseCommand):

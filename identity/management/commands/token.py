@@ -11,8 +11,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from identity import scopes
-from identity.tokens import token_create, user_for_token_command
+from identity.hostauth import scopes
+from identity.hostauth.tokens import token_create, user_for_token_command
 
 DURATION = re.compile(r"^(\d+)([smhd]?)$")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -13,8 +13,8 @@ from channels.db import database_sync_to_async
 
 from federation.router import resolve
 from identity.audit import audit_flush
+from identity.hostauth.tokens import authenticate
 from identity.models import AuditEvent, ConsentPolicy
-from identity.tokens import authenticate
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline import flow
