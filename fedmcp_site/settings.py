@@ -386,6 +386,10 @@ FEDMCP_CACHE_REDIS_PREFIX = os.environ.get("FEDMCP_CACHE_REDIS_PREFIX") or f"{os
 FEDMCP_AUDIT_FLUSH_INTERVAL = env_float("FEDMCP_AUDIT_FLUSH_INTERVAL", 0.05)
 FEDMCP_AUDIT_BATCH_SIZE = env_int("FEDMCP_AUDIT_BATCH_SIZE", 500)
 FEDMCP_AUDIT_MAX_PENDING = env_int("FEDMCP_AUDIT_MAX_PENDING", 100_000)
+# A call sent upstream has a committed intent row first; the worker renews its lease every third
+# of this while the call runs. Once it has run out (the worker was killed), any worker's upkeep
+# writes the call's event as `interrupted`.
+FEDMCP_AUDIT_INTENT_LEASE = env_float("FEDMCP_AUDIT_INTENT_LEASE", 60.0)
 
 # --- Operations: metrics, readiness, shutdown, logs ---------------------------------------------
 # Who may read /metrics: client addresses in these networks (daphne's peer address; see

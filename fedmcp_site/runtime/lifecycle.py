@@ -173,9 +173,12 @@ def install() -> None:
 def _start_upkeep() -> None:
     # From the start, not on the first request: a worker that serves nothing must still close
     # the sessions a killed worker left open.
+    from identity.audit import ensure_audit_upkeep
     from mcp_endpoint.sessions import ensure_upkeep
 
+    # The sessions and audit intents a killed worker left are closed / written as interrupted.
     asyncio.get_event_loop().call_soon(contextvars.Context().run, ensure_upkeep)
+    asyncio.get_event_loop().call_soon(contextvars.Context().run, ensure_audit_upkeep)
 
 
 def _take_over_sigterm(reactor: Any) -> None:
