@@ -246,6 +246,11 @@ MCP_PAGE_SIZE = env_int("FEDMCP_PAGE_SIZE", 200)
 MCP_LIST_TTL_MS = env_int("FEDMCP_LIST_TTL_MS", 60_000)
 # Seconds between SSE keep-alive comments on idle streams.
 MCP_SSE_KEEPALIVE = env_float("FEDMCP_SSE_KEEPALIVE", 15.0)
+# A legacy SSE POST accepted (202) by a worker other than the stream's: the accepting worker tells
+# the stream's worker, and renews that every third of this while it works on the request; a
+# request whose renewals stop (its worker died, or the channel layer failed) is answered -32603 on
+# the stream once this has passed. Seconds.
+MCP_SSE_ACCEPTED_LEASE = env_float("FEDMCP_SSE_ACCEPTED_LEASE", 15.0)
 # Idle handshake-era sessions older than this are expired (seconds).
 MCP_SESSION_IDLE_TIMEOUT = env_int("FEDMCP_SESSION_IDLE_TIMEOUT", 24 * 3600)
 # Open handshake-era sessions one user (or, for a client-only token, one client) may hold at once,
