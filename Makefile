@@ -80,7 +80,7 @@ test-unit: venv
 # uses; the run above uses SQLite (~25 s). Every unit test there:
 # `DATABASE_URL=postgres://postgres@127.0.0.1:5432/test make test-unit`.
 TEST_POSTGRES ?= $(or $(FEDMCP_E2E_POSTGRES),postgres://postgres@127.0.0.1:5432/test)
-POSTGRES_SLICE := tests/identity/test_audit_outage.py tests/identity/test_audit_insert.py \
+POSTGRES_SLICE := tests/identity/test_audit_outage.py tests/identity/test_audit_insert.py tests/identity/test_audit_intents.py \
 	tests/mcp_endpoint/test_database_unavailable.py tests/identity/test_secrets.py \
 	tests/api/test_resources.py::AuditApiTest tests/observability/test_request_connections.py
 

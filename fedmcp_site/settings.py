@@ -246,6 +246,11 @@ MCP_PAGE_SIZE = env_int("FEDMCP_PAGE_SIZE", 200)
 MCP_LIST_TTL_MS = env_int("FEDMCP_LIST_TTL_MS", 60_000)
 # Seconds between SSE keep-alive comments on idle streams.
 MCP_SSE_KEEPALIVE = env_float("FEDMCP_SSE_KEEPALIVE", 15.0)
+# A legacy SSE POST accepted (202) by a worker other than the stream's: the accepting worker tells
+# the stream's worker, and renews that every third of this while it works on the request; a
+# request whose renewals stop (its worker died, or the channel layer failed) is answered -32603 on
+# the stream once this has passed. Seconds.
+MCP_SSE_ACCEPTED_LEASE = env_float("FEDMCP_SSE_ACCEPTED_LEASE", 15.0)
 # Idle handshake-era sessions older than this are expired (seconds).
 MCP_SESSION_IDLE_TIMEOUT = env_int("FEDMCP_SESSION_IDLE_TIMEOUT", 24 * 3600)
 # Open handshake-era sessions one user (or, for a client-only token, one client) may hold at once,
@@ -386,6 +391,10 @@ FEDMCP_CACHE_REDIS_PREFIX = os.environ.get("FEDMCP_CACHE_REDIS_PREFIX") or f"{os
 FEDMCP_AUDIT_FLUSH_INTERVAL = env_float("FEDMCP_AUDIT_FLUSH_INTERVAL", 0.05)
 FEDMCP_AUDIT_BATCH_SIZE = env_int("FEDMCP_AUDIT_BATCH_SIZE", 500)
 FEDMCP_AUDIT_MAX_PENDING = env_int("FEDMCP_AUDIT_MAX_PENDING", 100_000)
+# A call sent upstream has a committed intent row first; the worker renews its lease every third
+# of this while the call runs. Once it has run out (the worker was killed), any worker's upkeep
+# writes the call's event as `interrupted`.
+FEDMCP_AUDIT_INTENT_LEASE = env_float("FEDMCP_AUDIT_INTENT_LEASE", 60.0)
 
 # --- Operations: metrics, readiness, shutdown, logs ---------------------------------------------
 # Who may read /metrics: client addresses in these networks (daphne's peer address; see
@@ -398,9 +407,13 @@ for _network in FEDMCP_METRICS_ALLOWED_NETWORKS:
         raise ImproperlyConfigured(f"FEDMCP_METRICS_ALLOWED_NETWORKS: {_network!r} is not a network") from _exc
 # Bound on each /readyz check (seconds).
 FEDMCP_READYZ_TIMEOUT = env_float("FEDMCP_READYZ_TIMEOUT", 2.0)
-# On SIGTERM a worker stops accepting connections and gives requests in progress this long to
-# finish (seconds) before cancelling them; keep the orchestrator's kill timeout above it.
+# On SIGTERM a worker drains: it keeps listening (/readyz 503, `Connection: close` on every
+# response, idle keep-alive connections closed) until nothing is in flight and no request came
+# for FEDMCP_DRAIN_QUIET seconds, then stops listening; requests in progress get up to
+# FEDMCP_SHUTDOWN_GRACE seconds from the SIGTERM before they are cancelled. Keep the
+# orchestrator's kill timeout above the grace (docs/DEPLOYMENT.md).
 FEDMCP_SHUTDOWN_GRACE = env_float("FEDMCP_SHUTDOWN_GRACE", 25.0)
+FEDMCP_DRAIN_QUIET = env_float("FEDMCP_DRAIN_QUIET", 1.0)
 # Consent (docs/CONSENT.md): what happens when no policy matches a tools/call
 # (ask-new-peers | allow | ask | deny), how long a call waits for the user (seconds), and how
 # often a waiting call re-reads its prompt should a channel-layer message be lost.

@@ -128,8 +128,11 @@ class AuditEvent(models.Model):
         ERROR = "error", "error"
         INPUT = "input", "input required"
         """The host was answered `input_required`: the call waits for its retry (consent, or the upstream's question)."""
+        INTERRUPTED = "interrupted", "interrupted"
+        """The call was sent to its upstream, and the worker serving it ended (killed, crashed) before
+        recording how it went: found by another worker's upkeep from its `AuditIntent`."""
 
-    outcome = models.CharField(max_length=8, choices=Outcome.choices)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
     decision = models.CharField(
         max_length=16, blank=True,
         help_text=(
@@ -160,6 +163,30 @@ class AuditEvent(models.Model):
         if not self._state.adding:
             raise TypeError("audit events are append-only")
         super().save(*args, **kwargs)
+
+
+class AuditIntentQuerySet(models.QuerySet["AuditIntent"]):
+    def lease_expired(self) -> AuditIntentQuerySet:
+        """Intents no worker renews any more: their worker died (or lost the database for a lease)."""
+        return self.filter(lease_until__lt=timezone.now())
+
+
+class AuditIntent(models.Model):
+    """A call sent to its upstream whose `AuditEvent` is not written yet (identity/audit.py).
+
+    Committed before the upstream is called, deleted in the transaction that writes the call's
+    event. The worker serving the call renews `lease_until`; one that has run out belongs to a
+    worker that ended without writing the event, and is turned into an `interrupted` event.
+    """
+
+    id = models.UUIDField(primary_key=True, help_text="Chosen by the worker, so the event that completes it names it without a read.")
+    lease_until = models.DateTimeField(db_index=True)
+    event = models.JSONField(help_text="The AuditEvent fields known when the call was sent (identity/audit.py `PendingEvent`).")
+
+    objects = AuditIntentQuerySet.as_manager()
+
+    def __str__(self) -> str:
+        return f"{self.event.get('method', '')} {self.event.get('peer', '')}:{self.event.get('name', '')} until {self.lease_until:%H:%M:%S}"
 
 
 # --- consent ---------------------------------------------------------------------------------

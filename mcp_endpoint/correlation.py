@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,6 +43,7 @@ class _Correlator:
         self._waiting: dict[str, asyncio.Future[JsonDict]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[Any]] = {}
         self._held: dict[str, Resume] = {}
+        self._host_cancelled: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._listener: asyncio.Task[None] | None = None
         self._listener_loop: asyncio.AbstractEventLoop | None = None
         self._joined = asyncio.Event()
@@ -131,8 +133,13 @@ class _Correlator:
         task = self._inflight.pop((session_id, request_repr), None)
         if task is None:
             return False
+        self._host_cancelled.add(task)
         task.cancel()
         return True
+
+    def cancelled_by_host(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether `task` was cancelled by its host's notifications/cancelled (not by a shutdown)."""
+        return task is not None and task in self._host_cancelled
 
     async def cancel(self, session_id: str, request_id: Any) -> None:
         """Cancel the host request `request_id` of `session_id`, wherever it runs."""

@@ -9,17 +9,27 @@ A legacy SSE stream and a WebSocket are their session's only stream, opened with
 is open here, messages this process produces for its session go straight to it, without the
 channel layer (no copy of the message, no task per message, and on Redis no round trip).
 Other workers still reach it through the session's group.
+
+A legacy SSE POST is answered 202 and its reply travels on the stream later. When the POST
+landed on another worker, that worker announces the requests it accepted (`mcp.accepted`) before
+its 202 (a channel layer that cannot take the announcement refuses the POST: 503), and renews
+them (`mcp.renewed`) while it works on them. The stream's `SessionEvents` keeps them until their
+reply passes; one whose lease runs out without a reply (its worker was killed, or the layer
+failed under it) is answered here with -32603 `worker_lost`, so no request goes unanswered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Any
 
 from channels.layers import get_channel_layer
+from django.conf import settings
 
 from federation.events import CATALOG_GROUP, RESOURCES_GROUP
 from fedmcp_lib.json_types import JsonDict
@@ -41,6 +51,42 @@ LAYER_RETRY_SECONDS = 1.0
 
 _held_here: dict[str, SessionEvents] = {}
 """Session id -> its only stream, where this process holds it (legacy SSE, WebSocket)."""
+
+WORKER_LOST_REASON = "worker_lost"
+"""`error.data.reason` of a request whose worker stopped (or lost the channel layer) before answering."""
+
+
+def held_here(session_id: str) -> bool:
+    """Whether this process holds the session's only stream (replies need no channel layer)."""
+    return session_id in _held_here
+
+
+def worker_lost(request_id: Any) -> JsonDict:
+    """The error a host gets for an accepted request whose worker can no longer answer it."""
+    return jsonrpc.error_response(request_id, {
+        "code": jsonrpc.INTERNAL_ERROR,
+        "message": "The gateway worker handling this request stopped before answering; send it again",
+        "data": {"reason": WORKER_LOST_REASON},
+    })
+
+
+async def announce_accepted(session_id: str, request_ids: list[Any], *, renewal: bool = False) -> None:
+    """Tell the session's stream, wherever it is, that these requests were accepted elsewhere (or are still in work).
+
+    Raises:
+        Exception: as the channel layer raised it (Redis unreachable).
+    """
+    kind = "mcp.renewed" if renewal else "mcp.accepted"
+    await get_channel_layer().group_send(session_group(session_id), {"type": kind, "ids": request_ids, "lease": settings.MCP_SSE_ACCEPTED_LEASE})
+
+
+async def announce_settled(session_id: str, request_ids: list[Any]) -> None:
+    """Tell the stream that these accepted requests end without a reply (the host cancelled them)."""
+    await get_channel_layer().group_send(session_group(session_id), {"type": "mcp.settled", "ids": request_ids})
+
+
+def _request_key(request_id: Any) -> str:
+    return json.dumps(request_id)
 
 
 async def send_to_session(session_id: str, message: JsonDict) -> None:
@@ -104,6 +150,10 @@ class SessionEvents:
         self._timer: asyncio.TimerHandle | None = None
         self._renewal: asyncio.Task[None] | None = None
         self._heard_at = 0.0
+        self._accepted: dict[str, tuple[Any, float]] = {}
+        """Requests other workers accepted for this stream: key -> (id, loop time their lease ends)."""
+        self._lost: dict[str, float] = {}
+        """Requests answered here as `worker_lost` -> until when (loop time) a reply arriving after all is dropped."""
 
     async def __aenter__(self) -> SessionEvents:
         # The default prefix on purpose: channels-redis reads all of a process's channels from
@@ -195,10 +245,24 @@ class SessionEvents:
         renew_in = self.memberships.renew_at - time.monotonic()
         if renew_in <= 0:
             renew_in = RENEWAL_RETRY_SECONDS  # a renewal is under way, or the last one failed
-        self._timer = loop.call_at(min(self._heard_at + self.keepalive, now + renew_in), self._tick)
+        at = min(self._heard_at + self.keepalive, now + renew_in)
+        if self._accepted:
+            at = min(at, min(deadline for _, deadline in self._accepted.values()))
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(at, self._tick)
 
     def _tick(self) -> None:
         now = self._loop.time()  # type: ignore[union-attr]
+        for key, (request_id, deadline) in list(self._accepted.items()):
+            if deadline <= now:
+                del self._accepted[key]
+                self._lost[key] = now + 2 * settings.MCP_SSE_ACCEPTED_LEASE
+                logger.warning("session %s: request %s accepted by another worker got no reply in time; answering worker_lost", self.session_id, key)
+                self._put({"type": "mcp.message", "message": worker_lost(request_id), "lost": True})
+        for key, until in list(self._lost.items()):
+            if until <= now:
+                del self._lost[key]
         if now - self._heard_at >= self.keepalive:
             self._heard_at = now
             self._put(_KEEPALIVE)
@@ -218,7 +282,12 @@ class SessionEvents:
                 continue
             kind = event.get("type")
             if kind == "mcp.message":
-                yield event["message"]
+                message = event["message"]
+                if (self._accepted or self._lost) and not event.get("lost") and self._is_late(message):
+                    continue
+                yield message
+            elif kind in ("mcp.accepted", "mcp.renewed", "mcp.settled"):
+                self._track(kind, event)
             elif kind == "mcp.close":
                 return
             elif kind == "catalog.changed":
@@ -228,6 +297,35 @@ class SessionEvents:
                 uris = await subscribed_uris(session_id=self.session_id, peer_name=event["peer"], upstream_uri=event["uri"], user_id=event.get("user"))
                 for uri in uris:
                     yield jsonrpc.notification("notifications/resources/updated", {"uri": uri})
+
+
+    # --- requests accepted by other workers ------------------------------------------------------
+
+    def _track(self, kind: str, event: JsonDict) -> None:
+        now = self._loop.time()  # type: ignore[union-attr]
+        for request_id in event.get("ids", ()):
+            key = _request_key(request_id)
+            if kind == "mcp.settled":
+                self._accepted.pop(key, None)
+            elif kind == "mcp.accepted":
+                self._lost.pop(key, None)  # the host reused the id: this is a new request
+                self._accepted[key] = (request_id, now + float(event.get("lease", settings.MCP_SSE_ACCEPTED_LEASE)))
+            elif key in self._accepted:
+                # A renewal only extends: one that crossed the reply must not bring the request back.
+                self._accepted[key] = (request_id, now + float(event.get("lease", settings.MCP_SSE_ACCEPTED_LEASE)))
+        self._schedule_tick()
+
+    def _is_late(self, message: Any) -> bool:
+        """Stop tracking the request `message` answers; True if it was already answered `worker_lost`."""
+        if not isinstance(message, dict) or "method" in message or "id" not in message:
+            return False
+        key = _request_key(message["id"])
+        self._accepted.pop(key, None)
+        until = self._lost.pop(key, None)
+        if until is not None and until > self._loop.time():  # type: ignore[union-attr]
+            logger.warning("session %s: dropping the late reply to request %s (answered worker_lost already)", self.session_id, key)
+            return True
+        return False
 
 
 def _log_renewal_failure(task: asyncio.Task[None]) -> None:

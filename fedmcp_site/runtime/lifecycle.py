@@ -11,9 +11,13 @@ without `notifications/cancelled`, and upstream sessions are never closed.
 
 `install()` (called from asgi.py) changes that when the worker runs under daphne:
 
-1. On the first SIGTERM the worker drains: /readyz answers 503, the listening sockets close
-   (a load balancer's next connection goes to another worker), and requests in progress, on
-   connections already open, get up to `FEDMCP_SHUTDOWN_GRACE` seconds to finish.
+1. On the first SIGTERM the worker drains, still listening: /readyz answers 503 (a balancer's
+   probe sees "not ready", not "connection refused"), idle keep-alive connections are closed and
+   every response carries `Connection: close` (fedmcp_site/runtime/request_guard.py), so a
+   balancer stops reusing connections to it. It stops listening once nothing is in flight and no
+   request (other than a probe) has arrived for `FEDMCP_DRAIN_QUIET` seconds — the balancer has
+   noticed — or when `FEDMCP_SHUTDOWN_GRACE` seconds have passed; requests in progress get until
+   then to finish.
 2. Then the reactor stops as before. Before daphne's connections are dropped, the requests still
    running are cancelled (the pipeline sends the upstream its cancellation) and the upstream pool
    is closed (upstream sessions end, stdio children exit).
@@ -173,9 +177,12 @@ def install() -> None:
 def _start_upkeep() -> None:
     # From the start, not on the first request: a worker that serves nothing must still close
     # the sessions a killed worker left open.
+    from identity.audit import ensure_audit_upkeep
     from mcp_endpoint.sessions import ensure_upkeep
 
+    # The sessions and audit intents a killed worker left are closed / written as interrupted.
     asyncio.get_event_loop().call_soon(contextvars.Context().run, ensure_upkeep)
+    asyncio.get_event_loop().call_soon(contextvars.Context().run, ensure_audit_upkeep)
 
 
 def _take_over_sigterm(reactor: Any) -> None:
@@ -196,7 +203,9 @@ def _on_sigterm(reactor: Any) -> None:
         return
     state.draining = True
     metrics.DRAINING.set(1)
-    _stop_listening(reactor)
+    from fedmcp_site.runtime import request_guard
+
+    request_guard.drain_connections()
     state.drain_task = asyncio.get_event_loop().create_task(_drain_then_stop(reactor), context=contextvars.Context())
 
 
@@ -221,6 +230,8 @@ async def _drain_then_stop(reactor: Any) -> None:
         len(observability.in_flight_tasks()), settings.FEDMCP_SHUTDOWN_GRACE,
     )
     try:
+        await _wait_until_quiet(reactor, deadline)
+        _stop_listening(reactor)
         while pending := observability.in_flight_tasks():
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -232,6 +243,25 @@ async def _drain_then_stop(reactor: Any) -> None:
         await _flush_audit()  # while everything is still up; release_worker flushes again
     finally:
         _stop(reactor)
+
+
+async def _wait_until_quiet(reactor: Any, deadline: float) -> None:
+    """Keep listening until nothing is in flight and no request came for FEDMCP_DRAIN_QUIET seconds (or the deadline)."""
+    from fedmcp_site.runtime import request_guard
+
+    loop = asyncio.get_running_loop()
+    quiet = settings.FEDMCP_DRAIN_QUIET
+    while (remaining := deadline - loop.time()) > 0:
+        pending = observability.in_flight_tasks()
+        quiet_for = reactor.seconds() - request_guard.last_request_at()
+        if not pending and quiet_for >= quiet:
+            return
+        wait = min(remaining, max(0.05, quiet - quiet_for))
+        if pending:
+            await asyncio.wait(pending, timeout=wait)
+        else:
+            await asyncio.sleep(wait)
+    logger.warning("grace period over while requests still arrived; no longer listening")
 
 
 async def _wait_for_writes(reactor: Any, timeout: float) -> None:

@@ -18,6 +18,12 @@ is closed. These are totals, not per-read timeouts, so dripping does not extend 
 that streams far past `FEDMCP_MAX_BODY_BYTES` is cut off with 413 in the same place, so it is
 not spooled to disk before the application's own 413. Idle keep-alive connections are left to
 Twisted's idle timeout; a response being sent (SSE streams) is not affected.
+
+While the worker drains (fedmcp_site/runtime/lifecycle.py), `drain_connections()` makes every
+connection end after its current response: idle keep-alive connections are closed at once,
+responses still to be written and every request arriving during the drain get `Connection:
+close`, so a balancer stops reusing connections to this worker while it still listens.
+`last_request_at()` is when the last request other than a probe arrived.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import weakref
 from typing import Any
 
 from django.conf import settings
@@ -39,6 +46,38 @@ logger = logging.getLogger(__name__)
 
 BODY_FRAMING_ALLOWANCE = 64 * 1024
 """Raw bytes past the body cap tolerated here (chunked framing); the application enforces the exact cap."""
+
+
+PROBE_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics"})
+"""Requests that are not traffic: a balancer's probes go on while it drains the worker."""
+
+_open_channels: weakref.WeakSet[GuardedChannel] = weakref.WeakSet()
+_draining = False
+_last_request_at = 0.0
+
+
+def last_request_at() -> float:
+    """The reactor time the last request (not a probe) arrived on any connection."""
+    return _last_request_at
+
+
+def drain_connections() -> int:
+    """End every connection after its current response; close idle ones now. Returns how many were closed now."""
+    global _draining
+    _draining = True
+    closed = 0
+    for channel in list(_open_channels):
+        if channel.transport is None:  # handed over to a WebSocket
+            continue
+        if not channel.requests:
+            channel.loseConnection()
+            closed += 1
+            continue
+        channel.persistent = False
+        for request in channel.requests:
+            if not request.startedWriting:
+                request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+    return closed
 
 
 def refusal(status: bytes, message: str) -> bytes:
@@ -109,6 +148,19 @@ class GuardedChannel(HTTPChannel):
         self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
 
     # --- Twisted's hooks ---------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        _open_channels.add(self)
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        global _last_request_at
+        if getattr(self, "_path", b"").split(b"?", 1)[0] not in PROBE_PATHS:
+            _last_request_at = self._now()
+        if _draining:
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        return bool(super().checkPersistence(request, version))
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
@@ -182,6 +234,7 @@ class GuardedChannel(HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:
         self._disarm()
+        _open_channels.discard(self)
         super().connectionLost(reason)
 
 

@@ -4,11 +4,23 @@ GET opens the stream and announces where to POST (`event: endpoint`); each POST 
 /messages/?session_id=… is acknowledged with 202 and its reply travels on the stream: straight
 to it when this worker holds it, else through the session's channel-layer group, so the POST and
 the stream may be served by different workers (mcp_endpoint/streams.py).
+
+Every request accepted with 202 gets an answer or an error on the stream, within a bound:
+
+* a POST for a stream on another worker is announced to that stream before the 202, and renewed
+  while its requests run (streams.py); with the channel layer unreachable it is refused at once
+  (HTTP 503, -32603 `channel_layer_unavailable`) instead of accepted and lost;
+* a reply the layer cannot take is retried for up to MCP_SSE_ACCEPTED_LEASE seconds;
+* if this worker dies (or loses the layer), the stream's worker answers -32603 `worker_lost`
+  once the announcement's lease runs out;
+* a request cancelled by this worker's shutdown (not by the host) is answered -32603
+  `worker_shutdown` at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 from urllib.parse import parse_qs
@@ -20,12 +32,28 @@ from mcp_endpoint import dispatcher, jsonrpc, sessions
 from mcp_endpoint.consumers.base import SSE_HEADERS, McpHttpConsumer, batch_refusal, sse_event
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
-from mcp_endpoint.streams import SessionEvents, SessionGroupOutbound, send_to_session
+from mcp_endpoint.streams import (
+    LAYER_RETRY_SECONDS,
+    SessionEvents,
+    SessionGroupOutbound,
+    announce_accepted,
+    announce_settled,
+    held_here,
+    send_to_session,
+)
 
 logger = logging.getLogger(__name__)
 
 # Replies to POSTed messages outlive the POST (it is answered 202 at once); keep their tasks.
 _background: set[asyncio.Task[Any]] = set()
+
+_in_work: dict[str, dict[str, Any]] = {}
+"""Session id -> requests this worker accepted for a stream held elsewhere (key -> id), until replied."""
+_renewing: set[int] = set()
+
+LAYER_UNAVAILABLE_REASON = "channel_layer_unavailable"
+LAYER_UNAVAILABLE_RETRY_AFTER = 5
+SHUTDOWN_REASON = "worker_shutdown"
 
 
 class McpSseConsumer(McpHttpConsumer):
@@ -75,11 +103,29 @@ class McpSseMessageConsumer(McpHttpConsumer):
         if (refusal := batch_refusal(payload, session.protocol_version)) is not None:
             await self.send_error(400, jsonrpc.INVALID_REQUEST, refusal)
             return
+        requests = [m["id"] for m in messages if dispatcher.classify(m) == "request" and jsonrpc.is_valid_id(m.get("id"))]
+        remote = bool(requests) and not held_here(session.id)
+        if remote:
+            # The stream is on another worker: its replies need the channel layer. Announce them
+            # to the stream first (it answers them itself if this worker dies), and refuse the
+            # POST now if the layer cannot take the announcement: it could not take the replies.
+            try:
+                await announce_accepted(session.id, requests)
+            except Exception:
+                logger.warning("channel layer unreachable: refusing a POST for SSE session %s… held by another worker", session.id[:8], exc_info=True)
+                await self.send_error(
+                    503, jsonrpc.INTERNAL_ERROR, "Service unavailable: the gateway cannot reach this session's stream; retry later",
+                    request_id=requests[0] if len(messages) == 1 else None,
+                    data={"reason": LAYER_UNAVAILABLE_REASON, "retryAfterMs": LAYER_UNAVAILABLE_RETRY_AFTER * 1000},
+                    headers=[(b"retry-after", str(LAYER_UNAVAILABLE_RETRY_AFTER).encode())],
+                )
+                return
+            _track(session.id, requests)
         for message in messages:
             ctx = HostContext.of_session(session, transport="sse", scope=scope, outbound=SessionGroupOutbound(session.id), identity=self.identity)
             # The answer outlives this POST (answered 202 below): a task of its own, which is
             # also what a later notifications/cancelled for the request cancels.
-            task = asyncio.create_task(self._answer(ctx, message))
+            task = asyncio.create_task(self._answer(ctx, message, remote))
             _background.add(task)
             task.add_done_callback(_background.discard)
             if dispatcher.classify(message) == "request" and jsonrpc.is_valid_id(message.get("id")):
@@ -90,11 +136,91 @@ class McpSseMessageConsumer(McpHttpConsumer):
         await self.send_response(202, b"Accepted", headers=[(b"content-type", b"text/plain")])
 
     @staticmethod
-    async def _answer(ctx: HostContext, message: Any) -> None:
-        # Cancelled (notifications/cancelled, shutdown): no response is sent, as the spec says.
+    async def _answer(ctx: HostContext, message: Any, remote: bool) -> None:
+        session_id = ctx.session.id  # type: ignore[union-attr]
+        request_id = message.get("id") if dispatcher.classify(message) == "request" and jsonrpc.is_valid_id(message.get("id")) else None
         try:
             reply = await dispatcher.handle_message(ctx, message)
-            if reply is not None:
-                await send_to_session(ctx.session.id, reply)  # type: ignore[union-attr]
+        except asyncio.CancelledError:
+            if correlator.cancelled_by_host(asyncio.current_task()):
+                # The host cancelled it: no response, as the spec says; the stream stops waiting.
+                if remote and request_id is not None:
+                    await asyncio.shield(_settle(session_id, request_id))
+            elif request_id is not None:
+                # This worker is shutting down: say so now rather than leave the host waiting.
+                await asyncio.shield(_deliver(session_id, request_id, _shutdown_error(request_id), remote))
+            raise
         except Exception:
             logger.exception("answering an SSE message failed")
+            reply = jsonrpc.error_response(request_id, jsonrpc.JsonRpcError().to_error()) if request_id is not None else None
+        if reply is not None:
+            await _deliver(session_id, request_id, reply, remote)
+        elif remote and request_id is not None:
+            await _settle(session_id, request_id)
+
+
+def _shutdown_error(request_id: Any) -> dict[str, Any]:
+    return jsonrpc.error_response(request_id, {
+        "code": jsonrpc.INTERNAL_ERROR, "message": "The gateway worker handling this request is shutting down; send it again",
+        "data": {"reason": SHUTDOWN_REASON},
+    })
+
+
+async def _deliver(session_id: str, request_id: Any, reply: dict[str, Any], remote: bool) -> None:
+    """Send `reply` to the session's stream; while the channel layer fails, retry for up to the announcement's lease."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.MCP_SSE_ACCEPTED_LEASE
+    try:
+        while True:
+            try:
+                await send_to_session(session_id, reply)
+                return
+            except Exception:
+                if loop.time() >= deadline:
+                    logger.error("could not deliver a reply to SSE session %s…; its stream answers worker_lost", session_id[:8], exc_info=True)
+                    return
+                logger.warning("could not deliver a reply to SSE session %s…; retrying", session_id[:8], exc_info=True)
+                await asyncio.sleep(LAYER_RETRY_SECONDS)
+    finally:
+        if remote and request_id is not None:
+            _untrack(session_id, request_id)
+
+
+async def _settle(session_id: str, request_id: Any) -> None:
+    _untrack(session_id, request_id)
+    try:
+        await announce_settled(session_id, [request_id])
+    except Exception:
+        logger.warning("could not tell SSE session %s…'s stream that a request was cancelled", session_id[:8], exc_info=True)
+
+
+def _track(session_id: str, request_ids: list[Any]) -> None:
+    in_work = _in_work.setdefault(session_id, {})
+    for request_id in request_ids:
+        in_work[json.dumps(request_id)] = request_id
+    loop = asyncio.get_running_loop()
+    if id(loop) not in _renewing:
+        _renewing.add(id(loop))
+        loop.create_task(_renew_while_in_work(loop))
+
+
+def _untrack(session_id: str, request_id: Any) -> None:
+    in_work = _in_work.get(session_id)
+    if in_work is not None:
+        in_work.pop(json.dumps(request_id), None)
+        if not in_work:
+            del _in_work[session_id]
+
+
+async def _renew_while_in_work(loop: asyncio.AbstractEventLoop) -> None:
+    """Renew the announcements of this worker's requests for streams held elsewhere, until none is left."""
+    try:
+        while _in_work:
+            await asyncio.sleep(settings.MCP_SSE_ACCEPTED_LEASE / 3)
+            for session_id, in_work in list(_in_work.items()):
+                try:
+                    await announce_accepted(session_id, list(in_work.values()), renewal=True)
+                except Exception:
+                    logger.warning("could not renew %d SSE requests of session %s…", len(in_work), session_id[:8], exc_info=True)
+    finally:
+        _renewing.discard(id(loop))

@@ -11,12 +11,13 @@ import time
 from federation.router import Route
 from federation.upstream.base import JsonDict
 from fedmcp_lib import metrics
+from identity.audit import Intent
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.admit import admit
 from mcp_endpoint.pipeline.connect import connect
 from mcp_endpoint.pipeline.decide import decide
 from mcp_endpoint.pipeline.exchange import exchange, shape_result
-from mcp_endpoint.pipeline.record import metric_outcome, record_call
+from mcp_endpoint.pipeline.record import intend_call, metric_outcome, record_call
 from mcp_endpoint.pipeline.upstream_requests import UpstreamCall, holds_input, upstream_input_resume
 from mcp_endpoint.pipeline.values import CallSubject, Outcome
 
@@ -26,12 +27,15 @@ async def run_call(ctx: HostContext, route: Route, method: str, params: JsonDict
     started = time.monotonic()
     subject = CallSubject.of(method, params)
     decision = ""
+    intent: Intent | None = None
     try:
         # 1. Admit: loops and rate limits first, so neither can create prompts.
         hops = await admit(ctx, route)
         if holds_input(ctx, params):
             # The retry of a call whose upstream's sampling/elicitation requests were held for consent.
             call = UpstreamCall(route.peer.name, method, subject.name, arguments=subject.arguments)
+            intent = intend_call(ctx, route.peer.name, subject, decision)
+            await intent.written()
             held = await upstream_input_resume(ctx, call, params)
             result = shape_result(ctx, method, held.answer) if held.answer is not None else None
             outcome = Outcome(subject, held.word, result=result, error=held.refusal)
@@ -49,14 +53,17 @@ async def run_call(ctx: HostContext, route: Route, method: str, params: JsonDict
                     outcome = Outcome(subject, decision, result=verdict.answer, error=verdict.refusal)
                 else:
                     # 4. Exchange: a peer gateway that owns the call may ask our user on the
-                    #    way, whose answer is then the call's decision.
+                    #    way, whose answer is then the call's decision. Its intent row is
+                    #    committed first: the upstream never runs a call the audit cannot account for.
+                    intent = intend_call(ctx, route.peer.name, subject, decision)
+                    await intent.written()
                     exchanged = await exchange(ctx, route, subject, verdict.params or params, hops, verdict.approval)
                     decision = exchanged.word or decision
                     outcome = Outcome(subject, decision, result=exchanged.answer, error=exchanged.refusal)
     except BaseException as exc:  # every ending is recorded; `Outcome.unwrap` raises it again
         outcome = Outcome(subject, decision, error=exc)
     # 5. Record.
-    record_call(ctx, route.peer.name, outcome, started)
+    record_call(ctx, route.peer.name, outcome, started, intent)
     return outcome
 
 

@@ -1,18 +1,29 @@
-"""Step 5: the audit row of a forwarded call, and of each request an upstream made during it."""
+"""Step 5: the audit row of a forwarded call, and of each request an upstream made during it.
+
+Before step 4 sends a call upstream, `intend_call` commits its intent row (identity/audit.py):
+a worker killed mid-call leaves it, and another worker writes the call's row as `interrupted`.
+"""
 
 from __future__ import annotations
 
 import time
 
 from federation.health import CircuitOpenError
-from identity.audit import audit_record
+from identity.audit import Intent, audit_intent, audit_record
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.context import HostContext
-from mcp_endpoint.pipeline.values import Outcome
+from mcp_endpoint.pipeline.values import CallSubject, Outcome
 
 
-def record_call(ctx: HostContext, peer: str, outcome: Outcome, started: float) -> None:
-    """Queue the audit row of one forwarded call: who, what, the decision and how it ended."""
+def intend_call(ctx: HostContext, peer: str, subject: CallSubject, decision: str) -> Intent:
+    """Start the intent row of a call about to go upstream; the caller awaits `written()` before sending it."""
+    return audit_intent(
+        identity=ctx.identity, peer=peer, method=subject.method, name=subject.name, decision=decision, arguments=subject.audited_arguments
+    )
+
+
+def record_call(ctx: HostContext, peer: str, outcome: Outcome, started: float, intent: Intent | None = None) -> None:
+    """Queue the audit row of one forwarded call: who, what, the decision and how it ended (completing its intent)."""
     subject = outcome.subject
     audit_record(
         identity=ctx.identity,
@@ -25,6 +36,7 @@ def record_call(ctx: HostContext, peer: str, outcome: Outcome, started: float) -
         # Not `ok`: nothing ran yet, or not to the end (docs/CONSENT.md "Outcomes").
         input_required=outcome.input_required,
         arguments=subject.audited_arguments,
+        intent=intent,
     )
 
 

@@ -4,7 +4,9 @@ Each test starts a worker of one gateway (peer `fixture`: the fixture server) wi
 grace period, starts a slow call through it, waits (by polling the worker's /metrics) until the
 call is in flight, then sends SIGTERM to the worker:
 
-* within the grace period the call completes normally, while new connections are refused;
+* within the grace period the call completes normally; the worker keeps listening meanwhile,
+  answering /readyz 503, closing idle keep-alive connections and sending `Connection: close`,
+  and stops listening once nothing is in flight and no request has come for FEDMCP_DRAIN_QUIET;
 * past the grace period the call is cancelled and the upstream hears of it (its cancellation
   counter goes up), instead of the call being cut off when the process exits;
 * streams a host keeps open until it leaves (the Streamable HTTP GET stream, a WebSocket, a
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -114,17 +117,36 @@ def slow_call(gateway: Gateway, url: str, pool: ThreadPoolExecutor, delay_ms: in
     return future
 
 
-def test_sigterm_lets_the_call_in_flight_finish_and_refuses_new_connections(gateway: Gateway) -> None:
+def kept_alive(url: str) -> socket.socket:
+    """A balancer's idle keep-alive connection: one request answered, the connection left open."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=WAIT)
+    conn.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += conn.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head.lower(), head
+    return conn
+
+
+def test_sigterm_keeps_listening_answers_not_ready_and_ends_connections_while_the_call_in_flight_finishes(gateway: Gateway) -> None:
     process, url = start_worker(gateway, grace="30")
+    idle = kept_alive(url)
     with ThreadPoolExecutor(1) as pool:
-        future = slow_call(gateway, url, pool, delay_ms=1500, request_id="drain-test-1")
+        future = slow_call(gateway, url, pool, delay_ms=3000, request_id="drain-test-1")
 
         process.send_signal(signal.SIGTERM)
-        poll(lambda: refuses_connections(url), "the worker to stop listening")
+        poll(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 503, "/readyz to answer 503")
+        # Still listening: a new connection is served, and told it will not be kept.
+        during = httpx.get(f"{url}/healthz", timeout=5)
+        assert (during.status_code, during.headers["connection"]) == (200, "close")
+        # The idle kept-alive connection was closed by the worker (a balancer will not reuse it).
+        assert idle.recv(4096) == b""
         reply = future.result(timeout=WAIT)
 
     assert reply["result"]["content"][0]["text"] == "finished"
     assert process.wait(WAIT) == 0
+    assert refuses_connections(url)
     [call] = [e for e in log_entries(gateway, "drain-test-1") if e["logger"] == "fedmcp.calls"]
     assert call["outcome"] == "ok"
     assert call["peer"] == "fixture"
