@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('identity', '0013_consent_prompt_binding'),
+        ('identity', '0014_help_text_paths'),
     ]
 
     operations = [
