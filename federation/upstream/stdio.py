@@ -171,7 +171,9 @@ class StdioConnection(SingleStreamConnection):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-        if handshake.done() and not handshake.cancelled():
+        # A handshake that failed because the child had exited (its write found it gone) says
+        # why below, as when the exit came first.
+        if handshake.done() and not handshake.cancelled() and (handshake.exception() is None or process.returncode is None):
             handshake.result()
             return
         # Let the stderr reader take in the child's last words (diagnostics()).
