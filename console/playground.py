@@ -31,7 +31,7 @@ from console import schema
 from federation.models import CatalogEntry, CatalogKind
 from federation.upstream.base import modern_meta
 from identity.audit import audit_flush
-from identity.hostauth.tokens import Identity, scopes_allowed
+from identity.hostauth.tokens import Identity, gateway_application, scopes_allowed
 from mcp_endpoint import dispatcher
 from mcp_endpoint.context import HostContext
 
@@ -43,15 +43,7 @@ MAX_SHOWN_CHARS = 200_000
 
 
 def playground_application() -> Application:
-    app, _ = Application.objects.get_or_create(
-        name=PLAYGROUND_APPLICATION,
-        defaults={
-            "client_type": Application.CLIENT_CONFIDENTIAL,
-            "authorization_grant_type": Application.GRANT_CLIENT_CREDENTIALS,
-            "skip_authorization": True,
-        },
-    )
-    return app
+    return gateway_application(PLAYGROUND_APPLICATION)
 
 
 def playground_identity(user: AbstractBaseUser) -> Identity:

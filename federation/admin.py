@@ -21,6 +21,7 @@ from federation.services import (
     PeerConfigError,
     SyncReport,
     catalog_set_enabled,
+    env_parse,
     peer_add,
     peer_connect_first,
     peer_probe,
@@ -28,6 +29,15 @@ from federation.services import (
     peer_sync_catalog,
 )
 from federation.tls import check_current, validate_client_key
+
+
+def _env_lines(text: str) -> dict[str, str]:
+    """An environment typed one KEY=VALUE per line."""
+    try:
+        return env_parse(text.splitlines())
+    except PeerConfigError as exc:
+        raise forms.ValidationError(f"Write one KEY=VALUE per line: {exc}.") from exc
+
 
 SYNC_FIELDS = (
     "transport", "url", "command_line", "is_gateway", "client_id", "token_url", "tls_ca_bundle", "tls_client_cert",
@@ -136,15 +146,7 @@ class PeerAdminForm(forms.ModelForm):
         text = self.cleaned_data["new_env"]
         if not text.strip():
             return None
-        env: dict[str, str] = {}
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            key, sep, value = line.partition("=")
-            if not sep or not key.strip():
-                raise forms.ValidationError("Write one KEY=VALUE per line.")
-            env[key.strip()] = value
-        return env
+        return _env_lines(text)
 
     def save(self, commit: bool = True) -> Peer:
         peer: Peer = super().save(commit=False)
@@ -214,15 +216,7 @@ class PeerAddForm(forms.Form):
     )
 
     def clean_env(self) -> dict[str, str]:
-        env: dict[str, str] = {}
-        for line in self.cleaned_data["env"].splitlines():
-            if not line.strip():
-                continue
-            key, sep, value = line.partition("=")
-            if not sep or not key.strip():
-                raise forms.ValidationError("Write one KEY=VALUE per line.")
-            env[key.strip()] = value
-        return env
+        return _env_lines(self.cleaned_data["env"])
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()

@@ -217,19 +217,14 @@ def record_check(peer_id: int, ok: bool, latency_ms: float | None, error: str) -
 async def check_peer(peer: PeerConfig) -> bool:
     """Probe one peer (ping in the handshake era, server/discover in 2026-07-28) and record it."""
     from federation.pool import pool
-    from federation.upstream.base import UpstreamError, modern_meta
+    from federation.upstream.base import UpstreamError
     from federation.upstream_oauth import UpstreamAuthorizationRequiredError
 
     breaker = breakers.for_peer(peer)
     started = time.monotonic()
     try:
         connection = await pool.get(peer, prefer="modern")
-        if connection.era == "modern":
-            reply = await connection.request("server/discover", {"_meta": modern_meta()}, timeout=peer.connect_timeout)
-        else:
-            reply = await connection.request("ping", None, timeout=peer.connect_timeout)
-        if "error" in reply:
-            raise UpstreamError(f"health probe answered an error: {reply['error'].get('message', '')}")
+        await connection.probe()
     except UpstreamAuthorizationRequiredError as exc:
         # Nobody has connected an account at a per-user OAuth peer yet: nothing is known about
         # it, and that is no transport failure to open the circuit for.

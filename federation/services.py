@@ -7,6 +7,7 @@ import json
 import logging
 import shlex
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,23 @@ class SyncReport:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+def env_parse(pairs: Iterable[str]) -> dict[str, str]:
+    """A stdio peer's environment from KEY=VALUE pairs (blank ones skipped); the value may hold "=" and spaces.
+
+    Raises:
+        PeerConfigError: a pair without "=" or without a key, quoted in the message.
+    """
+    env: dict[str, str] = {}
+    for pair in pairs:
+        if not pair.strip():
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise PeerConfigError(f"write KEY=VALUE, not {pair!r}")
+        env[key.strip()] = value
+    return env
 
 
 def peer_add(
@@ -614,12 +632,7 @@ async def peer_probe(*, peer: Peer) -> ProbeResult:
     started = time.monotonic()
     try:
         await connection.start()
-        if connection.era == "modern":
-            reply = await connection.request("server/discover", {"_meta": modern_meta()}, timeout=config.connect_timeout)
-        else:
-            reply = await connection.request("ping", None, timeout=config.connect_timeout)
-        if "error" in reply:
-            raise UpstreamError(f"health probe answered an error: {reply['error'].get('message', '')}")
+        await connection.probe()
     except (UpstreamError, OSError) as exc:
         result = ProbeResult(ok=False, latency_ms=None, error=str(exc) or type(exc).__name__, diagnostics=connection.diagnostics())
     else:

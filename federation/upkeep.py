@@ -22,7 +22,7 @@ from federation.pool import pool
 from federation.router import peer_config
 from federation.services import peer_sync_catalog
 from federation.upstream.base import JsonDict, PeerConfig, UpstreamError
-from fedmcp_lib.layers import Memberships
+from fedmcp_lib.layers import listen
 
 logger = logging.getLogger(__name__)
 
@@ -99,23 +99,15 @@ async def _every(interval: float, job: Any) -> None:
 _started: dict[int, list[asyncio.Task[None]]] = {}
 
 
+async def _on_retired(message: dict[str, Any]) -> None:
+    if message.get("type") == "peer.retired" and isinstance(message.get("peer"), int):
+        await pool.drop(message["peer"])
+        logger.info("peer #%s: removed or disabled; this worker's connections to it are closed", message["peer"])
+
+
 async def listen_for_retired_peers(layer: Any) -> None:
     """Close this worker's connections to each peer another process removed or disabled (`publish_peer_retired`)."""
-    channel = await layer.new_channel()
-    memberships = Memberships(layer, channel, (PEERS_GROUP,))
-    await memberships.join()
-    while True:
-        try:
-            message = await memberships.receive()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("retired-peers channel failed; retrying")
-            await asyncio.sleep(1)
-            continue
-        if message.get("type") == "peer.retired" and isinstance(message.get("peer"), int):
-            await pool.drop(message["peer"])
-            logger.info("peer #%s: removed or disabled; this worker's connections to it are closed", message["peer"])
+    await listen(layer, (PEERS_GROUP,), _on_retired, what="retired-peers")
 
 
 def ensure_background_tasks() -> None:

@@ -12,11 +12,14 @@ most once a second keeps the same expiry rules (messages after `expiry`, members
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from channels.layers import InMemoryChannelLayer as ChannelsInMemoryChannelLayer
+
+logger = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = 1.0
 """Seconds between two sweeps for expired messages and group memberships."""
@@ -95,3 +98,30 @@ class Memberships:
         finally:
             if not pending.done():
                 pending.cancel()
+
+
+async def listen(
+    layer: Any, groups: Iterable[str], handle: Callable[[dict[str, Any]], Awaitable[None]], *, what: str, joined: asyncio.Event | None = None
+) -> None:
+    """A worker's listener: join `groups` on a channel of its own and hand each message to `handle`, for as long as this runs.
+
+    The memberships are renewed while it waits (`Memberships.receive`); a receive that fails
+    is logged and tried again a second later, so a layer outage does not end the listener.
+    `joined` is set once the groups are joined.
+    """
+    channel = await layer.new_channel()
+    memberships = Memberships(layer, channel, tuple(groups))
+    await memberships.join()
+    if joined is not None:
+        joined.set()
+    while True:
+        try:
+            message = await memberships.receive()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("%s channel failed; retrying", what)
+            await asyncio.sleep(1)
+            continue
+        await handle(message)
+

@@ -26,7 +26,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 
 from fedmcp_lib.json_types import JsonDict
-from fedmcp_lib.layers import Memberships
+from fedmcp_lib.layers import listen
 from mcp_endpoint import jsonrpc
 
 logger = logging.getLogger(__name__)
@@ -62,27 +62,17 @@ class _Correlator:
         await self._joined.wait()
 
     async def _listen(self, layer: Any) -> None:
-        channel = await layer.new_channel()  # default prefix: see streams.SessionEvents.__aenter__
-        memberships = Memberships(layer, channel, (WORKERS_GROUP,))
-        await memberships.join()
-        self._joined.set()
-        while True:
-            try:
-                # Renews the membership while the worker lives, messages or not.
-                message = await memberships.receive()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("worker correlation channel failed; retrying")
-                await asyncio.sleep(1)
-                continue
-            kind = message.get("type")
-            if kind == "correlation.reply":
-                self._resolve_local(message["key"], message["message"])
-            elif kind == "correlation.cancel":
-                self._cancel_local(message["session"], message["request"])
-            elif kind == "correlation.resume" and message.get("key") in self._held:
-                asyncio.create_task(self._resume_for(message))
+        # The membership is renewed while the worker lives, messages or not.
+        await listen(layer, (WORKERS_GROUP,), self._on_message, what="worker correlation", joined=self._joined)
+
+    async def _on_message(self, message: JsonDict) -> None:
+        kind = message.get("type")
+        if kind == "correlation.reply":
+            self._resolve_local(message["key"], message["message"])
+        elif kind == "correlation.cancel":
+            self._cancel_local(message["session"], message["request"])
+        elif kind == "correlation.resume" and message.get("key") in self._held:
+            asyncio.create_task(self._resume_for(message))
 
     async def _broadcast(self, message: JsonDict) -> None:
         layer = get_channel_layer()

@@ -347,6 +347,19 @@ class UpstreamConnection(abc.ABC):
     def is_healthy(self) -> bool:
         return not self.closed
 
+    async def probe(self) -> None:
+        """Check the upstream answers: `ping` in the handshake era, `server/discover` in 2026-07-28, within the connect timeout.
+
+        Raises:
+            UpstreamError: no answer in time, or an error answered.
+        """
+        if self.era == "modern":
+            reply = await self.request("server/discover", {"_meta": modern_meta()}, timeout=self.peer.connect_timeout)
+        else:
+            reply = await self.request("ping", None, timeout=self.peer.connect_timeout)
+        if "error" in reply:
+            raise UpstreamError(f"health probe answered an error: {reply['error'].get('message', '')}")
+
     @abc.abstractmethod
     async def _open(self) -> None: ...
 

@@ -171,11 +171,18 @@ class StdioConnection(SingleStreamConnection):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-        # A handshake that failed because the child had exited (its write found it gone) says
-        # why below, as when the exit came first.
-        if handshake.done() and not handshake.cancelled() and (handshake.exception() is None or process.returncode is None):
-            handshake.result()
-            return
+        if handshake.done() and not handshake.cancelled():
+            error = handshake.exception()
+            if error is None:
+                return
+            if not isinstance(error, UpstreamRestartingError):
+                raise error
+            # The handshake's write found the child gone: once it is reaped, say why below, as
+            # when the exit is noticed first.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 2.0)
+            if process.returncode is None:
+                raise error
         # Let the stderr reader take in the child's last words (diagnostics()).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stderr_done.wait(), 1.0)

@@ -207,10 +207,10 @@ def _token_exists(token_id: int) -> bool:
     return AccessToken.objects.filter(pk=token_id, expires__gt=timezone.now()).exists()
 
 
-def operator_application() -> Application:
-    """The application operator tokens (`manage.py token`) belong to."""
+def gateway_application(name: str) -> Application:
+    """The gateway's own OAuth application called `name` (a confidential client it never hands out), created on first use."""
     app, _ = Application.objects.get_or_create(
-        name=OPERATOR_APPLICATION,
+        name=name,
         defaults={
             "client_type": Application.CLIENT_CONFIDENTIAL,
             "authorization_grant_type": Application.GRANT_CLIENT_CREDENTIALS,
@@ -218,6 +218,11 @@ def operator_application() -> Application:
         },
     )
     return app
+
+
+def operator_application() -> Application:
+    """The application operator tokens (`manage.py token`) belong to."""
+    return gateway_application(OPERATOR_APPLICATION)
 
 
 def token_create(*, user: AbstractBaseUser, scope: str, expires_in: timedelta, resource: str, application: Application | None = None) -> str:

@@ -40,6 +40,7 @@ from federation.models import CatalogKind, Peer, Transport
 from federation.services import (
     PeerConfigError,
     SyncReport,
+    env_parse,
     peer_add,
     peer_connect_first,
     peer_discover_token_url,
@@ -188,12 +189,10 @@ class Command(BaseCommand):
             raise CommandError(f"no peer named {name!r}; see `manage.py peer list`") from exc
 
     def _add(self, options: dict[str, Any]) -> None:
-        env: dict[str, str] = {}
-        for pair in options["env"]:
-            key, sep, value = pair.partition("=")
-            if not sep or not key:
-                raise CommandError(f"--env takes KEY=VALUE, got {pair!r}")
-            env[key] = value
+        try:
+            env = env_parse(options["env"])
+        except PeerConfigError as exc:
+            raise CommandError(f"--env: {exc}") from exc
         transport = Transport.STDIO if options["stdio_command"] else options["transport"]
         client_id, client_secret = self._read_credentials(options)
         ca_bundle, client_cert, client_key = self._read_tls(options)
