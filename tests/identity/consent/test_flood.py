@@ -141,7 +141,10 @@ class HandshakeRelayTests(AsgiTestCase):
         relay = relay_to(context(), UpstreamCall("evil", "tools/call", "add"))
         with mock.patch("mcp_endpoint.pipeline.upstream_requests.ask_upstreams_request", asked):
             tasks = [asyncio.create_task(relay({"jsonrpc": "2.0", "id": i, "method": "sampling/createMessage", "params": {}})) for i in range(2000)]
-            await asyncio.sleep(0.2)
+            # Every request beyond the round's worth is refused at once; wait (bounded) for that.
+            async with asyncio.timeout(10):
+                while sum(t.done() for t in tasks) < 2000 - ROUND_LIMIT:
+                    await asyncio.sleep(0.01)
             refused = [t.result() for t in tasks if t.done()]
             release.set()
             answered = await asyncio.gather(*tasks)
