@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -244,6 +244,10 @@ class UpstreamConnection(abc.ABC):
         self.closed = False
         self.in_flight = 0
         """Requests sent and not yet answered: the pool does not close a connection while it has any."""
+        self.tool_headers: dict[str, Mapping[tuple[str, ...], str]] = {}
+        """Per upstream tool name, its `x-mcp-header` declarations (SEP-2243), as the catalog has them:
+        the caller sets them before a `tools/call` (`declare_tool_headers`); transports with HTTP
+        requests per call mirror the arguments into `Mcp-Param-*` headers, the others ignore them."""
 
     @property
     def protocol_version(self) -> str:
@@ -258,6 +262,13 @@ class UpstreamConnection(abc.ABC):
 
     def next_id(self) -> int:
         return next(self._ids)
+
+    def declare_tool_headers(self, name: str, headers: Mapping[tuple[str, ...], str] | None) -> None:
+        """Remember which arguments of tool `name` go into `Mcp-Param-*` headers (none: forget)."""
+        if headers:
+            self.tool_headers[name] = headers
+        else:
+            self.tool_headers.pop(name, None)
 
     def diagnostics(self) -> str:
         """What the upstream said about itself when it failed, for the operator (a child's

@@ -9,6 +9,10 @@ handshake version of that list the gateway speaks.
 A handshake-era call whose SSE stream ends before its answer, after the server gave its events
 ids (SEP-1699 polling, or a dropped connection), is resumed: after the stream's `retry` delay,
 `GET` with `Last-Event-ID` continues it, up to `MAX_RESUMES` times in a row.
+
+A 2026-07-28 `tools/call` mirrors the arguments the tool declares with `x-mcp-header` into
+`Mcp-Param-*` headers (SEP-2243); the declarations come from the catalog
+(`UpstreamConnection.tool_headers`). The handshake era has no such headers.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import logging
 from typing import Any
 
 import httpx
-from mcp.shared.inbound import encode_header_value
+from mcp.shared.inbound import encode_header_value, mcp_param_headers
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, LATEST_MODERN_VERSION
 
 from federation.client import OutboundAddressError, check_url_allowed, checked_direct_context, describe_failure, outbound_client
@@ -213,6 +217,8 @@ class StreamableHttpConnection(UpstreamConnection):
             name_key = NAME_PARAM.get(method)
             if name_key and isinstance((params or {}).get(name_key), str):
                 extra["Mcp-Name"] = encode_header_value(params[name_key])  # type: ignore[index]
+            if method == "tools/call":
+                extra.update(self._param_headers(params or {}))
         try:
             async with asyncio.timeout(timeout):
                 try:
@@ -229,6 +235,16 @@ class StreamableHttpConnection(UpstreamConnection):
             if self.era == "legacy":
                 self._spawn(self._post_notification("notifications/cancelled", {"requestId": body["id"], "reason": "cancelled by host"}))
             raise
+
+    def _param_headers(self, params: JsonDict) -> dict[str, str]:
+        """The `Mcp-Param-*` headers of a 2026-07-28 `tools/call` (SEP-2243): each argument the
+        tool's schema declares with `x-mcp-header`, encoded as the spec says; a server that
+        declares them checks them against the body (-32020 when one is missing)."""
+        declared = self.tool_headers.get(params.get("name"))  # type: ignore[arg-type]
+        arguments = params.get("arguments")
+        if not declared or not isinstance(arguments, dict):
+            return {}
+        return mcp_param_headers(declared, arguments)
 
     async def _reinitialize(self) -> None:
         stale = self._session_id
