@@ -373,6 +373,33 @@ class UpstreamConnection(abc.ABC):
     async def _close(self) -> None: ...
 
 
-def error_reply(code: int, message: str) -> JsonDict:
+def error_reply(code: int, message: str, data: JsonDict | None = None) -> JsonDict:
     """Return a JSON-RPC reply body carrying an error (for answering upstream requests)."""
-    return {"error": {"code": code, "message": message}}
+    error: JsonDict = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"error": error}
+
+
+UNROUTED_REQUEST_CODES = {"no-host-call": -32601, "ambiguous-host-call": -32603}
+"""What an upstream's request gets when no single host call can take it (docs/INTEROP.md), by
+`data.reason`: outside any call, "method not available" (-32601); on a stream several calls
+share, an internal error (-32603), as the gateway fails to attribute it."""
+
+
+def unrouted_request_reply(peer: str, method: Any, reason: str) -> JsonDict:
+    """Refuse a server->client request the gateway cannot put before one host (docs/INTEROP.md).
+
+    `reason`: "no-host-call" (it came outside any call, e.g. on the standalone GET stream) or
+    "ambiguous-host-call" (several calls share the stream that carried it). Requests (sampling,
+    elicitation, roots) are relayed only to the host whose call is in flight on the upstream;
+    one outside a call is never sent to a host: no host asked, and the gateway cannot know
+    which of the user's sessions, if any, should be asked.
+    """
+    logger.info("peer %s: refused %s from the upstream (%s)", peer, method, reason)
+    why = (
+        "it came outside any call, and fedmcp relays server-to-client requests only during the host call they belong to"
+        if reason == "no-host-call"
+        else "several host calls share the stream it came on, and fedmcp will not guess which host to ask"
+    )
+    return error_reply(UNROUTED_REQUEST_CODES[reason], f"{method} is not available through the gateway here: {why}", {"method": method, "reason": reason})

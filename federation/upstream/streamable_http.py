@@ -4,7 +4,8 @@ Era negotiation follows the spec's fallback rule: probe with `server/discover`; 
 answers it with 2026-07-28 among its supported versions is modern; anything else gets the
 `initialize` handshake. A server that refuses a version with the list of those it supports
 (`data.supported`, on `-32022` or on an `initialize` error) is asked again in the newest
-handshake version of that list the gateway speaks.
+handshake version of that list the gateway speaks; a 2026-07-28 request refused with `-32022`
+by a server whose list names 2026-07-28 is sent once more as it was (SEP-2575's retry).
 
 A handshake-era call whose SSE stream ends before its answer, after the server gave its events
 ids (SEP-1699 polling, or a dropped connection), is resumed: after the stream's `retry` delay,
@@ -25,6 +26,7 @@ from typing import Any
 
 import httpx
 from mcp.shared.inbound import encode_header_value, mcp_param_headers
+from mcp_types.jsonrpc import UNSUPPORTED_PROTOCOL_VERSION
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, LATEST_MODERN_VERSION
 
 from federation.client import OutboundAddressError, check_url_allowed, checked_direct_context, describe_failure, outbound_client
@@ -44,6 +46,7 @@ from federation.upstream.base import (
     initialize_params,
     listen_filter,
     modern_meta,
+    unrouted_request_reply,
 )
 from federation.upstream.lean_http import LeanHttpPool, LeanResponse, send_authorized
 from federation.upstream.sockets import use_cheap_readability_check
@@ -69,6 +72,20 @@ def speakable_handshake_version(supported: Any) -> str | None:
         return None
     ours = [v for v in HANDSHAKE_PROTOCOL_VERSIONS if v in supported]
     return max(ours) if ours else None
+
+
+def refused_version_we_speak(reply: JsonDict) -> bool:
+    """Whether `reply` refuses the request's protocol version (-32022) while listing the one the gateway sends.
+
+    A server answers so when it would not take the request as it came (SEP-2575); the request was
+    not processed, so asking once more, exactly as the list says, is safe for any method.
+    """
+    error = reply.get("error")
+    if not isinstance(error, dict) or error.get("code") != UNSUPPORTED_PROTOCOL_VERSION:
+        return False
+    data = error.get("data")
+    supported = data.get("supported") if isinstance(data, dict) else None
+    return isinstance(supported, list) and LATEST_MODERN_VERSION in supported
 
 
 class SessionExpiredError(UpstreamError):
@@ -139,6 +156,11 @@ class StreamableHttpConnection(UpstreamConnection):
         headers = {"MCP-Protocol-Version": LATEST_MODERN_VERSION, "Mcp-Method": "server/discover"}
         try:
             reply = await self._post_and_collect(body, headers, None)
+            if refused_version_we_speak(reply):
+                # Refused with a list naming 2026-07-28: asked again in it, instead of falling
+                # back to initialize (the suite's request-metadata scenario).
+                logger.info("peer %s: refused server/discover's version but lists %s; asking again", self.peer.name, LATEST_MODERN_VERSION)
+                reply = await self._post_and_collect({**body, "id": self.next_id()}, headers, None)
         except (UpstreamProtocolError, SessionExpiredError):
             return None
         except UpstreamUnavailableError as exc:
@@ -222,7 +244,12 @@ class StreamableHttpConnection(UpstreamConnection):
         try:
             async with asyncio.timeout(timeout):
                 try:
-                    return await self._post_and_collect(body, extra, on_message)
+                    reply = await self._post_and_collect(body, extra, on_message)
+                    if self.era == "modern" and refused_version_we_speak(reply):
+                        # Not processed (SEP-2575): once more, with a fresh id.
+                        body["id"] = self.next_id()
+                        reply = await self._post_and_collect(body, extra, on_message)
+                    return reply
                 except SessionExpiredError:
                     # The upstream dropped our session; it never saw this request, so a fresh
                     # handshake and one resend are safe even for tools/call.
@@ -425,7 +452,7 @@ class StreamableHttpConnection(UpstreamConnection):
         if request.get("method") == "ping":
             reply: JsonDict | None = {"result": {}}
         elif on_message is None:
-            reply = error_reply(-32601, "the gateway cannot route a request that belongs to no host call")
+            reply = unrouted_request_reply(self.peer.name, request.get("method"), "no-host-call")
         else:
             try:
                 reply = await on_message(request)

@@ -21,7 +21,7 @@ from unittest import mock
 import httpx
 import pytest
 
-from federation.upstream.base import PeerConfig, UpstreamError
+from federation.upstream.base import PeerConfig, UpstreamError, modern_meta
 from federation.upstream.streamable_http import StreamableHttpConnection
 
 URL = "http://127.0.0.1:9/mcp"
@@ -127,6 +127,70 @@ def test_a_version_list_without_one_we_speak_still_fails_clearly(upstream: Calla
     assert "picky" in str(failure.value)
 
 
+def test_a_2026_request_refused_with_a_list_naming_2026_is_asked_again_not_downgraded(upstream: Callable[[Handler], None]) -> None:
+    """The suite's request-metadata server refuses the first request of each kind with -32022 listing 2026-07-28."""
+    seen: list[tuple[str, str | None]] = []
+    refused: set[str] = set()
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.method != "POST":
+            return httpx.Response(405)
+        message = json.loads(request.content)
+        method = message.get("method")
+        seen.append((method, request.headers.get("mcp-protocol-version")))
+        if method not in refused:
+            refused.add(method)
+            return error(message["id"], -32022, "Unsupported protocol version", {"supported": ["2026-07-28"], "requested": "2026-07-28"})
+        if method == "server/discover":
+            discovered = {"supportedVersions": ["2026-07-28"], "capabilities": {"tools": {}}, "serverInfo": {"name": "picky", "version": "1"}}
+            return result(message["id"], {"resultType": "complete", **discovered})
+        return result(message["id"], {"resultType": "complete", "content": [], "isError": False})
+
+    upstream(handle)
+
+    async def scenario() -> tuple[str, JsonDict]:
+        connection = StreamableHttpConnection(PEER)
+        try:
+            await connection.start()
+            return connection.era, await connection.request("tools/call", {"name": "t", "arguments": {}, "_meta": modern_meta()})
+        finally:
+            await connection.close()
+
+    era, reply = run(scenario())
+    assert era == "modern"
+    assert "result" in reply, reply
+    assert [m for m, _ in seen] == ["server/discover", "server/discover", "tools/call", "tools/call"]
+    assert {v for _, v in seen} == {"2026-07-28"}
+
+
+def test_a_2026_refusal_listing_only_other_versions_is_not_retried_in_2026(upstream: Callable[[Handler], None]) -> None:
+    discovers: list[Any] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.method != "POST":
+            return httpx.Response(405)
+        message = json.loads(request.content)
+        if message.get("method") == "server/discover":
+            discovers.append(message["id"])
+            return error(message["id"], -32022, "Unsupported protocol version", {"supported": ["2025-11-25"], "requested": "2026-07-28"})
+        if message.get("method") == "initialize":
+            return result(message["id"], initialize_result("2025-11-25"), {"mcp-session-id": "s1"})
+        return httpx.Response(202)
+
+    upstream(handle)
+
+    async def scenario() -> str:
+        connection = StreamableHttpConnection(PEER)
+        try:
+            await connection.start()
+            return connection.protocol_version
+        finally:
+            await connection.close()
+
+    assert run(scenario()) == "2025-11-25"
+    assert len(discovers) == 1
+
+
 # --- a call's stream closed before its answer ---------------------------------------------------
 
 
@@ -201,3 +265,49 @@ def test_a_stream_closed_without_a_priming_event_still_fails_as_unavailable(upst
 
     with pytest.raises(UpstreamError, match="closed the stream"):
         run(scenario())
+
+
+# --- a request on the standalone GET stream, outside any call -----------------------------------
+
+
+def test_a_request_outside_any_call_is_refused_with_a_defined_error(upstream: Callable[[Handler], None]) -> None:
+    """A roots/list on the GET stream belongs to no host call: answered -32601, reason no-host-call (docs/INTEROP.md)."""
+    answered: asyncio.Queue[JsonDict] = asyncio.Queue()
+    events: list[JsonDict] = []
+    sent = False
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        nonlocal sent
+        if request.method == "GET":
+            if sent:
+                return httpx.Response(405)
+            sent = True
+            roots = {"jsonrpc": "2.0", "id": "r-1", "method": "roots/list"}
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=f"event: message\ndata: {json.dumps(roots)}\n\n".encode())
+        message = json.loads(request.content)
+        if message.get("method") == "server/discover":
+            return error(message["id"], -32601, "Method not found", status=404)
+        if message.get("method") == "initialize":
+            return result(message["id"], initialize_result("2025-11-25"), {"mcp-session-id": "s1"})
+        if "method" not in message:
+            await answered.put(message)
+        return httpx.Response(202)
+
+    upstream(handle)
+
+    async def on_event(message: JsonDict) -> None:
+        events.append(message)
+
+    async def scenario() -> JsonDict:
+        connection = StreamableHttpConnection(PEER, on_event=on_event)
+        try:
+            await connection.start()
+            return await answered.get()
+        finally:
+            await connection.close()
+
+    answer = run(scenario())
+    assert answer["id"] == "r-1"
+    assert answer["error"]["code"] == -32601
+    assert answer["error"]["data"] == {"method": "roots/list", "reason": "no-host-call"}
+    assert events == []
