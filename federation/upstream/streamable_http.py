@@ -60,6 +60,8 @@ NAME_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "ur
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_RESUMES = 10
 """Resumptions of one call's stream (GET + Last-Event-ID) in a row before the call fails."""
+GET_STREAM_OPEN_WAIT = 2.0
+"""How long a new handshake-era session waits for its GET stream to open before its first request (seconds)."""
 DEFAULT_RETRY_MS = 1000
 """Wait before resuming a stream whose server suggested no `retry` delay (milliseconds)."""
 MAX_RETRY_MS = 30_000
@@ -109,6 +111,10 @@ class StreamableHttpConnection(UpstreamConnection):
         self._background: set[asyncio.Task[Any]] = set()
         self._handshake_version = LATEST_HANDSHAKE_VERSION
         """The version `initialize` asks for: the latest, or the best of what the upstream listed."""
+        self._calls: dict[int, OnMessage] = {}
+        """The host calls in flight, by a key of their own: a request on the GET stream goes to the only one."""
+        self._answers: dict[Any, asyncio.Future[JsonDict]] = {}
+        """Calls whose stream is being resumed, by request id: their answer may come on the GET stream."""
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -196,7 +202,12 @@ class StreamableHttpConnection(UpstreamConnection):
         self.description = describe_initialize(reply.get("result") or {})
         await self._post_notification("notifications/initialized", None)
         if self._get_stream is None or self._get_stream.done():
-            self._get_stream = asyncio.create_task(self._listen_get_stream())
+            opened = asyncio.Event()
+            self._get_stream = asyncio.create_task(self._listen_get_stream(opened))
+            # Open before the first request, so nothing the server sends on it about that request
+            # is lost, and a resumed call's GET is not mistaken for this one (the suite's sse-retry).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(opened.wait(), GET_STREAM_OPEN_WAIT)
 
     async def _close(self) -> None:
         for task in [self._get_stream, *self._background]:
@@ -241,6 +252,9 @@ class StreamableHttpConnection(UpstreamConnection):
                 extra["Mcp-Name"] = encode_header_value(params[name_key])  # type: ignore[index]
             if method == "tools/call":
                 extra.update(self._param_headers(params or {}))
+        call_key = self.next_id()
+        if on_message is not None:
+            self._calls[call_key] = on_message
         try:
             async with asyncio.timeout(timeout):
                 try:
@@ -262,6 +276,8 @@ class StreamableHttpConnection(UpstreamConnection):
             if self.era == "legacy":
                 self._spawn(self._post_notification("notifications/cancelled", {"requestId": body["id"], "reason": "cancelled by host"}))
             raise
+        finally:
+            self._calls.pop(call_key, None)
 
     def _param_headers(self, params: JsonDict) -> dict[str, str]:
         """The `Mcp-Param-*` headers of a 2026-07-28 `tools/call` (SEP-2243): each argument the
@@ -370,42 +386,71 @@ class StreamableHttpConnection(UpstreamConnection):
     async def _collect_stream(self, response: httpx.Response | LeanResponse, request_id: Any, on_message: OnMessage | None) -> JsonDict:
         """Read a call's SSE stream to its answer, resuming it (handshake era) if it ends early.
 
+        While resuming, the answer may also come on the standalone GET stream (a server that
+        sends it on whichever GET arrives first); whichever brings it first ends the wait.
         `response` is closed by the caller; resumed streams are closed here.
         """
         last_id: str | None = None
         retry_ms = DEFAULT_RETRY_MS
+
+        async def read(stream: httpx.Response | LeanResponse) -> JsonDict | None:
+            """The answer from `stream`, or None when it ends first."""
+            nonlocal last_id, retry_ms
+            try:
+                async for event in iter_sse(stream.aiter_lines(), max_event_bytes=MAX_RESPONSE_BYTES):
+                    last_id = event.id if event.id else last_id
+                    retry_ms = min(event.retry, MAX_RETRY_MS) if event.retry is not None else retry_ms
+                    if event.event != "message" or not event.data:
+                        continue  # a priming event (an id, empty data) or another kind
+                    try:
+                        message = check_message(decode(event.data, peer=self.peer.name), peer=self.peer.name)
+                    except UpstreamMessageError as exc:
+                        if exc.request_id == request_id:
+                            raise  # the reply itself: the call fails (-32010)
+                        logger.warning("peer %s: ignoring a message: %s", self.peer.name, exc)
+                        continue
+                    if "method" not in message and message.get("id") == request_id:
+                        return message
+                    await self._handle_incoming(message, on_message)
+            except ValueError as exc:
+                raise UpstreamProtocolError(f"peer '{self.peer.name}' sent an oversized event") from exc
+            return None
+
+        answered: asyncio.Future[JsonDict] = asyncio.get_running_loop().create_future()
+        self._answers[request_id] = answered
         resumed: httpx.Response | None = None
         try:
-            for resumes in range(MAX_RESUMES + 1):
-                stream = resumed or response
-                try:
-                    async for event in iter_sse(stream.aiter_lines(), max_event_bytes=MAX_RESPONSE_BYTES):
-                        last_id = event.id if event.id else last_id
-                        retry_ms = min(event.retry, MAX_RETRY_MS) if event.retry is not None else retry_ms
-                        if event.event != "message" or not event.data:
-                            continue  # a priming event (an id, empty data) or another kind
-                        try:
-                            message = check_message(decode(event.data, peer=self.peer.name), peer=self.peer.name)
-                        except UpstreamMessageError as exc:
-                            if exc.request_id == request_id:
-                                raise  # the reply itself: the call fails (-32010)
-                            logger.warning("peer %s: ignoring a message: %s", self.peer.name, exc)
-                            continue
-                        if "method" not in message and message.get("id") == request_id:
-                            return message
-                        await self._handle_incoming(message, on_message)
-                except ValueError as exc:
-                    raise UpstreamProtocolError(f"peer '{self.peer.name}' sent an oversized event") from exc
+            answer = await read(response)
+            if answer is not None:
+                return answer
+            for _ in range(MAX_RESUMES):
+                if answered.done():
+                    return answered.result()
                 # 2026-07-28 has no resumability (a closed stream is a cancellation), and a stream
                 # whose events carried no id cannot be resumed.
-                if self.era != "legacy" or not self.description.protocol_version or last_id is None or resumes == MAX_RESUMES:
+                if self.era != "legacy" or not self.description.protocol_version or last_id is None:
                     break
                 if resumed is not None:
                     await resumed.aclose()
                     resumed = None
-                await asyncio.sleep(retry_ms / 1000)
+                with contextlib.suppress(TimeoutError):
+                    # The stream's retry delay, unless the answer comes on the GET stream meanwhile.
+                    return await asyncio.wait_for(asyncio.shield(answered), retry_ms / 1000)
                 resumed = await self._resume(last_id)
+                reader = asyncio.ensure_future(read(resumed))
+                try:
+                    await asyncio.wait({reader, answered}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not reader.done():
+                        reader.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await reader
+                if answered.done():
+                    return answered.result()
+                if (answer := reader.result()) is not None:
+                    return answer
         finally:
+            self._answers.pop(request_id, None)
             if resumed is not None:
                 await resumed.aclose()
         raise UpstreamUnavailableError(f"peer '{self.peer.name}' closed the stream before answering")
@@ -438,6 +483,9 @@ class StreamableHttpConnection(UpstreamConnection):
     async def _handle_incoming(self, message: JsonDict, on_message: OnMessage | None) -> None:
         """Route a message the upstream sent on a request's stream or the GET stream."""
         if "method" not in message:
+            waiting = self._answers.get(message.get("id"))
+            if waiting is not None and not waiting.done():
+                waiting.set_result(message)  # the answer of a call whose stream is being resumed
             return
         if "id" not in message:
             if on_message is not None:
@@ -449,10 +497,17 @@ class StreamableHttpConnection(UpstreamConnection):
         self._spawn(self._answer(message, on_message))
 
     async def _answer(self, request: JsonDict, on_message: OnMessage | None) -> None:
+        if on_message is None and len(self._calls) == 1:
+            # Sent on the GET stream during the one host call in flight on this session: a
+            # handshake-era session is one user's own (pool.py connection_owner), so this is
+            # that call's host (servers that send requests on the GET stream, as the
+            # TypeScript SDK does without a related request id).
+            [on_message] = self._calls.values()
         if request.get("method") == "ping":
             reply: JsonDict | None = {"result": {}}
         elif on_message is None:
-            reply = unrouted_request_reply(self.peer.name, request.get("method"), "no-host-call")
+            reason = "ambiguous-host-call" if self._calls else "no-host-call"
+            reply = unrouted_request_reply(self.peer.name, request.get("method"), reason)
         else:
             try:
                 reply = await on_message(request)
@@ -463,8 +518,11 @@ class StreamableHttpConnection(UpstreamConnection):
             reply = error_reply(-32603, "no answer from the host")
         await self._post_raw({"jsonrpc": "2.0", "id": request["id"], **reply}, {})
 
-    async def _listen_get_stream(self) -> None:
-        """Read the upstream's standalone GET stream for notifications outside any request."""
+    async def _listen_get_stream(self, opened: asyncio.Event) -> None:
+        """Read the upstream's standalone GET stream for notifications outside any request.
+
+        `opened` is set once the server answered the first GET (or it failed).
+        """
         assert self._client is not None
         headers = self._headers()
         headers["Accept"] = "text/event-stream"
@@ -472,6 +530,7 @@ class StreamableHttpConnection(UpstreamConnection):
         while not self.closed and self._client is not None:
             try:
                 async with self._client.stream("GET", self.peer.url, headers=headers, timeout=httpx.Timeout(10, read=None)) as response:
+                    opened.set()
                     if response.status_code != 200:
                         return  # 405: the server offers no GET stream.
                     backoff = 1.0
@@ -487,6 +546,7 @@ class StreamableHttpConnection(UpstreamConnection):
             except Exception:
                 # Not a broken stream: a bug. Said loudly, and the stream is opened again all the same.
                 logger.exception("peer %s: reading the GET stream failed", self.peer.name)
+            opened.set()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
             headers = self._headers({"Accept": "text/event-stream"})

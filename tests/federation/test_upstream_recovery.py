@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 from unittest import mock
 
@@ -62,6 +62,23 @@ def error(request_id: Any, code: int, message: str, data: Any = None, status: in
 
 def result(request_id: Any, value: JsonDict, headers: dict[str, str] | None = None) -> httpx.Response:
     return httpx.Response(200, json={"jsonrpc": "2.0", "id": request_id, "result": value}, headers=headers)
+
+
+def sse_message(message: JsonDict) -> httpx.Response:
+    """An event stream carrying one message, then its end."""
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=f"event: message\ndata: {json.dumps(message)}\n\n".encode())
+
+
+def sse_later(ready: asyncio.Event, message: Callable[[], JsonDict], *, then: asyncio.Event | None = None) -> httpx.Response:
+    """An event stream open at once, whose one message comes when `ready` is set; it ends when `then` is (or at once)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        await ready.wait()
+        yield f"event: message\ndata: {json.dumps(message())}\n\n".encode()
+        if then is not None:
+            await then.wait()
+
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
 
 
 def initialize_result(version: str) -> JsonDict:
@@ -311,3 +328,91 @@ def test_a_request_outside_any_call_is_refused_with_a_defined_error(upstream: Ca
     assert answer["error"]["code"] == -32601
     assert answer["error"]["data"] == {"method": "roots/list", "reason": "no-host-call"}
     assert events == []
+
+
+def test_a_request_on_the_get_stream_during_the_one_call_in_flight_goes_to_that_calls_host(upstream: Callable[[Handler], None]) -> None:
+    """As the TypeScript SDK's servers send ctx requests without a related id: on the GET stream, mid-call."""
+    call_arrived = asyncio.Event()
+    done = asyncio.Event()
+    answered: asyncio.Queue[JsonDict] = asyncio.Queue()
+    relayed: list[JsonDict] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            params = {"message": "name?", "requestedSchema": {"type": "object", "properties": {}}}
+            # Open at once (the session waits for it); the request comes once the call began.
+            return sse_later(call_arrived, lambda: {"jsonrpc": "2.0", "id": "e-1", "method": "elicitation/create", "params": params}, then=done)
+        if request.method == "DELETE":
+            return httpx.Response(200)
+        message = json.loads(request.content)
+        method = message.get("method")
+        if method == "server/discover":
+            return error(message["id"], -32601, "Method not found", status=404)
+        if method == "initialize":
+            return result(message["id"], initialize_result("2025-11-25"), {"mcp-session-id": "s1"})
+        if "method" not in message:
+            await answered.put(message)
+            return httpx.Response(202)
+        if "id" not in message:
+            return httpx.Response(202)
+        call_arrived.set()
+        answer = await answered.get()
+        done.set()
+        return result(message["id"], {"content": [{"type": "text", "text": answer["result"]["action"]}]})
+
+    upstream(handle)
+
+    async def on_message(message: JsonDict) -> JsonDict | None:
+        relayed.append(message)
+        return {"result": {"action": "accept", "content": {}}}
+
+    async def scenario() -> JsonDict:
+        connection = StreamableHttpConnection(PEER)
+        try:
+            await connection.start()
+            return await connection.request("tools/call", {"name": "ask", "arguments": {}}, on_message=on_message)
+        finally:
+            await connection.close()
+
+    reply = run(scenario())
+    assert [m["method"] for m in relayed] == ["elicitation/create"]
+    assert reply["result"]["content"][0]["text"] == "accept"
+
+
+def test_an_answer_sent_on_the_get_stream_while_resuming_ends_the_call(upstream: Callable[[Handler], None]) -> None:
+    """The suite's sse-retry server answers on whichever GET comes first; the resumed one may wait forever."""
+    stream_closed = asyncio.Event()
+    call_id: list[Any] = []
+    forever = asyncio.Event()
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            if "last-event-id" in {k.lower() for k in request.headers}:
+                await forever.wait()  # the resumed stream never brings the answer
+            answer = {"content": [{"type": "text", "text": "on the GET stream"}]}
+            return sse_later(stream_closed, lambda: {"jsonrpc": "2.0", "id": call_id[0], "result": answer}, then=forever)
+        if request.method == "DELETE":
+            return httpx.Response(200)
+        message = json.loads(request.content)
+        method = message.get("method")
+        if method == "server/discover":
+            return error(message["id"], -32601, "Method not found", status=404)
+        if method == "initialize":
+            return result(message["id"], initialize_result("2025-11-25"), {"mcp-session-id": "s1"})
+        if "id" not in message:
+            return httpx.Response(202)
+        call_id.append(message["id"])
+        stream_closed.set()
+        return httpx.Response(200, content=b"id: e1\nretry: 10\ndata: \n\n", headers={"content-type": "text/event-stream"})
+
+    upstream(handle)
+
+    async def scenario() -> JsonDict:
+        connection = StreamableHttpConnection(PEER)
+        try:
+            await connection.start()
+            return await connection.request("tools/call", {"name": "slow", "arguments": {}})
+        finally:
+            await connection.close()
+
+    assert run(scenario())["result"]["content"][0]["text"] == "on the GET stream"
