@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 from typing import Any
@@ -111,6 +112,7 @@ class StreamableHttpConnection(UpstreamConnection):
         self._background: set[asyncio.Task[Any]] = set()
         self._handshake_version = LATEST_HANDSHAKE_VERSION
         """The version `initialize` asks for: the latest, or the best of what the upstream listed."""
+        self._call_keys = itertools.count()
         self._calls: dict[int, OnMessage] = {}
         """The host calls in flight, by a key of their own: a request on the GET stream goes to the only one."""
         self._answers: dict[Any, asyncio.Future[JsonDict]] = {}
@@ -252,7 +254,7 @@ class StreamableHttpConnection(UpstreamConnection):
                 extra["Mcp-Name"] = encode_header_value(params[name_key])  # type: ignore[index]
             if method == "tools/call":
                 extra.update(self._param_headers(params or {}))
-        call_key = self.next_id()
+        call_key = next(self._call_keys)
         if on_message is not None:
             self._calls[call_key] = on_message
         try:
