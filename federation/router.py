@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from channels.db import database_sync_to_async
+from mcp.shared.inbound import find_invalid_x_mcp_header, x_mcp_header_map
 
 from federation import naming
 from federation.models import CatalogEntry, CatalogKind, Peer
@@ -33,11 +34,29 @@ class AmbiguousUriError(NotRoutableError):
     """The resource URI could name another resource on a server that decodes "%2F" (see `naming.is_ambiguous_uri`)."""
 
 
+ParamHeaders = dict[tuple[str, ...], str]
+"""A tool's `x-mcp-header` declarations (SEP-2243): argument path -> header token (`Mcp-Param-<token>`)."""
+
+
 @dataclass(frozen=True)
 class Route:
     peer: PeerConfig
     upstream_name: str
     entry_payload: dict | None = None
+    param_headers: ParamHeaders | None = None
+    """For a tool: the arguments its input schema mirrors into `Mcp-Param-*` headers (empty: none)."""
+
+
+def tool_param_headers(payload: dict | None) -> ParamHeaders:
+    """Return the `x-mcp-header` declarations of a listed tool; none when they are invalid.
+
+    The catalog sync leaves out tools with invalid declarations (services.py), so an invalid
+    one here is an entry stored before that rule: it gets no headers, as conforming clients do.
+    """
+    schema = (payload or {}).get("inputSchema")
+    if find_invalid_x_mcp_header(schema) is not None:
+        return {}
+    return x_mcp_header_map(schema)
 
 
 @lru_cache(maxsize=1024)
@@ -104,7 +123,8 @@ def _lookup(scope: str, kind: str, qualified: str) -> Route:
     else:
         entry = entries.filter(kind=kind, name=qualified).first()
     if entry is not None:
-        return Route(peer_config(entry.peer), entry.upstream_name, entry.payload)
+        headers = tool_param_headers(entry.payload) if kind == CatalogKind.TOOL else None
+        return Route(peer_config(entry.peer), entry.upstream_name, entry.payload, headers)
     if kind == CatalogKind.RESOURCE:
         if (own := _per_user_route(scope, qualified)) is not None:
             return own

@@ -16,6 +16,7 @@ from django.conf import settings
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db import transaction
 from django.utils import timezone
+from mcp.shared.inbound import find_invalid_x_mcp_header
 
 from federation import naming
 from federation.credentials import discover_token_url
@@ -416,6 +417,13 @@ def _store_catalog(
                 upstream_name = naming.canonical_uri(upstream_name)
                 item = {**item, name_field: upstream_name}
             if upstream_name in seen:
+                continue
+            if kind == CatalogKind.TOOL and (invalid := find_invalid_x_mcp_header(item.get("inputSchema"))) is not None:
+                # SEP-2243: clients MUST leave out such a tool; hosts behind the gateway never see it.
+                reason = f"tool {upstream_name!r} left out: invalid x-mcp-header ({invalid})"
+                logger.warning("peer %s: %s", peer.name, reason)
+                if warnings is not None:
+                    warnings.append(reason)
                 continue
             naming_ = host_naming(peer, kind, upstream_name, taken)
             if naming_ is None:

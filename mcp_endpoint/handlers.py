@@ -9,6 +9,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 from django.conf import settings
+from mcp.shared.inbound import validate_mcp_param_headers
 from mcp_types import SERVER_INFO_META_KEY
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, KNOWN_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 
@@ -220,8 +221,28 @@ async def _route(ctx: HostContext, kind: str, name: str) -> Route:
         raise jsonrpc.InvalidParamsError(str(exc)) from exc
 
 
+def _check_param_headers(ctx: HostContext, route: Route, params: JsonDict) -> None:
+    """Check a 2026-07-28 HTTP call's `Mcp-Param-*` headers against the tool's `x-mcp-header` declarations.
+
+    As the SDK's server does (SEP-2243): each declared argument and its header are present
+    together and equal (after the base64 sentinel), or absent together. The schema is the one
+    the host was listed; the gateway sends the upstream its own headers from the arguments.
+
+    Raises:
+        HeaderMismatchError: they disagree (-32020, HTTP 400).
+    """
+    if ctx.era != "modern" or ctx.transport != "streamable-http" or not route.param_headers:
+        return
+    arguments = params.get("arguments") or {}
+    schema = (route.entry_payload or {}).get("inputSchema")
+    rejection = validate_mcp_param_headers(schema, arguments, ctx.headers) if isinstance(arguments, dict) else None
+    if rejection is not None:
+        raise jsonrpc.HeaderMismatchError(rejection.message)
+
+
 async def tools_call(ctx: HostContext, params: JsonDict) -> JsonDict:
     route = await _route(ctx, CatalogKind.TOOL, params["name"])
+    _check_param_headers(ctx, route, params)
     return await forward(ctx, route, "tools/call", {**params, "name": route.upstream_name})
 
 

@@ -106,6 +106,11 @@ class InvalidParamsError(JsonRpcError):
     default_message = "Invalid params"
 
 
+class HeaderMismatchError(JsonRpcError):
+    code = HEADER_MISMATCH
+    default_message = "Header mismatch"
+
+
 class UpstreamFailedError(JsonRpcError):
     code = UPSTREAM_ERROR
     default_message = "Upstream server error"

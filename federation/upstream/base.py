@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -244,6 +244,10 @@ class UpstreamConnection(abc.ABC):
         self.closed = False
         self.in_flight = 0
         """Requests sent and not yet answered: the pool does not close a connection while it has any."""
+        self.tool_headers: dict[str, Mapping[tuple[str, ...], str]] = {}
+        """Per upstream tool name, its `x-mcp-header` declarations (SEP-2243), as the catalog has them:
+        the caller sets them before a `tools/call` (`declare_tool_headers`); transports with HTTP
+        requests per call mirror the arguments into `Mcp-Param-*` headers, the others ignore them."""
 
     @property
     def protocol_version(self) -> str:
@@ -258,6 +262,13 @@ class UpstreamConnection(abc.ABC):
 
     def next_id(self) -> int:
         return next(self._ids)
+
+    def declare_tool_headers(self, name: str, headers: Mapping[tuple[str, ...], str] | None) -> None:
+        """Remember which arguments of tool `name` go into `Mcp-Param-*` headers (none: forget)."""
+        if headers:
+            self.tool_headers[name] = headers
+        else:
+            self.tool_headers.pop(name, None)
 
     def diagnostics(self) -> str:
         """What the upstream said about itself when it failed, for the operator (a child's
@@ -375,6 +386,33 @@ class UpstreamConnection(abc.ABC):
     async def _close(self) -> None: ...
 
 
-def error_reply(code: int, message: str) -> JsonDict:
+def error_reply(code: int, message: str, data: JsonDict | None = None) -> JsonDict:
     """Return a JSON-RPC reply body carrying an error (for answering upstream requests)."""
-    return {"error": {"code": code, "message": message}}
+    error: JsonDict = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"error": error}
+
+
+UNROUTED_REQUEST_CODES = {"no-host-call": -32601, "ambiguous-host-call": -32603}
+"""What an upstream's request gets when no single host call can take it (docs/INTEROP.md), by
+`data.reason`: outside any call, "method not available" (-32601); on a stream several calls
+share, an internal error (-32603), as the gateway fails to attribute it."""
+
+
+def unrouted_request_reply(peer: str, method: Any, reason: str) -> JsonDict:
+    """Refuse a server->client request the gateway cannot put before one host (docs/INTEROP.md).
+
+    `reason`: "no-host-call" (it came outside any call, e.g. on the standalone GET stream) or
+    "ambiguous-host-call" (several calls share the stream that carried it). Requests (sampling,
+    elicitation, roots) are relayed only to the host whose call is in flight on the upstream;
+    one outside a call is never sent to a host: no host asked, and the gateway cannot know
+    which of the user's sessions, if any, should be asked.
+    """
+    logger.info("peer %s: refused %s from the upstream (%s)", peer, method, reason)
+    why = (
+        "it came outside any call, and fedmcp relays server-to-client requests only during the host call they belong to"
+        if reason == "no-host-call"
+        else "several host calls share the stream it came on, and fedmcp will not guess which host to ask"
+    )
+    return error_reply(UNROUTED_REQUEST_CODES[reason], f"{method} is not available through the gateway here: {why}", {"method": method, "reason": reason})

@@ -29,6 +29,7 @@ from federation.upstream.base import (
     describe_initialize,
     error_reply,
     initialize_params,
+    unrouted_request_reply,
 )
 from federation.upstream.wire import UpstreamMessageError, check_message, decode
 
@@ -236,7 +237,9 @@ class SingleStreamConnection(UpstreamConnection):
             if handler is None:
                 # With several host calls in flight on one stream, a server->client request
                 # cannot be attributed safely; refusing beats sending it to the wrong user.
-                reply = error_reply(-32603, "the gateway cannot tell which host call this request belongs to")
+                calls = [h for _, h in self._pending.values() if h is not None]
+                reason = "ambiguous-host-call" if calls else "no-host-call"
+                reply = unrouted_request_reply(self.peer.name, request.get("method"), reason)
             else:
                 try:
                     reply = await handler(request)

@@ -4,23 +4,30 @@ Era negotiation follows the spec's fallback rule: probe with `server/discover`; 
 answers it with 2026-07-28 among its supported versions is modern; anything else gets the
 `initialize` handshake. A server that refuses a version with the list of those it supports
 (`data.supported`, on `-32022` or on an `initialize` error) is asked again in the newest
-handshake version of that list the gateway speaks.
+handshake version of that list the gateway speaks; a 2026-07-28 request refused with `-32022`
+by a server whose list names 2026-07-28 is sent once more as it was (SEP-2575's retry).
 
 A handshake-era call whose SSE stream ends before its answer, after the server gave its events
 ids (SEP-1699 polling, or a dropped connection), is resumed: after the stream's `retry` delay,
 `GET` with `Last-Event-ID` continues it, up to `MAX_RESUMES` times in a row.
+
+A 2026-07-28 `tools/call` mirrors the arguments the tool declares with `x-mcp-header` into
+`Mcp-Param-*` headers (SEP-2243); the declarations come from the catalog
+(`UpstreamConnection.tool_headers`). The handshake era has no such headers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 from typing import Any
 
 import httpx
-from mcp.shared.inbound import encode_header_value
+from mcp.shared.inbound import encode_header_value, mcp_param_headers
+from mcp_types.jsonrpc import UNSUPPORTED_PROTOCOL_VERSION
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, LATEST_MODERN_VERSION
 
 from federation.client import OutboundAddressError, check_url_allowed, checked_direct_context, describe_failure, outbound_client
@@ -40,6 +47,7 @@ from federation.upstream.base import (
     initialize_params,
     listen_filter,
     modern_meta,
+    unrouted_request_reply,
 )
 from federation.upstream.lean_http import LeanHttpPool, LeanResponse, send_authorized
 from federation.upstream.sockets import use_cheap_readability_check
@@ -53,6 +61,8 @@ NAME_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "ur
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_RESUMES = 10
 """Resumptions of one call's stream (GET + Last-Event-ID) in a row before the call fails."""
+GET_STREAM_OPEN_WAIT = 2.0
+"""How long a new handshake-era session waits for its GET stream to open before its first request (seconds)."""
 DEFAULT_RETRY_MS = 1000
 """Wait before resuming a stream whose server suggested no `retry` delay (milliseconds)."""
 MAX_RETRY_MS = 30_000
@@ -65,6 +75,20 @@ def speakable_handshake_version(supported: Any) -> str | None:
         return None
     ours = [v for v in HANDSHAKE_PROTOCOL_VERSIONS if v in supported]
     return max(ours) if ours else None
+
+
+def refused_version_we_speak(reply: JsonDict) -> bool:
+    """Whether `reply` refuses the request's protocol version (-32022) while listing the one the gateway sends.
+
+    A server answers so when it would not take the request as it came (SEP-2575); the request was
+    not processed, so asking once more, exactly as the list says, is safe for any method.
+    """
+    error = reply.get("error")
+    if not isinstance(error, dict) or error.get("code") != UNSUPPORTED_PROTOCOL_VERSION:
+        return False
+    data = error.get("data")
+    supported = data.get("supported") if isinstance(data, dict) else None
+    return isinstance(supported, list) and LATEST_MODERN_VERSION in supported
 
 
 class SessionExpiredError(UpstreamError):
@@ -88,6 +112,11 @@ class StreamableHttpConnection(UpstreamConnection):
         self._background: set[asyncio.Task[Any]] = set()
         self._handshake_version = LATEST_HANDSHAKE_VERSION
         """The version `initialize` asks for: the latest, or the best of what the upstream listed."""
+        self._call_keys = itertools.count()
+        self._calls: dict[int, OnMessage] = {}
+        """The host calls in flight, by a key of their own: a request on the GET stream goes to the only one."""
+        self._answers: dict[Any, asyncio.Future[JsonDict]] = {}
+        """Calls whose stream is being resumed, by request id: their answer may come on the GET stream."""
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -135,6 +164,11 @@ class StreamableHttpConnection(UpstreamConnection):
         headers = {"MCP-Protocol-Version": LATEST_MODERN_VERSION, "Mcp-Method": "server/discover"}
         try:
             reply = await self._post_and_collect(body, headers, None)
+            if refused_version_we_speak(reply):
+                # Refused with a list naming 2026-07-28: asked again in it, instead of falling
+                # back to initialize (the suite's request-metadata scenario).
+                logger.info("peer %s: refused server/discover's version but lists %s; asking again", self.peer.name, LATEST_MODERN_VERSION)
+                reply = await self._post_and_collect({**body, "id": self.next_id()}, headers, None)
         except (UpstreamProtocolError, SessionExpiredError):
             return None
         except UpstreamUnavailableError as exc:
@@ -170,7 +204,12 @@ class StreamableHttpConnection(UpstreamConnection):
         self.description = describe_initialize(reply.get("result") or {})
         await self._post_notification("notifications/initialized", None)
         if self._get_stream is None or self._get_stream.done():
-            self._get_stream = asyncio.create_task(self._listen_get_stream())
+            opened = asyncio.Event()
+            self._get_stream = asyncio.create_task(self._listen_get_stream(opened))
+            # Open before the first request, so nothing the server sends on it about that request
+            # is lost, and a resumed call's GET is not mistaken for this one (the suite's sse-retry).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(opened.wait(), GET_STREAM_OPEN_WAIT)
 
     async def _close(self) -> None:
         for task in [self._get_stream, *self._background]:
@@ -213,10 +252,20 @@ class StreamableHttpConnection(UpstreamConnection):
             name_key = NAME_PARAM.get(method)
             if name_key and isinstance((params or {}).get(name_key), str):
                 extra["Mcp-Name"] = encode_header_value(params[name_key])  # type: ignore[index]
+            if method == "tools/call":
+                extra.update(self._param_headers(params or {}))
+        call_key = next(self._call_keys)
+        if on_message is not None:
+            self._calls[call_key] = on_message
         try:
             async with asyncio.timeout(timeout):
                 try:
-                    return await self._post_and_collect(body, extra, on_message)
+                    reply = await self._post_and_collect(body, extra, on_message)
+                    if self.era == "modern" and refused_version_we_speak(reply):
+                        # Not processed (SEP-2575): once more, with a fresh id.
+                        body["id"] = self.next_id()
+                        reply = await self._post_and_collect(body, extra, on_message)
+                    return reply
                 except SessionExpiredError:
                     # The upstream dropped our session; it never saw this request, so a fresh
                     # handshake and one resend are safe even for tools/call.
@@ -229,6 +278,18 @@ class StreamableHttpConnection(UpstreamConnection):
             if self.era == "legacy":
                 self._spawn(self._post_notification("notifications/cancelled", {"requestId": body["id"], "reason": "cancelled by host"}))
             raise
+        finally:
+            self._calls.pop(call_key, None)
+
+    def _param_headers(self, params: JsonDict) -> dict[str, str]:
+        """The `Mcp-Param-*` headers of a 2026-07-28 `tools/call` (SEP-2243): each argument the
+        tool's schema declares with `x-mcp-header`, encoded as the spec says; a server that
+        declares them checks them against the body (-32020 when one is missing)."""
+        declared = self.tool_headers.get(params.get("name"))  # type: ignore[arg-type]
+        arguments = params.get("arguments")
+        if not declared or not isinstance(arguments, dict):
+            return {}
+        return mcp_param_headers(declared, arguments)
 
     async def _reinitialize(self) -> None:
         stale = self._session_id
@@ -327,42 +388,71 @@ class StreamableHttpConnection(UpstreamConnection):
     async def _collect_stream(self, response: httpx.Response | LeanResponse, request_id: Any, on_message: OnMessage | None) -> JsonDict:
         """Read a call's SSE stream to its answer, resuming it (handshake era) if it ends early.
 
+        While resuming, the answer may also come on the standalone GET stream (a server that
+        sends it on whichever GET arrives first); whichever brings it first ends the wait.
         `response` is closed by the caller; resumed streams are closed here.
         """
         last_id: str | None = None
         retry_ms = DEFAULT_RETRY_MS
+
+        async def read(stream: httpx.Response | LeanResponse) -> JsonDict | None:
+            """The answer from `stream`, or None when it ends first."""
+            nonlocal last_id, retry_ms
+            try:
+                async for event in iter_sse(stream.aiter_lines(), max_event_bytes=MAX_RESPONSE_BYTES):
+                    last_id = event.id if event.id else last_id
+                    retry_ms = min(event.retry, MAX_RETRY_MS) if event.retry is not None else retry_ms
+                    if event.event != "message" or not event.data:
+                        continue  # a priming event (an id, empty data) or another kind
+                    try:
+                        message = check_message(decode(event.data, peer=self.peer.name), peer=self.peer.name)
+                    except UpstreamMessageError as exc:
+                        if exc.request_id == request_id:
+                            raise  # the reply itself: the call fails (-32010)
+                        logger.warning("peer %s: ignoring a message: %s", self.peer.name, exc)
+                        continue
+                    if "method" not in message and message.get("id") == request_id:
+                        return message
+                    await self._handle_incoming(message, on_message)
+            except ValueError as exc:
+                raise UpstreamProtocolError(f"peer '{self.peer.name}' sent an oversized event") from exc
+            return None
+
+        answered: asyncio.Future[JsonDict] = asyncio.get_running_loop().create_future()
+        self._answers[request_id] = answered
         resumed: httpx.Response | None = None
         try:
-            for resumes in range(MAX_RESUMES + 1):
-                stream = resumed or response
-                try:
-                    async for event in iter_sse(stream.aiter_lines(), max_event_bytes=MAX_RESPONSE_BYTES):
-                        last_id = event.id if event.id else last_id
-                        retry_ms = min(event.retry, MAX_RETRY_MS) if event.retry is not None else retry_ms
-                        if event.event != "message" or not event.data:
-                            continue  # a priming event (an id, empty data) or another kind
-                        try:
-                            message = check_message(decode(event.data, peer=self.peer.name), peer=self.peer.name)
-                        except UpstreamMessageError as exc:
-                            if exc.request_id == request_id:
-                                raise  # the reply itself: the call fails (-32010)
-                            logger.warning("peer %s: ignoring a message: %s", self.peer.name, exc)
-                            continue
-                        if "method" not in message and message.get("id") == request_id:
-                            return message
-                        await self._handle_incoming(message, on_message)
-                except ValueError as exc:
-                    raise UpstreamProtocolError(f"peer '{self.peer.name}' sent an oversized event") from exc
+            answer = await read(response)
+            if answer is not None:
+                return answer
+            for _ in range(MAX_RESUMES):
+                if answered.done():
+                    return answered.result()
                 # 2026-07-28 has no resumability (a closed stream is a cancellation), and a stream
                 # whose events carried no id cannot be resumed.
-                if self.era != "legacy" or not self.description.protocol_version or last_id is None or resumes == MAX_RESUMES:
+                if self.era != "legacy" or not self.description.protocol_version or last_id is None:
                     break
                 if resumed is not None:
                     await resumed.aclose()
                     resumed = None
-                await asyncio.sleep(retry_ms / 1000)
+                with contextlib.suppress(TimeoutError):
+                    # The stream's retry delay, unless the answer comes on the GET stream meanwhile.
+                    return await asyncio.wait_for(asyncio.shield(answered), retry_ms / 1000)
                 resumed = await self._resume(last_id)
+                reader = asyncio.ensure_future(read(resumed))
+                try:
+                    await asyncio.wait({reader, answered}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not reader.done():
+                        reader.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await reader
+                if answered.done():
+                    return answered.result()
+                if (answer := reader.result()) is not None:
+                    return answer
         finally:
+            self._answers.pop(request_id, None)
             if resumed is not None:
                 await resumed.aclose()
         raise UpstreamUnavailableError(f"peer '{self.peer.name}' closed the stream before answering")
@@ -395,6 +485,9 @@ class StreamableHttpConnection(UpstreamConnection):
     async def _handle_incoming(self, message: JsonDict, on_message: OnMessage | None) -> None:
         """Route a message the upstream sent on a request's stream or the GET stream."""
         if "method" not in message:
+            waiting = self._answers.get(message.get("id"))
+            if waiting is not None and not waiting.done():
+                waiting.set_result(message)  # the answer of a call whose stream is being resumed
             return
         if "id" not in message:
             if on_message is not None:
@@ -406,10 +499,17 @@ class StreamableHttpConnection(UpstreamConnection):
         self._spawn(self._answer(message, on_message))
 
     async def _answer(self, request: JsonDict, on_message: OnMessage | None) -> None:
+        if on_message is None and len(self._calls) == 1:
+            # Sent on the GET stream during the one host call in flight on this session: a
+            # handshake-era session is one user's own (pool.py connection_owner), so this is
+            # that call's host (servers that send requests on the GET stream, as the
+            # TypeScript SDK does without a related request id).
+            [on_message] = self._calls.values()
         if request.get("method") == "ping":
             reply: JsonDict | None = {"result": {}}
         elif on_message is None:
-            reply = error_reply(-32601, "the gateway cannot route a request that belongs to no host call")
+            reason = "ambiguous-host-call" if self._calls else "no-host-call"
+            reply = unrouted_request_reply(self.peer.name, request.get("method"), reason)
         else:
             try:
                 reply = await on_message(request)
@@ -420,8 +520,11 @@ class StreamableHttpConnection(UpstreamConnection):
             reply = error_reply(-32603, "no answer from the host")
         await self._post_raw({"jsonrpc": "2.0", "id": request["id"], **reply}, {})
 
-    async def _listen_get_stream(self) -> None:
-        """Read the upstream's standalone GET stream for notifications outside any request."""
+    async def _listen_get_stream(self, opened: asyncio.Event) -> None:
+        """Read the upstream's standalone GET stream for notifications outside any request.
+
+        `opened` is set once the server answered the first GET (or it failed).
+        """
         assert self._client is not None
         headers = self._headers()
         headers["Accept"] = "text/event-stream"
@@ -429,6 +532,7 @@ class StreamableHttpConnection(UpstreamConnection):
         while not self.closed and self._client is not None:
             try:
                 async with self._client.stream("GET", self.peer.url, headers=headers, timeout=httpx.Timeout(10, read=None)) as response:
+                    opened.set()
                     if response.status_code != 200:
                         return  # 405: the server offers no GET stream.
                     backoff = 1.0
@@ -444,6 +548,7 @@ class StreamableHttpConnection(UpstreamConnection):
             except Exception:
                 # Not a broken stream: a bug. Said loudly, and the stream is opened again all the same.
                 logger.exception("peer %s: reading the GET stream failed", self.peer.name)
+            opened.set()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
             headers = self._headers({"Accept": "text/event-stream"})

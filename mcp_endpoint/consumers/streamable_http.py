@@ -124,6 +124,22 @@ def _insufficient_scope(replies: list[JsonDict]) -> str | None:
     return None
 
 
+def _duplicated_param_header(headers: list[tuple[str, str]]) -> str | None:
+    """Name of an `Mcp-Param-*` header sent more than once, or None (SEP-2243).
+
+    The handler sees one value per header (the last), so a copy the first-copy reader upstream
+    would take differently is refused here, where the raw lines still are.
+    """
+    seen: set[str] = set()
+    for name, _ in headers:
+        key = name.lower()
+        if key.startswith("mcp-param-"):
+            if key in seen:
+                return key
+            seen.add(key)
+    return None
+
+
 class McpStreamableHttpConsumer(McpHttpConsumer):
     @property
     def endpoint_scope(self) -> str:
@@ -253,7 +269,8 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
                 400, jsonrpc.INVALID_REQUEST, "Invalid request: POST one JSON-RPC request (clients do not post responses in 2026-07-28)", request_id
             )
             return
-        duplicated = find_duplicated_routing_header([(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.scope.get("headers", [])])
+        raw_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.scope.get("headers", [])]
+        duplicated = find_duplicated_routing_header(raw_headers) or _duplicated_param_header(raw_headers)
         verdict = (
             InboundLadderRejection(code=jsonrpc.HEADER_MISMATCH, message=f"{duplicated} header appears more than once")
             if duplicated

@@ -126,6 +126,8 @@ async def _attempt(ctx: HostContext, route: Route, subject: CallSubject, params:
                 route.peer, prefer=ctx.era, identity_key=identity.subject_key() if identity is not None else "",
                 user_id=identity.user_id if identity is not None else None,
             )
+            if method == "tools/call":
+                connection.declare_tool_headers(route.upstream_name, route.param_headers)
             sent = upstream_params(ctx, connection, params, gateway_meta(ctx, route.peer, hops) if route.peer.is_gateway else None)
             if ctx.era == "modern" and connection.era == "legacy" and not route.peer.is_gateway:
                 # What the upstream asks mid-call comes back to the host as input_required rounds.

@@ -1,4 +1,5 @@
-"""The official MCP conformance suite, directly against the fixture server and through the gateway.
+"""The official MCP conformance suite: its server scenarios directly against the fixture server and
+through the gateway, and its client scenarios with fedmcp as the client.
 
 For each requirement set (`2025-11-25`, `2026-07-28`) the suite runs twice: against the fixture
 server itself (the baseline: the fixture must be conformant for the gateway result to mean
@@ -13,12 +14,18 @@ scored comes from the suite itself (`conformance list --requirements R --server`
 pending scenarios (tasks-*, json-schema-2020-12, ...) are reported but not scored. The fixture
 is held to more than the scored set: the pending scenarios whose tools it provides
 (`FIXTURE_EXTRAS`) must pass directly too, so a gateway run of them means something.
+
+Client scenarios (every one the suite lists but auth/* and extensions, at each version of ours it
+applies to): the suite serves the scenario and runs tests/e2e/conformance_client.py, which adds
+that server as a peer of a real gateway and drives it through `/peers/<peer>/mcp` as a host; no
+check may fail. Results in `build/conformance/client/<scenario>-<version>/`.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -28,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.auth_proxy import auth_proxy
-from tests.e2e.harness import CONFORMANCE_JS, NODE, ROOT, Gateway, fixture_server, free_port
+from tests.e2e.harness import CONFORMANCE_JS, NODE, PY, ROOT, Gateway, fixture_server, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -200,6 +207,87 @@ def test_every_scored_scenario_passes(target: str, requirements: str, request: p
     }, indent=2))
     problem = verdict(target, requirements, exit_code, output, report, output_dir)
     assert not problem, problem
+
+
+# --- client scenarios: fedmcp as the client of the suite's servers ---------------------------------
+
+CLIENT_SCENARIOS: dict[str, tuple[str, ...]] = {
+    "initialize": ("2025-11-25",),
+    "tools_call": ("2025-11-25", "2026-07-28"),
+    "elicitation-sep1034-client-defaults": ("2025-11-25",),
+    "sse-retry": ("2025-11-25",),
+    "request-metadata": ("2026-07-28",),
+    "sep-2322-client-request-state": ("2026-07-28",),
+    "http-standard-headers": ("2026-07-28",),
+    "http-custom-headers": ("2026-07-28",),
+    "http-invalid-tool-headers": ("2026-07-28",),
+    "json-schema-ref-no-deref": ("2026-07-28",),
+    "json-schema-2020-12-preservation": ("2025-11-25", "2026-07-28"),
+}
+"""Every client scenario the suite lists, auth/* and extensions excepted, at each of its versions we serve."""
+CLIENT_TIMEOUT = 60
+
+
+def listed_client_scenarios() -> dict[str, tuple[str, ...]]:
+    """Ask the suite for its client scenarios (auth/* and extensions left out) and their versions."""
+    listing = subprocess.run([str(NODE), str(CONFORMANCE_JS), "list"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+    found: dict[str, tuple[str, ...]] = {}
+    section = listing.split("Client scenarios", 1)[1].split("\n\n", 1)[0]
+    for name, versions in re.findall(r"^\s*- (\S+) \[([^\]]*)\]", section, re.MULTILINE):
+        if name.startswith("auth/") or versions == "extension":
+            continue
+        found[name] = tuple(v for v in versions.split(",") if v in REQUIREMENTS)
+    return found
+
+
+@pytest.fixture(scope="module")
+def client_gateway() -> Iterator[tuple[Gateway, str]]:
+    """A gateway (one worker, SQLite) for the client scenarios; yields it and an admin + MCP token."""
+    gateway = Gateway(name="conformance-client")
+    try:
+        gateway.migrate()
+        gateway.start_worker()
+        # Staff: the driver adds each scenario's server as a peer through the REST API.
+        gateway.create_users({"operator": secrets.token_urlsafe(12)}, superuser=True)
+        yield gateway, gateway.token(user="operator", scope="admin mcp:tools mcp:resources mcp:prompts")
+    finally:
+        gateway.cleanup()
+
+
+def test_the_client_scenario_list_is_the_suites() -> None:
+    require_suite()
+    assert listed_client_scenarios() == CLIENT_SCENARIOS
+
+
+@pytest.mark.parametrize(("scenario", "version"), [(s, v) for s, versions in CLIENT_SCENARIOS.items() for v in versions])
+def test_every_client_scenario_passes(scenario: str, version: str, client_gateway: tuple[Gateway, str]) -> None:
+    """fedmcp, as the client of the scenario's server (tests/e2e/conformance_client.py), fails no check."""
+    require_suite()
+    gateway, token = client_gateway
+    output_dir = RESULTS_ROOT / "client" / f"{scenario}-{version}"
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True)
+    env = {**gateway.env, "FEDMCP_CONFORMANCE_GATEWAY": gateway.url(""), "FEDMCP_CONFORMANCE_TOKEN": token}
+    command = f"{PY} -m tests.e2e.conformance_client"
+    try:
+        result = subprocess.run(
+            [str(NODE), str(CONFORMANCE_JS), "client", "--command", command, "--scenario", scenario, "--spec-version", version, "-o", str(output_dir)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=CLIENT_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as exc:
+        (output_dir / "gateway-logs.txt").write_text(gateway.logs())
+        pytest.fail(f"client scenario {scenario} at {version} did not finish within {CLIENT_TIMEOUT} s (results in {output_dir}): {exc.stderr!r}")
+    output = f"{result.stdout}\n--- stderr\n{result.stderr}"
+    (output_dir / "suite-output.txt").write_text(output)
+    checks = [c for f in sorted(output_dir.glob("*/checks.json")) for c in json.loads(f.read_text()) if isinstance(c, dict)]
+    failures = [f"{c.get('id')} ({str(c.get('errorMessage') or '')[:300]})" for c in checks if c.get("status") == "FAILURE"]
+    (output_dir / "gateway-logs.txt").write_text(gateway.logs())
+    assert checks, f"{scenario} at {version} wrote no checks:\n{output[-3000:]}"
+    assert not failures and result.returncode == 0, (
+        f"client scenario {scenario} at {version} (results in {output_dir}, exit {result.returncode}):\n  " + "\n  ".join(failures)
+        + f"\n{output[-2000:]}"
+    )
 
 
 def test_a_failing_scored_check_fails_the_verdict(tmp_path: Path) -> None:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 from unittest import mock
 
 import httpx
 import pytest
 
-from federation.upstream.base import PeerConfig, UpstreamError
+from federation.upstream.base import PeerConfig, UpstreamError, modern_meta
 from federation.upstream.streamable_http import StreamableHttpConnection
 
 URL = "http://127.0.0.1:9/mcp"
@@ -62,6 +62,23 @@ def error(request_id: Any, code: int, message: str, data: Any = None, status: in
 
 def result(request_id: Any, value: JsonDict, headers: dict[str, str] | None = None) -> httpx.Response:
     return httpx.Response(200, json={"jsonrpc": "2.0", "id": request_id, "result": value}, headers=headers)
+
+
+def sse_message(message: JsonDict) -> httpx.Response:
+    """An event stream carrying one message, then its end."""
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=f"event: message\ndata: {json.dumps(message)}\n\n".encode())
+
+
+def sse_later(ready: asyncio.Event, message: Callable[[], JsonDict], *, then: asyncio.Event | None = None) -> httpx.Response:
+    """An event stream open at once, whose one message comes when `ready` is set; it ends when `then` is (or at once)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        await ready.wait()
+        yield f"event: message\ndata: {json.dumps(message())}\n\n".encode()
+        if then is not None:
+            await then.wait()
+
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
 
 
 def initialize_result(version: str) -> JsonDict:
@@ -125,6 +142,70 @@ def test_a_version_list_without_one_we_speak_still_fails_clearly(upstream: Calla
     with pytest.raises(UpstreamError) as failure:
         run(scenario())
     assert "picky" in str(failure.value)
+
+
+def test_a_2026_request_refused_with_a_list_naming_2026_is_asked_again_not_downgraded(upstream: Callable[[Handler], None]) -> None:
+    """The suite's request-metadata server refuses the first request of each kind with -32022 listing 2026-07-28."""
+    seen: list[tuple[str, str | None]] = []
+    refused: set[str] = set()
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.method != "POST":
+            return httpx.Response(405)
+        message = json.loads(request.content)
+        method = message.get("method")
+        seen.append((method, request.headers.get("mcp-protocol-version")))
+        if method not in refused:
+            refused.add(method)
+            return error(message["id"], -32022, "Unsupported protocol version", {"supported": ["2026-07-28"], "requested": "2026-07-28"})
+        if method == "server/discover":
+            discovered = {"supportedVersions": ["2026-07-28"], "capabilities": {"tools": {}}, "serverInfo": {"name": "picky", "version": "1"}}
+            return result(message["id"], {"resultType": "complete", **discovered})
+        return result(message["id"], {"resultType": "complete", "content": [], "isError": False})
+
+    upstream(handle)
+
+    async def scenario() -> tuple[str, JsonDict]:
+        connection = StreamableHttpConnection(PEER)
+        try:
+            await connection.start()
+            return connection.era, await connection.request("tools/call", {"name": "t", "arguments": {}, "_meta": modern_meta()})
+        finally:
+            await connection.close()
+
+    era, reply = run(scenario())
+    assert era == "modern"
+    assert "result" in reply, reply
+    assert [m for m, _ in seen] == ["server/discover", "server/discover", "tools/call", "tools/call"]
+    assert {v for _, v in seen} == {"2026-07-28"}
+
+
+def test_a_2026_refusal_listing_only_other_versions_is_not_retried_in_2026(upstream: Callable[[Handler], None]) -> None:
+    discovers: list[Any] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.method != "POST":
+            return httpx.Response(405)
+        message = json.loads(request.content)
+        if message.get("method") == "server/discover":
+            discovers.append(message["id"])
+            return error(message["id"], -32022, "Unsupported protocol version", {"supported": ["2025-11-25"], "requested": "2026-07-28"})
+        if message.get("method") == "initialize":
+            return result(message["id"], initialize_result("2025-11-25"), {"mcp-session-id": "s1"})
+        return httpx.Response(202)
+
+    upstream(handle)
+
+    async def scenario() -> str:
+        connection = StreamableHttpConnection(PEER)
+        try:
+            await connection.start()
+            return connection.protocol_version
+        finally:
+            await connection.close()
+
+    assert run(scenario()) == "2025-11-25"
+    assert len(discovers) == 1
 
 
 # --- a call's stream closed before its answer ---------------------------------------------------
@@ -201,3 +282,137 @@ def test_a_stream_closed_without_a_priming_event_still_fails_as_unavailable(upst
 
     with pytest.raises(UpstreamError, match="closed the stream"):
         run(scenario())
+
+
+# --- a request on the standalone GET stream, outside any call -----------------------------------
+
+
+def test_a_request_outside_any_call_is_refused_with_a_defined_error(upstream: Callable[[Handler], None]) -> None:
+    """A roots/list on the GET stream belongs to no host call: answered -32601, reason no-host-call (docs/INTEROP.md)."""
+    answered: asyncio.Queue[JsonDict] = asyncio.Queue()
+    events: list[JsonDict] = []
+    sent = False
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        nonlocal sent
+        if request.method == "GET":
+            if sent:
+                return httpx.Response(405)
+            sent = True
+            roots = {"jsonrpc": "2.0", "id": "r-1", "method": "roots/list"}
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=f"event: message\ndata: {json.dumps(roots)}\n\n".encode())
+        message = json.loads(request.content)
+        if message.get("method") == "server/discover":
+            return error(message["id"], -32601, "Method not found", status=404)
+        if message.get("method") == "initialize":
+            return result(message["id"], initialize_result("2025-11-25"), {"mcp-session-id": "s1"})
+        if "method" not in message:
+            await answered.put(message)
+        return httpx.Response(202)
+
+    upstream(handle)
+
+    async def on_event(message: JsonDict) -> None:
+        events.append(message)
+
+    async def scenario() -> JsonDict:
+        connection = StreamableHttpConnection(PEER, on_event=on_event)
+        try:
+            await connection.start()
+            return await answered.get()
+        finally:
+            await connection.close()
+
+    answer = run(scenario())
+    assert answer["id"] == "r-1"
+    assert answer["error"]["code"] == -32601
+    assert answer["error"]["data"] == {"method": "roots/list", "reason": "no-host-call"}
+    assert events == []
+
+
+def test_a_request_on_the_get_stream_during_the_one_call_in_flight_goes_to_that_calls_host(upstream: Callable[[Handler], None]) -> None:
+    """As the TypeScript SDK's servers send ctx requests without a related id: on the GET stream, mid-call."""
+    call_arrived = asyncio.Event()
+    done = asyncio.Event()
+    answered: asyncio.Queue[JsonDict] = asyncio.Queue()
+    relayed: list[JsonDict] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            params = {"message": "name?", "requestedSchema": {"type": "object", "properties": {}}}
+            # Open at once (the session waits for it); the request comes once the call began.
+            return sse_later(call_arrived, lambda: {"jsonrpc": "2.0", "id": "e-1", "method": "elicitation/create", "params": params}, then=done)
+        if request.method == "DELETE":
+            return httpx.Response(200)
+        message = json.loads(request.content)
+        method = message.get("method")
+        if method == "server/discover":
+            return error(message["id"], -32601, "Method not found", status=404)
+        if method == "initialize":
+            return result(message["id"], initialize_result("2025-11-25"), {"mcp-session-id": "s1"})
+        if "method" not in message:
+            await answered.put(message)
+            return httpx.Response(202)
+        if "id" not in message:
+            return httpx.Response(202)
+        call_arrived.set()
+        answer = await answered.get()
+        done.set()
+        return result(message["id"], {"content": [{"type": "text", "text": answer["result"]["action"]}]})
+
+    upstream(handle)
+
+    async def on_message(message: JsonDict) -> JsonDict | None:
+        relayed.append(message)
+        return {"result": {"action": "accept", "content": {}}}
+
+    async def scenario() -> JsonDict:
+        connection = StreamableHttpConnection(PEER)
+        try:
+            await connection.start()
+            return await connection.request("tools/call", {"name": "ask", "arguments": {}}, on_message=on_message)
+        finally:
+            await connection.close()
+
+    reply = run(scenario())
+    assert [m["method"] for m in relayed] == ["elicitation/create"]
+    assert reply["result"]["content"][0]["text"] == "accept"
+
+
+def test_an_answer_sent_on_the_get_stream_while_resuming_ends_the_call(upstream: Callable[[Handler], None]) -> None:
+    """The suite's sse-retry server answers on whichever GET comes first; the resumed one may wait forever."""
+    stream_closed = asyncio.Event()
+    call_id: list[Any] = []
+    forever = asyncio.Event()
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            if "last-event-id" in {k.lower() for k in request.headers}:
+                await forever.wait()  # the resumed stream never brings the answer
+            answer = {"content": [{"type": "text", "text": "on the GET stream"}]}
+            return sse_later(stream_closed, lambda: {"jsonrpc": "2.0", "id": call_id[0], "result": answer}, then=forever)
+        if request.method == "DELETE":
+            return httpx.Response(200)
+        message = json.loads(request.content)
+        method = message.get("method")
+        if method == "server/discover":
+            return error(message["id"], -32601, "Method not found", status=404)
+        if method == "initialize":
+            return result(message["id"], initialize_result("2025-11-25"), {"mcp-session-id": "s1"})
+        if "id" not in message:
+            return httpx.Response(202)
+        call_id.append(message["id"])
+        stream_closed.set()
+        return httpx.Response(200, content=b"id: e1\nretry: 10\ndata: \n\n", headers={"content-type": "text/event-stream"})
+
+    upstream(handle)
+
+    async def scenario() -> JsonDict:
+        connection = StreamableHttpConnection(PEER)
+        try:
+            await connection.start()
+            return await connection.request("tools/call", {"name": "slow", "arguments": {}})
+        finally:
+            await connection.close()
+
+    assert run(scenario())["result"]["content"][0]["text"] == "on the GET stream"

@@ -184,6 +184,9 @@ class PeerGatewayB:
     async def get(self, peer: PeerConfig, **kwargs: Any) -> PeerGatewayB:
         return self
 
+    def declare_tool_headers(self, name: str, headers: Any) -> None:
+        """The tools here declare no x-mcp-header (UpstreamConnection's contract)."""
+
     async def request(self, method: str, params: dict[str, Any], on_message: Any = None) -> dict[str, Any]:
         answer = await on_message({"jsonrpc": "2.0", "id": "b-1", "method": self.method, "params": self.params})
         self.answers.append(answer)
