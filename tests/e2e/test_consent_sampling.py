@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -43,20 +42,7 @@ SAMPLED = {"role": "assistant", "content": {"type": "text", "text": "Paris"}, "m
 
 
 @pytest.fixture(scope="module")
-def sse_upstream_url() -> Iterator[str]:
-    """The fixture server over legacy HTTP+SSE: a handshake-era-only upstream."""
-    port = harness.free_port()
-    command = [*harness.fixture_command(name=PEER, port=port), "--transport", "sse"]
-    process = subprocess.Popen(command, cwd=harness.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        harness.wait_http(f"http://127.0.0.1:{port}/messages/", process=process)
-        yield f"http://127.0.0.1:{port}/sse"
-    finally:
-        harness.stop(process)
-
-
-@pytest.fixture(scope="module")
-def sampling_gateway(sse_upstream_url: str) -> Iterator[tuple[harness.Gateway, str]]:
+def sampling_gateway(handshake_only_url: str) -> Iterator[tuple[harness.Gateway, str]]:
     password = secrets.token_urlsafe(16)
     env = {
         "FEDMCP_CONSENT_DEFAULT": "allow",
@@ -67,7 +53,7 @@ def sampling_gateway(sse_upstream_url: str) -> Iterator[tuple[harness.Gateway, s
     with harness.Gateway(name="consent-sampling", env=env) as gateway:
         gateway.migrate()
         gateway.create_users({USERNAME: password})
-        gateway.command("peer", "add", PEER, "--url", sse_upstream_url, "--transport", "sse", "--call-timeout", str(WAIT * 3))
+        gateway.command("peer", "add", PEER, "--url", handshake_only_url, "--transport", "sse", "--call-timeout", str(WAIT * 3))
         gateway.auth_headers(USERNAME)
         gateway.start_worker()
         yield gateway, password
