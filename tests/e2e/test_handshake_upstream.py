@@ -15,8 +15,10 @@ are still asked about, and time out unanswered.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import mcp_types as types
@@ -32,28 +34,44 @@ from tests.e2e.conftest import sdk_client
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
 PEER = "x"
+SSE_PEER = "y"
+"""The same server over legacy HTTP+SSE: handshake era only."""
 CONSENT_TIMEOUT = 3
 """Seconds an unanswered consent prompt waits (bob's calls); alice's calls never wait."""
 ENDPOINTS = [pytest.param(("/mcp", f"{PEER}__"), id="aggregated"), pytest.param((f"/peers/{PEER}/mcp", ""), id="per-peer")]
 
 
-@pytest.fixture(scope="module")
-def context_upstream_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def context_server(log_dir: Path, transport: str) -> Iterator[str]:
+    """Run tests/fixtures/context_server.py over `transport`; yield its URL (/mcp, or /sse)."""
     port = harness.free_port()
-    log = open(tmp_path_factory.mktemp("context-server") / "context.log", "wb")  # noqa: SIM115
-    command = [harness.PY, "-m", "tests.fixtures.context_server", "--port", str(port)]
+    log = open(log_dir / f"context-{transport}.log", "wb")  # noqa: SIM115
+    command = [harness.PY, "-m", "tests.fixtures.context_server", "--port", str(port), "--transport", transport]
     process = subprocess.Popen(command, cwd=harness.ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        url = f"http://127.0.0.1:{port}/mcp"
-        harness.wait_http(url, process=process)
-        yield url
+        path = "/sse" if transport == "sse" else "/mcp"
+        # Not /sse itself: that answers with a stream that never ends.
+        harness.wait_http(f"http://127.0.0.1:{port}{'/messages/' if transport == 'sse' else path}", process=process)
+        yield f"http://127.0.0.1:{port}{path}"
     finally:
         harness.stop(process)
         log.close()
 
 
 @pytest.fixture(scope="module")
-def gateway(context_upstream_url: str) -> Iterator[harness.Gateway]:
+def context_upstream_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with context_server(tmp_path_factory.mktemp("context-server"), "streamable-http") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def context_sse_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with context_server(tmp_path_factory.mktemp("context-sse"), "sse") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def gateway(context_upstream_url: str, context_sse_url: str) -> Iterator[harness.Gateway]:
     shipped_consent = {
         "FEDMCP_CONSENT_DEFAULT": "ask-new-peers",
         "FEDMCP_CONSENT_SAMPLING_DEFAULT": "ask",
@@ -63,10 +81,12 @@ def gateway(context_upstream_url: str) -> Iterator[harness.Gateway]:
     with harness.Gateway(name="handshake-upstream", env=shipped_consent) as gw:
         gw.migrate()
         gw.command("peer", "add", PEER, "--url", context_upstream_url)
+        gw.command("peer", "add", SSE_PEER, "--url", context_sse_url, "--transport", "sse")
         gw.python(
             "from identity.models import ConsentPolicy\n"
             + "".join(
-                f"ConsentPolicy.objects.create(peer={PEER!r}, kind={kind!r}, username='alice', decision='allow')\n"
+                f"ConsentPolicy.objects.create(peer={peer!r}, kind={kind!r}, username='alice', decision='allow')\n"
+                for peer in (PEER, SSE_PEER)
                 for kind in ("", "sampling", "elicitation")
             )
         )
@@ -119,6 +139,19 @@ async def test_a_2026_host_is_served_too(gateway: harness.Gateway) -> None:
     async with sdk_client(gateway.url("/mcp"), headers=gateway.auth_headers("alice"), mode="2026-07-28") as client:
         names = {tool.name for tool in (await client.list_tools()).tools}
     assert {f"{PEER}__ask_name", f"{PEER}__ask_llm"} <= names
+
+
+async def test_a_2026_host_answers_a_handshake_only_upstream_in_input_required_rounds(gateway: harness.Gateway) -> None:
+    # The server over HTTP+SSE speaks only the handshake era: its ctx.elicit and sampling wait
+    # mid-call. The SDK's 2026-07-28 client gets them as input_required rounds of the same
+    # call, answers through its callbacks, and the held upstream call completes.
+    async with sdk_client(
+        gateway.url("/mcp"), headers=gateway.auth_headers("alice"), mode="2026-07-28", elicitation_callback=answer_name, sampling_callback=answer_llm
+    ) as client:
+        named = await client.call_tool(f"{SSE_PEER}__ask_name", {})
+        sampled = await client.call_tool(f"{SSE_PEER}__ask_llm", {"prompt": "Capital of France?"})
+    assert not named.is_error and text_of(named) == "hello, Alice", text_of(named)
+    assert not sampled.is_error and text_of(sampled) == "llm said: Paris", text_of(sampled)
 
 
 async def test_without_a_policy_the_shipped_default_still_asks(gateway: harness.Gateway) -> None:
