@@ -127,8 +127,9 @@ async def call(ctx: HostContext, method: str, params: JsonDict) -> JsonDict:
     if ctx.era == "legacy" and method not in ("initialize", "ping"):
         if ctx.session is None or not ctx.session.protocol_version:
             raise jsonrpc.InvalidRequestError("Session not initialized: send initialize first")
-    if ctx.era == "modern" and method in tasks.MODERN_METHODS:
-        tasks.check_request(ctx, method, params)  # an extension's methods: the official models do not know them
+    if method in tasks.MODERN_METHODS | tasks.LEGACY_METHODS:
+        # An extension's methods (2026-07-28) and 2025-11-25's experimental ones: the official models know neither.
+        tasks.check_request(ctx, method, params)
     else:
         validate_params(method, ctx.protocol_version, params)
     ctx.identity = await _acting_identity(ctx, method)
