@@ -1,8 +1,10 @@
-"""Tasks through the gateway (issue 17.3), from a host's side, against the fixture server's tasks extension.
+"""Tasks through the gateway (issue 17.3), from a host's side, against the fixture server's tasks.
 
 A 2026-07-28 host that declares `io.modelcontextprotocol/tasks` gets the gateway's own task id
 for a task the upstream created, polls it, answers its input and cancels it; another user, a
-forged id and another peer's endpoint get -32602, as for a task that does not exist.
+forged id and another peer's endpoint get -32602, as for a task that does not exist. A
+2025-11-25 host does the same with that revision's experimental tasks against the
+handshake-only fixture, and each user lists only their own.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from django.test import AsyncClient, override_settings
 
+from federation.models import Transport
 from identity.audit import audit_flush
 from identity.models import AuditEvent, ConsentPolicy
 from mcp_endpoint import jsonrpc
 from mcp_endpoint.tasks import TASKS_EXTENSION
-from tests.base import BOB, FixturePeerTestCase, McpClient, amint_token, register_peer
+from tests.base import BOB, AsgiTestCase, FixturePeerTestCase, McpClient, amint_token, register_peer
 from tests.identity.consent.test_flow import CALL_TIMEOUT, final_message
 
 SLOW = "everything__slow_compute"
@@ -240,3 +244,71 @@ class HandshakeEraTaskTests(FixturePeerTestCase):
         await host.initialize("2025-11-25")
 
         self.assertEqual(result_of(await host.call("tasks/list", {})), {"tasks": []})
+
+
+@pytest.mark.usefixtures("handshake_only_on_class", "everything_on_class")
+class HandshakeEraTaskPassThroughTests(AsgiTestCase):
+    """2025-11-25 tasks end to end, with the fixture over legacy HTTP+SSE (handshake era only) as peer `legacy`."""
+
+    handshake_only_url: str
+    everything_url: str
+
+    def setUp(self) -> None:
+        super().setUp()
+        register_peer("legacy", self.handshake_only_url, transport=Transport.SSE, connect_timeout=10.0, call_timeout=20.0)
+
+    async def host(self, path: str = "/mcp", token: str | None = None) -> McpClient:
+        client = McpClient(path, token=token)
+        self.capabilities = (await client.initialize("2025-11-25"))["capabilities"]
+        return client
+
+    async def create(self, client: McpClient, name: str = "legacy__slow_compute", seconds: float = 0.2) -> str:
+        created = result_of(await client.call("tools/call", {"name": name, "arguments": {"seconds": seconds, "label": "old"}, "task": {"ttl": 60000}}))
+        task_id = created["task"]["taskId"]
+        self.assertTrue(task_id.startswith("fedmcp-task:"), created)
+        return task_id
+
+    async def test_a_task_is_created_polled_and_its_result_fetched(self) -> None:
+        client = await self.host()
+        self.assertEqual(self.capabilities["tasks"], {"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}})
+
+        task_id = await self.create(client)
+        polled = result_of(await client.call("tasks/get", {"taskId": task_id}))
+        self.assertEqual((polled["taskId"], polled["ttl"]), (task_id, 600000))
+        done = result_of(await client.call("tasks/result", {"taskId": task_id}))
+
+        self.assertEqual(done["content"][0]["text"], "computed old after 0.2s")
+        self.assertEqual(done["_meta"]["io.modelcontextprotocol/related-task"], {"taskId": task_id})
+        self.assertNotIn("resultType", done)
+        listed = result_of(await client.call("tasks/list", {}))
+        self.assertEqual([(t["taskId"], t["status"]) for t in listed["tasks"]], [(task_id, "completed")])
+
+    async def test_each_user_lists_and_reaches_only_their_own_tasks(self) -> None:
+        alice = await self.host()
+        task_id = await self.create(alice, seconds=60)
+        bob = await self.host("/peers/legacy/mcp", token=await amint_token(BOB))
+
+        self.assertEqual(result_of(await bob.call("tasks/list", {})), {"tasks": []})
+        for method in ("tasks/get", "tasks/result", "tasks/cancel"):
+            self.assertEqual(error_of(await bob.call(method, {"taskId": task_id}))["code"], jsonrpc.INVALID_PARAMS, method)
+
+        cancelled = result_of(await alice.call("tasks/cancel", {"taskId": task_id}))
+        self.assertEqual((cancelled["taskId"], cancelled["status"]), (task_id, "cancelled"))
+
+    async def test_a_tool_that_requires_a_task_says_so_when_called_without(self) -> None:
+        client = await self.host()
+
+        error = error_of(await client.call("tools/call", {"name": "legacy__failing_job", "arguments": {}}))
+
+        self.assertEqual(error["code"], jsonrpc.METHOD_NOT_FOUND)
+        self.assertIn("requires task augmentation", error["message"])
+
+    async def test_a_2026_task_id_is_not_served_to_a_handshake_era_host(self) -> None:
+        await register_peer_async("everything", self.everything_url)
+        modern = McpClient("/peers/everything/mcp", capabilities=TASKS)
+        created = result_of(await modern.call_modern("tools/call", {"name": "slow_compute", "arguments": {"seconds": 0.2}}, name="slow_compute"))
+        client = await self.host()
+
+        error = error_of(await client.call("tasks/get", {"taskId": created["taskId"]}))
+
+        self.assertEqual(error["code"], jsonrpc.INVALID_PARAMS)
