@@ -53,8 +53,12 @@ def _who(ctx: HostContext) -> str:
 
 
 def task_id_issue(ctx: HostContext, peer: str, upstream_id: str) -> str:
-    """The id the host gets for the upstream's task `upstream_id` at `peer`."""
-    return request_states.issue(TASK_ID_KIND, {"p": peer, "u": _who(ctx), "e": ctx.era, "t": upstream_id}, salt=_SALT)
+    """The id the host gets for the upstream's task `upstream_id` at `peer`.
+
+    The same every time (no timestamp): tasks/list names a task by the id its tools/call gave.
+    """
+    data = {"p": peer, "u": _who(ctx), "e": ctx.era, "t": upstream_id}
+    return request_states.prefix(TASK_ID_KIND) + signing.Signer(salt=_SALT).sign_object(data, compress=True)
 
 
 def _unknown(task_id: Any) -> jsonrpc.InvalidParamsError:
@@ -71,7 +75,7 @@ def task_id_read(ctx: HostContext, task_id: Any) -> tuple[str, str]:
     if not isinstance(task_id, str) or not request_states.is_ours(TASK_ID_KIND, task_id):
         raise _unknown(task_id)
     try:
-        data = signing.loads(task_id.removeprefix(request_states.prefix(TASK_ID_KIND)), salt=_SALT)
+        data = signing.Signer(salt=_SALT).unsign_object(task_id.removeprefix(request_states.prefix(TASK_ID_KIND)))
     except signing.BadSignature as exc:
         raise _unknown(task_id) from exc
     if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("p", "u", "e", "t")):
