@@ -64,6 +64,25 @@ async def peer_capabilities(scope: str) -> JsonDict | None:
     return await database_sync_to_async(_capabilities)(scope)
 
 
+def _peers_with(path: tuple[str, ...]) -> list[str]:
+    names = []
+    for name, capabilities in Peer.objects.filter(enabled=True).order_by("name").values_list("name", "capabilities"):
+        node = capabilities
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            names.append(name)
+    return names
+
+
+async def peers_with_capability(*path: str) -> list[str]:
+    """Return the enabled peers whose stored capabilities have `path` (e.g. "tasks", "list"), by name."""
+    return await caching.cached(_capable, path, lambda: database_sync_to_async(_peers_with)(path))
+
+
+_capable: caching.GenerationCache[list[str]] = caching.GenerationCache("peers by capability", ("catalog",), maxsize=64)
+
+
 def _instructions(scope: str) -> str:
     peer = Peer.objects.filter(name=scope).first()
     return peer.instructions if peer else ""

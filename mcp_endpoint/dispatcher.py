@@ -26,7 +26,7 @@ from fedmcp_lib.json_types import JsonDict
 from identity.hostauth.scopes import required_scope
 from identity.hostauth.tokens import Identity
 from identity.trust import gateways
-from mcp_endpoint import jsonrpc, sessions
+from mcp_endpoint import jsonrpc, sessions, tasks
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.correlation import correlator
 from mcp_endpoint.handlers import HANDLERS, fit_result_to_era
@@ -127,7 +127,11 @@ async def call(ctx: HostContext, method: str, params: JsonDict) -> JsonDict:
     if ctx.era == "legacy" and method not in ("initialize", "ping"):
         if ctx.session is None or not ctx.session.protocol_version:
             raise jsonrpc.InvalidRequestError("Session not initialized: send initialize first")
-    validate_params(method, ctx.protocol_version, params)
+    if method in tasks.MODERN_METHODS | tasks.LEGACY_METHODS:
+        # An extension's methods (2026-07-28) and 2025-11-25's experimental ones: the official models know neither.
+        tasks.check_request(ctx, method, params)
+    else:
+        validate_params(method, ctx.protocol_version, params)
     ctx.identity = await _acting_identity(ctx, method)
     needed = required_scope(method, params)
     if needed is not None and (ctx.identity is None or not ctx.identity.has_scope(needed)):

@@ -26,7 +26,7 @@ from fedmcp_lib.json_types import JsonDict
 from fedmcp_lib.layers import Memberships
 from identity.audit import audit_record
 from identity.consent import decisions
-from mcp_endpoint import jsonrpc, methods, sessions
+from mcp_endpoint import jsonrpc, methods, sessions, tasks
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.admit import incoming_hops
 from mcp_endpoint.pipeline.connect import connect_required_error
@@ -59,10 +59,40 @@ async def server_capabilities(ctx: HostContext) -> JsonDict:
     # Other fedmcp gateways recognise us by this and import our catalog under stable names.
     identity = {GATEWAY_CAPABILITY: {"name": settings.FEDMCP_GATEWAY_NAME, "scope": ctx.scope or None}}
     if not ctx.scope:
-        return {**full, "experimental": identity}
+        return {**full, **await _task_capabilities(ctx), "experimental": identity}
     upstream = await catalog.peer_capabilities(ctx.scope) or {}
     offered = {key: value for key, value in full.items() if key in upstream or key == "logging"}
-    return {**offered, "experimental": identity}
+    return {**offered, **_peer_task_capabilities(ctx, upstream), "experimental": identity}
+
+
+async def _task_capabilities(ctx: HostContext) -> JsonDict:
+    """Tasks on /mcp, in the host's era, as far as some peer serves them (mcp_endpoint/tasks.py)."""
+    if ctx.era == "modern":
+        if await catalog.peers_with_capability("extensions", tasks.TASKS_EXTENSION):
+            return {"extensions": {tasks.TASKS_EXTENSION: {}}}
+        return {}
+    if ctx.protocol_version != tasks.LEGACY_VERSION or not await catalog.peers_with_capability("tasks"):
+        return {}
+    offered: JsonDict = {}
+    if await catalog.peers_with_capability("tasks", "list"):
+        offered["list"] = {}
+    if await catalog.peers_with_capability("tasks", "cancel"):
+        offered["cancel"] = {}
+    if await catalog.peers_with_capability("tasks", "requests", "tools", "call"):
+        offered["requests"] = {"tools": {"call": {}}}
+    return {"tasks": offered}
+
+
+def _peer_task_capabilities(ctx: HostContext, upstream: JsonDict) -> JsonDict:
+    """Tasks on /peers/<name>/mcp: what the peer declares, in the host's era."""
+    if ctx.era == "modern":
+        extensions = upstream.get("extensions")
+        if isinstance(extensions, dict) and isinstance(extensions.get(tasks.TASKS_EXTENSION), dict):
+            return {"extensions": {tasks.TASKS_EXTENSION: extensions[tasks.TASKS_EXTENSION]}}
+        return {}
+    if ctx.protocol_version == tasks.LEGACY_VERSION and isinstance(upstream.get("tasks"), dict):
+        return {"tasks": upstream["tasks"]}
+    return {}
 
 
 async def server_info(ctx: HostContext) -> JsonDict:
@@ -243,7 +273,9 @@ def _check_param_headers(ctx: HostContext, route: Route, params: JsonDict) -> No
 async def tools_call(ctx: HostContext, params: JsonDict) -> JsonDict:
     route = await _route(ctx, CatalogKind.TOOL, params["name"])
     _check_param_headers(ctx, route, params)
-    return await forward(ctx, route, "tools/call", {**params, "name": route.upstream_name})
+    result = await forward(ctx, route, "tools/call", {**tasks.call_params(ctx, params), "name": route.upstream_name})
+    # A call the upstream made a task: the host gets the gateway's id for it (tasks.py).
+    return tasks.issue_in_call_result(ctx, route.peer.name, result)
 
 
 async def prompts_get(ctx: HostContext, params: JsonDict) -> JsonDict:
@@ -445,6 +477,7 @@ HANDLERS = {
     "prompts/list": prompts_list,
     "prompts/get": prompts_get,
     "completion/complete": complete,
+    **tasks.HANDLERS,
 }
 """Who answers each method of the table (methods.py)."""
 

@@ -27,6 +27,12 @@ ERAS: dict[str, frozenset[str]] = {
     "prompts/list": BOTH,
     "prompts/get": BOTH,
     "completion/complete": BOTH,
+    # Tasks (mcp_endpoint/tasks.py): the 2026-07-28 extension and 2025-11-25's experimental ones.
+    "tasks/get": BOTH,
+    "tasks/cancel": BOTH,
+    "tasks/update": MODERN,
+    "tasks/result": LEGACY,
+    "tasks/list": LEGACY,
 }
 
 

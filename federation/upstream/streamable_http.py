@@ -57,7 +57,11 @@ from federation.upstream.wire import UpstreamMessageError, check_message, decode
 logger = logging.getLogger(__name__)
 
 ACCEPT = "application/json, text/event-stream"
-NAME_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+NAME_PARAM = {
+    "tools/call": "name", "prompts/get": "name", "resources/read": "uri",
+    # SEP-2663 adds the task id of the tasks extension's methods.
+    "tasks/get": "taskId", "tasks/update": "taskId", "tasks/cancel": "taskId",
+}
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_RESUMES = 10
 """Resumptions of one call's stream (GET + Last-Event-ID) in a row before the call fails."""

@@ -36,7 +36,8 @@ def allowed_scopes(*, staff_user: bool, trusted_gateway: bool) -> frozenset[str]
         return frozenset(SCOPES)
     return frozenset(SCOPES) - STAFF_ONLY_SCOPES
 
-_BY_PREFIX = (("tools/", TOOLS), ("resources/", RESOURCES), ("prompts/", PROMPTS))
+# Tasks come only from tools/call, so reading or cancelling one is a tool use.
+_BY_PREFIX = (("tools/", TOOLS), ("tasks/", TOOLS), ("resources/", RESOURCES), ("prompts/", PROMPTS))
 
 
 def required_scope(method: str, params: object = None) -> str | None:

@@ -19,6 +19,7 @@ from django.db import Error as DatabaseError
 from mcp.shared.inbound import (
     InboundLadderRejection,
     classify_inbound_request,
+    decode_header_value,
     find_duplicated_routing_header,
     unsupported_protocol_version_rejection,
 )
@@ -276,6 +277,8 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
             if duplicated
             else classify_inbound_request(payload, headers=self.headers_dict())
         )
+        if not isinstance(verdict, InboundLadderRejection):
+            verdict = _task_name_mismatch(payload, self.headers_dict()) or verdict
         if isinstance(verdict, InboundLadderRejection):
             status = jsonrpc.http_status_for({"error": {"code": verdict.code}})
             await self.send_error(status, verdict.code, verdict.message, request_id, verdict.data)
@@ -349,3 +352,18 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
 
 # Silence "imported but unused" for the constant kept for readers of this module.
 _ = HANDSHAKE_PROTOCOL_VERSIONS
+
+
+TASK_NAME_METHODS = frozenset({"tasks/get", "tasks/update", "tasks/cancel"})
+"""SEP-2663: these carry `Mcp-Name: <taskId>`; the SDK's ladder checks only tools, prompts and resources."""
+
+
+def _task_name_mismatch(payload: JsonDict, headers: dict[str, str]) -> InboundLadderRejection | None:
+    """Refuse (-32020) a tasks-extension request whose `Mcp-Name` header names another task than its body."""
+    if payload.get("method") not in TASK_NAME_METHODS or "mcp-name" not in headers:
+        return None
+    task_id = payload["params"].get("taskId")
+    if not isinstance(task_id, str) or decode_header_value(headers["mcp-name"]) == task_id:
+        return None
+    return InboundLadderRejection(code=jsonrpc.HEADER_MISMATCH, message="Mcp-Name header does not match the request body's 'taskId' parameter")
+

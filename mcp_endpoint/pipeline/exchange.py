@@ -41,7 +41,7 @@ from mcp_endpoint.pipeline.values import Approval, CallSubject, Verdict
 logger = logging.getLogger(__name__)
 
 MAX_INPUT_ROUNDS = 10
-SAFE_TO_RETRY = frozenset({"resources/read", "prompts/get", "completion/complete"})
+SAFE_TO_RETRY = frozenset({"resources/read", "prompts/get", "completion/complete", "tasks/get", "tasks/list"})
 """Methods without side effects: a broken connection may be retried once."""
 CACHEABLE_METHODS = ("resources/read", "tools/list", "resources/list", "resources/templates/list", "prompts/list")
 

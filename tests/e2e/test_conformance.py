@@ -12,8 +12,9 @@ A run passes only if the suite exits 0 *and* no scored scenario has a failing ch
 `checks.json` *and* every scenario the requirement set scores actually ran. Which scenarios are
 scored comes from the suite itself (`conformance list --requirements R --server`); extension and
 pending scenarios (tasks-*, json-schema-2020-12, ...) are reported but not scored. The fixture
-is held to more than the scored set: the pending scenarios whose tools it provides
-(`FIXTURE_EXTRAS`) must pass directly too, so a gateway run of them means something.
+is held to more than the scored set: the pending and extension scenarios whose tools it provides
+(`FIXTURE_EXTRAS`) must pass directly too, so a gateway run of them means something; the
+gateway is held to the tasks extension's scenarios as well (`GATEWAY_EXTRAS`).
 
 Client scenarios (every one the suite lists but auth/* and extensions, at each version of ours it
 applies to): the suite serves the scenario and runs tests/e2e/conformance_client.py, which adds
@@ -43,11 +44,20 @@ REQUIREMENTS = ("2025-11-25", "2026-07-28")
 TARGETS = ("fixture", "gateway")
 PEER = "fixture"
 RESULTS_ROOT = ROOT / "build" / "conformance"
+TASKS_SCENARIOS = frozenset({
+    "tasks-lifecycle", "tasks-capability-negotiation", "tasks-wire-fields", "tasks-request-state-removal", "tasks-mrtr-input",
+    "tasks-request-headers", "tasks-dispatch-and-envelope", "tasks-status-notifications", "tasks-required-task-error",
+    "tasks-mrtr-composition",
+})
+"""The tasks extension's scenarios (2026-07-28 only, unscored as an extension): the fixture serves the
+extension (tests/fixtures/tasks_extension.py), so they must pass directly and through the gateway alike."""
 FIXTURE_EXTRAS = {
     "2025-11-25": frozenset({"json-schema-2020-12", "server-sse-polling"}),
-    "2026-07-28": frozenset({"json-schema-2020-12", "http-header-validation", "http-custom-header-server-validation"}),
+    "2026-07-28": frozenset({"json-schema-2020-12", "http-header-validation", "http-custom-header-server-validation"}) | TASKS_SCENARIOS,
 }
-"""Unscored (pending) scenarios the fixture server must pass directly as well; tasks-* are not among them."""
+"""Unscored (pending, extension) scenarios the fixture server must pass directly as well."""
+GATEWAY_EXTRAS = {"2025-11-25": frozenset(), "2026-07-28": TASKS_SCENARIOS}
+"""Unscored scenarios the gateway must pass too: tasks pass through as good as directly (issue 17.3)."""
 SUITE_TIMEOUT = 600
 # Scenario result folders are named server-<scenario>-<ISO timestamp with dashes>Z.
 RESULT_DIR = re.compile(r"^server-(?P<scenario>.+)-\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}-\d{3}Z$")
@@ -195,7 +205,7 @@ def test_every_scored_scenario_passes(target: str, requirements: str, request: p
     exit_code, output = run_suite(url, requirements, output_dir)
     if gateway is not None:
         (output_dir / "gateway-logs.txt").write_text(gateway.logs())
-    required = scored_scenarios(requirements) | (FIXTURE_EXTRAS[requirements] if target == "fixture" else frozenset())
+    required = scored_scenarios(requirements) | (FIXTURE_EXTRAS if target == "fixture" else GATEWAY_EXTRAS)[requirements]
     report = read_results(output_dir, required)
 
     passed, failed = report.counts(scored=True)

@@ -48,6 +48,7 @@ from tests.e2e import harness
 from tests.federation.sse_peer import SsePeer
 from tests.fixtures.everything_server import SCHEMA_TOOLS
 from tests.fixtures.everything_server import TOOLS as FIXTURE_TOOLS
+from tests.fixtures.tasks_extension import TOOLS as TASK_TOOLS
 
 TIMEOUT = 20.0
 """Bound on each test's async part (seconds)."""
@@ -224,7 +225,7 @@ def test_peer_add_syncs_a_catalog(request: pytest.FixtureRequest, gateway: harne
     result = gateway.command("peer", "add", f"via-{transport}", "--url", url, "--transport", transport, *credentials, check=False)
 
     assert result.returncode == 0, result.stderr
-    assert f"Synced via-{transport} (protocol {LATEST_HANDSHAKE_VERSION}): {len(FIXTURE_TOOLS) + len(SCHEMA_TOOLS)} tools" in result.stdout
+    assert f"Synced via-{transport} (protocol {LATEST_HANDSHAKE_VERSION}): {len(FIXTURE_TOOLS) + len(SCHEMA_TOOLS) + len(TASK_TOOLS)} tools" in result.stdout
 
 
 # --- scripted upstreams for the single-stream kinds ---------------------------------------------
