@@ -18,7 +18,9 @@ endpoint), another era or no signature at all is answered as an unknown task (-3
 same answer as for a task that does not exist, so ids cannot be probed. Nothing is stored: any
 worker can route any task. Each tasks/* call goes through the call pipeline (admit, decide,
 exchange, record) like every other forwarded call, so it is rate limited and in the audit log;
-consent is asked once, for the tools/call that created the task.
+consent is asked once, for the tools/call that created the task; a 2026-07-28 task's own
+sampling/elicitation requests reach the host only where consent allows them unasked
+(`_gate_input_requests`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from django.core import signing
 from federation import catalog
 from federation.router import Route, peer_for_scope
 from fedmcp_lib.json_types import JsonDict
+from identity.consent.decisions import consent_decide
+from identity.consent.policy import REQUEST_KIND_FOR_METHOD
+from identity.models import ConsentDecision
 from mcp_endpoint import jsonrpc, request_states
 from mcp_endpoint.context import HostContext
 from mcp_endpoint.pipeline.flow import forward
@@ -166,7 +171,37 @@ async def routed(ctx: HostContext, params: JsonDict, method: str) -> JsonDict:
     host_id = params["taskId"]
     route, upstream_id = await _task_route(ctx, host_id)
     result = await forward(ctx, route, method, {**params, "taskId": upstream_id})
+    await _gate_input_requests(ctx, route.peer.name, result)
     return _with_host_id(result, host_id)
+
+
+async def _gate_input_requests(ctx: HostContext, peer: str, result: JsonDict) -> None:
+    """Refuse a 2026-07-28 task's inlined sampling/elicitation requests unless consent allows them unasked.
+
+    A handshake-era task's requests come during `tasks/result`, through the consent gate of
+    every relayed request. A 2026-07-28 task shows them in each `tasks/get` poll, where the
+    gateway cannot hold a question across polls yet: it passes them only where a policy (or
+    the default) allows them, and otherwise answers the poll with -32017, naming the policy
+    that would let them through; the host never sees a request nobody allowed.
+
+    Raises:
+        ConsentDeniedError: a request of the task's is not allowed unasked.
+    """
+    requests = result.get("inputRequests")
+    if not isinstance(requests, dict):
+        return
+    for request in requests.values():
+        method = request.get("method") if isinstance(request, dict) else None
+        kind = REQUEST_KIND_FOR_METHOD.get(method) if isinstance(method, str) else None
+        if kind is None:
+            continue
+        decision = await consent_decide(identity=ctx.identity, peer=peer, kind=kind, name="")
+        if decision.action != ConsentDecision.ALLOW:
+            raise jsonrpc.ConsentDeniedError(
+                f"A task on peer '{peer}' asks for a {kind} request, which this gateway passes to a task's host only "
+                f"when a consent policy allows {kind} for peer '{peer}' (it cannot ask about a task's requests yet)",
+                {"reason": "task_input_not_allowed", "kind": kind, "peer": peer},
+            )
 
 
 def _with_host_id(result: JsonDict, host_id: str) -> JsonDict:

@@ -96,6 +96,22 @@ class ModernTaskTests(TaskHost):
         done = await self.wait_for(self.host, task_id, "completed", "failed", "cancelled")
         self.assertEqual(done["result"]["content"][0]["text"], "deleted notes.txt")
 
+    async def test_with_the_shipped_elicitation_default_a_tasks_request_never_reaches_the_host_unasked(self) -> None:
+        task_id = (await self.create(self.host, CONFIRM, {"filename": "notes.txt"}))["taskId"]
+        await self.wait_for(self.host, task_id, "input_required")
+
+        with override_settings(FEDMCP_CONSENT_ELICITATION_DEFAULT="ask"):
+            refused = error_of(await self.host.call_modern("tasks/get", {"taskId": task_id}, name=task_id))
+        self.assertEqual(refused["code"], jsonrpc.CONSENT_DENIED)
+        self.assertEqual(refused["data"]["reason"], "task_input_not_allowed")
+        self.assertIn("consent policy allows elicitation for peer 'everything'", refused["message"])
+
+        # A policy that allows the peer's elicitations lets the same poll show the request.
+        await ConsentPolicy.objects.acreate(peer="everything", kind="elicitation", decision="allow")
+        with override_settings(FEDMCP_CONSENT_ELICITATION_DEFAULT="ask"):
+            waiting = await self.get(self.host, task_id)
+        self.assertEqual([r["method"] for r in waiting["inputRequests"].values()], ["elicitation/create"])
+
     async def test_tasks_cancel_stops_a_running_task(self) -> None:
         task_id = (await self.create(self.host, arguments={"seconds": 60, "label": "long"}))["taskId"]
 
