@@ -93,8 +93,9 @@ test-postgres-slice:
 test-e2e: venv tools
 	FEDMCP_TOOLS=$(abspath $(TOOLS)) $(WITH_SERVICES) $(PY) -m pytest tests/e2e $(E2E_XDIST)
 
-# The official conformance suite: server scenarios directly against the fixture and through
-# /peers/<fixture>/mcp; client scenarios (auth excepted) with fedmcp as the client.
+# The official conformance suite: server scenarios directly against the fixture, through
+# /peers/<fixture>/mcp and through a chain of two gateways; client scenarios (auth excepted)
+# with fedmcp as the client.
 conformance: venv tools
 	FEDMCP_TOOLS=$(abspath $(TOOLS)) $(PY) -m pytest tests/e2e/test_conformance.py -v
 

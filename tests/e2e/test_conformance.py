@@ -1,9 +1,10 @@
 """The official MCP conformance suite: its server scenarios directly against the fixture server and
 through the gateway, and its client scenarios with fedmcp as the client.
 
-For each requirement set (`2025-11-25`, `2026-07-28`) the suite runs twice: against the fixture
-server itself (the baseline: the fixture must be conformant for the gateway result to mean
-anything) and through the gateway's per-peer endpoint `/peers/fixture/mcp`. Every scored
+For each requirement set (`2025-11-25`, `2026-07-28`) the suite runs three times: against the
+fixture server itself (the baseline: the fixture must be conformant for the gateway result to
+mean anything), through the gateway's per-peer endpoint `/peers/fixture/mcp`, and through a
+chain (a second gateway whose peer `chained` is the first one's `/peers/fixture/mcp`). Every scored
 scenario must pass. Results land in `build/conformance/<target>-<requirements>/` (one folder
 per scenario with its `checks.json`, plus the suite's console output and, for the gateway, the
 worker log).
@@ -41,8 +42,10 @@ from tests.e2e.harness import CONFORMANCE_JS, NODE, PY, ROOT, Gateway, fixture_s
 pytestmark = pytest.mark.e2e
 
 REQUIREMENTS = ("2025-11-25", "2026-07-28")
-TARGETS = ("fixture", "gateway")
+TARGETS = ("fixture", "gateway", "chain")
 PEER = "fixture"
+CHAINED = "chained"
+"""The chain's peer at the second gateway: the first gateway's `/peers/fixture/mcp`."""
 RESULTS_ROOT = ROOT / "build" / "conformance"
 TASKS_SCENARIOS = frozenset({
     "tasks-lifecycle", "tasks-capability-negotiation", "tasks-wire-fields", "tasks-request-state-removal", "tasks-mrtr-input",
@@ -190,16 +193,41 @@ def conformance_gateway(fixture_url: str) -> Iterator[tuple[Gateway, str]]:
         gateway.cleanup()
 
 
+@pytest.fixture(scope="module")
+def conformance_chain(conformance_gateway: tuple[Gateway, str]) -> Iterator[tuple[Gateway, str]]:
+    """A second gateway in front of the first: its peer `chained` is the first gateway's
+    `/peers/fixture/mcp` (through that gateway's token-adding proxy). Yields (gateway, its own proxy URL)."""
+    _, first_proxy = conformance_gateway
+    proxy_port = free_port()
+    proxy_url = f"http://127.0.0.1:{proxy_port}"
+    gateway = Gateway(name="conformance-chain", env={"FEDMCP_PUBLIC_URL": proxy_url})
+    try:
+        gateway.migrate()
+        gateway.command("peer", "add", CHAINED, "--url", f"{first_proxy}/peers/{PEER}/mcp")
+        gateway.start_worker()
+        token = gateway.token(user="conformance", resource=proxy_url)
+        with auth_proxy(gateway.url(""), token, proxy_port) as base:
+            yield gateway, base
+    finally:
+        gateway.cleanup()
+
+
+def target_url(target: str, request: pytest.FixtureRequest) -> tuple[str, Gateway | None]:
+    """The URL the suite is run against for `target`, and the gateway in front of the fixture (if any)."""
+    if target == "gateway":
+        gateway, proxy_url = request.getfixturevalue("conformance_gateway")
+        return f"{proxy_url}/peers/{PEER}/mcp", gateway
+    if target == "chain":
+        gateway, proxy_url = request.getfixturevalue("conformance_chain")
+        return f"{proxy_url}/peers/{CHAINED}/mcp", gateway
+    return request.getfixturevalue("fixture_url"), None
+
+
 @pytest.mark.parametrize("requirements", REQUIREMENTS)
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_scored_scenario_passes(target: str, requirements: str, request: pytest.FixtureRequest) -> None:
     require_suite()
-    gateway: Gateway | None = None
-    if target == "gateway":
-        gateway, proxy_url = request.getfixturevalue("conformance_gateway")
-        url = f"{proxy_url}/peers/{PEER}/mcp"
-    else:
-        url = request.getfixturevalue("fixture_url")
+    url, gateway = target_url(target, request)
     output_dir = RESULTS_ROOT / f"{target}-{requirements}"
 
     exit_code, output = run_suite(url, requirements, output_dir)
