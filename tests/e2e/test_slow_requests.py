@@ -137,8 +137,10 @@ def status_and_body(raw: bytes) -> tuple[int, dict[str, Any]]:
 def test_a_dripped_body_gets_408_after_the_body_timeout_while_other_hosts_are_served(gateway: Gateway) -> None:
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": modern_meta()}}).encode()
     sock = connect(gateway)
-    sock.sendall(post_head(gateway, len(body)))
+    # Taken before the send: the worker may read the head and start its timer before this
+    # thread runs again after `sendall`.
     headers_sent = time.monotonic()
+    sock.sendall(post_head(gateway, len(body)))
     dripper = Dripper(sock, body)
     dripper.start()
     served = 0
