@@ -3,8 +3,8 @@
 What the shutdown does to requests still running is `release_worker`'s (fedmcp_site/runtime/
 lifecycle.py): cancel every in-flight task. The host must then be told, so it can send the
 request again (to another worker): before, a handshake-era Streamable HTTP POST was answered
-202 Accepted with no body (no host expects that for a request) and a WebSocket request got no
-reply at all. A host's own notifications/cancelled still gets no response, as the spec says.
+202 Accepted with no body (no host expects that for a request), a 2026-07-28 POST got no answer
+(its connection dropped), and a WebSocket request got no reply at all. A host's own notifications/cancelled still gets no response, as the spec says.
 Legacy SSE is tests/mcp_endpoint/test_sse_accepted.py.
 """
 
@@ -24,11 +24,10 @@ SLOW = {"name": "everything__slow_echo", "arguments": {"text": "x", "delay_ms": 
 
 
 async def cancel_in_flight_once_running() -> None:
-    """Wait until a request runs, then do what the shutdown does to it."""
+    """Wait (polling, bounded) until a request runs, then do what the shutdown does to it."""
     async with asyncio.timeout(WAIT):
         while not observability.in_flight_tasks():
             await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)  # the call reaches the upstream
     for task in observability.in_flight_tasks():
         task.cancel()
 
@@ -42,6 +41,16 @@ class ShutdownAnswerTests(FixturePeerTestCase):
         reply = await call
 
         assert reply.status == 200, reply
+        messages = reply.events() if reply.headers.get("content-type", "").startswith("text/event-stream") else [reply.json()]
+        answer = [m for m in messages if "method" not in m][-1]
+        assert answer["error"]["code"] == jsonrpc.INTERNAL_ERROR and answer["error"]["data"] == {"reason": SHUTDOWN_REASON}, answer
+
+    async def test_a_2026_07_28_post_cancelled_by_the_shutdown_is_answered_worker_shutdown(self) -> None:
+        client = McpClient()
+        call = asyncio.create_task(client.call_modern("tools/call", SLOW, name=SLOW["name"], timeout=WAIT))
+        await cancel_in_flight_once_running()
+        reply = await call
+
         messages = reply.events() if reply.headers.get("content-type", "").startswith("text/event-stream") else [reply.json()]
         answer = [m for m in messages if "method" not in m][-1]
         assert answer["error"]["code"] == jsonrpc.INTERNAL_ERROR and answer["error"]["data"] == {"reason": SHUTDOWN_REASON}, answer
@@ -71,7 +80,6 @@ class ShutdownAnswerTests(FixturePeerTestCase):
         async with asyncio.timeout(WAIT):
             while not observability.in_flight_tasks():
                 await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)
         cancelled = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": client._ids}}
         assert (await client.post(cancelled)).status == 202
         reply = await call
