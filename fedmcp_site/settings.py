@@ -409,11 +409,13 @@ for _network in FEDMCP_METRICS_ALLOWED_NETWORKS:
 FEDMCP_READYZ_TIMEOUT = env_float("FEDMCP_READYZ_TIMEOUT", 2.0)
 # On SIGTERM a worker drains: it keeps listening (/readyz 503, `Connection: close` on every
 # response, idle keep-alive connections closed) until nothing is in flight and no request came
-# for FEDMCP_DRAIN_QUIET seconds, then stops listening; requests in progress get up to
-# FEDMCP_SHUTDOWN_GRACE seconds from the SIGTERM before they are cancelled. Keep the
-# orchestrator's kill timeout above the grace (docs/DEPLOYMENT.md).
+# for FEDMCP_DRAIN_QUIET seconds, or at the latest FEDMCP_DRAIN_LISTEN seconds after the SIGTERM
+# (nginx keeps sending to a worker that still accepts), then stops listening; requests in
+# progress get up to FEDMCP_SHUTDOWN_GRACE seconds from the SIGTERM before they are cancelled.
+# Keep the orchestrator's kill timeout above the grace (docs/DEPLOYMENT.md).
 FEDMCP_SHUTDOWN_GRACE = env_float("FEDMCP_SHUTDOWN_GRACE", 25.0)
 FEDMCP_DRAIN_QUIET = env_float("FEDMCP_DRAIN_QUIET", 1.0)
+FEDMCP_DRAIN_LISTEN = env_float("FEDMCP_DRAIN_LISTEN", 10.0)
 # Consent (docs/CONSENT.md): what happens when no policy matches a tools/call
 # (ask-new-peers | allow | ask | deny), how long a call waits for the user (seconds), and how
 # often a waiting call re-reads its prompt should a channel-layer message be lost.

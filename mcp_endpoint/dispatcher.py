@@ -220,10 +220,23 @@ async def handle_message(ctx: HostContext, message: Any) -> JsonDict | None:
     return jsonrpc.error_response(request_id, jsonrpc.InvalidRequestError("Invalid request: not a JSON-RPC 2.0 message").to_error())
 
 
+SHUTDOWN_REASON = "worker_shutdown"
+
+
+def shutdown_error(request_id: Any) -> JsonDict:
+    """The answer to a request this worker cancelled because it is shutting down."""
+    return jsonrpc.error_response(request_id, {
+        "code": jsonrpc.INTERNAL_ERROR, "message": "The gateway worker handling this request is shutting down; send it again",
+        "data": {"reason": SHUTDOWN_REASON},
+    })
+
+
 async def run_tracked(ctx: HostContext, message: JsonDict) -> JsonDict | None:
     """Handle a request in its own task, registered so notifications/cancelled can stop it.
 
-    Returns None when the host cancelled the request: the spec says no response is sent.
+    Returns None when the host cancelled the request: the spec says no response is sent. When
+    the worker's shutdown cancelled it, the host is told so (`shutdown_error`), not left with
+    no answer (a handshake-era POST would have been answered 202, which no host expects).
     """
     task = asyncio.ensure_future(handle_request(ctx, message))
     if ctx.session is not None and jsonrpc.is_valid_id(message.get("id")):
@@ -232,7 +245,7 @@ async def run_tracked(ctx: HostContext, message: JsonDict) -> JsonDict | None:
         return await task
     except asyncio.CancelledError:
         if task.cancelled() and not _current_task_cancelling():
-            return None
+            return None if correlator.cancelled_by_host(task) else shutdown_error(message.get("id"))
         raise
 
 

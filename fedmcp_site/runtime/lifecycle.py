@@ -16,8 +16,9 @@ without `notifications/cancelled`, and upstream sessions are never closed.
    every response carries `Connection: close` (fedmcp_site/runtime/request_guard.py), so a
    balancer stops reusing connections to it. It stops listening once nothing is in flight and no
    request (other than a probe) has arrived for `FEDMCP_DRAIN_QUIET` seconds — the balancer has
-   noticed — or when `FEDMCP_SHUTDOWN_GRACE` seconds have passed; requests in progress get until
-   then to finish.
+   noticed — or at the latest `FEDMCP_DRAIN_LISTEN` seconds after the SIGTERM (a balancer without
+   active health checks never notices; it then gets "connection refused" and tries another
+   worker); requests in progress get until `FEDMCP_SHUTDOWN_GRACE` seconds to finish.
 2. Then the reactor stops as before. Before daphne's connections are dropped, the requests still
    running are cancelled (the pipeline sends the upstream its cancellation) and the upstream pool
    is closed (upstream sessions end, stdio children exit).
@@ -214,6 +215,9 @@ def _stop_listening(reactor: Any) -> None:
 
     for reader in list(reactor.getReaders()):
         if IListeningPort.providedBy(reader):
+            # Accept what already waits in the backlog first: closing the socket would reset those
+            # connections, and a balancer that has sent its request on one does not resend a POST.
+            reader.doRead()
             reader.stopListening()
 
 
@@ -230,15 +234,19 @@ async def _drain_then_stop(reactor: Any) -> None:
         len(observability.in_flight_tasks()), settings.FEDMCP_SHUTDOWN_GRACE,
     )
     try:
-        await _wait_until_quiet(reactor, deadline)
+        await _wait_until_quiet(reactor, min(deadline, loop.time() + settings.FEDMCP_DRAIN_LISTEN))
         _stop_listening(reactor)
-        while pending := observability.in_flight_tasks():
+        while True:
+            # Requests on the connections accepted last are read and started, legacy SSE replies
+            # travel through the channel layer to their streams, responses leave the buffers.
+            await asyncio.sleep(max(0.0, min(REPLY_SETTLE_SECONDS, deadline - loop.time())))
+            if not (pending := observability.in_flight_tasks()):
+                break
             remaining = deadline - loop.time()
             if remaining <= 0:
                 logger.warning("grace period over: cancelling %d requests in flight", len(pending))
                 break
             await asyncio.wait(pending, timeout=remaining)
-        await asyncio.sleep(max(0.0, min(REPLY_SETTLE_SECONDS, deadline - loop.time())))
         await _wait_for_writes(reactor, FLUSH_TIMEOUT)
         await _flush_audit()  # while everything is still up; release_worker flushes again
     finally:
@@ -246,7 +254,12 @@ async def _drain_then_stop(reactor: Any) -> None:
 
 
 async def _wait_until_quiet(reactor: Any, deadline: float) -> None:
-    """Keep listening until nothing is in flight and no request came for FEDMCP_DRAIN_QUIET seconds (or the deadline)."""
+    """Keep listening until nothing is in flight and no request came for FEDMCP_DRAIN_QUIET seconds, or until `deadline`.
+
+    The deadline is FEDMCP_DRAIN_LISTEN seconds after the SIGTERM (within the grace period): a
+    balancer without active health checks (nginx) never stops sending, and the requests it sent
+    until then need the rest of the grace period to finish.
+    """
     from fedmcp_site.runtime import request_guard
 
     loop = asyncio.get_running_loop()
@@ -261,7 +274,7 @@ async def _wait_until_quiet(reactor: Any, deadline: float) -> None:
             await asyncio.wait(pending, timeout=wait)
         else:
             await asyncio.sleep(wait)
-    logger.warning("grace period over while requests still arrived; no longer listening")
+    logger.warning("requests still arrive %.0fs into the drain; no longer listening", settings.FEDMCP_DRAIN_LISTEN)
 
 
 async def _wait_for_writes(reactor: Any, timeout: float) -> None:

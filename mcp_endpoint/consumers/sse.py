@@ -53,7 +53,7 @@ _renewing: set[int] = set()
 
 LAYER_UNAVAILABLE_REASON = "channel_layer_unavailable"
 LAYER_UNAVAILABLE_RETRY_AFTER = 5
-SHUTDOWN_REASON = "worker_shutdown"
+SHUTDOWN_REASON = dispatcher.SHUTDOWN_REASON
 
 
 class McpSseConsumer(McpHttpConsumer):
@@ -148,7 +148,7 @@ class McpSseMessageConsumer(McpHttpConsumer):
                     await asyncio.shield(_settle(session_id, request_id))
             elif request_id is not None:
                 # This worker is shutting down: say so now rather than leave the host waiting.
-                await asyncio.shield(_deliver(session_id, request_id, _shutdown_error(request_id), remote))
+                await asyncio.shield(_deliver(session_id, request_id, dispatcher.shutdown_error(request_id), remote))
             raise
         except Exception:
             logger.exception("answering an SSE message failed")
@@ -157,13 +157,6 @@ class McpSseMessageConsumer(McpHttpConsumer):
             await _deliver(session_id, request_id, reply, remote)
         elif remote and request_id is not None:
             await _settle(session_id, request_id)
-
-
-def _shutdown_error(request_id: Any) -> dict[str, Any]:
-    return jsonrpc.error_response(request_id, {
-        "code": jsonrpc.INTERNAL_ERROR, "message": "The gateway worker handling this request is shutting down; send it again",
-        "data": {"reason": SHUTDOWN_REASON},
-    })
 
 
 async def _deliver(session_id: str, request_id: Any, reply: dict[str, Any], remote: bool) -> None:

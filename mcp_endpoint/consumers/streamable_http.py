@@ -292,7 +292,10 @@ class McpStreamableHttpConsumer(McpHttpConsumer):
             protocol_version=verdict.protocol_version, capabilities=verdict.client_capabilities, client_info=verdict.client_info, meta=meta,
             transport="streamable-http", scope=self.endpoint_scope, outbound=stream, identity=self.identity, headers=self.headers_dict(),
         )
-        reply = await dispatcher.handle_request(ctx, payload)
+        # In a task of its own, so a cancellation by the worker's shutdown is answered
+        # `worker_shutdown` (the host's own cancellation closes the connection, which cancels this one).
+        reply = await dispatcher.run_tracked(ctx, payload)
+        assert reply is not None  # only a session's host cancels with notifications/cancelled
         await stream.finish([reply], status=jsonrpc.http_status_for(reply))
 
     # --- GET and DELETE (handshake era) ---------------------------------------------------------

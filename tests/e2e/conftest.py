@@ -49,6 +49,7 @@ SLOWEST_FIRST = (
     "test_distributed_consent.py",
     "test_conformance.py",
     "test_faults.py",
+    "test_nginx_workers.py",
     "test_fault_isolation.py",
     "test_sdk_client.py",
     "test_scale_out.py",

@@ -596,10 +596,13 @@ class Gateway:
             self._tokens[user] = self.token(user)
         return {"Authorization": f"Bearer {self._tokens[user]}"}
 
-    def start_worker(self) -> int:
-        # The first worker (or the first after `stop()`) listens on the public URL's port.
-        port = self.port if all(p != self.port for _, p in self.workers) else free_port()
+    def start_worker(self, port: int | None = None) -> int:
+        """Start a daphne worker on `port` (default: the public URL's port if no worker has it,
+        else a free one); return its port once it answers /healthz. It is appended to `workers`."""
+        port = port or (self.port if all(p != self.port for _, p in self.workers) else free_port())
         log_path = self.dir / f"daphne-{port}.log"
+        if log_path in self._logs:  # a worker started again on its port: keep the first one's log
+            log_path = self.dir / f"daphne-{port}-{len(self._logs)}.log"
         self._logs.append(log_path)
         log = open(log_path, "wb")  # noqa: SIM115
         process = subprocess.Popen(
