@@ -94,7 +94,6 @@ class HeldCallTests(AsgiTestCase):
         done = await self.call(client, ELICIT, {"message": "a"}, inputResponses={key: ANSWER}, requestState=state)
         self.assertEqual(done["result"]["resultType"], "complete", done)
 
-
     async def test_a_retry_landing_on_another_worker_is_carried_to_the_one_holding_the_call(self) -> None:
         client = McpClient(capabilities=ELICITING)
         arguments = {"message": "Who are you?"}
